@@ -1,0 +1,112 @@
+"""Lower a checked DeploymentSpec to the initial ServingModule (before any pass).
+
+The initial plan is deliberately plain: torch kernels, a contiguous KV cache sized from
+the memory budget, static batching. Passes make it fast; this makes it correct.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from vsc.errors import ModelError, SpecError
+from vsc.frontend.spec import DeploymentSpec
+from vsc.ir.hf_import import build_model_graph
+from vsc.ir.module import BatchingPolicy, CacheLayout, RequestGraph, Schedule, ServingModule, Stage, Target
+from vsc.ir.types import DTYPE_BYTES, spec_origin
+
+DEFAULT_CPU_MEMORY = 4 << 30          # what a CPU deployment may use when the spec does not say
+ACTIVATION_RESERVE = 0.10             # share of the memory budget kept for activations and the runtime
+DEFAULT_MAX_BATCH = 8
+REQUEST_STAGES = ("ingress", "tokenize", "admit", "prefill", "decode", "sample", "detokenize", "stream")
+
+
+def kv_bytes_per_token(model_attrs: dict, cache_dtype: str) -> int:
+    """Bytes one token occupies in the KV cache across all layers (K and V)."""
+    return 2 * model_attrs["layers"] * model_attrs["kv_heads"] * model_attrs["head_dim"] * DTYPE_BYTES[cache_dtype]
+
+
+def weight_bytes(model) -> int:
+    """Bytes of all checkpoint weights, counting `{i}`/`{e}` templates once per layer/expert."""
+    total = 0
+    for w in model.weights:
+        n = w.type.nbytes()
+        if "{i}" in w.name:
+            n *= model.attrs["layers"]
+        if "{e}" in w.name:
+            n *= model.attrs.get("experts", 1)
+        total += n
+    return total
+
+
+def _plain(obj):
+    """Spec dataclasses as plain IR attribute data (paths as strings, no locations)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.name != "loc"}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(x) for x in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def lower_spec(spec: DeploymentSpec, source_text: str | None = None) -> ServingModule:
+    """The initial ServingModule for `spec`; errors point at the spec line that caused them."""
+    def fail(msg, loc):
+        raise SpecError(msg, loc, source_text)
+
+    try:
+        model = build_model_graph(spec.model.path, spec.model.dtype, spec_origin(spec.model.loc))
+    except ModelError as e:
+        fail(e.message, spec.model.loc)
+    attrs = model.attrs
+
+    max_context = spec.serve.max_context or attrs["max_position"]
+    if max_context > attrs["max_position"]:
+        fail(f"max_context {max_context} exceeds the model's max_position_embeddings ({attrs['max_position']})",
+             spec.serve.loc or spec.loc)
+
+    t = spec.target
+    memory = t.memory_bytes or DEFAULT_CPU_MEMORY
+    target_attrs: dict = {"memory": memory}
+    if t.kind == "cpu":
+        target_attrs["threads"] = t.threads or 0      # 0: all cores
+    else:
+        target_attrs.update(arch=t.arch, gpus=t.gpus)
+    target = Target(t.kind, target_attrs, spec_origin(t.loc))
+
+    cache_dtype = spec.model.dtype
+    per_token = kv_bytes_per_token(attrs, cache_dtype)
+    weights = weight_bytes(model)
+    budget = int(memory * (1 - ACTIVATION_RESERVE)) - weights
+    if budget < per_token * max_context:
+        fail(f"memory {memory / 2**30:.2f} GiB cannot hold the weights ({weights / 2**30:.2f} GiB) "
+             f"plus one {max_context}-token sequence of KV cache", t.loc or spec.loc)
+
+    arrivals = spec.workload.arrivals
+    wanted_batch = arrivals.concurrency if arrivals.kind == "closed" and arrivals.concurrency else DEFAULT_MAX_BATCH
+    max_batch = max(1, min(wanted_batch, budget // (per_token * max_context)))
+    cache = CacheLayout(layout="contiguous", block_size=1, dtype=cache_dtype,
+                        capacity_tokens=max_batch * max_context, budget_bytes=budget,
+                        prefix_sharing="none", eviction="none", origin=spec_origin(spec.model.loc))
+    batching = BatchingPolicy(mode="static", max_batch=max_batch, max_tokens=max(2048, max_context),
+                              chunked_prefill=0, order="fcfs", preemption="none",
+                              origin=spec_origin(arrivals.loc or spec.workload.loc))
+
+    requests = RequestGraph()
+    serve_origin = spec_origin(spec.serve.loc or spec.loc)
+    for name in REQUEST_STAGES:
+        requests.add_stage(Stage(name, {}, serve_origin))
+    for src, dst in zip(REQUEST_STAGES, REQUEST_STAGES[1:]):
+        requests.add_edge(src, dst)
+
+    deployment = {
+        "spec": str(spec.file),
+        "max_context": max_context,
+        "workload": _plain(spec.workload),
+        "slos": _plain(spec.slos),
+        "accuracy": _plain(spec.accuracy),
+        "serve": _plain(spec.serve),
+        "optimize": _plain(spec.optimize),
+    }
+    return ServingModule(spec.name, deployment, target, model, Schedule({"graph": "eager"}, spec_origin(spec.loc)),
+                         cache, batching, requests, spec_origin(spec.loc))

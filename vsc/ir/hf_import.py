@@ -1,0 +1,164 @@
+"""Build the model graph of a ServingModule from a Hugging Face config.json.
+
+One builder covers the decoder-only families vsc supports; they differ in small ways:
+Qwen2 has q/k/v biases, Mixtral replaces the MLP with a mixture of experts, and some
+models tie the LM head to the embedding table.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from vsc.errors import ModelError
+from vsc.ir.kernels import default_kernel
+from vsc.ir.module import Function, KernelRef, ModelGraph, Op, Region, Weight
+from vsc.ir.ops import infer
+from vsc.ir.types import Origin, TensorType
+
+# model_type values in config.json that vsc can import, and the family each maps to.
+SUPPORTED_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "mixtral": "mixtral"}
+
+_TORCH_DTYPES = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
+
+
+def read_hf_config(model_dir: Path) -> dict:
+    """config.json of a model folder, checked for presence and support."""
+    cfg_path = Path(model_dir) / "config.json"
+    if not Path(model_dir).is_dir():
+        raise ModelError(model_dir, "model folder does not exist")
+    if not cfg_path.is_file():
+        raise ModelError(model_dir, "model folder has no config.json")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelError(cfg_path, f"config.json is not valid JSON ({e.msg} at line {e.lineno})") from None
+    mt = cfg.get("model_type")
+    if mt not in SUPPORTED_MODEL_TYPES:
+        raise ModelError(cfg_path, f"unsupported model_type {mt!r} (supported: {', '.join(sorted(SUPPORTED_MODEL_TYPES))})")
+    return cfg
+
+
+def model_attrs(cfg: dict, model_dir: Path, dtype: str) -> dict:
+    """The config facts the IR keeps on the model node (sizes, rope, norms, tying)."""
+    hidden = cfg["hidden_size"]
+    heads = cfg["num_attention_heads"]
+    attrs = {
+        "arch": SUPPORTED_MODEL_TYPES[cfg["model_type"]],
+        "model_type": cfg["model_type"],
+        "path": str(Path(model_dir).resolve()),
+        "dtype": dtype,
+        "vocab": cfg["vocab_size"],
+        "hidden": hidden,
+        "layers": cfg["num_hidden_layers"],
+        "heads": heads,
+        "kv_heads": cfg.get("num_key_value_heads") or heads,
+        "head_dim": cfg.get("head_dim") or hidden // heads,
+        "intermediate": cfg["intermediate_size"],
+        "rope_theta": float(cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0))),
+        "rms_norm_eps": float(cfg.get("rms_norm_eps", 1e-6)),
+        "max_position": cfg.get("max_position_embeddings", 2048),
+        "tie_word_embeddings": bool(cfg.get("tie_word_embeddings", False)),
+        "attention_bias": SUPPORTED_MODEL_TYPES[cfg["model_type"]] == "qwen2" or bool(cfg.get("attention_bias", False)),
+    }
+    if attrs["arch"] == "mixtral":
+        attrs["experts"] = cfg["num_local_experts"]
+        attrs["experts_per_token"] = cfg["num_experts_per_tok"]
+    return attrs
+
+
+class _GraphBuilder:
+    """Appends typed ops (result types inferred from the op rules) with default kernels."""
+
+    def __init__(self, weights: dict[str, Weight], origin: Origin):
+        self.weights = weights
+        self.origin = origin
+        self.types: dict[str, TensorType] = {}
+        self.ops: list[Op] = []
+
+    def type_of(self, operand: str) -> TensorType:
+        return self.weights[operand].type if operand.startswith("@") else self.types[operand]
+
+    def op(self, kind: str, results: list[str], operands: list[str], **attrs) -> list[str]:
+        types = infer(kind, [self.type_of(o) for o in operands], attrs)
+        for r, t in zip(results, types):
+            self.types[r] = t
+        kernel = default_kernel(kind)
+        self.ops.append(Op(kind, results, operands, types, attrs, KernelRef(kernel) if kernel else None, self.origin))
+        return results
+
+
+def build_model_graph(model_dir: Path, dtype: str = "f32", origin: Origin | None = None) -> ModelGraph:
+    """The model graph of the HF model in `model_dir`, with torch kernels as the default schedule."""
+    cfg = read_hf_config(model_dir)
+    try:
+        a = model_attrs(cfg, model_dir, dtype)
+    except KeyError as e:
+        raise ModelError(Path(model_dir) / "config.json", f"config.json lacks {e.args[0]!r}") from None
+    origin = origin or Origin("import", a["arch"])
+    H, V, D, F = a["hidden"], a["vocab"], a["head_dim"], a["intermediate"]
+    q_out, kv_out = a["heads"] * D, a["kv_heads"] * D
+
+    weights: dict[str, Weight] = {}
+
+    def w(name: str, *shape: int) -> str:
+        ref = "@" + name
+        weights[ref] = Weight(ref, TensorType(dtype, shape), "load", [name], {}, origin)
+        return ref
+
+    embed_w = w("model.embed_tokens.weight", V, H)
+    L = "model.layers.{i}."
+    ln1, ln2 = w(L + "input_layernorm.weight", H), w(L + "post_attention_layernorm.weight", H)
+    qw, kw, vw = (w(L + f"self_attn.{p}_proj.weight", n, H) for p, n in (("q", q_out), ("k", kv_out), ("v", kv_out)))
+    biases = [w(L + f"self_attn.{p}_proj.bias", n) for p, n in (("q", q_out), ("k", kv_out), ("v", kv_out))] if a["attention_bias"] else [None] * 3
+    ow = w(L + "self_attn.o_proj.weight", H, q_out)
+    if a["arch"] == "mixtral":
+        E = a["experts"]
+        router_w = w(L + "block_sparse_moe.gate.weight", E, H)
+        E_ = L + "block_sparse_moe.experts.{e}."
+        w1, w3, w2 = w(E_ + "w1.weight", F, H), w(E_ + "w3.weight", F, H), w(E_ + "w2.weight", H, F)
+    else:
+        gate_w, up_w, down_w = w(L + "mlp.gate_proj.weight", F, H), w(L + "mlp.up_proj.weight", F, H), w(L + "mlp.down_proj.weight", H, F)
+    norm_w = w("model.norm.weight", H)
+    head_w = embed_w if a["tie_word_embeddings"] else w("lm_head.weight", V, H)
+
+    params = [("%tokens", TensorType("i64", ("T",))), ("%positions", TensorType("i64", ("T",)))]
+    hidden_t = TensorType(dtype, ("T", H))
+
+    # The decoder layer, built once as the region of a `repeat`.
+    layer = _GraphBuilder(weights, origin)
+    layer.types.update(dict(params))
+    layer.types["%x"] = hidden_t
+    layer.op("rmsnorm", ["%xn"], ["%x", ln1], eps=a["rms_norm_eps"])
+    for name, wt, b in (("%q", qw, biases[0]), ("%k", kw, biases[1]), ("%v", vw, biases[2])):
+        layer.op("linear", [name], ["%xn", wt] + ([b] if b else []))
+    layer.op("rope", ["%q_rot", "%k_rot"], ["%q", "%k", "%positions"], theta=a["rope_theta"], head_dim=D)
+    layer.op("attention", ["%attn"], ["%q_rot", "%k_rot", "%v"], heads=a["heads"], kv_heads=a["kv_heads"],
+             head_dim=D, scale=D ** -0.5)
+    layer.op("linear", ["%attn_out"], ["%attn", ow])
+    layer.op("add", ["%h_attn"], ["%x", "%attn_out"])
+    layer.op("rmsnorm", ["%hn"], ["%h_attn", ln2], eps=a["rms_norm_eps"])
+    if a["arch"] == "mixtral":
+        layer.op("linear", ["%router"], ["%hn", router_w])
+        layer.op("moe", ["%mlp_out"], ["%hn", "%router", w1, w3, w2], experts=a["experts"], top_k=a["experts_per_token"])
+    else:
+        layer.op("linear", ["%gate"], ["%hn", gate_w])
+        layer.op("linear", ["%up"], ["%hn", up_w])
+        layer.op("silu", ["%gate_act"], ["%gate"])
+        layer.op("mul", ["%mlp_in"], ["%gate_act", "%up"])
+        layer.op("linear", ["%mlp_out"], ["%mlp_in", down_w])
+    layer.op("add", ["%h_out"], ["%h_attn", "%mlp_out"])
+    region = Region([("%x", hidden_t)], layer.ops, ["%h_out"])
+
+    top = _GraphBuilder(weights, origin)
+    top.types.update(dict(params))
+    top.op("embed", ["%h0"], ["%tokens", embed_w])
+    top.ops.append(Op("repeat", ["%h"], ["%h0"], [hidden_t], {"count": a["layers"]}, None, origin, region))
+    top.types["%h"] = hidden_t
+    top.op("rmsnorm", ["%h_norm"], ["%h", norm_w], eps=a["rms_norm_eps"])
+    top.op("last_token", ["%h_last"], ["%h_norm"])
+    top.op("linear", ["%logits"], ["%h_last", head_w])
+    top.op("sample", ["%next"], ["%logits"])
+
+    func = Function("step", ["T", "B"], params, top.ops, ["%logits", "%next"])
+    name = Path(model_dir).resolve().name
+    return ModelGraph(name, a, list(weights.values()), func, origin)

@@ -1,0 +1,59 @@
+"""The kernel catalog: which kernels exist, which op kinds each implements, on which targets.
+
+The verifier checks every op's `via` kernel against this table; `select-kernels`-style
+passes choose among the entries. Backends own the implementations; this table is the
+contract between them and the IR.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class KernelInfo:
+    name: str
+    ops: frozenset[str]
+    targets: frozenset[str]
+    cache_layouts: frozenset[str] = frozenset({"contiguous", "paged"})
+    doc: str = ""
+
+
+def _k(name, ops, targets=("cpu", "cuda"), layouts=("contiguous", "paged"), doc=""):
+    return KernelInfo(name, frozenset(ops), frozenset(targets), frozenset(layouts), doc)
+
+
+KERNELS: dict[str, KernelInfo] = {k.name: k for k in [
+    _k("torch.embedding", {"embed"}, doc="torch.nn.functional.embedding"),
+    _k("torch.rmsnorm", {"rmsnorm"}, doc="x.pow(2).mean(-1) in fp32, rsqrt, scale"),
+    _k("torch.add", {"add"}),
+    _k("torch.mul", {"mul"}),
+    _k("torch.silu", {"silu"}),
+    _k("torch.silu_mul", {"silu_mul"}),
+    _k("torch.linear", {"linear"}, doc="torch.nn.functional.linear"),
+    _k("torch.split", {"split"}, doc="views, no copy"),
+    _k("torch.rope", {"rope"}, doc="cos/sin computed from positions each step"),
+    _k("torch.sdpa", {"attention"}, layouts=("contiguous",), doc="scaled_dot_product_attention over a contiguous cache slab"),
+    _k("torch.paged_attention", {"attention"}, layouts=("paged",), doc="gather blocks by block table, then attention"),
+    _k("torch.moe", {"moe"}, doc="loop over experts with index_add"),
+    _k("torch.last_token", {"last_token"}),
+    _k("torch.sample", {"sample"}, doc="greedy / temperature / top-k / top-p on tensors"),
+    _k("triton.rmsnorm", {"rmsnorm"}, targets=("cuda",)),
+    _k("triton.rope", {"rope"}, targets=("cuda",)),
+    _k("triton.silu_mul", {"silu_mul"}, targets=("cuda",)),
+    _k("triton.paged_attention", {"attention"}, targets=("cuda",), layouts=("paged",)),
+]}
+
+# The kernel each op kind gets when nothing better was chosen, by cache layout where it matters.
+DEFAULT_KERNELS: dict[str, str] = {
+    "embed": "torch.embedding", "rmsnorm": "torch.rmsnorm", "add": "torch.add", "mul": "torch.mul",
+    "silu": "torch.silu", "silu_mul": "torch.silu_mul", "linear": "torch.linear", "split": "torch.split",
+    "rope": "torch.rope", "attention": "torch.sdpa", "moe": "torch.moe", "last_token": "torch.last_token",
+    "sample": "torch.sample",
+}
+PAGED_ATTENTION_KERNEL = "torch.paged_attention"
+
+
+def default_kernel(op_kind: str, cache_layout: str = "contiguous") -> str | None:
+    if op_kind == "attention" and cache_layout == "paged":
+        return PAGED_ATTENTION_KERNEL
+    return DEFAULT_KERNELS.get(op_kind)
