@@ -12,30 +12,13 @@ from vsc.errors import ModelError, SpecError
 from vsc.frontend.spec import DeploymentSpec
 from vsc.ir.hf_import import build_model_graph
 from vsc.ir.module import BatchingPolicy, CacheLayout, RequestGraph, Schedule, ServingModule, Stage, Target
-from vsc.ir.types import DTYPE_BYTES, spec_origin
+from vsc.ir.sizes import kv_bytes_per_token, weight_bytes
+from vsc.ir.types import spec_origin
 
-DEFAULT_CPU_MEMORY = 4 << 30          # what a CPU deployment may use when the spec does not say
+DEFAULT_CPU_MEMORY = 2 << 30          # what a CPU deployment may use when the spec does not say
 ACTIVATION_RESERVE = 0.10             # share of the memory budget kept for activations and the runtime
 DEFAULT_MAX_BATCH = 8
 REQUEST_STAGES = ("ingress", "tokenize", "admit", "prefill", "decode", "sample", "detokenize", "stream")
-
-
-def kv_bytes_per_token(model_attrs: dict, cache_dtype: str) -> int:
-    """Bytes one token occupies in the KV cache across all layers (K and V)."""
-    return 2 * model_attrs["layers"] * model_attrs["kv_heads"] * model_attrs["head_dim"] * DTYPE_BYTES[cache_dtype]
-
-
-def weight_bytes(model) -> int:
-    """Bytes of all checkpoint weights, counting `{i}`/`{e}` templates once per layer/expert."""
-    total = 0
-    for w in model.weights:
-        n = w.type.nbytes()
-        if "{i}" in w.name:
-            n *= model.attrs["layers"]
-        if "{e}" in w.name:
-            n *= model.attrs.get("experts", 1)
-        total += n
-    return total
 
 
 def _plain(obj):

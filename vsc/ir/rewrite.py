@@ -1,0 +1,70 @@
+"""Small use-def helpers that rewrite passes share (matching and replacing ops in place)."""
+from __future__ import annotations
+
+from typing import Iterator
+
+from vsc.ir.module import ModelGraph, Op, ServingModule, Weight
+from vsc.ir.types import TensorType
+
+
+def op_lists(module: ServingModule) -> Iterator[tuple[list[Op], str]]:
+    """Every list of ops in the step function: the body, then each region (with a label)."""
+    def walk(ops: list[Op], where: str):
+        yield ops, where
+        for op in ops:
+            if op.region is not None:
+                yield from walk(op.region.ops, f"region of {', '.join(op.results)}")
+    yield from walk(module.model.func.body, "step")
+
+
+def producers(ops: list[Op]) -> dict[str, Op]:
+    """Result name -> the op in `ops` that defines it."""
+    return {r: op for op in ops for r in op.results}
+
+
+def users(ops: list[Op], extra_uses: list[str] = ()) -> dict[str, list[Op | None]]:
+    """Value name -> ops in `ops` (including nested regions) that read it; None marks a use
+    by a yield/return listed in `extra_uses`."""
+    out: dict[str, list[Op | None]] = {}
+
+    def visit(op_list: list[Op]):
+        for op in op_list:
+            for o in op.operands:
+                out.setdefault(o, []).append(op)
+            if op.region is not None:
+                visit(op.region.ops)
+                for y in op.region.yields:
+                    out.setdefault(y, []).append(None)
+    visit(ops)
+    for name in extra_uses:
+        out.setdefault(name, []).append(None)
+    return out
+
+
+def unique_weight_name(model: ModelGraph, wanted: str) -> str:
+    names = {w.name for w in model.weights}
+    if wanted not in names:
+        return wanted
+    n = 1
+    while f"{wanted}{n}" in names:
+        n += 1
+    return f"{wanted}{n}"
+
+
+def add_concat_weight(model: ModelGraph, wanted_name: str, parts: list[str], origin) -> str:
+    """Declare `wanted_name = concat(parts) {axis = 0}` after its last part; returns the name used."""
+    part_weights = [model.weight(p) for p in parts]
+    first = part_weights[0].type
+    rows = sum(w.type.shape[0] for w in part_weights)
+    name = unique_weight_name(model, wanted_name)
+    new = Weight(name, TensorType(first.dtype, (rows,) + first.shape[1:]), "concat", list(parts), {"axis": 0}, origin)
+    last = max(model.weights.index(w) for w in part_weights)
+    model.weights.insert(last + 1, new)
+    return name
+
+
+def derived_name(weight: str, old: str, new: str, fallback_suffix: str) -> str:
+    """`@...q_proj.weight` -> `@...qkv_proj.weight`; names without `old` get a suffix."""
+    if old in weight:
+        return weight.replace(old, new, 1)
+    return weight + fallback_suffix

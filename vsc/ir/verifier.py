@@ -1,0 +1,347 @@
+"""The structural verifier: every invariant a ServingModule must keep, written down here.
+
+`verify(module)` returns all diagnostics (empty = valid); `verify_or_raise` raises
+VerificationError. Each diagnostic names the invariant, the node and the node's origin,
+so a failure after a pass says which pass made the bad node.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import networkx as nx
+
+from vsc.errors import VerificationError
+from vsc.ir.kernels import KERNELS
+from vsc.ir.module import Op, ServingModule, Weight, is_weight
+from vsc.ir.ops import OPS, TypeRuleError, infer, operand_arity_ok
+from vsc.ir.sizes import kv_bytes_per_token
+from vsc.ir.types import DTYPE_BYTES, FLOAT_DTYPES, Origin, TensorType
+
+# name -> what it guarantees. Tests and `vsc verify --list` read this table.
+INVARIANTS = {
+    "ssa": "every value is defined once, before its uses, in an enclosing scope; returns and yields name defined values",
+    "weights": "every weight operand is declared; derived weights name declared weights and agree in shape; "
+               "{i} weights appear only inside a repeat region, {e} weights only as expert operands",
+    "types": "each op's operands and attributes satisfy its typing rule and its declared result types equal the "
+             "inferred ones; shapes use only declared symbols; repeat regions carry their types around the loop",
+    "kernels": "every compute op names a kernel that exists, implements that op kind, runs on the target and "
+               "suits the cache layout; control ops (repeat) name none",
+    "model": "the layer region repeats exactly config `layers` times; the step returns logits [B, vocab] and tokens",
+    "target": "target kind is cpu or cuda, with a valid arch (sm_NN) for cuda, non-negative threads and positive memory",
+    "cache": "the layout, dtype, prefix sharing and eviction are known values; block size is positive and divides the "
+             "capacity; capacity holds at least one max_context sequence (all batch slots when contiguous) and "
+             "capacity x bytes per token fits the budget; prefix sharing needs a paged cache",
+    "batching": "mode, order and preemption are known values; 1 <= max_batch <= max_tokens; without chunked prefill "
+                "the step budget holds a whole max_context prompt; chunked prefill is 0 or within the budget and "
+                "needs continuous batching",
+    "requests": "the request graph is acyclic and connected, runs from `ingress` to `stream`, uses known stage kinds, "
+                "and prefill comes before decode",
+}
+
+KNOWN_STAGES = {"ingress", "tokenize", "prefix_lookup", "admit", "prefill", "decode", "draft", "verify",
+                "constrain", "sample", "detokenize", "stream"}
+_TEMPLATE_VARS = re.compile(r"\{([a-z])\}")
+
+
+@dataclass
+class Diagnostic:
+    check: str
+    node: str
+    message: str
+    origin: Origin
+
+    def __str__(self) -> str:
+        return f"[{self.check}] {self.node}: {self.message} (from {self.origin.describe()})"
+
+
+class _Checker:
+    def __init__(self, module: ServingModule):
+        self.m = module
+        self.diags: list[Diagnostic] = []
+        self.weights: dict[str, Weight] = {}
+
+    def add(self, check: str, node: str, message: str, origin: Origin) -> None:
+        self.diags.append(Diagnostic(check, node, message, origin))
+
+    # -- model graph -----------------------------------------------------------
+    def check_weights(self) -> None:
+        for w in self.m.model.weights:
+            node = f"weight {w.name}"
+            if w.name in self.weights:
+                self.add("weights", node, "declared twice", w.origin)
+            self.weights[w.name] = w
+            if w.type.dtype not in DTYPE_BYTES or not all(isinstance(d, int) and d > 0 for d in w.type.shape):
+                self.add("types", node, f"weight type {w.type} must have a known dtype and static positive dims", w.origin)
+        for w in self.m.model.weights:
+            node = f"weight {w.name}"
+            if w.init_fn == "load":
+                if len(w.init_args) != 1 or is_weight(w.init_args[0]):
+                    self.add("weights", node, "load() takes one checkpoint tensor name", w.origin)
+                continue
+            parts = []
+            for a in w.init_args:
+                if not is_weight(a) or a not in self.weights:
+                    self.add("weights", node, f"{w.init_fn}() names undeclared weight {a}", w.origin)
+                else:
+                    parts.append(self.weights[a].type)
+            if w.init_fn == "concat" and len(parts) == len(w.init_args) and parts:
+                axis = w.init_attrs.get("axis", 0)
+                ok = all(p.rank == w.type.rank for p in parts) and 0 <= axis < w.type.rank
+                if ok:
+                    want = list(parts[0].shape)
+                    want[axis] = sum(p.shape[axis] for p in parts)
+                    ok = all(p.shape[:axis] + p.shape[axis + 1:] == parts[0].shape[:axis] + parts[0].shape[axis + 1:] for p in parts) \
+                        and tuple(want) == w.type.shape and all(p.dtype == w.type.dtype for p in parts)
+                if not ok:
+                    self.add("weights", node, f"concat of {', '.join(map(str, parts))} on axis {axis} is not {w.type}", w.origin)
+            elif w.init_fn not in ("concat",):
+                if w.init_fn not in DERIVED_WEIGHT_FNS:
+                    self.add("weights", node, f"unknown weight init '{w.init_fn}' (known: load, {', '.join(sorted(DERIVED_WEIGHT_FNS))})", w.origin)
+
+    def check_function(self) -> None:
+        f = self.m.model.func
+        symbols = set(f.symbols)
+        scope: dict[str, TensorType] = {}
+        for name, t in f.params:
+            self.define(scope, name, t, f"param {name}", self.m.model.origin)
+            self.check_type_symbols(t, symbols, f"param {name}", self.m.model.origin)
+        self.check_ops(f.body, scope, symbols, in_region=False, where="step")
+        for r in f.returns:
+            if r not in scope:
+                self.add("ssa", "return", f"returns undefined value {r}", self.m.model.origin)
+        self.check_returns(scope)
+
+    def check_returns(self, scope: dict[str, TensorType]) -> None:
+        f = self.m.model.func
+        rets = [scope.get(r) for r in f.returns]
+        vocab = self.m.model.attrs.get("vocab")
+        ok = len(rets) == 2 and rets[0] is not None and rets[1] is not None \
+            and rets[0].dtype in FLOAT_DTYPES and rets[0].shape == ("B", vocab) \
+            and rets[1].dtype == "i64" and rets[1].shape == ("B",)
+        if not ok:
+            got = ", ".join(str(t) for t in rets)
+            self.add("model", "return", f"step must return (logits f32[B, {vocab}], tokens i64[B]), got ({got})", self.m.model.origin)
+
+    def define(self, scope, name, t, node, origin) -> None:
+        if name in scope:
+            self.add("ssa", node, f"value {name} is defined twice", origin)
+        scope[name] = t
+
+    def check_type_symbols(self, t: TensorType, symbols: set[str], node: str, origin: Origin) -> None:
+        if t.dtype not in DTYPE_BYTES:
+            self.add("types", node, f"unknown dtype '{t.dtype}'", origin)
+        for d in t.shape:
+            if isinstance(d, str) and d not in symbols:
+                self.add("types", node, f"shape {t} uses undeclared symbol '{d}'", origin)
+
+    def operand_type(self, operand: str, scope, in_region: bool, node: str, origin: Origin, op: Op) -> TensorType | None:
+        if is_weight(operand):
+            w = self.weights.get(operand)
+            if w is None:
+                self.add("weights", node, f"uses undeclared weight {operand}", origin)
+                return None
+            tvars = set(_TEMPLATE_VARS.findall(operand))
+            if "i" in tvars and not in_region:
+                self.add("weights", node, f"per-layer weight {operand} used outside a repeat region", origin)
+            if "e" in tvars and op.kind != "moe":
+                self.add("weights", node, f"per-expert weight {operand} used by a non-expert op", origin)
+            return w.type
+        if operand not in scope:
+            self.add("ssa", node, f"uses {operand} before it is defined", origin)
+            return None
+        return scope[operand]
+
+    def check_ops(self, ops: list[Op], scope: dict[str, TensorType], symbols: set[str], in_region: bool, where: str) -> None:
+        for op in ops:
+            label = ", ".join(op.results) or "(no result)"
+            node = f"op {label} = {op.kind} in {where}"
+            if op.kind not in OPS:
+                self.add("types", node, f"unknown op kind '{op.kind}' (known: {', '.join(sorted(OPS))})", op.origin)
+                for r, t in zip(op.results, op.types):
+                    self.define(scope, r, t, node, op.origin)
+                continue
+            arity = operand_arity_ok(op.kind, op.operands)
+            if arity:
+                self.add("types", node, arity, op.origin)
+            operand_types = [self.operand_type(o, scope, in_region, node, op.origin, op) for o in op.operands]
+            self.check_kernel(op, node)
+            if op.kind == "repeat":
+                self.check_repeat(op, operand_types, scope, symbols, node)
+            elif not arity and all(t is not None for t in operand_types):
+                try:
+                    inferred = infer(op.kind, operand_types, op.attrs)
+                    if len(op.results) != len(inferred) or op.types != inferred:
+                        self.add("types", node, f"declares ({', '.join(map(str, op.types))}) but its operands give "
+                                                f"({', '.join(map(str, inferred))})", op.origin)
+                except TypeRuleError as e:
+                    self.add("types", node, str(e), op.origin)
+            if len(op.types) != len(op.results):
+                self.add("types", node, f"{len(op.results)} results but {len(op.types)} types", op.origin)
+            for t in op.types:
+                self.check_type_symbols(t, symbols, node, op.origin)
+            for r, t in zip(op.results, op.types):
+                self.define(scope, r, t, node, op.origin)
+
+    def check_repeat(self, op: Op, operand_types, scope, symbols, node: str) -> None:
+        if op.region is None:
+            self.add("types", node, "repeat has no region", op.origin)
+            return
+        count = op.attrs.get("count")
+        layers = self.m.model.attrs.get("layers")
+        if count != layers:
+            self.add("model", node, f"repeats {count} times but the model has {layers} layers", op.origin)
+        region = op.region
+        arg_types = [t for _, t in region.args]
+        if arg_types != operand_types or len(region.args) != len(op.operands):
+            self.add("types", node, "region arguments do not match the repeat operands", op.origin)
+        inner = dict(scope)  # the region sees outer values defined before it
+        for name, t in region.args:
+            if name in scope:
+                self.add("ssa", node, f"region argument {name} shadows an outer value", op.origin)
+            inner[name] = t
+        self.check_ops(region.ops, inner, symbols, in_region=True, where="layer region")
+        yield_types = []
+        for y in region.yields:
+            if y not in inner:
+                self.add("ssa", node, f"region yields undefined value {y}", op.origin)
+            yield_types.append(inner.get(y))
+        if yield_types != arg_types:
+            self.add("types", node, f"region yields ({', '.join(map(str, yield_types))}) but its arguments are "
+                                    f"({', '.join(map(str, arg_types))}): the loop must carry one type around", op.origin)
+        if op.types != arg_types:
+            self.add("types", node, "repeat result types differ from its region's carried types", op.origin)
+
+    def check_kernel(self, op: Op, node: str) -> None:
+        structural = OPS[op.kind].structural
+        if structural:
+            if op.kernel is not None:
+                self.add("kernels", node, f"control op '{op.kind}' must not name a kernel", op.origin)
+            return
+        if op.kernel is None:
+            self.add("kernels", node, "has no kernel", op.origin)
+            return
+        info = KERNELS.get(op.kernel.name)
+        if info is None:
+            self.add("kernels", node, f"unknown kernel '{op.kernel.name}'", op.origin)
+            return
+        if op.kind not in info.ops:
+            self.add("kernels", node, f"kernel {info.name} implements {', '.join(sorted(info.ops))}, not {op.kind}", op.origin)
+        if self.m.target.kind not in info.targets:
+            self.add("kernels", node, f"kernel {info.name} does not run on target {self.m.target.kind}", op.origin)
+        if self.m.cache.layout not in info.cache_layouts:
+            self.add("kernels", node, f"kernel {info.name} needs a {'/'.join(sorted(info.cache_layouts))} cache, "
+                                      f"the plan's is {self.m.cache.layout}", op.origin)
+
+    # -- the other concerns --------------------------------------------------
+    def check_target(self) -> None:
+        t = self.m.target
+        node = f"target {t.kind}"
+        if t.kind not in ("cpu", "cuda"):
+            self.add("target", node, "target kind must be cpu or cuda", t.origin)
+        if t.kind == "cuda" and not re.fullmatch(r"sm_\d{2,3}a?", str(t.attrs.get("arch", ""))):
+            self.add("target", node, f"cuda arch {t.attrs.get('arch')!r} is not of the form sm_NN", t.origin)
+        threads = t.attrs.get("threads", 0)
+        if not isinstance(threads, int) or threads < 0:
+            self.add("target", node, f"threads must be a non-negative int, got {threads!r}", t.origin)
+        memory = t.attrs.get("memory")
+        if not isinstance(memory, int) or memory <= 0:
+            self.add("target", node, f"memory must be a positive number of bytes, got {memory!r}", t.origin)
+
+    def check_cache(self) -> None:
+        c, a = self.m.cache, self.m.model.attrs
+        node = "cache"
+        max_context = self.m.deployment.get("max_context", 0)
+        if c.layout not in ("contiguous", "paged"):
+            self.add("cache", node, f"layout must be contiguous or paged, got {c.layout!r}", c.origin)
+        if c.dtype not in DTYPE_BYTES:
+            self.add("cache", node, f"unknown cache dtype {c.dtype!r}", c.origin)
+            return
+        if c.block_size < 1 or (c.layout == "contiguous" and c.block_size != 1):
+            self.add("cache", node, f"block_size {c.block_size} is invalid for a {c.layout} cache", c.origin)
+        elif c.capacity_tokens % c.block_size:
+            self.add("cache", node, f"capacity {c.capacity_tokens} is not a whole number of {c.block_size}-token blocks", c.origin)
+        if any(not isinstance(a.get(k), int) for k in ("layers", "kv_heads", "head_dim")):
+            self.add("model", "model", "model attributes must give int layers, kv_heads and head_dim", self.m.model.origin)
+            return
+        per_token = kv_bytes_per_token(a, c.dtype)
+        if c.capacity_tokens * per_token > c.budget_bytes:
+            self.add("cache", node, f"{c.capacity_tokens} tokens x {per_token} B = {c.capacity_tokens * per_token} B "
+                                    f"exceeds the budget of {c.budget_bytes} B", c.origin)
+        need = max_context * (self.m.batching.max_batch if c.layout == "contiguous" else 1)
+        if c.capacity_tokens < need:
+            self.add("cache", node, f"capacity {c.capacity_tokens} tokens cannot hold {need} "
+                                    f"({'max_batch x ' if c.layout == 'contiguous' else ''}max_context)", c.origin)
+        if c.prefix_sharing not in ("none", "hash", "radix"):
+            self.add("cache", node, f"prefix_sharing must be none, hash or radix, got {c.prefix_sharing!r}", c.origin)
+        elif c.prefix_sharing != "none" and c.layout != "paged":
+            self.add("cache", node, "prefix sharing needs a paged cache", c.origin)
+        if c.eviction not in ("none", "lru"):
+            self.add("cache", node, f"eviction must be none or lru, got {c.eviction!r}", c.origin)
+
+    def check_batching(self) -> None:
+        b = self.m.batching
+        node = "batching"
+        max_context = self.m.deployment.get("max_context", 0)
+        for field_name, allowed in (("mode", ("static", "continuous")), ("order", ("fcfs", "shortest-first")),
+                                    ("preemption", ("none", "recompute"))):
+            if getattr(b, field_name) not in allowed:
+                self.add("batching", node, f"{field_name} must be one of {', '.join(allowed)}, got {getattr(b, field_name)!r}", b.origin)
+        if b.max_batch < 1:
+            self.add("batching", node, f"max_batch must be >= 1, got {b.max_batch}", b.origin)
+        if b.max_tokens < b.max_batch:
+            self.add("batching", node, f"max_tokens {b.max_tokens} is below max_batch {b.max_batch}: a decode step could not fit", b.origin)
+        if b.chunked_prefill == 0 and b.max_tokens < max_context:
+            self.add("batching", node, f"max_tokens {b.max_tokens} cannot prefill a {max_context}-token prompt without chunked prefill", b.origin)
+        if b.chunked_prefill < 0 or b.chunked_prefill > b.max_tokens:
+            self.add("batching", node, f"chunked_prefill {b.chunked_prefill} must be 0 (off) or within max_tokens {b.max_tokens}", b.origin)
+        if b.chunked_prefill and b.mode != "continuous":
+            self.add("batching", node, "chunked prefill needs continuous batching", b.origin)
+
+    def check_requests(self) -> None:
+        g = self.m.requests.graph
+        origin = self.m.origin
+        for stage in self.m.requests.stages():
+            if stage.name not in KNOWN_STAGES:
+                self.add("requests", f"stage {stage.name}", f"unknown stage kind (known: {', '.join(sorted(KNOWN_STAGES))})", stage.origin)
+        if g.number_of_nodes() == 0:
+            self.add("requests", "requests", "request graph is empty", origin)
+            return
+        if not nx.is_directed_acyclic_graph(g):
+            cycle = " -> ".join(u for u, _ in nx.find_cycle(g))
+            self.add("requests", "requests", f"request graph has a cycle: {cycle}", origin)
+        if not nx.is_weakly_connected(g):
+            parts = [sorted(c) for c in nx.weakly_connected_components(g)]
+            self.add("requests", "requests", f"request graph is not connected: {parts}", origin)
+        sources = sorted(n for n in g if g.in_degree(n) == 0)
+        sinks = sorted(n for n in g if g.out_degree(n) == 0)
+        if sources != ["ingress"]:
+            self.add("requests", "requests", f"the only entry must be ingress, found {sources}", origin)
+        if sinks != ["stream"]:
+            self.add("requests", "requests", f"the only exit must be stream, found {sinks}", origin)
+        if "prefill" in g and "decode" in g and not nx.has_path(g, "prefill", "decode"):
+            self.add("requests", "requests", "decode is not reachable from prefill", origin)
+
+    def run(self) -> list[Diagnostic]:
+        self.check_weights()
+        self.check_function()
+        self.check_target()
+        self.check_cache()
+        self.check_batching()
+        self.check_requests()
+        return self.diags
+
+
+# Weight derivations a pass may introduce besides concat (materialized by the backend).
+DERIVED_WEIGHT_FNS = {"concat", "quantize_int8", "transpose"}
+
+
+def verify(module: ServingModule) -> list[Diagnostic]:
+    """All invariant violations in `module` (empty list when it is valid)."""
+    return _Checker(module).run()
+
+
+def verify_or_raise(module: ServingModule) -> None:
+    diags = verify(module)
+    if diags:
+        raise VerificationError(diags)

@@ -1,0 +1,108 @@
+"""Pass pipelines as text: `fuse-qkv,paged-kv{block=16},continuous-batching{max_batch=32}`.
+
+`parse_pipeline` and `format_pipeline` are exact inverses on canonical text (no spaces,
+options in the order written), so a pipeline string can head every IR dump and be
+pasted back into `vsc opt --passes`.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from vsc.errors import PipelineError
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
+_BARE_VALUE = re.compile(r"[A-Za-z0-9_.+\-/]+")
+_QUOTED = re.compile(r'"((?:[^"\\]|\\.)*)"')
+
+
+@dataclass
+class PassSpec:
+    """One pipeline element: a pass name and the options written for it (as text values)."""
+
+    name: str
+    options: dict[str, str] = field(default_factory=dict)
+    column: int = 1
+
+    def __str__(self) -> str:
+        if not self.options:
+            return self.name
+        return self.name + "{" + ",".join(f"{k}={_format_value(v)}" for k, v in self.options.items()) + "}"
+
+
+def _format_value(v: str) -> str:
+    if _BARE_VALUE.fullmatch(v):
+        return v
+    return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def format_pipeline(specs: list[PassSpec]) -> str:
+    return ",".join(str(s) for s in specs)
+
+
+def parse_pipeline(text: str) -> list[PassSpec]:
+    """Parse pipeline text; errors carry the 1-based column of the problem."""
+    specs: list[PassSpec] = []
+    pos, n = 0, len(text)
+
+    def skip_ws():
+        nonlocal pos
+        while pos < n and text[pos].isspace():
+            pos += 1
+
+    def fail(msg: str, at: int):
+        raise PipelineError(msg, text, at + 1)
+
+    skip_ws()
+    if pos == n:
+        return specs
+    while True:
+        skip_ws()
+        m = _NAME.match(text, pos)
+        if not m:
+            fail(f"expected a pass name, found {text[pos]!r}" if pos < n else "expected a pass name after ','", pos)
+        spec = PassSpec(m.group(0), {}, pos + 1)
+        pos = m.end()
+        skip_ws()
+        if pos < n and text[pos] == "{":
+            pos += 1
+            while True:
+                skip_ws()
+                km = _NAME.match(text, pos)
+                if not km:
+                    fail("expected an option name", pos)
+                key = km.group(0)
+                if key in spec.options:
+                    fail(f"option '{key}' given twice for {spec.name}", pos)
+                pos = km.end()
+                skip_ws()
+                if pos >= n or text[pos] != "=":
+                    fail(f"expected '=' after option '{key}'", pos)
+                pos += 1
+                skip_ws()
+                qm = _QUOTED.match(text, pos)
+                vm = _BARE_VALUE.match(text, pos)
+                if qm:
+                    value = re.sub(r"\\(.)", r"\1", qm.group(1))
+                    pos = qm.end()
+                elif vm:
+                    value = vm.group(0)
+                    pos = vm.end()
+                else:
+                    fail(f"expected a value for option '{key}'", pos)
+                spec.options[key] = value
+                skip_ws()
+                if pos < n and text[pos] == ",":
+                    pos += 1
+                    continue
+                if pos < n and text[pos] == "}":
+                    pos += 1
+                    break
+                fail(f"expected ',' or '}}' in the options of {spec.name}", pos)
+        specs.append(spec)
+        skip_ws()
+        if pos == n:
+            return specs
+        if text[pos] != ",":
+            fail(f"expected ',' between passes, found {text[pos]!r}", pos)
+        pos += 1
