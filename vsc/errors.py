@@ -88,6 +88,8 @@ class ModelError(VscError):
 class VerificationError(VscError):
     """The IR broke one or more invariants; carries every diagnostic found."""
 
+    exit_code = 1
+
     def __init__(self, diagnostics: list):
         self.diagnostics = list(diagnostics)
         first = self.diagnostics[0] if self.diagnostics else "unknown failure"

@@ -1,0 +1,59 @@
+"""Shared fixtures: small ServingModules built from config-only model folders (no weights needed)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from vsc.ir.hf_import import build_model_graph
+from vsc.ir.module import BatchingPolicy, CacheLayout, RequestGraph, Schedule, ServingModule, Stage, Target
+from vsc.ir.sizes import kv_bytes_per_token
+from vsc.ir.types import Origin
+
+torch.set_num_threads(1)
+
+REQUEST_STAGES = ("ingress", "tokenize", "admit", "prefill", "decode", "sample", "detokenize", "stream")
+
+
+def small_config(arch: str = "llama") -> dict:
+    cfg = {"model_type": arch, "vocab_size": 256, "hidden_size": 32, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 64,
+           "max_position_embeddings": 256, "rope_theta": 10000.0, "rms_norm_eps": 1e-5,
+           "tie_word_embeddings": arch == "qwen2"}
+    if arch == "mixtral":
+        cfg.update(num_local_experts=4, num_experts_per_tok=2)
+    return cfg
+
+
+def module_from_config(model_dir: Path, cfg: dict, name: str = "test") -> ServingModule:
+    """A valid initial module (contiguous cache, static batching) around a config-only folder."""
+    model_dir.mkdir(parents=True, exist_ok=True)
+    (model_dir / "config.json").write_text(json.dumps(cfg))
+    model = build_model_graph(model_dir)
+    model.attrs["path"] = "models/" + model_dir.name  # keep printed IR free of tmp paths
+    max_context, max_batch = cfg["max_position_embeddings"], 4
+    budget = 64 * max_context * kv_bytes_per_token(model.attrs, "f32")
+    requests = RequestGraph()
+    for s in REQUEST_STAGES:
+        requests.add_stage(Stage(s, {}, Origin("spec", "test.vs", 1, 1)))
+    for a, b in zip(REQUEST_STAGES, REQUEST_STAGES[1:]):
+        requests.add_edge(a, b)
+    return ServingModule(
+        name, {"spec": "test.vs", "max_context": max_context},
+        Target("cpu", {"threads": 1, "memory": 1 << 30}, Origin("spec", "test.vs", 3, 3)),
+        model, Schedule({"graph": "eager"}, Origin("spec", "test.vs", 1, 1)),
+        CacheLayout("contiguous", 1, "f32", max_batch * max_context, budget, "none", "none", Origin("spec", "test.vs", 2, 3)),
+        BatchingPolicy("static", max_batch, max(2048, max_context), 0, "fcfs", "none", Origin("spec", "test.vs", 4, 3)),
+        requests, Origin("spec", "test.vs", 1, 1))
+
+
+@pytest.fixture
+def make_module(tmp_path):
+    """Factory: make_module('llama' | 'qwen2' | 'mixtral') -> a valid ServingModule."""
+    def make(arch: str = "llama", **overrides) -> ServingModule:
+        cfg = small_config(arch)
+        cfg.update(overrides)
+        return module_from_config(tmp_path / f"small-{arch}", cfg)
+    return make

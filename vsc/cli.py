@@ -1,0 +1,160 @@
+"""`vsc` command line: parse, opt, verify, passes, models.
+
+User errors (VscError) print one line (plus a source excerpt where there is one) to
+stderr and exit non-zero; a traceback means a bug in vsc.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from vsc import __version__
+from vsc.errors import VscError
+
+
+def load_input(path: str):
+    """A ServingModule from a deployment spec (.vs) or textual IR (.vsir)."""
+    from vsc.ir.parser import parse_module_file
+
+    p = Path(path)
+    if p.suffix == ".vsir":
+        return parse_module_file(p)
+    if p.suffix == ".vs":
+        from vsc.frontend.lower import lower_spec
+        from vsc.frontend.parser import parse_spec_file
+
+        spec = parse_spec_file(p)
+        return lower_spec(spec, p.read_text())
+    raise VscError(f"{path}: error: expected a deployment spec (.vs) or an IR file (.vsir)")
+
+
+def _load_passes(args) -> None:
+    from vsc.passes.base import load_builtin_passes, load_pass_file
+
+    load_builtin_passes()
+    for f in getattr(args, "load_pass", None) or []:
+        load_pass_file(f)
+
+
+def cmd_parse(args) -> int:
+    from vsc.ir.printer import print_module
+
+    module = load_input(args.spec)
+    sys.stdout.write(print_module(module))
+    return 0
+
+
+def cmd_opt(args) -> int:
+    from vsc.ir.printer import print_module
+    from vsc.passes.instruments import DumpIR, PassTiming, PrintIR
+    from vsc.passes.manager import PassManager
+
+    _load_passes(args)
+    module = load_input(args.input)
+    pipeline = args.passes
+    if pipeline is None:
+        pipeline = (module.deployment.get("optimize") or {}).get("pipeline") or ""
+    printer = PrintIR(before=args.print_ir_before_all, after=args.print_ir_after_all,
+                      after_change=args.print_ir_after_change, after_failure_=args.print_ir_after_failure)
+    timing = PassTiming()
+    instruments = [printer, timing]
+    if args.dump_dir:
+        instruments.append(DumpIR(Path(args.dump_dir)))
+    manager = PassManager(pipeline, instruments, verify_each=not args.no_verify,
+                          reproducer_dir=args.dump_dir)
+    result = manager.run(module)
+    text = print_module(result, pipeline=manager.pipeline_text)
+    if args.output:
+        Path(args.output).write_text(text)
+    elif not (args.print_ir_after_all or args.quiet):
+        sys.stdout.write(text)
+    if args.time_passes:
+        print(timing.report(), file=sys.stderr)
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from vsc.ir.verifier import INVARIANTS, verify_or_raise
+
+    if args.list:
+        for name, doc in INVARIANTS.items():
+            print(f"{name:<9} {doc}")
+        return 0
+    if not args.input:
+        raise VscError("verify: error: give an IR file (.vsir) or a spec (.vs), or --list")
+    module = load_input(args.input)
+    verify_or_raise(module)
+    print(f"{args.input}: ok ({len(INVARIANTS)} invariant groups hold)")
+    return 0
+
+
+def cmd_passes(args) -> int:
+    from vsc.passes.base import PASSES
+
+    _load_passes(args)
+    for name in sorted(PASSES):
+        cls = PASSES[name]
+        flags = " [may change outputs]" if cls.may_change_outputs else ""
+        req = f" [requires {', '.join(cls.requires)}]" if cls.requires else ""
+        print(f"{name}{flags}{req}\n    {cls.summary}")
+        for opt in cls.options:
+            print(f"    {opt.describe()}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="vsc", description="compile LLM serving stacks from deployment specs")
+    ap.add_argument("--version", action="version", version=f"vsc {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("parse", help="print the IR of a deployment spec")
+    p.add_argument("spec")
+    p.set_defaults(func=cmd_parse)
+
+    p = sub.add_parser("opt", help="run a pass pipeline over a spec or an IR file")
+    p.add_argument("input", help="a .vs spec or a .vsir file")
+    p.add_argument("--passes", help="pipeline text, e.g. 'fuse-qkv,paged-kv{block=16}' (default: the spec's optimize line)")
+    p.add_argument("-o", "--output", help="write the final IR here instead of stdout")
+    p.add_argument("--print-ir-before-all", action="store_true")
+    p.add_argument("--print-ir-after-all", action="store_true")
+    p.add_argument("--print-ir-after-change", action="store_true")
+    p.add_argument("--print-ir-after-failure", action="store_true")
+    p.add_argument("--dump-dir", help="write 000_input.vsir, 001_<pass>.vsir, ... (and any reproducer) here")
+    p.add_argument("--time-passes", action="store_true", help="print each pass's wall time to stderr")
+    p.add_argument("--no-verify", action="store_true", help="skip the verifier after each pass (debugging only)")
+    p.add_argument("--load-pass", action="append", metavar="FILE", help="load a user pass from a Python file")
+    p.add_argument("-q", "--quiet", action="store_true", help="do not print the final IR")
+    p.set_defaults(func=cmd_opt)
+
+    p = sub.add_parser("verify", help="run the structural verifier on an IR file or spec")
+    p.add_argument("input", nargs="?")
+    p.add_argument("--list", action="store_true", help="list the invariants the verifier checks")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("passes", help="list every registered pass and its options")
+    p.add_argument("--load-pass", action="append", metavar="FILE")
+    p.set_defaults(func=cmd_passes)
+
+    try:
+        from vsc.models.cli import add_models_commands
+        add_models_commands(sub)
+    except ImportError:  # the models tool is optional for the compiler proper
+        pass
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except VscError as e:
+        print(e.render(), file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("vsc: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
