@@ -136,11 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--load-pass", action="append", metavar="FILE")
     p.set_defaults(func=cmd_passes)
 
-    try:
-        from vsc.models.cli import add_models_commands
-        add_models_commands(sub)
-    except ImportError:  # the models tool is optional for the compiler proper
-        pass
+    from vsc.models.cli import add_models_commands
+    add_models_commands(sub)
     return ap
 
 
