@@ -29,6 +29,16 @@ def load_input(path: str):
     raise VscError(f"{path}: error: expected a deployment spec (.vs) or an IR file (.vsir)")
 
 
+def spec_pipeline(module) -> str:
+    """The pipeline the spec's `optimize` line asks for (`auto`: the default pipeline)."""
+    from vsc.passes.pipeline import DEFAULT_PIPELINE
+
+    optimize = module.deployment.get("optimize") or {}
+    if optimize.get("auto"):
+        return DEFAULT_PIPELINE
+    return optimize.get("pipeline") or ""
+
+
 def _load_passes(args) -> None:
     from vsc.passes.base import load_builtin_passes, load_pass_file
 
@@ -54,7 +64,7 @@ def cmd_opt(args) -> int:
     module = load_input(args.input)
     pipeline = args.passes
     if pipeline is None:
-        pipeline = (module.deployment.get("optimize") or {}).get("pipeline") or ""
+        pipeline = spec_pipeline(module)
     printer = PrintIR(before=args.print_ir_before_all, after=args.print_ir_after_all,
                       after_change=args.print_ir_after_change, after_failure_=args.print_ir_after_failure)
     timing = PassTiming()

@@ -81,8 +81,9 @@ class PassTiming(Instrument):
 
     def report(self) -> str:
         total = sum(s for _, s, _ in self.rows) or 1e-12
-        lines = [f"{'pass':<40} {'ms':>9} {'%':>6}  changed"]
+        w = max([len("total")] + [len(name) for name, _, _ in self.rows])
+        lines = [f"{'pass':<{w}} {'ms':>9} {'%':>6}  changed"]
         for name, s, changed in self.rows:
-            lines.append(f"{name:<40} {s * 1e3:9.2f} {100 * s / total:6.1f}  {'yes' if changed else 'no'}")
-        lines.append(f"{'total':<40} {total * 1e3:9.2f}")
+            lines.append(f"{name:<{w}} {s * 1e3:9.2f} {100 * s / total:6.1f}  {'yes' if changed else 'no'}")
+        lines.append(f"{'total':<{w}} {total * 1e3:9.2f}")
         return "\n".join(lines)
