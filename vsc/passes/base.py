@@ -97,6 +97,7 @@ def _text(v: Any) -> str:
 
 
 PASSES: dict[str, type[Pass]] = {}
+_recording: list[str] | None = None  # names registered while a user pass file executes
 
 
 def register_pass(cls: type[Pass]) -> type[Pass]:
@@ -104,6 +105,8 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
     if not cls.name:
         raise VscError(f"pass class {cls.__name__} has no name")
     PASSES[cls.name] = cls
+    if _recording is not None:
+        _recording.append(cls.name)
     return cls
 
 
@@ -124,21 +127,24 @@ def load_builtin_passes() -> None:
 
 def load_pass_file(path: str | Path) -> list[str]:
     """Load a user's pass module (`--load-pass my_pass.py`); returns the pass names it registered."""
+    global _recording
     p = Path(path)
     if not p.is_file():
         raise VscError(f"{path}: error: pass file does not exist")
-    before = set(PASSES)
     mod_name = f"vsc_user_pass_{p.stem}_{abs(hash(str(p.resolve())))}"
     spec = importlib.util.spec_from_file_location(mod_name, p)
     module = importlib.util.module_from_spec(spec)
     sys.modules[mod_name] = module
+    _recording = []
     try:
         spec.loader.exec_module(module)
+        added = sorted(_recording)
     except VscError:
         raise
     except Exception as e:  # the user's code failed to import: say where, in one line
         raise VscError(f"{path}: error: loading the pass failed: {type(e).__name__}: {e}") from None
-    added = sorted(set(PASSES) - before)
+    finally:
+        _recording = None
     if not added:
         raise VscError(f"{path}: error: the file registered no pass (decorate a Pass subclass with @register_pass)")
     return added
