@@ -11,7 +11,7 @@ from pathlib import Path
 from vsc.errors import ModelError, SpecError
 from vsc.frontend.spec import DeploymentSpec
 from vsc.ir.hf_import import build_model_graph
-from vsc.ir.module import BatchingPolicy, CacheLayout, RequestGraph, Schedule, ServingModule, Stage, Target
+from vsc.ir.module import BatchingPolicy, CacheLayout, RequestGraph, Schedule, ServingModule, Stage, Target, symbol_name
 from vsc.ir.sizes import kv_bytes_per_token, weight_bytes
 from vsc.ir.types import spec_origin
 
@@ -91,5 +91,5 @@ def lower_spec(spec: DeploymentSpec, source_text: str | None = None) -> ServingM
         "serve": _plain(spec.serve),
         "optimize": _plain(spec.optimize),
     }
-    return ServingModule(spec.name, deployment, target, model, Schedule({"graph": "eager"}, spec_origin(spec.loc)),
+    return ServingModule(symbol_name(spec.name), deployment, target, model, Schedule({"graph": "eager"}, spec_origin(spec.loc)),
                          cache, batching, requests, spec_origin(spec.loc))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from vsc.errors import ModelError
 from vsc.ir.kernels import default_kernel
-from vsc.ir.module import Function, KernelRef, ModelGraph, Op, Region, Weight
+from vsc.ir.module import Function, KernelRef, ModelGraph, Op, Region, Weight, symbol_name
 from vsc.ir.ops import infer
 from vsc.ir.types import Origin, TensorType
 
@@ -160,5 +160,5 @@ def build_model_graph(model_dir: Path, dtype: str = "f32", origin: Origin | None
     top.op("sample", ["%next"], ["%logits"])
 
     func = Function("step", ["T", "B"], params, top.ops, ["%logits", "%next"])
-    name = Path(model_dir).resolve().name
+    name = symbol_name(Path(model_dir).resolve().name)
     return ModelGraph(name, a, list(weights.values()), func, origin)

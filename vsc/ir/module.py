@@ -26,6 +26,12 @@ from vsc.ir.types import UNKNOWN, Origin, TensorType
 Attrs = dict[str, Any]
 
 
+def symbol_name(text: str) -> str:
+    """`text` made fit for an `@name` in IR text (letters, digits, `_`, `.`, `-`)."""
+    cleaned = "".join(c if c.isascii() and (c.isalnum() or c in "_.-") else "_" for c in text)
+    return cleaned or "_"
+
+
 def is_value(operand: str) -> bool:
     """Operands are strings: `%name` is an SSA value, `@name` a weight."""
     return operand.startswith("%")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 from dataclasses import fields
 from pathlib import Path
@@ -97,8 +98,20 @@ class _Builder:
     def number(self, tok: Token):
         s = str(tok)
         if re.fullmatch(r"-?\d+", s):
-            return int(s)
-        return float(s)
+            try:
+                return int(s)
+            except ValueError:  # more digits than int() accepts
+                raise self.error(tok, f"integer literal with {len(s)} characters is too long") from None
+        f = float(s)
+        if not math.isfinite(f):  # the printer cannot write inf back
+            raise self.error(tok, f"number {s} is out of range")
+        return f
+
+    def integer(self, tok: Token) -> int:
+        n = self.number(tok)
+        if not isinstance(n, int):
+            raise self.error(tok, f"expected an integer, got {tok}")
+        return n
 
     def value(self, node):
         if isinstance(node, Tree):
@@ -139,12 +152,13 @@ class _Builder:
         inner = node.children[0]
         if inner.data == "spec_loc":
             file_tok, line_tok, col_tok = inner.children
-            return Origin("spec", self.string(file_tok), int(str(line_tok)), int(str(col_tok)))
+            return Origin("spec", self.string(file_tok), self.integer(line_tok), self.integer(col_tok))
         kind_tok, detail_tok = inner.children
         kind = str(kind_tok)
         if kind == "unknown" and detail_tok is None:
             return UNKNOWN
-        if kind not in ("import", "pass", "spec") or detail_tok is None:
+        # A spec origin needs its line and column: `loc("file":L:C)`, never `loc(spec "file")`.
+        if kind not in ("import", "pass") or detail_tok is None:
             raise self.error(kind_tok, f"bad location '{kind}' (expected loc(\"file\":L:C), loc(import \"..\"), loc(pass \"..\") or loc(unknown))")
         return Origin(kind, self.string(detail_tok))
 
@@ -223,7 +237,13 @@ class _Builder:
         for a in args:
             if a is None:
                 continue
-            init_args.append(str(a) if a.type == "SYMBOL" else self.string(a))
+            if a.type == "SYMBOL":
+                init_args.append(str(a))
+                continue
+            arg = self.string(a)
+            if arg.startswith("@"):  # init_args marks weight references by the "@" prefix
+                raise self.error(a, f"string argument {a} starts with '@' (a weight reference is written unquoted)")
+            init_args.append(arg)
         return Weight(str(name_tok), self.type(type_node), str(fn_tok), init_args,
                       self.attr_dict(init_attrs), self.loc(loc))
 
