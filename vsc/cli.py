@@ -84,6 +84,35 @@ def cmd_opt(args) -> int:
     return 0
 
 
+def cmd_compile(args) -> int:
+    from vsc.driver import compile_to_server
+    from vsc.passes.instruments import DumpIR, PrintIR
+
+    _load_passes(args)
+    module = load_input(args.input)
+    pipeline = args.passes if args.passes is not None else spec_pipeline(module)
+    instruments = [PrintIR(after_change=args.print_ir_after_change)]
+    if args.dump_dir:
+        instruments.append(DumpIR(Path(args.dump_dir)))
+    spec_path = Path(args.input).resolve() if Path(args.input).suffix == ".vs" else None
+    result = compile_to_server(module, pipeline, Path(args.output), spec_path, instruments, args.dump_dir)
+    print(f"wrote {result.out_dir}/ (pipeline: {result.pipeline or 'none'})")
+    print(f"accuracy: {result.accuracy_summary}")
+    print("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in result.seconds.items()))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from vsc.runtime.launch import main as launch
+
+    extra = []
+    if args.host:
+        extra += ["--host", args.host]
+    if args.port is not None:
+        extra += ["--port", str(args.port)]
+    return launch(Path(args.server), extra)
+
+
 def cmd_verify(args) -> int:
     from vsc.ir.verifier import INVARIANTS, verify_or_raise
 
@@ -92,7 +121,15 @@ def cmd_verify(args) -> int:
             print(f"{name:<9} {doc}")
         return 0
     if not args.input:
-        raise VscError("verify: error: give an IR file (.vsir) or a spec (.vs), or --list")
+        raise VscError("verify: error: give an IR file (.vsir), a spec (.vs) or a server folder, or --list")
+    if Path(args.input).is_dir():
+        from vsc.driver import verify_server
+
+        ok, lines = verify_server(Path(args.input))
+        for line in lines:
+            print(line)
+        print(f"{args.input}: {'ok' if ok else 'FAILED'}")
+        return 0 if ok else 1
     module = load_input(args.input)
     verify_or_raise(module)
     print(f"{args.input}: ok ({len(INVARIANTS)} invariant groups hold)")
@@ -137,7 +174,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="do not print the final IR")
     p.set_defaults(func=cmd_opt)
 
-    p = sub.add_parser("verify", help="run the structural verifier on an IR file or spec")
+    p = sub.add_parser("compile", help="optimize, verify and lower a spec to a runnable server folder")
+    p.add_argument("input", help="a .vs spec or a .vsir plan")
+    p.add_argument("-o", "--output", required=True, help="the server folder to write (replaced atomically)")
+    p.add_argument("--passes", help="pipeline text (default: the spec's optimize line)")
+    p.add_argument("--print-ir-after-change", action="store_true")
+    p.add_argument("--dump-dir", help="numbered IR dumps (and any reproducer) go here")
+    p.add_argument("--load-pass", action="append", metavar="FILE")
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("serve", help="run a compiled server folder")
+    p.add_argument("server")
+    p.add_argument("--host", help="bind address (default: the spec's, 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default: the spec's)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("verify", help="verify an IR file or spec (structural), or a server folder (structural + accuracy)")
     p.add_argument("input", nargs="?")
     p.add_argument("--list", action="store_true", help="list the invariants the verifier checks")
     p.set_defaults(func=cmd_verify)

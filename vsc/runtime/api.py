@@ -1,0 +1,168 @@
+"""The contracts between the parts of a generated server.
+
+    HTTP layer  --GenerateRequest-->  Engine  --StepBatch-->  ModelRunner (generated code)
+                <--TokenEvent------          <--logits------
+
+`vsc.runtime` is what every generated server imports; it never imports the compiler.
+The generated `server/model.py` provides a ModelRunner specialized to one plan; the
+engine (scheduler, KV blocks, sampler, detokenizer) and the HTTP app are generic.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Protocol
+
+import torch
+
+
+class RuntimeError_(Exception):
+    """Base of errors the runtime reports to a client (the HTTP layer maps them to status codes)."""
+
+    status = 400
+    code = "invalid_request_error"
+
+
+class InvalidRequest(RuntimeError_):
+    """A request the server will never be able to serve (bad parameters, too long)."""
+
+
+class QueueFull(RuntimeError_):
+    """The waiting queue is at its bound: retry later (HTTP 429)."""
+
+    status = 429
+    code = "rate_limit_exceeded"
+
+
+@dataclass
+class SamplingParams:
+    """Per-request decoding settings (OpenAI semantics). temperature 0 means greedy."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0                       # 0: off
+    seed: int | None = None              # same seed + same request -> same tokens
+    stop: list[str] = field(default_factory=list)          # stop strings (not included in output)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class GenerateRequest:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    arrival_time: float = 0.0            # time.monotonic() when the server received it
+
+
+@dataclass
+class TokenEvent:
+    """One step of output for one request, pushed to the request's stream in order.
+
+    `text` is the newly detokenized text (may be "" while a multi-byte character or a
+    possible stop string is held back). The last event has `finish_reason` set:
+    "stop" (EOS or stop string), "length" (max_tokens or context), "abort" (cancelled).
+    """
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class StepBatch:
+    """Everything one forward step needs, as tensors on the runner's device.
+
+    T = total new tokens in the step, B = sequences. Sequence b's new tokens are
+    tokens[query_start[b]:query_start[b+1]]; after the step its KV holds
+    context_lens[b] tokens (old + new). Each new token's K/V goes to cache slot
+    slot_mapping[t] = block * block_size + offset; block_tables[b] lists the blocks of
+    sequence b in order (padded with 0 past its last block). For a contiguous cache the
+    plan's block size is max_context and each sequence owns exactly one block.
+    """
+
+    tokens: torch.Tensor          # int64 [T]
+    positions: torch.Tensor       # int64 [T]
+    query_start: torch.Tensor     # int64 [B + 1]
+    context_lens: torch.Tensor    # int64 [B]
+    block_tables: torch.Tensor    # int64 [B, max_blocks_per_seq]
+    slot_mapping: torch.Tensor    # int64 [T]
+    is_decode: bool = False       # every sequence has exactly one new token
+    # Host copies the runner may use to avoid device syncs (same values as the tensors).
+    query_lens_host: list[int] = field(default_factory=list)
+    context_lens_host: list[int] = field(default_factory=list)
+
+    @property
+    def num_seqs(self) -> int:
+        return int(self.context_lens.shape[0])
+
+
+@dataclass
+class CacheConfig:
+    """The KV cache a plan asks for (from the IR's cache section)."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    block_size: int
+    num_blocks: int
+    dtype: torch.dtype = torch.float32
+    layout: str = "paged"        # "paged" | "contiguous"
+
+
+@dataclass
+class EngineConfig:
+    """Scheduling knobs (from the IR's batching section and the deployment)."""
+
+    max_context: int
+    mode: str = "continuous"     # "continuous" | "static"
+    max_batch: int = 16          # most sequences in one step
+    max_tokens: int = 2048       # token budget of one step
+    chunked_prefill: int = 0     # 0: off; else the most prompt tokens one sequence prefills per step
+    order: str = "fcfs"          # "fcfs" | "shortest-first"
+    preemption: str = "recompute"
+    max_waiting: int = 256       # bound of the waiting queue; beyond it generate() raises QueueFull
+
+
+class ModelRunner(Protocol):
+    """What generated code provides: MLC-style fixed function set over one plan."""
+
+    cache_config: CacheConfig
+    vocab_size: int
+
+    def create_kv_cache(self) -> Any:
+        """Allocate the KV cache tensors for cache_config (called once at start)."""
+
+    def prefill(self, batch: StepBatch) -> torch.Tensor:
+        """Run new prompt tokens (maybe a chunk) of batch.num_seqs sequences; logits [B, vocab] of each last token."""
+
+    def decode(self, batch: StepBatch) -> torch.Tensor:
+        """One new token per sequence; logits [B, vocab]."""
+
+
+class Engine(Protocol):
+    """What the HTTP layer drives."""
+
+    max_context: int
+    model_name: str
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
+        """Submit and stream events; raises QueueFull or InvalidRequest before the first event."""
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request (client went away); its KV blocks are freed at the next step boundary."""
+
+    def stats(self) -> dict[str, float]:
+        """running, waiting, kv_blocks_used, kv_blocks_total, generated_tokens (monotonic)."""
+
+
+def as_dict(obj) -> dict:
+    return dataclasses.asdict(obj)
