@@ -66,7 +66,8 @@ class TokenEvent:
 
     `text` is the newly detokenized text (may be "" while a multi-byte character or a
     possible stop string is held back). The last event has `finish_reason` set:
-    "stop" (EOS or stop string), "length" (max_tokens or context), "abort" (cancelled).
+    "stop" (EOS or stop string), "length" (max_tokens or context), "abort" (cancelled),
+    "error" (the step that ran it failed; the server keeps serving others).
     """
 
     request_id: str
@@ -137,6 +138,7 @@ class ModelRunner(Protocol):
 
     cache_config: CacheConfig
     vocab_size: int
+    device: str                  # where StepBatch tensors must live ("cpu", "cuda")
 
     def create_kv_cache(self) -> Any:
         """Allocate the KV cache tensors for cache_config (called once at start)."""

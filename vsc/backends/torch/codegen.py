@@ -1,0 +1,600 @@
+"""Lower a ServingModule's model graph to Python source that implements the ModelRunner protocol.
+
+`generate_runner_source(module)` writes one self-contained module specialized to the plan:
+the model's sizes, the cache geometry and the chosen kernels are constants; the weight
+table is literal data (`WeightSpec`s, `concat`s included); the step function is straight
+line code, one line per IR op, named after the IR's SSA values, calling the kernels of
+`vsc.runtime.kernels.torch_ops` directly. The decoder layer (the IR's `repeat` region)
+becomes a Python loop over per-layer weight tuples and KV caches.
+
+Loop or unrolled? Measured on the tiny llama (4 layers, hidden 128, vocab 2048; fp32, one
+thread, the chat.vs pipeline: fused q/k/v and gate/up, paged cache), one decode step at
+context 64, median of 400 steps, best of 3 runs:
+
+    batch 1:  0.401 ms looped, 0.403 ms unrolled
+    batch 16: 1.077 ms looped, 1.108 ms unrolled
+
+(contiguous cache, no fusion: 0.399 / 0.400 ms and 1.089 / 1.099 ms). A four-iteration
+Python loop costs about a microsecond, noise next to the kernels, so the loop is kept: the
+source stays one screen long whatever the depth. `unroll=True` still writes the unrolled
+form, for comparison.
+
+Position-only work is hoisted out of the loop: the RoPE table lookup (`rope_cos, rope_sin`)
+and the attention metadata (cache slots, masks; built once per step, shared by layers).
+The `sample` op is not lowered: runners return logits and the engine's sampler picks.
+
+`load_runner_class(source, module_name)` execs generated source into a fresh module and
+returns its `Runner` (the accuracy check and tests use it; a server imports its file).
+"""
+from __future__ import annotations
+
+import hashlib
+import keyword
+import linecache
+import re
+import sys
+import types
+
+from vsc.errors import VscError
+from vsc.ir.kernels import KERNELS
+from vsc.ir.module import Op, ServingModule, is_value, walk_ops
+from vsc.ir.printer import print_module
+from vsc.ir.types import Origin
+from vsc.runtime.kernels import TORCH_KERNELS
+
+__all__ = ["LoweringError", "generate_runner_source", "load_runner_class"]
+
+
+class LoweringError(VscError):
+    """The torch backend cannot lower something in the plan (an op, a kernel, a weight init)."""
+
+    def __init__(self, message: str, origin: Origin | None = None):
+        where = f" ({origin.describe()})" if origin is not None and origin.kind != "unknown" else ""
+        super().__init__(f"lower torch: error: {message}{where}")
+        self.message = message
+        self.origin = origin
+
+
+# Op kinds the runner executes, and those it leaves to the engine.
+_LOWERED_OPS = {"embed", "rmsnorm", "add", "mul", "silu", "silu_mul", "linear", "split", "rope",
+                "attention", "moe", "last_token"}
+_ENGINE_OPS = {"sample"}
+
+# Op attributes that become named plan constants when they equal the model's value.
+_ATTR_CONSTANTS = {
+    ("rmsnorm", "eps"): "RMS_NORM_EPS",
+    ("rope", "head_dim"): "HEAD_DIM",
+    ("attention", "heads"): "HEADS",
+    ("attention", "kv_heads"): "KV_HEADS",
+    ("attention", "head_dim"): "HEAD_DIM",
+    ("attention", "scale"): "ATTN_SCALE",
+    ("moe", "experts"): "EXPERTS",
+    ("moe", "top_k"): "TOP_K",
+}
+
+_BATCH_FIELDS = {"%tokens": "batch.tokens", "%positions": "batch.positions"}
+
+_TORCH_DTYPES = {"f32": "torch.float32", "bf16": "torch.bfloat16", "f16": "torch.float16"}
+
+# Names the generated module defines or uses itself; SSA locals and weights avoid them.
+_RESERVED = set(keyword.kwlist) | {
+    "torch", "self", "batch", "meta", "layer", "layer_weights", "k_cache", "v_cache", "w", "i", "name",
+    "rope_cos", "rope_sin", "tuple", "range", "zip", "len", "list", "int", "str", "float", "print",
+    "Runner", "WEIGHTS", "LAYER_WEIGHTS", "StepBatch", "CacheConfig", "WeightSpec", "load_weights",
+    "AttentionMetadata", "RotaryTable", "attention_metadata", "allocate_kv_cache",
+} | {fn.__name__ for fn in TORCH_KERNELS.values()}
+
+# Attributes of Runner that top-level weights must not shadow.
+_RUNNER_ATTRS = {"device", "cache_config", "vocab_size", "kv_cache", "layers", "rope", "prefill", "decode",
+                 "create_kv_cache", "forward"}
+
+
+def _identifier(text: str) -> str:
+    name = re.sub(r"\W", "_", text.lstrip("%@"), flags=re.ASCII)
+    if not name or name[0].isdigit():
+        name = "v_" + name
+    return name
+
+
+def _plan_hash(module: ServingModule) -> str:
+    return hashlib.sha256(print_module(module).encode()).hexdigest()
+
+
+def _describe(op: Op) -> str:
+    results = ", ".join(op.results)
+    return f"{results} = {op.kind}" if results else op.kind
+
+
+class _RunnerWriter:
+    """Builds the runner source for one module; every check happens before any text is written."""
+
+    def __init__(self, module: ServingModule, pipeline: str | None, unroll: bool):
+        self.module = module
+        self.model = module.model
+        self.attrs = module.model.attrs
+        self.unroll = unroll
+        self.pipeline = pipeline if pipeline is not None else (module.deployment.get("optimize") or {}).get("pipeline", "")
+        self.body = module.model.func.body
+        self.repeat = self._find_repeat()
+        self.attention = self._find_attention()
+        self._check_ops()
+        self.weights = {w.name: w for w in self.model.weights}
+        self._check_weights()
+        self.locals = self._name_values()
+        self.layer_weights, self.top_weights = self._name_weights()
+        self.constants = self._constants()
+        self.rope_tables = self._rope_tables()
+
+    # --- checks --------------------------------------------------------------------------
+
+    def _find_repeat(self) -> Op | None:
+        repeats = [op for op in self.body if op.kind == "repeat"]
+        if len(repeats) > 1:
+            raise LoweringError("the step has more than one repeat region; the torch backend lowers one decoder stack",
+                                repeats[1].origin)
+        nested = [op for op in walk_ops(self.body) if op.kind == "repeat" and op not in repeats]
+        if nested:
+            raise LoweringError("nested repeat regions are not supported", nested[0].origin)
+        return repeats[0] if repeats else None
+
+    def _find_attention(self) -> Op | None:
+        top = [op for op in self.body if op.kind == "attention"]
+        if top:
+            raise LoweringError(f"'{_describe(top[0])}' sits outside the layer region; the torch backend keeps one "
+                                "KV cache per layer and needs attention inside the repeat", top[0].origin)
+        if self.repeat is None:
+            return None
+        found = [op for op in self.repeat.region.ops if op.kind == "attention"]
+        if len(found) > 1:
+            raise LoweringError("a layer with more than one attention op is not supported (one KV cache per layer)",
+                                found[1].origin)
+        return found[0] if found else None
+
+    def _check_ops(self) -> None:
+        for op in walk_ops(self.body):
+            if op.kind == "repeat":
+                continue
+            if op.kind not in _LOWERED_OPS | _ENGINE_OPS:
+                raise LoweringError(f"op '{op.kind}' ({_describe(op)}) has no torch lowering", op.origin)
+            if op.kernel is None:
+                raise LoweringError(f"'{_describe(op)}' names no kernel", op.origin)
+            name = op.kernel.name
+            info = KERNELS.get(name)
+            if info is None or op.kind not in info.ops:
+                raise LoweringError(f"kernel '{name}' does not implement '{op.kind}' ({_describe(op)})", op.origin)
+            if op.kind in _ENGINE_OPS:
+                continue
+            if name not in TORCH_KERNELS:
+                known = ", ".join(sorted(TORCH_KERNELS))
+                raise LoweringError(f"kernel '{name}' for '{_describe(op)}' has no torch implementation "
+                                    f"(the torch backend runs: {known})", op.origin)
+            if op.kernel.config:
+                raise LoweringError(f"kernel '{name}' takes no config, got {op.kernel.config!r}", op.origin)
+            if op.kind == "rope" and op.operands[2] != "%positions":
+                raise LoweringError(f"'{_describe(op)}' rotates by {op.operands[2]}; the torch backend rotates by "
+                                    "the step's %positions only", op.origin)
+        for param, _ in self.model.func.params:
+            if param not in _BATCH_FIELDS:
+                raise LoweringError(f"step parameter {param} has no StepBatch field (known: {', '.join(_BATCH_FIELDS)})",
+                                    self.model.origin)
+        sampled = {r for op in walk_ops(self.body) if op.kind in _ENGINE_OPS for r in op.results}
+        for op in walk_ops(self.body):
+            used = sampled.intersection(op.operands)
+            if used and op.kind not in _ENGINE_OPS:
+                raise LoweringError(f"'{_describe(op)}' reads the sampled token {used.pop()}; sampling happens in the "
+                                    "engine, after the step", op.origin)
+        returns = self.model.func.returns
+        if not returns or returns[0] in sampled:
+            raise LoweringError("the step must return logits first")
+
+    def _check_weights(self) -> None:
+        for w in self.model.weights:
+            if w.init_fn == "load":
+                if len(w.init_args) != 1:
+                    raise LoweringError(f"weight {w.name}: load takes one checkpoint name", w.origin)
+            elif w.init_fn == "concat":
+                missing = [a for a in w.init_args if a not in self.weights]
+                if missing:
+                    raise LoweringError(f"weight {w.name} concatenates undeclared {missing[0]}", w.origin)
+            else:
+                raise LoweringError(f"weight {w.name}: the torch backend cannot materialize '{w.init_fn}' "
+                                    "(it knows load and concat)", w.origin)
+            if w.type.dtype not in _TORCH_DTYPES:
+                raise LoweringError(f"weight {w.name} has dtype {w.type.dtype}, which the torch runner does not load",
+                                    w.origin)
+
+    # --- naming --------------------------------------------------------------------------
+
+    def _name_values(self) -> dict[str, str]:
+        """SSA value -> Python local, the same name minus `%` wherever that is a free identifier."""
+        taken = set(_RESERVED)
+        out: dict[str, str] = {}
+
+        def give(value: str) -> None:
+            if value in out:
+                return
+            base = _identifier(value)
+            if base in _RESERVED:
+                base += "_"
+            name, n = base, 1
+            while name in taken:
+                n += 1
+                name = f"{base}{n}"
+            taken.add(name)
+            out[value] = name
+
+        for param, _ in self.model.func.params:
+            give(param)
+        for op in walk_ops(self.body):
+            if op.region is not None:
+                for arg, _ in op.region.args:
+                    give(arg)
+            for r in op.results:
+                give(r)
+        return out
+
+    def _name_weights(self) -> tuple[list[tuple[str, str]], dict[str, str]]:
+        """(layer weight, local name) in loop order, and top-level weight -> Runner attribute."""
+        read_in_layer: list[str] = []
+        if self.repeat is not None:
+            for op in walk_ops(self.repeat.region.ops):
+                for o in op.operands:
+                    if o.startswith("@") and "{i}" in o and o not in read_in_layer:
+                        read_in_layer.append(o)
+        read_top = []
+        for op in walk_ops(self.body):
+            for o in op.operands:
+                if o.startswith("@") and "{i}" not in o and o not in read_top:
+                    read_top.append(o)
+        for o in read_in_layer + read_top:
+            if o not in self.weights:
+                raise LoweringError(f"weight {o} is read but not declared")
+        layer_names = self._short_names(read_in_layer, set(self.locals.values()) | _RESERVED)
+        top_names = self._short_names(read_top, _RUNNER_ATTRS)
+        return [(w, layer_names[w]) for w in read_in_layer], top_names
+
+    @staticmethod
+    def _short_names(weights: list[str], avoid: set[str]) -> dict[str, str]:
+        """`@model.layers.{i}.self_attn.qkv_proj.weight` -> `qkv_proj`; more of the name when needed."""
+        def parts_of(name: str) -> tuple[list[str], int]:
+            parts = name.lstrip("@").split(".")
+            expert = "{e}" in parts
+            suffix = []
+            if parts and parts[-1] == "bias":
+                suffix = ["bias"]
+            parts = [p for p in parts[:-1 if parts[-1] in ("weight", "bias") else None]
+                     if p not in ("{i}", "{e}", "model", "layers")]
+            return parts + suffix, (3 if suffix else 2) if expert else (2 if suffix else 1)
+
+        out: dict[str, str] = {}
+        taken = set(avoid)
+        for w in weights:
+            parts, k = parts_of(w)
+            name = None
+            while k <= len(parts):
+                candidate = _identifier("_".join(parts[-k:]))
+                if candidate not in taken and not keyword.iskeyword(candidate):
+                    name = candidate
+                    break
+                k += 1
+            if name is None:
+                name = _identifier(w)
+                while name in taken:
+                    name += "_"
+            taken.add(name)
+            out[w] = name
+        return out
+
+    # --- plan constants ------------------------------------------------------------------
+
+    def _constants(self) -> dict[str, object]:
+        a, cache = self.attrs, self.module.cache
+        max_context = int(self.module.deployment.get("max_context") or a.get("max_position", 2048))
+        if cache.layout == "paged":
+            block_size = cache.block_size
+        elif cache.layout == "contiguous":
+            block_size = max_context
+        else:
+            raise LoweringError(f"cache layout '{cache.layout}' has no torch lowering", cache.origin)
+        if cache.dtype not in _TORCH_DTYPES:
+            raise LoweringError(f"cache dtype '{cache.dtype}' has no torch lowering", cache.origin)
+        num_blocks = cache.capacity_tokens // block_size
+        if num_blocks < 1:
+            raise LoweringError(f"a cache of {cache.capacity_tokens} tokens holds no {block_size}-token block", cache.origin)
+        c: dict[str, object] = {
+            "LAYERS": self.repeat.attrs["count"] if self.repeat is not None else 0,
+            "VOCAB": a["vocab"],
+            "HIDDEN": a["hidden"],
+            "HEADS": a["heads"],
+            "KV_HEADS": a["kv_heads"],
+            "HEAD_DIM": a["head_dim"],
+        }
+        if "experts" in a:
+            c["EXPERTS"] = a["experts"]
+            c["TOP_K"] = a["experts_per_token"]
+        c["RMS_NORM_EPS"] = float(a["rms_norm_eps"])
+        c["ROPE_THETA"] = float(a["rope_theta"])
+        if self.attention is not None:
+            c["ATTN_SCALE"] = float(self.attention.attrs["scale"])
+        c["MAX_POSITION"] = max(int(a.get("max_position", 0)), max_context)
+        c["MAX_CONTEXT"] = max_context
+        c["BLOCK_SIZE"] = block_size
+        c["NUM_BLOCKS"] = num_blocks
+        return c
+
+    def _rope_tables(self) -> dict[tuple[float, int], str]:
+        """One RotaryTable per distinct (theta, head_dim) of the plan's rope ops."""
+        keys = []
+        for op in walk_ops(self.body):
+            if op.kind == "rope":
+                key = (float(op.attrs["theta"]), int(op.attrs["head_dim"]))
+                if key not in keys:
+                    keys.append(key)
+        if len(keys) == 1:
+            return {keys[0]: ""}
+        return {k: f"_{n}" for n, k in enumerate(keys, 1)}
+
+    def _attr(self, op: Op, key: str) -> str:
+        value = op.attrs[key]
+        const = _ATTR_CONSTANTS.get((op.kind, key))
+        if const is not None and const in self.constants and self.constants[const] == value:
+            return const
+        return repr(value)
+
+    # --- ops -----------------------------------------------------------------------------
+
+    def _operand(self, operand: str, in_layer: bool) -> str:
+        if is_value(operand):
+            return self.locals[operand]
+        if in_layer and "{i}" in operand:
+            return dict(self.layer_weights)[operand]
+        return "self." + self.top_weights[operand]
+
+    def _op_line(self, op: Op, in_layer: bool) -> str | None:
+        if op.kind in _ENGINE_OPS:
+            return None
+        fn = TORCH_KERNELS[op.kernel.name].__name__
+        args = [self._operand(o, in_layer) for o in op.operands]
+        results = ", ".join(self.locals[r] for r in op.results)
+        if op.kind == "rmsnorm":
+            args.append(self._attr(op, "eps"))
+        elif op.kind == "split":
+            args.append("(" + ", ".join(str(s) for s in op.attrs["sizes"]) + ("," if len(op.attrs["sizes"]) == 1 else "") + ")")
+        elif op.kind == "rope":
+            suffix = self.rope_tables[(float(op.attrs["theta"]), int(op.attrs["head_dim"]))]
+            args = args[:2] + [f"rope_cos{suffix}", f"rope_sin{suffix}", self._attr(op, "head_dim")]
+        elif op.kind == "attention":
+            args += ["k_cache", "v_cache", "meta"] + [self._attr(op, k) for k in ("heads", "kv_heads", "head_dim", "scale")]
+        elif op.kind == "moe":
+            args += [self._attr(op, "experts"), self._attr(op, "top_k")]
+        elif op.kind == "last_token":
+            args.append("meta")
+        return f"{results} = {fn}({', '.join(args)})"
+
+    # --- source --------------------------------------------------------------------------
+
+    def source(self) -> str:
+        out: list[str] = []
+        out += self._header()
+        out += self._constant_lines()
+        out += self._weight_table()
+        out += self._runner_class()
+        return "\n".join(out) + "\n"
+
+    def _header(self) -> list[str]:
+        a, m = self.attrs, self.module
+        kernels = sorted({op.kernel.name for op in walk_ops(self.body) if op.kernel is not None and op.kind not in _ENGINE_OPS})
+        functions = sorted({TORCH_KERNELS[k].__name__ for k in kernels})
+        cache = m.cache
+        blocks = f"{self.constants['NUM_BLOCKS']} x {self.constants['BLOCK_SIZE']}-token blocks"
+        return [
+            f"# Generated by vsc (torch backend) from plan @{m.name}. Do not edit: recompile the plan instead.",
+            f"# pipeline: {self.pipeline or '(none)'}",
+            f"# plan sha256: {_plan_hash(m)}",
+            f"# model: {self.model.name} ({a.get('arch', '?')}, {a.get('dtype', '?')}); cache: {cache.layout}, {blocks} "
+            f"({cache.dtype})",
+            f"# kernels: {', '.join(kernels)}",
+            f'"""ModelRunner for plan @{m.name}: {self.model.name}, {self.constants["LAYERS"]} layers, {cache.layout} KV cache."""',
+            "from __future__ import annotations",
+            "",
+            "import torch",
+            "",
+            "from vsc.runtime.api import CacheConfig, StepBatch",
+            "from vsc.runtime.kernels.torch_ops import (",
+            "    AttentionMetadata, RotaryTable, allocate_kv_cache, attention_metadata,",
+            "    " + ", ".join(functions) + ",",
+            ")",
+            "from vsc.runtime.weights import WeightSpec, load_weights",
+            "",
+        ]
+
+    def _constant_lines(self) -> list[str]:
+        lines = ["# Plan constants: model sizes, numerics and cache geometry."]
+        lines += [f"{k} = {v!r}" for k, v in self.constants.items()]
+        lines.append(f"DTYPE = {_TORCH_DTYPES[self.attrs.get('dtype', 'f32')]}")
+        lines.append(f"CACHE_DTYPE = {_TORCH_DTYPES[self.module.cache.dtype]}")
+        lines.append(f"CACHE_LAYOUT = {self.module.cache.layout!r}")
+        return lines + [""]
+
+    def _weight_table(self) -> list[str]:
+        read = {w for w, _ in self.layer_weights} | set(self.top_weights)
+        needed: list[str] = []
+
+        def need(name: str) -> None:
+            if name in needed:
+                return
+            w = self.weights[name]
+            if w.init_fn == "concat":
+                for src in w.init_args:
+                    need(src)
+            needed.append(name)
+
+        for w in self.model.weights:          # declaration order, sources before what they feed
+            if w.name in read:
+                need(w.name)
+        lines = ["# The plan's weight table: checkpoint tensors, and tensors derived from them at load time.",
+                 "WEIGHTS = ("]
+        for name in needed:
+            w = self.weights[name]
+            if w.init_fn == "load":
+                args = (w.init_args[0],)
+            else:
+                args = tuple(a.lstrip("@") for a in w.init_args)
+            parts = [repr(name.lstrip("@")), repr(w.type.dtype), repr(tuple(w.type.shape))]
+            if w.init_fn != "load":
+                parts.append(f"init={w.init_fn!r}")
+            parts.append(f"args={args!r}")
+            if w.init_attrs:
+                parts.append(f"attrs={w.init_attrs!r}")
+            if name not in read:
+                parts.append("keep=False")
+            lines.append(f"    WeightSpec({', '.join(parts)}),")
+        lines.append(")")
+        if self.layer_weights:
+            lines.append("# What each layer's loop iteration unpacks, in order ({i} = layer index).")
+            lines.append("LAYER_WEIGHTS = (")
+            lines += [f"    {w.lstrip('@')!r}," for w, _ in self.layer_weights]
+            lines.append(")")
+        return lines + ["", ""]
+
+    def _runner_class(self) -> list[str]:
+        c = self.constants
+        kv_layers = "LAYERS" if self.attention is not None else "0"
+        lines = [
+            "class Runner:",
+            f'    """Runs plan @{self.module.name} step by step (the ModelRunner protocol of vsc.runtime.api)."""',
+            "",
+            "    def __init__(self, model_dir: str, device: str | torch.device = \"cpu\"):",
+            "        self.device = torch.device(device)",
+            f"        w = load_weights(model_dir, WEIGHTS, layers=LAYERS, experts={'EXPERTS' if 'EXPERTS' in c else 0}, device=self.device)",
+        ]
+        for weight, attr in self.top_weights.items():
+            lines.append(f"        self.{attr} = w[{weight.lstrip('@')!r}]")
+        if self.layer_weights:
+            lines.append("        self.layers = [tuple(w[name.replace(\"{i}\", str(i))] for name in LAYER_WEIGHTS) "
+                         "for i in range(LAYERS)]")
+        for (theta, hd), suffix in self.rope_tables.items():
+            theta_s = "ROPE_THETA" if theta == c["ROPE_THETA"] else repr(theta)
+            hd_s = "HEAD_DIM" if hd == c["HEAD_DIM"] else repr(hd)
+            lines.append(f"        self.rope{suffix} = RotaryTable({theta_s}, {hd_s}, MAX_POSITION, DTYPE, self.device)")
+        lines += [
+            f"        self.cache_config = CacheConfig(layers={kv_layers}, kv_heads=KV_HEADS, head_dim=HEAD_DIM, block_size=BLOCK_SIZE,",
+            "                                        num_blocks=NUM_BLOCKS, dtype=CACHE_DTYPE, layout=CACHE_LAYOUT)",
+            "        self.vocab_size = VOCAB",
+            "        self.kv_cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None",
+            "",
+            "    def create_kv_cache(self, num_blocks: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:",
+            '        """(K, V) per layer, [num_blocks * BLOCK_SIZE, KV_HEADS, HEAD_DIM] each; num_blocks overrides the plan\'s."""',
+            "        blocks = NUM_BLOCKS if num_blocks is None else num_blocks",
+            f"        self.kv_cache = allocate_kv_cache({kv_layers}, blocks * BLOCK_SIZE, KV_HEADS, HEAD_DIM, CACHE_DTYPE, self.device)",
+            "        return self.kv_cache",
+            "",
+            "    @torch.inference_mode()",
+            "    def prefill(self, batch: StepBatch) -> torch.Tensor:",
+            '        """New tokens (whole prompts or chunks, any number per sequence) -> logits [B, VOCAB] of each last one."""',
+            "        return self.forward(batch, attention_metadata(batch, BLOCK_SIZE))",
+            "",
+            "    @torch.inference_mode()",
+            "    def decode(self, batch: StepBatch) -> torch.Tensor:",
+            '        """One new token per sequence -> logits [B, VOCAB]."""',
+            "        return self.forward(batch, attention_metadata(batch, BLOCK_SIZE))",
+            "",
+            "    def forward(self, batch: StepBatch, meta: AttentionMetadata) -> torch.Tensor:",
+            "        if self.kv_cache is None:",
+            '            raise RuntimeError("create_kv_cache() must run before the first step")',
+        ]
+        lines += self._step_body()
+        return lines
+
+    def _step_body(self) -> list[str]:
+        ind = " " * 8
+        lines = []
+        params = [(self.locals[p], _BATCH_FIELDS[p]) for p, _ in self.model.func.params]
+        lines.append(ind + ", ".join(n for n, _ in params) + " = " + ", ".join(f for _, f in params))
+        positions = self.locals.get("%positions", "positions")
+        for suffix in self.rope_tables.values():
+            lines.append(f"{ind}rope_cos{suffix}, rope_sin{suffix} = self.rope{suffix}.lookup({positions})")
+        for op in self.body:
+            if op.kind == "repeat":
+                lines += self._layer_lines(op, ind)
+                continue
+            line = self._op_line(op, in_layer=False)
+            if line is not None:
+                lines.append(ind + line)
+        logits = self.locals[self.model.func.returns[0]]
+        engine = [op for op in self.body if op.kind in _ENGINE_OPS]
+        note = f"  # {engine[0].kind} ({', '.join(engine[0].results)}) runs in the engine's sampler" if engine else ""
+        lines.append(f"{ind}return {logits}{note}")
+        return lines
+
+    def _layer_lines(self, op: Op, ind: str) -> list[str]:
+        region = op.region
+        carried = [self.locals[a] for a, _ in region.args]
+        inputs = [self.locals[o] for o in op.operands]
+        yields = [self.locals[y] for y in region.yields]
+        results = [self.locals[r] for r in op.results]
+        unpack = ", ".join(name for _, name in self.layer_weights)
+        lines = [f"{ind}{', '.join(carried)} = {', '.join(inputs)}"]
+
+        def body(indent: str) -> list[str]:
+            out = []
+            if unpack:
+                out.append(f"{indent}{unpack}{',' if len(self.layer_weights) == 1 else ''} = layer_weights")
+            for inner in region.ops:
+                line = self._op_line(inner, in_layer=True)
+                if line is not None:
+                    out.append(indent + line)
+            out.append(f"{indent}{', '.join(carried)} = {', '.join(yields)}")
+            return out
+
+        has_cache = self.attention is not None
+        if not self.unroll:
+            target = "layer_weights, (k_cache, v_cache)" if has_cache else "layer_weights"
+            source = "zip(self.layers, self.kv_cache)" if has_cache else "self.layers"
+            if not self.layer_weights:
+                target, source = ("(k_cache, v_cache)", "self.kv_cache") if has_cache else ("_", "range(LAYERS)")
+            lines.append(f"{ind}for {target} in {source}:")
+            lines += body(ind + "    ")
+        else:
+            for i in range(op.attrs["count"]):
+                lines.append(f"{ind}# layer {i}")
+                if self.layer_weights:
+                    lines.append(f"{ind}layer_weights = self.layers[{i}]")
+                if has_cache:
+                    lines.append(f"{ind}k_cache, v_cache = self.kv_cache[{i}]")
+                lines += body(ind)
+        lines.append(f"{ind}{', '.join(results)} = {', '.join(carried)}")
+        return lines
+
+
+def generate_runner_source(module: ServingModule, pipeline: str | None = None, unroll: bool = False) -> str:
+    """Python source of a `Runner` class specialized to `module` (see the module docstring).
+
+    `pipeline` is recorded in the header (default: the spec's optimize line); `unroll`
+    writes the layer region once per layer instead of as a loop. Raises LoweringError for
+    anything the torch backend cannot lower.
+    """
+    return _RunnerWriter(module, pipeline, unroll).source()
+
+
+def load_runner_class(source: str, module_name: str) -> type:
+    """Exec generated runner source into a fresh module named `module_name`; return its Runner.
+
+    The source is registered with linecache, so tracebacks through generated code show
+    its lines.
+    """
+    filename = f"<vsc-generated {module_name}>"
+    mod = types.ModuleType(module_name)
+    mod.__file__ = filename
+    linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
+    code = compile(source, filename, "exec")
+    sys.modules[module_name] = mod
+    try:
+        exec(code, mod.__dict__)
+    except BaseException:
+        sys.modules.pop(module_name, None)
+        raise
+    runner = mod.__dict__.get("Runner")
+    if not isinstance(runner, type):
+        raise LoweringError(f"generated module {module_name} defines no Runner class")
+    return runner

@@ -1,0 +1,324 @@
+"""The serving engine: a step loop on its own thread, streams to asyncio callers.
+
+Threads. One dedicated engine thread owns the scheduler, the block manager and every
+Sequence after submission; it schedules a step, runs the model (torch releases the GIL
+in the forward, so the HTTP event loop stays responsive), samples, detokenizes and hands
+events back. Other threads touch only the inbox and the abort set, under one lock, and
+read `stats()`. With no work the thread sleeps on a condition variable (no busy spin).
+
+Events. `generate()` gives each request an asyncio.Queue; after each step the engine
+thread makes one `loop.call_soon_threadsafe` per event loop carrying all of that step's
+events for that loop (one wake-up per step, not per token).
+
+Timestamps for metrics (TTFT, ITL). The engine calls `on_token(request_id, now,
+is_first)` on the engine thread, right after a step samples that request's token: `now`
+is `time.monotonic()` once per step (the moment its tokens exist), `is_first` is True for
+the request's first generated token. TTFT = now - request.arrival_time on the first call;
+ITL = the gap between consecutive calls. Pass it to the constructor or assign
+`engine.on_token` before `start()`; it must be cheap and thread-safe (a prometheus
+histogram's observe() is); if it raises, it is logged and switched off. Each Sequence
+also keeps `first_token_time` and `last_token_time`.
+
+The runner may have a `device` attribute (default cpu): step tensors and seeded
+generators are made there. `create_kv_cache()` is called once, by `start()`.
+
+Finishing. "stop": EOS (unless ignore_eos), a stop_token_id, or a stop string (the text
+ends before it); "length": max_tokens or max_context; "abort": `abort()` or shutdown;
+"error": the step that carried the request raised (the error is logged, the request's
+blocks are freed, and the engine keeps serving everyone else).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from typing import Any, AsyncIterator, Callable
+
+import torch
+
+from vsc.runtime.api import EngineConfig, GenerateRequest, InvalidRequest, ModelRunner, QueueFull, TokenEvent
+from vsc.runtime.block_manager import BlockManager
+from vsc.runtime.sampler import Sampler
+from vsc.runtime.scheduler import ScheduledStep, Scheduler
+from vsc.runtime.sequence import Sequence
+from vsc.runtime.tokenizer import IncrementalDetokenizer
+
+log = logging.getLogger("vsc.runtime.engine")
+
+OnToken = Callable[[str, float, bool], None]
+
+
+class LLMEngine:
+    def __init__(self, runner: ModelRunner, tokenizer: Any, config: EngineConfig, model_name: str,
+                 on_token: OnToken | None = None):
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.config = config
+        self.model_name = model_name
+        self.max_context = config.max_context
+        self.on_token = on_token
+        cache = runner.cache_config
+        self.device = torch.device(getattr(runner, "device", "cpu"))
+        self.block_manager = BlockManager(cache.num_blocks, cache.block_size)
+        self.scheduler = Scheduler(config, self.block_manager, self.device)
+        self.sampler = Sampler()
+        self.vocab_size = runner.vocab_size
+        self.eos_token_ids = frozenset(getattr(tokenizer, "eos_token_ids", ()) or ())
+        self.kv_cache: Any = None
+
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._inbox: list[Sequence] = []
+        self._aborts: set[str] = set()
+        self._live: dict[str, Sequence] = {}     # submitted and not yet finished
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.generated_tokens = 0
+        self.prompt_tokens = 0
+        self.num_steps = 0
+        self.num_errors = 0
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Allocate the KV cache and start the engine thread."""
+        if self._thread is not None:
+            return
+        if self.kv_cache is None:
+            self.kv_cache = self.runner.create_kv_cache()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="vsc-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        """Stop the thread after its current step; every unfinished request ends with "abort"."""
+        thread = self._thread
+        if thread is None:
+            return
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        thread.join()
+        self._thread = None
+        leftovers = list(self.scheduler.running) + list(self.scheduler.waiting) + self._inbox
+        self._inbox.clear()
+        self._finish_now(leftovers, "abort")
+
+    def is_alive(self) -> bool:
+        """The engine thread is running (the HTTP /health check reads this)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    # --- the Engine protocol ---------------------------------------------------------
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
+        """Submit `request` and stream its events; the last one has finish_reason set.
+
+        Raises InvalidRequest or QueueFull before the first event. If the consumer stops
+        early (client gone, task cancelled), the request is aborted.
+        """
+        seq = self._make_sequence(request)
+        seq.loop = asyncio.get_running_loop()
+        seq.queue = asyncio.Queue()
+        self._submit(seq)
+        finished = False
+        try:
+            while True:
+                event = await seq.queue.get()
+                if event.finish_reason is not None:
+                    finished = True
+                yield event
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(request.request_id)
+
+    def abort(self, request_id: str) -> None:
+        with self._wake:
+            if request_id in self._live:
+                self._aborts.add(request_id)
+                self._wake.notify()
+
+    def stats(self) -> dict[str, float]:
+        bm = self.block_manager
+        return {
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting) + len(self._inbox),
+            "kv_blocks_used": bm.num_used,
+            "kv_blocks_total": bm.num_blocks,
+            "generated_tokens": self.generated_tokens,
+            "prompt_tokens": self.prompt_tokens,
+            "preemptions": self.scheduler.num_preemptions,
+            "steps": self.num_steps,
+            "errors": self.num_errors,
+        }
+
+    # --- submission (caller's thread) ------------------------------------------------
+
+    def _make_sequence(self, request: GenerateRequest) -> Sequence:
+        p = request.params
+        self.scheduler.check_request(len(request.prompt_ids), p.max_tokens)
+        if p.temperature < 0:
+            raise InvalidRequest(f"temperature must be >= 0, got {p.temperature}")
+        if not 0.0 < p.top_p <= 1.0:
+            raise InvalidRequest(f"top_p must be in (0, 1], got {p.top_p}")
+        if p.top_k < 0:
+            raise InvalidRequest(f"top_k must be >= 0, got {p.top_k}")
+        vocab = self.vocab_size
+        ids = request.prompt_ids
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise InvalidRequest(f"prompt token ids must be in [0, {vocab})")
+        detok = None
+        if self.tokenizer is not None:
+            detok = IncrementalDetokenizer(self.tokenizer, request.prompt_ids, p.stop)
+        return Sequence(request, detok, self.device)
+
+    def _submit(self, seq: Sequence) -> None:
+        with self._wake:
+            if self._thread is None or self._stopping:
+                raise RuntimeError("the engine is not running (call start() first)")
+            if seq.request_id in self._live:
+                raise InvalidRequest(f"request id {seq.request_id!r} is already in use")
+            if len(self.scheduler.waiting) + len(self._inbox) >= self.config.max_waiting:
+                raise QueueFull(f"the waiting queue is full ({self.config.max_waiting} requests); retry later")
+            self._live[seq.request_id] = seq
+            self._inbox.append(seq)
+            self._wake.notify()
+
+    # --- the engine thread -----------------------------------------------------------
+
+    def _run(self) -> None:
+        scheduler = self.scheduler
+        while True:
+            with self._wake:
+                while not (self._stopping or self._inbox or self._aborts or scheduler.has_work()):
+                    self._wake.wait()
+                if self._stopping:
+                    return
+                inbox, self._inbox = self._inbox, []
+                aborts, self._aborts = self._aborts, set()
+            try:
+                for seq in inbox:
+                    scheduler.add(seq)
+                    self.prompt_tokens += seq.num_prompt_tokens
+                if aborts:
+                    self._finish_now([s for rid in aborts if (s := self._live.get(rid)) is not None], "abort")
+                if scheduler.has_work():
+                    self._step()
+            except Exception:  # noqa: BLE001 - the thread must outlive any bug below it
+                log.exception("engine loop error")
+                self.num_errors += 1
+
+    def _step(self) -> None:
+        try:
+            step = self.scheduler.schedule()
+        except Exception:  # noqa: BLE001 - a scheduler bug must not wedge the server
+            log.exception("scheduling failed; failing every running request")
+            self.num_errors += 1
+            self._finish_now(list(self.scheduler.running), "error")
+            return
+        if step is None:
+            # Nothing could be scheduled (should not happen: an empty cache always fits the
+            # first waiting request); sleep briefly instead of spinning.
+            with self._wake:
+                self._wake.wait(0.01)
+            return
+        try:
+            self._run_step(step)
+        except Exception:  # noqa: BLE001 - see the module docstring
+            log.exception("engine step failed; failing its %d request(s)", len(step.seqs))
+            self.num_errors += 1
+            self._finish_now([s for s in step.seqs if not s.is_finished], "error")
+
+    def _run_step(self, step: ScheduledStep) -> None:
+        batch = step.batch
+        logits = self.runner.decode(batch) if batch.is_decode else self.runner.prefill(batch)
+        self.scheduler.advance(step)
+        self.num_steps += 1
+        rows = step.sample_rows
+        if not rows:
+            return
+        seqs = step.seqs
+        if len(rows) != len(seqs):
+            logits = logits[torch.tensor(rows, device=logits.device)]
+            seqs = [seqs[r] for r in rows]
+        token_ids = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        now = time.monotonic()
+        self.generated_tokens += len(token_ids)
+        events: list[tuple[Sequence, TokenEvent]] = []
+        finished: list[Sequence] = []
+        for seq, token in zip(seqs, token_ids):
+            event = self._append_token(seq, token, now)
+            events.append((seq, event))
+            if event.finish_reason is not None:
+                finished.append(seq)
+        self.scheduler.finish(finished)
+        for seq in finished:
+            self._live.pop(seq.request_id, None)
+        self._deliver(events)
+
+    def _append_token(self, seq: Sequence, token: int, now: float) -> TokenEvent:
+        """Record one sampled token; returns its event (finish_reason set if it ends the request)."""
+        is_first = seq.first_token_time is None
+        if is_first:
+            seq.first_token_time = now
+        seq.last_token_time = now
+        seq.token_ids.append(token)
+        p = seq.params
+        detok = seq.detokenizer
+        reason = None
+        text = ""
+        if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            reason = "stop"
+            if detok is not None:
+                text = detok.flush()
+        else:
+            if detok is not None:
+                text = detok.add(token)
+                if detok.stopped:
+                    reason = "stop"
+            if reason is None and (seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_context):
+                reason = "length"
+                if detok is not None:
+                    text += detok.flush()
+        seq.finish_reason = reason
+        if self.on_token is not None:
+            try:
+                self.on_token(seq.request_id, now, is_first)
+            except Exception:  # noqa: BLE001 - a metrics bug must not fail requests
+                log.exception("on_token hook failed; disabling it")
+                self.on_token = None
+        return TokenEvent(seq.request_id, [token], text, reason, seq.num_prompt_tokens, seq.num_output_tokens)
+
+    def _finish_now(self, seqs: list[Sequence], reason: str) -> None:
+        """End `seqs` outside the normal token path (abort, error, shutdown): free and notify."""
+        seqs = [s for s in seqs if not s.is_finished]
+        if not seqs:
+            return
+        self.scheduler.finish(seqs)
+        events = []
+        for seq in seqs:
+            seq.finish_reason = reason
+            self._live.pop(seq.request_id, None)
+            events.append((seq, TokenEvent(seq.request_id, [], "", reason, seq.num_prompt_tokens,
+                                           seq.num_output_tokens)))
+        self._deliver(events)
+
+    @staticmethod
+    def _deliver(events: list[tuple[Sequence, TokenEvent]]) -> None:
+        """Hand events to their asyncio queues: one thread-safe call per event loop."""
+        by_loop: dict[Any, list[tuple[Any, TokenEvent]]] = {}
+        for seq, event in events:
+            if seq.loop is not None:
+                by_loop.setdefault(seq.loop, []).append((seq.queue, event))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:   # that event loop is closed: nobody is listening any more
+                pass
+
+
+def _put_all(items: list[tuple[asyncio.Queue, TokenEvent]]) -> None:
+    for queue, event in items:
+        queue.put_nowait(event)

@@ -1,0 +1,619 @@
+"""The OpenAI-compatible HTTP API of a generated server (Starlette on asyncio).
+
+    POST /v1/completions, POST /v1/chat/completions   (streamed as SSE or not)
+    GET  /v1/models, /v1/models/{id}, /health, /metrics
+
+The app drives an `Engine` (vsc.runtime.api): it validates and tokenizes a request, calls
+`engine.generate()`, waits for the first event (QueueFull / InvalidRequest surface there,
+before any byte is sent, as 429 / 400), then streams or collects the events. One small
+watcher task per request waits for the client to disconnect; when it does, the request is
+aborted in the engine (which frees its KV blocks) and the handler is cancelled.
+
+The per-token path is kept to a few allocations: a streamed chunk is a precomputed
+per-request prefix + orjson.dumps(text) + a precomputed suffix, sent as one ASGI message.
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+import uuid
+from typing import Any
+
+import orjson
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from vsc.runtime.api import GenerateRequest, QueueFull, RuntimeError_, SamplingParams, TokenEvent
+from vsc.runtime.metrics import ServerMetrics
+
+log = logging.getLogger("vsc.runtime.http")
+
+JSON = "application/json"
+_SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+                (b"x-accel-buffering", b"no")]
+_DONE = b"data: [DONE]\n\n"
+_BODY = "http.response.body"
+_SEED_MIN, _SEED_MAX = -(1 << 63), (1 << 64) - 1
+_ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 429: "rate_limit_error",
+                500: "server_error", 503: "server_error"}
+
+
+# --------------------------------------------------------------------------- errors
+
+class ApiError(Exception):
+    """An error answered to the client as an OpenAI-style error body."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type_: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type_ or _ERROR_TYPES.get(status, "invalid_request_error")
+        self.headers = headers
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> Response:
+        return Response(orjson.dumps(self.body()), status_code=self.status, media_type=JSON, headers=self.headers)
+
+
+def _bad(param: str | None, message: str, code: str | None = None) -> ApiError:
+    return ApiError(400, message, param=param, code=code)
+
+
+def _internal(what: str) -> ApiError:
+    return ApiError(500, f"internal server error while {what}; see the server log", code="internal_error")
+
+
+# --------------------------------------------------------------------------- request validation
+
+def _int(body: dict, key: str, default, lo: int | None = None, hi: int | None = None):
+    v = body.get(key)
+    if v is None:
+        return default
+    if type(v) is not int:
+        raise _bad(key, f"'{key}' must be an integer, got {type(v).__name__} {v!r}")
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        bounds = f">= {lo}" if hi is None else f"between {lo} and {hi}"
+        raise _bad(key, f"'{key}' must be {bounds}, got {v}")
+    return v
+
+
+def _number(body: dict, key: str, default: float, lo: float, hi: float, lo_open: bool = False) -> float:
+    v = body.get(key)
+    if v is None:
+        return default
+    if type(v) is not int and type(v) is not float:
+        raise _bad(key, f"'{key}' must be a number, got {type(v).__name__} {v!r}")
+    if v > hi or v < lo or (lo_open and v == lo):
+        raise _bad(key, f"'{key}' must be in {'(' if lo_open else '['}{lo:g}, {hi:g}], got {v}")
+    return float(v)
+
+
+def _bool(body: dict, key: str, default: bool) -> bool:
+    v = body.get(key)
+    if v is None:
+        return default
+    if type(v) is not bool:
+        raise _bad(key, f"'{key}' must be a boolean, got {type(v).__name__} {v!r}")
+    return v
+
+
+def _token_list(v: Any, key: str, vocab: int | None) -> list[int]:
+    for t in v:
+        if type(t) is not int:
+            raise _bad(key, f"'{key}' must hold integer token ids, got {type(t).__name__} {t!r}")
+    if v and vocab and (min(v) < 0 or max(v) >= vocab):
+        raise _bad(key, f"'{key}' holds a token id outside the vocabulary [0, {vocab})")
+    if not vocab and v and min(v) < 0:
+        raise _bad(key, f"'{key}' holds a negative token id")
+    return v
+
+
+def _unsupported(body: dict, key: str, default_ok) -> None:
+    """A known OpenAI field this server does not implement: accepted only at its no-op value."""
+    v = body.get(key)
+    if v is not None and not default_ok(v):
+        raise _bad(key, f"'{key}'={v!r} is not supported by this server")
+
+
+def _common(body: dict, chat: bool) -> tuple[SamplingParams, bool, bool]:
+    """Sampling parameters (max_tokens left at its request value or None), stream, include_usage."""
+    n = _int(body, "n", 1)
+    if n != 1:
+        raise _bad("n", f"only n=1 is supported, got n={n}")
+    _unsupported(body, "best_of", lambda v: v == 1)
+    _unsupported(body, "presence_penalty", lambda v: type(v) in (int, float) and v == 0)
+    _unsupported(body, "frequency_penalty", lambda v: type(v) in (int, float) and v == 0)
+    _unsupported(body, "logit_bias", lambda v: v == {})
+    if chat:
+        _unsupported(body, "logprobs", lambda v: v is False)
+        _unsupported(body, "top_logprobs", lambda v: v == 0)
+        _unsupported(body, "tools", lambda v: v == [])
+        _unsupported(body, "response_format", lambda v: isinstance(v, dict) and v.get("type") == "text")
+    else:
+        _unsupported(body, "logprobs", lambda v: False)
+        _unsupported(body, "echo", lambda v: v is False)
+        _unsupported(body, "suffix", lambda v: v == "")
+
+    max_tokens = _int(body, "max_tokens", None, lo=1)
+    if chat:
+        max_tokens = _int(body, "max_completion_tokens", max_tokens, lo=1)
+    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
+    top_p = _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
+    top_k = _int(body, "top_k", 0, lo=-1)
+    seed = _int(body, "seed", None, lo=_SEED_MIN, hi=_SEED_MAX)
+    ignore_eos = _bool(body, "ignore_eos", False)
+
+    stop = body.get("stop")
+    if stop is None:
+        stops: list[str] = []
+    elif isinstance(stop, str):
+        stops = [stop] if stop else []
+    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        stops = [s for s in stop if s]
+    else:
+        raise _bad("stop", "'stop' must be a string or a list of strings")
+    stop_ids = body.get("stop_token_ids")
+    if stop_ids is None:
+        stop_ids = []
+    elif not isinstance(stop_ids, list):
+        raise _bad("stop_token_ids", "'stop_token_ids' must be a list of integers")
+    else:
+        _token_list(stop_ids, "stop_token_ids", None)
+
+    stream = _bool(body, "stream", False)
+    include_usage = False
+    opts = body.get("stream_options")
+    if opts is not None:
+        if not isinstance(opts, dict):
+            raise _bad("stream_options", "'stream_options' must be an object")
+        if not stream:
+            raise _bad("stream_options", "'stream_options' is only allowed when 'stream' is true")
+        include_usage = _bool(opts, "include_usage", False)
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                            top_k=0 if top_k == -1 else top_k, seed=seed, stop=stops,
+                            stop_token_ids=list(stop_ids), ignore_eos=ignore_eos)
+    return params, stream, include_usage
+
+
+def _message_text(content: Any, i: int) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise _bad("messages", f"messages[{i}].content: only text parts ({{'type': 'text', 'text': ...}}) "
+                                       "are supported")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise _bad("messages", f"messages[{i}].content must be a string or a list of text parts")
+
+
+def _messages(body: dict) -> list[dict[str, str]]:
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise _bad("messages", "'messages' must be a non-empty list of {role, content} objects")
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise _bad("messages", f"messages[{i}] must be an object with a string 'role'")
+        out.append({"role": m["role"], "content": _message_text(m.get("content"), i)})
+    return out
+
+
+# --------------------------------------------------------------------------- one request in flight
+
+class _Req:
+    """The state of one request the engine has accepted (shared by handler, stream and watcher)."""
+
+    __slots__ = ("rid", "chat", "created", "arrival", "prompt_len", "include_usage", "counted", "finished",
+                 "aborted", "client_gone", "guarded", "task", "watcher")
+
+    def __init__(self, rid: str, chat: bool, arrival: float, prompt_len: int, include_usage: bool):
+        self.rid, self.chat, self.arrival, self.prompt_len = rid, chat, arrival, prompt_len
+        self.include_usage = include_usage
+        self.created = int(time.time())
+        self.counted = 0            # completion tokens seen so far
+        self.finished = False       # the final event arrived (nothing to abort)
+        self.aborted = False
+        self.client_gone = False
+        self.guarded = False        # the watcher may cancel `task` on disconnect
+        self.task: asyncio.Task | None = None
+        self.watcher: asyncio.Task | None = None
+
+
+class _App:
+    def __init__(self, engine, tokenizer, metrics: ServerMetrics, served_model_name: str):
+        self.engine, self.tokenizer, self.metrics, self.name = engine, tokenizer, metrics, served_model_name
+        self.name_json = orjson.dumps(served_model_name)
+        vocab = getattr(tokenizer, "vocab_size", None)
+        self.vocab = vocab if type(vocab) is int and vocab > 0 else None
+        self.model_created = int(time.time())
+
+    # ----------------------------------------------------------------- helpers
+    async def _json(self, request: Request) -> dict:
+        raw = await request.body()
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError as e:
+            raise _bad(None, f"request body is not valid JSON: {e}", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise _bad(None, "request body must be a JSON object")
+        model = body.get("model")
+        if model is not None:
+            if not isinstance(model, str):
+                raise _bad("model", "'model' must be a string")
+            if model != self.name:
+                raise ApiError(404, f"The model `{model}` does not exist; this server serves `{self.name}`.",
+                               param="model", code="model_not_found")
+        return body
+
+    def _fit(self, prompt_len: int, max_tokens: int | None, prompt_param: str = "prompt") -> int:
+        """Check the request against the context; returns max_tokens (the rest of the context when None)."""
+        ctx = int(self.engine.max_context)
+        if max_tokens is None:
+            if prompt_len >= ctx:
+                raise _bad(prompt_param, f"The prompt of {prompt_len} tokens leaves no room for output in the "
+                                       f"model's context of {ctx} tokens", code="context_length_exceeded")
+            return ctx - prompt_len
+        if prompt_len + max_tokens > ctx:
+            raise _bad("max_tokens", f"This request needs {prompt_len + max_tokens} tokens, which exceeds the "
+                                     f"model's context of {ctx} tokens (prompt {prompt_len} + max_tokens "
+                                     f"{max_tokens})", code="context_length_exceeded")
+        return max_tokens
+
+    def _abort(self, r: _Req) -> None:
+        if r.finished or r.aborted:
+            return
+        r.aborted = True
+        try:
+            self.engine.abort(r.rid)
+        except Exception:
+            log.exception("engine.abort(%s) failed", r.rid)
+        self.metrics.request_finished("abort", r.prompt_len, r.counted, time.monotonic() - r.arrival)
+
+    async def _watch(self, receive, r: _Req) -> None:
+        try:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    break
+        except Exception:  # a broken receive channel means the client is gone too
+            pass
+        r.client_gone = True
+        self._abort(r)
+        if r.guarded and r.task is not None:
+            r.task.cancel()
+
+    def _unguard(self, r: _Req) -> None:
+        r.guarded = False
+        if r.watcher is not None:
+            r.watcher.cancel()
+
+    def _finish(self, r: _Req, final: TokenEvent | None) -> tuple[str, dict]:
+        """Record the finished request; returns (finish_reason, usage)."""
+        r.finished = True
+        if final is None:                       # the engine ended the stream without a final event
+            reason, prompt, completion = "abort", r.prompt_len, r.counted
+        else:
+            reason = final.finish_reason
+            prompt = final.prompt_tokens or r.prompt_len
+            completion = final.completion_tokens or r.counted
+        self.metrics.request_finished(reason, prompt, completion, time.monotonic() - r.arrival)
+        return reason, {"prompt_tokens": prompt, "completion_tokens": completion,
+                        "total_tokens": prompt + completion}
+
+    # ----------------------------------------------------------------- endpoints
+    async def completions(self, request: Request) -> Response:
+        arrival = time.monotonic()
+        try:
+            body = await self._json(request)
+            params, stream, include_usage = _common(body, chat=False)
+            prompt = body.get("prompt")
+            tok = self.tokenizer
+            if isinstance(prompt, str):
+                ids = tok.encode(prompt, add_special_tokens=True)
+            elif isinstance(prompt, list) and prompt:
+                first = prompt[0]
+                if type(first) is int:
+                    ids = _token_list(prompt, "prompt", self.vocab)
+                elif len(prompt) > 1:
+                    raise _bad("prompt", "batched prompts are not supported: send one prompt per request")
+                elif isinstance(first, str):
+                    ids = tok.encode(first, add_special_tokens=True)
+                elif isinstance(first, list) and first:
+                    ids = _token_list(first, "prompt", self.vocab)
+                else:
+                    raise _bad("prompt", "'prompt' must be a string, a list of token ids, or a list with one of those")
+            else:
+                raise _bad("prompt", "'prompt' must be a string, a list of token ids, or a list with one of those")
+            ids = list(ids)
+            if not ids:
+                raise _bad("prompt", "the prompt is empty")
+            if params.max_tokens is None:     # OpenAI's default of 16, clamped to the room left in the context
+                params.max_tokens = min(16, self._fit(len(ids), None, "prompt"))
+            else:
+                self._fit(len(ids), params.max_tokens)
+        except ApiError as e:
+            return e.response()
+        except ClientDisconnect:
+            return Response(b"", status_code=499)
+        except Exception:
+            log.exception("failed to parse a completion request")
+            return _internal("reading the request").response()
+        return await self._serve(request, "cmpl-", False, ids, params, stream, include_usage, arrival)
+
+    async def chat_completions(self, request: Request) -> Response:
+        arrival = time.monotonic()
+        try:
+            body = await self._json(request)
+            params, stream, include_usage = _common(body, chat=True)
+            messages = _messages(body)
+            try:
+                text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            except Exception as e:  # template errors (role order, ...) are the caller's
+                raise _bad("messages", f"the chat template rejected the messages: {e}") from None
+            ids = list(self.tokenizer.encode(text, add_special_tokens=False))
+            if not ids:
+                raise _bad("messages", "the prompt is empty")
+            params.max_tokens = self._fit(len(ids), params.max_tokens, "messages")
+        except ApiError as e:
+            return e.response()
+        except ClientDisconnect:
+            return Response(b"", status_code=499)
+        except Exception:
+            log.exception("failed to parse a chat completion request")
+            return _internal("reading the request").response()
+        return await self._serve(request, "chatcmpl-", True, ids, params, stream, include_usage, arrival)
+
+    async def _serve(self, request: Request, prefix: str, chat: bool, ids: list[int], params: SamplingParams,
+                     stream: bool, include_usage: bool, arrival: float) -> Response:
+        r = _Req(prefix + uuid.uuid4().hex, chat, arrival, len(ids), include_usage)
+        engine = self.engine
+        started = False
+        r.task = asyncio.current_task()
+        r.watcher = asyncio.get_running_loop().create_task(self._watch(request.receive, r))
+        r.guarded = True
+        try:
+            it = engine.generate(GenerateRequest(r.rid, ids, params, arrival))
+            if inspect.isawaitable(it):
+                it = await it
+            it = it.__aiter__()
+            started = True
+            try:
+                first = await it.__anext__()
+            except StopAsyncIteration:
+                first = None
+            now = time.monotonic()
+            self.metrics.ttft.observe(now - arrival)
+            if stream:
+                return _EventStream(self, r, it, first, now)     # takes over r.guarded / r.watcher
+            return await self._collect(r, it, first, now)
+        except asyncio.CancelledError:
+            self._unguard(r)
+            self._abort(r)
+            if r.client_gone:
+                r.task.uncancel()
+                return Response(b"", status_code=499)          # nobody reads it
+            raise
+        except QueueFull as e:
+            self._unguard(r)
+            r.finished = True
+            return ApiError(e.status, str(e) or "the server is at capacity; retry later", code=e.code,
+                            headers={"retry-after": "1"}).response()
+        except RuntimeError_ as e:
+            self._unguard(r)
+            r.finished = True
+            return ApiError(e.status, str(e), code=e.code).response()
+        except Exception:
+            self._unguard(r)
+            log.exception("engine failed on request %s", r.rid)
+            if started:
+                self._abort(r)
+            return _internal("generating").response()
+
+    async def _collect(self, r: _Req, it, ev: TokenEvent | None, last: float) -> Response:
+        parts: list[str] = []
+        observe = self.metrics.itl.observe
+        anext_ = it.__anext__
+        try:
+            while ev is not None and ev.finish_reason is None:
+                r.counted += len(ev.token_ids)
+                if ev.text:
+                    parts.append(ev.text)
+                try:
+                    ev = await anext_()
+                except StopAsyncIteration:
+                    ev = None
+                now = time.monotonic()
+                observe(now - last)
+                last = now
+            if ev is not None:
+                r.counted += len(ev.token_ids)
+                parts.append(ev.text)
+            reason, usage = self._finish(r, ev)
+        finally:
+            self._unguard(r)
+        await _close(it)
+        if reason == "error":               # the engine failed the request (a model step raised)
+            return _internal("generating").response()
+        text = "".join(parts)
+        if r.chat:
+            obj = {"id": r.rid, "object": "chat.completion", "created": r.created, "model": self.name,
+                   "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                "logprobs": None, "finish_reason": reason}], "usage": usage}
+        else:
+            obj = {"id": r.rid, "object": "text_completion", "created": r.created, "model": self.name,
+                   "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}],
+                   "usage": usage}
+        return Response(orjson.dumps(obj), media_type=JSON)
+
+    # ----------------------------------------------------------------- small endpoints
+    async def models(self, request: Request) -> Response:
+        return Response(orjson.dumps({"object": "list", "data": [self._model_card()]}), media_type=JSON)
+
+    async def model(self, request: Request) -> Response:
+        model_id = request.path_params["model_id"]
+        if model_id != self.name:
+            return ApiError(404, f"The model `{model_id}` does not exist; this server serves `{self.name}`.",
+                            param="model", code="model_not_found").response()
+        return Response(orjson.dumps(self._model_card()), media_type=JSON)
+
+    def _model_card(self) -> dict:
+        return {"id": self.name, "object": "model", "created": self.model_created, "owned_by": "vsc",
+                "max_model_len": int(self.engine.max_context)}
+
+    async def health(self, request: Request) -> Response:
+        alive = getattr(self.engine, "is_alive", None)
+        try:
+            ok = True if alive is None else bool(alive() if callable(alive) else alive)
+        except Exception:
+            log.exception("engine.is_alive() failed")
+            ok = False
+        if ok:
+            return Response(b'{"status":"ok"}', media_type=JSON)
+        return Response(b'{"status":"error","message":"the engine is not running"}', status_code=503,
+                        media_type=JSON)
+
+    async def metrics_endpoint(self, request: Request) -> Response:
+        body, content_type = self.metrics.render(request.headers.get("accept"))
+        return Response(body, headers={"content-type": content_type})
+
+
+async def _close(it) -> None:
+    aclose = getattr(it, "aclose", None)
+    if aclose is not None:
+        try:
+            await aclose()
+        except Exception:
+            log.exception("closing an engine stream failed")
+
+
+class _EventStream(Response):
+    """Server-sent events of one accepted request; aborts it in the engine if the client leaves."""
+
+    def __init__(self, app: _App, r: _Req, it, first: TokenEvent | None, t_first: float):
+        self.app, self.r, self.it, self.first, self.t_first = app, r, it, first, t_first
+        self.status_code = 200
+        self.background = None
+        self.raw_headers = _SSE_HEADERS
+
+    def _chunk_parts(self) -> tuple[bytes, bytes, bytes]:
+        """(role chunk or b"", prefix, suffix): a content chunk is prefix + orjson.dumps(text) + suffix."""
+        r, name = self.r, self.app.name_json
+        head = b'data: {"id":"' + r.rid.encode() + b'","object":"' + \
+            (b"chat.completion.chunk" if r.chat else b"text_completion") + \
+            b'","created":' + str(r.created).encode() + b',"model":' + name + b',"choices":[{"index":0,'
+        tail = b',"logprobs":null,"finish_reason":null}]' + (b',"usage":null' if r.include_usage else b"") + b"}\n\n"
+        if r.chat:
+            return head + b'"delta":{"role":"assistant","content":""}' + tail, head + b'"delta":{"content":', \
+                b"}" + tail
+        return b"", head + b'"text":', tail
+
+    def _final(self, text: str, reason: str, usage: dict) -> bytes:
+        r = self.r
+        obj = "chat.completion.chunk" if r.chat else "text_completion"
+        if r.chat:
+            choice = {"index": 0, "delta": {"content": text} if text else {}, "logprobs": None,
+                      "finish_reason": reason}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+        chunk: dict[str, Any] = {"id": r.rid, "object": obj, "created": r.created, "model": self.app.name,
+                                 "choices": [choice]}
+        out = [b"data: ", orjson.dumps(chunk), b"\n\n"]
+        if r.include_usage:
+            chunk["usage"] = None
+            out[1] = orjson.dumps(chunk)
+            out += [b"data: ", orjson.dumps({"id": r.rid, "object": obj, "created": r.created,
+                                              "model": self.app.name, "choices": [], "usage": usage}), b"\n\n"]
+        out.append(_DONE)
+        return b"".join(out)
+
+    async def __call__(self, scope, receive, send) -> None:
+        r, app = self.r, self.app
+        try:
+            await self._stream(send)
+        except asyncio.CancelledError:
+            if r.client_gone:           # cancelled by our watcher: the client left, nothing more to do
+                r.task.uncancel()
+                return
+            raise
+        finally:
+            app._unguard(r)
+            app._abort(r)               # no-op when the request finished
+
+    async def _stream(self, send) -> None:
+        r, app, it = self.r, self.app, self.it
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        pending, prefix, suffix = self._chunk_parts()
+        dumps, observe, anext_ = orjson.dumps, app.metrics.itl.observe, it.__anext__
+        ev, last = self.first, self.t_first
+        try:
+            while ev is not None and ev.finish_reason is None:
+                r.counted += len(ev.token_ids)
+                if ev.text:
+                    await send({"type": _BODY, "body": pending + prefix + dumps(ev.text) + suffix,
+                                "more_body": True})
+                    pending = b""
+                try:
+                    ev = await anext_()
+                except StopAsyncIteration:
+                    ev = None
+                now = time.monotonic()
+                observe(now - last)
+                last = now
+        except Exception:               # (a cancellation is a BaseException and passes through)
+            log.exception("engine failed while streaming request %s", r.rid)
+            app._unguard(r)
+            app._abort(r)
+            err = _internal("generating").body()
+            await send({"type": _BODY, "body": pending + b"data: " + orjson.dumps(err) + b"\n\n" + _DONE,
+                        "more_body": False})
+            return
+        text = ""
+        if ev is not None:
+            r.counted += len(ev.token_ids)
+            text = ev.text
+        reason, usage = app._finish(r, ev)
+        app._unguard(r)                 # finished: a disconnect from here on changes nothing
+        if reason == "error":           # the engine failed the request (a model step raised)
+            out = pending + b"data: " + orjson.dumps(_internal("generating").body()) + b"\n\n" + _DONE
+        else:
+            out = pending + self._final(text, reason, usage)
+        await send({"type": _BODY, "body": out, "more_body": False})
+        await _close(it)
+
+
+# --------------------------------------------------------------------------- the app
+
+def build_app(engine, tokenizer, metrics: ServerMetrics, served_model_name: str) -> Starlette:
+    """The OpenAI-compatible app over `engine`; `metrics` also reads engine.stats() at each scrape."""
+    metrics.bind_engine(engine)
+    a = _App(engine, tokenizer, metrics, served_model_name)
+
+    async def not_found(request: Request, exc: HTTPException) -> Response:
+        code = "not_found" if exc.status_code == 404 else None
+        return ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code=code,
+                        type_="invalid_request_error").response()
+
+    routes = [
+        Route("/v1/completions", a.completions, methods=["POST"]),
+        Route("/v1/chat/completions", a.chat_completions, methods=["POST"]),
+        Route("/v1/models", a.models, methods=["GET"]),
+        Route("/v1/models/{model_id:path}", a.model, methods=["GET"]),
+        Route("/health", a.health, methods=["GET"]),
+        Route("/metrics", a.metrics_endpoint, methods=["GET"]),
+    ]
+    app = Starlette(routes=routes, exception_handlers={HTTPException: not_found})
+    app.state.vsc = a
+    return app

@@ -1,0 +1,96 @@
+"""Start a compiled server folder: read its manifest, import its runner, serve HTTP.
+
+This is all a generated `__main__.py` calls. It uses only the runtime (and the folder's
+own generated `model.py`), never the compiler, so a server starts fast and cannot
+depend on compiler state.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import sys
+from pathlib import Path
+
+from vsc import __version__
+from vsc.errors import VscError
+
+log = logging.getLogger("vsc.runtime.launch")
+
+
+class ServerFolderError(VscError):
+    """The server folder is incomplete, or its model folder changed or vanished."""
+
+
+def read_manifest(folder: Path) -> dict:
+    path = folder / "manifest.json"
+    if not path.is_file():
+        raise ServerFolderError(f"{folder}: error: not a vsc server folder (no manifest.json); build one with `vsc compile`")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ServerFolderError(f"{path}: error: manifest is not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def import_runner_module(folder: Path):
+    """Import the folder's generated model.py under a private module name."""
+    path = folder / "model.py"
+    if not path.is_file():
+        raise ServerFolderError(f"{folder}: error: the server folder has no model.py; recompile it")
+    name = f"vsc_generated_{abs(hash(str(path.resolve())))}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def build_server(folder: Path):
+    """(app, engine, manifest) for a server folder; the engine is not started yet."""
+    from vsc.runtime.api import EngineConfig
+    from vsc.runtime.engine import LLMEngine
+    from vsc.runtime.http import build_app
+    from vsc.runtime.metrics import ServerMetrics
+    from vsc.runtime.tokenizer import Tokenizer
+
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    if manifest.get("vsc_version") != __version__:
+        log.warning("server was compiled by vsc %s, running with vsc %s", manifest.get("vsc_version"), __version__)
+    model_dir = Path(manifest["model"]["path"])
+    if not (model_dir / "config.json").is_file():
+        raise ServerFolderError(f"{model_dir}: error: the server's model folder is missing or incomplete")
+    generated = import_runner_module(folder)
+    runner = generated.Runner(str(model_dir))
+    tokenizer = Tokenizer.from_model_dir(model_dir)
+    engine = LLMEngine(runner, tokenizer, EngineConfig(**manifest["engine"]), manifest["model"]["name"])
+    metrics = ServerMetrics()
+    app = build_app(engine, tokenizer, metrics, manifest["model"]["name"])
+    return app, engine, manifest
+
+
+def main(folder: Path, argv: list[str]) -> int:
+    from vsc.runtime.serve import run_server
+
+    ap = argparse.ArgumentParser(prog=f"python -m {Path(folder).name}", description="serve a vsc-compiled plan")
+    ap.add_argument("--host", help="bind address (default: from the spec, normally 127.0.0.1)")
+    ap.add_argument("--port", type=int, help="port (default: from the spec)")
+    ap.add_argument("--log-level", default="warning")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        app, engine, manifest = build_server(Path(folder))
+    except VscError as e:
+        print(e.render(), file=sys.stderr)
+        return e.exit_code
+    host = args.host or manifest["serve"]["host"]
+    port = args.port if args.port is not None else manifest["serve"]["port"]
+    engine.start()
+    print(f"vsc server for {manifest['model']['name']} on http://{host}:{port}/v1 "
+          f"(pipeline: {manifest['pipeline'] or 'none'})", file=sys.stderr, flush=True)
+    try:
+        run_server(app, host=host, port=port, log_level=args.log_level)
+    finally:
+        engine.shutdown()
+    return 0

@@ -1,0 +1,81 @@
+"""Per-request state the engine keeps between steps.
+
+`token_ids` holds the prompt followed by the output so far; `num_computed` of them are
+already in the KV cache. A sequence is waiting (not in the cache), running (has blocks)
+or finished. Preemption by recompute just frees its blocks and sets `num_computed` to 0:
+the next prefill re-runs prompt + output, so no generated token is lost.
+"""
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import torch
+
+from vsc.runtime.api import GenerateRequest, SamplingParams
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    __slots__ = (
+        "request_id", "token_ids", "num_prompt_tokens", "params", "arrival_time", "status",
+        "block_table", "num_computed", "generator", "detokenizer", "queue", "loop",
+        "finish_reason", "first_token_time", "last_token_time", "num_preemptions",
+    )
+
+    def __init__(self, request: GenerateRequest, detokenizer: Any = None, device: str | torch.device = "cpu"):
+        self.request_id = request.request_id
+        self.token_ids: list[int] = list(request.prompt_ids)
+        self.num_prompt_tokens = len(self.token_ids)
+        self.params: SamplingParams = request.params
+        self.arrival_time = request.arrival_time
+        self.status = SeqStatus.WAITING
+        self.block_table: list[int] = []
+        self.num_computed = 0
+        # Only seeded requests get their own generator: then their draws depend on
+        # nothing else in the batch.
+        seed = request.params.seed
+        self.generator: torch.Generator | None = None
+        if seed is not None and not request.params.greedy:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(seed)
+        self.detokenizer = detokenizer
+        self.queue: Any = None       # asyncio.Queue of TokenEvents (set by the engine)
+        self.loop: Any = None        # the event loop that owns `queue`
+        self.finish_reason: str | None = None
+        self.first_token_time: float | None = None
+        self.last_token_time: float | None = None
+        self.num_preemptions = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def last_token(self) -> int:
+        return self.token_ids[-1]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SeqStatus.FINISHED
+
+    def __repr__(self) -> str:
+        return (f"Sequence({self.request_id!r}, {self.status.value}, tokens={self.num_tokens}, "
+                f"computed={self.num_computed}, blocks={self.block_table})")

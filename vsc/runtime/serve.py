@@ -1,0 +1,109 @@
+"""Running the HTTP app: uvicorn on uvloop, in the foreground or in a thread (tests)."""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import signal
+import socket
+import threading
+import time
+
+import uvicorn
+
+log = logging.getLogger("vsc.runtime.serve")
+
+
+def _loop() -> str:
+    return "uvloop" if importlib.util.find_spec("uvloop") is not None else "asyncio"
+
+
+def _http() -> str:
+    return "httptools" if importlib.util.find_spec("httptools") is not None else "h11"
+
+
+def _config(app, host: str, port: int, log_level: str, graceful_timeout: float, **kw) -> uvicorn.Config:
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, loop=_loop(), http=_http(),
+                          ws="none", lifespan="on", access_log=False,
+                          timeout_graceful_shutdown=graceful_timeout, **kw)
+
+
+def run_server(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning",
+               graceful_timeout: float = 10.0) -> None:
+    """Serve `app` until SIGINT/SIGTERM, then shut down gracefully.
+
+    On a signal uvicorn stops accepting connections and lets in-flight requests finish for
+    up to `graceful_timeout` seconds; what is still running after that is cancelled (the
+    HTTP layer then aborts those requests in the engine).
+    """
+    server = uvicorn.Server(_config(app, host, port, log_level, graceful_timeout))
+    # uvicorn handles SIGINT/SIGTERM itself (stop accepting, drain, shut down) and afterwards
+    # re-raises the signal to whatever handler was installed before. Install quiet handlers so
+    # that re-raise neither kills the process nor raises KeyboardInterrupt: run_server returns
+    # and the caller can stop its engine.
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, _after_shutdown)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _after_shutdown(signum, frame) -> None:
+    log.info("server stopped on signal %d", signum)
+
+
+def start_in_thread(app, host: str = "127.0.0.1", port: int = 0, timeout: float = 10.0,
+                    log_level: str = "warning") -> tuple[uvicorn.Server, threading.Thread, int]:
+    """Start `app` in a daemon thread; returns (server, thread, actual_port) once it accepts connections.
+
+    Port 0 binds an ephemeral port. Stop it with `stop_server(server, thread)`.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    actual_port = sock.getsockname()[1]
+    # log_config=None: leave the host process's logging configuration alone.
+    server = uvicorn.Server(_config(app, host, actual_port, log_level, 2.0, log_config=None))
+    failure: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            server.run(sockets=[sock])
+        except BaseException as exc:  # SystemExit on startup failure included
+            failure.append(exc)
+            log.error("server thread failed: %r", exc)
+
+    thread = threading.Thread(target=target, name=f"vsc-http-{actual_port}", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if failure or not thread.is_alive():
+            sock.close()
+            raise RuntimeError(f"server failed to start: {failure[0]!r}" if failure else "server thread exited")
+        if time.monotonic() > deadline:
+            server.should_exit = True
+            thread.join(timeout)
+            sock.close()
+            raise RuntimeError(f"server did not start within {timeout} s")
+        time.sleep(0.005)
+    return server, thread, actual_port
+
+
+def stop_server(server: uvicorn.Server, thread: threading.Thread, timeout: float = 10.0) -> None:
+    """Ask a server started by `start_in_thread` to exit and wait (bounded) for its thread."""
+    server.should_exit = True
+    thread.join(timeout)
+    if thread.is_alive():
+        server.force_exit = True
+        thread.join(timeout)

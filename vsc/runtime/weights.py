@@ -1,0 +1,138 @@
+"""Materialize a plan's weight table from a Hugging Face model folder's safetensors.
+
+A generated runner carries its plan's weights as a tuple of `WeightSpec`s: each is
+either `load`ed from a checkpoint tensor, or derived from other entries (`concat`, which
+fusion passes introduce) once, at load time. Names may contain `{i}` (layer index) and
+`{e}` (expert index). `load_weights` returns the entries the step's ops read (`keep`),
+with `{i}` expanded (one tensor per layer) and `{e}` stacked (one [experts, ...] tensor
+per layer, under the name that still says `{e}`); entries only feeding a derived weight
+are dropped once used. Checkpoint tensors are cast to the plan's dtype.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from vsc.errors import ModelError
+
+TORCH_DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
+
+LAYER, EXPERT = "{i}", "{e}"
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """One entry of a plan's weight table (a `weight` line of the IR, without the `@`).
+
+    init "load": args = (checkpoint tensor name,); init "concat": args = names of other
+    entries, joined along attrs["axis"]. keep: an op of the step reads it.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    init: str = "load"
+    args: tuple[str, ...] = ()
+    attrs: dict[str, Any] = field(default_factory=dict)
+    keep: bool = True
+
+
+def expand(name: str, layer: int | None = None, expert: int | None = None) -> str:
+    """`name` with `{i}` / `{e}` replaced by the given indices (left alone when None)."""
+    if layer is not None:
+        name = name.replace(LAYER, str(layer))
+    if expert is not None:
+        name = name.replace(EXPERT, str(expert))
+    return name
+
+
+class Checkpoint:
+    """The safetensors files of a model folder: one `model.safetensors`, or shards listed in
+    `model.safetensors.index.json` (or, lacking an index, every `*.safetensors` file)."""
+
+    def __init__(self, model_dir: str | Path):
+        self.model_dir = Path(model_dir)
+        if not self.model_dir.is_dir():
+            raise ModelError(self.model_dir, "model folder does not exist")
+        self.files: dict[str, Path] = {}      # tensor name -> file holding it
+        index = self.model_dir / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise ModelError(index, f"not a safetensors index ({e})") from None
+            self.files = {name: self.model_dir / file for name, file in weight_map.items()}
+        else:
+            paths = sorted(self.model_dir.glob("*.safetensors"))
+            if not paths:
+                raise ModelError(self.model_dir, "model folder has no *.safetensors weights")
+            for path in paths:
+                with safe_open(str(path), framework="pt") as f:
+                    for name in f.keys():
+                        self.files[name] = path
+        self._open: dict[Path, Any] = {}
+
+    def get(self, name: str) -> torch.Tensor:
+        path = self.files.get(name)
+        if path is None:
+            raise ModelError(self.model_dir, f"checkpoint has no tensor '{name}'")
+        handle = self._open.get(path)
+        if handle is None:
+            if not path.is_file():
+                raise ModelError(path, f"weight shard is missing (it should hold '{name}')")
+            handle = self._open[path] = safe_open(str(path), framework="pt")
+        return handle.get_tensor(name)
+
+    def close(self) -> None:
+        self._open.clear()
+
+
+def load_weights(model_dir: str | Path, specs: tuple[WeightSpec, ...] | list[WeightSpec], layers: int,
+                 experts: int = 0, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """The kept weights of `specs`, by expanded name, cast to each spec's dtype, on `device`."""
+    by_name = {s.name: s for s in specs}
+    checkpoint = Checkpoint(model_dir)
+    made: dict[str, torch.Tensor] = {}         # fully expanded name -> tensor (sources cached too)
+
+    def materialize(spec: WeightSpec, layer: int | None, expert: int | None) -> torch.Tensor:
+        key = expand(spec.name, layer, expert)
+        if key in made:
+            return made[key]
+        if spec.init == "load":
+            tensor = checkpoint.get(expand(spec.args[0], layer, expert))
+        elif spec.init == "concat":
+            parts = []
+            for arg in spec.args:
+                source = by_name.get(arg)
+                if source is None:
+                    raise ModelError(model_dir, f"weight '{spec.name}' is derived from '{arg}', which the table lacks")
+                parts.append(materialize(source, layer, expert))
+            tensor = torch.cat(parts, dim=spec.attrs.get("axis", 0))
+        else:
+            raise ModelError(model_dir, f"weight '{spec.name}': unknown init '{spec.init}'")
+        tensor = tensor.to(dtype=TORCH_DTYPES[spec.dtype], device=device)
+        if tuple(tensor.shape) != tuple(spec.shape):
+            raise ModelError(model_dir, f"tensor '{key}' has shape {list(tensor.shape)}, the plan expects {list(spec.shape)}")
+        made[key] = tensor
+        return tensor
+
+    out: dict[str, torch.Tensor] = {}
+    for spec in specs:
+        if not spec.keep:
+            continue
+        layer_range = range(layers) if LAYER in spec.name else [None]
+        for layer in layer_range:
+            key = expand(spec.name, layer)
+            if EXPERT in spec.name:
+                out[key] = torch.stack([materialize(spec, layer, e) for e in range(experts)])
+                for e in range(experts):                  # the stack holds them now
+                    made.pop(expand(key, expert=e), None)
+            else:
+                out[key] = materialize(spec, layer, None)
+    checkpoint.close()
+    return out
