@@ -6,7 +6,7 @@
 
 deployment chat {
   model "../models/tiny-llama" { dtype = f32 }
-  target cpu { threads = 2, memory = 4 GiB }
+  target cpu { threads = 2, memory = 1 GiB }
 
   workload {
     arrivals = poisson(8 req/s)          # or: closed(16)   (fixed concurrency)

@@ -61,6 +61,10 @@ def build_server(folder: Path):
     model_dir = Path(manifest["model"]["path"])
     if not (model_dir / "config.json").is_file():
         raise ServerFolderError(f"{model_dir}: error: the server's model folder is missing or incomplete")
+    threads = int(manifest.get("target", {}).get("threads") or 0)
+    if threads > 0:  # the plan's thread count; 0 leaves torch's default (all cores)
+        import torch
+        torch.set_num_threads(threads)
     generated = import_runner_module(folder)
     runner = generated.Runner(str(model_dir))
     tokenizer = Tokenizer.from_model_dir(model_dir)

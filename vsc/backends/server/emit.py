@@ -91,6 +91,7 @@ def build_manifest(module: ServingModule, pipeline: str, spec_path: Path | None,
             "chunked_prefill": module.batching.chunked_prefill,
             "order": module.batching.order,
             "preemption": "recompute" if module.batching.preemption == "none" else module.batching.preemption,
+            "max_waiting": max(64, 16 * module.batching.max_batch),
         },
         "verification": [v.to_json() for v in verifications],
     }
