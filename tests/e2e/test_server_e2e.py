@@ -271,3 +271,17 @@ def test_compile_refuses_a_plan_that_fails_the_accuracy_check(tmp_path, capsys):
 def test_serve_bad_folder_is_one_line(tmp_path, capsys):
     assert vsc_main(["serve", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip().endswith("(no manifest.json); build one with `vsc compile`")
+
+
+def test_real_smollm2_serves_coherent_text(smollm2_dir, tmp_path):
+    spec = tmp_path / "smol.vs"
+    spec.write_text(SPEC.format(model=smollm2_dir, pipeline=PIPELINE).replace("memory = 256 MiB", "memory = 2 GiB"))
+    assert vsc_main(["compile", str(spec), "-o", str(tmp_path / "server")]) == 0
+    server = Live(tmp_path / "server")
+    try:
+        r = server.client.chat.completions.create(
+            model=server.model, messages=[{"role": "user", "content": "What is the capital of France?"}],
+            max_tokens=16, temperature=0)
+        assert "Paris" in r.choices[0].message.content
+    finally:
+        server.close()

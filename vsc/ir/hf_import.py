@@ -35,6 +35,13 @@ def read_hf_config(model_dir: Path) -> dict:
     mt = cfg.get("model_type")
     if mt not in SUPPORTED_MODEL_TYPES:
         raise ModelError(cfg_path, f"unsupported model_type {mt!r} (supported: {', '.join(sorted(SUPPORTED_MODEL_TYPES))})")
+    scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    rope_type = scaling.get("rope_type") or scaling.get("type") or "default"
+    if rope_type != "default":
+        # The rope op has no scaling parameters yet: importing would silently compute wrong numbers.
+        raise ModelError(cfg_path, f"unsupported RoPE scaling {rope_type!r} (only default RoPE is implemented)")
+    if cfg.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ModelError(cfg_path, "partial rotary embeddings are not supported")
     return cfg
 
 

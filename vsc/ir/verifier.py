@@ -29,8 +29,8 @@ INVARIANTS = {
                "suits the cache layout; control ops (repeat) name none",
     "model": "the layer region repeats exactly config `layers` times; the step returns logits [B, vocab] and tokens",
     "target": "target kind is cpu or cuda, with a valid arch (sm_NN) for cuda, non-negative threads and positive memory",
-    "cache": "the layout, dtype, prefix sharing and eviction are known values; block size is positive and divides the "
-             "capacity; capacity holds at least one max_context sequence (all batch slots when contiguous) and "
+    "cache": "the layout, dtype, prefix sharing and eviction are known values; block size is positive (max_context for a "
+             "contiguous cache: one block per slot) and divides the capacity; capacity holds at least one max_context sequence (all batch slots when contiguous) and "
              "capacity x bytes per token fits the budget; prefix sharing needs a paged cache",
     "batching": "mode, order and preemption are known values; 1 <= max_batch <= max_tokens; without chunked prefill "
                 "the step budget holds a whole max_context prompt; chunked prefill is 0 or within the budget and "
@@ -257,8 +257,9 @@ class _Checker:
         if c.dtype not in DTYPE_BYTES:
             self.add("cache", node, f"unknown cache dtype {c.dtype!r}", c.origin)
             return
-        if c.block_size < 1 or (c.layout == "contiguous" and c.block_size != 1):
-            self.add("cache", node, f"block_size {c.block_size} is invalid for a {c.layout} cache", c.origin)
+        if c.block_size < 1 or (c.layout == "contiguous" and c.block_size != max_context):
+            why = f" (a contiguous cache has one max_context = {max_context} block per slot)" if c.layout == "contiguous" else ""
+            self.add("cache", node, f"block_size {c.block_size} is invalid for a {c.layout} cache{why}", c.origin)
         elif c.capacity_tokens % c.block_size:
             self.add("cache", node, f"capacity {c.capacity_tokens} is not a whole number of {c.block_size}-token blocks", c.origin)
         if any(not isinstance(a.get(k), int) for k in ("layers", "kv_heads", "head_dim")):

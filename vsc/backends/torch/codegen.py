@@ -290,10 +290,8 @@ class _RunnerWriter:
     def _constants(self) -> dict[str, object]:
         a, cache = self.attrs, self.module.cache
         max_context = int(self.module.deployment.get("max_context") or a.get("max_position", 2048))
-        if cache.layout == "paged":
-            block_size = cache.block_size
-        elif cache.layout == "contiguous":
-            block_size = max_context
+        if cache.layout in ("paged", "contiguous"):
+            block_size = cache.block_size  # contiguous: max_context, one block per batch slot
         else:
             raise LoweringError(f"cache layout '{cache.layout}' has no torch lowering", cache.origin)
         if cache.dtype not in _TORCH_DTYPES:
