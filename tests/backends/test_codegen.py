@@ -16,7 +16,7 @@ from vsc.backends.torch.codegen import LoweringError, generate_runner_source, lo
 from vsc.errors import ModelError, VscError
 from vsc.frontend.lower import lower_spec
 from vsc.frontend.parser import parse_spec_text
-from vsc.ir.module import KernelRef, Op, ServingModule, Weight, walk_ops
+from vsc.ir.module import KernelRef, Op, ServingModule, walk_ops
 from vsc.ir.printer import print_module
 from vsc.ir.types import TensorType
 from vsc.models.tiny import make_tiny

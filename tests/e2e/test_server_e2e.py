@@ -15,7 +15,6 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from vsc.cli import main as vsc_main
-from vsc.errors import VscError
 from vsc.models.tiny import make_tiny
 from vsc.runtime.launch import build_server
 from vsc.runtime.serve import start_in_thread, stop_server

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from vsc.errors import VerificationError
-from vsc.ir.module import KernelRef, Op, Stage, layer_region
+from vsc.ir.module import KernelRef, Stage, layer_region
 from vsc.ir.types import Origin, TensorType, pass_origin
 from vsc.ir.verifier import INVARIANTS, verify, verify_or_raise
 

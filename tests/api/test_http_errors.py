@@ -1,16 +1,13 @@
 """Error paths of the HTTP API: bad requests, capacity, engine failures, client disconnects."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import httpx2 as httpx
 import openai
 import orjson
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_http_api import MODEL, FakeEngine, expected, serving, wait_for  # noqa: E402
+from http_fakes import MODEL, FakeEngine, expected, serving, wait_for
 
 CHAT = [{"role": "user", "content": "hi"}]
 

@@ -1,190 +1,23 @@
 """The OpenAI-compatible API, driven by the official `openai` client against a live server.
 
-The server runs a fake engine (and a fake character-level tokenizer) so these tests depend
-only on the Engine / Tokenizer contracts. The fakes and the `serving` helper live here and
-are imported by test_http_errors.py and test_metrics.py.
+The server runs a fake engine (and a fake character-level tokenizer, both in http_fakes.py)
+so these tests depend only on the Engine / Tokenizer contracts.
 """
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import math
 import signal
 import socket
 import subprocess
 import sys
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx2 as httpx
-import openai
 import orjson
 import pytest
 
-from vsc.runtime.api import GenerateRequest, QueueFull, TokenEvent
-from vsc.runtime.http import build_app
-from vsc.runtime.metrics import ServerMetrics
-from vsc.runtime.serve import start_in_thread, stop_server
 
-MODEL = "fake-model"
-OUTPUT = "The quick brown fox jumps over the lazy dog. "   # what the fake engine always says
-BOS, EOS = 1, 2
-
-
-class FakeTokenizer:
-    """One token per character (its code point); BOS=1 when special tokens are added."""
-
-    eos_token_ids = [EOS]
-    vocab_size = 0x110000
-
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        ids = [ord(c) for c in text]
-        return [BOS] + ids if add_special_tokens else ids
-
-    def decode(self, ids: list[int]) -> str:
-        return "".join(chr(i) for i in ids if i > EOS)
-
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        text = "".join(f"<|{m['role']}|>{m['content']}\n" for m in messages)
-        return text + ("<|assistant|>" if add_generation_prompt else "")
-
-
-def expected(n: int) -> str:
-    return (OUTPUT * (n // len(OUTPUT) + 1))[:n]
-
-
-class FakeEngine:
-    """Behaves like the real engine as the HTTP layer sees it.
-
-    Each request is produced by its own task (standing in for the engine thread), so it
-    keeps running and holding KV blocks when its consumer goes away, until it finishes or
-    abort() is honoured at the next step boundary. Output is OUTPUT repeated, one character
-    per token, `delay` seconds per token; stop strings are held back and cut like the real
-    detokenizer does. A prompt containing "BOOM" fails before the first event, one
-    containing "BANG" raises after two events, one containing "FAIL" ends after two events
-    with finish_reason "error" (what the real engine does when a model step raises).
-    """
-
-    def __init__(self, max_context: int = 256, delay: float = 0.001, capacity: int = 64, block_size: int = 4,
-                 kv_blocks_total: int = 1024):
-        self.max_context, self.model_name = max_context, MODEL
-        self.delay, self.capacity, self.block_size, self.kv_blocks_total = delay, capacity, block_size, kv_blocks_total
-        self.alive = True
-        self.requests: dict[str, GenerateRequest] = {}
-        self.aborted: list[str] = []
-        self.generated = 0
-        self._blocks: dict[str, int] = {}
-        self._abort_flags: set[str] = set()
-        self._lock = threading.Lock()
-        self._tasks: set[asyncio.Task] = set()
-
-    # --- the Engine protocol
-    def is_alive(self) -> bool:
-        return self.alive
-
-    def abort(self, request_id: str) -> None:
-        with self._lock:
-            self.aborted.append(request_id)
-            self._abort_flags.add(request_id)
-
-    def stats(self) -> dict[str, float]:
-        with self._lock:
-            return {"running": len(self._blocks), "waiting": 0, "kv_blocks_used": sum(self._blocks.values()),
-                    "kv_blocks_total": self.kv_blocks_total, "generated_tokens": self.generated}
-
-    async def generate(self, request: GenerateRequest):
-        rid = request.request_id
-        with self._lock:
-            if len(self._blocks) >= self.capacity:
-                raise QueueFull(f"{len(self._blocks)} requests in flight, the bound is {self.capacity}")
-            self.requests[rid] = request
-            prompt = "".join(chr(i) for i in request.prompt_ids if i > EOS)
-            if "BOOM" in prompt:
-                raise RuntimeError("the fake engine exploded")
-            self._blocks[rid] = math.ceil(len(request.prompt_ids) / self.block_size)
-        queue: asyncio.Queue = asyncio.Queue()
-        fail_after = 2 if "BANG" in prompt or "FAIL" in prompt else None
-        task = asyncio.get_running_loop().create_task(self._produce(request, queue, prompt, fail_after))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        while True:
-            ev = await queue.get()
-            if isinstance(ev, Exception):
-                raise ev
-            yield ev
-            if ev.finish_reason is not None:
-                return
-
-    # --- helpers for tests
-    def blocks_in_use(self) -> int:
-        with self._lock:
-            return sum(self._blocks.values())
-
-    async def _produce(self, req: GenerateRequest, queue: asyncio.Queue, prompt: str, fail_after: int | None) -> None:
-        rid, p, plen = req.request_id, req.params, len(req.prompt_ids)
-        hold = max((len(s) for s in p.stop), default=1) - 1
-        text, emitted = "", 0
-        try:
-            for n in range(1, p.max_tokens + 1):
-                await asyncio.sleep(self.delay)
-                with self._lock:
-                    if rid in self._abort_flags:
-                        queue.put_nowait(TokenEvent(rid, [], "", "abort", plen, n - 1))
-                        return
-                    self.generated += 1
-                    self._blocks[rid] = math.ceil((plen + n) / self.block_size)
-                if fail_after is not None and n > fail_after:
-                    queue.put_nowait(RuntimeError("the fake engine broke mid-stream") if "BANG" in prompt
-                                     else TokenEvent(rid, [], "", "error", plen, n - 1))
-                    return
-                ch = OUTPUT[(n - 1) % len(OUTPUT)]
-                text += ch
-                cut = min((i for i in (text.find(s) for s in p.stop) if i >= 0), default=-1)
-                if cut >= 0:
-                    queue.put_nowait(TokenEvent(rid, [ord(ch)], text[emitted:cut], "stop", plen, n))
-                    return
-                if n == p.max_tokens:
-                    queue.put_nowait(TokenEvent(rid, [ord(ch)], text[emitted:], "length", plen, n))
-                    return
-                safe = max(emitted, len(text) - hold)
-                queue.put_nowait(TokenEvent(rid, [ord(ch)], text[emitted:safe], None, plen, n))
-                emitted = safe
-        finally:
-            with self._lock:
-                self._blocks.pop(rid, None)
-
-
-class Live:
-    def __init__(self, engine: FakeEngine, metrics: ServerMetrics, port: int):
-        self.engine, self.metrics, self.port = engine, metrics, port
-        self.url = f"http://127.0.0.1:{port}"
-
-    def client(self, timeout: float = 30.0) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url + "/v1", api_key="x", max_retries=0, timeout=timeout)
-
-
-@contextlib.contextmanager
-def serving(engine: FakeEngine | None = None, name: str = MODEL):
-    """A live server on an ephemeral port around `engine`, stopped (bounded) on exit."""
-    engine = engine or FakeEngine()
-    metrics = ServerMetrics()
-    server, thread, port = start_in_thread(build_app(engine, FakeTokenizer(), metrics, name), timeout=10)
-    try:
-        yield Live(engine, metrics, port)
-    finally:
-        stop_server(server, thread, timeout=10)
-        assert not thread.is_alive(), "server thread did not stop"
-
-
-def wait_for(cond, timeout: float = 5.0, interval: float = 0.01) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(interval)
-    return cond()
+from http_fakes import BOS, MODEL, FakeEngine, FakeTokenizer, expected, serving, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -365,7 +198,7 @@ def test_run_server_shuts_down_gracefully_on_signal(tmp_path, sig):
     script.write_text(
         "import sys\n"
         f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-        "from test_http_api import FakeEngine, FakeTokenizer, MODEL\n"
+        "from http_fakes import FakeEngine, FakeTokenizer, MODEL\n"
         "from vsc.runtime.http import build_app\n"
         "from vsc.runtime.metrics import ServerMetrics\n"
         "from vsc.runtime.serve import run_server\n"

@@ -1,8 +1,6 @@
 """/metrics: Prometheus exposition of client-side latencies, token counters and engine gauges."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import httpx2 as httpx
 import orjson
@@ -11,8 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from vsc.runtime.http import build_app
 from vsc.runtime.metrics import ServerMetrics
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_http_api import MODEL, FakeEngine, FakeTokenizer, serving, wait_for  # noqa: E402
+from http_fakes import MODEL, FakeEngine, FakeTokenizer, serving, wait_for
 
 
 def scrape(url: str) -> dict[str, dict[tuple, float]]:
