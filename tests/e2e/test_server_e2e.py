@@ -284,3 +284,17 @@ def test_real_smollm2_serves_coherent_text(smollm2_dir, tmp_path):
         assert "Paris" in r.choices[0].message.content
     finally:
         server.close()
+
+
+def test_chunked_prefill_plan_serves_the_same_tokens(live, tmp_path):
+    folder = compile_server(tmp_path, "llama", pipeline=PIPELINE + ",chunked-prefill{tokens=16}")
+    assert json.loads((folder / "manifest.json").read_text())["engine"]["chunked_prefill"] == 16
+    chunked = Live(folder)
+    try:
+        prompt = "A long prompt that needs several chunks: " + "lorem ipsum dolor sit amet " * 12
+        want = live.client.completions.create(model=live.model, prompt=prompt, max_tokens=10, temperature=0)
+        got = chunked.client.completions.create(model=chunked.model, prompt=prompt, max_tokens=10, temperature=0)
+        assert got.usage.prompt_tokens > 3 * 16  # really chunked
+        assert got.choices[0].text == want.choices[0].text
+    finally:
+        chunked.close()
