@@ -286,15 +286,18 @@ def test_real_smollm2_serves_coherent_text(smollm2_dir, tmp_path):
         server.close()
 
 
-def test_chunked_prefill_plan_serves_the_same_tokens(live, tmp_path):
-    folder = compile_server(tmp_path, "llama", pipeline=PIPELINE + ",chunked-prefill{tokens=16}")
-    assert json.loads((folder / "manifest.json").read_text())["engine"]["chunked_prefill"] == 16
-    chunked = Live(folder)
+@pytest.mark.parametrize("extra", ["chunked-prefill{tokens=16}", "fuse-add-rmsnorm"])
+def test_pass_plans_serve_the_same_tokens(live, tmp_path, extra):
+    """Each exact pass, compiled and served, answers exactly as the baseline plan does."""
+    folder = compile_server(tmp_path, "llama", pipeline=PIPELINE + "," + extra)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["pipeline"].endswith(extra)
+    other = Live(folder)
     try:
         prompt = "A long prompt that needs several chunks: " + "lorem ipsum dolor sit amet " * 12
         want = live.client.completions.create(model=live.model, prompt=prompt, max_tokens=10, temperature=0)
-        got = chunked.client.completions.create(model=chunked.model, prompt=prompt, max_tokens=10, temperature=0)
-        assert got.usage.prompt_tokens > 3 * 16  # really chunked
+        got = other.client.completions.create(model=other.model, prompt=prompt, max_tokens=10, temperature=0)
+        assert got.usage.prompt_tokens > 3 * 16  # long enough to be chunked
         assert got.choices[0].text == want.choices[0].text
     finally:
-        chunked.close()
+        other.close()

@@ -26,6 +26,7 @@ KERNELS: dict[str, KernelInfo] = {k.name: k for k in [
     _k("torch.embedding", {"embed"}, doc="torch.nn.functional.embedding"),
     _k("torch.rmsnorm", {"rmsnorm"}, doc="x.pow(2).mean(-1) in fp32, rsqrt, scale"),
     _k("torch.add", {"add"}),
+    _k("torch.add_rmsnorm", {"add_rmsnorm"}, doc="residual add + RMSNorm in one call"),
     _k("torch.mul", {"mul"}),
     _k("torch.silu", {"silu"}),
     _k("torch.silu_mul", {"silu_mul"}),
@@ -37,7 +38,7 @@ KERNELS: dict[str, KernelInfo] = {k.name: k for k in [
     _k("torch.moe", {"moe"}, doc="loop over experts with index_add"),
     _k("torch.last_token", {"last_token"}),
     _k("torch.sample", {"sample"}, doc="greedy / temperature / top-k / top-p on tensors"),
-    _k("triton.rmsnorm", {"rmsnorm"}, targets=("cuda",)),
+    _k("triton.rmsnorm", {"rmsnorm", "add_rmsnorm"}, targets=("cuda",), doc="one pass; fused residual add when given"),
     _k("triton.rope", {"rope"}, targets=("cuda",)),
     _k("triton.silu_mul", {"silu_mul"}, targets=("cuda",)),
     _k("triton.paged_attention", {"attention"}, targets=("cuda",), layouts=("paged",)),
@@ -45,7 +46,7 @@ KERNELS: dict[str, KernelInfo] = {k.name: k for k in [
 
 # The kernel each op kind gets when nothing better was chosen, by cache layout where it matters.
 DEFAULT_KERNELS: dict[str, str] = {
-    "embed": "torch.embedding", "rmsnorm": "torch.rmsnorm", "add": "torch.add", "mul": "torch.mul",
+    "embed": "torch.embedding", "rmsnorm": "torch.rmsnorm", "add": "torch.add", "add_rmsnorm": "torch.add_rmsnorm", "mul": "torch.mul",
     "silu": "torch.silu", "silu_mul": "torch.silu_mul", "linear": "torch.linear", "split": "torch.split",
     "rope": "torch.rope", "attention": "torch.sdpa", "moe": "torch.moe", "last_token": "torch.last_token",
     "sample": "torch.sample",

@@ -50,6 +50,14 @@ def _rmsnorm(ts, attrs):
     return [x]
 
 
+def _add_rmsnorm(ts, attrs):
+    a, b, w = ts
+    _require(a == b, f"operand types differ: {a}, {b}")
+    _require(w.rank == 1 and a.shape[-1] == w.shape[0], f"norm weight {w} does not match input {a}")
+    _same_dtype([a, w])
+    return [a, a]
+
+
 def _elementwise(ts, attrs):
     _require(all(t == ts[0] for t in ts), f"operand types differ: {', '.join(map(str, ts))}")
     return [ts[0]]
@@ -143,6 +151,8 @@ OPS: dict[str, OpDef] = {d.kind: d for d in [
     OpDef("embed", "vw", (), _embed, "token ids -> embedding rows"),
     OpDef("rmsnorm", "vw", ("eps",), _rmsnorm, "x * rsqrt(mean(x^2) + eps) * w"),
     OpDef("add", "vv", (), _elementwise, "elementwise sum (residual)"),
+    OpDef("add_rmsnorm", "vvw", ("eps",), _add_rmsnorm,
+          "s = a + b; results (rmsnorm(s) * w, s): the residual add fused into the next norm"),
     OpDef("mul", "vv", (), _elementwise, "elementwise product"),
     OpDef("silu", "v", (), _unary, "x * sigmoid(x)"),
     OpDef("silu_mul", "v", (), _silu_mul, "silu(x[..., :n]) * x[..., n:] (fused gated MLP activation)"),

@@ -56,7 +56,7 @@ class LoweringError(VscError):
 
 
 # Op kinds the runner executes, and those it leaves to the engine.
-_LOWERED_OPS = {"embed", "rmsnorm", "add", "mul", "silu", "silu_mul", "linear", "split", "rope",
+_LOWERED_OPS = {"embed", "rmsnorm", "add", "add_rmsnorm", "mul", "silu", "silu_mul", "linear", "split", "rope",
                 "attention", "moe", "last_token"}
 _ENGINE_OPS = {"sample"}
 
@@ -354,7 +354,7 @@ class _RunnerWriter:
         fn = TORCH_KERNELS[op.kernel.name].__name__
         args = [self._operand(o, in_layer) for o in op.operands]
         results = ", ".join(self.locals[r] for r in op.results)
-        if op.kind == "rmsnorm":
+        if op.kind in ("rmsnorm", "add_rmsnorm"):
             args.append(self._attr(op, "eps"))
         elif op.kind == "split":
             args.append("(" + ", ".join(str(s) for s in op.attrs["sizes"]) + ("," if len(op.attrs["sizes"]) == 1 else "") + ")")

@@ -12,6 +12,7 @@ TORCH_KERNELS = {
     "torch.embedding": torch_ops.embedding,
     "torch.rmsnorm": torch_ops.rmsnorm,
     "torch.add": torch_ops.add,
+    "torch.add_rmsnorm": torch_ops.add_rmsnorm,
     "torch.mul": torch_ops.mul,
     "torch.silu": torch_ops.silu,
     "torch.silu_mul": torch_ops.silu_mul,

@@ -47,6 +47,12 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * (x32 * torch.rsqrt(variance + eps)).to(dtype)
 
 
+def add_rmsnorm(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.add_rmsnorm: (rmsnorm(a + b), a + b) — the residual sum and its norm from one call."""
+    s = a + b
+    return rmsnorm(s, weight, eps), s
+
+
 def add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """torch.add: elementwise sum (the residual connections)."""
     return a + b
