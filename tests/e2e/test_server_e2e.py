@@ -286,7 +286,7 @@ def test_real_smollm2_serves_coherent_text(smollm2_dir, tmp_path):
         server.close()
 
 
-@pytest.mark.parametrize("extra", ["chunked-prefill{tokens=16}", "fuse-add-rmsnorm", "fuse-silu-mul"])
+@pytest.mark.parametrize("extra", ["chunked-prefill{tokens=16}", "fuse-add-rmsnorm", "fuse-silu-mul", "select-kernels"])
 def test_pass_plans_serve_the_same_tokens(live, tmp_path, extra):
     """Each exact pass, compiled and served, answers exactly as the baseline plan does."""
     folder = compile_server(tmp_path, "llama", pipeline=PIPELINE + "," + extra)

@@ -58,3 +58,19 @@ def default_kernel(op_kind: str, cache_layout: str = "contiguous") -> str | None
     if op_kind == "attention" and cache_layout == "paged":
         return PAGED_ATTENTION_KERNEL
     return DEFAULT_KERNELS.get(op_kind)
+
+
+# On each target, which backends' kernels to prefer when several implement an op.
+BACKEND_PREFERENCE = {"cuda": ("triton", "torch"), "cpu": ("torch",)}
+
+
+def best_kernel(op_kind: str, target: str, cache_layout: str) -> str | None:
+    """The preferred kernel for an op kind on a target and cache layout, or None if none fits."""
+    fitting = [k for k in KERNELS.values()
+               if op_kind in k.ops and target in k.targets and cache_layout in k.cache_layouts]
+    for backend in BACKEND_PREFERENCE.get(target, ("torch",)):
+        names = sorted(k.name for k in fitting if k.name.startswith(backend + "."))
+        if names:
+            default = default_kernel(op_kind, cache_layout)
+            return default if default in names else names[0]
+    return None

@@ -1,0 +1,39 @@
+"""select-kernels{target}: give every op the best kernel the catalog has for the target.
+
+Pays on GPU targets, where Triton kernels (fused RMSNorm+residual, RoPE, SiLU-and-mul,
+paged decode attention) replace torch's generic ops; on CPU it normalizes the schedule to
+torch kernels. Exact on fp32 up to the kernels' documented tolerance — the accuracy check
+after lowering decides. The choice per op kind, target and cache layout comes from
+`vsc.ir.kernels.best_kernel`; run it after the passes that change op kinds or the cache
+layout (fusions, paged-kv), or the layout-dependent choice (attention) is stale.
+"""
+from __future__ import annotations
+
+from vsc.errors import VscError
+from vsc.ir.kernels import best_kernel
+from vsc.ir.module import KernelRef, ServingModule, walk_ops
+from vsc.ir.ops import OPS
+from vsc.ir.types import pass_origin
+from vsc.passes.base import Option, Pass, register_pass
+
+
+@register_pass
+class SelectKernels(Pass):
+    name = "select-kernels"
+    summary = "assign each op the preferred kernel for the target (Triton on cuda, torch on cpu)"
+    options = (Option("target", str, "auto", "target to select for (auto: the module's)", choices=("auto", "cpu", "cuda")),)
+    may_change_outputs = True  # a different kernel may round differently
+
+    def apply(self, module: ServingModule) -> None:
+        target = module.target.kind if self.target == "auto" else self.target
+        if target != module.target.kind:
+            raise VscError(f"the module targets {module.target.kind}; kernels for {target} could not run on it")
+        for op in walk_ops(module.model.func.body):
+            if OPS[op.kind].structural:
+                continue
+            choice = best_kernel(op.kind, target, module.cache.layout)
+            if choice is None:
+                raise VscError(f"no kernel implements {op.kind} on {target} with a {module.cache.layout} cache")
+            if op.kernel is None or op.kernel.name != choice:
+                op.kernel = KernelRef(choice)
+                op.origin = pass_origin(self.name)
