@@ -50,16 +50,27 @@ def lower_and_check(module: ServingModule, settings: AccuracySettings | None = N
 
 
 class _RecordVerifications(Instrument):
-    """Collects a manifest entry for each pass the structural verifier accepted."""
+    """Collects manifest entries: each pass the structural verifier accepted, and the
+    accuracy check run after each pass that may change outputs."""
 
     def __init__(self):
         from vsc.backends.server.emit import Verification
         self._cls = Verification
         self.entries: list = []
+        self.pending_accuracy = None
+
+    def numeric_check(self, module: ServingModule) -> str | None:
+        """PassManager hook: None when the lowered module still meets the accuracy bar."""
+        _, report = lower_and_check(module)
+        self.pending_accuracy = report
+        return None if report.ok else report.summary()
 
     def after_pass(self, p, index, module_text, changed, seconds, pipeline_so_far):
         self.entries.append(self._cls("structural", str(p.spec), True, "all invariants hold",
                                       {"changed": changed, "seconds": round(seconds, 6)}))
+        if self.pending_accuracy is not None:
+            report, self.pending_accuracy = self.pending_accuracy, None
+            self.entries.append(self._cls("accuracy", str(p.spec), report.ok, report.summary(), report.to_json()))
 
 
 @dataclass
@@ -71,12 +82,6 @@ class CompileResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def numeric_check(module: ServingModule) -> str | None:
-    """PassManager hook: None when the lowered module still meets the accuracy bar."""
-    _, report = lower_and_check(module)
-    return None if report.ok else report.summary()
-
-
 def compile_to_server(module: ServingModule, pipeline: str, out_dir: Path, spec_path: Path | None,
                       instruments: list[Instrument] | None = None, reproducer_dir: Path | None = None) -> CompileResult:
     from vsc.backends.server.emit import Verification, build_manifest, write_server
@@ -85,7 +90,7 @@ def compile_to_server(module: ServingModule, pipeline: str, out_dir: Path, spec_
     t0 = time.perf_counter()
     recorder = _RecordVerifications()
     verify_or_raise(module)
-    manager = PassManager(pipeline, [*(instruments or []), recorder], numeric_check=numeric_check,
+    manager = PassManager(pipeline, [*(instruments or []), recorder], numeric_check=recorder.numeric_check,
                           reproducer_dir=reproducer_dir)
     final = manager.run(module)
     times["passes"] = time.perf_counter() - t0

@@ -292,6 +292,9 @@ def test_pass_plans_serve_the_same_tokens(live, tmp_path, extra):
     folder = compile_server(tmp_path, "llama", pipeline=PIPELINE + "," + extra)
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["pipeline"].endswith(extra)
+    accuracy_after = [v["after"] for v in manifest["verification"] if v["check"] == "accuracy"]
+    # passes that may change outputs get their own accuracy run; lowering always gets one
+    assert accuracy_after == ([extra, "lowering"] if extra == "select-kernels" else ["lowering"])
     other = Live(folder)
     try:
         prompt = "A long prompt that needs several chunks: " + "lorem ipsum dolor sit amet " * 12

@@ -30,7 +30,8 @@ all weights + the N tokens' KV written; least time per prompt token = max(...) /
 
 Norms, RoPE, activations and the softmax are left out (they are O(B*H) per layer, small next
 to the matmuls). The bandwidth used is the cache-resident one when a step's bytes fit in
-half the last-level cache, the DRAM one otherwise; `Floor.bandwidth_kind` says which.
+half the last-level cache, the DRAM one otherwise; `Floor.bandwidth_kind` says which. With
+threads="all" a rate is never taken below the one-thread rate (a server could use one).
 """
 from __future__ import annotations
 
@@ -137,20 +138,25 @@ def measure_matmul(n: int = 1024, threads: int | None = None, repeats: int = 3) 
     return 2 * n ** 3 / best / 1e9
 
 
-def measure_machine(dram_bytes: int = 512 << 20, matmul_sizes: tuple[int, ...] = (1024, 2048),
+def measure_machine(dram_bytes: int = 512 << 20, matmul_sizes: tuple[int, ...] = (512, 1024, 2048),
                     repeats: int = 5) -> MachineRates:
-    """Measure this machine's rates (a few seconds with the defaults)."""
+    """Measure this machine's rates (several seconds with the defaults).
+
+    Every rate is the best seen (the floor is a bound: the fastest the machine has shown);
+    the cache-resident bandwidth is the best over one and all threads at 1/8 and 1/4 of the LLC.
+    Other load on the machine lowers the numbers; rerun on a quiet machine to report them.
+    """
     import torch
 
     threads = torch.get_num_threads()
     llc = last_level_cache_bytes()
-    cache_bytes = llc // 4 if llc else 4 << 20
     bw_all = measure_bandwidth(dram_bytes, threads, repeats)
     bw_1 = measure_bandwidth(dram_bytes, 1, repeats)
-    bw_cache = measure_bandwidth(cache_bytes, threads, repeats)
-    gf_1 = max(measure_matmul(n, 1, max(2, repeats // 2)) for n in matmul_sizes)
-    gf_all = max(measure_matmul(n, threads, max(2, repeats // 2)) for n in matmul_sizes)
-    return MachineRates(bw_all, bw_1, max(bw_cache, bw_all), llc, gf_1, gf_all, threads)
+    cache_sizes = (llc // 8, llc // 4) if llc else (2 << 20, 4 << 20)
+    bw_cache = max(measure_bandwidth(n, t, repeats) for n in cache_sizes for t in {1, threads})
+    gf_1 = max(measure_matmul(n, 1, repeats) for n in matmul_sizes)
+    gf_all = max(measure_matmul(n, threads, repeats) for n in matmul_sizes)
+    return MachineRates(bw_all, bw_1, max(bw_cache, bw_all, bw_1), llc, gf_1, gf_all, threads)
 
 
 # --------------------------------------------------------------------------- the model
@@ -277,9 +283,17 @@ class Floor:
 
 
 def _bandwidth(rates: MachineRates, nbytes: int, threads: str) -> tuple[float, str]:
+    """The read bandwidth a step of `nbytes` can reach: cache-resident when it fits in half the LLC."""
     if rates.llc_bytes and nbytes <= rates.llc_bytes // 2:
         return rates.cache_bandwidth_gbs, "cache"
-    return (rates.bandwidth_1t_gbs if threads == "1" else rates.bandwidth_gbs), "dram"
+    if threads == "1":
+        return rates.bandwidth_1t_gbs, "dram"
+    return max(rates.bandwidth_gbs, rates.bandwidth_1t_gbs), "dram"
+
+
+def _gflops(rates: MachineRates, threads: str) -> float:
+    """Matmul rate with one thread, or with all (never less than one thread's: a bound, not a guess)."""
+    return rates.gflops_1t if threads == "1" else max(rates.gflops_all, rates.gflops_1t)
 
 
 def decode_floor(shape: ModelShape, rates: MachineRates, batch: int = 1, context: int = 512,
@@ -288,7 +302,7 @@ def decode_floor(shape: ModelShape, rates: MachineRates, batch: int = 1, context
     flops = shape.decode_flops(batch, context)
     nbytes = shape.decode_bytes(batch, context)
     bw, kind = _bandwidth(rates, nbytes, threads)
-    gf = rates.gflops_1t if threads == "1" else rates.gflops_all
+    gf = _gflops(rates, threads)
     t_mem = nbytes / (bw * 1e9)
     t_cmp = flops / (gf * 1e9)
     t = max(t_mem, t_cmp)
