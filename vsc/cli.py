@@ -200,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from vsc.models.cli import add_models_commands
     add_models_commands(sub)
+    from vsc.bench.cli import add_bench_command
+    add_bench_command(sub)
     return ap
 
 

@@ -49,7 +49,7 @@ DTYPE_BYTES = {"f32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "f16": 2, "floa
 class MachineRates:
     bandwidth_gbs: float            # DRAM read bandwidth, all threads
     bandwidth_1t_gbs: float         # DRAM read bandwidth, one thread
-    cache_bandwidth_gbs: float      # read bandwidth of a cache-resident tensor, all threads
+    cache_bandwidth_gbs: float      # read bandwidth of a cache-resident tensor (best of 1 and all threads)
     llc_bytes: int                  # last-level cache size (0: unknown)
     gflops_1t: float                # fp32 matmul, one thread
     gflops_all: float               # fp32 matmul, all threads
@@ -139,23 +139,26 @@ def measure_matmul(n: int = 1024, threads: int | None = None, repeats: int = 3) 
 
 
 def measure_machine(dram_bytes: int = 512 << 20, matmul_sizes: tuple[int, ...] = (512, 1024, 2048),
-                    repeats: int = 5) -> MachineRates:
-    """Measure this machine's rates (several seconds with the defaults).
+                    repeats: int = 5, rounds: int = 2) -> MachineRates:
+    """Measure this machine's rates (about 5 s a round with the defaults).
 
-    Every rate is the best seen (the floor is a bound: the fastest the machine has shown);
-    the cache-resident bandwidth is the best over one and all threads at 1/8 and 1/4 of the LLC.
-    Other load on the machine lowers the numbers; rerun on a quiet machine to report them.
+    Every rate is the best seen over `rounds` rounds of `repeats` timings (the floor is a
+    bound: the fastest the machine has shown); the cache-resident bandwidth is the best over
+    one and all threads at 1/8 and 1/4 of the LLC. Other load on the machine lowers the
+    numbers: measure on a quiet machine, or raise `rounds`, before reporting them.
     """
     import torch
 
     threads = torch.get_num_threads()
     llc = last_level_cache_bytes()
-    bw_all = measure_bandwidth(dram_bytes, threads, repeats)
-    bw_1 = measure_bandwidth(dram_bytes, 1, repeats)
     cache_sizes = (llc // 8, llc // 4) if llc else (2 << 20, 4 << 20)
-    bw_cache = max(measure_bandwidth(n, t, repeats) for n in cache_sizes for t in {1, threads})
-    gf_1 = max(measure_matmul(n, 1, repeats) for n in matmul_sizes)
-    gf_all = max(measure_matmul(n, threads, repeats) for n in matmul_sizes)
+    bw_all = bw_1 = bw_cache = gf_1 = gf_all = 0.0
+    for _ in range(max(1, rounds)):
+        bw_all = max(bw_all, measure_bandwidth(dram_bytes, threads, repeats))
+        bw_1 = max(bw_1, measure_bandwidth(dram_bytes, 1, repeats))
+        bw_cache = max([bw_cache] + [measure_bandwidth(n, t, repeats) for n in cache_sizes for t in {1, threads}])
+        gf_1 = max([gf_1] + [measure_matmul(n, 1, repeats) for n in matmul_sizes])
+        gf_all = max([gf_all] + [measure_matmul(n, threads, repeats) for n in matmul_sizes])
     return MachineRates(bw_all, bw_1, max(bw_cache, bw_all, bw_1), llc, gf_1, gf_all, threads)
 
 
@@ -339,3 +342,29 @@ def format_floor(rates: MachineRates | None, floors: list[Floor]) -> str:
             f"{f.gflops:.1f} GFLOP/s), best {f.tok_per_s:.0f} output tok/s; "
             f"prefill >= {1000 * f.prefill_s_per_token:.4f} ms/token ({f.prefill_tokens}-token prompt)")
     return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m vsc.bench.floor MODEL_DIR... [--batch 1 16] [--context 512] [--json OUT]`."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m vsc.bench.floor", description="this machine's decode floor")
+    ap.add_argument("models", nargs="+", help="HF model folders (config.json)")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--prefill-tokens", type=int, default=512)
+    ap.add_argument("--rounds", type=int, default=2, help="measurement rounds (best kept; more on a busy machine)")
+    ap.add_argument("--json", help="write the rates and floors here")
+    args = ap.parse_args(argv)
+    rates = measure_machine(rounds=args.rounds)
+    floors = [decode_floor(ModelShape.from_model_dir(m), rates, b, args.context, prefill_tokens=args.prefill_tokens)
+              for m in args.models for b in args.batch]
+    print(format_floor(rates, floors))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": rates.to_dict(), "floors": [f.to_dict() for f in floors]},
+                                              indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -19,7 +19,9 @@ Bounded: at most `max_requests` (and the workload's length) requests; a hard wal
 counted as failed ("deadline"); a per-request timeout. Loopback only: a base_url whose host
 is not 127.0.0.0/8, ::1 or localhost is refused before anything is sent.
 
-All times in a `RunResult` are seconds since the benchmark's start (time.perf_counter).
+All times in a `RunResult` are seconds since the benchmark's start (time.perf_counter). A
+chunk's time is when the client read its `data:` line, so SSE events that arrive in one
+network read get (nearly) the same time, as with any client.
 """
 from __future__ import annotations
 
@@ -100,6 +102,7 @@ class RunResult:
     deadline_hit: bool = False
     ignore_eos: bool = True
     started_unix: float = 0.0
+    workload_description: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -283,7 +286,7 @@ async def run_workload(workload: Workload, base_url: str, *, engine: str = "vsc"
     last_end = max((r.end_time for r in records), default=0.0)
     return RunResult(engine, base_url, model, workload.name, str(arrival), records,
                      end if deadline_hit else last_end, workload.fingerprint(), limit, deadline_hit,
-                     ignore_eos, started_unix)
+                     ignore_eos, started_unix, workload.describe())
 
 
 def run(workload: Workload, base_url: str, **kw) -> RunResult:

@@ -3,7 +3,8 @@
 Per successful request (times from the load client's records):
 
     TTFT  = time of the first chunk carrying text - send time
-    E2E   = time the stream ended - send time
+    E2E   = time the stream ended ([DONE]) - send time   (vLLM: its last chunk with choices;
+            the vsc server sends the final chunk, the usage chunk and [DONE] in one write)
     TPOT  = (E2E - TTFT) / (output_tokens - 1)          (only requests with > 1 output token)
     ITL   = every gap between consecutive text chunks   (pooled over all requests)
 
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -141,6 +142,7 @@ class BenchSummary:
     deadline_hit: bool = False
     model: str = ""
     workload_fingerprint: str = ""
+    workload_description: str = ""
     #: per-request samples in seconds, for plots: ttft, tpot, e2e (one per request), itl (pooled)
     samples: dict[str, list[float]] = field(default_factory=dict)
 
@@ -155,7 +157,9 @@ class BenchSummary:
 
     @staticmethod
     def from_dict(d: dict) -> "BenchSummary":
-        d = dict(d)
+        """From `to_dict()` output; keys this version does not know are ignored."""
+        known = {f.name for f in fields(BenchSummary)}
+        d = {k: v for k, v in d.items() if k in known}
         for k in LATENCIES:
             d[k] = LatencyStats(**d[k])
         d["slo_results"] = [SLOResult(**s) for s in d.get("slo_results", [])]
@@ -228,7 +232,7 @@ def summarize(run: RunResult, goodput_slos: dict[str, float] | None = None,
         ttft=LatencyStats.of(ttfts), tpot=LatencyStats.of(tpots), itl=LatencyStats.of(itls),
         e2e=LatencyStats.of(e2es), goodput=goodput, goodput_slos=dict(goodput_slos or {}), good_requests=good,
         errors=errors, offered=run.offered, deadline_hit=run.deadline_hit, model=run.model,
-        workload_fingerprint=run.workload_fingerprint,
+        workload_fingerprint=run.workload_fingerprint, workload_description=run.workload_description,
         samples={"ttft": ttfts, "tpot": tpots, "itl": itls, "e2e": e2es})
     if plan_slos:
         s.slo_results = check_slos(s, plan_slos)
