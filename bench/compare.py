@@ -1,0 +1,154 @@
+"""Side-by-side serving benchmark: vsc against the engines users would otherwise pick.
+
+    python bench/compare.py --model models/tiny-llama --workload chat --engines vsc,vllm,llamacpp,hf
+
+For each workload it builds one seeded request set from the model's tokenizer, then for
+each engine: install it (cached under ~/.cache/vsc-bench), start it on 127.0.0.1 serving
+the same HF folder, warm it up, offer the same requests (closed loop, greedy, ignore_eos),
+stop it. llama.cpp runs at each --threads value and keeps its fastest. It prints one table
+per workload with each engine's ratio to vsc plus the physical floor for this model and
+machine, and writes JSON and PNG plots under bench/results/<stamp>/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import socket
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # `bench.peers` lives beside this script, outside the installed package
+
+from bench.peers import PeerUnavailable, get_peer  # noqa: E402
+from vsc.bench.floor import ModelShape, decode_floor, format_floor, measure_machine  # noqa: E402
+from vsc.bench.loadgen import run  # noqa: E402
+from vsc.bench.metrics import format_table, summarize  # noqa: E402
+from vsc.bench.plots import plot_latency_cdfs  # noqa: E402
+from vsc.bench.workloads import LengthDist, build_workload, closed  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def parse_goodput(text: str) -> dict[str, float]:
+    """`ttft:1000,tpot:50` (milliseconds, like vllm bench serve --goodput) -> seconds by metric."""
+    out = {}
+    for item in filter(None, text.split(",")):
+        metric, _, ms = item.partition(":")
+        out[metric.strip()] = float(ms) / 1000
+    return out
+
+
+def bench_engine(name: str, model: Path, workloads: dict, args, log_dir: Path) -> dict:
+    """{workload: summary} for one engine at its best thread count, or {"error": reason}."""
+    peer = get_peer(name)
+    try:
+        peer.install()
+    except PeerUnavailable as e:
+        return {"error": str(e)}
+    threads_options = args.threads if name == "llamacpp" else [max(args.threads)]
+    best: dict = {}
+    for threads in threads_options:
+        try:
+            running = peer.start(model, free_port(), max_batch=args.concurrency, threads=threads, ctx=args.ctx,
+                                 log_dir=log_dir)
+        except PeerUnavailable as e:
+            best.setdefault("error", str(e))
+            continue
+        try:
+            ignore_eos = bool(running.ignore_eos_fields)
+            results = {}
+            for wname, workload in workloads.items():
+                warm = build_workload(wname, model, 2, seed=99, arrival=closed(2),
+                                      output_tokens=LengthDist.parse("fixed(8)"), max_context=args.ctx)
+                run(warm, running.base_url, engine=name, model=running.model, ignore_eos=ignore_eos)
+                record = run(workload, running.base_url, engine=name, model=running.model, ignore_eos=ignore_eos,
+                             deadline=args.deadline)
+                results[wname] = summarize(record, goodput_slos=args.goodput)
+            score = sum(s.output_throughput for s in results.values())
+            if not best or score > best["score"]:
+                best = {"score": score, "threads": threads, "results": results, "startup_s": running.startup_s,
+                        "describe": peer.describe()}
+        finally:
+            running.stop()
+    return best
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, type=Path, help="HF model folder every engine serves")
+    ap.add_argument("--workload", action="append", choices=["chat", "shared-prefix", "code-edit", "json"],
+                    help="repeatable; default chat")
+    ap.add_argument("--engines", default="vsc,llamacpp,vllm,hf")
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--prompt-tokens", default="fixed(64)", help="length distribution for chat")
+    ap.add_argument("--output-tokens", default="fixed(64)")
+    ap.add_argument("--ctx", type=int, default=2048)
+    ap.add_argument("--threads", default="1,2", help="thread counts to try for llama.cpp (others use the largest)")
+    ap.add_argument("--goodput", default="ttft:1000,tpot:50", help="per-request SLOs in ms for goodput")
+    ap.add_argument("--deadline", type=float, default=600.0, help="hard stop per run, seconds")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    args = ap.parse_args(argv)
+    args.threads = [int(t) for t in args.threads.split(",")]
+    args.goodput = parse_goodput(args.goodput)
+    model = args.model.resolve()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = args.out / f"{stamp}-{model.name}"
+    out.mkdir(parents=True, exist_ok=True)
+
+    workloads = {}
+    for wname in args.workload or ["chat"]:
+        opts = {"output_tokens": LengthDist.parse(args.output_tokens), "max_context": args.ctx}
+        if wname == "chat":
+            opts["prompt_tokens"] = LengthDist.parse(args.prompt_tokens)
+        workloads[wname] = build_workload(wname, model, args.requests, seed=args.seed,
+                                          arrival=closed(args.concurrency), **opts)
+
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    results = {}
+    for name in engines:
+        print(f"[compare] {name} ...", file=sys.stderr, flush=True)
+        results[name] = bench_engine(name, model, workloads, args, out / "logs")
+
+    rates = measure_machine()
+    shape = ModelShape.from_model_dir(model)
+    floors = [decode_floor(shape, rates, batch=b, context=256) for b in (1, args.concurrency)]
+    report = {"date": stamp, "model": str(model), "machine": platform.processor() or platform.machine(),
+              "python": platform.python_version(), "args": {k: str(v) for k, v in vars(args).items()},
+              "floor": format_floor(rates, floors), "engines": {}}
+    lines = [f"model {model.name}; {args.requests} requests per workload, closed loop x{args.concurrency}, "
+             f"greedy, ignore_eos, output {args.output_tokens}"]
+    for wname in workloads:
+        summaries = {n: r["results"][wname] for n, r in results.items() if "results" in r}
+        lines.append(f"\n== workload {wname} ==")
+        if summaries:
+            lines.append(format_table(summaries, reference="vsc" if "vsc" in summaries else next(iter(summaries))))
+            plot_latency_cdfs(summaries, out / f"{wname}-latency-cdf.png", title=f"{model.name} / {wname}")
+        for n, r in results.items():
+            if "results" not in r:
+                lines.append(f"{n}: unavailable: {r.get('error', 'unknown error')}")
+            elif n == "llamacpp":
+                lines.append(f"llamacpp: fastest at threads={r['threads']}")
+    lines.append("\nphysical floor:\n" + report["floor"])
+    for n, r in results.items():
+        report["engines"][n] = ({"error": r.get("error")} if "results" not in r else
+                                {"threads": r["threads"], "startup_s": r["startup_s"], "describe": r["describe"],
+                                 "workloads": {w: s.to_json() for w, s in r["results"].items()}})
+    text = "\n".join(lines)
+    print(text)
+    (out / "report.txt").write_text(text + "\n")
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    print(f"\nwrote {out}/", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
