@@ -1,7 +1,7 @@
 """The Triton backend: the kernels behind the IR's `triton.*` catalog entries, and their
 ahead-of-time compilation for a CUDA target.
 
-- `vsc.backends.triton.kernels` — `@triton.jit` kernels with autotune spaces and thin
+- `vsc.runtime.kernels.triton_ops` — `@triton.jit` kernels with autotune spaces and thin
   launch wrappers (`rmsnorm`, `rope`, `silu_mul`, `paged_decode_attention`,
   `paged_attention`, `write_kv_cache`, `matmul`). CPU tensors run through Triton's
   interpreter, so the same code is testable on a machine without a GPU.

@@ -7,7 +7,8 @@ choice). The wrappers take and return torch tensors in the layouts of
 
 | wrapper | IR kernel | reference |
 |---|---|---|
-| `rmsnorm(x, w, eps, residual=None)` | `triton.rmsnorm` | `torch_ops.rmsnorm` (+ `torch_ops.add` when fused) |
+| `rmsnorm(x, w, eps, residual=None)` | `triton.rmsnorm` (op `rmsnorm`) | `torch_ops.rmsnorm` (+ `torch_ops.add` when fused) |
+| `add_rmsnorm(a, b, w, eps)` | `triton.rmsnorm` (op `add_rmsnorm`) | `torch_ops.add_rmsnorm` |
 | `rope(q, k, cos, sin, head_dim, positions=None)` | `triton.rope` | `torch_ops.rope` (in place) |
 | `silu_mul(x)` | `triton.silu_mul` | `torch_ops.silu_mul` |
 | `paged_attention(q, k, v, k_cache, v_cache, slot_mapping, block_tables, context_lens, ...)` | `triton.paged_attention` | `torch_ops.paged_attention` in a decode step |
@@ -51,7 +52,7 @@ from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
 __all__ = [
-    "INTERPRETED", "KERNELS", "KernelSpec", "autotune_enabled", "matmul", "paged_attention", "paged_decode_attention",
+    "INTERPRETED", "KERNELS", "KernelSpec", "add_rmsnorm", "autotune_enabled", "matmul", "paged_attention", "paged_decode_attention",
     "rmsnorm", "rope", "silu_mul", "use_interpreter", "write_kv_cache",
 ]
 
@@ -109,7 +110,7 @@ class KernelSpec:
     tuned: Any                                   # triton.runtime.autotuner.Autotuner
     prune: Callable[[list, dict], list]
     doc: str = ""
-    restore: tuple[str, ...] = field(default=())  # arguments the kernel writes in place
+    in_place: tuple[str, ...] = field(default=())  # arguments the kernel updates in place
 
     @property
     def configs(self) -> list[triton.Config]:
@@ -168,8 +169,8 @@ def _interpreted(name: str) -> InterpretedFunction:
     return fn if isinstance(fn, InterpretedFunction) else InterpretedFunction(fn.fn)
 
 
-def _register(name: str, ir_kernel: str | None, tuned, prune, doc: str, restore: tuple[str, ...] = ()) -> KernelSpec:
-    spec = KernelSpec(name, ir_kernel, tuned, prune, doc, restore)
+def _register(name: str, ir_kernel: str | None, tuned, prune, doc: str, in_place: tuple[str, ...] = ()) -> KernelSpec:
+    spec = KernelSpec(name, ir_kernel, tuned, prune, doc, in_place)
     KERNELS[name] = spec
     return spec
 
@@ -205,28 +206,34 @@ RMSNORM_CONFIGS = [
 ]
 
 
-def _rmsnorm_fits(c: triton.Config, nargs: dict) -> bool:
-    # Blocks no wider than the row (rounded up to a power of two), so small rows do not
-    # pay for masked lanes; rows wider than 16384 loop over 16384-wide chunks.
-    return c.kwargs["BLOCK_N"] <= _pow2(nargs["N"])
+def _rmsnorm_prune(configs, nargs, **_):
+    """Blocks no wider than the row (rounded up to a power of two, at least 128), so small
+    rows do not pay for masked lanes; one-pass blocks (the whole row) first, so they are
+    the default. Rows wider than 16384 loop over chunks."""
+    width = min(16384, max(128, _pow2(nargs["N"])))
+    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= width]
+    kept.sort(key=lambda c: c.kwargs["BLOCK_N"] != width)
+    return kept or [configs[0]]
 
 
 @triton.autotune(configs=RMSNORM_CONFIGS, key=["N", "HAS_RESIDUAL"],
-                 prune_configs_by={"early_config_prune": _early_prune(_rmsnorm_fits)}, restore_value=["Res"])
+                 prune_configs_by={"early_config_prune": _rmsnorm_prune}, restore_value=["Res"])
 @triton.jit
-def rmsnorm_kernel(X, W, Out, Res, stride_x, stride_out, stride_res, N, eps,
+def rmsnorm_kernel(X, W, Out, Res, ResOut, stride_x, stride_out, stride_res, stride_res_out, N, eps,
                    HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program per row: out = (r * rsqrt(mean(r^2) + eps)).to(dtype) * w, r = x (+ res).
 
     With HAS_RESIDUAL the sum r = x + res is rounded to the activation dtype (as the
-    unfused add would be), written back to Res, and normalized. Statistics in fp32.
-    Two passes over the row: sum of squares, then normalize; the second pass re-reads
-    x and res (from cache) instead of the Res it is about to overwrite.
+    unfused add would be), stored to ResOut (which may be Res itself: the in-place
+    update of the residual stream), and normalized. Statistics in fp32. Two passes over
+    the row: sum of squares, then normalize; the second pass re-reads x and res (from
+    cache) rather than ResOut, so writing ResOut over Res or X is safe.
     """
     row = tl.program_id(0).to(tl.int64)
     x_row = X + row * stride_x
     o_row = Out + row * stride_out
     r_row = Res + row * stride_res
+    ro_row = ResOut + row * stride_res_out
     cols = tl.arange(0, BLOCK_N)
     sum_sq = tl.zeros([BLOCK_N], dtype=tl.float32)
     for start in range(0, N, BLOCK_N):
@@ -245,15 +252,15 @@ def rmsnorm_kernel(X, W, Out, Res, stride_x, stride_out, stride_res, N, eps,
         if HAS_RESIDUAL:
             res = tl.load(r_row + offs, mask=mask, other=0.0).to(tl.float32)
             r = (x + res).to(Res.dtype.element_ty)
-            tl.store(r_row + offs, r, mask=mask)
+            tl.store(ro_row + offs, r, mask=mask)
             x = r.to(tl.float32)
         w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
         y = (x * rstd).to(Out.dtype.element_ty).to(tl.float32) * w
         tl.store(o_row + offs, y.to(Out.dtype.element_ty), mask=mask)
 
 
-RMSNORM = _register("rmsnorm", "triton.rmsnorm", rmsnorm_kernel, _early_prune(_rmsnorm_fits),
-                    "RMSNorm over the last dim, optionally fused with the residual add", restore=("Res",))
+RMSNORM = _register("rmsnorm", "triton.rmsnorm", rmsnorm_kernel, _rmsnorm_prune,
+                    "RMSNorm over the last dim, optionally fused with the residual add", in_place=("ResOut",))
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -267,12 +274,14 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
-            *, out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+            *, residual_out: torch.Tensor | None = None, out: torch.Tensor | None = None,
+            config: dict | None = None) -> torch.Tensor:
     """RMSNorm of x [..., N] by w [N]; returns a new tensor shaped like x.
 
-    With `residual` (same shape and dtype as x): r = x + residual is written back into
-    `residual` (in place: it becomes the new residual stream) and norm(r) is returned —
-    the fused add+RMSNorm of a decoder layer. Matches `torch_ops.add` then `torch_ops.rmsnorm`.
+    With `residual` (same shape and dtype as x): r = x + residual is stored into
+    `residual_out`, by default `residual` itself (IN PLACE: it becomes the new residual
+    stream), and norm(r) is returned — the fused add+RMSNorm of a decoder layer. Matches
+    `torch_ops.add` then `torch_ops.rmsnorm`. `add_rmsnorm` is the out-of-place form.
     """
     n = x.shape[-1]
     if w.shape != (n,):
@@ -284,17 +293,35 @@ def rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float, residual: torch.Tensor
     if residual is not None:
         if residual.shape != x.shape:
             raise ValueError(f"residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}")
-        r2 = residual.view(-1, n)         # must be a view: the kernel writes the new residual into it
-        if r2.stride(-1) != 1:
-            raise ValueError("residual must have a contiguous last dim (it is updated in place)")
+        r2 = _rows(residual)
+        target = residual if residual_out is None else residual_out
+        if target.shape != x.shape:
+            raise ValueError(f"residual_out shape {tuple(target.shape)} != x shape {tuple(x.shape)}")
+        try:
+            ro2 = target.view(-1, n)      # must be a view: the kernel writes the new residual into it
+        except RuntimeError:
+            ro2 = None
+        if ro2 is None or ro2.stride(-1) != 1:
+            raise ValueError("the residual written in place needs a contiguous last dim and evenly strided rows")
     else:
-        r2 = x2                           # unused (HAS_RESIDUAL=False); any valid pointer
+        if residual_out is not None:
+            raise ValueError("residual_out without residual")
+        r2 = ro2 = x2                     # unused (HAS_RESIDUAL=False); any valid pointer
     rows = x2.shape[0]
     if rows == 0:
         return out
-    args = (x2, w, o2, r2, x2.stride(0), o2.stride(0), r2.stride(0), n, float(eps), residual is not None)
+    args = (x2, w, o2, r2, ro2, x2.stride(0), o2.stride(0), r2.stride(0), ro2.stride(0), n, float(eps),
+            residual is not None)
     _launch(RMSNORM, (rows,), args, config, use_interpreter(x))
     return out
+
+
+def add_rmsnorm(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor, eps: float, *,
+                config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The IR's `add_rmsnorm` on `triton.rmsnorm`: (rmsnorm(a + b), a + b), both new tensors,
+    inputs untouched — as `torch_ops.add_rmsnorm`. Same traffic as the in-place form."""
+    s = torch.empty(a.shape, dtype=a.dtype, device=a.device)
+    return rmsnorm(a, w, eps, residual=b, residual_out=s, config=config), s
 
 
 # --- rotary position embedding (HF Llama: rotate_half, non-interleaved) ---------------------
@@ -351,7 +378,7 @@ def rope_kernel(Q, K, Cos, Sin, Positions, stride_qt, stride_kt, stride_ct, num_
 
 
 ROPE = _register("rope", "triton.rope", rope_kernel, _early_prune(_rope_fits),
-                 "rotate q and k in place by cos/sin rows (HF rotate_half convention)", restore=("Q", "K"))
+                 "rotate q and k in place by cos/sin rows (HF rotate_half convention)", in_place=("Q", "K"))
 
 
 def _token_rows(x: torch.Tensor, head_dim: int, what: str) -> torch.Tensor:
@@ -464,28 +491,29 @@ def _kv_write_fits(c: triton.Config, nargs: dict) -> bool:
 
 
 @triton.autotune(configs=KV_WRITE_CONFIGS, key=["ROW"],
-                 prune_configs_by={"early_config_prune": _early_prune(_kv_write_fits)},
-                 restore_value=["KCache", "VCache"])
+                 prune_configs_by={"early_config_prune": _early_prune(_kv_write_fits)})
 @triton.jit
 def kv_write_kernel(K, V, KCache, VCache, Slots, stride_kt, stride_vt, stride_kc, stride_vc,
                     ROW: tl.constexpr, BLOCK: tl.constexpr):
     """Program (token t, block of BLOCK values): KCache[Slots[t]] = K[t], VCache[Slots[t]] = V[t].
 
     A row is one token's kv_heads*head_dim values (packed in both K and the cache).
-    Tokens with a negative slot (padding) are skipped.
+    Tokens with a negative slot (padding) are skipped. Idempotent, so the autotuner's
+    repeated trials need no restore_value (which would clone the whole cache).
     """
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(Slots + t).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = (cols < ROW) & (slot >= 0)
-    k = tl.load(K + t * stride_kt + cols, mask=mask)
-    v = tl.load(V + t * stride_vt + cols, mask=mask)
-    tl.store(KCache + slot * stride_kc + cols, k.to(KCache.dtype.element_ty), mask=mask)
-    tl.store(VCache + slot * stride_vc + cols, v.to(VCache.dtype.element_ty), mask=mask)
+    if slot >= 0:
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < ROW
+        k = tl.load(K + t * stride_kt + cols, mask=mask)
+        v = tl.load(V + t * stride_vt + cols, mask=mask)
+        tl.store(KCache + slot * stride_kc + cols, k.to(KCache.dtype.element_ty), mask=mask)
+        tl.store(VCache + slot * stride_vc + cols, v.to(VCache.dtype.element_ty), mask=mask)
 
 
 KV_WRITE = _register("kv_write", None, kv_write_kernel, _early_prune(_kv_write_fits),
-                     "scatter one step's new K/V rows into their cache slots", restore=("KCache", "VCache"))
+                     "scatter one step's new K/V rows into their cache slots", in_place=("KCache", "VCache"))
 
 
 def _check_cache(cache: torch.Tensor, kv_heads: int, head_dim: int, what: str) -> None:
@@ -723,7 +751,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, out_dtype: torch.dtype | None = 
 
 def describe() -> list[dict]:
     """Every kernel's name, IR kernel and autotune space (for docs and `vsc` listings)."""
-    return [{"name": s.name, "ir_kernel": s.ir_kernel, "doc": s.doc, "meta": s.meta_names,
+    return [{"name": s.name, "ir_kernel": s.ir_kernel, "doc": s.doc, "meta": s.meta_names, "in_place": list(s.in_place),
              "configs": [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in s.configs]}
             for s in KERNELS.values()]
 

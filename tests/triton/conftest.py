@@ -1,0 +1,13 @@
+"""Triton kernels run on this CPU-only machine through Triton's interpreter.
+
+Triton fixes interpret-or-compile when it is first imported, so TRITON_INTERPRET=1 is
+set here, at collection, before any test module imports triton. It stays set for the
+whole session (Triton reads it again lazily after import); nothing outside tests/triton
+imports triton, and the AOT compilation runs in a subprocess without it. On a GPU box,
+`TRITON_INTERPRET=0 pytest tests/triton` runs the kernel tests compiled, on CUDA tensors.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
