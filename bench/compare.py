@@ -62,7 +62,7 @@ def bench_engine(name: str, model: Path, workloads: dict, args, log_dir: Path) -
             best.setdefault("error", str(e))
             continue
         try:
-            ignore_eos = bool(running.ignore_eos_fields)
+            ignore_eos = running.ignore_eos_fields or False
             results = {}
             for wname, workload in workloads.items():
                 warm = build_workload(wname, model, 2, seed=99, arrival=closed(2),

@@ -114,12 +114,18 @@ class RunResult:
         return RunResult(**d)
 
 
-def request_body(req: BenchRequest, model: str, ignore_eos: bool, send_extra: bool) -> dict[str, Any]:
-    """The JSON body of one streamed completion request (standard fields win over `extra`)."""
+def request_body(req: BenchRequest, model: str, ignore_eos: bool | dict, send_extra: bool) -> dict[str, Any]:
+    """The JSON body of one streamed completion request (standard fields win over `extra`).
+
+    `ignore_eos`: True sends the common `ignore_eos: true`; a dict sends the engine's own
+    fields for generating past EOS (transformers serve rejects `ignore_eos`).
+    """
     body: dict[str, Any] = dict(req.extra) if send_extra else {}
     body.update(model=model, prompt=req.prompt, max_tokens=req.max_tokens, temperature=0, stream=True,
                 stream_options={"include_usage": True})
-    if ignore_eos:
+    if isinstance(ignore_eos, dict):
+        body.update(ignore_eos)
+    elif ignore_eos:
         body["ignore_eos"] = True
     return body
 
@@ -194,7 +200,7 @@ async def discover_model(client: httpx.AsyncClient, base_url: str) -> str:
 
 
 async def run_workload(workload: Workload, base_url: str, *, engine: str = "vsc", model: str | None = None,
-                       ignore_eos: bool = True, send_extra: bool = True, max_requests: int | None = None,
+                       ignore_eos: bool | dict = True, send_extra: bool = True, max_requests: int | None = None,
                        duration: float | None = None, deadline: float = DEFAULT_DEADLINE_S,
                        request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S, max_connections: int = 256,
                        on_done: Callable[[RequestRecord], None] | None = None) -> RunResult:
@@ -286,7 +292,7 @@ async def run_workload(workload: Workload, base_url: str, *, engine: str = "vsc"
     last_end = max((r.end_time for r in records), default=0.0)
     return RunResult(engine, base_url, model, workload.name, str(arrival), records,
                      end if deadline_hit else last_end, workload.fingerprint(), limit, deadline_hit,
-                     ignore_eos, started_unix, workload.describe())
+                     bool(ignore_eos), started_unix, workload.describe())
 
 
 def run(workload: Workload, base_url: str, **kw) -> RunResult:

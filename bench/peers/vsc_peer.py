@@ -1,0 +1,136 @@
+"""vsc itself as a peer: write a deployment spec, `vsc compile` it into the cache, `python -m vsc serve` it.
+
+The compiled folder is reused when nothing that goes into it changed: the spec text, the
+model folder's content and the compiler's own sources (vsc/ and grammar/) are hashed into
+the folder's key.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+from bench.peers.base import REPO_ROOT, Peer, PeerUnavailable, dir_content_hash, install_lock, pip_version, run_logged
+
+DEFAULT_PIPELINE = ("fuse-qkv,fuse-gate-up,paged-kv{block=16},"
+                    "continuous-batching{max_batch=<max_batch>,max_tokens=2048}")
+ACTIVATION_RESERVE = 0.10      # the share of `memory` vsc keeps back from weights + KV (vsc/frontend/lower.py)
+MEMORY_SLACK = 256 << 20       # on top: activations of a max_tokens step, the runtime
+
+
+def kv_bytes_per_token(config: dict, dtype_bytes: int = 4) -> int:
+    """Keys + values of every layer for one token."""
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    kv_heads = config.get("num_key_value_heads") or heads
+    return 2 * config["num_hidden_layers"] * kv_heads * head_dim * dtype_bytes
+
+
+def memory_for(model_dir: Path, *, max_batch: int, ctx: int) -> int:
+    """A memory budget (bytes, a whole number of MiB) that holds the f32 weights plus `max_batch` full
+    `ctx`-token sequences of KV cache, after vsc's activation reserve, plus slack."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    weights = sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
+    need = weights + kv_bytes_per_token(config) * ctx * max_batch
+    total = need / (1 - ACTIVATION_RESERVE) + MEMORY_SLACK
+    return math.ceil(total / (64 << 20)) * (64 << 20)
+
+
+def spec_text(model_dir: Path, *, max_batch: int, threads: int, ctx: int, memory: int, pipeline: str) -> str:
+    """The deployment spec for a closed-loop benchmark of `model_dir`."""
+    return (
+        "# written by bench/peers/vsc_peer.py\n"
+        "deployment bench_peer {\n"
+        f"  model {json.dumps(str(model_dir))} {{ dtype = f32 }}\n"
+        f"  target cpu {{ threads = {threads}, memory = {memory >> 20} MiB }}\n"
+        "  workload {\n"
+        f"    arrivals = closed({max_batch})\n"
+        "    prompt_tokens = uniform(16, 256)\n"
+        "    output_tokens = fixed(64)\n"
+        "  }\n"
+        f"  serve {{ host = \"127.0.0.1\", max_context = {ctx} }}\n"
+        f"  optimize {json.dumps(pipeline)}\n"
+        "}\n")
+
+
+def compiler_hash() -> str:
+    """A key for the compiler's sources: a change anywhere in vsc/ or grammar/ recompiles."""
+    h = hashlib.sha256()
+    for folder in (REPO_ROOT / "vsc", REPO_ROOT / "grammar"):
+        for p in sorted(folder.rglob("*")):
+            if p.is_file() and p.suffix in (".py", ".lark", ".json", ".txt", ".jinja") and "__pycache__" not in p.parts:
+                h.update(p.relative_to(REPO_ROOT).as_posix().encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+class VscPeer(Peer):
+    name = "vsc"
+    start_timeout = 180.0
+
+    def __init__(self, cache_dir: Path | None = None, pipeline: str = DEFAULT_PIPELINE,
+                 python: Path | None = None):
+        super().__init__(cache_dir)
+        self.pipeline = pipeline
+        self.python = Path(python) if python else REPO_ROOT / ".venv" / "bin" / "python"
+
+    @property
+    def vsc_bin(self) -> Path:
+        return self.python.parent / "vsc"
+
+    def pipeline_for(self, max_batch: int) -> str:
+        return self.pipeline.replace("<max_batch>", str(max_batch))
+
+    def install(self) -> None:
+        if not self.python.exists() or not self.vsc_bin.exists():
+            raise PeerUnavailable(self.name, f"no {self.vsc_bin}: run `make install` in {REPO_ROOT}")
+        self.cache.mkdir(parents=True, exist_ok=True)
+
+    def version(self) -> str | None:
+        return pip_version(self.python, "vsc")
+
+    def server_key(self, spec: str, model_hash: str, compiler: str) -> str:
+        return hashlib.sha256(f"{spec}\0{model_hash}\0{compiler}".encode()).hexdigest()[:16]
+
+    def prepare(self, model_dir: Path, *, max_batch: int, threads: int, ctx: int) -> dict:
+        memory = memory_for(model_dir, max_batch=max_batch, ctx=ctx)
+        pipeline = self.pipeline_for(max_batch)
+        spec = spec_text(model_dir, max_batch=max_batch, threads=threads, ctx=ctx, memory=memory, pipeline=pipeline)
+        key = self.server_key(spec, dir_content_hash(model_dir), compiler_hash())
+        folder = self.cache / "servers" / f"{model_dir.name}-{key}"
+        server = folder / "server"
+        with install_lock(self.cache):
+            if not (server / "manifest.json").exists():
+                self.compile(folder, spec)
+            os.utime(folder)                       # last used: what prune() keeps
+            self.prune()
+        return {"server_dir": str(server), "pipeline": pipeline, "memory_bytes": memory}
+
+    def prune(self, keep: int = 8) -> None:
+        """Delete all but the `keep` most recently used compiled servers (each compiler change adds one)."""
+        folders = sorted((p for p in (self.cache / "servers").iterdir() if p.is_dir()),
+                         key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in folders[keep:]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def compile(self, folder: Path, spec: str) -> None:
+        """`vsc compile` `spec` (written to folder/deploy.vs) into folder/server; its output in folder/compile.log."""
+        server = folder / "server"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "deploy.vs").write_text(spec)
+        log = folder / "compile.log"
+        log.unlink(missing_ok=True)
+        shutil.rmtree(server, ignore_errors=True)
+        run_logged([self.vsc_bin, "compile", folder / "deploy.vs", "-o", server], log,
+                   peer=self.name, what="vsc compile", timeout=1800)
+
+    def command(self, model_dir: Path, port: int, *, max_batch: int = 16, threads: int = 2, ctx: int = 2048,
+                server_dir: str = "<server_dir>", **_) -> list[str]:
+        return [str(self.python), "-m", "vsc", "serve", str(server_dir), "--host", "127.0.0.1", "--port", str(port)]
+
+    def describe(self) -> dict:
+        d = super().describe()
+        d.update(pipeline=self.last.get("pipeline", self.pipeline), dtype="f32")
+        return d
