@@ -47,11 +47,11 @@ def parse_goodput(text: str) -> dict[str, float]:
 
 def bench_engine(name: str, model: Path, workloads: dict, args, log_dir: Path) -> dict:
     """{workload: summary} for one engine at its best thread count, or {"error": reason}."""
-    peer = get_peer(name)
     try:
+        peer = get_peer(name)
         peer.install()
-    except PeerUnavailable as e:
-        return {"error": str(e)}
+    except (KeyError, PeerUnavailable) as e:
+        return {"error": str(e).strip("'\"")}
     threads_options = args.threads if name == "llamacpp" else [max(args.threads)]
     best: dict = {}
     for threads in threads_options:
@@ -82,7 +82,8 @@ def bench_engine(name: str, model: Path, workloads: dict, args, log_dir: Path) -
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True, type=Path, help="HF model folder every engine serves")
+    ap.add_argument("--model", required=True, type=Path, action="append",
+                    help="HF model folder every engine serves (repeatable: one table set per model)")
     ap.add_argument("--workload", action="append", choices=["chat", "shared-prefix", "code-edit", "json"],
                     help="repeatable; default chat")
     ap.add_argument("--engines", default="vsc,llamacpp,vllm,hf")
@@ -99,7 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     args.threads = [int(t) for t in args.threads.split(",")]
     args.goodput = parse_goodput(args.goodput)
-    model = args.model.resolve()
+    for model in args.model:
+        compare_model(model.resolve(), args)
+    return 0
+
+
+def compare_model(model: Path, args) -> None:
+    """Every engine on every workload for one model: print and write the report."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = args.out / f"{stamp}-{model.name}"
     out.mkdir(parents=True, exist_ok=True)
@@ -141,13 +148,12 @@ def main(argv: list[str] | None = None) -> int:
     for n, r in results.items():
         report["engines"][n] = ({"error": r.get("error")} if "results" not in r else
                                 {"threads": r["threads"], "startup_s": r["startup_s"], "describe": r["describe"],
-                                 "workloads": {w: s.to_json() for w, s in r["results"].items()}})
+                                 "workloads": {w: json.loads(s.to_json()) for w, s in r["results"].items()}})
     text = "\n".join(lines)
     print(text)
     (out / "report.txt").write_text(text + "\n")
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     print(f"\nwrote {out}/", file=sys.stderr)
-    return 0
 
 
 if __name__ == "__main__":
