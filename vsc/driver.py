@@ -2,6 +2,14 @@
 
 This is the only module that strings the stages together; each stage stays ignorant of
 the others. `vsc compile` and `vsc verify server/` are thin wrappers around it.
+
+CUDA targets: the runner runs on "cuda" and calls the Triton kernels the plan selected, so
+its accuracy can only be checked on a machine with a CUDA device. Without one, the check
+(after the passes that may change outputs, and after lowering) is not run and not faked:
+the manifest records it as skipped (`"ok": null, "skipped": true`), `vsc compile` says so,
+and `vsc verify server/` on the GPU host runs it. The structural verifier still runs
+after every pass, and the generated source is still compiled (to bytecode) as a syntax
+check. The server folder then also holds the kernels' sm_NN PTX and cubins.
 """
 from __future__ import annotations
 
@@ -23,6 +31,36 @@ class CompileError(VscError):
     """The plan cannot be turned into a server that meets its accuracy bar."""
 
 
+ACCURACY_SKIPPED = "skipped: no CUDA device on the compiling machine; run `vsc verify server/` on the GPU host"
+
+
+@dataclass
+class SkippedAccuracy:
+    """Stands in for an AccuracyReport when the check cannot run here: `ok` is None, not True."""
+
+    reason: str = "no CUDA device on the compiling machine"
+    ok: None = None
+
+    def summary(self) -> str:
+        return ACCURACY_SKIPPED
+
+    def to_json(self) -> dict:
+        return {"ok": None, "skipped": True, "summary": self.summary(), "reason": self.reason}
+
+
+def runner_device(module: ServingModule) -> str:
+    """Where the plan's runner runs: "cuda" for cuda targets, else "cpu"."""
+    return "cuda" if module.target.kind == "cuda" else "cpu"
+
+
+def can_run_here(module: ServingModule) -> bool:
+    """Whether this machine can run the plan's runner (a cuda plan needs a CUDA device)."""
+    if module.target.kind != "cuda":
+        return True
+    import torch
+    return torch.cuda.is_available()
+
+
 @dataclass
 class AccuracySettings:
     probes: int
@@ -37,14 +75,22 @@ def accuracy_settings(module: ServingModule) -> AccuracySettings:
 
 
 def lower_and_check(module: ServingModule, settings: AccuracySettings | None = None):
-    """Generate the runner for `module`, instantiate it and run the accuracy check."""
-    from vsc.backends.torch.accuracy import check_accuracy
+    """Generate the runner for `module`, instantiate it and run the accuracy check.
+
+    Returns (source, report); the report is a SkippedAccuracy (ok None) for a cuda plan on
+    a machine without a CUDA device, where the source is only compiled to bytecode.
+    """
     from vsc.backends.torch.codegen import generate_runner_source, load_runner_class
 
     settings = settings or accuracy_settings(module)
     source = generate_runner_source(module)
+    if not can_run_here(module):
+        compile(source, f"<vsc-generated vsc_runner_{module.name}>", "exec")
+        return source, SkippedAccuracy()
+    from vsc.backends.torch.accuracy import check_accuracy
+
     runner_cls = load_runner_class(source, f"vsc_runner_{module.name}")
-    runner = runner_cls(module.model.attrs["path"])
+    runner = runner_cls(module.model.attrs["path"], device=runner_device(module))
     report = check_accuracy(module, runner, probes=settings.probes, tolerance=settings.tolerance)
     return source, report
 
@@ -60,10 +106,11 @@ class _RecordVerifications(Instrument):
         self.pending_accuracy = None
 
     def numeric_check(self, module: ServingModule) -> str | None:
-        """PassManager hook: None when the lowered module still meets the accuracy bar."""
+        """PassManager hook: None when the lowered module still meets the accuracy bar, or
+        when the check cannot run here (recorded as skipped, not as passed)."""
         _, report = lower_and_check(module)
         self.pending_accuracy = report
-        return None if report.ok else report.summary()
+        return None if report.ok is not False else report.summary()
 
     def after_pass(self, p, index, module_text, changed, seconds, pipeline_so_far):
         self.entries.append(self._cls("structural", str(p.spec), True, "all invariants hold",
@@ -97,23 +144,23 @@ def compile_to_server(module: ServingModule, pipeline: str, out_dir: Path, spec_
 
     t1 = time.perf_counter()
     source, report = lower_and_check(final)
-    times["lower+accuracy"] = time.perf_counter() - t1
-    if not report.ok:
+    times["lower+accuracy" if report.ok is not None else "lower"] = time.perf_counter() - t1
+    if report.ok is False:
         raise CompileError(f"compile: error: accuracy check failed, no server written: {report.summary()}")
 
     verifications = [Verification("structural", "input", True, "all invariants hold"), *recorder.entries,
-                     Verification("accuracy", "lowering", True, report.summary(), report.to_json())]
+                     Verification("accuracy", "lowering", report.ok, report.summary(), report.to_json())]
     plan_text = print_module(final, pipeline=manager.pipeline_text)
     served_name = Path(final.model.attrs["path"]).name
     manifest = build_manifest(final, manager.pipeline_text, spec_path, plan_text, source, verifications, served_name)
-    write_server(out_dir, final, manager.pipeline_text, source, manifest)
+    write_server(out_dir, final, manager.pipeline_text, source, manifest, seconds=times)
     times["total"] = time.perf_counter() - t0
     return CompileResult(Path(out_dir), final, manager.pipeline_text, report.summary(), times)
 
 
 def verify_server(server_dir: Path) -> tuple[bool, list[str]]:
     """Re-check a built server: files present, weights unchanged, plan valid, accuracy still met."""
-    from vsc.backends.server.emit import model_file_checksums
+    from vsc.backends.server.emit import model_file_checksums, sha256_file
     from vsc.backends.torch.accuracy import check_accuracy
     from vsc.backends.torch.codegen import load_runner_class
 
@@ -138,9 +185,23 @@ def verify_server(server_dir: Path) -> tuple[bool, list[str]]:
     changed = sorted(k for k in manifest["model"]["files"] if now.get(k) != manifest["model"]["files"][k])
     lines.append("weights: " + ("unchanged" if not changed else f"changed since compile: {', '.join(changed)}"))
     ok &= not changed
+    kernels = (manifest.get("kernels") or {}).get("files") or {}
+    if kernels:
+        folder = server_dir / manifest["kernels"]["dir"]
+        bad = sorted(name for name, digest in kernels.items()
+                     if not (folder / name).is_file() or sha256_file(folder / name) != digest)
+        lines.append(f"kernels: {len(kernels)} files unchanged" if not bad
+                     else f"kernels: missing or changed since compile: {', '.join(bad)}")
+        ok &= not bad
+    if not can_run_here(module):
+        # Not run is not passed: the folder is verified only once the check has run on a GPU host.
+        lines.append("accuracy: not run: the plan targets cuda and this machine has no CUDA device; "
+                     "run `vsc verify` on the GPU host")
+        return False, lines
     runner_cls = load_runner_class((server_dir / "model.py").read_text(), f"vsc_server_{server_dir.name}")
     settings = accuracy_settings(module)
-    report = check_accuracy(module, runner_cls(str(model_dir)), probes=settings.probes, tolerance=settings.tolerance)
+    report = check_accuracy(module, runner_cls(str(model_dir), device=runner_device(module)), probes=settings.probes,
+                            tolerance=settings.tolerance)
     lines.append(f"accuracy: {report.summary()}")
     ok &= report.ok
     return ok, lines

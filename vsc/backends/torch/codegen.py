@@ -23,6 +23,26 @@ Position-only work is hoisted out of the loop: the RoPE table lookup (`rope_cos,
 and the attention metadata (cache slots, masks; built once per step, shared by layers).
 The `sample` op is not lowered: runners return logits and the engine's sampler picks.
 
+CUDA plans (`target cuda`): ops whose kernel is `triton.*` call the launch wrappers of
+`vsc.runtime.kernels.triton_ops`, imported under `triton_` names (`triton_rmsnorm`, ...), as
+docs/triton-kernels.md wires them; everything else stays on `torch_ops`, and the runner's
+default device is "cuda". Where a Triton kernel does not cover a case, the runner falls back:
+
+- `attention` on `triton.paged_attention` runs the Triton cache-write + paged decode
+  kernels in decode steps only; prefill and mixed steps call `torch_ops.paged_attention`.
+- `rope` on `triton.rope` rotates q and k in place, indexing the whole RotaryTable by the
+  step's positions (so no per-step cos/sin lookup is hoisted for it). In place is safe
+  only when nothing else reads q, k or the tensor they are views of, and those buffers
+  were made in the same op list (a loop would otherwise rotate them again next
+  iteration); otherwise q and k are cloned first.
+- `add_rmsnorm` on `triton.rmsnorm` is the out-of-place `add_rmsnorm`, or, when `b` is
+  such a dead, owned buffer, `rmsnorm(a, w, eps, residual=b)`, which writes the sum over
+  `b` (one allocation fewer, same bytes).
+
+A kernel's config (`via triton.rmsnorm{BLOCK_N = 4096}`) becomes the wrapper's `config=`.
+This module never imports triton; the generated file does, through `triton_ops`. CPU plans
+generate exactly what they did before the Triton wiring.
+
 `load_runner_class(source, module_name)` execs generated source into a fresh module and
 returns its `Runner` (the accuracy check and tests use it; a server imports its file).
 """
@@ -39,6 +59,7 @@ from vsc.errors import VscError
 from vsc.ir.kernels import KERNELS
 from vsc.ir.module import Op, ServingModule, is_value, walk_ops
 from vsc.ir.printer import print_module
+from vsc.ir.rewrite import users
 from vsc.ir.types import Origin
 from vsc.runtime.kernels import TORCH_KERNELS
 
@@ -84,6 +105,23 @@ _RESERVED = set(keyword.kwlist) | {
     "AttentionMetadata", "RotaryTable", "attention_metadata", "allocate_kv_cache",
 } | {fn.__name__ for fn in TORCH_KERNELS.values()}
 
+# Triton kernels of the catalog a cuda runner calls: (IR kernel, op kind) -> wrapper of
+# vsc.runtime.kernels.triton_ops. Named here, not imported: codegen never imports triton.
+_TRITON_WRAPPERS = {
+    ("triton.rmsnorm", "rmsnorm"): "rmsnorm",
+    ("triton.rmsnorm", "add_rmsnorm"): "add_rmsnorm",
+    ("triton.rope", "rope"): "rope",
+    ("triton.silu_mul", "silu_mul"): "silu_mul",
+    ("triton.paged_attention", "attention"): "paged_attention",
+}
+# The torch_ops function a Triton kernel falls back to (steps the kernel does not cover).
+_TRITON_FALLBACKS = {"triton.paged_attention": "paged_attention"}
+# Names the wrappers are imported under in a cuda runner (`triton_rmsnorm`, ...).
+_TRITON_NAMES = {"triton_" + fn for fn in _TRITON_WRAPPERS.values()}
+# Op kinds whose torch and Triton implementations return a fresh tensor that the step owns
+# alone (no view of an operand or a weight): what an in-place kernel may overwrite.
+_FRESH_RESULTS = {"embed", "linear", "add", "mul", "silu", "silu_mul", "moe"}
+
 # Attributes of Runner that top-level weights must not shadow.
 _RUNNER_ATTRS = {"device", "cache_config", "vocab_size", "kv_cache", "layers", "rope", "prefill", "decode",
                  "create_kv_cache", "forward"}
@@ -110,6 +148,8 @@ class _RunnerWriter:
 
     def __init__(self, module: ServingModule, pipeline: str | None, unroll: bool):
         self.module = module
+        self.cuda = module.target.kind == "cuda"
+        self.reserved = _RESERVED | _TRITON_NAMES if self.cuda else _RESERVED
         self.model = module.model
         self.attrs = module.model.attrs
         self.unroll = unroll
@@ -124,6 +164,11 @@ class _RunnerWriter:
         self.layer_weights, self.top_weights = self._name_weights()
         self.constants = self._constants()
         self.rope_tables = self._rope_tables()
+        self.rope_lookups = {(float(op.attrs["theta"]), int(op.attrs["head_dim"])) for op in walk_ops(self.body)
+                             if op.kind == "rope" and not self._is_triton(op)}
+        self.uses = users(self.body, self.model.func.returns)
+        self.producers = self._producers()
+        self.triton_calls: set[str] = set()      # triton_ops wrappers the step calls (noted while writing it)
 
     # --- checks --------------------------------------------------------------------------
 
@@ -164,10 +209,14 @@ class _RunnerWriter:
                 raise LoweringError(f"kernel '{name}' does not implement '{op.kind}' ({_describe(op)})", op.origin)
             if op.kind in _ENGINE_OPS:
                 continue
+            if name.startswith("triton.") and self.cuda:
+                self._check_triton(op)
+                continue
             if name not in TORCH_KERNELS:
                 known = ", ".join(sorted(TORCH_KERNELS))
+                hint = "; triton.* kernels run on cuda targets only" if name.startswith("triton.") else ""
                 raise LoweringError(f"kernel '{name}' for '{_describe(op)}' has no torch implementation "
-                                    f"(the torch backend runs: {known})", op.origin)
+                                    f"(the torch backend runs: {known}){hint}", op.origin)
             if op.kernel.config:
                 raise LoweringError(f"kernel '{name}' takes no config, got {op.kernel.config!r}", op.origin)
             if op.kind == "rope" and op.operands[2] != "%positions":
@@ -186,6 +235,19 @@ class _RunnerWriter:
         returns = self.model.func.returns
         if not returns or returns[0] in sampled:
             raise LoweringError("the step must return logits first")
+
+    def _check_triton(self, op: Op) -> None:
+        name = op.kernel.name
+        if (name, op.kind) not in _TRITON_WRAPPERS:
+            known = ", ".join(sorted({k for k, _ in _TRITON_WRAPPERS}))
+            raise LoweringError(f"kernel '{name}' for '{_describe(op)}' has no Triton wrapper in the runtime "
+                                f"(known: {known})", op.origin)
+        if op.kind == "rope" and op.operands[2] != "%positions":
+            raise LoweringError(f"'{_describe(op)}' rotates by {op.operands[2]}; the runner rotates by "
+                                "the step's %positions only", op.origin)
+        if op.kind == "attention" and self.module.cache.layout != "paged":
+            raise LoweringError(f"kernel '{name}' reads a paged KV cache; this plan's cache is "
+                                f"{self.module.cache.layout}", op.origin)
 
     def _check_weights(self) -> None:
         for w in self.model.weights:
@@ -207,14 +269,14 @@ class _RunnerWriter:
 
     def _name_values(self) -> dict[str, str]:
         """SSA value -> Python local, the same name minus `%` wherever that is a free identifier."""
-        taken = set(_RESERVED)
+        taken = set(self.reserved)
         out: dict[str, str] = {}
 
         def give(value: str) -> None:
             if value in out:
                 return
             base = _identifier(value)
-            if base in _RESERVED:
+            if base in self.reserved:
                 base += "_"
             name, n = base, 1
             while name in taken:
@@ -249,7 +311,7 @@ class _RunnerWriter:
         for o in read_in_layer + read_top:
             if o not in self.weights:
                 raise LoweringError(f"weight {o} is read but not declared")
-        layer_names = self._short_names(read_in_layer, set(self.locals.values()) | _RESERVED)
+        layer_names = self._short_names(read_in_layer, set(self.locals.values()) | self.reserved)
         top_names = self._short_names(read_top, _RUNNER_ATTRS)
         return [(w, layer_names[w]) for w in read_in_layer], top_names
 
@@ -341,6 +403,94 @@ class _RunnerWriter:
 
     # --- ops -----------------------------------------------------------------------------
 
+    @staticmethod
+    def _is_triton(op: Op) -> bool:
+        return op.kernel is not None and op.kernel.name.startswith("triton.")
+
+    def _producers(self) -> dict[str, tuple[Op, list[Op]]]:
+        """SSA value -> (the op that defines it, the op list that op sits in)."""
+        out: dict[str, tuple[Op, list[Op]]] = {}
+
+        def visit(ops: list[Op]) -> None:
+            for op in ops:
+                for r in op.results:
+                    out[r] = (op, ops)
+                if op.region is not None:
+                    visit(op.region.ops)
+        visit(self.body)
+        return out
+
+    def _owned(self, value: str, op: Op, ops: list[Op]) -> bool:
+        """May `op` (in `ops`) overwrite `value`'s memory? Only when `op` is its one reader
+        (no other op, yield or return reads it), it was made in the same op list (so a loop
+        does not overwrite it again on a later iteration), and its memory is nobody else's:
+        the fresh result of an op, or a split piece of such a result that only the split reads."""
+        readers = self.uses.get(value, [])
+        if not is_value(value) or len(readers) != 1 or readers[0] is not op:
+            return False
+        made = self.producers.get(value)
+        if made is None or made[1] is not ops:
+            return False
+        producer = made[0]
+        if producer.kind in _FRESH_RESULTS:
+            return True
+        if producer.kind == "split":
+            return self._owned(producer.operands[0], producer, ops)
+        return False
+
+    def _op_lines(self, op: Op, in_layer: bool, ops: list[Op]) -> list[str]:
+        """The lines that run `op` (indented relative to the step), none for engine ops."""
+        if not self._is_triton(op):
+            line = self._op_line(op, in_layer)
+            return [] if line is None else [line]
+        lines = self._triton_lines(op, in_layer, ops)
+        for line in lines:
+            self.triton_calls.update(re.findall(r"\btriton_(\w+)\(", line))
+        return lines
+
+    def _triton_lines(self, op: Op, in_layer: bool, ops: list[Op]) -> list[str]:
+        wrapper = "triton_" + _TRITON_WRAPPERS[(op.kernel.name, op.kind)]
+        args = [self._operand(o, in_layer) for o in op.operands]
+        results = [self.locals[r] for r in op.results]
+        config = [f"config={dict(op.kernel.config)!r}"] if op.kernel.config else []
+        if op.kind in ("rmsnorm", "add_rmsnorm"):
+            eps = "RMS_NORM_EPS" if op.attrs["eps"] == self.constants["RMS_NORM_EPS"] else repr(op.attrs["eps"])
+        if op.kind == "rmsnorm":
+            call = [*args, eps, *config]
+            return [f"{results[0]} = {wrapper}({', '.join(call)})"]
+        if op.kind == "add_rmsnorm":
+            a, b, w = args
+            if op.operands[0] != op.operands[1] and self._owned(op.operands[1], op, ops):
+                call = [a, w, eps, f"residual={b}", *config]
+                return [f"{results[0]}, {results[1]} = triton_rmsnorm({', '.join(call)}), {b}"
+                        f"  # the sum overwrites {b}, unread from here on"]
+            call = [a, b, w, eps, *config]
+            return [f"{', '.join(results)} = {wrapper}({', '.join(call)})"]
+        if op.kind == "silu_mul":
+            return [f"{results[0]} = {wrapper}({', '.join([*args, *config])})"]
+        if op.kind == "rope":
+            q, k, positions = args
+            in_place = op.operands[0] != op.operands[1] and all(self._owned(v, op, ops) for v in op.operands[:2])
+            if not in_place:
+                q, k = f"{q}.clone()", f"{k}.clone()"
+            suffix = self.rope_tables[(float(op.attrs["theta"]), int(op.attrs["head_dim"]))]
+            call = [q, k, f"self.rope{suffix}.cos", f"self.rope{suffix}.sin", self._attr(op, "head_dim"),
+                    f"positions={positions}", *config]
+            note = "in place" if in_place else "on copies: q or k is read elsewhere"
+            return [f"{', '.join(results)} = {wrapper}({', '.join(call)})  # {note}"]
+        if op.kind == "attention":
+            shape = [self._attr(op, key) for key in ("heads", "kv_heads", "head_dim", "scale")]
+            fast = [*args, "k_cache", "v_cache", "batch.slot_mapping", "batch.block_tables", "batch.context_lens",
+                    *shape, "BLOCK_SIZE", *config]
+            slow = [*args, "k_cache", "v_cache", "meta", *shape]
+            return [
+                "if meta.is_decode:",
+                f"    {results[0]} = {wrapper}({', '.join(fast)})",
+                "else:  # prefill / mixed step: no Triton kernel yet",
+                f"    {results[0]} = {_TRITON_FALLBACKS[op.kernel.name]}({', '.join(slow)})",
+            ]
+        raise LoweringError(f"no Triton lowering for '{_describe(op)}'", op.origin)
+
     def _operand(self, operand: str, in_layer: bool) -> str:
         if is_value(operand):
             return self.locals[operand]
@@ -372,17 +522,19 @@ class _RunnerWriter:
     # --- source --------------------------------------------------------------------------
 
     def source(self) -> str:
+        runner = self._runner_class()        # first: writing the step notes the Triton wrappers to import
         out: list[str] = []
         out += self._header()
         out += self._constant_lines()
         out += self._weight_table()
-        out += self._runner_class()
+        out += runner
         return "\n".join(out) + "\n"
 
     def _header(self) -> list[str]:
         a, m = self.attrs, self.module
         kernels = sorted({op.kernel.name for op in walk_ops(self.body) if op.kernel is not None and op.kind not in _ENGINE_OPS})
-        functions = sorted({TORCH_KERNELS[k].__name__ for k in kernels})
+        functions = sorted({TORCH_KERNELS[k].__name__ for k in kernels if k in TORCH_KERNELS}
+                           | {_TRITON_FALLBACKS[k] for k in kernels if k in _TRITON_FALLBACKS})
         cache = m.cache
         blocks = f"{self.constants['NUM_BLOCKS']} x {self.constants['BLOCK_SIZE']}-token blocks"
         return [
@@ -402,9 +554,18 @@ class _RunnerWriter:
             "    AttentionMetadata, RotaryTable, allocate_kv_cache, attention_metadata,",
             "    " + ", ".join(functions) + ",",
             ")",
+            *self._triton_imports(),
             "from vsc.runtime.weights import WeightSpec, load_weights",
             "",
         ]
+
+    def _triton_imports(self) -> list[str]:
+        if not self.triton_calls:
+            return []
+        names = [f"{name} as triton_{name}" for name in sorted(self.triton_calls)]
+        return ["from vsc.runtime.kernels.triton_ops import (  # imports triton",
+                "    " + ", ".join(names) + ",",
+                ")"]
 
     def _constant_lines(self) -> list[str]:
         lines = ["# Plan constants: model sizes, numerics and cache geometry."]
@@ -462,7 +623,7 @@ class _RunnerWriter:
             "class Runner:",
             f'    """Runs plan @{self.module.name} step by step (the ModelRunner protocol of vsc.runtime.api)."""',
             "",
-            "    def __init__(self, model_dir: str, device: str | torch.device = \"cpu\"):",
+            f"    def __init__(self, model_dir: str, device: str | torch.device = \"{'cuda' if self.cuda else 'cpu'}\"):",
             "        self.device = torch.device(device)",
             f"        w = load_weights(model_dir, WEIGHTS, layers=LAYERS, experts={'EXPERTS' if 'EXPERTS' in c else 0}, device=self.device)",
         ]
@@ -510,15 +671,14 @@ class _RunnerWriter:
         params = [(self.locals[p], _BATCH_FIELDS[p]) for p, _ in self.model.func.params]
         lines.append(ind + ", ".join(n for n, _ in params) + " = " + ", ".join(f for _, f in params))
         positions = self.locals.get("%positions", "positions")
-        for suffix in self.rope_tables.values():
-            lines.append(f"{ind}rope_cos{suffix}, rope_sin{suffix} = self.rope{suffix}.lookup({positions})")
+        for key, suffix in self.rope_tables.items():
+            if key in self.rope_lookups:
+                lines.append(f"{ind}rope_cos{suffix}, rope_sin{suffix} = self.rope{suffix}.lookup({positions})")
         for op in self.body:
             if op.kind == "repeat":
                 lines += self._layer_lines(op, ind)
                 continue
-            line = self._op_line(op, in_layer=False)
-            if line is not None:
-                lines.append(ind + line)
+            lines += [ind + line for line in self._op_lines(op, False, self.body)]
         logits = self.locals[self.model.func.returns[0]]
         engine = [op for op in self.body if op.kind in _ENGINE_OPS]
         note = f"  # {engine[0].kind} ({', '.join(engine[0].results)}) runs in the engine's sampler" if engine else ""
@@ -539,9 +699,7 @@ class _RunnerWriter:
             if unpack:
                 out.append(f"{indent}{unpack}{',' if len(self.layer_weights) == 1 else ''} = layer_weights")
             for inner in region.ops:
-                line = self._op_line(inner, in_layer=True)
-                if line is not None:
-                    out.append(indent + line)
+                out += [indent + line for line in self._op_lines(inner, True, region.ops)]
             out.append(f"{indent}{', '.join(carried)} = {', '.join(yields)}")
             return out
 
