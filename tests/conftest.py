@@ -1,16 +1,26 @@
-"""Shared fixtures: small ServingModules built from config-only model folders (no weights needed)."""
+"""Shared fixtures: small ServingModules built from config-only model folders (no weights needed).
+
+TRITON_INTERPRET=1 is set here, before anything imports torch: torch itself may import
+triton while a test runs the HF reference, and Triton fixes interpret-or-compile at its
+first import. Without this the Triton kernel tests would find it in compile mode (no GPU
+here) and skip. `TRITON_INTERPRET=0 pytest` on a GPU box runs them compiled.
+"""
 from __future__ import annotations
 
-import json
-from pathlib import Path
+import os
 
-import pytest
-import torch
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from vsc.ir.hf_import import build_model_graph
-from vsc.ir.module import BatchingPolicy, CacheLayout, RequestGraph, Schedule, ServingModule, Stage, Target
-from vsc.ir.sizes import kv_bytes_per_token
-from vsc.ir.types import Origin
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from vsc.ir.hf_import import build_model_graph  # noqa: E402
+from vsc.ir.module import BatchingPolicy, CacheLayout, RequestGraph, Schedule, ServingModule, Stage, Target  # noqa: E402
+from vsc.ir.sizes import kv_bytes_per_token  # noqa: E402
+from vsc.ir.types import Origin  # noqa: E402
 
 torch.set_num_threads(1)
 

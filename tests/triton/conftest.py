@@ -1,9 +1,8 @@
 """Triton kernels run on this CPU-only machine through Triton's interpreter.
 
-Triton fixes interpret-or-compile when it is first imported, so TRITON_INTERPRET=1 is
-set here, at collection, before any test module imports triton. It stays set for the
-whole session (Triton reads it again lazily after import); nothing outside tests/triton
-imports triton, and the AOT compilation runs in a subprocess without it. On a GPU box,
+Triton fixes interpret-or-compile when it is first imported, so TRITON_INTERPRET=1 is set
+by tests/conftest.py (imported first, before torch, which may itself import triton) and
+again here for runs of this folder alone. The AOT compilation runs in a subprocess without it. On a GPU box,
 `TRITON_INTERPRET=0 pytest tests/triton` runs the kernel tests compiled, on CUDA tensors.
 """
 from __future__ import annotations
