@@ -30,7 +30,7 @@ def run(capsys, *argv):
     return code, out, err
 
 
-@pytest.mark.parametrize("example", ["chat", "shared-prefix", "code-edit"])
+@pytest.mark.parametrize("example", ["chat", "shared-prefix", "code-edit", "chat-h100"])
 def test_parse_prints_valid_ir_for_each_example(workspace, capsys, example):
     code, out, err = run(capsys, "parse", workspace / "examples" / f"{example}.vs")
     assert code == 0, err
