@@ -315,66 +315,70 @@ class _App:
 
     # ----------------------------------------------------------------- endpoints
     async def completions(self, request: Request) -> Response:
-        arrival = time.monotonic()
-        try:
-            body = await self._json(request)
-            params, stream, include_usage = _common(body, chat=False)
-            prompt = body.get("prompt")
-            tok = self.tokenizer
-            if isinstance(prompt, str):
-                ids = tok.encode(prompt, add_special_tokens=True)
-            elif isinstance(prompt, list) and prompt:
-                first = prompt[0]
-                if type(first) is int:
-                    ids = _token_list(prompt, "prompt", self.vocab)
-                elif len(prompt) > 1:
-                    raise _bad("prompt", "batched prompts are not supported: send one prompt per request")
-                elif isinstance(first, str):
-                    ids = tok.encode(first, add_special_tokens=True)
-                elif isinstance(first, list) and first:
-                    ids = _token_list(first, "prompt", self.vocab)
-                else:
-                    raise _bad("prompt", "'prompt' must be a string, a list of token ids, or a list with one of those")
-            else:
-                raise _bad("prompt", "'prompt' must be a string, a list of token ids, or a list with one of those")
-            ids = list(ids)
-            if not ids:
-                raise _bad("prompt", "the prompt is empty")
-            if params.max_tokens is None:     # OpenAI's default of 16, clamped to the room left in the context
-                params.max_tokens = min(16, self._fit(len(ids), None, "prompt"))
-            else:
-                self._fit(len(ids), params.max_tokens)
-        except ApiError as e:
-            return e.response()
-        except ClientDisconnect:
-            return Response(b"", status_code=499)
-        except Exception:
-            log.exception("failed to parse a completion request")
-            return _internal("reading the request").response()
-        return await self._serve(request, "cmpl-", False, ids, params, stream, include_usage, arrival)
+        return await self._handle(request, self._completion_prompt, "cmpl-", chat=False)
 
     async def chat_completions(self, request: Request) -> Response:
+        return await self._handle(request, self._chat_prompt, "chatcmpl-", chat=True)
+
+    async def _handle(self, request: Request, prompt_of, prefix: str, chat: bool) -> Response:
+        """Parse and check a request (`prompt_of(body, params) -> ids`), then serve it.
+
+        Every way parsing can fail ends here as one response: a 400 for the caller's
+        mistakes, 499 for a client gone mid-upload, 500 (logged) for our own.
+        """
         arrival = time.monotonic()
         try:
             body = await self._json(request)
-            params, stream, include_usage = _common(body, chat=True)
-            messages = _messages(body)
-            try:
-                text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-            except Exception as e:  # template errors (role order, ...) are the caller's
-                raise _bad("messages", f"the chat template rejected the messages: {e}") from None
-            ids = list(self.tokenizer.encode(text, add_special_tokens=False))
-            if not ids:
-                raise _bad("messages", "the prompt is empty")
-            params.max_tokens = self._fit(len(ids), params.max_tokens, "messages")
+            params, stream, include_usage = _common(body, chat=chat)
+            ids = prompt_of(body, params)
         except ApiError as e:
             return e.response()
         except ClientDisconnect:
             return Response(b"", status_code=499)
         except Exception:
-            log.exception("failed to parse a chat completion request")
+            log.exception("failed to parse a %s request", "chat completion" if chat else "completion")
             return _internal("reading the request").response()
-        return await self._serve(request, "chatcmpl-", True, ids, params, stream, include_usage, arrival)
+        return await self._serve(request, prefix, chat, ids, params, stream, include_usage, arrival)
+
+    def _completion_prompt(self, body: dict, params: SamplingParams) -> list[int]:
+        prompt = body.get("prompt")
+        tok = self.tokenizer
+        if isinstance(prompt, str):
+            ids = tok.encode(prompt, add_special_tokens=True)
+        elif isinstance(prompt, list) and prompt:
+            first = prompt[0]
+            if type(first) is int:
+                ids = _token_list(prompt, "prompt", self.vocab)
+            elif len(prompt) > 1:
+                raise _bad("prompt", "batched prompts are not supported: send one prompt per request")
+            elif isinstance(first, str):
+                ids = tok.encode(first, add_special_tokens=True)
+            elif isinstance(first, list) and first:
+                ids = _token_list(first, "prompt", self.vocab)
+            else:
+                raise _bad("prompt", "'prompt' must be a string, a list of token ids, or a list with one of those")
+        else:
+            raise _bad("prompt", "'prompt' must be a string, a list of token ids, or a list with one of those")
+        ids = list(ids)
+        if not ids:
+            raise _bad("prompt", "the prompt is empty")
+        if params.max_tokens is None:     # OpenAI's default of 16, clamped to the room left in the context
+            params.max_tokens = min(16, self._fit(len(ids), None, "prompt"))
+        else:
+            self._fit(len(ids), params.max_tokens)
+        return ids
+
+    def _chat_prompt(self, body: dict, params: SamplingParams) -> list[int]:
+        messages = _messages(body)
+        try:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        except Exception as e:  # template errors (role order, ...) are the caller's
+            raise _bad("messages", f"the chat template rejected the messages: {e}") from None
+        ids = list(self.tokenizer.encode(text, add_special_tokens=False))
+        if not ids:
+            raise _bad("messages", "the prompt is empty")
+        params.max_tokens = self._fit(len(ids), params.max_tokens, "messages")
+        return ids
 
     async def _serve(self, request: Request, prefix: str, chat: bool, ids: list[int], params: SamplingParams,
                      stream: bool, include_usage: bool, arrival: float) -> Response:
