@@ -26,5 +26,5 @@ deployment chat_h100 {
 
   accuracy { greedy_exact(probes = 8) }
   serve { host = "127.0.0.1", port = 8000, max_context = 2048, api = openai }
-  optimize "fuse-qkv,fuse-gate-up,fuse-silu-mul,fuse-add-rmsnorm,paged-kv{block=16},continuous-batching{max_batch=64,max_tokens=8192},select-kernels"
+  optimize "fuse-qkv,fuse-gate-up,fuse-silu-mul,fuse-add-rmsnorm,fold-rope-tables,paged-kv{block=16},continuous-batching{max_batch=64,max_tokens=8192},select-kernels"
 }

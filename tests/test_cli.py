@@ -30,7 +30,7 @@ def run(capsys, *argv):
     return code, out, err
 
 
-@pytest.mark.parametrize("example", ["chat", "shared-prefix", "code-edit", "chat-h100"])
+@pytest.mark.parametrize("example", ["chat", "shared-prefix", "code-edit", "code-edit-spec", "chat-h100"])
 def test_parse_prints_valid_ir_for_each_example(workspace, capsys, example):
     code, out, err = run(capsys, "parse", workspace / "examples" / f"{example}.vs")
     assert code == 0, err
@@ -45,10 +45,10 @@ def test_opt_runs_the_spec_pipeline_and_prints_changes(workspace, capsys, tmp_pa
     assert code == 0, err
     final = parse_module(out)
     assert final.cache.layout == "paged" and final.batching.mode == "continuous"
-    assert err.count("// ----- IR after") == 4 and "total" in err
+    assert err.count("// ----- IR after") == 5 and "total" in err
     dumps = sorted(p.name for p in (tmp_path / "d").iterdir())
-    assert dumps == ["000_input.vsir", "001_fuse-qkv.vsir", "002_fuse-gate-up.vsir", "003_paged-kv.vsir",
-                     "004_continuous-batching.vsir"]
+    assert dumps == ["000_input.vsir", "001_fuse-qkv.vsir", "002_fuse-gate-up.vsir", "003_fold-rope-tables.vsir",
+                     "004_paged-kv.vsir", "005_continuous-batching.vsir"]
     assert read_pipeline_header(out) == read_pipeline_header((tmp_path / "d" / dumps[-1]).read_text())
 
 

@@ -91,6 +91,8 @@ def lower_and_check(module: ServingModule, settings: AccuracySettings | None = N
 
     runner_cls = load_runner_class(source, f"vsc_runner_{module.name}")
     runner = runner_cls(module.model.attrs["path"], device=runner_device(module))
+    from vsc.backends.torch.draft import attach_draft_runner
+    attach_draft_runner(module, runner)           # speculative{method=draft}: the engine run drafts with it
     report = check_accuracy(module, runner, probes=settings.probes, tolerance=settings.tolerance)
     return source, report
 
@@ -200,7 +202,11 @@ def verify_server(server_dir: Path) -> tuple[bool, list[str]]:
         return False, lines
     runner_cls = load_runner_class((server_dir / "model.py").read_text(), f"vsc_server_{server_dir.name}")
     settings = accuracy_settings(module)
-    report = check_accuracy(module, runner_cls(str(model_dir), device=runner_device(module)), probes=settings.probes,
+    runner = runner_cls(str(model_dir), device=runner_device(module))
+    from vsc.backends.torch.draft import DRAFT_RUNNER_FILE, attach_draft_runner
+    draft_file = server_dir / DRAFT_RUNNER_FILE
+    attach_draft_runner(module, runner, draft_file.read_text() if draft_file.is_file() else None)
+    report = check_accuracy(module, runner, probes=settings.probes,
                             tolerance=settings.tolerance)
     lines.append(f"accuracy: {report.summary()}")
     ok &= report.ok

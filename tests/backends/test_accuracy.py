@@ -62,9 +62,9 @@ def test_generated_runner_is_greedy_exact(tiny_dirs, arch, fused, layout):
     report = check_accuracy(module, make_runner(module), probes=6, tolerance=None)
     assert report.ok, report.summary()
     assert all(p.exact for p in report.probes) and report.near_ties == 0
-    assert [p.run for p in report.probes] == ["batched"] * 6 + ["chunked", "mixed"]
+    assert [p.run for p in report.probes] == ["batched"] * 6 + ["chunked", "mixed"] + ["engine"] * 6 + ["engine-prefix"] * 8
     assert report.max_logit_error < 1e-4
-    assert report.summary().startswith("6/6 probes exact over 16 tokens, chunked-prefill run exact; max |dlogit| ")
+    assert report.summary().startswith("6/6 probes exact over 16 tokens, chunked-prefill run exact, engine run exact; max |dlogit| ")
     json.dumps(report.to_json())
 
 
@@ -206,3 +206,30 @@ def test_reference_model_is_loaded_once_per_folder(tiny_dirs):
 
 def test_default_tolerance_depends_on_plan_dtype():
     assert DEFAULT_TOLERANCE["f32"] == 1e-3 and DEFAULT_TOLERANCE["bf16"] > DEFAULT_TOLERANCE["f16"] > DEFAULT_TOLERANCE["f32"]
+
+
+def test_engine_run_catches_a_block_manager_that_hands_out_a_used_block(tiny_dirs, monkeypatch):
+    """A runtime-level bug the runner-only runs cannot see: when a table grows past its first
+    block, the block manager hands out the head of the free list without taking it off, so
+    the next allocation gets the same block and two sequences write one block's KV. Only
+    the run through the engine catches it."""
+    from vsc.runtime.block_manager import BlockManager
+
+    real_grow = BlockManager.grow
+
+    def leaky_grow(self, table, n_tokens):
+        if table and self.blocks_for(n_tokens) > len(table) and self.free_blocks:
+            block = self.free_blocks[0]          # peeked, not popped: still free for the next caller
+            self.refcount[block] = 1
+            table.append(block)
+            return
+        real_grow(self, table, n_tokens)
+
+    module = build(tiny_dirs["llama"], "paged-kv{block=16},continuous-batching{max_batch=8,max_tokens=512}")
+    runner = make_runner(module)
+    monkeypatch.setattr(BlockManager, "grow", leaky_grow)
+    report = check_accuracy(module, runner, probes=4, tolerance=None)
+    assert not report.ok
+    assert report.first_divergence.run.startswith("engine"), report.summary()
+    assert all(p.divergence is None for p in report.probes if not p.run.startswith("engine"))
+    assert "(through the engine" in report.summary()

@@ -90,7 +90,7 @@ def test_chat_pipeline_source_reads_like_the_plan(tiny_dirs):
         "for layer_weights, (k_cache, v_cache) in zip(self.layers, self.kv_cache):",
         "qkv = linear(xn, qkv_proj)",
         "q, k, v = split(qkv, (128, 64, 64))",
-        "q_rot, k_rot = rope(q, k, rope_cos, rope_sin, HEAD_DIM)",
+        "q_rot, k_rot = rope_positions(q, k, positions, ROPE_THETA, HEAD_DIM)",   # unfolded: cos/sin in the op
         "attn = paged_attention(q_rot, k_rot, v, k_cache, v_cache, meta, HEADS, KV_HEADS, HEAD_DIM, ATTN_SCALE)",
         "gate, up = split(gate_up, (384, 384))",
         "logits = linear(h_last, self.lm_head)",

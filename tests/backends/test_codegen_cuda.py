@@ -29,8 +29,10 @@ from vsc.passes.manager import PassManager
 
 REPO = Path(__file__).resolve().parents[2]
 # The optimize line of examples/chat-h100.vs (kept equal by test_the_example_uses_this_pipeline).
-CUDA_PIPELINE = ("fuse-qkv,fuse-gate-up,fuse-silu-mul,fuse-add-rmsnorm,paged-kv{block=16},"
+CUDA_PIPELINE = ("fuse-qkv,fuse-gate-up,fuse-silu-mul,fuse-add-rmsnorm,fold-rope-tables,paged-kv{block=16},"
                  "continuous-batching{max_batch=64,max_tokens=8192},select-kernels")
+# The same without fold-rope-tables: `rope` ops on triton.rope compute their cos/sin rows in the op.
+UNFOLDED_CUDA_PIPELINE = CUDA_PIPELINE.replace("fold-rope-tables,", "")
 CPU_PIPELINE = "fuse-qkv,fuse-gate-up,fuse-silu-mul,fuse-add-rmsnorm,paged-kv{block=16},select-kernels"
 
 SPEC = """deployment {name} {{
@@ -96,7 +98,7 @@ def test_every_triton_op_calls_its_wrapper(llama_cuda):
                   if op.kernel is not None and op.kernel.name.startswith("triton.")]
     assert {op.kernel.name for op in triton_ops} == {"triton.rmsnorm", "triton.rope", "triton.silu_mul",
                                                      "triton.paged_attention"}
-    expected_call = {"rmsnorm": "triton_rmsnorm(", "add_rmsnorm": "triton_rmsnorm(", "rope": "triton_rope(",
+    expected_call = {"rmsnorm": "triton_rmsnorm(", "add_rmsnorm": "triton_rmsnorm(", "rope_rotate": "triton_rope(",
                      "silu_mul": "triton_silu_mul(", "attention": "triton_paged_attention("}
     for op in triton_ops:
         lines = line_assigning(source, op.results)
@@ -105,7 +107,7 @@ def test_every_triton_op_calls_its_wrapper(llama_cuda):
     lines = step_lines(source)
     for expected in [
         "xn = triton_rmsnorm(x, input_layernorm, RMS_NORM_EPS)",
-        "q_rot, k_rot = triton_rope(q, k, self.rope.cos, self.rope.sin, HEAD_DIM, positions=positions)  # in place",
+        "q_rot, k_rot = triton_rope(q, k, rope_cos, rope_sin, HEAD_DIM)  # in place",
         "hn, h_attn = triton_rmsnorm(x, post_attention_layernorm, RMS_NORM_EPS, residual=attn_out), attn_out"
         "  # the sum overwrites attn_out, unread from here on",
         "mlp_in = triton_silu_mul(gate_up)",
@@ -116,9 +118,23 @@ def test_every_triton_op_calls_its_wrapper(llama_cuda):
     for expected in ["qkv = linear(xn, qkv_proj)", "q, k, v = split(qkv, (128, 64, 64))", "h_out = add(h_attn, mlp_out)",
                      "h_last = last_token(h_norm, meta)", "logits = linear(h_last, self.lm_head)"]:
         assert expected in lines, expected
-    # rope reads the whole table by position inside the kernel: no per-step lookup is hoisted
-    assert "rope_cos" not in source and "rope_sin" not in source
+    # fold-rope-tables: the rows of the step's positions are looked up once, before the layer loop
+    lookup = "rope_cos, rope_sin = rope_lookup(positions, self.cos, self.sin)"
+    assert lines.count(lookup) == 1 and lines.index(lookup) < lines.index("xn = triton_rmsnorm(x, input_layernorm, RMS_NORM_EPS)")
     assert 'def __init__(self, model_dir: str, device: str | torch.device = "cuda"):' in source
+
+
+def test_unfolded_rope_on_triton_computes_its_rows_in_the_op(tiny_dirs):
+    """Without fold-rope-tables a `rope` op on triton.rope gets the cos/sin rows of the step's
+    positions from `rope_cos_sin`, per layer; nothing is hoisted and no table is a weight."""
+    module = build(tiny_dirs["llama"], UNFOLDED_CUDA_PIPELINE)
+    assert {op.kernel.name for op in walk_ops(module.model.func.body) if op.kind == "rope"} == {"triton.rope"}
+    source = generate_runner_source(module)
+    compile(source, "runner.py", "exec")
+    lines = step_lines(source)
+    assert ("q_rot, k_rot = triton_rope(q, k, *rope_cos_sin(positions, ROPE_THETA, HEAD_DIM, q.dtype), HEAD_DIM)"
+            "  # in place") in lines
+    assert "rope_lookup" not in source and "rope_cos_sin" in source.split("class Runner", 1)[0]   # imported
 
 
 def test_attention_uses_triton_in_decode_steps_and_torch_in_prefill(llama_cuda):
@@ -162,8 +178,8 @@ def test_in_place_kernels_only_overwrite_dead_buffers(llama_cuda):
     last_add.operands[0] = "%attn_out"
     assert not verify(module)
     lines = step_lines(generate_runner_source(module))
-    assert ("q_rot, k_rot = triton_rope(q.clone(), k.clone(), self.rope.cos, self.rope.sin, HEAD_DIM, "
-            "positions=positions)  # on copies: q or k is read elsewhere") in lines
+    assert ("q_rot, k_rot = triton_rope(q.clone(), k.clone(), rope_cos, rope_sin, HEAD_DIM)"
+            "  # on copies: q or k is read elsewhere") in lines
     assert "hn, h_attn = triton_add_rmsnorm(x, attn_out, post_attention_layernorm, RMS_NORM_EPS)" in lines
 
 
@@ -229,14 +245,15 @@ def test_codegen_never_imports_triton(tiny_dirs):
 
 # sha256 of the generated source minus its `# plan sha256:` line (which hashes the printed
 # plan, tmp paths included), for CPU_PIPELINE on each tiny model, as generated before cuda
-# plans were lowered. A deliberate change to CPU codegen must update these.
+# plans were lowered. A deliberate change to CPU codegen must update these (last: unfolded
+# `rope` ops compute cos/sin in the op, `rope_positions`, instead of a hidden RotaryTable).
 CPU_SOURCE_SHA256 = {
-    ("llama", "f32"): "2989df7515228b4937919e04a18334ec7d77eab95a5ed66b4b4e84c04ce9c896",
-    ("llama", "bf16"): "f61fd26fac4f6fbeb3cc4c9e48f021233c185f8e3c2bc8a30850139dd372b1cd",
-    ("qwen2", "f32"): "4e1dcc2cf4bfaa91141c4c26df78f99cb972a8666075290d78caa0adb344a47e",
-    ("qwen2", "bf16"): "b89dc96c74ec557d4817aab40aceb81dd562ddf0654d98cb6aa74da4055c3f19",
-    ("mixtral", "f32"): "b4daa748ba1c70066cd9a3f83cbb06dec6868b3cfad29a35fc5383ae0a018b17",
-    ("mixtral", "bf16"): "1112d9ecbbd879dc24a58a6367f66531ffcbd32a422ffaa328e4851ac1d12cb3",
+    ("llama", "f32"): "6d17555963fbd869b9c0fe2a9ecaa0f578ede0ae15c878bc72a3512a3d55a4fd",
+    ("llama", "bf16"): "f73c56543bd8b1fe6987a010b4c0259182e3040e78ecc817fcafd2fbe58dfa91",
+    ("qwen2", "f32"): "a38a40f1038df1c657503657273c8ae5693821088333e811b70dcf93f4579e66",
+    ("qwen2", "bf16"): "406dac9ab545ca9a479bfc8a043bcacc7739def7c6e11498dc8227e8f59ced81",
+    ("mixtral", "f32"): "d532d084e3f381c317277ba4209b3937a9c55850379308d7f9c39308becaf1a5",
+    ("mixtral", "bf16"): "f3b8b02c074b88cce6a1847274231dc4b90c12faa8a833c067a07380a191d235",
 }
 
 
@@ -282,14 +299,16 @@ print(json.dumps({"ok": report.ok, "summary": report.summary(), "max_err": repor
 """
 
 
-def test_cuda_runner_matches_the_reference_under_the_triton_interpreter(tiny_dirs):
+@pytest.mark.parametrize("pipeline", [CUDA_PIPELINE, UNFOLDED_CUDA_PIPELINE], ids=["folded-rope", "rope-in-op"])
+def test_cuda_runner_matches_the_reference_under_the_triton_interpreter(tiny_dirs, pipeline):
     """The generated cuda runner, its Triton calls interpreted on CPU tensors (f32, so the
     interpreter's bf16 rounding quirks stay out of it): batched prefill + decode, then a
-    chunked prefill beside a decoding sequence, against transformers."""
+    chunked prefill beside a decoding sequence, against transformers. With and without
+    fold-rope-tables (triton.rope on hoisted rows, or on rows computed in the op)."""
     pytest.importorskip("triton")
     text = SPEC.format(name="interp", path=tiny_dirs["llama"], dtype="f32", target=CUDA)
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", INTERPRETED_RUN, text, CUDA_PIPELINE], env=env, cwd=REPO,
+    done = subprocess.run([sys.executable, "-c", INTERPRETED_RUN, text, pipeline], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])

@@ -8,18 +8,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vsc.ir.sizes import CACHE_DTYPES, FLOAT_CACHE_DTYPES
+
 
 @dataclass(frozen=True)
 class KernelInfo:
+    """A kernel: the op kinds it implements, where it runs, and the KV caches it can read
+    (layouts and element types; only attention kernels touch the cache, the rest take any)."""
+
     name: str
     ops: frozenset[str]
     targets: frozenset[str]
     cache_layouts: frozenset[str] = frozenset({"contiguous", "paged"})
     doc: str = ""
+    cache_dtypes: frozenset[str] = CACHE_DTYPES
 
 
-def _k(name, ops, targets=("cpu", "cuda"), layouts=("contiguous", "paged"), doc=""):
-    return KernelInfo(name, frozenset(ops), frozenset(targets), frozenset(layouts), doc)
+def _k(name, ops, targets=("cpu", "cuda"), layouts=("contiguous", "paged"), doc="", cache_dtypes=CACHE_DTYPES):
+    return KernelInfo(name, frozenset(ops), frozenset(targets), frozenset(layouts), doc, frozenset(cache_dtypes))
 
 
 KERNELS: dict[str, KernelInfo] = {k.name: k for k in [
@@ -31,32 +37,42 @@ KERNELS: dict[str, KernelInfo] = {k.name: k for k in [
     _k("torch.silu", {"silu"}),
     _k("torch.silu_mul", {"silu_mul"}),
     _k("torch.linear", {"linear"}, doc="torch.nn.functional.linear"),
+    _k("torch.linear_int8", {"linear_int8"}, doc="int8 weights dequantized into a reused scratch matrix, then "
+                                                 "F.linear (group 0: convert, then scale the output rows)"),
     _k("torch.split", {"split"}, doc="views, no copy"),
-    _k("torch.rope", {"rope"}, doc="cos/sin computed from positions each step"),
-    _k("torch.sdpa", {"attention"}, layouts=("contiguous",), doc="scaled_dot_product_attention over a contiguous cache slab"),
-    _k("torch.paged_attention", {"attention"}, layouts=("paged",), doc="gather blocks by block table, then attention"),
+    _k("torch.rope", {"rope"}, doc="cos/sin computed from positions inside the op, every call"),
+    _k("torch.rope_lookup", {"rope_lookup"}, doc="index the folded cos/sin tables by position"),
+    _k("torch.rope_rotate", {"rope_rotate"}, doc="rotate by given cos/sin rows"),
+    _k("torch.sdpa", {"attention"}, layouts=("contiguous",), doc="scaled_dot_product_attention over a contiguous cache slab",
+       cache_dtypes=FLOAT_CACHE_DTYPES),
+    _k("torch.paged_attention", {"attention"}, layouts=("paged",), doc="gather blocks by block table, then attention",
+       cache_dtypes=FLOAT_CACHE_DTYPES),
+    _k("torch.paged_attention_int8", {"attention"}, layouts=("paged",), cache_dtypes=("i8",),
+       doc="kv-int8: quantize K/V per (token, kv head) on write, dequantize the gathered blocks on read"),
     _k("torch.moe", {"moe"}, doc="loop over experts with index_add"),
     _k("torch.last_token", {"last_token"}),
     _k("torch.sample", {"sample"}, doc="greedy / temperature / top-k / top-p on tensors"),
     _k("triton.rmsnorm", {"rmsnorm", "add_rmsnorm"}, targets=("cuda",), doc="one pass; fused residual add when given"),
-    _k("triton.rope", {"rope"}, targets=("cuda",)),
+    _k("triton.rope", {"rope", "rope_rotate"}, targets=("cuda",), doc="in place; rope: cos/sin rows computed first"),
     _k("triton.silu_mul", {"silu_mul"}, targets=("cuda",)),
-    _k("triton.paged_attention", {"attention"}, targets=("cuda",), layouts=("paged",)),
+    _k("triton.paged_attention", {"attention"}, targets=("cuda",), layouts=("paged",), cache_dtypes=FLOAT_CACHE_DTYPES),
 ]}
 
 # The kernel each op kind gets when nothing better was chosen, by cache layout where it matters.
 DEFAULT_KERNELS: dict[str, str] = {
     "embed": "torch.embedding", "rmsnorm": "torch.rmsnorm", "add": "torch.add", "add_rmsnorm": "torch.add_rmsnorm", "mul": "torch.mul",
     "silu": "torch.silu", "silu_mul": "torch.silu_mul", "linear": "torch.linear", "split": "torch.split",
-    "rope": "torch.rope", "attention": "torch.sdpa", "moe": "torch.moe", "last_token": "torch.last_token",
+    "rope": "torch.rope", "rope_lookup": "torch.rope_lookup", "rope_rotate": "torch.rope_rotate",
+    "linear_int8": "torch.linear_int8", "attention": "torch.sdpa", "moe": "torch.moe", "last_token": "torch.last_token",
     "sample": "torch.sample",
 }
 PAGED_ATTENTION_KERNEL = "torch.paged_attention"
+PAGED_ATTENTION_INT8_KERNEL = "torch.paged_attention_int8"
 
 
-def default_kernel(op_kind: str, cache_layout: str = "contiguous") -> str | None:
+def default_kernel(op_kind: str, cache_layout: str = "contiguous", cache_dtype: str = "f32") -> str | None:
     if op_kind == "attention" and cache_layout == "paged":
-        return PAGED_ATTENTION_KERNEL
+        return PAGED_ATTENTION_INT8_KERNEL if cache_dtype == "i8" else PAGED_ATTENTION_KERNEL
     return DEFAULT_KERNELS.get(op_kind)
 
 
@@ -64,13 +80,14 @@ def default_kernel(op_kind: str, cache_layout: str = "contiguous") -> str | None
 BACKEND_PREFERENCE = {"cuda": ("triton", "torch"), "cpu": ("torch",)}
 
 
-def best_kernel(op_kind: str, target: str, cache_layout: str) -> str | None:
-    """The preferred kernel for an op kind on a target and cache layout, or None if none fits."""
+def best_kernel(op_kind: str, target: str, cache_layout: str, cache_dtype: str = "f32") -> str | None:
+    """The preferred kernel for an op kind on a target, cache layout and cache dtype, or None if none fits."""
     fitting = [k for k in KERNELS.values()
-               if op_kind in k.ops and target in k.targets and cache_layout in k.cache_layouts]
+               if op_kind in k.ops and target in k.targets and cache_layout in k.cache_layouts
+               and cache_dtype in k.cache_dtypes]
     for backend in BACKEND_PREFERENCE.get(target, ("torch",)):
         names = sorted(k.name for k in fitting if k.name.startswith(backend + "."))
         if names:
-            default = default_kernel(op_kind, cache_layout)
+            default = default_kernel(op_kind, cache_layout, cache_dtype)
             return default if default in names else names[0]
     return None

@@ -143,8 +143,9 @@ class CacheLayout:
     """How the KV cache is laid out and how big it is.
 
     layout: "contiguous" (one max_context slab per batch slot) or "paged" (fixed-size blocks).
-    capacity_tokens * bytes per token (2 * layers * kv_heads * head_dim * dtype size) must
-    fit in budget_bytes.
+    dtype: f32 / bf16 / f16, or i8 (kv-int8: int8 values plus one fp32 scale per token and
+    kv head). capacity_tokens * bytes per token (`vsc.ir.sizes.kv_bytes_per_token`: 2 *
+    layers * kv_heads * (head_dim * dtype size + scale bytes)) must fit in budget_bytes.
     """
 
     layout: str = "contiguous"

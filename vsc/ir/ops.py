@@ -106,6 +106,44 @@ def _rope(ts, attrs):
     return [q, k]
 
 
+def _rope_lookup(ts, attrs):
+    pos, cos, sin = ts
+    _require(pos.dtype in ("i64", "i32") and pos.rank == 1, f"positions must be an integer vector, got {pos}")
+    _require(cos.rank == 2 and cos == sin, f"cos/sin tables must be one rank-2 type [max_position, head_dim], got {cos}, {sin}")
+    _require(cos.dtype in FLOAT_DTYPES, f"cos/sin tables must be float, got {cos}")
+    row = TensorType(cos.dtype, pos.shape + (cos.shape[1],))
+    return [row, row]
+
+
+def _rope_rotate(ts, attrs):
+    q, k, cos, sin = ts
+    hd = attrs["head_dim"]
+    _require(isinstance(hd, int) and hd > 0 and hd % 2 == 0, f"head_dim must be a positive even int, got {hd!r}")
+    for t in (q, k):
+        _require(isinstance(t.shape[-1], int) and t.shape[-1] % hd == 0, f"{t} is not a whole number of heads of {hd}")
+    want = TensorType(q.dtype, q.shape[:-1] + (hd,))
+    _require(cos == want and sin == want, f"cos/sin rows {cos}, {sin} must be {want} (one row per token of {q})")
+    _same_dtype([q, k])
+    return [q, k]
+
+
+def _linear_int8(ts, attrs):
+    x, w, scales, *bias = ts
+    group = attrs["group"]
+    _require(w.dtype == "i8" and w.rank == 2, f"linear_int8 weight must be i8 [out, in], got {w}")
+    _require(x.dtype in FLOAT_DTYPES, f"linear_int8 input must be float, got {x}")
+    _require(x.shape[-1] == w.shape[1], f"linear input {x} does not match weight {w} (in = {w.shape[1]})")
+    _require(isinstance(group, int) and not isinstance(group, bool) and group >= 0,
+             f"group must be a non-negative int (0: one scale per output row), got {group!r}")
+    size = group or w.shape[1]
+    _require(w.shape[1] % size == 0, f"group {group} does not divide in_features {w.shape[1]}")
+    want = TensorType("f32", (w.shape[0], w.shape[1] // size))
+    _require(scales == want, f"scales {scales} must be {want} for group {group}")
+    if bias:
+        _require(bias[0].shape == (w.shape[0],) and bias[0].dtype == x.dtype, f"bias {bias[0]} does not match weight {w} / input {x}")
+    return [x.with_last(w.shape[0])]
+
+
 def _attention(ts, attrs):
     q, k, v = ts
     heads, kv_heads, hd = attrs["heads"], attrs["kv_heads"], attrs["head_dim"]
@@ -157,8 +195,15 @@ OPS: dict[str, OpDef] = {d.kind: d for d in [
     OpDef("silu", "v", (), _unary, "x * sigmoid(x)"),
     OpDef("silu_mul", "v", (), _silu_mul, "silu(x[..., :n]) * x[..., n:] (fused gated MLP activation)"),
     OpDef("linear", "vw?", (), _linear, "x @ W^T (+ b); W is [out, in]"),
+    OpDef("linear_int8", "vww?", ("group",), _linear_int8,
+          "x @ (Wq * scales)^T (+ b): Wq i8 [out, in], scales f32 [out, in / group] (group 0: one per row) (weight-int8)"),
     OpDef("split", "v", ("sizes",), _split, "split the last dim into pieces of the given sizes"),
-    OpDef("rope", "vvv", ("theta", "head_dim"), _rope, "rotary position embedding of q and k at positions"),
+    OpDef("rope", "vvv", ("theta", "head_dim"), _rope,
+          "rotary position embedding of q and k at positions (cos/sin computed from the positions by the op)"),
+    OpDef("rope_lookup", "vww", (), _rope_lookup,
+          "cos, sin rows [T, head_dim] of folded RoPE tables for the step's positions (fold-rope-tables)"),
+    OpDef("rope_rotate", "vvvv", ("head_dim",), _rope_rotate,
+          "rotate q and k by given cos/sin rows: x * cos + rotate_half(x) * sin (fold-rope-tables)"),
     OpDef("attention", "vvv", ("heads", "kv_heads", "head_dim", "scale"), _attention,
           "causal attention of q over the KV cache after appending k, v (GQA when kv_heads < heads)"),
     OpDef("moe", "vvwww", ("experts", "top_k"), _moe,

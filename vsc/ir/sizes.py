@@ -1,20 +1,32 @@
 """Byte counts derived from the IR: KV cache per token, weights. One definition for all users."""
 from __future__ import annotations
 
-from vsc.ir.module import ModelGraph
+from vsc.ir.module import ModelGraph, walk_ops
 from vsc.ir.types import DTYPE_BYTES
 
 
+# Element types a KV cache may hold: the float dtypes, and i8 (kv-int8), which also stores
+# one fp32 scale per (token, kv head) beside the values: KV_SCALE_BYTES per head vector.
+FLOAT_CACHE_DTYPES = frozenset({"f32", "bf16", "f16"})
+CACHE_DTYPES = FLOAT_CACHE_DTYPES | {"i8"}
+KV_SCALE_BYTES = {"i8": 4}
+
+
 def kv_bytes_per_token(model_attrs: dict, cache_dtype: str) -> int:
-    """Bytes one token occupies in the KV cache across all layers (K and V)."""
-    return 2 * model_attrs["layers"] * model_attrs["kv_heads"] * model_attrs["head_dim"] * DTYPE_BYTES[cache_dtype]
+    """Bytes one token occupies in the KV cache across all layers (K and V), scales included."""
+    per_head = model_attrs["head_dim"] * DTYPE_BYTES[cache_dtype] + KV_SCALE_BYTES.get(cache_dtype, 0)
+    return 2 * model_attrs["layers"] * model_attrs["kv_heads"] * per_head
 
 
 def weight_bytes(model: ModelGraph) -> int:
-    """Bytes of the checkpoint weights (`load`ed), counting `{i}`/`{e}` templates per layer/expert."""
+    """Bytes of the weights a runner holds: those the step's ops read (checkpoint tensors, or
+    what passes derived from them: fused concats, RoPE tables, int8 values and their scales;
+    a weight only feeding a derivation is dropped after load), counting `{i}`/`{e}`
+    templates per layer/expert."""
+    read = {o for op in walk_ops(model.func.body) for o in op.operands if o.startswith("@")}
     total = 0
     for w in model.weights:
-        if w.init_fn != "load":
+        if w.name not in read:
             continue
         n = w.type.nbytes()
         if "{i}" in w.name:

@@ -6,6 +6,8 @@ so a failure after a pass says which pass made the bad node.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from dataclasses import dataclass
 
@@ -15,8 +17,9 @@ from vsc.errors import VerificationError
 from vsc.ir.kernels import KERNELS
 from vsc.ir.module import Op, ServingModule, Weight, is_weight
 from vsc.ir.ops import OPS, TypeRuleError, infer, operand_arity_ok
-from vsc.ir.sizes import kv_bytes_per_token
+from vsc.ir.sizes import CACHE_DTYPES, kv_bytes_per_token
 from vsc.ir.types import DTYPE_BYTES, FLOAT_DTYPES, Origin, TensorType
+from vsc.ir.weight_inits import WEIGHT_INIT_RULES
 
 # name -> what it guarantees. Tests and `vsc verify --list` read this table.
 INVARIANTS = {
@@ -26,17 +29,20 @@ INVARIANTS = {
     "types": "each op's operands and attributes satisfy its typing rule and its declared result types equal the "
              "inferred ones; shapes use only declared symbols; repeat regions carry their types around the loop",
     "kernels": "every compute op names a kernel that exists, implements that op kind, runs on the target and "
-               "suits the cache layout; control ops (repeat) name none",
+               "suits the cache layout and dtype (an int8 cache needs an int8 attention kernel, a float one a float "
+               "kernel); control ops (repeat) name none",
     "model": "the layer region repeats exactly config `layers` times; the step returns logits [B, vocab] and tokens",
     "target": "target kind is cpu or cuda, with a valid arch (sm_NN) for cuda, non-negative threads and positive memory",
-    "cache": "the layout, dtype, prefix sharing and eviction are known values; block size is positive (max_context for a "
+    "cache": "the layout, dtype (f32, bf16, f16, or i8 with per-token-head scales), prefix sharing and eviction are known values; block size is positive (max_context for a "
              "contiguous cache: one block per slot) and divides the capacity; capacity holds at least one max_context sequence (all batch slots when contiguous) and "
              "capacity x bytes per token fits the budget; prefix sharing needs a paged cache",
     "batching": "mode, order and preemption are known values; 1 <= max_batch <= max_tokens; without chunked prefill "
                 "the step budget holds a whole max_context prompt; chunked prefill is 0 or within the budget and "
                 "needs continuous batching",
     "requests": "the request graph is acyclic and connected, runs from `ingress` to `stream`, uses known stage kinds, "
-                "and prefill comes before decode",
+                "and prefill comes before decode; a constrain stage lies between decode and sample and carries "
+                "its grammar (a JSON Schema object as JSON text, with that text's sha256); draft and verify stages "
+                "(speculative decoding) come together after decode, on a paged cache, verify checking k + 1 tokens",
 }
 
 KNOWN_STAGES = {"ingress", "tokenize", "prefix_lookup", "admit", "prefill", "decode", "draft", "verify",
@@ -95,6 +101,11 @@ class _Checker:
                         and tuple(want) == w.type.shape and all(p.dtype == w.type.dtype for p in parts)
                 if not ok:
                     self.add("weights", node, f"concat of {', '.join(map(str, parts))} on axis {axis} is not {w.type}", w.origin)
+            elif w.init_fn in WEIGHT_INIT_RULES:
+                if len(parts) == len(w.init_args):
+                    problem = WEIGHT_INIT_RULES[w.init_fn](parts, w.init_attrs, w.type)
+                    if problem:
+                        self.add("weights", node, f"{w.init_fn}(): {problem}", w.origin)
             elif w.init_fn not in ("concat",):
                 if w.init_fn not in DERIVED_WEIGHT_FNS:
                     self.add("weights", node, f"unknown weight init '{w.init_fn}' (known: load, {', '.join(sorted(DERIVED_WEIGHT_FNS))})", w.origin)
@@ -232,6 +243,9 @@ class _Checker:
         if self.m.cache.layout not in info.cache_layouts:
             self.add("kernels", node, f"kernel {info.name} needs a {'/'.join(sorted(info.cache_layouts))} cache, "
                                       f"the plan's is {self.m.cache.layout}", op.origin)
+        if self.m.cache.dtype in CACHE_DTYPES and self.m.cache.dtype not in info.cache_dtypes:
+            self.add("kernels", node, f"kernel {info.name} reads a {'/'.join(sorted(info.cache_dtypes))} KV cache, "
+                                      f"the plan's is {self.m.cache.dtype}", op.origin)
 
     # -- the other concerns --------------------------------------------------
     def check_target(self) -> None:
@@ -254,8 +268,8 @@ class _Checker:
         max_context = self.m.deployment.get("max_context", 0)
         if c.layout not in ("contiguous", "paged"):
             self.add("cache", node, f"layout must be contiguous or paged, got {c.layout!r}", c.origin)
-        if c.dtype not in DTYPE_BYTES:
-            self.add("cache", node, f"unknown cache dtype {c.dtype!r}", c.origin)
+        if c.dtype not in CACHE_DTYPES:
+            self.add("cache", node, f"unknown cache dtype {c.dtype!r} (known: {', '.join(sorted(CACHE_DTYPES))})", c.origin)
             return
         if c.block_size < 1 or (c.layout == "contiguous" and c.block_size != max_context):
             why = f" (a contiguous cache has one max_context = {max_context} block per slot)" if c.layout == "contiguous" else ""
@@ -322,6 +336,14 @@ class _Checker:
             self.add("requests", "requests", f"the only exit must be stream, found {sinks}", origin)
         if "prefill" in g and "decode" in g and not nx.has_path(g, "prefill", "decode"):
             self.add("requests", "requests", "decode is not reachable from prefill", origin)
+        constrain = self.m.requests.stage("constrain")
+        if constrain is not None:
+            for problem in _constrain_problems(constrain.attrs, g):
+                self.add("requests", "stage constrain", problem, constrain.origin)
+        draft, verify_stage = self.m.requests.stage("draft"), self.m.requests.stage("verify")
+        if draft is not None or verify_stage is not None:
+            for problem in _speculative_problems(draft, verify_stage, g, self.m.cache.layout):
+                self.add("requests", "stage draft", problem, (draft or verify_stage).origin)
 
     def run(self) -> list[Diagnostic]:
         self.check_weights()
@@ -333,8 +355,59 @@ class _Checker:
         return self.diags
 
 
+def _constrain_problems(attrs: dict, g: nx.DiGraph) -> list[str]:
+    """What is wrong with a `constrain` stage (json-mode): where it sits and what it carries."""
+    problems = []
+    if sorted(g.successors("constrain")) != ["sample"]:
+        problems.append(f"must feed exactly the sample stage, feeds {sorted(g.successors('constrain'))}")
+    if "decode" in g and not nx.has_path(g, "decode", "constrain"):
+        problems.append("is not reachable from decode")
+    if attrs.get("grammar") != "json_schema":
+        problems.append(f"grammar must be \"json_schema\", got {attrs.get('grammar')!r}")
+    schema = attrs.get("schema")
+    try:
+        parsed = json.loads(schema) if isinstance(schema, str) else None
+    except ValueError:
+        parsed = None
+    if not isinstance(parsed, dict):
+        problems.append("schema must be the text of a JSON object (a JSON Schema)")
+    elif attrs.get("sha256") != hashlib.sha256(schema.encode("utf-8")).hexdigest():
+        problems.append("sha256 does not match the schema text")
+    return problems
+
+
+def _speculative_problems(draft, verify_stage, g: nx.DiGraph, layout: str) -> list[str]:
+    """What is wrong with speculative decoding's `draft` / `verify` stages: where they sit
+    (decode -> draft -> verify -> ... -> sample) and what they carry."""
+    if draft is None or verify_stage is None:
+        return ["draft and verify stages come together (speculative decoding)"]
+    problems = []
+    if sorted(g.successors("draft")) != ["verify"]:
+        problems.append(f"must feed exactly the verify stage, feeds {sorted(g.successors('draft'))}")
+    if "decode" in g and not nx.has_path(g, "decode", "draft"):
+        problems.append("is not reachable from decode")
+    if "sample" in g and not nx.has_path(g, "verify", "sample"):
+        problems.append("verify does not lead to sample")
+    a = draft.attrs
+    method, k = a.get("method"), a.get("k")
+    if method not in ("ngram", "prompt-lookup", "draft"):
+        problems.append(f"method must be ngram, prompt-lookup or draft, got {method!r}")
+    if not isinstance(k, int) or k < 1:
+        problems.append(f"k must be an integer >= 1, got {k!r}")
+    elif verify_stage.attrs.get("tokens") != k + 1:
+        problems.append(f"verify must check k + 1 = {k + 1} tokens, says {verify_stage.attrs.get('tokens')!r}")
+    if method in ("ngram", "prompt-lookup") and not (isinstance(a.get("ngram"), int) and a["ngram"] >= 1):
+        problems.append(f"ngram must be an integer >= 1, got {a.get('ngram')!r}")
+    if method == "draft" and not (isinstance(a.get("model"), str) and a["model"]):
+        problems.append("method draft needs the draft model's folder (model)")
+    if layout != "paged":
+        problems.append("speculative decoding needs a paged KV cache")
+    return problems
+
+
 # Weight derivations a pass may introduce besides concat (materialized by the backend).
-DERIVED_WEIGHT_FNS = {"concat", "quantize_int8", "transpose"}
+# (Those with a typing rule are listed in vsc/ir/weight_inits.py.)
+DERIVED_WEIGHT_FNS = {"concat", "transpose"} | set(WEIGHT_INIT_RULES)
 
 
 def verify(module: ServingModule) -> list[Diagnostic]:

@@ -4,7 +4,8 @@ Pays when the step is dispatch- or bandwidth-bound (small batches, small models)
 GEMMs reading the same activations become one wider GEMM plus free views. The rewrite
 is exact (concatenating weight rows does not change any dot product).
 
-Matches `attention(rope(linear(x, Wq), linear(x, Wk), p), ..., linear(x, Wv))` — the
+Matches `attention(rope(linear(x, Wq), linear(x, Wk), p), ..., linear(x, Wv))` (or
+`rope_rotate(..., cos, sin)` after fold-rope-tables) — the
 three linears must share their input, agree on bias presence, and feed only the
 attention path — and emits `%qkv = linear(x, concat(Wq, Wk, Wv))` plus
 `%q, %k, %v = split(%qkv)`, keeping the original value names.
@@ -21,7 +22,7 @@ from vsc.passes.base import Pass, register_pass
 def _qkv_linears(attn: Op, prod: dict[str, Op]) -> list[Op] | None:
     q, k, v = attn.operands
     rope = prod.get(q)
-    if rope is None or rope.kind != "rope" or rope.results != [q, k]:
+    if rope is None or rope.kind not in ("rope", "rope_rotate") or rope.results != [q, k]:
         return None
     linears = [prod.get(rope.operands[0]), prod.get(rope.operands[1]), prod.get(v)]
     if any(l is None or l.kind != "linear" for l in linears):

@@ -31,9 +31,10 @@ class SelectKernels(Pass):
         for op in walk_ops(module.model.func.body):
             if OPS[op.kind].structural:
                 continue
-            choice = best_kernel(op.kind, target, module.cache.layout)
+            choice = best_kernel(op.kind, target, module.cache.layout, module.cache.dtype)
             if choice is None:
-                raise VscError(f"no kernel implements {op.kind} on {target} with a {module.cache.layout} cache")
+                raise VscError(f"no kernel implements {op.kind} on {target} with a {module.cache.layout} "
+                               f"{module.cache.dtype} cache")
             if op.kernel is None or op.kernel.name != choice:
                 op.kernel = KernelRef(choice)
                 op.origin = pass_origin(self.name)

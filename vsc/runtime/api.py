@@ -46,6 +46,8 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)          # stop strings (not included in output)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    json_schema: str | None = None       # json mode: the output must be JSON matching this schema (JSON
+    #                                      text); None: the deployment's schema, if it has one
 
     @property
     def greedy(self) -> bool:
@@ -100,6 +102,9 @@ class StepBatch:
     # Host copies the runner may use to avoid device syncs (same values as the tensors).
     query_lens_host: list[int] = field(default_factory=list)
     context_lens_host: list[int] = field(default_factory=list)
+    # Rows of T whose logits the step returns, in order (int64 [R]); None: each sequence's
+    # last token, [B, vocab]. Speculative decoding asks for every drafted position.
+    logits_rows: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -108,7 +113,11 @@ class StepBatch:
 
 @dataclass
 class CacheConfig:
-    """The KV cache a plan asks for (from the IR's cache section)."""
+    """The KV cache a plan asks for (from the IR's cache section).
+
+    dtype torch.int8 (the kv-int8 pass) means each layer's K and V are `QuantizedKV`s of
+    `vsc.runtime.kernels.torch_ops`: int8 values plus an fp32 scale per token and kv head.
+    """
 
     layers: int
     kv_heads: int
@@ -131,6 +140,17 @@ class EngineConfig:
     order: str = "fcfs"          # "fcfs" | "shortest-first"
     preemption: str = "recompute"
     max_waiting: int = 256       # bound of the waiting queue; beyond it generate() raises QueueFull
+    prefix_cache: str = "none"   # "none" | "radix" (the prefix-cache pass): reuse cached KV of shared prefixes
+    prefix_cache_capacity: int = 0   # most cached blocks kept that no request holds (0: any free block)
+    json_schema: str | None = None   # json mode (the json-mode pass): every response is JSON matching this
+    #                                  schema (JSON text) unless the request gives its own
+    # speculative decoding (the speculative pass, vsc.runtime.speculative): where drafts come
+    # from ("none" | "ngram" | "prompt-lookup" | "draft"), drafts per step, longest n-gram
+    # looked up, and the draft model's folder (method "draft")
+    speculative_method: str = "none"
+    speculative_k: int = 0
+    speculative_ngram: int = 3
+    draft_model: str | None = None
 
 
 class ModelRunner(Protocol):
@@ -144,7 +164,8 @@ class ModelRunner(Protocol):
         """Allocate the KV cache tensors for cache_config (called once at start)."""
 
     def prefill(self, batch: StepBatch) -> torch.Tensor:
-        """Run new prompt tokens (maybe a chunk) of batch.num_seqs sequences; logits [B, vocab] of each last token."""
+        """Run new prompt tokens (maybe a chunk) of batch.num_seqs sequences; logits [B, vocab] of each last token
+        (or [R, vocab] of the rows `batch.logits_rows` names, when it is set)."""
 
     def decode(self, batch: StepBatch) -> torch.Tensor:
         """One new token per sequence; logits [B, vocab]."""

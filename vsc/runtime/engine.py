@@ -22,8 +22,17 @@ also keeps `first_token_time` and `last_token_time`.
 The runner may have a `device` attribute (default cpu): step tensors and seeded
 generators are made there. `create_kv_cache()` is called once, by `start()`.
 
+Speculative decoding (EngineConfig.speculative_method, vsc.runtime.speculative). Before
+each step the proposer drafts up to k tokens for every decoding, unconstrained sequence
+(n-gram / prompt lookup over its tokens, or a draft model's greedy steps, run after
+scheduling once the drafts' blocks exist); the step verifies them in one forward pass and
+a sequence may get several tokens from it, delivered as one TokenEvent. Outputs are those
+of plain decoding (greedy: the same tokens; seeded sampling: the same tokens too; see
+that module). `stats()` counts drafts verified and accepted.
+
 Finishing. "stop": EOS (unless ignore_eos), a stop_token_id, or a stop string (the text
-ends before it); "length": max_tokens or max_context; "abort": `abort()` or shutdown;
+ends before it), or in json mode (vsc.runtime.constrain) a complete JSON document;
+"length": max_tokens or max_context; "abort": `abort()` or shutdown;
 "error": the step that carried the request raised (the error is logged, the request's
 blocks are freed, and the engine keeps serving everyone else).
 """
@@ -39,9 +48,11 @@ import torch
 
 from vsc.runtime.api import EngineConfig, GenerateRequest, InvalidRequest, ModelRunner, QueueFull, TokenEvent
 from vsc.runtime.block_manager import BlockManager
+from vsc.runtime.constrain import apply_constraints, make_constraint
 from vsc.runtime.sampler import Sampler
 from vsc.runtime.scheduler import ScheduledStep, Scheduler
 from vsc.runtime.sequence import Sequence
+from vsc.runtime.speculative import draft_limit, make_proposer, rewind, verify, wants_drafts
 from vsc.runtime.tokenizer import IncrementalDetokenizer
 
 log = logging.getLogger("vsc.runtime.engine")
@@ -51,7 +62,7 @@ OnToken = Callable[[str, float, bool], None]
 
 class LLMEngine:
     def __init__(self, runner: ModelRunner, tokenizer: Any, config: EngineConfig, model_name: str,
-                 on_token: OnToken | None = None):
+                 on_token: OnToken | None = None, num_blocks: int | None = None, draft_runner: Any = None):
         self.runner = runner
         self.tokenizer = tokenizer
         self.config = config
@@ -60,12 +71,25 @@ class LLMEngine:
         self.on_token = on_token
         cache = runner.cache_config
         self.device = torch.device(getattr(runner, "device", "cpu"))
-        self.block_manager = BlockManager(cache.num_blocks, cache.block_size)
+        # num_blocks: a smaller cache than the plan's (the accuracy check's engine run)
+        self.num_blocks = num_blocks
+        self.block_manager = BlockManager(num_blocks or cache.num_blocks, cache.block_size)
         self.scheduler = Scheduler(config, self.block_manager, self.device)
         self.sampler = Sampler()
         self.vocab_size = runner.vocab_size
         self.eos_token_ids = frozenset(getattr(tokenizer, "eos_token_ids", ()) or ())
+        if config.json_schema is not None:   # json mode: compile the deployment's grammar now, not on a request
+            make_constraint(tokenizer, self.vocab_size, config.json_schema)
         self.kv_cache: Any = None
+        # speculative decoding (vsc.runtime.speculative); method "draft" runs `draft_runner`
+        # (default: the runner's `draft_runner` attribute), a runner of the draft model
+        if draft_runner is None and config.speculative_method == "draft":
+            draft_runner = getattr(runner, "draft_runner", None)
+        self.proposer = make_proposer(config.speculative_method, config.speculative_k, config.speculative_ngram,
+                                      draft_runner)
+        self.draft_runner = draft_runner if config.speculative_method == "draft" else None
+        self.spec_draft_tokens = 0          # drafts verified
+        self.spec_accepted_tokens = 0       # of those, accepted
 
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -86,7 +110,12 @@ class LLMEngine:
         if self._thread is not None:
             return
         if self.kv_cache is None:
-            self.kv_cache = self.runner.create_kv_cache()
+            if self.num_blocks is None:
+                self.kv_cache = self.runner.create_kv_cache()
+            else:
+                self.kv_cache = self.runner.create_kv_cache(num_blocks=self.num_blocks)
+            if self.draft_runner is not None:     # same block geometry: the draft KV uses the same tables
+                self.draft_runner.create_kv_cache(num_blocks=self.block_manager.num_blocks)
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="vsc-engine", daemon=True)
         self._thread.start()
@@ -152,6 +181,15 @@ class LLMEngine:
             "preemptions": self.scheduler.num_preemptions,
             "steps": self.num_steps,
             "errors": self.num_errors,
+            # prefix cache (0 without one): tokens looked up / found cached at admission,
+            # blocks now cached, cached blocks evicted for reuse
+            "prefix_query_tokens": self.scheduler.prefix_query_tokens,
+            "prefix_hit_tokens": self.scheduler.prefix_hit_tokens,
+            "prefix_cached_blocks": bm.num_cached,
+            "prefix_evictions": bm.num_evicted,
+            # speculative decoding (0 without it): draft tokens verified, and accepted
+            "spec_draft_tokens": self.spec_draft_tokens,
+            "spec_accepted_tokens": self.spec_accepted_tokens,
         }
 
     # --- submission (caller's thread) ------------------------------------------------
@@ -172,7 +210,11 @@ class LLMEngine:
         detok = None
         if self.tokenizer is not None:
             detok = IncrementalDetokenizer(self.tokenizer, request.prompt_ids, p.stop)
-        return Sequence(request, detok, self.device)
+        seq = Sequence(request, detok, self.device)
+        schema = p.json_schema or self.config.json_schema     # json mode: the request's, else the deployment's
+        if schema is not None:
+            seq.constraint = make_constraint(self.tokenizer, self.vocab_size, schema)  # bad schema: InvalidRequest
+        return seq
 
     def _submit(self, seq: Sequence) -> None:
         with self._wake:
@@ -212,6 +254,8 @@ class LLMEngine:
 
     def _step(self) -> None:
         try:
+            if self.proposer is not None:
+                self._propose()
             step = self.scheduler.schedule()
         except Exception:  # noqa: BLE001 - a scheduler bug must not wedge the server
             log.exception("scheduling failed; failing every running request")
@@ -232,6 +276,9 @@ class LLMEngine:
             self._finish_now([s for s in step.seqs if not s.is_finished], "error")
 
     def _run_step(self, step: ScheduledStep) -> None:
+        if step.num_drafts:      # speculative decoding: verify the drafts
+            self._run_spec_step(step)
+            return
         batch = step.batch
         logits = self.runner.decode(batch) if batch.is_decode else self.runner.prefill(batch)
         self.scheduler.advance(step)
@@ -243,6 +290,8 @@ class LLMEngine:
         if len(rows) != len(seqs):
             logits = logits[torch.tensor(rows, device=logits.device)]
             seqs = [seqs[r] for r in rows]
+        if any(s.constraint is not None for s in seqs):   # json mode: -inf where the grammar forbids
+            logits = apply_constraints(logits, [s.constraint for s in seqs])
         token_ids = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs])
         now = time.monotonic()
         self.generated_tokens += len(token_ids)
@@ -253,6 +302,83 @@ class LLMEngine:
             events.append((seq, event))
             if event.finish_reason is not None:
                 finished.append(seq)
+        self.scheduler.finish(finished)
+        for seq in finished:
+            self._live.pop(seq.request_id, None)
+        self._deliver(events)
+
+    # --- speculative decoding (vsc.runtime.speculative) -------------------------------
+
+    def _propose(self) -> None:
+        """Drafts for every decoding sequence, before the scheduler sizes the step around them."""
+        proposer, k, max_context = self.proposer, self.config.speculative_k, self.max_context
+        for seq in self.scheduler.running:
+            if wants_drafts(seq):
+                seq.draft_ids = proposer.propose(seq, draft_limit(seq, k, max_context))
+            elif seq.draft_ids:
+                seq.draft_ids = []
+
+    def _run_spec_step(self, step: ScheduledStep) -> None:
+        """A step carrying drafts: one forward pass returns logits at every drafted position,
+        the sampler picks the model's token at each, and each sequence keeps its drafts up to
+        the first the model disagrees with plus the model's token there (`verify`). Tokens
+        are appended one by one, so a stop (token, string, json end), max_tokens or
+        max_context ends the run exactly where plain decoding would; one TokenEvent carries
+        all of a sequence's tokens of the step. Only kept tokens count as computed: the
+        rejected drafts' KV slots are overwritten later, and blocks grown only for them are
+        freed."""
+        proposer, seqs, rows, drafted = self.proposer, step.seqs, step.sample_rows, step.num_drafts
+        if proposer.needs_fill:          # draft model: its tokens replace the placeholders, blocks now allocated
+            proposer.fill(seqs, drafted)
+            self.scheduler.rebuild(step)
+        logits = self.runner.prefill(step.batch)     # [R, V]: the last token and each draft of every sample row
+        self.num_steps += 1
+        if not rows:
+            self.scheduler.advance(step)
+            return
+        row_seqs = [seqs[r] for r in rows for _ in range(1 + drafted[r])]
+        if any(s.constraint is not None for s in row_seqs):   # json mode (never drafted): mask its single row
+            logits = apply_constraints(logits, [s.constraint for s in row_seqs])
+        states = {r: seqs[r].generator.get_state() for r in rows if drafted[r] and seqs[r].generator is not None}
+        picks = self.sampler(logits, [s.params for s in row_seqs], [s.generator for s in row_seqs])
+        now = time.monotonic()
+        events: list[tuple[Sequence, TokenEvent]] = []
+        finished: list[Sequence] = []
+        accepted_by_row: dict[int, int] = {}
+        at = 0
+        for r in rows:
+            seq, d = seqs[r], drafted[r]
+            own = picks[at:at + 1 + d]
+            at += 1 + d
+            tokens = own
+            if d:
+                tokens, accepted = verify(seq.draft_ids[:d], own)
+                accepted_by_row[r] = accepted
+                self.spec_draft_tokens += d
+                self.spec_accepted_tokens += accepted
+                if r in states and accepted < d:     # seeded: as if only the kept positions had drawn noise
+                    rewind(seq.generator, states[r], accepted + 1, logits.shape[-1])
+            emitted: list[int] = []
+            text: list[str] = []
+            for token in tokens:
+                event = self._append_token(seq, token, now)
+                emitted.append(token)
+                text.append(event.text)
+                if event.finish_reason is not None:
+                    finished.append(seq)
+                    break
+            if d:
+                step.num_new[r] = len(emitted)     # the last token and the kept drafts hold valid KV
+                event = TokenEvent(seq.request_id, emitted, "".join(text), event.finish_reason,
+                                   event.prompt_tokens, event.completion_tokens)
+            self.generated_tokens += len(emitted)
+            events.append((seq, event))
+        self.scheduler.advance(step)
+        for r, accepted in accepted_by_row.items():
+            seq = seqs[r]
+            proposer.accepted(seq, drafted[r], accepted)
+            if seq.finish_reason is None:
+                self.scheduler.release_unused_blocks(seq)
         self.scheduler.finish(finished)
         for seq in finished:
             self._live.pop(seq.request_id, None)
@@ -278,6 +404,11 @@ class LLMEngine:
                 text = detok.add(token)
                 if detok.stopped:
                     reason = "stop"
+            if reason is None and seq.constraint is not None:
+                # json mode: "stop" as soon as the document is complete (only EOS could follow)
+                reason = seq.constraint.advance(token)
+                if reason is not None and detok is not None:
+                    text += detok.flush()
             if reason is None and (seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_context):
                 reason = "length"
                 if detok is not None:

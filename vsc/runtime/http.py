@@ -5,7 +5,9 @@
 
 The app drives an `Engine` (vsc.runtime.api): it validates and tokenizes a request, calls
 `engine.generate()`, waits for the first event (QueueFull / InvalidRequest surface there,
-before any byte is sent, as 429 / 400), then streams or collects the events. One small
+before any byte is sent, as 429 / 400), then streams or collects the events. A request's
+`response_format` (json_object, json_schema) turns on json mode for it (vsc.runtime.constrain);
+without one, a server compiled with json-mode applies its own schema. One small
 watcher task per request waits for the client to disconnect; when it does, the request is
 aborted in the engine (which frees its KV blocks) and the handler is cancelled.
 
@@ -29,6 +31,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from vsc.runtime.api import GenerateRequest, QueueFull, RuntimeError_, SamplingParams, TokenEvent
+from vsc.runtime.constrain import ANY_JSON_OBJECT, SchemaError, check_schema
 from vsc.runtime.metrics import ServerMetrics
 
 log = logging.getLogger("vsc.runtime.http")
@@ -135,7 +138,6 @@ def _common(body: dict, chat: bool) -> tuple[SamplingParams, bool, bool]:
         _unsupported(body, "logprobs", lambda v: v is False)
         _unsupported(body, "top_logprobs", lambda v: v == 0)
         _unsupported(body, "tools", lambda v: v == [])
-        _unsupported(body, "response_format", lambda v: isinstance(v, dict) and v.get("type") == "text")
     else:
         _unsupported(body, "logprobs", lambda v: False)
         _unsupported(body, "echo", lambda v: v is False)
@@ -179,8 +181,34 @@ def _common(body: dict, chat: bool) -> tuple[SamplingParams, bool, bool]:
 
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                             top_k=0 if top_k == -1 else top_k, seed=seed, stop=stops,
-                            stop_token_ids=list(stop_ids), ignore_eos=ignore_eos)
+                            stop_token_ids=list(stop_ids), ignore_eos=ignore_eos,
+                            json_schema=_response_format(body.get("response_format")))
     return params, stream, include_usage
+
+
+def _response_format(v: Any) -> str | None:
+    """OpenAI `response_format` -> the JSON Schema text of json mode (None: free text, or the
+    deployment's own schema when it was compiled with json-mode)."""
+    if v is None:
+        return None
+    usage = 'e.g. {"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": {...}}}'
+    if not isinstance(v, dict):
+        raise _bad("response_format", f"'response_format' must be an object, {usage}")
+    kind = v.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return ANY_JSON_OBJECT
+    if kind != "json_schema":
+        raise _bad("response_format", f"'response_format.type' must be text, json_object or json_schema, got {kind!r}")
+    spec = v.get("json_schema")
+    schema = spec.get("schema") if isinstance(spec, dict) else None
+    if not isinstance(schema, dict):
+        raise _bad("response_format", f"'response_format.json_schema.schema' must be a JSON Schema object, {usage}")
+    try:
+        return check_schema(schema)
+    except SchemaError as e:
+        raise _bad("response_format", f"'response_format.json_schema.schema': {e}") from None
 
 
 def _message_text(content: Any, i: int) -> str:

@@ -33,11 +33,11 @@ def read_manifest(folder: Path) -> dict:
         raise ServerFolderError(f"{path}: error: manifest is not valid JSON ({e.msg} at line {e.lineno})") from None
 
 
-def import_runner_module(folder: Path):
-    """Import the folder's generated model.py under a private module name."""
-    path = folder / "model.py"
+def import_runner_module(folder: Path, file: str = "model.py"):
+    """Import the folder's generated model.py (or draft_model.py) under a private module name."""
+    path = folder / file
     if not path.is_file():
-        raise ServerFolderError(f"{folder}: error: the server folder has no model.py; recompile it")
+        raise ServerFolderError(f"{folder}: error: the server folder has no {file}; recompile it")
     name = f"vsc_generated_{abs(hash(str(path.resolve())))}"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
@@ -67,8 +67,15 @@ def build_server(folder: Path):
         torch.set_num_threads(threads)
     generated = import_runner_module(folder)
     runner = generated.Runner(str(model_dir))
+    config = EngineConfig(**manifest["engine"])
+    draft_runner = None
+    if config.speculative_method == "draft":     # speculative decoding with a draft model: its own runner
+        draft_dir = Path(config.draft_model or "")
+        if not (draft_dir / "config.json").is_file():
+            raise ServerFolderError(f"{draft_dir}: error: the server's draft model folder is missing or incomplete")
+        draft_runner = import_runner_module(folder, "draft_model.py").Runner(str(draft_dir))
     tokenizer = Tokenizer.from_model_dir(model_dir)
-    engine = LLMEngine(runner, tokenizer, EngineConfig(**manifest["engine"]), manifest["model"]["name"])
+    engine = LLMEngine(runner, tokenizer, config, manifest["model"]["name"], draft_runner=draft_runner)
     metrics = ServerMetrics()
     app = build_app(engine, tokenizer, metrics, manifest["model"]["name"])
     return app, engine, manifest

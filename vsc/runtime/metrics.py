@@ -12,7 +12,7 @@ import logging
 from typing import Callable, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 
 log = logging.getLogger("vsc.runtime.metrics")
@@ -32,6 +32,17 @@ ENGINE_GAUGES = (
     ("waiting", "vsc_requests_waiting", "Requests admitted to the engine but waiting to be scheduled."),
     ("kv_blocks_used", "vsc_kv_blocks_used", "KV-cache blocks in use."),
     ("kv_blocks_total", "vsc_kv_blocks_total", "KV-cache blocks in the pool."),
+    ("prefix_cached_blocks", "vsc_prefix_cache_blocks", "KV-cache blocks whose content the prefix cache holds for reuse."),
+)
+# engine.stats() key -> (counter name, help); monotonic engine totals (prometheus adds _total)
+ENGINE_COUNTERS = (
+    ("prefix_query_tokens", "vsc_prefix_cache_query_tokens",
+     "Tokens of admitted requests looked up in the prefix cache."),
+    ("prefix_hit_tokens", "vsc_prefix_cache_hit_tokens",
+     "Tokens found in the prefix cache at admission (their prefill was skipped)."),
+    ("prefix_evictions", "vsc_prefix_cache_evictions", "Cached KV blocks evicted to make room."),
+    ("spec_draft_tokens", "vsc_spec_draft_tokens", "Draft tokens speculative decoding verified."),
+    ("spec_accepted_tokens", "vsc_spec_accepted_tokens", "Draft tokens the model accepted (emitted without a step of their own)."),
 )
 
 
@@ -41,10 +52,11 @@ class _EngineStatsCollector:
     def __init__(self) -> None:
         self.stats: Callable[[], Mapping[str, float]] | None = None
 
-    def describe(self) -> Iterable[GaugeMetricFamily]:
-        return [GaugeMetricFamily(name, doc) for _, name, doc in ENGINE_GAUGES]
+    def describe(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
+        return ([GaugeMetricFamily(name, doc) for _, name, doc in ENGINE_GAUGES]
+                + [CounterMetricFamily(name, doc) for _, name, doc in ENGINE_COUNTERS])
 
-    def collect(self) -> Iterable[GaugeMetricFamily]:
+    def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
         values: Mapping[str, float] = {}
         if self.stats is not None:
             try:
@@ -55,6 +67,8 @@ class _EngineStatsCollector:
         out = []
         for key, name, doc in ENGINE_GAUGES:
             out.append(GaugeMetricFamily(name, doc, value=float(values.get(key, 0.0))))
+        for key, name, doc in ENGINE_COUNTERS:
+            out.append(CounterMetricFamily(name, doc, value=float(values.get(key, 0.0))))
         return out
 
 

@@ -20,19 +20,42 @@ the front of the waiting queue, keeping its output, so its next prefill recomput
 prompt + output. Newest-first keeps the oldest requests (closest to done, longest waited)
 making progress. No new sequence is admitted in a step that preempted.
 
+Prefix cache (`config.prefix_cache == "radix"`, see vsc.runtime.prefix_cache). Admitting
+a waiting sequence first looks up its longest cached prefix of full blocks, at most
+`(num_tokens - 1) // block_size` of them so that at least one token is computed (the
+step needs its logits): those blocks join its table (held, never written again), its
+`num_computed` starts at the matched token count, and only the rest is allocated and
+prefilled. After every step `advance` enters each block the step filled (prompt or
+output tokens) into the tree, so the cost is one lookup per admission and one insert
+per filled block, nothing per decoded token. Preempted and finished sequences release
+their blocks as usual; cached ones stay reusable until evicted (LRU, by the block
+manager), so a preempted sequence's recompute is mostly a hit.
+
+Speculative decoding (vsc.runtime.speculative). A decoding sequence whose `draft_ids`
+the engine filled gets its last token plus up to that many drafts in one step, within the
+budget left after one token for each running sequence behind it, and only if their blocks
+are free (drafts never preempt anyone). The step then asks the runner for the logits of
+every drafted position (`StepBatch.logits_rows`, per sample row: 1 + drafts rows, in
+order), which makes it a `prefill` call; a step without drafts is built exactly as before.
+After verification the engine counts only the kept tokens in `num_new` before `advance`,
+and `release_unused_blocks` frees blocks that were grown for rejected drafts.
+
 The scheduler never touches the tokenizer or the model: it moves integers and builds the
 step's tensors.
 """
 from __future__ import annotations
 
+import logging
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from vsc.runtime.api import EngineConfig, InvalidRequest, StepBatch
 from vsc.runtime.block_manager import BlockManager
 from vsc.runtime.sequence import Sequence, SeqStatus
+
+log = logging.getLogger("vsc.runtime.scheduler")
 
 
 @dataclass
@@ -43,6 +66,9 @@ class ScheduledStep:
     num_new: list[int]
     batch: StepBatch
     sample_rows: list[int]        # rows of `seqs` whose prefill is complete after this step
+    # speculative decoding: drafted tokens per row (after its last token); [] when the step
+    # has none. Then the step's logits are batch.logits_rows: 1 + drafts rows per sample row.
+    num_drafts: list[int] = field(default_factory=list)
 
 
 class Scheduler:
@@ -60,6 +86,13 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        if config.prefix_cache not in ("none", "radix"):
+            raise ValueError(f"unknown prefix cache policy {config.prefix_cache!r}")
+        self.prefix_caching = config.prefix_cache != "none"
+        if self.prefix_caching:
+            block_manager.enable_prefix_cache(config.prefix_cache_capacity)
+        self.prefix_query_tokens = 0     # tokens of admitted sequences looked up in the prefix cache
+        self.prefix_hit_tokens = 0       # of those, tokens found cached (not recomputed)
 
     # --- admission control -----------------------------------------------------------
 
@@ -106,10 +139,13 @@ class Scheduler:
         i = 0
         while i < len(running) and budget > 0:
             seq = running[i]
-            n = self._chunk(seq.num_tokens - seq.num_computed, budget, True)
+            remaining = seq.num_tokens - seq.num_computed
+            n = self._chunk(remaining, budget, True)
             if n == 0:
                 i += 1
                 continue
+            if remaining == 1 and seq.draft_ids:
+                n += self._drafts(seq, budget - 1 - (len(running) - i - 1))
             need = seq.num_computed + n
             while not bm.can_grow(seq.block_table, need):
                 victim = running.pop()
@@ -126,13 +162,21 @@ class Scheduler:
 
         if not preempted and (cfg.mode == "continuous" or not running):
             waiting = self.waiting
+            prefix_caching = self.prefix_caching
             while waiting and len(running) < cfg.max_batch and budget > 0:
                 seq = self._next_waiting()
-                n = self._chunk(seq.num_tokens, budget, False)
-                if n == 0 or not bm.can_allocate(n):
+                hit, cached = self._cached_prefix(seq) if prefix_caching else ((), 0)
+                n = self._chunk(seq.num_tokens - cached, budget, False)
+                if n == 0 or not bm.can_allocate(cached + n, hit):
                     break
                 self._remove_waiting(seq)
-                bm.grow(seq.block_table, n)
+                if prefix_caching:
+                    self.prefix_query_tokens += seq.num_tokens
+                    if hit:
+                        seq.block_table.extend(bm.acquire(hit))
+                        seq.num_computed = cached
+                        self.prefix_hit_tokens += cached
+                bm.grow(seq.block_table, cached + n)
                 seq.status = SeqStatus.RUNNING
                 running.append(seq)
                 seqs.append(seq)
@@ -142,6 +186,27 @@ class Scheduler:
         if not seqs:
             return None
         return self._build(seqs, num_new)
+
+    def _drafts(self, seq: Sequence, room: int) -> int:
+        """Speculative decoding: how many of a decoding sequence's drafts ride along this step.
+
+        At most `room` (the budget left after this token and one token for each running
+        sequence after it), and none when their blocks are not free: drafts never preempt.
+        """
+        d = min(len(seq.draft_ids), room)
+        if d <= 0 or not self.block_manager.can_grow(seq.block_table, seq.num_computed + 1 + d):
+            return 0
+        return d
+
+    def release_unused_blocks(self, seq: Sequence) -> None:
+        """Free a sequence's blocks past the one its next token goes to (speculative decoding:
+        blocks grown for drafts that were rejected)."""
+        table = seq.block_table
+        keep = self.block_manager.blocks_for(seq.num_tokens)
+        if len(table) > keep:
+            tail = table[keep:]
+            del table[keep:]
+            self.block_manager.free(tail)
 
     def _chunk(self, remaining: int, budget: int, started: bool) -> int:
         """New tokens a sequence with `remaining` uncomputed tokens gets this step (0: none).
@@ -159,6 +224,12 @@ class Scheduler:
         if started or remaining > self.config.max_tokens:
             return budget
         return 0
+
+    def _cached_prefix(self, seq: Sequence) -> tuple[list[int], int]:
+        """(blocks, tokens) of `seq`'s longest cached prefix: whole blocks, leaving at least
+        one token to compute."""
+        hit = self.block_manager.match_prefix(seq.token_ids, (seq.num_tokens - 1) // self.block_size)
+        return hit, len(hit) * self.block_size
 
     def _next_waiting(self) -> Sequence:
         waiting = self.waiting
@@ -184,9 +255,22 @@ class Scheduler:
     # --- after the step --------------------------------------------------------------
 
     def advance(self, step: ScheduledStep) -> None:
-        """The step ran: its new tokens are in the KV cache."""
+        """The step ran: its new tokens are in the KV cache.
+
+        With a prefix cache, every block this step filled is entered into the tree (its
+        K/V is final: `num_new` must count only tokens whose K/V stays).
+        """
+        if not self.prefix_caching:
+            for seq, n in zip(step.seqs, step.num_new):
+                seq.num_computed += n
+            return
+        bs = self.block_size
+        cache_blocks = self.block_manager.cache_blocks
         for seq, n in zip(step.seqs, step.num_new):
-            seq.num_computed += n
+            old = seq.num_computed
+            seq.num_computed = new = old + n
+            if new // bs != old // bs:           # a block filled: hash it (never per token)
+                cache_blocks(seq.block_table, seq.token_ids, old // bs, new // bs)
 
     def finish(self, seqs: list[Sequence]) -> None:
         """Release finished or aborted sequences (running or waiting) and their blocks."""
@@ -202,12 +286,21 @@ class Scheduler:
                 except ValueError:
                     pass
             if seq.block_table:
-                self.block_manager.free(seq.block_table)
+                try:
+                    self.block_manager.free(seq.block_table)
+                except ValueError:     # corrupt counts (a bug): still end the request, never wedge
+                    log.exception("freeing the blocks of %s failed", seq.request_id)
+                    seq.block_table.clear()
             seq.status = SeqStatus.FINISHED
         if drop_running:
             self.running = [s for s in self.running if s.status is SeqStatus.RUNNING]
 
     # --- tensors ---------------------------------------------------------------------
+
+    def rebuild(self, step: ScheduledStep) -> None:
+        """Rebuild a step's tensors after its sequences' drafts changed (a draft model fills
+        them in once the step's blocks are allocated)."""
+        step.batch = self._build(step.seqs, step.num_new).batch
 
     def _build(self, seqs: list[Sequence], num_new: list[int]) -> ScheduledStep:
         """The StepBatch of api.py, as views of one int64 buffer (one host->device copy).
@@ -223,17 +316,24 @@ class Scheduler:
         query_start = [0]
         context_lens: list[int] = []
         sample_rows: list[int] = []
+        num_drafts: list[int] = []
         width = 0
         for row, (seq, n) in enumerate(zip(seqs, num_new)):
             start = seq.num_computed
             end = start + n
             table = seq.block_table
+            drafts = end - seq.num_tokens          # > 0: speculative drafts after the last token
+            num_drafts.append(max(drafts, 0))
             if n == 1:
                 tokens.append(seq.token_ids[start])
                 positions.append(start)
                 slots.append(table[start // bs] * bs + start % bs)
             else:
-                tokens.extend(seq.token_ids[start:end])
+                if drafts > 0:
+                    tokens.extend(seq.token_ids[start:])
+                    tokens.extend(seq.draft_ids[:drafts])
+                else:
+                    tokens.extend(seq.token_ids[start:end])
                 positions.extend(range(start, end))
                 pos = start
                 while pos < end:            # one range per block touched, not per token
@@ -244,7 +344,7 @@ class Scheduler:
                     pos = stop
             query_start.append(query_start[-1] + n)
             context_lens.append(end)
-            if end == seq.num_tokens:
+            if end >= seq.num_tokens:
                 sample_rows.append(row)
             if len(table) > width:
                 width = len(table)
@@ -256,25 +356,35 @@ class Scheduler:
             tables.extend(table)
             if len(table) < width:
                 tables.extend([0] * (width - len(table)))
+        # speculative decoding: logits at the last token and every draft of each sample row
+        logits_rows: list[int] = []
+        if any(num_drafts):
+            for row in sample_rows:
+                stop = query_start[row + 1]
+                logits_rows.extend(range(stop - 1 - num_drafts[row], stop))
+        else:
+            num_drafts = []
 
-        flat = torch.tensor(tokens + positions + slots + query_start + context_lens + tables,
+        flat = torch.tensor(tokens + positions + slots + query_start + context_lens + tables + logits_rows,
                             dtype=torch.int64)
         if self.device.type != "cpu":
             flat = flat.pin_memory().to(self.device, non_blocking=True)
         t = len(tokens)
         o = 3 * t
+        tables_end = o + 2 * num_seqs + 1 + num_seqs * width
         batch = StepBatch(
             tokens=flat[:t],
             positions=flat[t:2 * t],
             slot_mapping=flat[2 * t:o],
             query_start=flat[o:o + num_seqs + 1],
             context_lens=flat[o + num_seqs + 1:o + 2 * num_seqs + 1],
-            block_tables=flat[o + 2 * num_seqs + 1:].view(num_seqs, width),
+            block_tables=flat[o + 2 * num_seqs + 1:tables_end].view(num_seqs, width),
             is_decode=t == num_seqs,
             query_lens_host=num_new,
             context_lens_host=context_lens,
+            logits_rows=flat[tables_end:] if logits_rows else None,
         )
-        return ScheduledStep(seqs, num_new, batch, sample_rows)
+        return ScheduledStep(seqs, num_new, batch, sample_rows, num_drafts)
 
 
 def _waiting_len(seq: Sequence) -> int:

@@ -26,6 +26,7 @@ class Sequence:
         "request_id", "token_ids", "num_prompt_tokens", "params", "arrival_time", "status",
         "block_table", "num_computed", "generator", "detokenizer", "queue", "loop",
         "finish_reason", "first_token_time", "last_token_time", "num_preemptions",
+        "constraint", "draft_ids", "spec",
     )
 
     def __init__(self, request: GenerateRequest, detokenizer: Any = None, device: str | torch.device = "cpu"):
@@ -51,6 +52,13 @@ class Sequence:
         self.first_token_time: float | None = None
         self.last_token_time: float | None = None
         self.num_preemptions = 0
+        # json mode: a vsc.runtime.constrain.Constraint (masks this row's logits, advanced by
+        # each sampled token); None for unconstrained requests
+        self.constraint: Any = None
+        # speculative decoding (vsc.runtime.speculative): the tokens proposed to follow the
+        # last one, verified in the next step, and the proposer's per-sequence state
+        self.draft_ids: list[int] = []
+        self.spec: Any = None
 
     @property
     def num_tokens(self) -> int:

@@ -1,8 +1,10 @@
 """Materialize a plan's weight table from a Hugging Face model folder's safetensors.
 
 A generated runner carries its plan's weights as a tuple of `WeightSpec`s: each is
-either `load`ed from a checkpoint tensor, or derived from other entries (`concat`, which
-fusion passes introduce) once, at load time. Names may contain `{i}` (layer index) and
+either `load`ed from a checkpoint tensor, or derived once, at load time, from other
+entries or from its attributes (`DERIVED_INITS`: `concat` from the fusion passes,
+`rope_cos`/`rope_sin` from fold-rope-tables, `quantize_int8`/`int8_scales` from
+weight-int8). Names may contain `{i}` (layer index) and
 `{e}` (expert index). `load_weights` returns the entries the step's ops read (`keep`),
 with `{i}` expanded (one tensor per layer) and `{e}` stacked (one [experts, ...] tensor
 per layer, under the name that still says `{e}`); entries only feeding a derived weight
@@ -19,8 +21,9 @@ import torch
 from safetensors import safe_open
 
 from vsc.errors import ModelError
+from vsc.runtime.kernels.torch_ops import rope_cos_sin
 
-TORCH_DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
+TORCH_DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16, "i8": torch.int8}
 
 LAYER, EXPERT = "{i}", "{e}"
 
@@ -30,7 +33,8 @@ class WeightSpec:
     """One entry of a plan's weight table (a `weight` line of the IR, without the `@`).
 
     init "load": args = (checkpoint tensor name,); init "concat": args = names of other
-    entries, joined along attrs["axis"]. keep: an op of the step reads it.
+    entries, joined along attrs["axis"]; the other `DERIVED_INITS` likewise take other
+    entries (or none: `rope_cos`) and attrs. keep: an op of the step reads it.
     """
 
     name: str
@@ -92,6 +96,43 @@ class Checkpoint:
         self._open.clear()
 
 
+def quantize_int8_groups(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 of a [out, in] weight per group of `group` input columns (0: a whole
+    row): (int8 values [out, in], fp32 scales [out, in / group]) with scale = amax|w| / 127
+    and values = round(w / scale), so |w - values * scale| <= scale / 2. An all-zero group
+    gets scale 0 and values 0."""
+    out_features, in_features = weight.shape
+    size = group or in_features
+    w = weight.to(torch.float32).reshape(out_features, in_features // size, size)
+    scales = w.abs().amax(dim=-1) / 127.0
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+    values = torch.round(w / safe.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
+    return values.reshape(out_features, in_features), scales
+
+
+def _rope_table(index: int):
+    def make(parts: list[torch.Tensor], attrs: dict[str, Any], shape: tuple[int, ...]) -> torch.Tensor:
+        return rope_cos_sin(torch.arange(shape[0]), float(attrs["theta"]), int(attrs["head_dim"]))[index]
+    return make
+
+
+def _quantized(index: int):
+    def make(parts: list[torch.Tensor], attrs: dict[str, Any], shape: tuple[int, ...]) -> torch.Tensor:
+        return quantize_int8_groups(parts[0], int(attrs.get("group", 0)))[index]
+    return make
+
+
+# Derived inits: (argument tensors, attrs, declared shape) -> the tensor (cast to the
+# entry's dtype afterwards). Typing rules: vsc/ir/weight_inits.py.
+DERIVED_INITS: dict[str, Any] = {
+    "concat": lambda parts, attrs, shape: torch.cat(parts, dim=attrs.get("axis", 0)),
+    "rope_cos": _rope_table(0),
+    "rope_sin": _rope_table(1),
+    "quantize_int8": _quantized(0),
+    "int8_scales": _quantized(1),
+}
+
+
 def load_weights(model_dir: str | Path, specs: tuple[WeightSpec, ...] | list[WeightSpec], layers: int,
                  experts: int = 0, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """The kept weights of `specs`, by expanded name, cast to each spec's dtype, on `device`."""
@@ -105,14 +146,14 @@ def load_weights(model_dir: str | Path, specs: tuple[WeightSpec, ...] | list[Wei
             return made[key]
         if spec.init == "load":
             tensor = checkpoint.get(expand(spec.args[0], layer, expert))
-        elif spec.init == "concat":
+        elif spec.init in DERIVED_INITS:
             parts = []
             for arg in spec.args:
                 source = by_name.get(arg)
                 if source is None:
                     raise ModelError(model_dir, f"weight '{spec.name}' is derived from '{arg}', which the table lacks")
                 parts.append(materialize(source, layer, expert))
-            tensor = torch.cat(parts, dim=spec.attrs.get("axis", 0))
+            tensor = DERIVED_INITS[spec.init](parts, spec.attrs, spec.shape)
         else:
             raise ModelError(model_dir, f"weight '{spec.name}': unknown init '{spec.init}'")
         tensor = tensor.to(dtype=TORCH_DTYPES[spec.dtype], device=device)

@@ -104,18 +104,40 @@ def build_manifest(module: ServingModule, pipeline: str, spec_path: Path | None,
                   "files": model_file_checksums(model_dir)},
         "serve": {"host": serve.get("host") or "127.0.0.1", "port": serve.get("port") or 8000,
                   "max_context": module.deployment["max_context"], "api": serve.get("api") or "openai"},
-        "engine": {
-            "max_context": module.deployment["max_context"],
-            "mode": module.batching.mode,
-            "max_batch": module.batching.max_batch,
-            "max_tokens": module.batching.max_tokens,
-            "chunked_prefill": module.batching.chunked_prefill,
-            "order": module.batching.order,
-            "preemption": "recompute" if module.batching.preemption == "none" else module.batching.preemption,
-            "max_waiting": max(64, 16 * module.batching.max_batch),
-        },
+        "engine": {**engine_config(module), **json_mode_config(module)},
         "verification": [v.to_json() for v in verifications],
     }
+
+
+def engine_config(module: ServingModule) -> dict:
+    """The runtime EngineConfig fields for a plan (the manifest's "engine" entry); the
+    accuracy check builds its engine from the same dict, so it runs what the server runs."""
+    from vsc.passes.prefix_cache import plan_prefix_cache
+    from vsc.passes.speculative import speculative_engine_config
+
+    return {
+        "max_context": module.deployment["max_context"],
+        "mode": module.batching.mode,
+        "max_batch": module.batching.max_batch,
+        "max_tokens": module.batching.max_tokens,
+        "chunked_prefill": module.batching.chunked_prefill,
+        "order": module.batching.order,
+        "preemption": "recompute" if module.batching.preemption == "none" else module.batching.preemption,
+        "max_waiting": max(64, 16 * module.batching.max_batch),
+        **plan_prefix_cache(module),     # prefix_cache, prefix_cache_capacity (prefix-cache pass); {} if none
+        **speculative_engine_config(module),   # speculative_* and draft_model (speculative pass); {} if none
+    }
+
+
+def json_mode_config(module: ServingModule) -> dict:
+    """The manifest engine entry's json mode: {"json_schema": text} when the plan has a
+    constrain stage (the json-mode pass), else {}. Kept out of `engine_config`, whose
+    unconstrained engine run the accuracy check compares with the unmasked reference;
+    vsc.backends.torch.constrained_check runs the constrained one."""
+    from vsc.passes.json_mode import plan_json_schema
+
+    schema = plan_json_schema(module)
+    return {} if schema is None else {"json_schema": schema}
 
 
 def plan_triton_kernels(module: ServingModule) -> list[str]:
@@ -182,6 +204,14 @@ def write_server(out_dir: Path, module: ServingModule, pipeline: str, runner_sou
                 seconds["kernels"] = time.perf_counter() - start
         (staging / "plan.vsir").write_text(print_module(module, pipeline=pipeline))
         (staging / "model.py").write_text(runner_source)
+        from vsc.backends.torch.draft import DRAFT_RUNNER_FILE, draft_runner_source
+        draft_source = draft_runner_source(module)
+        if draft_source is not None:     # speculative{method=draft}: the draft model's runner, beside model.py
+            (staging / DRAFT_RUNNER_FILE).write_text(draft_source)
+            draft_dir = Path(manifest["engine"]["draft_model"])
+            manifest["draft_runner"] = {"file": DRAFT_RUNNER_FILE,
+                                        "sha256": hashlib.sha256(draft_source.encode()).hexdigest(),
+                                        "model": {"path": str(draft_dir), "files": model_file_checksums(draft_dir)}}
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         spec = manifest["spec"]["path"] or "a .vsir plan"
         (staging / "__init__.py").write_text(_INIT.format(version=__version__, spec=spec))

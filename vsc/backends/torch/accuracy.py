@@ -7,7 +7,11 @@ StepBatches, the way the engine does:
   (so masking, slot mapping and per-sequence bookkeeping bugs show up);
 - probe 0 again, prefilled in 7-token chunks that straddle KV blocks (attention over
   context already in the cache), while probe 1 decodes beside it: the mixed steps of a
-  continuous-batching engine, then plain decode steps.
+  continuous-batching engine, then plain decode steps;
+- every probe again through an `LLMEngine` built from the plan's manifest engine entry (its
+  scheduler, block manager, and whatever the plan adds there), then requests that share
+  prefixes with those (see `engine_phases`): runtime-level rewrites (prefix caching,
+  speculation) are held to the same reference, on tokens (the engine exposes no logits).
 
 Each run's greedy tokens and logits are compared with `AutoModelForCausalLM` in fp32,
 teacher-forced on prompt + the runner's own tokens, so one early divergence does not
@@ -29,6 +33,7 @@ import inspect
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -37,6 +42,9 @@ from vsc.ir.module import ServingModule
 from vsc.runtime.api import StepBatch
 
 DEFAULT_TOLERANCE = {"f32": 1e-3, "f16": 5e-2, "bf16": 0.25}
+
+#: Seconds the engine run may take per phase before the check fails it as stuck.
+ENGINE_RUN_TIMEOUT = 300.0
 
 #: Chunk size of the chunked-prefill run: small and prime, so chunks straddle block edges.
 PREFILL_CHUNK = 7
@@ -79,6 +87,17 @@ def probe_texts(count: int) -> list[str]:
 # --- report ---------------------------------------------------------------------------------
 
 
+#: How each kind of run is named in messages. "batched", "chunked" and "mixed" drive the
+#: runner directly; "engine" and "engine-prefix" go through the plan's own engine.
+RUN_LABELS = {
+    "batched": "",
+    "chunked": " (chunked prefill)",
+    "mixed": " (mixed steps)",
+    "engine": " (through the engine)",
+    "engine-prefix": " (through the engine, sharing a prefix with an earlier request)",
+}
+
+
 @dataclass
 class Divergence:
     """Where a runner's greedy pick first differs from the reference's argmax.
@@ -97,7 +116,10 @@ class Divergence:
     run: str = "batched"
 
     def describe(self) -> str:
-        label = f"probe {self.probe}" + {"batched": "", "chunked": " (chunked prefill)", "mixed": " (mixed steps)"}[self.run]
+        label = f"probe {self.probe}" + RUN_LABELS[self.run]
+        if self.expected_token < 0:
+            return (f"{label}: the engine failed the request (an error, or no progress within "
+                    f"{ENGINE_RUN_TIMEOUT:.0f} s) after {self.position} tokens; see the log")
         return (f"{label} diverged at position {self.position}: expected token {self.expected_token} "
                 f"(logit {self.expected_logit:.3f}), got {self.got_token} (logit {self.got_logit:.3f})")
 
@@ -107,7 +129,7 @@ class ProbeResult:
     """One probe run: the runner's greedy tokens and how they compare with the reference."""
 
     probe: int
-    run: str        # "batched" (all probes in one batch) | "chunked" (probe 0, prefill in chunks) | "mixed" (probe 1 beside it)
+    run: str        # a key of RUN_LABELS
     prompt_tokens: int
     tokens: list[int]
     max_logit_error: float
@@ -121,7 +143,7 @@ class ProbeResult:
 
     @property
     def label(self) -> str:
-        return f"probe {self.probe}" + {"batched": "", "chunked": " (chunked prefill)", "mixed": " (mixed steps)"}[self.run]
+        return f"probe {self.probe}" + RUN_LABELS[self.run]
 
 
 @dataclass
@@ -134,8 +156,18 @@ class AccuracyReport:
     near_ties: int
     first_divergence: Divergence | None
     worst_logits: ProbeResult | None     # the run with the largest logit error, when it exceeds tolerance
+    constrained: Any = None              # json-mode plans: the constrained run's ConstrainedReport
 
     def summary(self) -> str:
+        text = self._summary()
+        c = self.constrained
+        if c is None:
+            return text
+        if not c.ok and self.first_divergence is None and self.worst_logits is None:
+            return c.summary()
+        return f"{text}; json-mode: {c.summary()}"
+
+    def _summary(self) -> str:
         if self.first_divergence is not None:
             return f"{self.first_divergence.describe()}; max |dlogit| {self.max_logit_error:.1e}"
         if self.worst_logits is not None:
@@ -146,8 +178,12 @@ class AccuracyReport:
         again = [p for p in self.probes if p.run != "batched"]
         exact = sum(p.exact for p in batched)
         text = f"{exact}/{len(batched)} probes exact over {self.max_new_tokens} tokens"
-        if again:
-            text += f", chunked-prefill run {'exact' if all(p.exact for p in again) else 'within near-ties'}"
+        chunked = [p for p in again if not p.run.startswith("engine")]
+        engine = [p for p in again if p.run.startswith("engine")]
+        if chunked:
+            text += f", chunked-prefill run {'exact' if all(p.exact for p in chunked) else 'within near-ties'}"
+        if engine:
+            text += f", engine run {'exact' if all(p.exact for p in engine) else 'within near-ties'}"
         ties = f"{self.near_ties} near-tie" + ("" if self.near_ties == 1 else "s")
         return f"{text}; max |dlogit| {self.max_logit_error:.1e}; {ties}"
 
@@ -159,6 +195,7 @@ class AccuracyReport:
             "first_divergence": asdict(self.first_divergence) if self.first_divergence else None,
             "probes": [{"probe": p.probe, "run": p.run, "prompt_tokens": p.prompt_tokens, "exact": p.exact,
                         "max_logit_error": p.max_logit_error, "near_ties": p.near_ties} for p in self.probes],
+            "constrained": self.constrained.to_json() if self.constrained is not None else None,
         }
 
 
@@ -190,6 +227,8 @@ def reference_model(model_dir: str | Path) -> torch.nn.Module:
 def reference_logits(model: torch.nn.Module, prompt: list[int], generated: list[int]) -> torch.Tensor:
     """Reference logits [len(generated), V] predicting each generated token, teacher-forced on
     prompt + generated (row j is what the reference predicts after prompt + generated[:j])."""
+    if not generated:
+        return torch.zeros(0, model.config.vocab_size)
     ids = torch.tensor([prompt + generated[:-1]], dtype=torch.long)
     logits = model(input_ids=ids).logits[0].to(torch.float32)
     return logits[len(prompt) - 1:]
@@ -283,6 +322,83 @@ class _Driver:
         return [(picks[s], torch.stack(rows[s])) for s in range(len(prompts))]
 
 
+def engine_phases(prompts: list[list[int]], limit: int) -> list[list[list[int]]]:
+    """The engine run's requests, in two phases submitted one after the other.
+
+    Phase 1 is every probe prompt at once. Phase 2 reuses phase 1's longest prompt P in ways
+    a prefix cache must tell apart: P again (a full hit), P with its last tokens replaced
+    (a hit that must stop early), P's first block's worth with another probe's tokens after
+    it, and P shifted by one token (the same block contents at other positions, and under
+    another first token, so a cache keyed on a block's tokens alone would hit wrongly).
+    Every prompt is cut to `limit` tokens.
+
+    Phase 2 also holds prompts on which speculative decoding drafts, so its verification
+    (accepting and rejecting drafts) is held to the reference too: P twice (a passage
+    repeated, what prompt-lookup and n-gram drafts copy), and every distinct probe token
+    once, in order of first appearance (so it starts as probe 0 does), then the same rotated
+    by a third. The random test models' greedy outputs spread over the whole vocabulary and
+    seldom repeat within a probe's few tokens, so P twice alone rarely drafts there; a prompt
+    holding a few hundred distinct tokens is hit by some output token on every tiny model
+    tried (llama, qwen2, mixtral; 4 to 8 probes), and those drafts are mostly rejected.
+    """
+    longest = max(prompts, key=len)
+    other = next((p for p in prompts if p is not longest), longest)
+    distinct = list(dict.fromkeys(t for p in prompts for t in p))
+    third = len(distinct) // 3
+    variants = [
+        list(longest),
+        longest[:max(1, len(longest) - 5)] + other[:5],
+        longest[:16] + other,
+        [other[0]] + longest,
+        longest[1:] or longest,
+        longest * 2,
+        distinct,
+        distinct[third:] + distinct[:third],
+    ]
+    return [[list(p) for p in prompts], [v[:limit] for v in variants]]
+
+
+def _engine_generate(module: ServingModule, runner, phases: list[list[list[int]]],
+                     max_new_tokens: int) -> list[list[tuple[list[int], str | None]]]:
+    """Greedy tokens of every request of every phase, run by an LLMEngine configured exactly
+    as the compiled server's (its manifest's engine entry), on a KV cache sized for the
+    largest phase. Returns per phase, per request (tokens, finish reason)."""
+    import asyncio
+
+    from vsc.backends.server.emit import engine_config
+    from vsc.runtime.api import EngineConfig, GenerateRequest, SamplingParams
+    from vsc.runtime.engine import LLMEngine
+
+    block = runner.cache_config.block_size
+    blocks = max(sum(-(-(len(p) + max_new_tokens) // block) for p in phase) for phase in phases) + 1
+    engine = LLMEngine(runner, None, EngineConfig(**engine_config(module)), module.name, num_blocks=blocks)
+
+    async def run(phase_index: int, phase: list[list[int]]):
+        outputs: list[tuple[list[int], str | None]] = [([], None) for _ in phase]
+
+        async def one(i: int, prompt: list[int]):
+            params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0, ignore_eos=True)
+            tokens: list[int] = []
+            reason = None
+            outputs[i] = (tokens, reason)
+            async for event in engine.generate(GenerateRequest(f"probe-{phase_index}-{i}", prompt, params)):
+                tokens += event.token_ids
+                reason = event.finish_reason
+                outputs[i] = (tokens, reason)
+
+        try:   # an engine that stops making progress fails the check instead of hanging the compile
+            await asyncio.wait_for(asyncio.gather(*(one(i, p) for i, p in enumerate(phase))), ENGINE_RUN_TIMEOUT)
+        except asyncio.TimeoutError:
+            pass            # unfinished requests keep reason None: reported as an engine failure
+        return outputs
+
+    engine.start()
+    try:
+        return [list(asyncio.run(run(n, phase))) for n, phase in enumerate(phases)]
+    finally:
+        engine.shutdown()
+
+
 def _compare(probe: int, run: str, prompt: list[int], tokens: list[int], got: torch.Tensor,
              ref: torch.Tensor, tolerance: float) -> ProbeResult:
     errors = (got - ref).abs().amax(dim=-1)
@@ -339,10 +455,29 @@ def check_accuracy(module: ServingModule, runner, probes: int, tolerance: float 
         results.append(_compare(k, "chunked" if k == 0 else "mixed", prompt, tokens, logits,
                                 reference_logits(reference, prompt, tokens), tol))
 
+    # Every probe again through the plan's own engine (scheduler, block manager, and whatever
+    # the plan adds there: prefix cache, speculation), then requests that share prefixes with
+    # those. Tokens only: the engine does not expose logits.
+    phases = engine_phases(prompts, limit)
+    runs = _engine_generate(module, runner, phases, max_new_tokens)
+    for run_name, phase, outputs in zip(("engine", "engine-prefix"), phases, runs):
+        for k, (prompt, (tokens, reason)) in enumerate(zip(phase, outputs)):
+            ref = reference_logits(reference, prompt, tokens)
+            result = _compare(k, run_name, prompt, tokens, ref, ref, tol)
+            if reason not in ("length", "stop") and result.divergence is None:
+                result.divergence = Divergence(k, len(tokens), -1, -1, 0.0, 0.0, 0.0, run_name)
+            results.append(result)
+
     first = next((r.divergence for r in results if r.divergence is not None), None)
     worst = max(results, key=lambda r: (math.isnan(r.max_logit_error), r.max_logit_error))
     max_err = worst.max_logit_error
     too_far = worst if not (max_err <= tol) else None     # `not <=` also catches NaN
     ok = first is None and too_far is None
+
+    # json-mode plans: constrained decoding against the grammar-masked reference as well.
+    from vsc.backends.torch.constrained_check import constrained_report
+    constrained = constrained_report(module, runner, probes=min(probes, 4), tolerance=tol)
+    if constrained is not None:
+        ok = ok and constrained.ok
     return AccuracyReport(ok, tol, max_new_tokens, results, max_err, sum(len(r.near_ties) for r in results),
-                          first, too_far)
+                          first, too_far, constrained)

@@ -19,8 +19,12 @@ Python loop costs about a microsecond, noise next to the kernels, so the loop is
 source stays one screen long whatever the depth. `unroll=True` still writes the unrolled
 form, for comparison.
 
-Position-only work is hoisted out of the loop: the RoPE table lookup (`rope_cos, rope_sin`)
-and the attention metadata (cache slots, masks; built once per step, shared by layers).
+Position-only work is hoisted out of the loop where the IR says so: the attention metadata
+(cache slots, masks) is built once per step and shared by layers; RoPE follows the plan: a
+plain `rope` op computes its cos/sin from the positions inside the op, every layer, while
+after `fold-rope-tables` the tables are weights (`rope_cos()` / `rope_sin()` inits) and
+one `rope_lookup` before the loop feeds every layer's `rope_rotate`. Derived weights
+(`concat`, `rope_cos`, `quantize_int8`, ...) are built by `vsc.runtime.weights` at load.
 The `sample` op is not lowered: runners return logits and the engine's sampler picks.
 
 CUDA plans (`target cuda`): ops whose kernel is `triton.*` call the launch wrappers of
@@ -30,8 +34,9 @@ default device is "cuda". Where a Triton kernel does not cover a case, the runne
 
 - `attention` on `triton.paged_attention` runs the Triton cache-write + paged decode
   kernels in decode steps only; prefill and mixed steps call `torch_ops.paged_attention`.
-- `rope` on `triton.rope` rotates q and k in place, indexing the whole RotaryTable by the
-  step's positions (so no per-step cos/sin lookup is hoisted for it). In place is safe
+- `rope` on `triton.rope` computes the cos/sin rows of the step's positions
+  (`rope_cos_sin`) and rotates q and k in place; `rope_rotate` on `triton.rope` rotates
+  by the rows its operands name (the hoisted `rope_lookup`). In place is safe
   only when nothing else reads q, k or the tensor they are views of, and those buffers
   were made in the same op list (a loop would otherwise rotate them again next
   iteration); otherwise q and k are cloned first.
@@ -62,6 +67,7 @@ from vsc.ir.printer import print_module
 from vsc.ir.rewrite import users
 from vsc.ir.types import Origin
 from vsc.runtime.kernels import TORCH_KERNELS
+from vsc.runtime.weights import DERIVED_INITS
 
 __all__ = ["LoweringError", "generate_runner_source", "load_runner_class"]
 
@@ -78,13 +84,15 @@ class LoweringError(VscError):
 
 # Op kinds the runner executes, and those it leaves to the engine.
 _LOWERED_OPS = {"embed", "rmsnorm", "add", "add_rmsnorm", "mul", "silu", "silu_mul", "linear", "split", "rope",
-                "attention", "moe", "last_token"}
+                "attention", "moe", "last_token", "rope_lookup", "rope_rotate", "linear_int8"}
 _ENGINE_OPS = {"sample"}
 
 # Op attributes that become named plan constants when they equal the model's value.
 _ATTR_CONSTANTS = {
     ("rmsnorm", "eps"): "RMS_NORM_EPS",
     ("rope", "head_dim"): "HEAD_DIM",
+    ("rope", "theta"): "ROPE_THETA",
+    ("rope_rotate", "head_dim"): "HEAD_DIM",
     ("attention", "heads"): "HEADS",
     ("attention", "kv_heads"): "KV_HEADS",
     ("attention", "head_dim"): "HEAD_DIM",
@@ -96,11 +104,13 @@ _ATTR_CONSTANTS = {
 _BATCH_FIELDS = {"%tokens": "batch.tokens", "%positions": "batch.positions"}
 
 _TORCH_DTYPES = {"f32": "torch.float32", "bf16": "torch.bfloat16", "f16": "torch.float16"}
+# Weight element types the runner loads: the float dtypes, and int8 (weight-int8's values).
+_WEIGHT_DTYPES = {**_TORCH_DTYPES, "i8": "torch.int8"}
 
 # Names the generated module defines or uses itself; SSA locals and weights avoid them.
 _RESERVED = set(keyword.kwlist) | {
     "torch", "self", "batch", "meta", "layer", "layer_weights", "k_cache", "v_cache", "w", "i", "name",
-    "rope_cos", "rope_sin", "tuple", "range", "zip", "len", "list", "int", "str", "float", "print",
+    "rope_cos_sin", "tuple", "range", "zip", "len", "list", "int", "str", "float", "print",
     "Runner", "WEIGHTS", "LAYER_WEIGHTS", "StepBatch", "CacheConfig", "WeightSpec", "load_weights",
     "AttentionMetadata", "RotaryTable", "attention_metadata", "allocate_kv_cache",
 } | {fn.__name__ for fn in TORCH_KERNELS.values()}
@@ -111,6 +121,7 @@ _TRITON_WRAPPERS = {
     ("triton.rmsnorm", "rmsnorm"): "rmsnorm",
     ("triton.rmsnorm", "add_rmsnorm"): "add_rmsnorm",
     ("triton.rope", "rope"): "rope",
+    ("triton.rope", "rope_rotate"): "rope",
     ("triton.silu_mul", "silu_mul"): "silu_mul",
     ("triton.paged_attention", "attention"): "paged_attention",
 }
@@ -125,6 +136,10 @@ _FRESH_RESULTS = {"embed", "linear", "add", "mul", "silu", "silu_mul", "moe"}
 # Attributes of Runner that top-level weights must not shadow.
 _RUNNER_ATTRS = {"device", "cache_config", "vocab_size", "kv_cache", "layers", "rope", "prefill", "decode",
                  "create_kv_cache", "forward"}
+
+# KV cache element types the runner allocates: the float dtypes, and int8 (kv-int8), which
+# allocate_kv_cache turns into QuantizedKV pairs (int8 values + fp32 per-token-head scales).
+_CACHE_TORCH_DTYPES = {**_TORCH_DTYPES, "i8": "torch.int8"}
 
 
 def _identifier(text: str) -> str:
@@ -163,9 +178,6 @@ class _RunnerWriter:
         self.locals = self._name_values()
         self.layer_weights, self.top_weights = self._name_weights()
         self.constants = self._constants()
-        self.rope_tables = self._rope_tables()
-        self.rope_lookups = {(float(op.attrs["theta"]), int(op.attrs["head_dim"])) for op in walk_ops(self.body)
-                             if op.kind == "rope" and not self._is_triton(op)}
         self.uses = users(self.body, self.model.func.returns)
         self.producers = self._producers()
         self.triton_calls: set[str] = set()      # triton_ops wrappers the step calls (noted while writing it)
@@ -254,14 +266,14 @@ class _RunnerWriter:
             if w.init_fn == "load":
                 if len(w.init_args) != 1:
                     raise LoweringError(f"weight {w.name}: load takes one checkpoint name", w.origin)
-            elif w.init_fn == "concat":
+            elif w.init_fn in DERIVED_INITS:
                 missing = [a for a in w.init_args if a not in self.weights]
                 if missing:
-                    raise LoweringError(f"weight {w.name} concatenates undeclared {missing[0]}", w.origin)
+                    raise LoweringError(f"weight {w.name} is derived from undeclared {missing[0]}", w.origin)
             else:
                 raise LoweringError(f"weight {w.name}: the torch backend cannot materialize '{w.init_fn}' "
-                                    "(it knows load and concat)", w.origin)
-            if w.type.dtype not in _TORCH_DTYPES:
+                                    f"(it knows load, {', '.join(sorted(DERIVED_INITS))})", w.origin)
+            if w.type.dtype not in _WEIGHT_DTYPES:
                 raise LoweringError(f"weight {w.name} has dtype {w.type.dtype}, which the torch runner does not load",
                                     w.origin)
 
@@ -322,9 +334,9 @@ class _RunnerWriter:
             parts = name.lstrip("@").split(".")
             expert = "{e}" in parts
             suffix = []
-            if parts and parts[-1] == "bias":
-                suffix = ["bias"]
-            parts = [p for p in parts[:-1 if parts[-1] in ("weight", "bias") else None]
+            if parts and parts[-1] in ("bias", "scales"):
+                suffix = [parts[-1]]
+            parts = [p for p in parts[:-1 if parts[-1] in ("weight", "bias", "scales") else None]
                      if p not in ("{i}", "{e}", "model", "layers")]
             return parts + suffix, (3 if suffix else 2) if expert else (2 if suffix else 1)
 
@@ -356,7 +368,7 @@ class _RunnerWriter:
             block_size = cache.block_size  # contiguous: max_context, one block per batch slot
         else:
             raise LoweringError(f"cache layout '{cache.layout}' has no torch lowering", cache.origin)
-        if cache.dtype not in _TORCH_DTYPES:
+        if cache.dtype not in _CACHE_TORCH_DTYPES:
             raise LoweringError(f"cache dtype '{cache.dtype}' has no torch lowering", cache.origin)
         num_blocks = cache.capacity_tokens // block_size
         if num_blocks < 1:
@@ -381,18 +393,6 @@ class _RunnerWriter:
         c["BLOCK_SIZE"] = block_size
         c["NUM_BLOCKS"] = num_blocks
         return c
-
-    def _rope_tables(self) -> dict[tuple[float, int], str]:
-        """One RotaryTable per distinct (theta, head_dim) of the plan's rope ops."""
-        keys = []
-        for op in walk_ops(self.body):
-            if op.kind == "rope":
-                key = (float(op.attrs["theta"]), int(op.attrs["head_dim"]))
-                if key not in keys:
-                    keys.append(key)
-        if len(keys) == 1:
-            return {keys[0]: ""}
-        return {k: f"_{n}" for n, k in enumerate(keys, 1)}
 
     def _attr(self, op: Op, key: str) -> str:
         value = op.attrs[key]
@@ -468,14 +468,16 @@ class _RunnerWriter:
             return [f"{', '.join(results)} = {wrapper}({', '.join(call)})"]
         if op.kind == "silu_mul":
             return [f"{results[0]} = {wrapper}({', '.join([*args, *config])})"]
-        if op.kind == "rope":
-            q, k, positions = args
+        if op.kind in ("rope", "rope_rotate"):
+            q, k = args[:2]
+            if op.kind == "rope":   # cos/sin rows of the step's positions, computed here (no folded table)
+                rows = [f"*rope_cos_sin({args[2]}, {self._attr(op, 'theta')}, {self._attr(op, 'head_dim')}, {q}.dtype)"]
+            else:
+                rows = args[2:]
             in_place = op.operands[0] != op.operands[1] and all(self._owned(v, op, ops) for v in op.operands[:2])
             if not in_place:
                 q, k = f"{q}.clone()", f"{k}.clone()"
-            suffix = self.rope_tables[(float(op.attrs["theta"]), int(op.attrs["head_dim"]))]
-            call = [q, k, f"self.rope{suffix}.cos", f"self.rope{suffix}.sin", self._attr(op, "head_dim"),
-                    f"positions={positions}", *config]
+            call = [q, k, *rows, self._attr(op, "head_dim"), *config]
             note = "in place" if in_place else "on copies: q or k is read elsewhere"
             return [f"{', '.join(results)} = {wrapper}({', '.join(call)})  # {note}"]
         if op.kind == "attention":
@@ -509,14 +511,15 @@ class _RunnerWriter:
         elif op.kind == "split":
             args.append("(" + ", ".join(str(s) for s in op.attrs["sizes"]) + ("," if len(op.attrs["sizes"]) == 1 else "") + ")")
         elif op.kind == "rope":
-            suffix = self.rope_tables[(float(op.attrs["theta"]), int(op.attrs["head_dim"]))]
-            args = args[:2] + [f"rope_cos{suffix}", f"rope_sin{suffix}", self._attr(op, "head_dim")]
+            args += [self._attr(op, "theta"), self._attr(op, "head_dim")]
+        elif op.kind == "rope_rotate":
+            args.append(self._attr(op, "head_dim"))
         elif op.kind == "attention":
             args += ["k_cache", "v_cache", "meta"] + [self._attr(op, k) for k in ("heads", "kv_heads", "head_dim", "scale")]
         elif op.kind == "moe":
             args += [self._attr(op, "experts"), self._attr(op, "top_k")]
         elif op.kind == "last_token":
-            args.append("meta")
+            args.append("meta")       # meta.last_index: each sequence's last row, or batch.logits_rows
         return f"{results} = {fn}({', '.join(args)})"
 
     # --- source --------------------------------------------------------------------------
@@ -534,7 +537,9 @@ class _RunnerWriter:
         a, m = self.attrs, self.module
         kernels = sorted({op.kernel.name for op in walk_ops(self.body) if op.kernel is not None and op.kind not in _ENGINE_OPS})
         functions = sorted({TORCH_KERNELS[k].__name__ for k in kernels if k in TORCH_KERNELS}
-                           | {_TRITON_FALLBACKS[k] for k in kernels if k in _TRITON_FALLBACKS})
+                           | {_TRITON_FALLBACKS[k] for k in kernels if k in _TRITON_FALLBACKS}
+                           | ({"rope_cos_sin"} if any(op.kind == "rope" and self._is_triton(op)
+                                                      for op in walk_ops(self.body)) else set()))
         cache = m.cache
         blocks = f"{self.constants['NUM_BLOCKS']} x {self.constants['BLOCK_SIZE']}-token blocks"
         return [
@@ -551,7 +556,8 @@ class _RunnerWriter:
             "",
             "from vsc.runtime.api import CacheConfig, StepBatch",
             "from vsc.runtime.kernels.torch_ops import (",
-            "    AttentionMetadata, RotaryTable, allocate_kv_cache, attention_metadata,",
+            "    AttentionMetadata, allocate_kv_cache, attention_metadata,",
+            *(["    QuantizedKV,"] if cache.dtype == "i8" else []),
             "    " + ", ".join(functions) + ",",
             ")",
             *self._triton_imports(),
@@ -571,7 +577,7 @@ class _RunnerWriter:
         lines = ["# Plan constants: model sizes, numerics and cache geometry."]
         lines += [f"{k} = {v!r}" for k, v in self.constants.items()]
         lines.append(f"DTYPE = {_TORCH_DTYPES[self.attrs.get('dtype', 'f32')]}")
-        lines.append(f"CACHE_DTYPE = {_TORCH_DTYPES[self.module.cache.dtype]}")
+        lines.append(f"CACHE_DTYPE = {_CACHE_TORCH_DTYPES[self.module.cache.dtype]}")
         lines.append(f"CACHE_LAYOUT = {self.module.cache.layout!r}")
         return lines + [""]
 
@@ -583,7 +589,7 @@ class _RunnerWriter:
             if name in needed:
                 return
             w = self.weights[name]
-            if w.init_fn == "concat":
+            if w.init_fn != "load":
                 for src in w.init_args:
                     need(src)
             needed.append(name)
@@ -619,6 +625,9 @@ class _RunnerWriter:
     def _runner_class(self) -> list[str]:
         c = self.constants
         kv_layers = "LAYERS" if self.attention is not None else "0"
+        int8 = self.module.cache.dtype == "i8"
+        kv = "QuantizedKV" if int8 else "torch.Tensor"
+        scales = " in int8, with fp32 scales [.., KV_HEADS]" if int8 else ""
         lines = [
             "class Runner:",
             f'    """Runs plan @{self.module.name} step by step (the ModelRunner protocol of vsc.runtime.api)."""',
@@ -632,26 +641,26 @@ class _RunnerWriter:
         if self.layer_weights:
             lines.append("        self.layers = [tuple(w[name.replace(\"{i}\", str(i))] for name in LAYER_WEIGHTS) "
                          "for i in range(LAYERS)]")
-        for (theta, hd), suffix in self.rope_tables.items():
-            theta_s = "ROPE_THETA" if theta == c["ROPE_THETA"] else repr(theta)
-            hd_s = "HEAD_DIM" if hd == c["HEAD_DIM"] else repr(hd)
-            lines.append(f"        self.rope{suffix} = RotaryTable({theta_s}, {hd_s}, MAX_POSITION, DTYPE, self.device)")
         lines += [
             f"        self.cache_config = CacheConfig(layers={kv_layers}, kv_heads=KV_HEADS, head_dim=HEAD_DIM, block_size=BLOCK_SIZE,",
             "                                        num_blocks=NUM_BLOCKS, dtype=CACHE_DTYPE, layout=CACHE_LAYOUT)",
             "        self.vocab_size = VOCAB",
-            "        self.kv_cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None",
+            f"        self.kv_cache: list[tuple[{kv}, {kv}]] | None = None",
             "",
-            "    def create_kv_cache(self, num_blocks: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:",
-            '        """(K, V) per layer, [num_blocks * BLOCK_SIZE, KV_HEADS, HEAD_DIM] each; num_blocks overrides the plan\'s."""',
+            f"    def create_kv_cache(self, num_blocks: int | None = None) -> list[tuple[{kv}, {kv}]]:",
+            f'        """(K, V) per layer, [num_blocks * BLOCK_SIZE, KV_HEADS, HEAD_DIM] each{scales}; num_blocks overrides the plan\'s."""',
             "        blocks = NUM_BLOCKS if num_blocks is None else num_blocks",
             f"        self.kv_cache = allocate_kv_cache({kv_layers}, blocks * BLOCK_SIZE, KV_HEADS, HEAD_DIM, CACHE_DTYPE, self.device)",
             "        return self.kv_cache",
             "",
             "    @torch.inference_mode()",
             "    def prefill(self, batch: StepBatch) -> torch.Tensor:",
-            '        """New tokens (whole prompts or chunks, any number per sequence) -> logits [B, VOCAB] of each last one."""',
-            "        return self.forward(batch, attention_metadata(batch, BLOCK_SIZE))",
+            '        """New tokens (whole prompts or chunks, any number per sequence) -> logits [B, VOCAB] of each last one,',
+            '        or [R, VOCAB] of the rows batch.logits_rows names (speculative decoding verifies every draft)."""',
+            "        meta = attention_metadata(batch, BLOCK_SIZE)",
+            "        if batch.logits_rows is not None:",
+            "            meta.last_index = batch.logits_rows",
+            "        return self.forward(batch, meta)",
             "",
             "    @torch.inference_mode()",
             "    def decode(self, batch: StepBatch) -> torch.Tensor:",
@@ -670,10 +679,6 @@ class _RunnerWriter:
         lines = []
         params = [(self.locals[p], _BATCH_FIELDS[p]) for p, _ in self.model.func.params]
         lines.append(ind + ", ".join(n for n, _ in params) + " = " + ", ".join(f for _, f in params))
-        positions = self.locals.get("%positions", "positions")
-        for key, suffix in self.rope_tables.items():
-            if key in self.rope_lookups:
-                lines.append(f"{ind}rope_cos{suffix}, rope_sin{suffix} = self.rope{suffix}.lookup({positions})")
         for op in self.body:
             if op.kind == "repeat":
                 lines += self._layer_lines(op, ind)

@@ -9,7 +9,9 @@ Attention reads the KV cache through `AttentionMetadata`, built once per step fr
 token is written to, and which slots each sequence reads back. The cache of one layer is
 a pair of tensors `[num_blocks * block_size, kv_heads, head_dim]`; slot = block *
 block_size + offset. A contiguous cache is the same thing with block_size = max_context
-and one block per sequence.
+and one block per sequence. An int8 cache (the `kv-int8` pass) is a pair of `QuantizedKV`
+per layer instead: int8 values of that shape plus an fp32 scale per (slot, kv head);
+`paged_attention_int8` quantizes K/V as it writes them and dequantizes what it reads.
 
 Numerics follow Hugging Face transformers (Llama / Qwen2 / Mixtral): RMSNorm in fp32,
 non-interleaved (rotate_half) RoPE with cos/sin from fp32 frequencies, softmax routing
@@ -27,6 +29,8 @@ from vsc.runtime.api import StepBatch
 __all__ = [
     "AttentionMetadata", "RotaryTable", "SequenceSpan", "add", "allocate_kv_cache", "attention_metadata",
     "embedding", "last_token", "linear", "moe", "mul", "paged_attention", "rmsnorm", "rope", "sdpa",
+    "linear_int8", "rope_cos_sin", "rope_lookup", "rope_positions",
+    "QuantizedKV", "paged_attention_int8", "quantize_int8",
     "silu", "silu_mul", "split",
 ]
 
@@ -79,6 +83,43 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
+# One float scratch matrix per (shape, dtype, device), reused by every linear_int8 call of that
+# shape (a handful per model, not a copy per weight). Calls never overlap: a runner steps on
+# one thread, and on cuda one stream orders them. A fresh multi-MiB temporary per call costs
+# page faults instead: 2.7 ms vs 0.15 ms for a 1536x576 dequantize at T=1 (measured).
+_DEQUANT_SCRATCH: dict[tuple, torch.Tensor] = {}
+
+
+def _scratch(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    key = (tuple(shape), dtype, device)
+    buf = _DEQUANT_SCRATCH.get(key)
+    if buf is None:
+        buf = _DEQUANT_SCRATCH[key] = torch.empty(shape, dtype=dtype, device=device)
+    return buf
+
+
+def linear_int8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """torch.linear_int8: x @ (weight * scales)^T (+ bias), weight int8 [out, in], scales fp32
+    [out, in / group] (one column: one scale per output row).
+
+    Per row, the scale factors out of each dot product: the int8 weight is converted into a
+    scratch matrix, multiplied, and the output columns scaled. Per group it cannot: the
+    groups are dequantized into the scratch matrix, then multiplied. The runner keeps only
+    the int8 weights and scales. (Why not torch._weight_int8pack_mm: vsc/passes/weight_int8.py.)
+    """
+    out_features, in_features = weight.shape
+    buf = _scratch(weight.shape, x.dtype, x.device)
+    if scales.shape[1] == 1:
+        buf.copy_(weight)
+        y = F.linear(x, buf).mul_(scales[:, 0].to(x.dtype))
+        return y if bias is None else y.add_(bias)
+    groups = scales.shape[1]
+    buf.copy_(weight)        # convert, then scale in place: faster than one mixed-dtype broadcast mul
+    buf.view(out_features, groups, in_features // groups).mul_(scales.unsqueeze(-1).to(x.dtype))
+    return F.linear(x, buf, bias)
+
+
 def split(x: torch.Tensor, sizes: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
     """torch.split: views of consecutive pieces of the last dim (no copy)."""
     return torch.split(x, list(sizes), dim=-1)
@@ -87,24 +128,37 @@ def split(x: torch.Tensor, sizes: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
 # --- rotary position embedding --------------------------------------------------------------
 
 
-class RotaryTable:
-    """cos/sin of every position up to max_position, computed once per runner.
+def rope_cos_sin(positions: torch.Tensor, theta: float, head_dim: int,
+                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [len(positions), head_dim] of HF's default RoPE at `positions`.
 
-    The frequencies are HF's default RoPE: inv_freq = 1 / theta^(2j / head_dim) in fp32,
-    angle = position * inv_freq, duplicated over both halves of the head (rotate_half
-    convention), then cast to the model dtype.
+    inv_freq = 1 / theta^(2j / head_dim) in fp32, angle = position * inv_freq in fp32,
+    duplicated over both halves of the head (rotate_half convention), cast to `dtype`. A
+    RotaryTable (and the folded `rope_cos`/`rope_sin` weights) is this over every position,
+    so on the CPU its rows equal these bit for bit (elementwise fp32 math, checked in
+    tests/backends/test_torch_kernels.py).
+    """
+    device = positions.device
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).to(torch.float32) / head_dim))
+    freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]
+    angles = torch.cat((freqs, freqs), dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+class RotaryTable:
+    """cos/sin of every position up to max_position, computed once (on the CPU, then moved).
+
+    Row p is `rope_cos_sin` at position p: HF's default RoPE frequencies in fp32, cast to
+    the model dtype. The `fold-rope-tables` pass makes these tables plan weights.
     """
 
     def __init__(self, theta: float, head_dim: int, max_position: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim))
-        positions = torch.arange(max_position, dtype=torch.float32)
-        freqs = positions[:, None] * inv_freq[None, :]
-        angles = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = rope_cos_sin(torch.arange(max_position), theta, head_dim, dtype)
         self.head_dim = head_dim
         self.max_position = max_position
-        self.cos = angles.cos().to(dtype=dtype, device=device)
-        self.sin = angles.sin().to(dtype=dtype, device=device)
+        self.cos = cos.to(device=device)
+        self.sin = sin.to(device=device)
 
     def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin rows for `positions`, shaped [T, 1, head_dim] to broadcast over heads."""
@@ -118,17 +172,33 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
          head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch.rope: rotate q [T, heads*hd] and k [T, kv_heads*hd] by the angles of their positions.
+    """torch.rope_rotate: rotate q [T, heads*hd] and k [T, kv_heads*hd] by given cos/sin rows.
 
-    `cos`, `sin` are [T, 1, head_dim] rows of a RotaryTable (`RotaryTable.lookup(positions)`,
-    hoisted out of the layer loop since positions do not change between layers).
+    `cos`, `sin` are [T, head_dim] rows (`rope_lookup`, once per step, before the layer
+    loop) or [T, 1, head_dim] (`RotaryTable.lookup`); either broadcasts over the heads.
     """
+    if cos.dim() == 2:
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     t = q.shape[0]
     qh = q.reshape(t, -1, head_dim)
     kh = k.reshape(t, -1, head_dim)
     q_rot = qh * cos + _rotate_half(qh) * sin
     k_rot = kh * cos + _rotate_half(kh) * sin
     return q_rot.reshape(t, -1), k_rot.reshape(t, -1)
+
+
+def rope_positions(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, theta: float,
+                   head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.rope: rotate q and k by the angles of `positions`, computing cos/sin inside the
+    op (`rope_cos_sin`), on every call: what an unfolded `rope` op costs per layer."""
+    cos, sin = rope_cos_sin(positions, theta, head_dim, q.dtype)
+    return rope(q, k, cos, sin, head_dim)
+
+
+def rope_lookup(positions: torch.Tensor, cos_table: torch.Tensor,
+                sin_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.rope_lookup: the rows [T, head_dim] of folded cos/sin tables for `positions`."""
+    return cos_table[positions], sin_table[positions]
 
 
 # --- attention over the KV cache ------------------------------------------------------------
@@ -140,11 +210,55 @@ def allocate_kv_cache(layers: int, num_slots: int, kv_heads: int, head_dim: int,
     """One (K, V) pair per layer, each [num_slots, kv_heads, head_dim], zero-filled.
 
     Zeros, not garbage: padded positions of a gathered context are masked out of the
-    softmax, but 0 * NaN would still poison the weighted sum of V.
+    softmax, but 0 * NaN would still poison the weighted sum of V. `dtype=torch.int8`
+    (kv-int8) gives `QuantizedKV` pairs: int8 values plus fp32 scales [num_slots, kv_heads].
     """
+    if dtype == torch.int8:
+        return [(QuantizedKV.zeros(num_slots, kv_heads, head_dim, device),
+                 QuantizedKV.zeros(num_slots, kv_heads, head_dim, device)) for _ in range(layers)]
     return [(torch.zeros(num_slots, kv_heads, head_dim, dtype=dtype, device=device),
              torch.zeros(num_slots, kv_heads, head_dim, dtype=dtype, device=device))
             for _ in range(layers)]
+
+
+def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 over the last dim: x [..., hd] -> (int8 [..., hd], fp32 scale [...]),
+    scale = amax(|x|) / 127 so x ~ values * scale with |error| <= scale / 2. An all-zero
+    vector gets scale 0 (and dequantizes to zeros, not NaN)."""
+    x32 = x.to(torch.float32)
+    scale = x32.abs().amax(dim=-1) / 127.0
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    values = torch.round(x32 / safe.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
+    return values, scale
+
+
+@dataclass
+class QuantizedKV:
+    """One layer's K (or V) cache in int8: `values` [slots, kv_heads, hd] int8 and `scales`
+    [slots, kv_heads] fp32, one per token and kv head (the scale needs only the token
+    itself, so each slot is written once, as a paged cache fills token by token).
+
+    `cache[index]` dequantizes the indexed slots to fp32 (slots [S] or [B, S], or a slice),
+    so the attention code reads it as it reads a float cache; `write` quantizes.
+    """
+
+    values: torch.Tensor
+    scales: torch.Tensor
+
+    @classmethod
+    def zeros(cls, num_slots: int, kv_heads: int, head_dim: int,
+              device: torch.device | str = "cpu") -> "QuantizedKV":
+        return cls(torch.zeros(num_slots, kv_heads, head_dim, dtype=torch.int8, device=device),
+                   torch.zeros(num_slots, kv_heads, dtype=torch.float32, device=device))
+
+    def write(self, slots: torch.Tensor, x: torch.Tensor) -> None:
+        """Quantize x [T, kv_heads, hd] into `slots` [T]."""
+        values, scales = quantize_int8(x)
+        self.values.index_copy_(0, slots, values)
+        self.scales.index_copy_(0, slots, scales)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        return self.values[index].to(torch.float32) * self.scales[index].unsqueeze(-1)
 
 
 @dataclass
@@ -242,6 +356,10 @@ def attention_metadata(batch: StepBatch, block_size: int) -> AttentionMetadata:
 
 def _write_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  meta: AttentionMetadata) -> None:
+    if isinstance(k_cache, QuantizedKV):     # kv-int8: quantize on write
+        k_cache.write(meta.slot_mapping, k)
+        v_cache.write(meta.slot_mapping, v)
+        return
     k_cache.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
     v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
 
@@ -300,6 +418,19 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
                     head_dim: int, scale: float) -> torch.Tensor:
     """torch.paged_attention: write k, v [T, kv_heads*hd] to their slots, then causal GQA
     attention of q [T, heads*hd] over each sequence's context read through its block table."""
+    return _attention(q, k, v, k_cache, v_cache, meta, heads, kv_heads, head_dim, scale, contiguous=False)
+
+
+def paged_attention_int8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: QuantizedKV,
+                         v_cache: QuantizedKV, meta: AttentionMetadata, heads: int, kv_heads: int,
+                         head_dim: int, scale: float) -> torch.Tensor:
+    """torch.paged_attention_int8: paged_attention over an int8 cache (kv-int8). The new k, v
+    are quantized per (token, kv head) into their slots; context read back from the cache is
+    dequantized (in fp32, then the model dtype). A prefill with no earlier context attends to
+    its own exact k, v, as the float kernel does; only cached context carries int8 rounding."""
+    if not isinstance(k_cache, QuantizedKV) or not isinstance(v_cache, QuantizedKV):
+        raise TypeError(f"paged_attention_int8 needs QuantizedKV caches (allocate_kv_cache with torch.int8), "
+                        f"got {type(k_cache).__name__}")
     return _attention(q, k, v, k_cache, v_cache, meta, heads, kv_heads, head_dim, scale, contiguous=False)
 
 

@@ -1,0 +1,102 @@
+"""Runtime mutants: a wrong prefix cache must never reach a server.
+
+A prefix-cache bug changes no IR: the plan is fine, the engine serves it wrongly. So these
+mutants patch the runtime (vsc.runtime, which the accuracy check's engine run uses) and
+`vsc compile` must refuse the plan at the numeric check after prefix-cache, whose engine
+run ("through the engine") sends requests sharing prefixes with earlier ones.
+
+The model: the tiny llama with its attention sharpened (q/k scaled by sqrt(2), v/o by 2).
+On the plain tiny model attention moves logits by a few tenths against top-1/top-2 gaps of
+about 1.5, so K/V taken from the wrong context seldom changes a greedy token, and the
+engine run compares tokens only (the engine exposes no logits). With the sharper
+attention the context moves logits by several units; the reference is the same weights,
+so an exact engine still passes (`test_the_correct_prefix_cache_compiles`).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from vsc.driver import CompileError, compile_to_server
+from vsc.errors import PassFailure
+from vsc.frontend.lower import lower_spec
+from vsc.frontend.parser import parse_spec_text
+from vsc.ir.module import ServingModule
+from vsc.models.tiny import make_tiny
+from vsc.runtime.prefix_cache import RadixTree
+from vsc.runtime.scheduler import Scheduler
+
+torch.set_num_threads(1)
+
+SPEC = """
+deployment runtime_mutants {{
+  model "{model}" {{ dtype = f32 }}
+  target cpu {{ threads = 1, memory = 256 MiB }}
+  workload {{ arrivals = closed(4), prompt_tokens = fixed(32), output_tokens = fixed(16) }}
+  accuracy {{ greedy_exact(probes = 4) }}
+  serve {{ max_context = 256 }}
+}}
+"""
+PIPELINE = "paged-kv{block=16},continuous-batching{max_batch=16,max_tokens=512},prefix-cache{policy=radix}"
+
+
+def sharpen_attention(model_dir, factor: float = 2.0) -> None:
+    """Scale attention so that the context matters to the tiny model's greedy tokens."""
+    path = model_dir / "model.safetensors"
+    weights = load_file(path)
+    for name in weights:
+        if name.endswith(("v_proj.weight", "o_proj.weight")):
+            weights[name] = weights[name] * factor
+        elif name.endswith(("q_proj.weight", "k_proj.weight")):
+            weights[name] = weights[name] * factor ** 0.5
+    save_file(weights, path, metadata={"format": "pt"})
+
+
+@pytest.fixture(scope="module")
+def module(tmp_path_factory) -> ServingModule:
+    root = tmp_path_factory.mktemp("runtime-mutants")
+    model = make_tiny(root / "tiny-llama-sharp", arch="llama")
+    sharpen_attention(model)
+    return lower_spec(parse_spec_text(SPEC.format(model=model), root / "m.vs"))
+
+
+def compile_error(module, tmp_path):
+    with pytest.raises((PassFailure, CompileError)) as err:
+        compile_to_server(module, PIPELINE, tmp_path / "server", None, reproducer_dir=tmp_path)
+    assert not (tmp_path / "server").exists(), "a mutant plan must never be written"
+    return err.value
+
+
+def caught_by_engine_run(err) -> str:
+    """The numeric check right after prefix-cache, in its run through the engine."""
+    assert isinstance(err, PassFailure), f"expected the check after prefix-cache to catch it, got {err}"
+    assert err.pass_name.startswith("prefix-cache")
+    assert "changed the model's outputs" in err.message and "(through the engine" in err.message, err.message
+    return "engine"
+
+
+def test_the_correct_prefix_cache_compiles(module, tmp_path):
+    """The control: on the same model the real prefix cache passes every check."""
+    result = compile_to_server(module, PIPELINE, tmp_path / "server", None, reproducer_dir=tmp_path)
+    assert "engine run exact" in result.accuracy_summary
+
+
+def test_mutation_prefix_hit_on_a_different_prefix(module, tmp_path, monkeypatch):
+    """A tree keyed on a block's own tokens, ignoring its parent: a block of the same tokens
+    cached after another prefix (at other positions) is wrongly reused."""
+    monkeypatch.setattr(RadixTree, "key", lambda self, parent, tokens: tokens)
+    assert caught_by_engine_run(compile_error(module, tmp_path)) == "engine"
+
+
+def test_mutation_prefix_hit_counts_one_token_too_many(module, tmp_path, monkeypatch):
+    """A hit that claims one token past its cached blocks: that token's K/V is never written,
+    and attention reads whatever the slot held before."""
+    real = Scheduler._cached_prefix
+
+    def one_too_many(self, seq):
+        blocks, tokens = real(self, seq)
+        return blocks, tokens + 1 if blocks else tokens
+
+    monkeypatch.setattr(Scheduler, "_cached_prefix", one_too_many)
+    assert caught_by_engine_run(compile_error(module, tmp_path)) == "engine"

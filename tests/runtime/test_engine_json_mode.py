@@ -1,0 +1,200 @@
+"""json mode in the real engine: a generated runner of the tiny model, constrained and free rows mixed.
+
+The tiny model's weights are random, so its JSON is junk — but grammar-valid junk: every
+finished output parses and matches the schema, and an output cut by max_tokens is a
+prefix the grammar accepts.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+import torch
+
+from vsc.backends.server.emit import engine_config, json_mode_config
+from vsc.backends.torch.codegen import generate_runner_source, load_runner_class
+from vsc.backends.torch.constrained_check import check_constrained, constrained_report
+from vsc.frontend.lower import lower_spec
+from vsc.frontend.parser import parse_spec_text
+from vsc.models.tiny import EOS_ID, make_tiny
+from vsc.passes.manager import PassManager
+from vsc.runtime.api import EngineConfig, GenerateRequest, InvalidRequest, SamplingParams
+from vsc.runtime.constrain import canonical_schema, make_constraint
+from vsc.runtime.engine import LLMEngine
+from vsc.runtime.tokenizer import Tokenizer
+
+torch.set_num_threads(1)
+
+SPEC = """deployment json_test {{
+  model "{path}" {{ dtype = f32 }}
+  target cpu {{ threads = 1, memory = 1 GiB }}
+  workload {{ arrivals = closed(4), prompt_tokens = fixed(32), output_tokens = fixed(16) }}
+  accuracy {{ greedy_exact(probes = 4) }}
+  serve {{ max_context = 512 }}
+}}
+"""
+PIPELINE = "paged-kv{block=16},continuous-batching{max_batch=8,max_tokens=512}"
+PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+          "required": ["name", "age"]}
+SMALL = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                          "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+         "required": ["name", "age"], "additionalProperties": False}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_tiny(tmp_path_factory.mktemp("json-engine") / "tiny-llama", arch="llama")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dir):
+    return Tokenizer.from_model_dir(model_dir)
+
+
+def build(model_dir, pipeline: str):
+    module = lower_spec(parse_spec_text(SPEC.format(path=model_dir), str(model_dir.parent / "test.vs")))
+    return PassManager(pipeline).run(module)
+
+
+@pytest.fixture(scope="module")
+def module(model_dir):
+    return build(model_dir, PIPELINE)
+
+
+_count = iter(range(10**6))
+
+
+def runner_of(module):
+    return load_runner_class(generate_runner_source(module), f"json_runner_{next(_count)}")(module.model.attrs["path"])
+
+
+@pytest.fixture(scope="module")
+def runner(module):
+    return runner_of(module)
+
+
+def run(runner, tokenizer, module, requests, **config):
+    engine = LLMEngine(runner, tokenizer, EngineConfig(**{**engine_config(module), **config}), "tiny")
+
+    async def one(r):
+        tokens, reason = [], None
+        async for ev in engine.generate(r):
+            tokens += ev.token_ids
+            reason = ev.finish_reason
+        return tokens, reason
+
+    async def main():
+        return await asyncio.gather(*(one(r) for r in requests))
+
+    engine.start()
+    try:
+        return asyncio.run(main())
+    finally:
+        engine.shutdown()
+
+
+def request(rid, tokenizer, text, schema=None, max_tokens=64, **params):
+    ids = tokenizer.encode(text)
+    return GenerateRequest(rid, ids, SamplingParams(max_tokens=max_tokens, json_schema=None if schema is None
+                                                    else canonical_schema(schema), **params))
+
+
+def assert_valid(tokens, reason, schema, tokenizer, vocab):
+    """Finished: the text is JSON the schema accepts; cut by the limit: a prefix the grammar accepts."""
+    body = [t for t in tokens if t != EOS_ID]
+    c = make_constraint(tokenizer, vocab, schema)
+    for t in body[:-1]:
+        assert c.advance(t) is None, tokenizer.decode(body)
+    last = c.advance(body[-1])
+    if reason == "length":
+        assert last is None or c.is_complete
+        return None
+    assert reason == "stop" and c.is_complete, (reason, tokenizer.decode(body))
+    value = json.loads(tokenizer.decode(tokens))
+    assert isinstance(value, dict) and {"name", "age"} <= set(value)
+    assert isinstance(value["name"], str) and type(value["age"]) is int
+    return value
+
+
+def test_constrained_and_free_rows_share_a_batch(runner, tokenizer, module):
+    free_alone = run(runner, tokenizer, module, [request("free", tokenizer, "Once upon a time", max_tokens=24,
+                                                         temperature=0.0)])
+    reqs = [
+        request("person", tokenizer, "Extract the person: Ada Lovelace, 36.", PERSON, temperature=0.0),
+        request("free", tokenizer, "Once upon a time", max_tokens=24, temperature=0.0),
+        request("small-greedy", tokenizer, "Who is it? Alan, 41.", SMALL, temperature=0.0),
+        request("small-sampled", tokenizer, "Who is it? Grace, 85.", SMALL, temperature=1.0, top_p=0.9, seed=7),
+        request("person-sampled", tokenizer, "A person, as JSON:", PERSON, temperature=0.8, seed=3),
+    ]
+    out = dict(zip([r.request_id for r in reqs], run(runner, tokenizer, module, reqs)))
+    assert out["free"] == free_alone[0]                  # the masks never touch an unconstrained row
+    vocab = runner.vocab_size
+    for rid, schema in (("person", PERSON), ("person-sampled", PERSON)):
+        assert_valid(*out[rid], schema, tokenizer, vocab)
+    for rid in ("small-greedy", "small-sampled"):
+        tokens, reason = out[rid]
+        assert reason == "stop", (rid, tokenizer.decode(tokens))    # bounded fields: it must finish
+        value = assert_valid(tokens, reason, SMALL, tokenizer, vocab)
+        assert set(value) == {"name", "age"} and len(value["name"]) <= 12 and 0 <= value["age"] <= 120
+
+
+def test_the_deployment_schema_applies_unless_the_request_brings_its_own(runner, tokenizer, module):
+    deployment = canonical_schema(SMALL)
+    other = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+             "additionalProperties": False}
+    (plain, plain_reason), (own, own_reason) = run(
+        runner, tokenizer, module,
+        [request("plain", tokenizer, "Hello", temperature=0.0), request("own", tokenizer, "Hello", other, temperature=0.0)],
+        json_schema=deployment)
+    assert plain_reason == "stop" and set(json.loads(tokenizer.decode(plain))) == {"name", "age"}
+    assert own_reason == "stop" and set(json.loads(tokenizer.decode(own))) == {"ok"}
+
+
+def test_a_bad_request_schema_is_rejected_before_any_event(runner, tokenizer, module):
+    engine = LLMEngine(runner, tokenizer, EngineConfig(**engine_config(module)), "tiny")
+
+    async def main():
+        gen = engine.generate(GenerateRequest("bad", [5, 6, 7], SamplingParams(json_schema='{"type":"objekt"}')))
+        with pytest.raises(InvalidRequest, match="invalid JSON Schema: Invalid type: objekt"):
+            await gen.__anext__()
+
+    engine.start()
+    try:
+        asyncio.run(main())
+    finally:
+        engine.shutdown()
+
+
+def test_json_mode_plan_passes_its_numeric_check(model_dir, tmp_path):
+    schema = tmp_path / "small.json"
+    schema.write_text(json.dumps(SMALL))
+    plan = build(model_dir, f"{PIPELINE},json-mode{{schema={schema}}}")
+    assert json_mode_config(plan) == {"json_schema": canonical_schema(SMALL)}
+    report = constrained_report(plan, runner_of(plan), probes=3, max_new_tokens=40)
+    assert report.ok, report.summary()
+    assert all(p.finish_reason == "stop" for p in report.probes)      # bounded schema: every probe completes
+    assert report.summary().startswith("3 constrained probes match the grammar-masked reference")
+    json.dumps(report.to_json())
+
+
+def test_the_numeric_check_catches_an_engine_that_does_not_mask(model_dir, module, monkeypatch):
+    plan = build(model_dir, f"{PIPELINE},json-mode")
+    monkeypatch.setattr("vsc.runtime.engine.apply_constraints", lambda logits, constraints: logits)
+    reason = check_constrained(plan, runner_of(plan), probes=2, max_new_tokens=8)
+    assert reason is not None and reason.startswith("json-mode probe 0: token ")
+    assert "is not allowed by the grammar" in reason or "broke the grammar" in reason
+
+
+def test_the_numeric_check_catches_a_mask_on_the_wrong_row(model_dir, monkeypatch):
+    import vsc.runtime.engine as engine_mod
+    real = engine_mod.apply_constraints
+    plan = build(model_dir, f"{PIPELINE},json-mode")
+    # rotate the constraints by one row: each row gets its neighbour's mask
+    monkeypatch.setattr(engine_mod, "apply_constraints", lambda logits, cs: real(logits, list(cs[1:]) + list(cs[:1])))
+    reason = check_constrained(plan, runner_of(plan), probes=3, max_new_tokens=12)
+    assert reason is not None and reason.startswith("json-mode probe ")
+
+
+def test_plans_without_json_mode_have_nothing_to_check(module, runner):
+    assert check_constrained(module, runner) is None

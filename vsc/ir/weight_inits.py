@@ -1,0 +1,67 @@
+"""Typing rules of the derived weight inits that passes introduce, besides `concat`.
+
+A derived weight is materialized once, at load time, from other weights or from
+attributes alone (`vsc.runtime.weights` holds the implementations). Each rule here takes
+the types of the weight's arguments, its attributes and its declared type, and returns
+None when they agree, else what is wrong; the verifier reports that under `weights`.
+
+- `rope_cos() {theta, head_dim}`, `rope_sin() {theta, head_dim}`: the RoPE cos / sin
+  table, [max_position, head_dim], row p = cos / sin of p * inv_freq (fold-rope-tables).
+- `quantize_int8(@w) {group}`: i8 values of a float [out, in] weight, symmetric per group
+  of `group` input columns (0: one group per row); `int8_scales(@w) {group}`: the f32
+  [out, in / group] scales that go with them (weight-int8).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from vsc.ir.types import FLOAT_DTYPES, TensorType
+
+WeightRule = Callable[[list[TensorType], dict, TensorType], "str | None"]
+
+
+def _rope_table(parts: list[TensorType], attrs: dict, declared: TensorType) -> str | None:
+    if parts:
+        return "takes no weight arguments"
+    theta, head_dim = attrs.get("theta"), attrs.get("head_dim")
+    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 0:
+        return f"theta must be a positive number, got {theta!r}"
+    if not isinstance(head_dim, int) or isinstance(head_dim, bool) or head_dim <= 0 or head_dim % 2:
+        return f"head_dim must be a positive even int, got {head_dim!r}"
+    if declared.rank != 2 or declared.dtype not in FLOAT_DTYPES or declared.shape[1] != head_dim:
+        return f"a RoPE table must be float [max_position, {head_dim}], declared {declared}"
+    return None
+
+
+def int8_group_size(source: TensorType, attrs: dict) -> tuple[int | None, str | None]:
+    """(columns per scale, None) for quantizing `source` with attrs["group"], or (None, problem)."""
+    group = attrs.get("group")
+    if source.rank != 2 or source.dtype not in FLOAT_DTYPES:
+        return None, f"quantizes a float [out, in] weight, got {source}"
+    if not isinstance(group, int) or isinstance(group, bool) or group < 0:
+        return None, f"group must be a non-negative int (0: one scale per output row), got {group!r}"
+    size = group or source.shape[1]
+    if source.shape[1] % size:
+        return None, f"group {group} does not divide in_features {source.shape[1]} of {source}"
+    return size, None
+
+
+def _quantized(parts: list[TensorType], attrs: dict, declared: TensorType, scales: bool) -> str | None:
+    if len(parts) != 1:
+        return f"takes one weight argument, got {len(parts)}"
+    size, problem = int8_group_size(parts[0], attrs)
+    if problem:
+        return problem
+    out, cols = parts[0].shape
+    want = TensorType("f32", (out, cols // size)) if scales else TensorType("i8", (out, cols))
+    if declared != want:
+        return f"of {parts[0]} with group {attrs['group']} is {want}, declared {declared}"
+    return None
+
+
+WEIGHT_INIT_RULES: dict[str, WeightRule] = {
+    "rope_cos": _rope_table,
+    "rope_sin": _rope_table,
+    "quantize_int8": lambda parts, attrs, t: _quantized(parts, attrs, t, scales=False),
+    "int8_scales": lambda parts, attrs, t: _quantized(parts, attrs, t, scales=True),
+}

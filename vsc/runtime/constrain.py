@@ -1,0 +1,234 @@
+"""JSON mode: grammar-constrained decoding, so every response is JSON matching a JSON Schema.
+
+Built on llguidance (the Rust grammar engine behind Guidance; see vsc/passes/json_mode.py for
+why this library). Per step, each constrained row of the logits is masked: every token the
+grammar does not allow next is set to -inf before sampling, for greedy and sampled rows
+alike, so whatever the sampler picks keeps the output a prefix of a valid document. EOS is
+allowed only once the document is complete, and once nothing but EOS could follow (the
+closing brace of the top-level object) the request finishes at once, with "stop".
+
+Costs are paid once where they can be:
+- `GrammarCompiler`: the llguidance view of the model's tokenizer (its token trie), built
+  once per tokenizer object (`compiler_for`, a weak cache: one per server);
+- per schema text, one compiled matcher kept as a prototype (LRU of `SCHEMA_CACHE`);
+- per request, a `Constraint` holding a cheap deep copy of that prototype (the state).
+
+Schemas are compiled with compact separators and no free whitespace between tokens
+(llguidance's `whitespace_flexible: false`): a model then spends its tokens on content,
+not on runs of spaces that the grammar would otherwise allow. A schema may override this
+with llguidance's own `x-guidance` keyword.
+
+This module is runtime: it never imports the compiler. The compiler's json-mode pass and
+the HTTP layer call `check_schema` to reject a bad schema early with one clear line.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import weakref
+from collections import OrderedDict
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from vsc.runtime.api import InvalidRequest
+
+log = logging.getLogger("vsc.runtime.constrain")
+
+#: The schema of "any JSON object": OpenAI's response_format {"type": "json_object"}, and
+#: the json-mode pass's `schema=any`.
+ANY_JSON_OBJECT = '{"type":"object"}'
+
+#: llguidance JSON compile options applied before the schema's own `x-guidance`.
+JSON_DEFAULTS = {"whitespace_flexible": False}
+
+#: Compiled schemas kept per tokenizer (least recently used dropped first).
+SCHEMA_CACHE = 64
+
+
+class SchemaError(InvalidRequest):
+    """A schema that is not JSON, not an object, or that llguidance rejects (HTTP 400)."""
+
+
+def _llguidance():
+    try:
+        import llguidance
+    except ImportError as e:  # pragma: no cover - a pinned dependency
+        raise SchemaError(f"json mode needs the llguidance package ({e})") from None
+    return llguidance
+
+
+def _one_line(message: str) -> str:
+    first = next((line.strip() for line in str(message).splitlines() if line.strip()), "")
+    return first or "unknown error"
+
+
+def canonical_schema(schema: str | dict) -> str:
+    """The schema as compact JSON text (its identity for caching and hashing).
+
+    Raises SchemaError if `schema` is not JSON or not a JSON object.
+    """
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except json.JSONDecodeError as e:
+            raise SchemaError(f"the schema is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    if not isinstance(schema, dict):
+        raise SchemaError(f"a JSON Schema must be a JSON object, got {type(schema).__name__}")
+    return json.dumps(schema, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def grammar_of(schema_text: str) -> str:
+    """The llguidance grammar for a (canonical) schema text."""
+    llg = _llguidance()
+    try:
+        return llg.LLMatcher.grammar_from_json_schema(schema_text, defaults=dict(JSON_DEFAULTS))
+    except (ValueError, TypeError) as e:
+        raise SchemaError(f"invalid JSON Schema: {_one_line(e)}") from None
+
+
+def check_schema(schema: str | dict) -> str:
+    """Canonical text of `schema` after llguidance accepted it (no tokenizer needed).
+
+    Raises SchemaError with one line saying why not (e.g. an unknown `type`, a `$ref` to
+    nothing, an unsupported keyword).
+    """
+    text = canonical_schema(schema)
+    llg = _llguidance()
+    message = llg.LLMatcher.validate_grammar(grammar_of(text), None)
+    if message and not message.startswith("WARNING"):
+        raise SchemaError(f"invalid JSON Schema: {_one_line(message)}")
+    return text
+
+
+class GrammarCompiler:
+    """Compiles schemas for one tokenizer; thread-safe (the engine's callers submit from
+    the event loop while the engine thread runs)."""
+
+    def __init__(self, tokenizer_json: str, vocab_size: int, eos_token_ids: Sequence[int] = ()):
+        llg = _llguidance()
+        eos = [int(t) for t in eos_token_ids] or None
+        self.vocab_size = int(vocab_size)
+        self.tokenizer = llg.LLTokenizer(tokenizer_json, n_vocab=self.vocab_size, eos_token=eos)
+        self._prototypes: OrderedDict[str, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: Any, vocab_size: int) -> "GrammarCompiler":
+        """From a vsc.runtime.tokenizer.Tokenizer (or a bare `tokenizers.Tokenizer`)."""
+        hf = getattr(tokenizer, "tokenizer", tokenizer)
+        to_str = getattr(hf, "to_str", None)
+        if to_str is None:
+            raise SchemaError("json mode needs the model's tokenizer.json (a `tokenizers` tokenizer)")
+        return cls(to_str(), vocab_size, getattr(tokenizer, "eos_token_ids", ()) or ())
+
+    def matcher(self, schema: str | dict) -> Any:
+        """A fresh llguidance LLMatcher for `schema` (compiled once, then copied)."""
+        text = canonical_schema(schema)
+        with self._lock:
+            proto = self._prototypes.get(text)
+            if proto is not None:
+                self._prototypes.move_to_end(text)
+                return proto.deep_copy()
+        llg = _llguidance()
+        proto = llg.LLMatcher(self.tokenizer, grammar_of(text), log_level=0)
+        if proto.is_error():
+            raise SchemaError(f"invalid JSON Schema: {_one_line(proto.get_error())}")
+        with self._lock:
+            self._prototypes[text] = proto
+            while len(self._prototypes) > SCHEMA_CACHE:
+                self._prototypes.popitem(last=False)
+        return proto.deep_copy()
+
+    def constraint(self, schema: str | dict) -> "Constraint":
+        return Constraint(self.matcher(schema), self.vocab_size)
+
+
+_COMPILERS: "weakref.WeakKeyDictionary[Any, GrammarCompiler]" = weakref.WeakKeyDictionary()
+_COMPILERS_LOCK = threading.Lock()
+
+
+def compiler_for(tokenizer: Any, vocab_size: int) -> GrammarCompiler:
+    """The GrammarCompiler of `tokenizer` (built on first use, then cached with it)."""
+    if tokenizer is None:
+        raise SchemaError("json mode needs the model's tokenizer, and this engine has none")
+    with _COMPILERS_LOCK:
+        compiler = _COMPILERS.get(tokenizer)
+        if compiler is None or compiler.vocab_size != vocab_size:
+            compiler = GrammarCompiler.from_tokenizer(tokenizer, vocab_size)
+            _COMPILERS[tokenizer] = compiler
+    return compiler
+
+
+def make_constraint(tokenizer: Any, vocab_size: int, schema: str | dict) -> "Constraint":
+    """A request's constraint (raises SchemaError, an InvalidRequest, for a bad schema)."""
+    return compiler_for(tokenizer, vocab_size).constraint(schema)
+
+
+class Constraint:
+    """One request's position in its grammar: which tokens may come next, and advancing."""
+
+    __slots__ = ("matcher", "vocab_size", "error")
+
+    def __init__(self, matcher: Any, vocab_size: int):
+        self.matcher = matcher
+        self.vocab_size = vocab_size
+        self.error: str | None = None
+
+    def fill_bitmask(self, row: np.ndarray) -> None:
+        """Write the allowed-token bitmask (int32 words, bit t = token t allowed) into `row`."""
+        self.matcher.unsafe_compute_mask_ptr(row.ctypes.data, row.nbytes)
+
+    def allowed(self) -> torch.Tensor:
+        """Bool [vocab_size]: the tokens the grammar allows next."""
+        words = np.empty((1, _words(self.vocab_size)), dtype=np.int32)
+        self.fill_bitmask(words[0])
+        return _unpack(words, self.vocab_size)[0]
+
+    def advance(self, token: int) -> str | None:
+        """Consume the sampled `token`. Returns the finish reason it causes: None (go on),
+        "stop" (the document is complete: nothing but EOS may follow) or "error" (the token
+        broke the grammar, which masking prevents; logged)."""
+        m = self.matcher
+        if not m.consume_token(int(token)):
+            self.error = _one_line(m.get_error())
+            log.error("json mode: token %d broke the grammar: %s", token, self.error)
+            return "error"
+        return "stop" if m.is_stopped() else None
+
+    @property
+    def is_complete(self) -> bool:
+        """The output so far is a whole document (EOS would be accepted)."""
+        return bool(self.matcher.is_accepting())
+
+
+def _words(vocab: int) -> int:
+    return (vocab + 31) // 32
+
+
+def _unpack(words: np.ndarray, vocab: int) -> torch.Tensor:
+    """int32 bitmask words [n, W] -> bool [n, vocab] (bit k of word w is token 32w + k)."""
+    bits = np.unpackbits(words.view(np.uint8), axis=1, bitorder="little")[:, :vocab]
+    return torch.from_numpy(bits).bool()
+
+
+def apply_constraints(logits: torch.Tensor, constraints: Sequence[Constraint | None]) -> torch.Tensor:
+    """`logits` [B, V] with every token a row's constraint forbids set to -inf (rows whose
+    constraint is None are left alone). Returns a new tensor; the input is not modified."""
+    rows = [b for b, c in enumerate(constraints) if c is not None]
+    if not rows:
+        return logits
+    vocab = logits.shape[-1]
+    grammar_vocab = constraints[rows[0]].vocab_size      # one tokenizer per engine
+    words = np.zeros((len(rows), _words(grammar_vocab)), dtype=np.int32)
+    for i, b in enumerate(rows):
+        constraints[b].fill_bitmask(words[i])
+    allowed = _unpack(words, grammar_vocab)[:, :vocab]
+    if allowed.shape[1] < vocab:                          # logits past the grammar's vocabulary: never allowed
+        allowed = torch.cat([allowed, allowed.new_zeros(len(rows), vocab - allowed.shape[1])], dim=1)
+    index = torch.tensor(rows, device=logits.device)
+    out = logits.clone()
+    out[index] = logits[index].masked_fill(~allowed.to(logits.device), float("-inf"))
+    return out
