@@ -69,6 +69,9 @@ class LLMEngine:
         self.model_name = model_name
         self.max_context = config.max_context
         self.on_token = on_token
+        # Verification only (the accuracy check): called with every row of raw model logits
+        # before sampling; None in a server, where it costs nothing.
+        self.logits_hook: Callable[[str, int, torch.Tensor], None] | None = None
         cache = runner.cache_config
         self.device = torch.device(getattr(runner, "device", "cpu"))
         # num_blocks: a smaller cache than the plan's (the accuracy check's engine run)
@@ -290,6 +293,8 @@ class LLMEngine:
         if len(rows) != len(seqs):
             logits = logits[torch.tensor(rows, device=logits.device)]
             seqs = [seqs[r] for r in rows]
+        if self.logits_hook is not None:
+            self._observe_logits(seqs, logits)
         if any(s.constraint is not None for s in seqs):   # json mode: -inf where the grammar forbids
             logits = apply_constraints(logits, [s.constraint for s in seqs])
         token_ids = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs])
@@ -306,6 +311,17 @@ class LLMEngine:
         for seq in finished:
             self._live.pop(seq.request_id, None)
         self._deliver(events)
+
+    def _observe_logits(self, row_seqs: list[Sequence], logits: torch.Tensor) -> None:
+        """Hand the model's raw logits to `logits_hook(request_id, position, row)`: row i
+        predicts the token at index `num_tokens + j` of its sequence, j counting that
+        sequence's earlier rows in this step (drafts). Rows past a rejected draft are later
+        overwritten or fall past the end; the hook keeps the last row per position."""
+        seen: dict[int, int] = {}
+        for i, seq in enumerate(row_seqs):
+            j = seen.get(id(seq), 0)
+            seen[id(seq)] = j + 1
+            self.logits_hook(seq.request_id, seq.num_tokens + j, logits[i])
 
     # --- speculative decoding (vsc.runtime.speculative) -------------------------------
 
@@ -337,6 +353,8 @@ class LLMEngine:
             self.scheduler.advance(step)
             return
         row_seqs = [seqs[r] for r in rows for _ in range(1 + drafted[r])]
+        if self.logits_hook is not None:
+            self._observe_logits(row_seqs, logits)
         if any(s.constraint is not None for s in row_seqs):   # json mode (never drafted): mask its single row
             logits = apply_constraints(logits, [s.constraint for s in row_seqs])
         states = {r: seqs[r].generator.get_state() for r in rows if drafted[r] and seqs[r].generator is not None}

@@ -11,7 +11,8 @@ StepBatches, the way the engine does:
 - every probe again through an `LLMEngine` built from the plan's manifest engine entry (its
   scheduler, block manager, and whatever the plan adds there), then requests that share
   prefixes with those (see `engine_phases`): runtime-level rewrites (prefix caching,
-  speculation) are held to the same reference, on tokens (the engine exposes no logits).
+  speculation) are held to the same reference, tokens and logits (read through the
+  engine's verification-only `logits_hook`).
 
 Each run's greedy tokens and logits are compared with `AutoModelForCausalLM` in fp32,
 teacher-forced on prompt + the runner's own tokens, so one early divergence does not
@@ -362,7 +363,8 @@ def _engine_generate(module: ServingModule, runner, phases: list[list[list[int]]
                      max_new_tokens: int) -> list[list[tuple[list[int], str | None]]]:
     """Greedy tokens of every request of every phase, run by an LLMEngine configured exactly
     as the compiled server's (its manifest's engine entry), on a KV cache sized for the
-    largest phase. Returns per phase, per request (tokens, finish reason)."""
+    largest phase, with the model's logits behind each token (the engine's logits hook).
+    Returns per phase, per request (tokens, finish reason, logits [N, V] or None)."""
     import asyncio
 
     from vsc.backends.server.emit import engine_config
@@ -372,6 +374,12 @@ def _engine_generate(module: ServingModule, runner, phases: list[list[list[int]]
     block = runner.cache_config.block_size
     blocks = max(sum(-(-(len(p) + max_new_tokens) // block) for p in phase) for phase in phases) + 1
     engine = LLMEngine(runner, None, EngineConfig(**engine_config(module)), module.name, num_blocks=blocks)
+    rows: dict[str, dict[int, torch.Tensor]] = {}
+
+    def record(request_id: str, position: int, row: torch.Tensor) -> None:
+        rows.setdefault(request_id, {})[position] = row.detach().to(device="cpu", dtype=torch.float32).clone()
+
+    engine.logits_hook = record
 
     async def run(phase_index: int, phase: list[list[int]]):
         outputs: list[tuple[list[int], str | None]] = [([], None) for _ in phase]
@@ -380,11 +388,11 @@ def _engine_generate(module: ServingModule, runner, phases: list[list[list[int]]
             params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0, ignore_eos=True)
             tokens: list[int] = []
             reason = None
-            outputs[i] = (tokens, reason)
+            outputs[i] = (tokens, reason, prompt, f"probe-{phase_index}-{i}")
             async for event in engine.generate(GenerateRequest(f"probe-{phase_index}-{i}", prompt, params)):
                 tokens += event.token_ids
                 reason = event.finish_reason
-                outputs[i] = (tokens, reason)
+                outputs[i] = (tokens, reason, prompt, f"probe-{phase_index}-{i}")
 
         try:   # an engine that stops making progress fails the check instead of hanging the compile
             await asyncio.wait_for(asyncio.gather(*(one(i, p) for i, p in enumerate(phase))), ENGINE_RUN_TIMEOUT)
@@ -394,9 +402,19 @@ def _engine_generate(module: ServingModule, runner, phases: list[list[list[int]]
 
     engine.start()
     try:
-        return [list(asyncio.run(run(n, phase))) for n, phase in enumerate(phases)]
+        raw = [list(asyncio.run(run(n, phase))) for n, phase in enumerate(phases)]
     finally:
         engine.shutdown()
+    out = []
+    for phase in raw:
+        done = []
+        for tokens, reason, prompt, request_id in phase:
+            seen = rows.get(request_id, {})
+            picked = [seen.get(len(prompt) + n) for n in range(len(tokens))]
+            logits = torch.stack(picked) if tokens and all(r is not None for r in picked) else None
+            done.append((tokens, reason, logits))
+        out.append(done)
+    return out
 
 
 def _compare(probe: int, run: str, prompt: list[int], tokens: list[int], got: torch.Tensor,
@@ -461,9 +479,12 @@ def check_accuracy(module: ServingModule, runner, probes: int, tolerance: float 
     phases = engine_phases(prompts, limit)
     runs = _engine_generate(module, runner, phases, max_new_tokens)
     for run_name, phase, outputs in zip(("engine", "engine-prefix"), phases, runs):
-        for k, (prompt, (tokens, reason)) in enumerate(zip(phase, outputs)):
-            ref = reference_logits(reference, prompt, tokens)
-            result = _compare(k, run_name, prompt, tokens, ref, ref, tol)
+        for k, (prompt, (tokens, reason, logits)) in enumerate(zip(phase, outputs)):
+            if not tokens:
+                result = ProbeResult(k, run_name, len(prompt), [], 0.0, 0)
+            else:
+                ref = reference_logits(reference, prompt, tokens)
+                result = _compare(k, run_name, prompt, tokens, ref if logits is None else logits, ref, tol)
             if reason not in ("length", "stop") and result.divergence is None:
                 result.divergence = Divergence(k, len(tokens), -1, -1, 0.0, 0.0, 0.0, run_name)
             results.append(result)
