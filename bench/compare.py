@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workload", action="append", choices=["chat", "shared-prefix", "code-edit", "json"],
                     help="repeatable; default chat")
     ap.add_argument("--engines", default="vsc,llamacpp,vllm,hf")
+    ap.add_argument("--vsc-pipeline", default=None,
+                    help="pipeline vsc compiles with (<max_batch> is filled in); default: the vsc peer's")
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--prompt-tokens", default="fixed(64)", help="length distribution for chat")
@@ -98,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = ap.parse_args(argv)
+    if args.vsc_pipeline:
+        get_peer("vsc").pipeline = args.vsc_pipeline
     args.threads = [int(t) for t in args.threads.split(",")]
     args.goodput = parse_goodput(args.goodput)
     for model in args.model:
