@@ -119,9 +119,9 @@ def test_decode_that_ignores_the_padding_mask_fails(llama_paged):
     generated.attention_metadata = unmasked
     report = check_accuracy(llama_paged, runner, probes=4, tolerance=None)
     assert not report.ok and FAILURE.match(report.summary()), report.summary()
-    # the longest probe has no padding, so it alone stays right
-    longest = max(range(4), key=lambda k: report.probes[k].prompt_tokens)
-    assert report.probes[longest].max_logit_error < 1e-4
+    # decode gathers whole blocks, so every context is padded to the step's table width (even
+    # the longest, unless it fills its last block): the batched run fails
+    assert any(p.max_logit_error > 1e-3 for p in report.probes if p.run == "batched")
 
 
 def test_chunked_prefill_bug_is_caught_by_the_chunked_run(llama_paged):

@@ -248,9 +248,26 @@ def test_decode_masks_padding_even_when_it_holds_large_values(gen):
     K.paged_attention(q, k, v, world.k_cache, world.v_cache, K.attention_metadata(batch, 8), 4, 2, 8, world.scale)
     batch, q, k, v, expected = world.step({0: 1, 1: 1}, decode=True)
     meta = K.attention_metadata(batch, 8)
-    assert meta.gather_slots.shape == (2, 30) and meta.key_mask.sum().item() == 5 + 30
+    # whole blocks gathered: the 4 blocks of 8 the longest context (30) fills; the mask hides the rest
+    assert meta.gather_blocks.shape == (2, 4) and meta.key_mask.shape[-1] == 32
+    assert meta.key_mask.sum().item() == 5 + 30
     out = K.paged_attention(q, k, v, world.k_cache, world.v_cache, meta, 4, 2, 8, world.scale)
     torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_block_gather_and_slot_gather_read_the_same_context(gen):
+    """Decode attention gathers whole blocks for small blocks and single slots for a
+    contiguous cache's one big block; both read each context's K/V identically."""
+    world = _CacheWorld(gen, [5, 30], block_size=8, num_blocks=10)
+    batch, q, k, v, _ = world.step({0: 4, 1: 29})
+    K.paged_attention(q, k, v, world.k_cache, world.v_cache, K.attention_metadata(batch, 8), 4, 2, 8, world.scale)
+    batch, *_ = world.step({0: 1, 1: 1}, decode=True)
+    by_block = K.attention_metadata(batch, 8)
+    by_slot = K.AttentionMetadata(batch.slot_mapping, 8, True)
+    by_slot.gather_slots = K._context_slots(batch.block_tables, torch.arange(32), 8)
+    assert by_block.gather_blocks is not None and by_block.gather_slots is None
+    torch.testing.assert_close(K._gather_context(world.k_cache, by_block), K._gather_context(world.k_cache, by_slot))
+    torch.testing.assert_close(K._gather_context(world.v_cache, by_block), K._gather_context(world.v_cache, by_slot))
 
 
 def test_allocate_kv_cache_is_zeroed_per_layer():

@@ -300,6 +300,7 @@ class AttentionMetadata:
     block_size: int
     is_decode: bool
     gather_slots: torch.Tensor | None = None
+    gather_blocks: torch.Tensor | None = None     # paged: [G, W] block ids, contexts read whole blocks at a time
     key_mask: torch.Tensor | None = None
     single_rows: torch.Tensor | None = None
     spans: list[SequenceSpan] = field(default_factory=list)
@@ -311,12 +312,38 @@ def _context_slots(block_tables: torch.Tensor, positions: torch.Tensor, block_si
     return block_tables[..., positions // block_size] * block_size + positions % block_size
 
 
-def _gather_layout(block_tables: torch.Tensor, context_lens: torch.Tensor, longest: int,
-                   block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    positions = torch.arange(longest, device=block_tables.device)
-    slots = _context_slots(block_tables, positions, block_size)
-    mask = (positions[None, :] < context_lens[:, None]).view(-1, 1, 1, longest)
-    return slots, mask
+#: Largest block size for which decode attention gathers whole blocks: one index_select of
+#: block-sized rows is ~4x faster than indexing slot by slot (measured: 16 contexts of 832
+#: tokens, 3 kv heads x 64, 0.55 -> 0.13 ms per K gather). A contiguous cache (one block of
+#: max_context per sequence) gathers only the slots its longest context uses instead.
+BLOCK_GATHER_MAX = 128
+
+
+def _gather_layout(meta: AttentionMetadata, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                   longest: int, block_size: int) -> None:
+    """Fill meta's gather_blocks or gather_slots, and key_mask, for one query per sequence."""
+    if block_size <= BLOCK_GATHER_MAX:
+        width = -(-longest // block_size)         # the blocks the longest context fills; no more
+        positions = torch.arange(width * block_size, device=block_tables.device)
+        meta.gather_blocks = block_tables[:, :width]
+    else:
+        positions = torch.arange(longest, device=block_tables.device)
+        meta.gather_slots = _context_slots(block_tables, positions, block_size)
+    meta.key_mask = (positions[None, :] < context_lens[:, None]).view(-1, 1, 1, positions.shape[0])
+
+
+def _gather_context(cache, meta: AttentionMetadata) -> torch.Tensor:
+    """The K or V of every gathered context: [G, S, kv_heads, hd] (S padded, see key_mask)."""
+    blocks = meta.gather_blocks
+    if blocks is None:
+        return cache[meta.gather_slots]
+    bs = meta.block_size
+    if isinstance(cache, QuantizedKV):
+        slots = (blocks[:, :, None] * bs + torch.arange(bs, device=blocks.device)).view(blocks.shape[0], -1)
+        return cache[slots]
+    _, kv_heads, hd = cache.shape
+    rows = cache.view(-1, bs * kv_heads * hd).index_select(0, blocks.reshape(-1))
+    return rows.view(blocks.shape[0], blocks.shape[1] * bs, kv_heads, hd)
 
 
 def attention_metadata(batch: StepBatch, block_size: int) -> AttentionMetadata:
@@ -327,8 +354,7 @@ def attention_metadata(batch: StepBatch, block_size: int) -> AttentionMetadata:
     decode = batch.is_decode or all(n == 1 for n in query_lens)
     meta = AttentionMetadata(batch.slot_mapping, block_size, decode)
     if decode:
-        meta.gather_slots, meta.key_mask = _gather_layout(batch.block_tables, batch.context_lens,
-                                                          max(context_lens), block_size)
+        _gather_layout(meta, batch.block_tables, batch.context_lens, max(context_lens), block_size)
         return meta
     singles: list[int] = []
     start = 0
@@ -348,8 +374,8 @@ def attention_metadata(batch: StepBatch, block_size: int) -> AttentionMetadata:
     if singles:
         index = torch.tensor(singles, device=device)
         meta.single_rows = batch.query_start[index]
-        meta.gather_slots, meta.key_mask = _gather_layout(batch.block_tables[index], batch.context_lens[index],
-                                                          max(context_lens[b] for b in singles), block_size)
+        _gather_layout(meta, batch.block_tables[index], batch.context_lens[index],
+                       max(context_lens[b] for b in singles), block_size)
     meta.last_index = batch.query_start[1:] - 1
     return meta
 
@@ -368,8 +394,8 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                       meta: AttentionMetadata, scale: float, gqa: bool) -> torch.Tensor:
     """One query per sequence: gather each context into [B, kv_heads, S, hd], one masked SDPA."""
     b, heads, hd = q.shape
-    keys = k_cache[meta.gather_slots].transpose(1, 2).to(q.dtype)
-    values = v_cache[meta.gather_slots].transpose(1, 2).to(q.dtype)
+    keys = _gather_context(k_cache, meta).transpose(1, 2).to(q.dtype)
+    values = _gather_context(v_cache, meta).transpose(1, 2).to(q.dtype)
     out = F.scaled_dot_product_attention(q.reshape(b, heads, 1, hd), keys, values, attn_mask=meta.key_mask,
                                          scale=scale, enable_gqa=gqa)
     return out.reshape(b, heads * hd)
