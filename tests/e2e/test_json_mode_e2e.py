@@ -17,25 +17,10 @@ from vsc.cli import main as vsc_main
 from vsc.ir.parser import parse_module_file
 from vsc.models.tiny import make_tiny
 from vsc.runtime.constrain import canonical_schema
-from vsc.runtime.launch import build_server
-from vsc.runtime.serve import start_in_thread, stop_server
+from live_server import Live
 
 REPO = Path(__file__).resolve().parents[2]
 PERSON = json.loads((REPO / "examples" / "schemas" / "person.json").read_text())
-
-
-class Live:
-    def __init__(self, folder: Path):
-        self.app, self.engine, self.manifest = build_server(folder)
-        self.engine.start()
-        self.server, self.thread, self.port = start_in_thread(self.app, timeout=20)
-        self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key="unused", timeout=60,
-                                    max_retries=0)
-        self.model = self.manifest["model"]["name"]
-
-    def close(self):
-        stop_server(self.server, self.thread, timeout=10)
-        self.engine.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +115,8 @@ def test_a_bad_response_format_is_a_400(live):
     ("{not json", "json-mode schema {path}: the schema is not valid JSON"),
     ('{"type": "objekt"}', "json-mode schema {path}: invalid JSON Schema: Invalid type: objekt"),
 ])
+
+
 def test_a_missing_or_bad_schema_fails_the_compile_in_one_line(workspace, tmp_path, capsys, schema_text, message):
     spec = tmp_path / "bad.vs"
     text = (REPO / "examples" / "json-extract.vs").read_text()

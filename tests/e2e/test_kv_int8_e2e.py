@@ -8,15 +8,14 @@ import json
 import shutil
 from pathlib import Path
 
-import openai
 import pytest
 
 from vsc.cli import main as vsc_main
 from vsc.ir.module import walk_ops
 from vsc.ir.parser import parse_module_file
 from vsc.models.tiny import make_tiny
-from vsc.runtime.launch import build_server
-from vsc.runtime.serve import start_in_thread, stop_server
+
+from live_server import Live
 
 SPEC = """
 deployment kv_int8 {{
@@ -45,22 +44,6 @@ def write_spec(tmp: Path, model: Path, pipeline: str = PIPELINE, accuracy: str =
     spec = tmp / "kv_int8.vs"
     spec.write_text(SPEC.format(model=model, pipeline=pipeline, accuracy=accuracy, memory=memory))
     return spec
-
-
-class Live:
-    """A compiled server folder, served on a free loopback port (as tests/e2e/test_server_e2e.py does)."""
-
-    def __init__(self, folder: Path):
-        self.app, self.engine, self.manifest = build_server(folder)
-        self.engine.start()
-        self.server, self.thread, self.port = start_in_thread(self.app, timeout=20)
-        self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key="unused", timeout=60,
-                                    max_retries=0)
-        self.model = self.manifest["model"]["name"]
-
-    def close(self):
-        stop_server(self.server, self.thread, timeout=10)
-        self.engine.shutdown()
 
 
 @pytest.fixture(scope="module")

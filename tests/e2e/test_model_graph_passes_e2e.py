@@ -7,14 +7,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import openai
 import pytest
 import torch
 
 from vsc.cli import main as vsc_main
 from vsc.models.tiny import make_tiny
-from vsc.runtime.launch import build_server
-from vsc.runtime.serve import start_in_thread, stop_server
+
+import live_server
 
 SPEC = """
 deployment graph_passes_e2e {{
@@ -57,22 +56,10 @@ def compile_server(folder: Path, model: Path, pipeline: str, accuracy: str = EXA
     return out
 
 
-class Live:
-    def __init__(self, folder: Path):
-        self.app, self.engine, self.manifest = build_server(folder)
-        self.engine.start()
-        self.server, self.thread, self.port = start_in_thread(self.app, timeout=20)
-        self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key="unused", timeout=60,
-                                    max_retries=0)
-        self.model = self.manifest["model"]["name"]
-
+class Live(live_server.Live):
     def complete(self, prompt: str, **kw) -> str:
         return self.client.completions.create(model=self.model, prompt=prompt, max_tokens=10, temperature=0,
                                               **kw).choices[0].text
-
-    def close(self):
-        stop_server(self.server, self.thread, timeout=10)
-        self.engine.shutdown()
 
 
 def served_texts(folder: Path) -> list[str]:

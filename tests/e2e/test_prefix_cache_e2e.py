@@ -9,14 +9,13 @@ import shutil
 from pathlib import Path
 
 import httpx2 as httpx
-import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from vsc.cli import main as vsc_main
 from vsc.models.tiny import make_tiny
-from vsc.runtime.launch import build_server
-from vsc.runtime.serve import start_in_thread, stop_server
+
+import live_server
 
 SPEC = """
 deployment prefix_e2e {{
@@ -41,15 +40,7 @@ SYSTEM = ("You are the support assistant of a small hardware shop. Answer in one
 QUESTIONS = ["Where is my order 1234?", "Do you have M3 screws in stock?", "Can I return a drill?"]
 
 
-class Live:
-    def __init__(self, folder: Path):
-        self.app, self.engine, self.manifest = build_server(folder)
-        self.engine.start()
-        self.server, self.thread, self.port = start_in_thread(self.app, timeout=20)
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.client = openai.OpenAI(base_url=self.base + "/v1", api_key="unused", timeout=60, max_retries=0)
-        self.model = self.manifest["model"]["name"]
-
+class Live(live_server.Live):
     def chat(self, question: str) -> str:
         r = self.client.chat.completions.create(
             model=self.model, max_tokens=12, temperature=0,
@@ -60,10 +51,6 @@ class Live:
     def hit_tokens(self) -> float:
         families = {f.name: f for f in text_string_to_metric_families(httpx.get(self.base + "/metrics").text)}
         return families["vsc_prefix_cache_hit_tokens"].samples[0].value
-
-    def close(self):
-        stop_server(self.server, self.thread, timeout=10)
-        self.engine.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from vsc.cli import main as vsc_main
 from vsc.models.tiny import make_tiny
-from vsc.runtime.launch import build_server
-from vsc.runtime.serve import start_in_thread, stop_server
+
+from live_server import Live
 
 SPEC = """
 deployment e2e {{
@@ -45,20 +45,6 @@ def compile_server(tmp: Path, arch: str, pipeline: str = PIPELINE, name: str = "
     out = tmp / name
     assert vsc_main(["compile", str(spec), "-o", str(out)]) == 0
     return out
-
-
-class Live:
-    def __init__(self, folder: Path):
-        self.app, self.engine, self.manifest = build_server(folder)
-        self.engine.start()
-        self.server, self.thread, self.port = start_in_thread(self.app, timeout=20)
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.client = openai.OpenAI(base_url=self.base + "/v1", api_key="unused", timeout=60, max_retries=0)
-        self.model = self.manifest["model"]["name"]
-
-    def close(self):
-        stop_server(self.server, self.thread, timeout=10)
-        self.engine.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -241,6 +227,8 @@ from vsc.passes.base import Pass, register_pass
 
 
 @register_pass
+
+
 class WrongRope(Pass):
     name = "test-wrong-rope-theta"
 

@@ -7,14 +7,13 @@ import shutil
 from pathlib import Path
 
 import httpx2 as httpx
-import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from vsc.cli import main as vsc_main
 from vsc.models.tiny import make_tiny
-from vsc.runtime.launch import build_server
-from vsc.runtime.serve import start_in_thread, stop_server
+
+import live_server
 
 SPEC = """
 deployment spec_e2e {{
@@ -65,23 +64,14 @@ def without_speculation(folder: Path, dest: Path) -> Path:
     return dest
 
 
-class Live:
+class Live(live_server.Live):
     def __init__(self, folder: Path):
-        self.app, self.engine, self.manifest = build_server(folder)
-        self.engine.start()
-        self.server, self.thread, self.port = start_in_thread(self.app, timeout=20)
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.client = openai.OpenAI(base_url=self.base + "/v1", api_key="unused", timeout=120, max_retries=0)
-        self.model = self.manifest["model"]["name"]
+        super().__init__(folder, timeout=120)
 
     def complete(self, prompt: str, **kw) -> str:
         kw.setdefault("max_tokens", 32)
         kw.setdefault("temperature", 0)
         return self.client.completions.create(model=self.model, prompt=prompt, **kw).choices[0].text
-
-    def close(self):
-        stop_server(self.server, self.thread, timeout=10)
-        self.engine.shutdown()
 
 
 @pytest.fixture(scope="module")
