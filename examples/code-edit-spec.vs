@@ -26,5 +26,5 @@ deployment code_edit_spec {
 
   accuracy { greedy_exact(probes = 16) }
   serve { port = 8003, max_context = 2048 }
-  optimize "fuse-qkv,fuse-gate-up,paged-kv{block=16},continuous-batching{max_batch=16,max_tokens=2048},speculative{method=prompt-lookup,k=4}"
+  optimize "fuse-qkv,fuse-gate-up,paged-kv{block=16},continuous-batching{max_batch=16,max_tokens=2048},speculative{method=prompt-lookup,k=4},intra-op-threads"
 }

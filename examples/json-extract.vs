@@ -24,5 +24,5 @@ deployment json_extract {
 
   accuracy { greedy_exact(probes = 4) }
   serve { host = "127.0.0.1", port = 8002, max_context = 2048, api = openai }
-  optimize "fuse-qkv,fuse-gate-up,paged-kv{block=16},continuous-batching{max_batch=16,max_tokens=2048},json-mode{schema=schemas/person.json}"
+  optimize "fuse-qkv,fuse-gate-up,paged-kv{block=16},continuous-batching{max_batch=16,max_tokens=2048},json-mode{schema=schemas/person.json},intra-op-threads"
 }

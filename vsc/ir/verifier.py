@@ -32,7 +32,8 @@ INVARIANTS = {
                "suits the cache layout and dtype (an int8 cache needs an int8 attention kernel, a float one a float "
                "kernel); control ops (repeat) name none",
     "model": "the layer region repeats exactly config `layers` times; the step returns logits [B, vocab] and tokens",
-    "target": "target kind is cpu or cuda, with a valid arch (sm_NN) for cuda, non-negative threads and positive memory",
+    "target": "target kind is cpu or cuda, with a valid arch (sm_NN) for cuda, non-negative threads and positive memory; "
+              "the schedule's intra_op_threads, when set, is a positive int no larger than the target's threads (cpu only)",
     "cache": "the layout, dtype (f32, bf16, f16, or i8 with per-token-head scales), prefix sharing and eviction are known values; block size is positive (max_context for a "
              "contiguous cache: one block per slot) and divides the capacity; capacity holds at least one max_context sequence (all batch slots when contiguous) and "
              "capacity x bytes per token fits the budget; prefix sharing needs a paged cache",
@@ -258,6 +259,14 @@ class _Checker:
         threads = t.attrs.get("threads", 0)
         if not isinstance(threads, int) or threads < 0:
             self.add("target", node, f"threads must be a non-negative int, got {threads!r}", t.origin)
+        intra = self.m.schedule.attrs.get("intra_op_threads")
+        if intra is not None:
+            if t.kind != "cpu":
+                self.add("target", "schedule", f"intra_op_threads is for cpu targets, this one is {t.kind}",
+                         self.m.schedule.origin)
+            elif not isinstance(intra, int) or intra < 1 or (isinstance(threads, int) and 0 < threads < intra):
+                self.add("target", "schedule", f"intra_op_threads must be an int in 1..{threads or 'cores'}, "
+                                               f"got {intra!r}", self.m.schedule.origin)
         memory = t.attrs.get("memory")
         if not isinstance(memory, int) or memory <= 0:
             self.add("target", node, f"memory must be a positive number of bytes, got {memory!r}", t.origin)

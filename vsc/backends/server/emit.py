@@ -99,7 +99,7 @@ def build_manifest(module: ServingModule, pipeline: str, spec_path: Path | None,
         "pipeline": pipeline,
         "plan": {"file": "plan.vsir", "sha256": hashlib.sha256(plan_text.encode()).hexdigest()},
         "runner": {"file": "model.py", "sha256": hashlib.sha256(runner_source.encode()).hexdigest()},
-        "target": {"kind": module.target.kind, **module.target.attrs},
+        "target": {"kind": module.target.kind, **module.target.attrs, **intra_op_threads(module)},
         "model": {"path": str(model_dir), "name": served_model_name, "arch": module.model.attrs["arch"],
                   "files": model_file_checksums(model_dir)},
         "serve": {"host": serve.get("host") or "127.0.0.1", "port": serve.get("port") or 8000,
@@ -107,6 +107,12 @@ def build_manifest(module: ServingModule, pipeline: str, spec_path: Path | None,
         "engine": {**engine_config(module), **json_mode_config(module)},
         "verification": [v.to_json() for v in verifications],
     }
+
+
+def intra_op_threads(module: ServingModule) -> dict:
+    """The intra-op-threads pass's choice, as the torch thread count the server sets at start."""
+    chosen = module.schedule.attrs.get("intra_op_threads")
+    return {} if chosen is None else {"threads": chosen, "cores": module.target.attrs.get("threads", 0)}
 
 
 def engine_config(module: ServingModule) -> dict:

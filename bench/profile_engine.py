@@ -1,0 +1,154 @@
+"""Where a compiled server's time goes, without HTTP: drive its engine in-process.
+
+    python bench/profile_engine.py <server-folder> --concurrency 16 --prompt 64 --output 64
+
+Loads the folder the way `vsc serve` does (vsc.runtime.launch.build_server), submits
+`concurrency` requests of `prompt` random tokens each (closed loop until `requests`
+are done), and reports engine steps per second, the time per decode step split into
+scheduling, the runner's forward, sampling and bookkeeping, and the top functions of a
+cProfile of the engine thread. Numbers are for comparison within one run only.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import io
+import pstats
+import random
+import sys
+import time
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from vsc.runtime.api import GenerateRequest, SamplingParams  # noqa: E402
+from vsc.runtime.launch import build_server  # noqa: E402
+
+
+class StepTimer:
+    """Wraps the engine's scheduler.schedule, runner.decode/prefill and sampler to time each."""
+
+    def __init__(self, engine):
+        self.totals: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+        engine.scheduler.schedule = self._wrap("schedule", engine.scheduler.schedule)
+        engine.runner.decode = self._wrap("decode forward", engine.runner.decode)
+        engine.runner.prefill = self._wrap("prefill forward", engine.runner.prefill)
+        engine.sampler = self._wrap("sample", engine.sampler)
+        engine._run_step = self._wrap("whole step", engine._run_step)
+        engine.scheduler.advance = self._wrap("advance", engine.scheduler.advance)
+
+    def _wrap(self, name, fn):
+        def timed(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - t
+                self.counts[name] = self.counts.get(name, 0) + 1
+        return timed
+
+    def report(self) -> str:
+        lines = [f"{'part':<18}{'calls':>8}{'total s':>10}{'ms/call':>10}"]
+        for name, total in sorted(self.totals.items(), key=lambda kv: -kv[1]):
+            n = self.counts[name]
+            lines.append(f"{name:<18}{n:>8}{total:>10.3f}{1000 * total / n:>10.3f}")
+        return "\n".join(lines)
+
+
+async def drive(engine, vocab: int, concurrency: int, requests: int, prompt: int, output: int, seed: int) -> float:
+    rng = random.Random(seed)
+    todo = list(range(requests))
+
+    async def client():
+        while todo:
+            todo.pop()
+            ids = [rng.randrange(3, vocab) for _ in range(prompt)]
+            req = GenerateRequest(uuid.uuid4().hex, ids, SamplingParams(max_tokens=output, temperature=0.0,
+                                                                        ignore_eos=True), time.monotonic())
+            async for _ in engine.generate(req):
+                pass
+
+    t = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return time.perf_counter() - t
+
+
+def profile_decodes(engine, n: int, top: int) -> None:
+    """torch.profiler over the next `n` decode forwards (printed when the n-th returns)."""
+    from torch.profiler import ProfilerActivity, profile
+    decode = engine.runner.decode
+    state = {"left": n, "prof": None}
+
+    def profiled(batch):
+        if state["left"] <= 0:
+            return decode(batch)
+        if state["prof"] is None:
+            state["prof"] = profile(activities=[ProfilerActivity.CPU])
+            state["prof"].__enter__()
+        out = decode(batch)
+        state["left"] -= 1
+        if state["left"] == 0:
+            state["prof"].__exit__(None, None, None)
+            print(state["prof"].key_averages().table(sort_by="self_cpu_time_total", row_limit=top))
+        return out
+    engine.runner.decode = profiled
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("server", type=Path)
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--prompt", type=int, default=64)
+    ap.add_argument("--output", type=int, default=64)
+    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--threads", type=int, default=0, help="override the plan's torch thread count")
+    ap.add_argument("--no-cprofile", action="store_true")
+    ap.add_argument("--torch-profile", type=int, default=0, metavar="N",
+                    help="also run torch.profiler over N decode forwards and print its op table")
+    args = ap.parse_args()
+    _, engine, manifest = build_server(args.server)
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    vocab = engine.tokenizer.vocab_size if hasattr(engine.tokenizer, "vocab_size") else 256
+    engine.start()
+    try:
+        asyncio.run(drive(engine, vocab, args.concurrency, args.concurrency, args.prompt, 8, 1))   # warm-up
+        timer = StepTimer(engine)
+        profiler = None if args.no_cprofile else cProfile.Profile()
+        steps0, tokens0 = engine.num_steps, engine.generated_tokens
+        if profiler is not None:
+            # the engine thread does the work: profile it by hooking its step
+            inner = engine._step
+
+            def profiled_step():
+                profiler.enable()
+                try:
+                    inner()
+                finally:
+                    profiler.disable()
+            engine._step = profiled_step
+        if args.torch_profile:
+            profile_decodes(engine, args.torch_profile, args.top)
+        wall = asyncio.run(drive(engine, vocab, args.concurrency, args.requests, args.prompt, args.output, 2))
+    finally:
+        engine.shutdown()
+    steps, tokens = engine.num_steps - steps0, engine.generated_tokens - tokens0
+    print(f"pipeline: {manifest['pipeline']}")
+    print(f"{args.requests} requests, {args.concurrency} concurrent, {args.prompt} -> {args.output} tokens: "
+          f"{wall:.2f} s, {tokens / wall:.0f} out tok/s, {steps} steps, {1000 * wall / steps:.2f} ms/step")
+    print(timer.report())
+    if profiler is not None:
+        out = io.StringIO()
+        pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(args.top)
+        print(out.getvalue())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
