@@ -1,0 +1,1 @@
+"""Proposers: where candidates come from. `builtin` (deterministic, offline) and `anthropic`."""
