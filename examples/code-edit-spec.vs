@@ -2,8 +2,9 @@
 #
 # The workload of code-edit.vs (an editor sends a file region plus an instruction and gets
 # the rewritten region back: long prompts, long answers that mostly repeat the prompt), with
-# an explicit pipeline instead of `optimize auto`: the spec language has no way yet to say
-# "outputs copy the prompt", so `auto` cannot know to speculate. prompt-lookup drafts the
+# a hand-written pipeline instead of `optimize auto` (`kind = code_edit` tells `vsc search`
+# and `vsc bench` what the requests are like; `vsc search` measures whether speculating
+# pays for this model). prompt-lookup drafts the
 # tokens that followed the last 3 output tokens in the prompt; one k+1-token verify per
 # step then emits up to 5 tokens where plain decoding emits 1. max_tokens leaves room for
 # a 5-token verify for each of the 16 sequences beside the prefills.
@@ -13,6 +14,7 @@ deployment code_edit_spec {
   target cpu { threads = 2, memory = 2 GiB }
 
   workload {
+    kind = code_edit
     arrivals = poisson(2 req/s)
     prompt_tokens = uniform(512, 1536)
     output_tokens = uniform(256, 512)

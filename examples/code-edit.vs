@@ -10,6 +10,7 @@ deployment code_edit {
   target cpu { threads = 2, memory = 2 GiB }
 
   workload {
+    kind = code_edit
     arrivals = poisson(2 req/s)
     prompt_tokens = uniform(512, 1536)
     output_tokens = uniform(256, 512)

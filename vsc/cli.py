@@ -202,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_models_commands(sub)
     from vsc.bench.cli import add_bench_command
     add_bench_command(sub)
+    from vsc.agent.cli import add_search_command
+    add_search_command(sub)
     return ap
 
 

@@ -144,6 +144,16 @@ def test_code_edit_example(workspace: Path):
     assert spec.optimize.auto is True and spec.optimize.pipeline is None
     assert spec.accuracy.probes == 16
     assert [s.value for s in spec.slos] == [0.5, 0.015, 10.0]
+    assert spec.workload.kind == "code_edit"
+
+
+def test_workload_kind_is_checked(tmp_path: Path):
+    from vsc.errors import SpecError
+    assert parse(tmp_path, MINIMAL).workload.kind is None
+    text = MINIMAL.replace("arrivals = closed(4)", "kind = json; arrivals = closed(4)")
+    assert parse(tmp_path, text).workload.kind == "json"
+    with pytest.raises(SpecError, match="unknown workload kind 'edits' \\(use chat, shared_prefix, code_edit, json\\)"):
+        parse(tmp_path, MINIMAL.replace("arrivals = closed(4)", "kind = edits; arrivals = closed(4)"))
 
 
 @pytest.mark.skipif(not (REPO / "models" / "tiny-llama" / "config.json").is_file(),

@@ -521,7 +521,12 @@ _WORKLOAD_KEYS = {
     "output_tokens": _Field(_Assign, "output_tokens = fixed(64)"),
     "shared_prefix": _Field(_Section, "shared_prefix { tokens = 512, share = 0.9 }"),
     "dataset": _Field(_Assign, 'dataset = "prompts.jsonl"'),
+    "kind": _Field(_Assign, "kind = code_edit"),
 }
+# What the requests are like, beyond their lengths: `vsc search` and `vsc bench` build
+# that kind of request set, and `optimize auto` picks passes that pay on it (code_edit:
+# answers repeat the prompt, so prompt-lookup speculation).
+WORKLOAD_KINDS = ("chat", "shared_prefix", "code_edit", "json")
 _REQUIRED_WORKLOAD = ("arrivals", "prompt_tokens", "output_tokens")
 _SHARED_PREFIX_KEYS = {
     "tokens": _Field(_Assign, "tokens = 512"),
@@ -839,6 +844,12 @@ class _Checker:
             spec.shared_prefix = self.shared_prefix(keys["shared_prefix"])
         if "dataset" in keys:
             spec.dataset = self.dataset(keys["dataset"].value)
+        if "kind" in keys:
+            v = keys["kind"].value
+            word = self.word(v, "workload kind")
+            if word not in WORKLOAD_KINDS:
+                raise self.error(f"unknown workload kind '{word}' (use {', '.join(WORKLOAD_KINDS)})", v.loc)
+            spec.kind = word
         return spec
 
     def arrivals(self, v: _Value) -> ArrivalSpec:

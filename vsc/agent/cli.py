@@ -1,0 +1,118 @@
+"""`vsc search`: the command line of the agent loop.
+
+    vsc search SPEC [--budget 24] [-o server/] [--proposer builtin|anthropic] [--runs runs/]
+    vsc search --resume runs/<id>/ [-o server/]
+    vsc search report runs/<id>/ [--png trajectory.png]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from vsc.errors import VscError
+
+
+def make_proposer(name: str, model: str | None = None):
+    if name == "builtin":
+        from vsc.agent.proposers.builtin import BuiltinProposer
+        return BuiltinProposer()
+    if name == "anthropic":
+        from vsc.agent.proposers.anthropic import AnthropicProposer
+        return AnthropicProposer(**({"model": model} if model else {}))
+    raise VscError(f"unknown proposer {name!r} (use builtin or anthropic)")
+
+
+def _progress():
+    """A printer for the loop's progress lines (rich, on stderr)."""
+    from rich.console import Console
+    console = Console(stderr=True, highlight=False)
+    return lambda line: console.print(line, markup=False, soft_wrap=True)
+
+
+def cmd_search(args) -> int:
+    from vsc.agent.evaluate import BenchSettings
+    from vsc.agent.loop import Budget, Search, new_run_dir
+
+    if args.target == "report":
+        return cmd_report(args)
+    report = _progress()
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "journal.jsonl").is_file():
+            raise VscError(f"{run_dir}: error: no journal.jsonl here; nothing to resume")
+        import json
+        first = json.loads((run_dir / "journal.jsonl").read_text().split("\n", 1)[0])
+        search = Search(run_dir, make_proposer(first.get("proposer", "builtin"), args.model), report=report)
+    else:
+        if not args.target:
+            raise VscError("vsc search: error: give a spec (vsc search deploy.vs) or --resume runs/<id>/")
+        spec = Path(args.target)
+        if not spec.is_file():
+            raise VscError(f"{spec}: error: spec file not found")
+        proposer = make_proposer(args.proposer, args.model)     # fails fast (no API key) before any work
+        run_dir = new_run_dir(Path(args.runs), spec)
+        report(f"run folder {run_dir}")
+        search = Search(run_dir, proposer, spec_path=spec,
+                        budget=Budget(args.budget, args.wall_time, args.max_api_tokens, args.patience),
+                        settings=BenchSettings(requests=args.requests, repeats=args.repeats, seed=args.seed),
+                        report=report, references=_references(args.reference or []))
+    state = search.run(Path(args.output) if args.output else None)
+    from vsc.agent.report import format_report, load, plot_report
+    data = load(search.run_dir)
+    print(format_report(data))
+    png = plot_report(data, search.run_dir / "trajectory.png")
+    print(f"wrote {png}")
+    return 0 if state.incumbent is not None else 1
+
+
+def _references(items: list[str]) -> list[str]:
+    """--reference values: a pipeline, or a spec file whose optimize line is taken."""
+    out = []
+    for item in items:
+        if item.endswith(".vs"):
+            from vsc.cli import load_input, spec_pipeline
+            out.append(spec_pipeline(load_input(item)))
+        else:
+            out.append(item)
+    return out
+
+
+def cmd_report(args) -> int:
+    from vsc.agent.report import format_report, load, plot_report
+
+    if not args.rest:
+        raise VscError("vsc search report: error: give the run folder (vsc search report runs/<id>/)")
+    run_dir = Path(args.rest)
+    data = load(run_dir)
+    print(format_report(data))
+    png = plot_report(data, Path(args.png) if args.png else run_dir / "trajectory.png")
+    print(f"wrote {png}", file=sys.stderr)
+    return 0
+
+
+def add_search_command(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("search", help="search for the fastest verified plan for a spec (agent loop)",
+                              description="Propose pipelines (and new passes), verify each, benchmark the verified "
+                                          "ones on the spec's workload, keep the best. `vsc search report RUN` "
+                                          "prints a finished or running search.")
+    p.add_argument("target", nargs="?", help="the spec (.vs), or `report`")
+    p.add_argument("rest", nargs="?", help="with `report`: the run folder")
+    p.add_argument("--budget", type=int, default=24, help="candidates to evaluate, the baseline included (default 24)")
+    p.add_argument("--proposer", choices=["builtin", "anthropic"], default="builtin")
+    p.add_argument("--model", help="with --proposer anthropic: the Claude model id")
+    p.add_argument("-o", "--output", help="copy the best plan's server folder here")
+    p.add_argument("--runs", default="runs", help="where run folders go (default runs/)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the search in this run folder")
+    p.add_argument("--wall-time", type=float, help="stop after this many seconds")
+    p.add_argument("--max-api-tokens", type=int, help="stop after the proposer used this many API tokens")
+    p.add_argument("--patience", type=int, help="stop after this many candidates without improvement")
+    p.add_argument("--requests", type=int,
+                   help="requests per measured run (default: 4 x the closed-loop concurrency, at least 16)")
+    p.add_argument("--repeats", type=int, default=2, help="measured runs per candidate (default 2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--png", help="with `report`: where to write the trajectory plot")
+    p.add_argument("--reference", action="append", metavar="PIPELINE_OR_SPEC",
+                   help="also measure this pipeline (or this spec's optimize line) for comparison; not a candidate")
+    p.set_defaults(func=cmd_search)
+    return p

@@ -1,0 +1,223 @@
+"""The builtin proposer: deterministic neighbours of the incumbent, best expected gain first.
+
+No network, no randomness: the same spec and history give the same proposals, so a
+search can be resumed or repeated. Each proposal is one *move* on the incumbent's
+pipeline:
+
+    add       a pass the pipeline lacks, with one point of its option grid, inserted at its
+              place in CANONICAL_ORDER (so requirements such as prefix-cache after paged-kv hold)
+    retune    a pass already there, with another point of its option grid
+    remove    a pass already there (unless another pass requires it)
+
+Moves are ordered by a cost model, the expected relative gain of the move for this
+deployment, computed from the IR and the spec's workload (`Features`):
+
+- prefix-cache pays in proportion to the prefill it skips: share x prefix / prompt;
+- prompt-lookup speculation pays when answers repeat the prompt (workload kind code_edit);
+- chunked prefill pays when prompts are long next to the step's token budget;
+- the fusions and RoPE tables cut per-step op count, which matters most when the decode
+  GEMMs are small (per-op overhead, not FLOPs, dominates: the intra-op-threads cost model);
+- int8 passes save bytes but may change outputs: their gain is discounted by the accuracy
+  bar (greedy_exact rejects almost any rounding change);
+- removals come last (the passes were there for a reason).
+
+Pipelines already tried (same text) are never proposed twice. Passes that change what the
+server does rather than how fast (json-mode, speculative with a draft model) are not
+proposed: they need information only the user has.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from vsc.agent.proposal import Proposal, SearchContext
+from vsc.passes.pipeline import PassSpec, format_pipeline, parse_pipeline
+
+#: Where each pass goes in a pipeline: fusions and table folding on the model graph first,
+#: weight formats, then the cache, batching, the request graph, kernel choice, threads.
+CANONICAL_ORDER = ("fuse-qkv", "fuse-gate-up", "fuse-silu-mul", "fuse-add-rmsnorm", "fold-rope-tables",
+                   "weight-int8", "paged-kv", "kv-int8", "continuous-batching", "chunked-prefill",
+                   "prefix-cache", "speculative", "json-mode", "select-kernels", "intra-op-threads")
+
+#: Option grids: the variants of each pass the builtin proposer tries (text options as in pipelines).
+GRIDS: dict[str, list[dict[str, str]]] = {
+    "fuse-qkv": [{}], "fuse-gate-up": [{}], "fuse-silu-mul": [{}], "fuse-add-rmsnorm": [{}],
+    "fold-rope-tables": [{}],
+    "weight-int8": [{"group": "64"}, {"group": "0"}],
+    "paged-kv": [{"block": "16"}, {"block": "32"}, {"block": "8"}],
+    "kv-int8": [{}],
+    "continuous-batching": [{"max_batch": "16", "max_tokens": "2048"}, {"max_batch": "32", "max_tokens": "4096"},
+                            {"max_batch": "8", "max_tokens": "2048"}, {"max_batch": "16", "max_tokens": "4096"}],
+    "chunked-prefill": [{"tokens": "512"}, {"tokens": "256"}],
+    "prefix-cache": [{"policy": "radix"}],
+    "speculative": [{"method": "prompt-lookup", "k": "4"}, {"method": "prompt-lookup", "k": "2"},
+                    {"method": "prompt-lookup", "k": "6"}, {"method": "ngram", "k": "4"}],
+    "select-kernels": [{}],
+    "intra-op-threads": [{}, {"threads": "1"}, {"threads": "2"}],
+}
+
+REQUIRES = {"chunked-prefill": ("continuous-batching",), "kv-int8": ("paged-kv",), "prefix-cache": ("paged-kv",),
+            "speculative": ("continuous-batching", "paged-kv")}
+
+
+@dataclass
+class Features:
+    """What the cost model knows about the deployment (from the spec's IR)."""
+
+    kind: str = "chat"
+    prefix_tokens: int = 0
+    share: float = 0.0
+    prompt_mean: float = 64.0
+    output_mean: float = 64.0
+    concurrency: int = 1
+    small_gemms: bool = True
+    exact: bool = True            # greedy_exact accuracy: int8 rounding is likely rejected
+    target: str = "cpu"
+
+    @staticmethod
+    def of(ctx: SearchContext) -> "Features":
+        from vsc.ir.parser import parse_module
+        from vsc.passes.intra_op_threads import SMALL_GEMM_MACS, decode_gemm_macs
+
+        module = parse_module(ctx.ir_text)
+        d = module.deployment
+        wl = d.get("workload") or {}
+        f = Features()
+        sp = wl.get("shared_prefix") or {}
+        f.kind = wl.get("kind") or ("shared_prefix" if sp else "chat")
+        f.prefix_tokens, f.share = int(sp.get("tokens") or 0), float(sp.get("share") or 0.0)
+        f.prompt_mean = _mean(wl.get("prompt_tokens"), 64.0)
+        f.output_mean = _mean(wl.get("output_tokens"), 64.0)
+        arr = wl.get("arrivals") or {}
+        f.concurrency = int(arr.get("concurrency") or 0) or max(1, round(float(arr.get("rate") or 1.0)
+                                                                         * f.output_mean * 0.01))
+        module.batching.max_batch = max(1, min(16, f.concurrency))
+        macs = decode_gemm_macs(module)
+        f.small_gemms = bool(macs) and sum(macs) / len(macs) < SMALL_GEMM_MACS
+        f.exact = ((d.get("accuracy") or {}).get("kind") or "greedy_exact") == "greedy_exact"
+        f.target = module.target.kind
+        return f
+
+
+def _mean(dist: dict | None, default: float) -> float:
+    if not dist:
+        return default
+    params = [float(x) for x in dist.get("params") or []]
+    if dist.get("kind") == "uniform" and len(params) == 2:
+        return sum(params) / 2
+    return params[0] if params else default
+
+
+def expected_gain(move: str, spec: PassSpec, f: Features) -> float:
+    """The cost model: expected relative gain of adding (or retuning to) `spec`."""
+    name, opts = spec.name, spec.options
+    small = 2.0 if f.small_gemms else 1.0
+    risky = 0.2 if f.exact else 0.7
+    if move == "remove":
+        return 0.005
+    if name == "prefix-cache":
+        prefill = f.share * f.prefix_tokens / max(1.0, f.share * f.prefix_tokens + f.prompt_mean)
+        return 0.02 + 0.6 * prefill
+    if name == "speculative":
+        k = int(opts.get("k", "4"))
+        base = 0.45 if f.kind == "code_edit" else 0.03
+        if opts.get("method") == "ngram":
+            base *= 0.4
+        return base * {4: 1.0, 2: 0.85, 6: 0.8}.get(k, 0.7)
+    if name == "chunked-prefill":
+        return 0.08 if f.prompt_mean >= 512 else 0.01
+    if name == "paged-kv":
+        return 0.25 if move == "add" else 0.015
+    if name == "continuous-batching":
+        if move == "add":
+            return 0.3
+        wanted = str(max(8, min(32, f.concurrency)))
+        return 0.03 if opts.get("max_batch") == wanted else 0.012
+    if name in ("fuse-qkv", "fuse-gate-up"):
+        return 0.04 * small
+    if name in ("fuse-silu-mul", "fuse-add-rmsnorm", "fold-rope-tables"):
+        return 0.025 * small
+    if name == "intra-op-threads":
+        if not opts:
+            return 0.3 if f.small_gemms and f.target == "cpu" else 0.01
+        return 0.01
+    if name == "weight-int8":
+        return (0.03 if f.small_gemms else 0.15) * risky
+    if name == "kv-int8":
+        return 0.05 * risky
+    if name == "select-kernels":
+        return 0.2 if f.target == "cuda" else 0.005
+    return 0.0
+
+
+def _place(specs: list[PassSpec], new: PassSpec) -> list[PassSpec]:
+    rank = {n: i for i, n in enumerate(CANONICAL_ORDER)}
+    at = len(specs)
+    for i, s in enumerate(specs):
+        if rank.get(s.name, len(CANONICAL_ORDER)) > rank.get(new.name, len(CANONICAL_ORDER)):
+            at = i
+            break
+    return specs[:at] + [new] + specs[at:]
+
+
+def moves(pipeline: str, f: Features) -> list[tuple[float, str, str]]:
+    """(gain, pipeline text, description) of every move from `pipeline`, best first."""
+    specs = parse_pipeline(pipeline) if pipeline.strip() else []
+    present = {s.name for s in specs}
+    out: list[tuple[float, str, str]] = []
+    for name, grid in GRIDS.items():
+        if name in present or (name == "select-kernels" and f.target != "cuda"):
+            continue
+        if name == "intra-op-threads" and f.target != "cpu":
+            continue
+        missing = [r for r in REQUIRES.get(name, ()) if r not in present]
+        for opts in grid:
+            new = PassSpec(name, dict(opts))
+            base = specs
+            for r in missing:            # bring what it requires along, with their first grid point
+                base = _place(base, PassSpec(r, dict(GRIDS[r][0])))
+            text = format_pipeline(_place(base, new))
+            out.append((expected_gain("add", new, f) - 0.01 * len(missing), text, f"add {new}"))
+    for i, s in enumerate(specs):
+        for opts in GRIDS.get(s.name, []):
+            if opts == s.options or not opts:
+                continue
+            new = PassSpec(s.name, dict(opts))
+            text = format_pipeline(specs[:i] + [new] + specs[i + 1:])
+            out.append((expected_gain("retune", new, f), text, f"retune {s} -> {new}"))
+        if not any(s.name in REQUIRES.get(o.name, ()) for o in specs):
+            text = format_pipeline(specs[:i] + specs[i + 1:])
+            out.append((expected_gain("remove", s, f), text, f"remove {s}"))
+    out.sort(key=lambda m: (-m[0], m[1]))
+    return out
+
+
+class BuiltinProposer:
+    name = "builtin"
+
+    def __init__(self) -> None:
+        self._features: Features | None = None
+
+    def usage(self) -> dict[str, int]:
+        return {"input_tokens": 0, "output_tokens": 0}
+
+    def propose(self, ctx: SearchContext, n: int) -> list[Proposal]:
+        if self._features is None:
+            self._features = Features.of(ctx)
+        tried = {h.get("pipeline") for h in ctx.history} | {h.get("proposal", {}).get("pipeline") for h in ctx.history}
+        start = (ctx.incumbent or {}).get("pipeline")
+        if start is None:
+            start = ctx.history[0]["pipeline"] if ctx.history else ""
+        proposals: list[Proposal] = []
+        for gain, text, what in moves(start, self._features):
+            if text in tried:
+                continue
+            tried.add(text)
+            proposals.append(Proposal(text, rationale=f"{what} (expected gain {gain:.3f})"))
+            if len(proposals) >= n:
+                break
+        return proposals
+
+
+def describe_features(ctx: SearchContext) -> dict[str, Any]:
+    return dict(Features.of(ctx).__dict__)
