@@ -59,15 +59,21 @@ class StepTimer:
         return "\n".join(lines)
 
 
-async def drive(engine, vocab: int, concurrency: int, requests: int, prompt: int, output: int, seed: int) -> float:
+async def drive(engine, vocab: int, concurrency: int, requests: int, prompt: int, output: int, seed: int,
+                prompts: list[tuple[list[int], int]] | None = None) -> float:
+    """Closed loop: `concurrency` clients send `requests` requests in all (random token prompts,
+    or `prompts`: (token ids, max_tokens) pairs of a bench workload, in order)."""
     rng = random.Random(seed)
-    todo = list(range(requests))
+    todo = list(range(requests))[::-1]
 
     async def client():
         while todo:
-            todo.pop()
-            ids = [rng.randrange(3, vocab) for _ in range(prompt)]
-            req = GenerateRequest(uuid.uuid4().hex, ids, SamplingParams(max_tokens=output, temperature=0.0,
+            i = todo.pop()
+            if prompts:
+                ids, out = prompts[i % len(prompts)]
+            else:
+                ids, out = [rng.randrange(3, vocab) for _ in range(prompt)], output
+            req = GenerateRequest(uuid.uuid4().hex, ids, SamplingParams(max_tokens=out, temperature=0.0,
                                                                         ignore_eos=True), time.monotonic())
             async for _ in engine.generate(req):
                 pass
@@ -77,10 +83,10 @@ async def drive(engine, vocab: int, concurrency: int, requests: int, prompt: int
     return time.perf_counter() - t
 
 
-def profile_decodes(engine, n: int, top: int) -> None:
-    """torch.profiler over the next `n` decode forwards (printed when the n-th returns)."""
+def profile_decodes(engine, n: int, top: int, kind: str = "decode") -> None:
+    """torch.profiler over the next `n` decode (or prefill) forwards (printed when the n-th returns)."""
     from torch.profiler import ProfilerActivity, profile
-    decode = engine.runner.decode
+    decode = getattr(engine.runner, kind)
     state = {"left": n, "prof": None}
 
     def profiled(batch):
@@ -95,7 +101,7 @@ def profile_decodes(engine, n: int, top: int) -> None:
             state["prof"].__exit__(None, None, None)
             print(state["prof"].key_averages().table(sort_by="self_cpu_time_total", row_limit=top))
         return out
-    engine.runner.decode = profiled
+    setattr(engine.runner, kind, profiled)
 
 
 def main() -> int:
@@ -107,9 +113,12 @@ def main() -> int:
     ap.add_argument("--output", type=int, default=64)
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--threads", type=int, default=0, help="override the plan's torch thread count")
+    ap.add_argument("--workload", choices=["chat", "shared-prefix", "code-edit", "json"],
+                    help="use this bench workload's prompts and output lengths instead of random tokens")
     ap.add_argument("--no-cprofile", action="store_true")
     ap.add_argument("--torch-profile", type=int, default=0, metavar="N",
                     help="also run torch.profiler over N decode forwards and print its op table")
+    ap.add_argument("--profile-prefill", action="store_true", help="--torch-profile the prefill forwards instead")
     args = ap.parse_args()
     _, engine, manifest = build_server(args.server)
     if args.threads:
@@ -134,8 +143,14 @@ def main() -> int:
                     profiler.disable()
             engine._step = profiled_step
         if args.torch_profile:
-            profile_decodes(engine, args.torch_profile, args.top)
-        wall = asyncio.run(drive(engine, vocab, args.concurrency, args.requests, args.prompt, args.output, 2))
+            profile_decodes(engine, args.torch_profile, args.top, "prefill" if args.profile_prefill else "decode")
+        prompts = None
+        if args.workload:
+            from vsc.bench.workloads import build_workload
+            wl = build_workload(args.workload, manifest["model"]["path"], args.requests, seed=0,
+                                max_context=manifest["serve"]["max_context"])
+            prompts = [(engine.tokenizer.encode(r.prompt), r.max_tokens) for r in wl.requests]
+        wall = asyncio.run(drive(engine, vocab, args.concurrency, args.requests, args.prompt, args.output, 2, prompts))
     finally:
         engine.shutdown()
     steps, tokens = engine.num_steps - steps0, engine.generated_tokens - tokens0

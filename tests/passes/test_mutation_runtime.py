@@ -83,3 +83,32 @@ def test_mutation_prefix_hit_counts_one_token_too_many(module, tmp_path, monkeyp
 
     monkeypatch.setattr(Scheduler, "_cached_prefix", one_too_many)
     assert caught_by_engine_run(compile_error(module, tmp_path)) == "engine"
+
+
+CASCADE = PIPELINE + ",cascade-attention"      # the default threshold: 64 shared tokens
+
+
+def test_the_correct_cascade_attention_compiles(module, tmp_path):
+    result = compile_to_server(module, CASCADE, tmp_path / "server", None, reproducer_dir=tmp_path)
+    assert "engine run exact" in result.accuracy_summary
+
+
+def test_mutation_cascade_merges_with_the_wrong_weights(module, tmp_path, monkeypatch):
+    """Cascade attention whose shared part is scaled wrong (a merge bug): the check lowers the
+    plan's 64-token threshold to one token so that its short prefix-sharing probes take the
+    cascade path at all (at 64 they never did, and this mutant compiled)."""
+    import vsc.runtime.kernels.torch_ops as ops
+    real = ops._softmax_parts
+    calls = []
+
+    def wrong(scores, values):
+        out, m, total = real(scores, values)
+        calls.append(scores.dim())
+        return (out * 1.1, m, total) if scores.dim() == 3 else (out, m, total)   # 3-D: the shared prefix
+
+    monkeypatch.setattr(ops, "_softmax_parts", wrong)
+    with pytest.raises(PassFailure) as err:
+        compile_to_server(module, CASCADE, tmp_path / "server", None, reproducer_dir=tmp_path)
+    assert err.value.pass_name.startswith("cascade-attention") and calls
+    assert "changed the model's outputs" in err.value.message and "(through the engine" in err.value.message
+    assert not (tmp_path / "server").exists()

@@ -37,7 +37,7 @@ from vsc.passes.pipeline import PassSpec, format_pipeline, parse_pipeline
 #: weight formats, then the cache, batching, the request graph, kernel choice, threads.
 CANONICAL_ORDER = ("fuse-qkv", "fuse-gate-up", "fuse-silu-mul", "fuse-add-rmsnorm", "fold-rope-tables",
                    "weight-int8", "paged-kv", "kv-int8", "continuous-batching", "chunked-prefill",
-                   "prefix-cache", "speculative", "json-mode", "select-kernels", "intra-op-threads")
+                   "prefix-cache", "cascade-attention", "speculative", "json-mode", "select-kernels", "intra-op-threads")
 
 #: Option grids: the variants of each pass the builtin proposer tries (text options as in pipelines).
 GRIDS: dict[str, list[dict[str, str]]] = {
@@ -50,13 +50,15 @@ GRIDS: dict[str, list[dict[str, str]]] = {
                             {"max_batch": "8", "max_tokens": "2048"}, {"max_batch": "16", "max_tokens": "4096"}],
     "chunked-prefill": [{"tokens": "512"}, {"tokens": "256"}],
     "prefix-cache": [{"policy": "radix"}],
+    "cascade-attention": [{}, {"min_tokens": "256"}],
     "speculative": [{"method": "prompt-lookup", "k": "4"}, {"method": "prompt-lookup", "k": "2"},
                     {"method": "prompt-lookup", "k": "6"}, {"method": "ngram", "k": "4"}],
     "select-kernels": [{}],
     "intra-op-threads": [{}, {"threads": "1"}, {"threads": "2"}],
 }
 
-REQUIRES = {"chunked-prefill": ("continuous-batching",), "kv-int8": ("paged-kv",), "prefix-cache": ("paged-kv",),
+REQUIRES = {"cascade-attention": ("prefix-cache",), "chunked-prefill": ("continuous-batching",),
+            "kv-int8": ("paged-kv",), "prefix-cache": ("paged-kv",),
             "speculative": ("continuous-batching", "paged-kv")}
 
 
@@ -118,6 +120,9 @@ def expected_gain(move: str, spec: PassSpec, f: Features) -> float:
     if name == "prefix-cache":
         prefill = f.share * f.prefix_tokens / max(1.0, f.share * f.prefix_tokens + f.prompt_mean)
         return 0.02 + 0.6 * prefill
+    if name == "cascade-attention":     # decode attention reads the shared prefix once for the whole group
+        shared = f.share * f.prefix_tokens / max(1.0, f.share * f.prefix_tokens + f.prompt_mean + f.output_mean)
+        return (0.02 + 0.3 * shared) * (1.0 if f.concurrency > 1 else 0.1) * (1.0 if not opts else 0.5)
     if name == "speculative":
         k = int(opts.get("k", "4"))
         base = 0.45 if f.kind == "code_edit" else 0.03
@@ -150,6 +155,18 @@ def expected_gain(move: str, spec: PassSpec, f: Features) -> float:
     return 0.0
 
 
+def _requirements(name: str) -> list[str]:
+    """Every pass `name` needs earlier, transitively (cascade-attention: prefix-cache, paged-kv)."""
+    out: list[str] = []
+    stack = list(REQUIRES.get(name, ()))
+    while stack:
+        r = stack.pop()
+        if r not in out:
+            out.append(r)
+            stack.extend(REQUIRES.get(r, ()))
+    return out
+
+
 def _place(specs: list[PassSpec], new: PassSpec) -> list[PassSpec]:
     rank = {n: i for i, n in enumerate(CANONICAL_ORDER)}
     at = len(specs)
@@ -170,7 +187,7 @@ def moves(pipeline: str, f: Features) -> list[tuple[float, str, str]]:
             continue
         if name == "intra-op-threads" and f.target != "cpu":
             continue
-        missing = [r for r in REQUIRES.get(name, ()) if r not in present]
+        missing = [r for r in _requirements(name) if r not in present]
         for opts in grid:
             new = PassSpec(name, dict(opts))
             base = specs

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -435,6 +436,16 @@ def _compare(probe: int, run: str, prompt: list[int], tokens: list[int], got: to
     return result
 
 
+def _exercise_cascade(runner) -> None:
+    """A plan with cascade attention (CASCADE_MIN_TOKENS in its generated module) is checked
+    with the threshold at one token, so any two probes sharing a block run the cascade
+    layout; at the plan's threshold (64 tokens by default) the short probes would never
+    reach it and a wrong cascade would pass unseen (found by a mutant)."""
+    generated = sys.modules.get(type(runner).__module__)
+    if generated is not None and getattr(generated, "CASCADE_MIN_TOKENS", 0):
+        generated.CASCADE_MIN_TOKENS = 1
+
+
 def check_accuracy(module: ServingModule, runner, probes: int, tolerance: float | None,
                    max_new_tokens: int = 16) -> "AccuracyReport":
     """Run `probes` prompts through `runner` (batched; then probe 0 chunked beside probe 1) and
@@ -446,6 +457,7 @@ def check_accuracy(module: ServingModule, runner, probes: int, tolerance: float 
     """
     if probes < 1 or max_new_tokens < 1:
         raise ValueError("need at least one probe and one new token")
+    _exercise_cascade(runner)
     model_dir = module.model.attrs["path"]
     dtype = module.model.attrs.get("dtype", "f32")
     tol = tolerance if tolerance is not None else DEFAULT_TOLERANCE.get(dtype, DEFAULT_TOLERANCE["f32"])

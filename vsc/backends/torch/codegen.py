@@ -392,6 +392,8 @@ class _RunnerWriter:
         c["MAX_CONTEXT"] = max_context
         c["BLOCK_SIZE"] = block_size
         c["NUM_BLOCKS"] = num_blocks
+        if self.attention is not None and self.attention.attrs.get("cascade_min_tokens"):
+            c["CASCADE_MIN_TOKENS"] = int(self.attention.attrs["cascade_min_tokens"])
         return c
 
     def _attr(self, op: Op, key: str) -> str:
@@ -628,6 +630,7 @@ class _RunnerWriter:
         int8 = self.module.cache.dtype == "i8"
         kv = "QuantizedKV" if int8 else "torch.Tensor"
         scales = " in int8, with fp32 scales [.., KV_HEADS]" if int8 else ""
+        cascade = ", CASCADE_MIN_TOKENS" if "CASCADE_MIN_TOKENS" in c else ""
         lines = [
             "class Runner:",
             f'    """Runs plan @{self.module.name} step by step (the ModelRunner protocol of vsc.runtime.api)."""',
@@ -657,7 +660,7 @@ class _RunnerWriter:
             "    def prefill(self, batch: StepBatch) -> torch.Tensor:",
             '        """New tokens (whole prompts or chunks, any number per sequence) -> logits [B, VOCAB] of each last one,',
             '        or [R, VOCAB] of the rows batch.logits_rows names (speculative decoding verifies every draft)."""',
-            "        meta = attention_metadata(batch, BLOCK_SIZE)",
+            f"        meta = attention_metadata(batch, BLOCK_SIZE{cascade})",
             "        if batch.logits_rows is not None:",
             "            meta.last_index = batch.logits_rows",
             "        return self.forward(batch, meta)",
@@ -665,7 +668,7 @@ class _RunnerWriter:
             "    @torch.inference_mode()",
             "    def decode(self, batch: StepBatch) -> torch.Tensor:",
             '        """One new token per sequence -> logits [B, VOCAB]."""',
-            "        return self.forward(batch, attention_metadata(batch, BLOCK_SIZE))",
+            f"        return self.forward(batch, attention_metadata(batch, BLOCK_SIZE{cascade}))",
             "",
             "    def forward(self, batch: StepBatch, meta: AttentionMetadata) -> torch.Tensor:",
             "        if self.kv_cache is None:",

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from vsc.runtime.api import StepBatch
 
 __all__ = [
-    "AttentionMetadata", "RotaryTable", "SequenceSpan", "add", "allocate_kv_cache", "attention_metadata",
+    "AttentionMetadata", "CascadePrefix", "RotaryTable", "SequenceSpan", "add", "allocate_kv_cache", "attention_metadata",
     "embedding", "last_token", "linear", "moe", "mul", "paged_attention", "rmsnorm", "rope", "sdpa",
     "linear_int8", "rope_cos_sin", "rope_lookup", "rope_positions",
     "QuantizedKV", "paged_attention_int8", "quantize_int8",
@@ -278,6 +278,7 @@ class SequenceSpan:
     first_block: int = 0
     slots: torch.Tensor | None = None
     mask: torch.Tensor | None = None
+    blocks: torch.Tensor | None = None    # paged, small blocks: the context's blocks, read whole (see BLOCK_GATHER_MAX)
 
     @property
     def has_past(self) -> bool:
@@ -305,6 +306,20 @@ class AttentionMetadata:
     single_rows: torch.Tensor | None = None
     spans: list[SequenceSpan] = field(default_factory=list)
     last_index: torch.Tensor | None = None
+    cascade: "CascadePrefix | None" = None        # a shared prefix read once for a group (cascade-attention)
+
+
+@dataclass
+class CascadePrefix:
+    """Cascade attention's layout: `members` (rows of the gathered one-query sequences) all
+    start with the same `blocks` (prefix_len = len(blocks) * block_size tokens, physically
+    shared through the prefix cache). Their attention over that prefix is one GEMM per kv
+    head for the whole group; gather_blocks / key_mask then describe only what follows
+    the prefix for members (each sequence's whole context for the others)."""
+
+    members: torch.Tensor
+    blocks: torch.Tensor
+    prefix_len: int
 
 
 def _context_slots(block_tables: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -319,9 +334,56 @@ def _context_slots(block_tables: torch.Tensor, positions: torch.Tensor, block_si
 BLOCK_GATHER_MAX = 128
 
 
+def _shared_prefix(tables: list[list[int]], lens: list[int], block_size: int,
+                   min_tokens: int) -> tuple[list[int], int] | None:
+    """(member rows, shared leading block count) of the largest group of sequences whose
+    block tables start with the same blocks, if it has at least 2 members and the shared
+    part is at least `min_tokens` tokens; every member keeps one token after the prefix."""
+    groups: dict[int, list[int]] = {}
+    for i, t in enumerate(tables):
+        if t:
+            groups.setdefault(t[0], []).append(i)
+    if not groups:
+        return None
+    members = max(groups.values(), key=len)
+    if len(members) < 2:
+        return None
+    limit = min((lens[i] - 1) // block_size for i in members)
+    first = tables[members[0]]
+    shared = 0
+    while shared < limit and all(tables[i][shared] == first[shared] for i in members):
+        shared += 1
+    if shared * block_size < max(1, min_tokens):
+        return None
+    return members, shared
+
+
 def _gather_layout(meta: AttentionMetadata, block_tables: torch.Tensor, context_lens: torch.Tensor,
-                   longest: int, block_size: int) -> None:
-    """Fill meta's gather_blocks or gather_slots, and key_mask, for one query per sequence."""
+                   longest: int, block_size: int, cascade_min_tokens: int = 0,
+                   lens_host: list[int] | None = None) -> None:
+    """Fill meta's gather_blocks or gather_slots, and key_mask, for one query per sequence
+    (and meta.cascade when a group shares a long enough prefix; cascade_min_tokens > 0)."""
+    if cascade_min_tokens > 0 and block_size <= BLOCK_GATHER_MAX and block_tables.shape[0] > 1:
+        lens = lens_host if lens_host is not None else context_lens.tolist()
+        width = -(-longest // block_size)
+        tables = [row[:-(-n // block_size)] for row, n in zip(block_tables[:, :width].tolist(), lens)]
+        found = _shared_prefix(tables, lens, block_size, cascade_min_tokens)
+        if found is not None:
+            members, shared = found
+            is_member = set(members)
+            rest = [t[shared:] if i in is_member else t for i, t in enumerate(tables)]
+            rest_lens = [n - shared * block_size if i in is_member else n for i, n in enumerate(lens)]
+            w = max(len(t) for t in rest)
+            device = block_tables.device
+            meta.gather_blocks = torch.tensor([t + [0] * (w - len(t)) for t in rest], dtype=block_tables.dtype,
+                                              device=device)
+            positions = torch.arange(w * block_size, device=device)
+            lens_t = torch.tensor(rest_lens, device=device)
+            meta.key_mask = (positions[None, :] < lens_t[:, None]).view(-1, 1, 1, positions.shape[0])
+            meta.cascade = CascadePrefix(torch.tensor(members, device=device),
+                                         torch.tensor(tables[members[0]][:shared], dtype=block_tables.dtype,
+                                                      device=device), shared * block_size)
+            return
     if block_size <= BLOCK_GATHER_MAX:
         width = -(-longest // block_size)         # the blocks the longest context fills; no more
         positions = torch.arange(width * block_size, device=block_tables.device)
@@ -346,15 +408,19 @@ def _gather_context(cache, meta: AttentionMetadata) -> torch.Tensor:
     return rows.view(blocks.shape[0], blocks.shape[1] * bs, kv_heads, hd)
 
 
-def attention_metadata(batch: StepBatch, block_size: int) -> AttentionMetadata:
-    """The AttentionMetadata of `batch` over a cache of `block_size`-token blocks."""
+def attention_metadata(batch: StepBatch, block_size: int, cascade_min_tokens: int = 0) -> AttentionMetadata:
+    """The AttentionMetadata of `batch` over a cache of `block_size`-token blocks.
+
+    cascade_min_tokens > 0 (the cascade-attention pass): one-query sequences that share at
+    least that many leading cached tokens attend to them together (`CascadePrefix`)."""
     device = batch.tokens.device
     context_lens = batch.context_lens_host or batch.context_lens.tolist()
     query_lens = batch.query_lens_host or (batch.query_start[1:] - batch.query_start[:-1]).tolist()
     decode = batch.is_decode or all(n == 1 for n in query_lens)
     meta = AttentionMetadata(batch.slot_mapping, block_size, decode)
     if decode:
-        _gather_layout(meta, batch.block_tables, batch.context_lens, max(context_lens), block_size)
+        _gather_layout(meta, batch.block_tables, batch.context_lens, max(context_lens), block_size,
+                       cascade_min_tokens, context_lens)
         return meta
     singles: list[int] = []
     start = 0
@@ -368,6 +434,8 @@ def attention_metadata(batch: StepBatch, block_size: int) -> AttentionMetadata:
                 positions = torch.arange(c, device=device)
                 span.first_block = int(batch.block_tables[b, 0])
                 span.slots = _context_slots(batch.block_tables[b], positions, block_size)
+                if block_size <= BLOCK_GATHER_MAX:
+                    span.blocks = batch.block_tables[b, :-(-c // block_size)]
                 span.mask = positions[None, :] <= (past + torch.arange(n, device=device))[:, None]
             meta.spans.append(span)
         start += n
@@ -375,7 +443,8 @@ def attention_metadata(batch: StepBatch, block_size: int) -> AttentionMetadata:
         index = torch.tensor(singles, device=device)
         meta.single_rows = batch.query_start[index]
         _gather_layout(meta, batch.block_tables[index], batch.context_lens[index],
-                       max(context_lens[b] for b in singles), block_size)
+                       max(context_lens[b] for b in singles), block_size, cascade_min_tokens,
+                       [context_lens[b] for b in singles])
     meta.last_index = batch.query_start[1:] - 1
     return meta
 
@@ -390,9 +459,65 @@ def _write_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cach
     v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
 
 
+def _softmax_parts(scores: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Unnormalized attention over one part of a context: (out, row max, row sum of exp)."""
+    m = scores.amax(-1, keepdim=True)
+    p = torch.exp(scores - m)
+    return torch.matmul(p, values), m, p.sum(-1, keepdim=True)
+
+
+def _cascade_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Decode attention with a shared prefix (meta.cascade): the members' queries attend to
+    the prefix together, one [group x g, prefix] GEMM per kv head that reads the prefix's
+    K/V once instead of once per sequence; every sequence attends to the rest of its own
+    context; the two parts merge by their softmax statistics (exact up to rounding)."""
+    b, heads, hd = q.shape
+    c = meta.cascade
+    bs = meta.block_size
+    kv_heads = k_cache.shape[1]
+    g = heads // kv_heads
+    qg = q.view(b, kv_heads, g, hd)
+    # own part: [B, kvh, g, S] scores over each sequence's gathered rest
+    keys = _gather_context(k_cache, meta).permute(0, 2, 3, 1).to(q.dtype)       # [B, kvh, hd, S]
+    values = _gather_context(v_cache, meta).transpose(1, 2).to(q.dtype)         # [B, kvh, S, hd]
+    scores = torch.matmul(qg, keys).mul_(scale).masked_fill_(~meta.key_mask, float("-inf"))
+    out, m_own, l_own = _softmax_parts(scores, values)
+    # shared part: members only, [kvh, M*g, P]
+    n = c.members.shape[0]
+    rows = c.blocks
+    kp = k_cache.view(-1, bs * kv_heads * hd).index_select(0, rows).view(c.prefix_len, kv_heads, hd)
+    vp = v_cache.view(-1, bs * kv_heads * hd).index_select(0, rows).view(c.prefix_len, kv_heads, hd)
+    qm = qg.index_select(0, c.members).permute(1, 0, 2, 3).reshape(kv_heads, n * g, hd)
+    shared_scores = torch.bmm(qm, kp.permute(1, 2, 0).to(q.dtype)).mul_(scale)
+    o_p, m_p, l_p = _softmax_parts(shared_scores, vp.transpose(0, 1).to(q.dtype))
+    o_p = o_p.view(kv_heads, n, g, hd).transpose(0, 1)
+    m_p = m_p.view(kv_heads, n, g, 1).transpose(0, 1)
+    l_p = l_p.view(kv_heads, n, g, 1).transpose(0, 1)
+    o_m, m_m, l_m = out.index_select(0, c.members), m_own.index_select(0, c.members), l_own.index_select(0, c.members)
+    m = torch.maximum(m_m, m_p)
+    a_own, a_p = torch.exp(m_m - m), torch.exp(m_p - m)
+    merged = (o_m * a_own + o_p * a_p) / (l_m * a_own + l_p * a_p)
+    out = out / l_own
+    out.index_copy_(0, c.members, merged)
+    return out.reshape(b, heads * hd)
+
+
+def _gather_span(cache: torch.Tensor, span: SequenceSpan, block_size: int) -> torch.Tensor:
+    """One sequence's whole context [context_len, kv_heads, hd], read block by block."""
+    _, kv_heads, hd = cache.shape
+    rows = cache.view(-1, block_size * kv_heads * hd).index_select(0, span.blocks)
+    return rows.view(-1, kv_heads, hd)[:span.context_len]
+
+
 def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       meta: AttentionMetadata, scale: float, gqa: bool) -> torch.Tensor:
-    """One query per sequence: gather each context into [B, kv_heads, S, hd], one masked SDPA."""
+    """One query per sequence: gather each context into [B, kv_heads, S, hd], one masked SDPA
+    (or cascade attention when meta.cascade names a shared prefix)."""
+    if meta.cascade is not None:
+        if isinstance(k_cache, QuantizedKV):
+            raise ValueError("cascade attention reads a float KV cache; the plan pairs it with an int8 one")
+        return _cascade_attention(q, k_cache, v_cache, meta, scale)
     b, heads, hd = q.shape
     keys = _gather_context(k_cache, meta).transpose(1, 2).to(q.dtype)
     values = _gather_context(v_cache, meta).transpose(1, 2).to(q.dtype)
@@ -422,7 +547,10 @@ def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cach
                 base = span.first_block * meta.block_size
                 ks, vs = k_cache[base:base + span.context_len], v_cache[base:base + span.context_len]
             else:
-                ks, vs = k_cache[span.slots], v_cache[span.slots]
+                if span.blocks is not None and not isinstance(k_cache, QuantizedKV):
+                    ks, vs = _gather_span(k_cache, span, meta.block_size), _gather_span(v_cache, span, meta.block_size)
+                else:
+                    ks, vs = k_cache[span.slots], v_cache[span.slots]
             ks, vs = ks.transpose(0, 1).to(q.dtype)[None], vs.transpose(0, 1).to(q.dtype)[None]
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=span.mask, scale=scale, enable_gqa=gqa)
         out[span.start:span.end] = o[0].transpose(0, 1)
