@@ -18,7 +18,9 @@ pass source runs its whole pipeline in the sandbox (vsc.agent.sandbox); the IR i
 is parsed and verified again here, then lowered and checked for accuracy like any plan.
 The benchmark replays the spec's workload (its kind, arrivals and lengths; a fixed seed,
 so every candidate gets the same requests) against the server in a child process:
-a short warm-up, then `repeats` measured runs.
+a short warm-up, then `repeats` measured runs, run r with request set r (seed + r): every
+candidate sees the same sets, and no server sees a prompt twice (a repeated prompt would be a
+prefix-cache hit that real traffic does not give, and would flatter the cache).
 """
 from __future__ import annotations
 
@@ -35,6 +37,10 @@ from vsc.agent.proposal import Proposal
 from vsc.errors import PassFailure, PipelineError, VscError
 from vsc.ir.module import ServingModule
 from vsc.ir.printer import print_module
+
+
+#: The warm-up's request set (seed offset): disjoint from the measured runs' sets (offsets 0, 1, ...).
+WARMUP_SEED = 1000
 
 
 @dataclass
@@ -170,16 +176,19 @@ def benchmark(server_dir: Path, deployment: dict[str, Any], objectives: list[Obj
     manifest = json.loads((server_dir / "manifest.json").read_text())
     model_dir = Path(manifest["model"]["path"])
     max_context = (manifest.get("serve") or {}).get("max_context")
-    workload = search_workload(deployment, model_dir, request_count(deployment, settings), settings.seed, max_context)
+    n = request_count(deployment, settings)
     slos = list(deployment.get("slos") or [])
     runs = []
     with ServerProcess(server_dir) as server:
         if settings.warmup:
-            warm = search_workload(deployment, model_dir, settings.warmup, settings.seed + 1, max_context)
+            warm = search_workload(deployment, model_dir, settings.warmup, settings.seed + WARMUP_SEED, max_context)
             warm.arrival = closed(settings.warmup)
             warm.arrival_times = None
             asyncio.run(run_workload(warm, server.base_url, deadline=settings.deadline_s))
-        for _ in range(repeats):
+        for r in range(repeats):
+            # run r gets request set r: the same sets for every candidate, but never one request
+            # twice in a server (a repeated prompt is a prefix-cache hit no real traffic would give)
+            workload = search_workload(deployment, model_dir, n, settings.seed + r, max_context)
             run = asyncio.run(run_workload(workload, server.base_url, deadline=settings.deadline_s))
             summary = summarize(run, goodput_slos_from_plan(slos) or None, slos or None)
             if summary.failed or not server.alive():
