@@ -17,6 +17,8 @@ deployment, computed from the IR and the spec's workload (`Features`):
 - chunked prefill pays when prompts are long next to the step's token budget;
 - the fusions and RoPE tables cut per-step op count, which matters most when the decode
   GEMMs are small (per-op overhead, not FLOPs, dominates: the intra-op-threads cost model);
+- native-attention (a C++ decode kernel reading the cache in place) pays as contexts grow,
+  since the torch kernel's gather copies every context each layer; it needs a compiler;
 - int8 passes save bytes but may change outputs: their gain is discounted by the accuracy
   bar (greedy_exact rejects almost any rounding change);
 - removals come last (the passes were there for a reason).
@@ -37,7 +39,7 @@ from vsc.passes.pipeline import PassSpec, format_pipeline, parse_pipeline
 #: weight formats, then the cache, batching, the request graph, kernel choice, threads.
 CANONICAL_ORDER = ("fuse-qkv", "fuse-gate-up", "fuse-silu-mul", "fuse-add-rmsnorm", "fold-rope-tables",
                    "weight-int8", "paged-kv", "kv-int8", "continuous-batching", "chunked-prefill",
-                   "prefix-cache", "cascade-attention", "speculative", "json-mode", "select-kernels", "intra-op-threads")
+                   "prefix-cache", "cascade-attention", "native-attention", "speculative", "json-mode", "select-kernels", "intra-op-threads")
 
 #: Option grids: the variants of each pass the builtin proposer tries (text options as in pipelines).
 GRIDS: dict[str, list[dict[str, str]]] = {
@@ -51,6 +53,7 @@ GRIDS: dict[str, list[dict[str, str]]] = {
     "chunked-prefill": [{"tokens": "512"}, {"tokens": "256"}],
     "prefix-cache": [{"policy": "radix"}],
     "cascade-attention": [{}, {"min_tokens": "256"}],
+    "native-attention": [{}],
     "speculative": [{"method": "prompt-lookup", "k": "4"}, {"method": "prompt-lookup", "k": "2"},
                     {"method": "prompt-lookup", "k": "6"}, {"method": "ngram", "k": "4"}],
     "select-kernels": [{}],
@@ -58,7 +61,7 @@ GRIDS: dict[str, list[dict[str, str]]] = {
 }
 
 REQUIRES = {"cascade-attention": ("prefix-cache",), "chunked-prefill": ("continuous-batching",),
-            "kv-int8": ("paged-kv",), "prefix-cache": ("paged-kv",),
+            "kv-int8": ("paged-kv",), "prefix-cache": ("paged-kv",), "native-attention": ("paged-kv",),
             "speculative": ("continuous-batching", "paged-kv")}
 
 
@@ -123,6 +126,10 @@ def expected_gain(move: str, spec: PassSpec, f: Features) -> float:
     if name == "cascade-attention":     # decode attention reads the shared prefix once for the whole group
         shared = f.share * f.prefix_tokens / max(1.0, f.share * f.prefix_tokens + f.prompt_mean + f.output_mean)
         return (0.02 + 0.3 * shared) * (1.0 if f.concurrency > 1 else 0.1) * (1.0 if not opts else 0.5)
+    if name == "native-attention":      # decode attention's gather grows with the context; needs a compiler
+        import shutil
+        context = min(1.0, (f.prompt_mean + f.output_mean) / 1024)
+        return (0.05 + 0.35 * context) if f.target == "cpu" and shutil.which("c++") else 0.0
     if name == "speculative":
         k = int(opts.get("k", "4"))
         base = 0.45 if f.kind == "code_edit" else 0.03
@@ -185,7 +192,7 @@ def moves(pipeline: str, f: Features) -> list[tuple[float, str, str]]:
     for name, grid in GRIDS.items():
         if name in present or (name == "select-kernels" and f.target != "cuda"):
             continue
-        if name == "intra-op-threads" and f.target != "cpu":
+        if name in ("intra-op-threads", "native-attention", "cascade-attention") and f.target != "cpu":
             continue
         missing = [r for r in _requirements(name) if r not in present]
         for opts in grid:

@@ -188,6 +188,10 @@ def write_kernels(module: ServingModule, dest: Path) -> dict:
     return entry
 
 
+def needs_native_kernels(module: ServingModule) -> bool:
+    return any(op.kind == "attention" and op.attrs.get("native") for op in walk_ops(module.model.func.body))
+
+
 def write_server(out_dir: Path, module: ServingModule, pipeline: str, runner_source: str, manifest: dict,
                  seconds: dict[str, float] | None = None) -> Path:
     """Write the folder atomically: build it beside `out_dir`, then swap it in.
@@ -208,6 +212,12 @@ def write_server(out_dir: Path, module: ServingModule, pipeline: str, runner_sou
             manifest["kernels"] = write_kernels(module, staging / KERNELS_DIR)
             if seconds is not None:
                 seconds["kernels"] = time.perf_counter() - start
+        if needs_native_kernels(module):    # native-attention: ship the built extension; servers never compile
+            from vsc.backends.native.build import build_native_kernels
+            built = build_native_kernels()
+            (staging / KERNELS_DIR).mkdir(exist_ok=True)
+            shutil.copy2(built, staging / KERNELS_DIR / built.name)
+            manifest["native_kernels"] = {"dir": KERNELS_DIR, "files": {built.name: sha256_file(built)}}
         (staging / "plan.vsir").write_text(print_module(module, pipeline=pipeline))
         (staging / "model.py").write_text(runner_source)
         from vsc.backends.torch.draft import DRAFT_RUNNER_FILE, draft_runner_source

@@ -113,6 +113,7 @@ _RESERVED = set(keyword.kwlist) | {
     "rope_cos_sin", "tuple", "range", "zip", "len", "list", "int", "str", "float", "print",
     "Runner", "WEIGHTS", "LAYER_WEIGHTS", "StepBatch", "CacheConfig", "WeightSpec", "load_weights",
     "AttentionMetadata", "RotaryTable", "attention_metadata", "allocate_kv_cache",
+    "load_native_kernels", "NATIVE_KERNELS",
 } | {fn.__name__ for fn in TORCH_KERNELS.values()}
 
 # Triton kernels of the catalog a cuda runner calls: (IR kernel, op kind) -> wrapper of
@@ -394,6 +395,11 @@ class _RunnerWriter:
         c["NUM_BLOCKS"] = num_blocks
         if self.attention is not None and self.attention.attrs.get("cascade_min_tokens"):
             c["CASCADE_MIN_TOKENS"] = int(self.attention.attrs["cascade_min_tokens"])
+        if self.attention is not None and self.attention.attrs.get("native"):
+            from vsc.backends.native.build import build_native_kernels
+            built = build_native_kernels()          # cached on disk; the emitter ships a copy in kernels/
+            c["NATIVE_KERNELS_FILE"] = built.name
+            c["NATIVE_KERNELS_BUILD"] = str(built)
         return c
 
     def _attr(self, op: Op, key: str) -> str:
@@ -563,6 +569,8 @@ class _RunnerWriter:
             "    " + ", ".join(functions) + ",",
             ")",
             *self._triton_imports(),
+            *(["from vsc.runtime.kernels.native_ops import load_native_kernels"]
+              if "NATIVE_KERNELS_FILE" in self.constants else []),
             "from vsc.runtime.weights import WeightSpec, load_weights",
             "",
         ]
@@ -581,6 +589,8 @@ class _RunnerWriter:
         lines.append(f"DTYPE = {_TORCH_DTYPES[self.attrs.get('dtype', 'f32')]}")
         lines.append(f"CACHE_DTYPE = {_CACHE_TORCH_DTYPES[self.module.cache.dtype]}")
         lines.append(f"CACHE_LAYOUT = {self.module.cache.layout!r}")
+        if "NATIVE_KERNELS_FILE" in self.constants:     # native-attention: the server folder's kernels/ copy
+            lines.append("NATIVE_KERNELS = load_native_kernels(__file__, NATIVE_KERNELS_FILE, NATIVE_KERNELS_BUILD)")
         return lines + [""]
 
     def _weight_table(self) -> list[str]:
@@ -631,6 +641,7 @@ class _RunnerWriter:
         kv = "QuantizedKV" if int8 else "torch.Tensor"
         scales = " in int8, with fp32 scales [.., KV_HEADS]" if int8 else ""
         cascade = ", CASCADE_MIN_TOKENS" if "CASCADE_MIN_TOKENS" in c else ""
+        native = ["        meta.native = NATIVE_KERNELS"] if "NATIVE_KERNELS_FILE" in c else []
         lines = [
             "class Runner:",
             f'    """Runs plan @{self.module.name} step by step (the ModelRunner protocol of vsc.runtime.api)."""',
@@ -661,6 +672,7 @@ class _RunnerWriter:
             '        """New tokens (whole prompts or chunks, any number per sequence) -> logits [B, VOCAB] of each last one,',
             '        or [R, VOCAB] of the rows batch.logits_rows names (speculative decoding verifies every draft)."""',
             f"        meta = attention_metadata(batch, BLOCK_SIZE{cascade})",
+            *native,
             "        if batch.logits_rows is not None:",
             "            meta.last_index = batch.logits_rows",
             "        return self.forward(batch, meta)",
@@ -668,7 +680,9 @@ class _RunnerWriter:
             "    @torch.inference_mode()",
             "    def decode(self, batch: StepBatch) -> torch.Tensor:",
             '        """One new token per sequence -> logits [B, VOCAB]."""',
-            f"        return self.forward(batch, attention_metadata(batch, BLOCK_SIZE{cascade}))",
+            f"        meta = attention_metadata(batch, BLOCK_SIZE{cascade})",
+            *native,
+            "        return self.forward(batch, meta)",
             "",
             "    def forward(self, batch: StepBatch, meta: AttentionMetadata) -> torch.Tensor:",
             "        if self.kv_cache is None:",

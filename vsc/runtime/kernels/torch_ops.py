@@ -307,6 +307,11 @@ class AttentionMetadata:
     spans: list[SequenceSpan] = field(default_factory=list)
     last_index: torch.Tensor | None = None
     cascade: "CascadePrefix | None" = None        # a shared prefix read once for a group (cascade-attention)
+    # native-attention: the loaded C++ extension (vsc.runtime.kernels.native_ops), and the
+    # block tables / context lengths of the gathered rows it reads the cache through
+    native: object | None = None
+    gather_tables: torch.Tensor | None = None
+    gather_lens: torch.Tensor | None = None
 
 
 @dataclass
@@ -363,6 +368,7 @@ def _gather_layout(meta: AttentionMetadata, block_tables: torch.Tensor, context_
                    lens_host: list[int] | None = None) -> None:
     """Fill meta's gather_blocks or gather_slots, and key_mask, for one query per sequence
     (and meta.cascade when a group shares a long enough prefix; cascade_min_tokens > 0)."""
+    meta.gather_tables, meta.gather_lens = block_tables, context_lens
     if cascade_min_tokens > 0 and block_size <= BLOCK_GATHER_MAX and block_tables.shape[0] > 1:
         lens = lens_host if lens_host is not None else context_lens.tolist()
         width = -(-longest // block_size)
@@ -514,6 +520,11 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                       meta: AttentionMetadata, scale: float, gqa: bool) -> torch.Tensor:
     """One query per sequence: gather each context into [B, kv_heads, S, hd], one masked SDPA
     (or cascade attention when meta.cascade names a shared prefix)."""
+    if (meta.native is not None and meta.cascade is None and not isinstance(k_cache, QuantizedKV)
+            and q.dtype == torch.float32 and k_cache.dtype == torch.float32):
+        # native-attention: K/V read in place through the block table, no gather
+        return meta.native.paged_decode_attention(q, k_cache, v_cache, meta.gather_tables, meta.gather_lens,
+                                                  meta.block_size, scale).reshape(q.shape[0], -1)
     if meta.cascade is not None:
         if isinstance(k_cache, QuantizedKV):
             raise ValueError("cascade attention reads a float KV cache; the plan pairs it with an int8 one")
