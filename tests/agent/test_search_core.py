@@ -138,3 +138,20 @@ def test_builtin_proposer_never_repeats_a_tried_pipeline(make_module):
         seen.add(p.pipeline)
         history.append({"id": i, "pipeline": p.pipeline, "status": "rejected"})
     assert json.dumps([h["pipeline"] for h in history])      # plain data, journal-ready
+
+
+def test_a_pass_that_lost_before_is_demoted_not_banned(make_module):
+    from vsc.agent.proposers.builtin import failures
+    edit = with_workload(make_module(), kind="code_edit")
+    start = "paged-kv{block=16},continuous-batching{max_batch=16}"
+    spec_k4 = "paged-kv{block=16},continuous-batching{max_batch=16},speculative{method=prompt-lookup,k=4}"
+    history = [{"id": 0, "parent": None, "pipeline": start, "status": "ok", "score": 1.0},
+               {"id": 1, "parent": 0, "pipeline": spec_k4, "status": "ok", "score": 0.8},
+               {"id": 2, "parent": 0, "pipeline": start + ",intra-op-threads", "status": "ok", "score": 1.2}]
+    assert failures(history) == {"speculative{method=prompt-lookup,k=4}": 1}
+    ctx = context(edit, history, {"id": 2, "pipeline": start + ",intra-op-threads"})
+    proposals = BuiltinProposer().propose(ctx, 40)
+    texts = [p.pipeline for p in proposals]
+    k4 = next(i for i, t in enumerate(texts) if "prompt-lookup,k=4" in t)
+    k2 = next(i for i, t in enumerate(texts) if "prompt-lookup,k=2" in t)
+    assert k2 < k4          # k=4 lost once: demoted below its untried sibling, still proposed

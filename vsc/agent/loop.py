@@ -173,7 +173,7 @@ class Search:
         st = self.state
         history = [{"id": r["id"], "pipeline": r["pipeline"], "pass_source": r.get("proposal", {}).get("pass_source"),
                     "status": r["status"], "stage": r.get("stage"), "reason": r.get("reason", ""),
-                    "objectives": r.get("objectives"), "score": r.get("score"),
+                    "objectives": r.get("objectives"), "score": r.get("score"), "parent": r.get("parent"),
                     "proposal": r.get("proposal", {})} for r in st.records]
         incumbent = None
         if st.incumbent is not None:

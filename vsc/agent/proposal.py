@@ -35,7 +35,8 @@ class Proposal:
 class SearchContext:
     """Everything a proposer may use to choose the next candidates.
 
-    `history` holds one dict per evaluated candidate, in order: {"id", "pipeline",
+    `history` holds one dict per evaluated candidate, in order: {"id", "parent" (the
+    incumbent it was derived from, or None), "pipeline", "score" (vs the baseline, when measured),
     "pass_source" (or None), "status" ("ok" | "rejected"), "stage" (where it failed:
     "proposal", "pipeline", "sandbox", "structural", "numeric", "lower", "bench"), "reason",
     "objectives" ({metric: value} when measured)}. `incumbent` is the best such dict so far

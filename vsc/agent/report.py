@@ -139,6 +139,10 @@ def plot_report(data: dict[str, Any], path: Path) -> Path:
     ys = [t if t is not None else float("nan") for t in data["trajectory"]]
     ax.step(xs, ys, where="post", color="tab:green", label="incumbent")
     ax.axhline(1.0, color="grey", lw=0.8, ls="--", label="spec's pipeline")
+    refs = [r for r in data.get("references", []) if r["status"] == "ok" and r.get("score")]
+    if refs:
+        best = max(refs, key=lambda r: r["score"])
+        ax.axhline(best["score"], color="tab:purple", lw=0.8, ls=":", label=f"best reference ({best['score']:.2f})")
     ax.set_xlabel("candidate")
     ax.set_ylabel("score vs the spec's pipeline (higher is better)")
     ax.set_title(f"vsc search: {Path(data['start']['spec']).name} ({data['start']['proposer']})")

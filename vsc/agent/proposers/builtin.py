@@ -21,7 +21,10 @@ deployment, computed from the IR and the spec's workload (`Features`):
   since the torch kernel's gather copies every context each layer; it needs a compiler;
 - int8 passes save bytes but may change outputs: their gain is discounted by the accuracy
   bar (greedy_exact rejects almost any rounding change);
-- removals come last (the passes were there for a reason).
+- removals come last (the passes were there for a reason);
+- history: a pass (with its options) that made a candidate worse than its parent, or got it
+  rejected, is tried again on a later incumbent at a third of its expected gain per such
+  failure (moves that lost once usually lose again; they are not ruled out, only demoted).
 
 Pipelines already tried (same text) are never proposed twice. Passes that change what the
 server does rather than how fast (json-mode, speculative with a draft model) are not
@@ -184,8 +187,35 @@ def _place(specs: list[PassSpec], new: PassSpec) -> list[PassSpec]:
     return specs[:at] + [new] + specs[at:]
 
 
-def moves(pipeline: str, f: Features) -> list[tuple[float, str, str]]:
-    """(gain, pipeline text, description) of every move from `pipeline`, best first."""
+#: How much a move's expected gain shrinks per earlier failure of the same pass + options.
+FAILURE_DISCOUNT = 1 / 3
+
+
+def failures(history: list[dict[str, Any]]) -> dict[str, int]:
+    """Per pass text (`speculative{method=prompt-lookup,k=4}`): how many candidates that added
+    or retuned to it scored below their parent, or were rejected."""
+    by_id = {h["id"]: h for h in history}
+    out: dict[str, int] = {}
+    for h in history:
+        parent = by_id.get(h.get("parent"))
+        if parent is None or parent.get("score") is None:
+            continue
+        try:
+            mine = {str(s) for s in parse_pipeline(h.get("pipeline") or "")}
+            theirs = {str(s) for s in parse_pipeline(parent.get("pipeline") or "")}
+        except Exception:  # noqa: BLE001 - a malformed proposal's pipeline: nothing to learn
+            continue
+        worse = h.get("status") == "rejected" or (h.get("score") is not None and h["score"] < parent["score"])
+        if worse:
+            for spec in mine - theirs:
+                out[spec] = out.get(spec, 0) + 1
+    return out
+
+
+def moves(pipeline: str, f: Features, failed: dict[str, int] | None = None) -> list[tuple[float, str, str]]:
+    """(gain, pipeline text, description) of every move from `pipeline`, best first; a move
+    that brings in a pass text listed in `failed` is discounted (FAILURE_DISCOUNT per failure)."""
+    failed = failed or {}
     specs = parse_pipeline(pipeline) if pipeline.strip() else []
     present = {s.name for s in specs}
     out: list[tuple[float, str, str]] = []
@@ -201,14 +231,16 @@ def moves(pipeline: str, f: Features) -> list[tuple[float, str, str]]:
             for r in missing:            # bring what it requires along, with their first grid point
                 base = _place(base, PassSpec(r, dict(GRIDS[r][0])))
             text = format_pipeline(_place(base, new))
-            out.append((expected_gain("add", new, f) - 0.01 * len(missing), text, f"add {new}"))
+            gain = expected_gain("add", new, f) * FAILURE_DISCOUNT ** failed.get(str(new), 0)
+            out.append((gain - 0.01 * len(missing), text, f"add {new}"))
     for i, s in enumerate(specs):
         for opts in GRIDS.get(s.name, []):
             if opts == s.options or not opts:
                 continue
             new = PassSpec(s.name, dict(opts))
             text = format_pipeline(specs[:i] + [new] + specs[i + 1:])
-            out.append((expected_gain("retune", new, f), text, f"retune {s} -> {new}"))
+            gain = expected_gain("retune", new, f) * FAILURE_DISCOUNT ** failed.get(str(new), 0)
+            out.append((gain, text, f"retune {s} -> {new}"))
         if not any(s.name in REQUIRES.get(o.name, ()) for o in specs):
             text = format_pipeline(specs[:i] + specs[i + 1:])
             out.append((expected_gain("remove", s, f), text, f"remove {s}"))
@@ -233,7 +265,7 @@ class BuiltinProposer:
         if start is None:
             start = ctx.history[0]["pipeline"] if ctx.history else ""
         proposals: list[Proposal] = []
-        for gain, text, what in moves(start, self._features):
+        for gain, text, what in moves(start, self._features, failures(ctx.history)):
             if text in tried:
                 continue
             tried.add(text)
