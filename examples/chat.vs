@@ -24,5 +24,5 @@ deployment chat {
 
   accuracy { greedy_exact(probes = 8) }   # or: logits_tol(1e-3, probes = 4)
   serve { host = "127.0.0.1", port = 8000, max_context = 2048, api = openai }
-  optimize "fuse-qkv,fuse-gate-up,fold-rope-tables,paged-kv{block=16},continuous-batching{max_batch=16,max_tokens=2048},intra-op-threads"
+  optimize "fuse-qkv,fuse-gate-up,fold-rope-tables,paged-kv{block=16},continuous-batching{max_batch=16,max_tokens=2048},pack-linear-weights,intra-op-threads"
 }

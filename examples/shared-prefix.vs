@@ -23,5 +23,5 @@ deployment support_bot {
 
   accuracy { logits_tol(1e-3, probes = 4) }
   serve { port = 8001 }
-  optimize "fuse-qkv,fuse-gate-up,fold-rope-tables,paged-kv{block=16},continuous-batching{max_batch=16,max_tokens=2048},prefix-cache{policy=radix},cascade-attention,intra-op-threads"
+  optimize "fuse-qkv,fuse-gate-up,fold-rope-tables,paged-kv{block=16},continuous-batching{max_batch=16,max_tokens=2048},prefix-cache{policy=radix},cascade-attention,pack-linear-weights,intra-op-threads"
 }

@@ -20,5 +20,5 @@ deployment smollm2_chat {
 
   accuracy { greedy_exact(probes = 4) }
   serve { port = 8000, max_context = 2048 }
-  optimize "fuse-qkv,fuse-gate-up,fold-rope-tables,paged-kv{block=16},continuous-batching{max_batch=16,max_tokens=2048},intra-op-threads"
+  optimize "fuse-qkv,fuse-gate-up,fold-rope-tables,paged-kv{block=16},continuous-batching{max_batch=16,max_tokens=2048},pack-linear-weights,intra-op-threads"
 }

@@ -45,11 +45,12 @@ def test_opt_runs_the_spec_pipeline_and_prints_changes(workspace, capsys, tmp_pa
     assert code == 0, err
     final = parse_module(out)
     assert final.cache.layout == "paged" and final.batching.mode == "continuous"
-    assert err.count("// ----- IR after") == 6 and "total" in err
+    assert err.count("// ----- IR after") == 7 and "total" in err
     assert final.schedule.attrs["intra_op_threads"] == 1      # tiny GEMMs: one thread (intra-op-threads)
     dumps = sorted(p.name for p in (tmp_path / "d").iterdir())
     assert dumps == ["000_input.vsir", "001_fuse-qkv.vsir", "002_fuse-gate-up.vsir", "003_fold-rope-tables.vsir",
-                     "004_paged-kv.vsir", "005_continuous-batching.vsir", "006_intra-op-threads.vsir"]
+                     "004_paged-kv.vsir", "005_continuous-batching.vsir", "006_pack-linear-weights.vsir",
+                     "007_intra-op-threads.vsir"]
     assert read_pipeline_header(out) == read_pipeline_header((tmp_path / "d" / dumps[-1]).read_text())
 
 

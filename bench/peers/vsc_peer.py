@@ -19,7 +19,7 @@ from bench.peers.base import REPO_ROOT, Peer, PeerUnavailable, dir_content_hash,
 # tree lookup per admission and pays on any workload whose prompts share a prefix.
 DEFAULT_PIPELINE = ("fold-rope-tables,fuse-qkv,fuse-gate-up,paged-kv{block=16},"
                     "continuous-batching{max_batch=<max_batch>,max_tokens=2048},prefix-cache{policy=radix},"
-                    "cascade-attention,intra-op-threads")
+                    "cascade-attention,pack-linear-weights,intra-op-threads")
 ACTIVATION_RESERVE = 0.10      # the share of `memory` vsc keeps back from weights + KV (vsc/frontend/lower.py)
 MEMORY_SLACK = 256 << 20       # on top: activations of a max_tokens step, the runtime
 

@@ -246,14 +246,15 @@ def test_codegen_never_imports_triton(tiny_dirs):
 # sha256 of the generated source minus its `# plan sha256:` line (which hashes the printed
 # plan, tmp paths included), for CPU_PIPELINE on each tiny model, as generated before cuda
 # plans were lowered. A deliberate change to CPU codegen must update these (last: unfolded
-# `rope` ops compute cos/sin in the op, `rope_positions`, instead of a hidden RotaryTable).
+# `rope` ops compute cos/sin in the op, `rope_positions`, instead of a hidden RotaryTable; then decode
+# binds its metadata to `meta` first, where native-attention / cascade plans set their fields).
 CPU_SOURCE_SHA256 = {
-    ("llama", "f32"): "6d17555963fbd869b9c0fe2a9ecaa0f578ede0ae15c878bc72a3512a3d55a4fd",
-    ("llama", "bf16"): "f73c56543bd8b1fe6987a010b4c0259182e3040e78ecc817fcafd2fbe58dfa91",
-    ("qwen2", "f32"): "a38a40f1038df1c657503657273c8ae5693821088333e811b70dcf93f4579e66",
-    ("qwen2", "bf16"): "406dac9ab545ca9a479bfc8a043bcacc7739def7c6e11498dc8227e8f59ced81",
-    ("mixtral", "f32"): "d532d084e3f381c317277ba4209b3937a9c55850379308d7f9c39308becaf1a5",
-    ("mixtral", "bf16"): "f3b8b02c074b88cce6a1847274231dc4b90c12faa8a833c067a07380a191d235",
+    ("llama", "f32"): "c7447335ae1c3625e53f8e0be704f6ecf7125596788f093aad00db991de01228",
+    ("llama", "bf16"): "3e4f3b710959d561ca1dbd3607eef9828f89975d4ca1bc04532f1bc62df2f5d1",
+    ("qwen2", "f32"): "22e1d075f0d17a3f342e4a2711786885aba12431e0ba4ff8da9ac84c983034f2",
+    ("qwen2", "bf16"): "625f31eff844322c5c6d997ec1fa4d87e5ceabb6a690cb75409fce778da5dc69",
+    ("mixtral", "f32"): "80ff122dc0dc8c7d2fd269dca962a946ae3b9dd9d5b1d31bdc60c075313600f8",
+    ("mixtral", "bf16"): "72bfc8506f7ac63f9c2ed3483054db7b275cfb4803f5570d5e9a3ca64a0b732d",
 }
 
 

@@ -93,7 +93,7 @@ def test_chat_example_values(workspace: Path):
     assert (s.host, s.port, s.max_context, s.api) == ("127.0.0.1", 8000, 2048, "openai")
     assert spec.optimize.auto is False
     assert spec.optimize.pipeline == (
-        "fuse-qkv,fuse-gate-up,fold-rope-tables,paged-kv{block=16},continuous-batching{max_batch=16,max_tokens=2048},intra-op-threads")
+        "fuse-qkv,fuse-gate-up,fold-rope-tables,paged-kv{block=16},continuous-batching{max_batch=16,max_tokens=2048},pack-linear-weights,intra-op-threads")
 
 
 def test_chat_example_locations(workspace: Path):

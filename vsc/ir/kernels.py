@@ -39,6 +39,8 @@ KERNELS: dict[str, KernelInfo] = {k.name: k for k in [
     _k("torch.linear", {"linear"}, doc="torch.nn.functional.linear"),
     _k("torch.linear_int8", {"linear_int8"}, doc="int8 weights dequantized into a reused scratch matrix, then "
                                                  "F.linear (group 0: convert, then scale the output rows)"),
+    _k("torch.linear_onednn", {"linear"}, targets=("cpu",),
+       doc="oneDNN inner product over a weight packed once at load (pack-linear-weights)"),
     _k("torch.split", {"split"}, doc="views, no copy"),
     _k("torch.rope", {"rope"}, doc="cos/sin computed from positions inside the op, every call"),
     _k("torch.rope_lookup", {"rope_lookup"}, doc="index the folded cos/sin tables by position"),

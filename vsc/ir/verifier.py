@@ -15,7 +15,7 @@ import networkx as nx
 
 from vsc.errors import VerificationError
 from vsc.ir.kernels import KERNELS
-from vsc.ir.module import Op, ServingModule, Weight, is_weight
+from vsc.ir.module import Op, ServingModule, Weight, is_weight, walk_ops
 from vsc.ir.ops import OPS, TypeRuleError, infer, operand_arity_ok
 from vsc.ir.sizes import CACHE_DTYPES, kv_bytes_per_token
 from vsc.ir.types import DTYPE_BYTES, FLOAT_DTYPES, Origin, TensorType
@@ -25,6 +25,7 @@ from vsc.ir.weight_inits import WEIGHT_INIT_RULES
 INVARIANTS = {
     "ssa": "every value is defined once, before its uses, in an enclosing scope; returns and yields name defined values",
     "weights": "every weight operand is declared; derived weights name declared weights and agree in shape; "
+               "a oneDNN-packed weight is read only by linears via torch.linear_onednn and feeds no other derivation; "
                "{i} weights appear only inside a repeat region, {e} weights only as expert operands",
     "types": "each op's operands and attributes satisfy its typing rule and its declared result types equal the "
              "inferred ones; shapes use only declared symbols; repeat regions carry their types around the loop",
@@ -110,6 +111,25 @@ class _Checker:
             elif w.init_fn not in ("concat",):
                 if w.init_fn not in DERIVED_WEIGHT_FNS:
                     self.add("weights", node, f"unknown weight init '{w.init_fn}' (known: load, {', '.join(sorted(DERIVED_WEIGHT_FNS))})", w.origin)
+        self.check_packed_weights()
+
+    def check_packed_weights(self) -> None:
+        """A oneDNN-packed weight has an opaque layout: only torch.linear_onednn reads it,
+        and no other weight is derived from it (a fusion after pack-linear-weights would
+        concatenate packed tensors)."""
+        packed = {w.name for w in self.m.model.weights if w.init_fn == "onednn_pack"}
+        if not packed:
+            return
+        for w in self.m.model.weights:
+            for a in w.init_args:
+                if a in packed:
+                    self.add("weights", f"weight {w.name}", f"{w.init_fn}() reads the packed weight {a} "
+                                                             "(run pack-linear-weights after the fusions)", w.origin)
+        for op in walk_ops(self.m.model.func.body):
+            reads = [o for o in op.operands if o in packed]
+            if reads and (op.kind != "linear" or op.kernel is None or op.kernel.name != "torch.linear_onednn"):
+                self.add("weights", f"op {op.kind}", f"reads the packed weight {reads[0]} but is not a linear "
+                                                      f"via torch.linear_onednn", op.origin)
 
     def check_function(self) -> None:
         f = self.m.model.func

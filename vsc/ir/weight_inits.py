@@ -10,6 +10,8 @@ None when they agree, else what is wrong; the verifier reports that under `weigh
 - `quantize_int8(@w) {group}`: i8 values of a float [out, in] weight, symmetric per group
   of `group` input columns (0: one group per row); `int8_scales(@w) {group}`: the f32
   [out, in / group] scales that go with them (weight-int8).
+- `onednn_pack(@w) {batch}`: the f32 [out, in] weight reordered into oneDNN's blocked
+  layout for `batch`-row inputs (pack-linear-weights); same type, opaque memory layout.
 """
 from __future__ import annotations
 
@@ -59,9 +61,23 @@ def _quantized(parts: list[TensorType], attrs: dict, declared: TensorType, scale
     return None
 
 
+def _packed(parts: list[TensorType], attrs: dict, declared: TensorType) -> str | None:
+    if len(parts) != 1:
+        return f"takes one weight argument, got {len(parts)}"
+    if parts[0].rank != 2 or parts[0].dtype != "f32":
+        return f"packs an f32 [out, in] weight, got {parts[0]}"
+    batch = attrs.get("batch")
+    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+        return f"batch must be a positive int (the rows the packing is tuned for), got {batch!r}"
+    if declared != parts[0]:
+        return f"a packed weight keeps its source's type {parts[0]}, declared {declared}"
+    return None
+
+
 WEIGHT_INIT_RULES: dict[str, WeightRule] = {
     "rope_cos": _rope_table,
     "rope_sin": _rope_table,
     "quantize_int8": lambda parts, attrs, t: _quantized(parts, attrs, t, scales=False),
     "int8_scales": lambda parts, attrs, t: _quantized(parts, attrs, t, scales=True),
+    "onednn_pack": lambda parts, attrs, t: _packed(parts, attrs, t),
 }

@@ -130,6 +130,9 @@ DERIVED_INITS: dict[str, Any] = {
     "rope_sin": _rope_table(1),
     "quantize_int8": _quantized(0),
     "int8_scales": _quantized(1),
+    # pack-linear-weights: oneDNN's blocked layout (an opaque mkldnn tensor of the same shape)
+    "onednn_pack": lambda parts, attrs, shape: torch.ops.mkldnn._reorder_linear_weight(
+        parts[0].to(torch.float32).contiguous(), int(attrs["batch"])),
 }
 
 

@@ -18,6 +18,7 @@ TORCH_KERNELS = {
     "torch.silu_mul": torch_ops.silu_mul,
     "torch.linear": torch_ops.linear,
     "torch.linear_int8": torch_ops.linear_int8,
+    "torch.linear_onednn": torch_ops.linear_onednn,
     "torch.split": torch_ops.split,
     "torch.rope": torch_ops.rope_positions,
     "torch.rope_lookup": torch_ops.rope_lookup,
