@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from decode_steps import decode_step
 from vsc.errors import PassFailure, PipelineError
 from vsc.ir.module import walk_ops
 from vsc.passes.manager import PassManager
-from vsc.runtime.api import StepBatch
 from vsc.runtime.kernels.torch_ops import _shared_prefix, attention_metadata, paged_attention
 
 BS, HEADS, KV_HEADS, HD = 4, 4, 2, 8
@@ -25,31 +25,13 @@ def test_the_largest_group_sharing_leading_blocks_is_found():
     assert _shared_prefix([[1, 2], [3, 4]], [8, 8], BS, min_tokens=1) is None   # nobody shares
 
 
-def decode_step(tables, lens, generator):
-    """A decode batch over a random cache where the given block tables share blocks."""
-    num_blocks = 1 + max(b for t in tables for b in t)
-    k_cache = torch.randn(num_blocks * BS, KV_HEADS, HD, generator=generator)
-    v_cache = torch.randn(num_blocks * BS, KV_HEADS, HD, generator=generator)
-    width = max(len(t) for t in tables)
-    b = len(tables)
-    last = [t[(n - 1) // BS] * BS + (n - 1) % BS for t, n in zip(tables, lens)]
-    t = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
-    batch = StepBatch(tokens=t([0] * b), positions=t([n - 1 for n in lens]), query_start=t(list(range(b + 1))),
-                      context_lens=t(lens), block_tables=t([x + [0] * (width - len(x)) for x in tables]),
-                      slot_mapping=t(last), is_decode=True, query_lens_host=[1] * b, context_lens_host=list(lens))
-    q = torch.randn(b, HEADS * HD, generator=generator)
-    k = torch.randn(b, KV_HEADS * HD, generator=generator)
-    v = torch.randn(b, KV_HEADS * HD, generator=generator)
-    return batch, q, k, v, k_cache, v_cache
-
-
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_cascade_decode_matches_plain_decode(seed):
     g = torch.Generator().manual_seed(seed)
     shared = [1, 2, 3, 4, 5]                                   # a 20-token prefix held by rows 0, 1, 3
     tables = [shared + [6], shared + [7, 8], [9, 10, 11], shared + [12]]
     lens = [22, 27, 10, 21]
-    batch, q, k, v, kc, vc = decode_step(tables, lens, g)
+    batch, q, k, v, kc, vc = decode_step(tables, lens, BS, HEADS, KV_HEADS, HD, g)
     plain_meta = attention_metadata(batch, BS)
     cascade_meta = attention_metadata(batch, BS, cascade_min_tokens=8)
     assert plain_meta.cascade is None

@@ -7,10 +7,10 @@ import shutil
 import pytest
 import torch
 
+from decode_steps import decode_step
 from vsc.errors import PassFailure
 from vsc.ir.module import walk_ops
 from vsc.passes.manager import PassManager
-from vsc.runtime.api import StepBatch
 from vsc.runtime.kernels.torch_ops import attention_metadata, paged_attention
 
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler to build the native kernel")
@@ -28,22 +28,9 @@ def native():
 
 def random_decode(gen, lengths, block_size, heads, kv_heads, hd):
     """A decode step over a cache of stale random values, blocks handed out scrambled."""
-    tables, order = [], torch.randperm(200, generator=gen).tolist()
-    for n in lengths:
-        tables.append([order.pop() for _ in range(-(-n // block_size))])
-    width = max(len(t) for t in tables) + 1
-    k_cache = torch.randn(200 * block_size, kv_heads, hd, generator=gen) * 3
-    v_cache = torch.randn(200 * block_size, kv_heads, hd, generator=gen) * 3
-    last = [t[(n - 1) // block_size] * block_size + (n - 1) % block_size for t, n in zip(tables, lengths)]
-    t = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
-    b = len(lengths)
-    batch = StepBatch(tokens=t([0] * b), positions=t([n - 1 for n in lengths]), query_start=t(list(range(b + 1))),
-                      context_lens=t(lengths), block_tables=t([x + [0] * (width - len(x)) for x in tables]),
-                      slot_mapping=t(last), is_decode=True, query_lens_host=[1] * b, context_lens_host=list(lengths))
-    q = torch.randn(b, heads * hd, generator=gen)
-    k = torch.randn(b, kv_heads * hd, generator=gen)
-    v = torch.randn(b, kv_heads * hd, generator=gen)
-    return batch, q, k, v, k_cache, v_cache
+    order = torch.randperm(200, generator=gen).tolist()
+    tables = [[order.pop() for _ in range(-(-n // block_size))] for n in lengths]
+    return decode_step(tables, lengths, block_size, heads, kv_heads, hd, gen, num_blocks=200, scale=3.0)
 
 
 @pytest.mark.parametrize("heads,kv_heads,hd,block", [(4, 2, 32, 16), (9, 3, 64, 16), (6, 1, 8, 4), (4, 4, 16, 8)])

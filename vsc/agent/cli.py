@@ -38,12 +38,13 @@ def cmd_search(args) -> int:
         return cmd_report(args)
     report = _progress()
     if args.resume:
+        from vsc.agent.journal import Journal
+
         run_dir = Path(args.resume)
         if not (run_dir / "journal.jsonl").is_file():
             raise VscError(f"{run_dir}: error: no journal.jsonl here; nothing to resume")
-        import json
-        first = json.loads((run_dir / "journal.jsonl").read_text().split("\n", 1)[0])
-        search = Search(run_dir, make_proposer(first.get("proposer", "builtin"), args.model), report=report)
+        start = Journal(run_dir).read()[0]          # the proposer the search was started with
+        search = Search(run_dir, make_proposer(start.get("proposer", "builtin"), args.model), report=report)
     else:
         if not args.target:
             raise VscError("vsc search: error: give a spec (vsc search deploy.vs) or --resume runs/<id>/")

@@ -99,7 +99,6 @@ def build_plan(module: ServingModule, proposal: Proposal, work_dir: Path, spec_p
 
     Returns (rejection, None) or (None, CompileResult)."""
     from vsc.driver import CompileError, compile_to_server
-    from vsc.passes.base import build_pipeline
 
     if proposal.malformed:
         return Outcome("rejected", "proposal", one_line(proposal.malformed)), None
@@ -117,7 +116,6 @@ def build_plan(module: ServingModule, proposal: Proposal, work_dir: Path, spec_p
             result = compile_to_server(optimized, "", server_dir, spec_path, reproducer_dir=work_dir / "repro")
             result.pipeline = proposal.pipeline
         else:
-            build_pipeline(proposal.pipeline)       # parse + options + requirements, before any work
             result = compile_to_server(module, proposal.pipeline, server_dir, spec_path,
                                        reproducer_dir=work_dir / "repro")
     except PipelineError as e:

@@ -279,6 +279,3 @@ class BuiltinProposer:
                 break
         return proposals
 
-
-def describe_features(ctx: SearchContext) -> dict[str, Any]:
-    return dict(Features.of(ctx).__dict__)
