@@ -153,7 +153,8 @@ def compile_to_server(module: ServingModule, pipeline: str, out_dir: Path, spec_
     verifications = [Verification("structural", "input", True, "all invariants hold"), *recorder.entries,
                      Verification("accuracy", "lowering", report.ok, report.summary(), report.to_json())]
     plan_text = print_module(final, pipeline=manager.pipeline_text)
-    served_name = Path(final.model.attrs["path"]).name
+    model_path = Path(final.model.attrs["path"])
+    served_name = model_path.stem if model_path.suffix == ".gguf" else model_path.name
     manifest = build_manifest(final, manager.pipeline_text, spec_path, plan_text, source, verifications, served_name)
     write_server(out_dir, final, manager.pipeline_text, source, manifest, seconds=times)
     times["total"] = time.perf_counter() - t0
@@ -181,8 +182,9 @@ def verify_server(server_dir: Path) -> tuple[bool, list[str]]:
     lines.append(f"structural: {'ok' if not diags else '; '.join(map(str, diags))}")
     ok &= not diags
     model_dir = Path(manifest["model"]["path"])
-    if not model_dir.is_dir():
-        raise VscError(f"{model_dir}: error: the server's model folder is gone")
+    if not model_dir.exists():
+        raise VscError(f"{model_dir}: error: the server's model {'file' if model_dir.suffix == '.gguf' else 'folder'} "
+                       "is gone")
     now = model_file_checksums(model_dir)
     changed = sorted(k for k in manifest["model"]["files"] if now.get(k) != manifest["model"]["files"][k])
     lines.append("weights: " + ("unchanged" if not changed else f"changed since compile: {', '.join(changed)}"))

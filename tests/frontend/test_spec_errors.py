@@ -180,7 +180,14 @@ def test_model_path_that_is_a_file(tmp_path: Path):
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "tiny").write_text("not a folder")
     err = spec_error(BASE, tmp_path)
-    assert "model path 'models/tiny' is not a folder" in err.message
+    assert "model path 'models/tiny' is neither a folder nor a .gguf file" in err.message
+
+
+def test_model_gguf_file_that_is_not_gguf(tmp_path: Path):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "tiny.gguf").write_bytes(b"GGML" + bytes(64))
+    err = spec_error(BASE.replace('"models/tiny"', '"models/tiny.gguf"'), tmp_path)
+    assert "model file 'models/tiny.gguf': not a GGUF file (bad magic bytes)" in err.message
 
 
 def test_render_points_a_caret_at_the_mistake(tmp_path: Path):

@@ -27,7 +27,7 @@ from pathlib import Path
 from lark import Lark, Token, Tree
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
-from vsc.errors import SourceLocation, SpecError
+from vsc.errors import ModelError, SourceLocation, SpecError
 from vsc.frontend import units
 from vsc.frontend.spec import (
     AccuracySpec,
@@ -42,6 +42,7 @@ from vsc.frontend.spec import (
     TargetSpec,
     WorkloadSpec,
 )
+from vsc.ir.gguf_import import is_gguf_path, read_gguf_model
 from vsc.ir.hf_import import SUPPORTED_MODEL_TYPES
 
 GRAMMAR_PATH = Path(__file__).resolve().parents[2] / "grammar" / "vs.lark"
@@ -483,7 +484,7 @@ _QUANTITY_EXAMPLES = {units.TIME: "200 ms", units.SIZE: "8 GiB", units.RATE: "8 
                       units.THROUGHPUT: "500 tok/s"}
 
 _DEPLOYMENT_SECTIONS = {
-    "model": _Field(_Section, 'model "path/to/model" { dtype = f32 }'),
+    "model": _Field(_Section, 'model "path/to/model" { dtype = f32 }  (an HF folder, or a .gguf file)'),
     "target": _Field(_Section, "target cpu { threads = 4, memory = 8 GiB }"),
     "workload": _Field(_Section, "workload { ... }"),
     "slo": _Field(_Section, "slo { ttft p99 <= 200 ms }"),
@@ -768,10 +769,16 @@ class _Checker:
             is_dir = path.is_dir()
         except (OSError, ValueError, RuntimeError):
             raise self.error(f"model path '{rel}' is not a usable path", arg.loc) from None
+        if is_gguf_path(path) and exists:      # a GGUF file, served as shipped
+            try:
+                self.model_config = read_gguf_model(path).config
+            except ModelError as e:
+                raise self.error(f"model file '{rel}': {e.message}", arg.loc) from None
+            return path
         if not exists:
             raise self.error(f"model folder '{rel}' not found (looked for {path})", arg.loc)
         if not is_dir:
-            raise self.error(f"model path '{rel}' is not a folder", arg.loc)
+            raise self.error(f"model path '{rel}' is neither a folder nor a .gguf file", arg.loc)
         config = path / "config.json"
         if not config.is_file():
             raise self.error(f"model folder '{rel}' has no config.json", arg.loc)

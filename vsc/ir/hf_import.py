@@ -10,10 +10,11 @@ import json
 from pathlib import Path
 
 from vsc.errors import ModelError
+from vsc.ir.gguf_import import is_gguf_path, read_gguf_model
 from vsc.ir.kernels import default_kernel
 from vsc.ir.module import Function, KernelRef, ModelGraph, Op, Region, Weight, symbol_name
 from vsc.ir.ops import infer
-from vsc.ir.types import Origin, TensorType
+from vsc.ir.types import QUANT_DTYPES, Origin, TensorType
 
 # model_type values in config.json that vsc can import, and the family each maps to.
 SUPPORTED_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "mixtral": "mixtral"}
@@ -76,8 +77,9 @@ def model_attrs(cfg: dict, model_dir: Path, dtype: str) -> dict:
 class _GraphBuilder:
     """Appends typed ops (result types inferred from the op rules) with default kernels."""
 
-    def __init__(self, weights: dict[str, Weight], origin: Origin):
+    def __init__(self, weights: dict[str, Weight], origin: Origin, dtype: str):
         self.weights = weights
+        self.dtype = dtype
         self.origin = origin
         self.types: dict[str, TensorType] = {}
         self.ops: list[Op] = []
@@ -86,30 +88,51 @@ class _GraphBuilder:
         return self.weights[operand].type if operand.startswith("@") else self.types[operand]
 
     def op(self, kind: str, results: list[str], operands: list[str], **attrs) -> list[str]:
+        main = self.weights[operands[1]].type.dtype if len(operands) > 1 and operands[1].startswith("@") else None
+        if kind == "embed" and main in QUANT_DTYPES:
+            attrs["dtype"] = self.dtype          # the rows dequantize to the activation dtype
         types = infer(kind, [self.type_of(o) for o in operands], attrs)
         for r, t in zip(results, types):
             self.types[r] = t
-        kernel = default_kernel(kind)
+        kernel = default_kernel(kind, weight_dtype=main)
         self.ops.append(Op(kind, results, operands, types, attrs, KernelRef(kernel) if kernel else None, self.origin))
         return results
 
 
-def build_model_graph(model_dir: Path, dtype: str = "f32", origin: Origin | None = None) -> ModelGraph:
-    """The model graph of the HF model in `model_dir`, with torch kernels as the default schedule."""
-    cfg = read_hf_config(model_dir)
+def build_model_graph(model_path: Path, dtype: str = "f32", origin: Origin | None = None) -> ModelGraph:
+    """The model graph of the HF model folder (or GGUF file) at `model_path`, with torch kernels
+    as the default schedule. A GGUF's quantized tensors keep their block format as IR type."""
+    gguf_model = None
+    if is_gguf_path(model_path):
+        gguf_model = read_gguf_model(model_path)
+        cfg, where = gguf_model.config, Path(model_path)
+    else:
+        cfg, where = read_hf_config(model_path), Path(model_path) / "config.json"
     try:
-        a = model_attrs(cfg, model_dir, dtype)
+        a = model_attrs(cfg, model_path, dtype)
     except KeyError as e:
-        raise ModelError(Path(model_dir) / "config.json", f"config.json lacks {e.args[0]!r}") from None
+        raise ModelError(where, f"config lacks {e.args[0]!r}") from None
+    if gguf_model is not None and a["arch"] == "mixtral":
+        raise ModelError(where, "mixture-of-experts GGUF files are not supported")
     origin = origin or Origin("import", a["arch"])
     H, V, D, F = a["hidden"], a["vocab"], a["head_dim"], a["intermediate"]
     q_out, kv_out = a["heads"] * D, a["kv_heads"] * D
+    # llama.cpp stores a llama model's q/k rows permuted for its interleaved RoPE
+    unpermute = {"self_attn.q_proj.weight": a["heads"], "self_attn.k_proj.weight": a["kv_heads"],
+                 "self_attn.q_proj.bias": a["heads"], "self_attn.k_proj.bias": a["kv_heads"]} \
+        if gguf_model is not None and a["arch"] == "llama" else {}
 
     weights: dict[str, Weight] = {}
 
     def w(name: str, *shape: int) -> str:
         ref = "@" + name
-        weights[ref] = Weight(ref, TensorType(dtype, shape), "load", [name], {}, origin)
+        if gguf_model is None:
+            weights[ref] = Weight(ref, TensorType(dtype, shape), "load", [name], {}, origin)
+            return ref
+        stored = gguf_model.hf_to_gguf(name)
+        heads = next((h for suffix, h in unpermute.items() if name.endswith(suffix)), None)
+        weights[ref] = Weight(ref, TensorType(gguf_model.ir_dtype(stored, dtype), shape), "load", [stored],
+                              {"unpermute_heads": heads} if heads else {}, origin)
         return ref
 
     embed_w = w("model.embed_tokens.weight", V, H)
@@ -132,7 +155,7 @@ def build_model_graph(model_dir: Path, dtype: str = "f32", origin: Origin | None
     hidden_t = TensorType(dtype, ("T", H))
 
     # The decoder layer, built once as the region of a `repeat`.
-    layer = _GraphBuilder(weights, origin)
+    layer = _GraphBuilder(weights, origin, dtype)
     layer.types.update(dict(params))
     layer.types["%x"] = hidden_t
     layer.op("rmsnorm", ["%xn"], ["%x", ln1], eps=a["rms_norm_eps"])
@@ -156,7 +179,7 @@ def build_model_graph(model_dir: Path, dtype: str = "f32", origin: Origin | None
     layer.op("add", ["%h_out"], ["%h_attn", "%mlp_out"])
     region = Region([("%x", hidden_t)], layer.ops, ["%h_out"])
 
-    top = _GraphBuilder(weights, origin)
+    top = _GraphBuilder(weights, origin, dtype)
     top.types.update(dict(params))
     top.op("embed", ["%h0"], ["%tokens", embed_w])
     top.ops.append(Op("repeat", ["%h"], ["%h0"], [hidden_t], {"count": a["layers"]}, None, origin, region))
@@ -167,5 +190,5 @@ def build_model_graph(model_dir: Path, dtype: str = "f32", origin: Origin | None
     top.op("sample", ["%next"], ["%logits"])
 
     func = Function("step", ["T", "B"], params, top.ops, ["%logits", "%next"])
-    name = symbol_name(Path(model_dir).resolve().name)
+    name = symbol_name(Path(model_path).resolve().stem if gguf_model is not None else Path(model_path).resolve().name)
     return ModelGraph(name, a, list(weights.values()), func, origin)

@@ -9,12 +9,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vsc.ir.sizes import CACHE_DTYPES, FLOAT_CACHE_DTYPES
+from vsc.ir.types import FLOAT_DTYPES, QUANT_DTYPES
+
+# Element types of an op's main weight (operand 1: a linear's W, an embedding table, a norm's
+# scale) a kernel reads unless it says otherwise: float, and int8 (weight-int8's values);
+# block-quantized weights (q8_0, q4_0, q4_1) only reach kernels that name them.
+PLAIN_WEIGHT_DTYPES = FLOAT_DTYPES | {"i8"}
+QUANT_WEIGHT_DTYPES = QUANT_DTYPES
 
 
 @dataclass(frozen=True)
 class KernelInfo:
     """A kernel: the op kinds it implements, where it runs, and the KV caches it can read
-    (layouts and element types; only attention kernels touch the cache, the rest take any)."""
+    (layouts and element types; only attention kernels touch the cache, the rest take any),
+    and the element types of the main weight it reads (operand 1, when that is a weight)."""
 
     name: str
     ops: frozenset[str]
@@ -22,10 +30,13 @@ class KernelInfo:
     cache_layouts: frozenset[str] = frozenset({"contiguous", "paged"})
     doc: str = ""
     cache_dtypes: frozenset[str] = CACHE_DTYPES
+    weight_dtypes: frozenset[str] = PLAIN_WEIGHT_DTYPES
 
 
-def _k(name, ops, targets=("cpu", "cuda"), layouts=("contiguous", "paged"), doc="", cache_dtypes=CACHE_DTYPES):
-    return KernelInfo(name, frozenset(ops), frozenset(targets), frozenset(layouts), doc, frozenset(cache_dtypes))
+def _k(name, ops, targets=("cpu", "cuda"), layouts=("contiguous", "paged"), doc="", cache_dtypes=CACHE_DTYPES,
+       weight_dtypes=PLAIN_WEIGHT_DTYPES):
+    return KernelInfo(name, frozenset(ops), frozenset(targets), frozenset(layouts), doc, frozenset(cache_dtypes),
+                      frozenset(weight_dtypes))
 
 
 KERNELS: dict[str, KernelInfo] = {k.name: k for k in [
@@ -41,6 +52,12 @@ KERNELS: dict[str, KernelInfo] = {k.name: k for k in [
                                                  "F.linear (group 0: convert, then scale the output rows)"),
     _k("torch.linear_onednn", {"linear"}, targets=("cpu",),
        doc="oneDNN inner product over a weight packed once at load (pack-linear-weights)"),
+    _k("torch.linear_quant", {"linear"}, weight_dtypes=QUANT_WEIGHT_DTYPES,
+       doc="block-quantized weight (q8_0/q4_0/q4_1) dequantized into a reused scratch matrix, then F.linear"),
+    _k("tvm.quant_linear", {"linear"}, targets=("cpu",), weight_dtypes=QUANT_WEIGHT_DTYPES,
+       doc="TVM kernel compiled by vsc compile for the host CPU: block-quantized weights unpacked in registers"),
+    _k("torch.embedding_quant", {"embed"}, weight_dtypes=QUANT_WEIGHT_DTYPES,
+       doc="gather rows of a block-quantized table, dequantize them"),
     _k("torch.split", {"split"}, doc="views, no copy"),
     _k("torch.rope", {"rope"}, doc="cos/sin computed from positions inside the op, every call"),
     _k("torch.rope_lookup", {"rope_lookup"}, doc="index the folded cos/sin tables by position"),
@@ -72,24 +89,35 @@ PAGED_ATTENTION_KERNEL = "torch.paged_attention"
 PAGED_ATTENTION_INT8_KERNEL = "torch.paged_attention_int8"
 
 
-def default_kernel(op_kind: str, cache_layout: str = "contiguous", cache_dtype: str = "f32") -> str | None:
+# The kernel an op gets when it reads a block-quantized weight (the portable torch one;
+# select-kernels may choose a compiled one for the target).
+QUANT_DEFAULT_KERNELS = {"linear": "torch.linear_quant", "embed": "torch.embedding_quant"}
+
+
+def default_kernel(op_kind: str, cache_layout: str = "contiguous", cache_dtype: str = "f32",
+                   weight_dtype: str | None = None) -> str | None:
+    if weight_dtype in QUANT_DTYPES:
+        return QUANT_DEFAULT_KERNELS.get(op_kind)
     if op_kind == "attention" and cache_layout == "paged":
         return PAGED_ATTENTION_INT8_KERNEL if cache_dtype == "i8" else PAGED_ATTENTION_KERNEL
     return DEFAULT_KERNELS.get(op_kind)
 
 
 # On each target, which backends' kernels to prefer when several implement an op.
-BACKEND_PREFERENCE = {"cuda": ("triton", "torch"), "cpu": ("torch",)}
+BACKEND_PREFERENCE = {"cuda": ("triton", "torch"), "cpu": ("tvm", "torch")}
 
 
-def best_kernel(op_kind: str, target: str, cache_layout: str, cache_dtype: str = "f32") -> str | None:
-    """The preferred kernel for an op kind on a target, cache layout and cache dtype, or None if none fits."""
+def best_kernel(op_kind: str, target: str, cache_layout: str, cache_dtype: str = "f32",
+                weight_dtype: str | None = None) -> str | None:
+    """The preferred kernel for an op kind on a target, cache layout and cache dtype that reads
+    `weight_dtype` (the op's main weight, if it has one), or None if none fits."""
     fitting = [k for k in KERNELS.values()
                if op_kind in k.ops and target in k.targets and cache_layout in k.cache_layouts
-               and cache_dtype in k.cache_dtypes]
+               and cache_dtype in k.cache_dtypes and (weight_dtype is None or weight_dtype in k.weight_dtypes)]
+    quant = weight_dtype if weight_dtype in QUANT_DTYPES else None
     for backend in BACKEND_PREFERENCE.get(target, ("torch",)):
         names = sorted(k.name for k in fitting if k.name.startswith(backend + "."))
         if names:
-            default = default_kernel(op_kind, cache_layout, cache_dtype)
+            default = default_kernel(op_kind, cache_layout, cache_dtype, quant)
             return default if default in names else names[0]
     return None

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from vsc.ir.types import FLOAT_DTYPES, TensorType
+from vsc.ir.types import FLOAT_DTYPES, QUANT_DTYPES, TensorType
 
 
 class TypeRuleError(Exception):
@@ -40,7 +40,11 @@ def _embed(ts, attrs):
     tokens, table = ts
     _require(tokens.dtype in ("i64", "i32"), f"tokens must be integer, got {tokens}")
     _require(table.rank == 2, f"embedding table must be rank 2, got {table}")
-    return [TensorType(table.dtype, tokens.shape + (table.shape[1],))]
+    dtype = table.dtype
+    if table.dtype in QUANT_DTYPES:    # rows are dequantized to the activation dtype the op names
+        dtype = attrs.get("dtype", "f32")
+        _require(dtype in FLOAT_DTYPES, f"a {table.dtype} table's rows dequantize to a float dtype, got {dtype!r}")
+    return [TensorType(dtype, tokens.shape + (table.shape[1],))]
 
 
 def _rmsnorm(ts, attrs):
@@ -80,9 +84,12 @@ def _linear(ts, attrs):
     x, w, *bias = ts
     _require(w.rank == 2, f"linear weight must be rank 2 [out, in], got {w}")
     _require(x.shape[-1] == w.shape[1], f"linear input {x} does not match weight {w} (in = {w.shape[1]})")
-    _same_dtype([x, w])
+    if w.dtype in QUANT_DTYPES:       # a block-quantized weight: float activations in and out
+        _require(x.dtype in FLOAT_DTYPES, f"linear input must be float, got {x}")
+    else:
+        _same_dtype([x, w])
     if bias:
-        _require(bias[0].shape == (w.shape[0],), f"bias {bias[0]} does not match weight {w}")
+        _require(bias[0].shape == (w.shape[0],) and bias[0].dtype == x.dtype, f"bias {bias[0]} does not match weight {w}")
     return [x.with_last(w.shape[0])]
 
 
@@ -186,7 +193,7 @@ def _repeat(ts, attrs):
 
 
 OPS: dict[str, OpDef] = {d.kind: d for d in [
-    OpDef("embed", "vw", (), _embed, "token ids -> embedding rows"),
+    OpDef("embed", "vw", (), _embed, "token ids -> embedding rows (a quantized table's rows dequantize to attr dtype)"),
     OpDef("rmsnorm", "vw", ("eps",), _rmsnorm, "x * rsqrt(mean(x^2) + eps) * w"),
     OpDef("add", "vv", (), _elementwise, "elementwise sum (residual)"),
     OpDef("add_rmsnorm", "vvw", ("eps",), _add_rmsnorm,
@@ -194,7 +201,7 @@ OPS: dict[str, OpDef] = {d.kind: d for d in [
     OpDef("mul", "vv", (), _elementwise, "elementwise product"),
     OpDef("silu", "v", (), _unary, "x * sigmoid(x)"),
     OpDef("silu_mul", "v", (), _silu_mul, "silu(x[..., :n]) * x[..., n:] (fused gated MLP activation)"),
-    OpDef("linear", "vw?", (), _linear, "x @ W^T (+ b); W is [out, in]"),
+    OpDef("linear", "vw?", (), _linear, "x @ W^T (+ b); W is [out, in], float or block-quantized (q8_0, q4_0, q4_1)"),
     OpDef("linear_int8", "vww?", ("group",), _linear_int8,
           "x @ (Wq * scales)^T (+ b): Wq i8 [out, in], scales f32 [out, in / group] (group 0: one per row) (weight-int8)"),
     OpDef("split", "v", ("sizes",), _split, "split the last dim into pieces of the given sizes"),

@@ -3,9 +3,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vsc.runtime.quant import FORMATS as QUANT_FORMATS
+
 # Element types the IR knows, with their size in bytes.
 DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "i64": 8, "i32": 4, "i8": 1, "u8": 1, "bool": 1}
 FLOAT_DTYPES = frozenset({"f32", "bf16", "f16"})
+# Block-quantized weight types (GGUF's Q8_0, Q4_0, Q4_1: `q4_1[out, in]` is an [out, in]
+# weight stored as blocks of 32 consecutive input elements with their scales). Only
+# weights have them; `vsc.runtime.quant` defines the block layouts, once.
+QUANT_DTYPES = frozenset(QUANT_FORMATS)
+KNOWN_DTYPES = frozenset(DTYPE_BYTES) | QUANT_DTYPES
+
+
+def is_quantized(dtype: str) -> bool:
+    return dtype in QUANT_DTYPES
 
 # Symbolic dimensions of one forward step: T = tokens in the step (all sequences
 # together), B = sequences in the step. Anything else must be a positive int.
@@ -42,6 +53,8 @@ class TensorType:
         return n
 
     def nbytes(self) -> int:
+        if self.dtype in QUANT_DTYPES:
+            return QUANT_FORMATS[self.dtype].nbytes(self.shape)
         return self.num_elements() * DTYPE_BYTES[self.dtype]
 
 

@@ -18,7 +18,7 @@ from vsc.ir.kernels import KERNELS
 from vsc.ir.module import Op, ServingModule, Weight, is_weight, walk_ops
 from vsc.ir.ops import OPS, TypeRuleError, infer, operand_arity_ok
 from vsc.ir.sizes import CACHE_DTYPES, kv_bytes_per_token
-from vsc.ir.types import DTYPE_BYTES, FLOAT_DTYPES, Origin, TensorType
+from vsc.ir.types import FLOAT_DTYPES, KNOWN_DTYPES, QUANT_DTYPES, Origin, TensorType
 from vsc.ir.weight_inits import WEIGHT_INIT_RULES
 
 # name -> what it guarantees. Tests and `vsc verify --list` read this table.
@@ -31,7 +31,8 @@ INVARIANTS = {
              "inferred ones; shapes use only declared symbols; repeat regions carry their types around the loop",
     "kernels": "every compute op names a kernel that exists, implements that op kind, runs on the target and "
                "suits the cache layout and dtype (an int8 cache needs an int8 attention kernel, a float one a float "
-               "kernel); control ops (repeat) name none",
+               "kernel) and reads its weights' element types (a q4_1 weight needs a kernel that accepts q4_1 blocks); "
+               "control ops (repeat) name none",
     "model": "the layer region repeats exactly config `layers` times; the step returns logits [B, vocab] and tokens",
     "target": "target kind is cpu or cuda, with a valid arch (sm_NN) for cuda, non-negative threads and positive memory; "
               "the schedule's intra_op_threads, when set, is a positive int no larger than the target's threads (cpu only)",
@@ -79,8 +80,11 @@ class _Checker:
             if w.name in self.weights:
                 self.add("weights", node, "declared twice", w.origin)
             self.weights[w.name] = w
-            if w.type.dtype not in DTYPE_BYTES or not all(isinstance(d, int) and d > 0 for d in w.type.shape):
+            if w.type.dtype not in KNOWN_DTYPES or not all(isinstance(d, int) and d > 0 for d in w.type.shape):
                 self.add("types", node, f"weight type {w.type} must have a known dtype and static positive dims", w.origin)
+            elif w.type.dtype in QUANT_DTYPES and (w.type.rank != 2 or w.type.shape[1] % 32):
+                self.add("types", node, f"a {w.type.dtype} weight is [out, in] with in a multiple of its 32-element "
+                                        f"blocks, got {w.type}", w.origin)
         for w in self.m.model.weights:
             node = f"weight {w.name}"
             if w.init_fn == "load":
@@ -161,7 +165,7 @@ class _Checker:
         scope[name] = t
 
     def check_type_symbols(self, t: TensorType, symbols: set[str], node: str, origin: Origin) -> None:
-        if t.dtype not in DTYPE_BYTES:
+        if t.dtype not in KNOWN_DTYPES:
             self.add("types", node, f"unknown dtype '{t.dtype}'", origin)
         for d in t.shape:
             if isinstance(d, str) and d not in symbols:
@@ -267,6 +271,12 @@ class _Checker:
         if self.m.cache.dtype in CACHE_DTYPES and self.m.cache.dtype not in info.cache_dtypes:
             self.add("kernels", node, f"kernel {info.name} reads a {'/'.join(sorted(info.cache_dtypes))} KV cache, "
                                       f"the plan's is {self.m.cache.dtype}", op.origin)
+        operand = op.operands[1] if len(op.operands) > 1 else ""
+        w = self.weights.get(operand) if is_weight(operand) else None
+        if w is not None and w.type.dtype not in info.weight_dtypes:
+            fits = sorted(k.name for k in KERNELS.values() if op.kind in k.ops and w.type.dtype in k.weight_dtypes)
+            self.add("kernels", node, f"kernel {info.name} does not read {w.type.dtype} weights ({operand}); "
+                                      f"kernels for {op.kind} that do: {', '.join(fits) or 'none'}", op.origin)
 
     # -- the other concerns --------------------------------------------------
     def check_target(self) -> None:

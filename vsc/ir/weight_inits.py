@@ -10,6 +10,9 @@ None when they agree, else what is wrong; the verifier reports that under `weigh
 - `quantize_int8(@w) {group}`: i8 values of a float [out, in] weight, symmetric per group
   of `group` input columns (0: one group per row); `int8_scales(@w) {group}`: the f32
   [out, in / group] scales that go with them (weight-int8).
+- `quantize(@w) {format}`: a float [out, in] weight in a GGUF block format (q8_0, q4_0,
+  q4_1), as llama.cpp's reference quantizers make it; declared `<format>[out, in]`
+  (quantize-weights).
 - `onednn_pack(@w) {batch}`: the f32 [out, in] weight reordered into oneDNN's blocked
   layout for `batch`-row inputs (pack-linear-weights); same type, opaque memory layout.
 """
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from vsc.ir.types import FLOAT_DTYPES, TensorType
+from vsc.ir.types import FLOAT_DTYPES, QUANT_DTYPES, TensorType
 
 WeightRule = Callable[[list[TensorType], dict, TensorType], "str | None"]
 
@@ -74,7 +77,22 @@ def _packed(parts: list[TensorType], attrs: dict, declared: TensorType) -> str |
     return None
 
 
+def _block_quantized(parts: list[TensorType], attrs: dict, declared: TensorType) -> str | None:
+    if len(parts) != 1:
+        return f"takes one weight argument, got {len(parts)}"
+    fmt = attrs.get("format")
+    if fmt not in QUANT_DTYPES:
+        return f"format must be one of {', '.join(sorted(QUANT_DTYPES))}, got {fmt!r}"
+    source = parts[0]
+    if source.rank != 2 or source.dtype not in FLOAT_DTYPES or source.shape[1] % 32:
+        return f"quantizes a float [out, in] weight with in a multiple of 32, got {source}"
+    if declared != TensorType(fmt, source.shape):
+        return f"of {source} to {fmt} is {TensorType(fmt, source.shape)}, declared {declared}"
+    return None
+
+
 WEIGHT_INIT_RULES: dict[str, WeightRule] = {
+    "quantize": _block_quantized,
     "rope_cos": _rope_table,
     "rope_sin": _rope_table,
     "quantize_int8": lambda parts, attrs, t: _quantized(parts, attrs, t, scales=False),

@@ -16,10 +16,8 @@ from pathlib import Path
 from typing import Iterator
 
 from vsc.errors import ModelError
+from vsc.ir.gguf_import import check_gguf_magic
 from vsc.models.tiny import CHAT_TEMPLATE as CHATML_TEMPLATE
-
-GGUF_MAGIC = b"GGUF"
-
 
 def import_gguf(gguf_file: Path, out_dir: Path) -> Path:
     """Write `gguf_file` as an HF folder (config, model.safetensors, tokenizer) into `out_dir`."""
@@ -35,17 +33,59 @@ def import_gguf(gguf_file: Path, out_dir: Path) -> Path:
     return out_dir
 
 
+# The files of a GGUF's companion folder: what an HF folder has besides its weights.
+COMPANION_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
+
+
+def companion_dir(gguf_file: Path, cache_dir: Path | None = None) -> Path:
+    """A folder with the GGUF's config.json and tokenizer files (no weights), made once per
+    file content under ~/.cache/vsc/gguf/ ($VSC_CACHE_DIR/gguf): the tokenizer a server of
+    the GGUF ships, and what the accuracy check tokenizes probes with."""
+    import hashlib
+    import os
+    import shutil
+    import tempfile
+
+    gguf_file = Path(gguf_file)
+    check_gguf_file(gguf_file)
+    h = hashlib.sha256()
+    with gguf_file.open("rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    if cache_dir is None:
+        root = os.environ.get("VSC_CACHE_DIR")
+        cache_dir = Path(root) / "gguf" if root else Path.home() / ".cache" / "vsc" / "gguf"
+    target = Path(cache_dir) / f"{gguf_file.stem}-{h.hexdigest()[:16]}"
+    if all((target / name).is_file() for name in COMPANION_FILES):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".companion-", dir=target.parent))
+    try:
+        from transformers import AutoConfig
+
+        with _as_model_error(gguf_file, "cannot read the GGUF config"):
+            config = AutoConfig.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+        tokenizer = _load_tokenizer(gguf_file, config)
+        config.save_pretrained(work)
+        tokenizer.save_pretrained(work)
+        _ensure_tokenizer_files(work, tokenizer.chat_template)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(work, target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return target
+
+
+def dequantized_model(gguf_file: Path):
+    """The GGUF's model as a float32 transformers module (its blocks dequantized): the
+    reference the accuracy check compares a plan serving the GGUF against."""
+    check_gguf_file(Path(gguf_file))
+    return _load_model(Path(gguf_file))
+
+
 def check_gguf_file(path: Path) -> None:
     """Raise ModelError unless `path` is a readable file starting with the GGUF magic."""
-    if not path.is_file():
-        raise ModelError(path, "GGUF file not found")
-    try:
-        with path.open("rb") as f:
-            magic = f.read(len(GGUF_MAGIC))
-    except OSError as err:
-        raise ModelError(path, f"cannot read GGUF file: {err.strerror}") from err
-    if magic != GGUF_MAGIC:
-        raise ModelError(path, "not a GGUF file (bad magic bytes)")
+    check_gguf_magic(Path(path))
 
 
 def _load_model(gguf_file: Path):

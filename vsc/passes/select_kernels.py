@@ -31,7 +31,9 @@ class SelectKernels(Pass):
         for op in walk_ops(module.model.func.body):
             if OPS[op.kind].structural:
                 continue
-            choice = best_kernel(op.kind, target, module.cache.layout, module.cache.dtype)
+            main = op.operands[1] if len(op.operands) > 1 and op.operands[1].startswith("@") else None
+            weight_dtype = module.model.weight(main).type.dtype if main and module.model.weight(main) else None
+            choice = best_kernel(op.kind, target, module.cache.layout, module.cache.dtype, weight_dtype)
             if choice is None:
                 raise VscError(f"no kernel implements {op.kind} on {target} with a {module.cache.layout} "
                                f"{module.cache.dtype} cache")

@@ -59,7 +59,14 @@ def build_server(folder: Path):
     if manifest.get("vsc_version") != __version__:
         log.warning("server was compiled by vsc %s, running with vsc %s", manifest.get("vsc_version"), __version__)
     model_dir = Path(manifest["model"]["path"])
-    if not (model_dir / "config.json").is_file():
+    meta_dir = model_dir
+    if "meta" in manifest["model"]:           # a GGUF plan: weights in the file, tokenizer in the folder
+        meta_dir = folder / manifest["model"]["meta"]["dir"]
+        if not model_dir.is_file():
+            raise ServerFolderError(f"{model_dir}: error: the server's GGUF model file is missing")
+        if not (meta_dir / "tokenizer.json").is_file():
+            raise ServerFolderError(f"{meta_dir}: error: the server folder lacks its tokenizer; recompile it")
+    elif not (model_dir / "config.json").is_file():
         raise ServerFolderError(f"{model_dir}: error: the server's model folder is missing or incomplete")
     threads = int(manifest.get("target", {}).get("threads") or 0)
     if threads > 0:  # the plan's thread count; 0 leaves torch's default (all cores)
@@ -74,7 +81,7 @@ def build_server(folder: Path):
         if not (draft_dir / "config.json").is_file():
             raise ServerFolderError(f"{draft_dir}: error: the server's draft model folder is missing or incomplete")
         draft_runner = import_runner_module(folder, "draft_model.py").Runner(str(draft_dir))
-    tokenizer = Tokenizer.from_model_dir(model_dir)
+    tokenizer = Tokenizer.from_model_dir(meta_dir)
     engine = LLMEngine(runner, tokenizer, config, manifest["model"]["name"], draft_runner=draft_runner)
     metrics = ServerMetrics()
     app = build_app(engine, tokenizer, metrics, manifest["model"]["name"])

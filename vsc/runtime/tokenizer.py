@@ -29,6 +29,11 @@ from vsc.errors import ModelError
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
+# Where a server folder of a GGUF plan keeps the model's tokenizer and config (a GGUF
+# carries them inside; `vsc compile` writes them out as HF files).
+MODEL_META_DIR = "tokenizer"
+
+
 class Tokenizer:
     def __init__(self, tokenizer: HFTokenizer, chat_template: str | None = None,
                  special_tokens: dict[str, str] | None = None, eos_token_ids: Iterable[int] = ()):

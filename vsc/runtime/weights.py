@@ -17,13 +17,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import safe_open
 
 from vsc.errors import ModelError
+from vsc.runtime import quant
 from vsc.runtime.kernels.torch_ops import rope_cos_sin
+from vsc.runtime.quant_tensor import QuantTensor, unpermute_rope_rows
 
 TORCH_DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16, "i8": torch.int8}
+GGUF_SUFFIX = ".gguf"
 
 LAYER, EXPERT = "{i}", "{e}"
 
@@ -92,8 +96,71 @@ class Checkpoint:
             handle = self._open[path] = safe_open(str(path), framework="pt")
         return handle.get_tensor(name)
 
+    def get_as(self, name: str, dtype: str) -> torch.Tensor:
+        if dtype in quant.FORMATS:
+            raise ModelError(self.model_dir, f"tensor '{name}' is a float safetensors tensor, the plan loads it as "
+                                             f"{dtype} (quantized weights come from a GGUF file or quantize-weights)")
+        return self.get(name)
+
     def close(self) -> None:
         self._open.clear()
+
+
+class GGUFCheckpoint:
+    """The tensors of a GGUF file, read through a memory map (`gguf.GGUFReader`).
+
+    A tensor the plan declares in a block-quantized dtype (q8_0, q4_0, q4_1) must be stored
+    in that format, and comes back as a `QuantTensor` holding the same blocks (rearranged
+    into the planar parts the kernels read; nothing is re-quantized). A float declaration
+    takes an F32/F16/BF16 tensor as it is, or dequantizes a quantized one (an explicit fp32
+    plan of a GGUF). Anything else (K-quants, ...) is refused, naming the tensor.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ModelError(self.path, "GGUF file not found")
+        from gguf import GGUFReader
+
+        try:
+            self.reader = GGUFReader(str(self.path))
+        except Exception as e:  # noqa: BLE001 - gguf fails on a bad file in many ways; each is a bad file
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ModelError(self.path, f"cannot read the GGUF: {first}") from None
+        self.tensors = {t.name: t for t in self.reader.tensors}
+
+    def get_as(self, name: str, dtype: str):
+        t = self.tensors.get(name)
+        if t is None:
+            raise ModelError(self.path, f"GGUF has no tensor '{name}'")
+        stored = t.tensor_type.name.lower()
+        if dtype in quant.FORMATS:
+            if stored != dtype:
+                raise ModelError(self.path, f"tensor '{name}' is stored as {t.tensor_type.name}; the plan reads it "
+                                            f"as {dtype} (vsc serves blocks as shipped and never re-quantizes them)")
+            return QuantTensor.from_parts(quant.from_gguf_blocks(np.asarray(t.data), dtype), dtype)
+        if stored in quant.FORMATS:
+            raw = quant.from_gguf_blocks(np.asarray(t.data), stored)
+            return quant.dequantize(raw, stored)
+        if stored not in ("f32", "f16", "bf16"):
+            raise ModelError(self.path, f"tensor '{name}' is stored as {t.tensor_type.name}, which vsc cannot read "
+                                        f"(it serves F32, F16, BF16, {', '.join(f.upper() for f in quant.FORMATS)})")
+        data = np.asarray(t.data)
+        if stored == "bf16":
+            return torch.from_numpy(data.copy().view(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(data.copy())
+
+    def close(self) -> None:
+        self.tensors.clear()
+        self.reader = None
+
+
+def open_checkpoint(model_path: str | Path):
+    """The checkpoint behind a plan's model path: a GGUF file, or an HF folder's safetensors."""
+    path = Path(model_path)
+    if path.suffix == GGUF_SUFFIX and not path.is_dir():
+        return GGUFCheckpoint(path)
+    return Checkpoint(path)
 
 
 def quantize_int8_groups(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,8 +191,18 @@ def _quantized(index: int):
 
 # Derived inits: (argument tensors, attrs, declared shape) -> the tensor (cast to the
 # entry's dtype afterwards). Typing rules: vsc/ir/weight_inits.py.
+def _concat(parts: list, attrs: dict[str, Any], shape: tuple[int, ...]):
+    if any(isinstance(p, QuantTensor) for p in parts):
+        if attrs.get("axis", 0) != 0:
+            raise ValueError("block-quantized weights concatenate along rows (axis 0) only")
+        return QuantTensor.concat(parts)
+    return torch.cat(parts, dim=attrs.get("axis", 0))
+
+
 DERIVED_INITS: dict[str, Any] = {
-    "concat": lambda parts, attrs, shape: torch.cat(parts, dim=attrs.get("axis", 0)),
+    "concat": _concat,
+    # quantize-weights: llama.cpp's block formats made from a float weight
+    "quantize": lambda parts, attrs, shape: QuantTensor.quantize(parts[0], str(attrs["format"])),
     "rope_cos": _rope_table(0),
     "rope_sin": _rope_table(1),
     "quantize_int8": _quantized(0),
@@ -136,11 +213,15 @@ DERIVED_INITS: dict[str, Any] = {
 }
 
 
+def _rows(tensor, index: torch.Tensor):
+    return tensor.rows(index) if isinstance(tensor, QuantTensor) else tensor.index_select(0, index).contiguous()
+
+
 def load_weights(model_dir: str | Path, specs: tuple[WeightSpec, ...] | list[WeightSpec], layers: int,
                  experts: int = 0, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """The kept weights of `specs`, by expanded name, cast to each spec's dtype, on `device`."""
     by_name = {s.name: s for s in specs}
-    checkpoint = Checkpoint(model_dir)
+    checkpoint = open_checkpoint(model_dir)
     made: dict[str, torch.Tensor] = {}         # fully expanded name -> tensor (sources cached too)
 
     def materialize(spec: WeightSpec, layer: int | None, expert: int | None) -> torch.Tensor:
@@ -148,7 +229,10 @@ def load_weights(model_dir: str | Path, specs: tuple[WeightSpec, ...] | list[Wei
         if key in made:
             return made[key]
         if spec.init == "load":
-            tensor = checkpoint.get(expand(spec.args[0], layer, expert))
+            tensor = checkpoint.get_as(expand(spec.args[0], layer, expert), spec.dtype)
+            heads = spec.attrs.get("unpermute_heads")
+            if heads:      # a GGUF's q/k rows, back in HF order
+                tensor = _rows(tensor, unpermute_rope_rows(tensor.shape[0], int(heads)))
         elif spec.init in DERIVED_INITS:
             parts = []
             for arg in spec.args:
@@ -159,7 +243,12 @@ def load_weights(model_dir: str | Path, specs: tuple[WeightSpec, ...] | list[Wei
             tensor = DERIVED_INITS[spec.init](parts, spec.attrs, spec.shape)
         else:
             raise ModelError(model_dir, f"weight '{spec.name}': unknown init '{spec.init}'")
-        tensor = tensor.to(dtype=TORCH_DTYPES[spec.dtype], device=device)
+        if isinstance(tensor, QuantTensor):
+            if tensor.fmt != spec.dtype:
+                raise ModelError(model_dir, f"tensor '{key}' is {tensor.fmt}, the plan expects {spec.dtype}")
+            tensor = tensor.to(device)
+        else:
+            tensor = tensor.to(dtype=TORCH_DTYPES[spec.dtype], device=device)
         if tuple(tensor.shape) != tuple(spec.shape):
             raise ModelError(model_dir, f"tensor '{key}' has shape {list(tensor.shape)}, the plan expects {list(spec.shape)}")
         made[key] = tensor

@@ -25,8 +25,11 @@ from pathlib import Path
 
 from vsc import __version__
 from vsc.errors import VscError
+from vsc.backends.tvm.plan import needs_tvm_kernels
+from vsc.ir.gguf_import import is_gguf_path
 from vsc.ir.module import ServingModule, walk_ops
 from vsc.ir.printer import print_module
+from vsc.runtime.tokenizer import MODEL_META_DIR
 
 MANIFEST_VERSION = 1
 _WEIGHT_FILE_PATTERNS = ("*.safetensors", "model.safetensors.index.json", "config.json", "tokenizer.json",
@@ -67,7 +70,9 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def model_file_checksums(model_dir: Path) -> dict[str, str]:
-    """sha256 of every file of the model folder the server reads."""
+    """sha256 of every file of the model folder the server reads (or of the GGUF file)."""
+    if is_gguf_path(model_dir):
+        return {Path(model_dir).name: sha256_file(Path(model_dir))} if Path(model_dir).is_file() else {}
     files = sorted({p for pattern in _WEIGHT_FILE_PATTERNS for p in Path(model_dir).glob(pattern)})
     return {p.name: sha256_file(p) for p in files}
 
@@ -212,12 +217,27 @@ def write_server(out_dir: Path, module: ServingModule, pipeline: str, runner_sou
             manifest["kernels"] = write_kernels(module, staging / KERNELS_DIR)
             if seconds is not None:
                 seconds["kernels"] = time.perf_counter() - start
+        if needs_tvm_kernels(module):      # TVM kernels for the host CPU: ship the built library
+            from vsc.backends.tvm.plan import plan_tvm_kernels
+            built, filename = plan_tvm_kernels(module)
+            (staging / KERNELS_DIR).mkdir(exist_ok=True)
+            shutil.copy2(built, staging / KERNELS_DIR / filename)
+            manifest["tvm_kernels"] = {"dir": KERNELS_DIR, "files": {filename: sha256_file(built)}}
         if needs_native_kernels(module):    # native-attention: ship the built extension; servers never compile
             from vsc.backends.native.build import build_native_kernels
             built = build_native_kernels()
             (staging / KERNELS_DIR).mkdir(exist_ok=True)
             shutil.copy2(built, staging / KERNELS_DIR / built.name)
             manifest["native_kernels"] = {"dir": KERNELS_DIR, "files": {built.name: sha256_file(built)}}
+        model_path = Path(module.model.attrs["path"])
+        if is_gguf_path(model_path):     # a GGUF's tokenizer and config travel with the server
+            from vsc.models.gguf_import import COMPANION_FILES, companion_dir
+            meta = companion_dir(model_path)
+            (staging / MODEL_META_DIR).mkdir()
+            for name in COMPANION_FILES:
+                shutil.copy2(meta / name, staging / MODEL_META_DIR / name)
+            manifest["model"]["meta"] = {"dir": MODEL_META_DIR,
+                                         "files": {n: sha256_file(meta / n) for n in COMPANION_FILES}}
         (staging / "plan.vsir").write_text(print_module(module, pipeline=pipeline))
         (staging / "model.py").write_text(runner_source)
         from vsc.backends.torch.draft import DRAFT_RUNNER_FILE, draft_runner_source

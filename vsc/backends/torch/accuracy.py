@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from vsc.errors import ModelError
+from vsc.ir.gguf_import import is_gguf_path
 from vsc.ir.module import ServingModule
 from vsc.runtime.api import StepBatch
 
@@ -207,9 +208,13 @@ _REFERENCES: dict[str, torch.nn.Module] = {}
 
 
 def reference_model(model_dir: str | Path) -> torch.nn.Module:
-    """The HF transformers model of `model_dir` in fp32, loaded once per process."""
+    """The HF transformers model of `model_dir` in fp32, loaded once per process (a GGUF file:
+    its model with the blocks dequantized)."""
     key = str(Path(model_dir).resolve())
     model = _REFERENCES.get(key)
+    if model is None and is_gguf_path(key):      # a GGUF plan is checked against its dequantized model
+        from vsc.models.gguf_import import dequantized_model
+        model = _REFERENCES[key] = dequantized_model(Path(key))
     if model is None:
         from transformers import AutoModelForCausalLM
         from transformers.utils import logging as hf_logging
@@ -239,6 +244,9 @@ def reference_logits(model: torch.nn.Module, prompt: list[int], generated: list[
 def tokenize_probes(model_dir: str | Path, count: int, limit: int) -> list[list[int]]:
     """Token ids of the first `count` probe prompts, each cut to at most `limit` tokens."""
     from tokenizers import Tokenizer
+    if is_gguf_path(model_dir):
+        from vsc.models.gguf_import import companion_dir
+        model_dir = companion_dir(Path(model_dir))
     path = Path(model_dir) / "tokenizer.json"
     if not path.is_file():
         raise ModelError(model_dir, "model folder has no tokenizer.json (the accuracy check tokenizes probes with it)")

@@ -65,7 +65,7 @@ from vsc.ir.kernels import KERNELS
 from vsc.ir.module import Op, ServingModule, is_value, walk_ops
 from vsc.ir.printer import print_module
 from vsc.ir.rewrite import users
-from vsc.ir.types import Origin
+from vsc.ir.types import QUANT_DTYPES, Origin
 from vsc.runtime.kernels import TORCH_KERNELS
 from vsc.runtime.weights import DERIVED_INITS
 
@@ -104,8 +104,13 @@ _ATTR_CONSTANTS = {
 _BATCH_FIELDS = {"%tokens": "batch.tokens", "%positions": "batch.positions"}
 
 _TORCH_DTYPES = {"f32": "torch.float32", "bf16": "torch.bfloat16", "f16": "torch.float16"}
-# Weight element types the runner loads: the float dtypes, and int8 (weight-int8's values).
-_WEIGHT_DTYPES = {**_TORCH_DTYPES, "i8": "torch.int8"}
+# Weight element types the runner loads: the float dtypes, int8 (weight-int8's values), and
+# the block-quantized formats (QuantTensors: GGUF blocks as shipped, or quantize-weights').
+_WEIGHT_DTYPES = {**_TORCH_DTYPES, "i8": "torch.int8", **{q: "QuantTensor" for q in QUANT_DTYPES}}
+
+# TVM kernels of the catalog a cpu runner calls: IR kernel -> function of
+# vsc.runtime.kernels.tvm_ops (imported as tvm_<name>); the library is built by vsc compile.
+_TVM_KERNELS = {"tvm.quant_linear": "linear"}
 
 # Names the generated module defines or uses itself; SSA locals and weights avoid them.
 _RESERVED = set(keyword.kwlist) | {
@@ -113,8 +118,8 @@ _RESERVED = set(keyword.kwlist) | {
     "rope_cos_sin", "tuple", "range", "zip", "len", "list", "int", "str", "float", "print",
     "Runner", "WEIGHTS", "LAYER_WEIGHTS", "StepBatch", "CacheConfig", "WeightSpec", "load_weights",
     "AttentionMetadata", "RotaryTable", "attention_metadata", "allocate_kv_cache",
-    "load_native_kernels", "NATIVE_KERNELS",
-} | {fn.__name__ for fn in TORCH_KERNELS.values()}
+    "load_native_kernels", "NATIVE_KERNELS", "load_plan_kernels", "TVM_KERNELS",
+} | {"tvm_" + fn for fn in _TVM_KERNELS.values()} | {fn.__name__ for fn in TORCH_KERNELS.values()}
 
 # Triton kernels of the catalog a cuda runner calls: (IR kernel, op kind) -> wrapper of
 # vsc.runtime.kernels.triton_ops. Named here, not imported: codegen never imports triton.
@@ -224,6 +229,10 @@ class _RunnerWriter:
                 continue
             if name.startswith("triton.") and self.cuda:
                 self._check_triton(op)
+                continue
+            if name in _TVM_KERNELS:
+                if self.module.target.kind != "cpu":
+                    raise LoweringError(f"kernel '{name}' runs on cpu targets only", op.origin)
                 continue
             if name not in TORCH_KERNELS:
                 known = ", ".join(sorted(TORCH_KERNELS))
@@ -395,6 +404,11 @@ class _RunnerWriter:
         c["NUM_BLOCKS"] = num_blocks
         if self.attention is not None and self.attention.attrs.get("cascade_min_tokens"):
             c["CASCADE_MIN_TOKENS"] = int(self.attention.attrs["cascade_min_tokens"])
+        if any(op.kernel is not None and op.kernel.name in _TVM_KERNELS for op in walk_ops(self.body)):
+            from vsc.backends.tvm.plan import plan_tvm_kernels
+            built, filename = plan_tvm_kernels(self.module)   # cached on disk; the emitter ships a copy
+            c["TVM_KERNELS_FILE"] = filename
+            c["TVM_KERNELS_BUILD"] = str(built)
         if self.attention is not None and self.attention.attrs.get("native"):
             from vsc.backends.native.build import build_native_kernels
             built = build_native_kernels()          # cached on disk; the emitter ships a copy in kernels/
@@ -511,8 +525,11 @@ class _RunnerWriter:
     def _op_line(self, op: Op, in_layer: bool) -> str | None:
         if op.kind in _ENGINE_OPS:
             return None
-        fn = TORCH_KERNELS[op.kernel.name].__name__
         args = [self._operand(o, in_layer) for o in op.operands]
+        if op.kernel.name in _TVM_KERNELS:
+            results = ", ".join(self.locals[r] for r in op.results)
+            return f"{results} = tvm_{_TVM_KERNELS[op.kernel.name]}(TVM_KERNELS, {', '.join(args)})"
+        fn = TORCH_KERNELS[op.kernel.name].__name__
         results = ", ".join(self.locals[r] for r in op.results)
         if op.kind in ("rmsnorm", "add_rmsnorm"):
             args.append(self._attr(op, "eps"))
@@ -526,6 +543,8 @@ class _RunnerWriter:
             args += ["k_cache", "v_cache", "meta"] + [self._attr(op, k) for k in ("heads", "kv_heads", "head_dim", "scale")]
         elif op.kind == "moe":
             args += [self._attr(op, "experts"), self._attr(op, "top_k")]
+        elif op.kind == "embed" and "dtype" in op.attrs:
+            args.append(_TORCH_DTYPES[op.attrs["dtype"]])
         elif op.kind == "last_token":
             args.append("meta")       # meta.last_index: each sequence's last row, or batch.logits_rows
         return f"{results} = {fn}({', '.join(args)})"
@@ -544,7 +563,7 @@ class _RunnerWriter:
     def _header(self) -> list[str]:
         a, m = self.attrs, self.module
         kernels = sorted({op.kernel.name for op in walk_ops(self.body) if op.kernel is not None and op.kind not in _ENGINE_OPS})
-        functions = sorted({TORCH_KERNELS[k].__name__ for k in kernels if k in TORCH_KERNELS}
+        functions = sorted({TORCH_KERNELS[k].__name__ for k in kernels if k in TORCH_KERNELS and k not in _TVM_KERNELS}
                            | {_TRITON_FALLBACKS[k] for k in kernels if k in _TRITON_FALLBACKS}
                            | ({"rope_cos_sin"} if any(op.kind == "rope" and self._is_triton(op)
                                                       for op in walk_ops(self.body)) else set()))
@@ -571,6 +590,9 @@ class _RunnerWriter:
             *self._triton_imports(),
             *(["from vsc.runtime.kernels.native_ops import load_native_kernels"]
               if "NATIVE_KERNELS_FILE" in self.constants else []),
+            *(["from vsc.runtime.kernels.tvm_ops import load_plan_kernels, "
+               + ", ".join(f"{fn} as tvm_{fn}" for fn in sorted(set(_TVM_KERNELS.values())))]
+              if "TVM_KERNELS_FILE" in self.constants else []),
             "from vsc.runtime.weights import WeightSpec, load_weights",
             "",
         ]
@@ -591,6 +613,8 @@ class _RunnerWriter:
         lines.append(f"CACHE_LAYOUT = {self.module.cache.layout!r}")
         if "NATIVE_KERNELS_FILE" in self.constants:     # native-attention: the server folder's kernels/ copy
             lines.append("NATIVE_KERNELS = load_native_kernels(__file__, NATIVE_KERNELS_FILE, NATIVE_KERNELS_BUILD)")
+        if "TVM_KERNELS_FILE" in self.constants:        # TVM kernels: the server folder's kernels/ copy
+            lines.append("TVM_KERNELS = load_plan_kernels(__file__, TVM_KERNELS_FILE, TVM_KERNELS_BUILD)")
         return lines + [""]
 
     def _weight_table(self) -> list[str]:

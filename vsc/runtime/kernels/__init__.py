@@ -19,6 +19,8 @@ TORCH_KERNELS = {
     "torch.linear": torch_ops.linear,
     "torch.linear_int8": torch_ops.linear_int8,
     "torch.linear_onednn": torch_ops.linear_onednn,
+    "torch.linear_quant": torch_ops.linear_quant,
+    "torch.embedding_quant": torch_ops.embedding_quant,
     "torch.split": torch_ops.split,
     "torch.rope": torch_ops.rope_positions,
     "torch.rope_lookup": torch_ops.rope_lookup,

@@ -25,11 +25,12 @@ import torch
 import torch.nn.functional as F
 
 from vsc.runtime.api import StepBatch
+from vsc.runtime.quant_tensor import QuantTensor
 
 __all__ = [
     "AttentionMetadata", "CascadePrefix", "RotaryTable", "SequenceSpan", "add", "allocate_kv_cache", "attention_metadata",
     "embedding", "last_token", "linear", "moe", "mul", "paged_attention", "rmsnorm", "rope", "sdpa",
-    "linear_int8", "linear_onednn", "rope_cos_sin", "rope_lookup", "rope_positions",
+    "linear_int8", "linear_onednn", "linear_quant", "embedding_quant", "rope_cos_sin", "rope_lookup", "rope_positions",
     "QuantizedKV", "paged_attention_int8", "quantize_int8",
     "silu", "silu_mul", "split",
 ]
@@ -118,6 +119,20 @@ def linear_int8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
     buf.copy_(weight)        # convert, then scale in place: faster than one mixed-dtype broadcast mul
     buf.view(out_features, groups, in_features // groups).mul_(scales.unsqueeze(-1).to(x.dtype))
     return F.linear(x, buf, bias)
+
+
+def linear_quant(x: torch.Tensor, weight: QuantTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """torch.linear_quant: x @ dequant(weight)^T (+ bias) for a block-quantized weight
+    (q8_0/q4_0/q4_1): the blocks are dequantized into a reused scratch matrix, then F.linear.
+    The portable fallback (and the reference the compiled kernels are tested against)."""
+    buf = _scratch(torch.Size(weight.shape), x.dtype, x.device)
+    buf.copy_(weight.dequantize())
+    return F.linear(x, buf, bias)
+
+
+def embedding_quant(tokens: torch.Tensor, table: QuantTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """torch.embedding_quant: the rows of a block-quantized table for `tokens`, dequantized."""
+    return table.rows(tokens.reshape(-1)).dequantize().to(dtype).reshape(*tokens.shape, table.shape[1])
 
 
 def linear_onednn(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,0 +1,119 @@
+"""TVM quantized-linear kernels (vsc.backends.tvm) against the reference dequantize + matmul."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("tvm")
+
+from vsc.backends.tvm import build as tvm_build  # noqa: E402
+from vsc.runtime import quant  # noqa: E402
+from vsc.runtime.kernels import tvm_ops  # noqa: E402
+
+FMTS = ["q8_0", "q4_0", "q4_1"]
+SHAPES = [(37, 32), (192, 96), (37, 576), (5, 1536)]
+
+
+def _weights(n: int, k: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    w[0, :32] = 0.0  # an all-zero block
+    w[n - 1, k - 32:] *= 300.0  # a large-scale block in the last row / block
+    if n > 2:
+        w[1, :] *= 1e-4  # tiny scales
+        w[2, :32] = -5.0  # constant block
+    return w
+
+
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("tvm_cache")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("VSC_TVM_CACHE", str(cache))
+    specs = [(f, n, k) for f in FMTS for n, k in SHAPES]
+    path = tvm_build.build_quant_kernels(specs, {"kind": "llvm"})
+    mp.undo()
+    tvm_ops.set_num_threads(2)
+    return tvm_ops.load_tvm_kernels(path)
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_quant_linear_matches_reference(lib, fmt, shape):
+    n, k = shape
+    parts = quant.quantize(_weights(n, k, n + k), fmt)
+    w = quant.dequantize(parts, fmt).double()
+    g = torch.Generator().manual_seed(k)
+    for m in (1, 3, 16, 33):
+        x = torch.randn(m, k, generator=g)
+        ref = x.double() @ w.T
+        y = tvm_ops.quant_linear(lib, x, parts, fmt)
+        assert y.shape == (m, n) and y.dtype == torch.float32
+        # fp32 accumulation over K terms: bound by K * eps * sum |x| |w|
+        bound = (x.double().abs() @ w.abs().T) * (k * 2 ** -23) + 1e-30
+        assert torch.all((y.double() - ref).abs() <= bound), (fmt, shape, m)
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+def test_dequantize_kernel_exact(lib, fmt):
+    n, k = 37, 576
+    parts = quant.quantize(_weights(n, k, 7), fmt)
+    assert torch.equal(tvm_ops.dequantize(lib, parts, fmt), quant.dequantize(parts, fmt))
+
+
+def test_out_batched_and_tuple_parts(lib):
+    n, k = 192, 96
+    parts = quant.quantize(_weights(n, k, 3), "q4_1")
+    x = torch.randn(2, 5, k)
+    out = torch.empty(2, 5, n)
+    fn = lib.quant_linear_fn("q4_1", n, k)
+    y = tvm_ops.quant_linear(lib, x, tuple(parts.values()), "q4_1", out=out, fn=fn)
+    assert y is out
+    torch.testing.assert_close(y, x @ quant.dequantize(parts, "q4_1").T, rtol=1e-5, atol=1e-4)
+    assert tvm_ops.quant_linear(lib, torch.empty(0, k), parts, "q4_1").shape == (0, n)
+    with pytest.raises(KeyError, match="no function"):
+        lib.quant_linear_fn("q4_1", 7, 64)
+
+
+def test_build_cache_hit(tmp_path, monkeypatch):
+    monkeypatch.setenv("VSC_TVM_CACHE", str(tmp_path))
+    calls = []
+    real = tvm_build._compile_library
+
+    def counting(*args):
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(tvm_build, "_compile_library", counting)
+    specs = [("q8_0", 8, 64)]
+    p1 = tvm_build.build_quant_kernels(specs, '{"kind": "llvm"}')
+    p2 = tvm_build.build_quant_kernels(list(specs), {"kind": "llvm"})
+    assert p1 == p2 and p1.is_file() and p1.parent.parent == tmp_path
+    assert len(calls) == 1
+    p3 = tvm_build.build_quant_kernels(specs + [("q4_0", 8, 64)], {"kind": "llvm"})
+    assert p3 != p1 and len(calls) == 2
+    assert not [f for f in p1.parent.iterdir() if f.name.endswith(".tmp.so")]
+
+
+def test_build_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv("VSC_TVM_CACHE", str(tmp_path))
+    with pytest.raises(tvm_build.TvmBuildError, match="multiple of 32"):
+        tvm_build.build_quant_kernels([("q4_0", 8, 40)])
+    with pytest.raises(tvm_build.TvmBuildError, match="unknown quantization format"):
+        tvm_build.build_quant_kernels([("q5_k", 8, 64)])
+    with pytest.raises(tvm_build.TvmBuildError, match="JSON"):
+        tvm_build.build_quant_kernels([("q4_0", 8, 64)], "llvm -mcpu=foo")
+
+    def boom(*args):
+        raise RuntimeError("codegen exploded\nsecond line")
+
+    monkeypatch.setattr(tvm_build, "_compile_library", boom)
+    with pytest.raises(tvm_build.TvmBuildError) as e:
+        tvm_build.build_quant_kernels([("q4_0", 8, 64)], {"kind": "llvm"})
+    assert "\n" not in str(e.value) and "codegen exploded" in str(e.value)
+
+
+def test_host_target():
+    t = tvm_build.host_target()
+    assert t["kind"] == "llvm"
+    assert isinstance(tvm_build.detect_mcpu(), str)
