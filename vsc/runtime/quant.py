@@ -29,54 +29,10 @@ stored scale is rounded to float16.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
-BLOCK = 32
-
-
-@dataclass(frozen=True)
-class QuantFormat:
-    """One GGUF block format: its planar parts and its size on disk."""
-
-    name: str
-    block: int
-    parts: tuple[str, ...]
-    bytes_per_block: int
-    ggml_type: str  # gguf.GGMLQuantizationType member name
-    bits: int  # bits per quantized value
-
-    def nbytes(self, shape: tuple[int, int]) -> int:
-        n, k = check_shape(shape, self.name)
-        return n * (k // self.block) * self.bytes_per_block
-
-
-FORMATS: dict[str, QuantFormat] = {
-    "q8_0": QuantFormat("q8_0", BLOCK, ("qs", "d"), 34, "Q8_0", 8),
-    "q4_0": QuantFormat("q4_0", BLOCK, ("qs", "d"), 18, "Q4_0", 4),
-    "q4_1": QuantFormat("q4_1", BLOCK, ("qs", "d", "m"), 20, "Q4_1", 4),
-}
-
-
-def get_format(fmt: str | QuantFormat) -> QuantFormat:
-    if isinstance(fmt, QuantFormat):
-        return fmt
-    try:
-        return FORMATS[fmt]
-    except KeyError:
-        raise ValueError(f"unknown quantization format {fmt!r} (known: {', '.join(FORMATS)})") from None
-
-
-def check_shape(shape, fmt: str = "") -> tuple[int, int]:
-    """(N, K) of a 2-D weight shape; K must be a multiple of the 32-element block."""
-    if len(shape) != 2:
-        raise ValueError(f"{fmt or 'quantized'} weight must be 2-D [N, K], got shape {tuple(shape)}")
-    n, k = int(shape[0]), int(shape[1])
-    if k % BLOCK != 0 or k == 0:
-        raise ValueError(f"{fmt or 'quantized'} weight: input dim K={k} is not a positive multiple of {BLOCK}")
-    return n, k
+from vsc.runtime.quant_formats import BLOCK, FORMATS, QuantFormat, check_shape, get_format  # noqa: F401
 
 
 def nbytes(shape, fmt: str) -> int:
