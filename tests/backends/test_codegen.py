@@ -248,8 +248,8 @@ def test_lowering_error_for_kernel_config_and_weight_init(tiny_dirs):
         generate_runner_source(module)
     module = build(tiny_dirs["llama"])
     w = module.model.weight("@model.norm.weight")
-    w.init_fn, w.init_args = "quantize", ["@model.norm.weight"]
-    with pytest.raises(LoweringError, match="cannot materialize 'quantize'"):
+    w.init_fn, w.init_args = "awq_unpack", ["@model.norm.weight"]
+    with pytest.raises(LoweringError, match="cannot materialize 'awq_unpack'"):
         generate_runner_source(module)
 
 

@@ -43,7 +43,7 @@ def model_dir(tmp_path: Path) -> Path:
 # --- registry and cache location ------------------------------------------------------------
 
 def test_registry_names_and_unknown_peer():
-    assert set(PEERS) == {"vsc", "llamacpp", "vllm", "hf"}
+    assert set(PEERS) == {"vsc", "llamacpp", "vllm", "hf", "vsc-gguf", "llamacpp-gguf"}
     assert all(get_peer(n).name == n for n in PEERS)
     with pytest.raises(KeyError, match="unknown peer 'sglang'.*llamacpp"):
         get_peer("sglang")

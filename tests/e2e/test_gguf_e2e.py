@@ -75,7 +75,8 @@ def test_quantize_weights_pass_on_a_float_model(tmp_path):
     assert "= quantize(@" in plan and "via tvm.quant_linear" in plan
     manifest = json.loads((folder / "manifest.json").read_text())
     after = [v for v in manifest["verification"] if v["check"] == "accuracy"]
-    assert [v["after"] for v in after] == ["quantize-weights", "lowering"] and all(v["ok"] for v in after)
+    assert [v["after"].split("{")[0] for v in after] == ["quantize-weights", "lowering"]
+    assert all(v["ok"] for v in after)
     server = Live(folder)
     try:
         r = server.client.completions.create(model=server.model, prompt="hello", max_tokens=8, temperature=0)
