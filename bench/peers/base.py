@@ -229,6 +229,7 @@ class Peer:
     health_path = "/health"
     start_timeout = 180.0          # seconds to wait for the health endpoint after launch
     token_prompts = True           # /v1/completions accepts a list of token ids as "prompt"
+    sweep_threads = False          # bench/compare.py: try every --threads value (else only the largest)
 
     def ignore_eos_fields(self) -> dict:
         """Extra /v1/completions body fields that make a request generate all its max_tokens."""

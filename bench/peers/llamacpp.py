@@ -26,7 +26,9 @@ import sys
 import tarfile
 from pathlib import Path
 
-from bench.peers.base import Peer, PeerUnavailable, dir_content_hash, install_lock, make_venv, run_logged
+from bench.peers.base import (Peer, PeerUnavailable, cache_root, dir_content_hash, install_lock, make_venv,
+                              run_logged)
+from bench.peers.gguf_file import check_gguf, gguf_dtype
 
 SDIST_VERSION = "0.3.36"
 TORCH_VERSION = "2.13.0"
@@ -133,6 +135,7 @@ convert_hf_to_gguf.main()
 class LlamaCppPeer(Peer):
     name = "llamacpp"
     start_timeout = 120.0
+    sweep_threads = True           # bench/compare.py tries each --threads value and keeps the fastest
 
     def __init__(self, cache_dir: Path | None = None, outtype: str = "f32", pre_tokenizer: str | None = None,
                  build_jobs: int | None = None):
@@ -181,6 +184,11 @@ class LlamaCppPeer(Peer):
             self._install()
 
     def _install(self) -> None:
+        self._install_build()
+        self._install_converter()
+
+    def _install_build(self) -> None:
+        """The sdist, unpacked, and the llama-server / llama-batched-bench binaries."""
         log = self.install_log
         if not self.sdist.exists():
             run_logged([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
@@ -192,6 +200,10 @@ class LlamaCppPeer(Peer):
         if not (self.server_bin.exists() and self.batched_bench_bin.exists()):
             run_logged(self.cmake_configure(), log, peer=self.name, what="cmake configure", timeout=1200)
             run_logged(self.cmake_build(), log, peer=self.name, what="cmake build", timeout=7200)
+
+    def _install_converter(self) -> None:
+        """The venv convert_hf_to_gguf.py runs in."""
+        log = self.install_log
         stamp = self.convert_venv / ".vsc-bench-ok"
         if not stamp.exists():
             python = make_venv(self.convert_venv, log, peer=self.name)
@@ -280,4 +292,41 @@ class LlamaCppPeer(Peer):
     def describe(self) -> dict:
         d = super().describe()
         d.update(dtype=self.outtype, gguf=self.last.get("gguf"), cmake_options=list(CMAKE_OPTIONS))
+        return d
+
+
+class LlamaCppGgufPeer(LlamaCppPeer):
+    """llama-server on a given GGUF file, unchanged (no conversion): what llama.cpp users run.
+
+    Same build and cache folder as `llamacpp` (`<cache>/llamacpp/`, no converter venv needed) and
+    the same server flags; the HF folder passed to start() only names the alias (its tokenizer is
+    what the bench workload is built with, so it must be the GGUF's). Set `gguf_file` first.
+    """
+    name = "llamacpp-gguf"
+
+    def __init__(self, cache_dir: Path | None = None, gguf_file: Path | None = None, build_jobs: int | None = None):
+        super().__init__(cache_dir, build_jobs=build_jobs)
+        self.gguf_file = Path(gguf_file) if gguf_file else None
+
+    @property
+    def cache(self) -> Path:
+        return (self._cache_dir or cache_root()) / LlamaCppPeer.name     # shares llamacpp's build
+
+    def install(self) -> None:
+        check_gguf(self.name, self.gguf_file)
+        if not shutil.which("cmake"):
+            raise PeerUnavailable(self.name, "cmake not found (apt-get install cmake g++)")
+        with install_lock(self.cache):
+            self._install_build()
+
+    def prepare(self, model_dir: Path, *, max_batch: int, threads: int, ctx: int) -> dict:
+        gguf = check_gguf(self.name, self.gguf_file).resolve()
+        return {"gguf": str(gguf), "dtype": gguf_dtype(gguf), "converted": False,
+                "gguf_bytes": gguf.stat().st_size}
+
+    def describe(self) -> dict:
+        d = super().describe()
+        gguf = self.last.get("gguf") or (str(self.gguf_file) if self.gguf_file else None)
+        d.update(dtype=self.last.get("dtype") or (gguf_dtype(Path(gguf)) if gguf else None), gguf=gguf,
+                 converted=False)
         return d

@@ -1,6 +1,7 @@
 """Smoke-test peers: install, start on a model folder, one greedy streaming completion, stop.
 
     python -m bench.peers.smoke PEER [PEER ...] --model models/tiny-llama [--max-tokens 64] [--threads 2]
+    python -m bench.peers.smoke llamacpp-gguf vsc-gguf --model models/smollm2-135m --gguf smollm2-135m
 
 Prints one JSON line per peer: install and start-up seconds, time to first token, single-request
 ms/token between streamed chunks, the completion text, and describe(). A peer that cannot be
@@ -19,6 +20,7 @@ from pathlib import Path
 import httpx2 as httpx
 
 from bench.peers import PEERS, PeerUnavailable, Running, get_peer
+from bench.peers.gguf_file import resolve_gguf
 
 PROMPT = "The capital of France is Paris. The capital of Germany is"
 
@@ -97,7 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--ctx", type=int, default=2048)
     ap.add_argument("--log-dir", type=Path, default=None)
+    ap.add_argument("--gguf", default=None, metavar="PATH|NAME",
+                    help="GGUF file for llamacpp-gguf / vsc-gguf (or a vsc registry model name)")
     args = ap.parse_args(argv)
+    if args.gguf:
+        gguf = resolve_gguf(args.gguf)
+        for name in ("llamacpp-gguf", "vsc-gguf"):
+            get_peer(name).gguf_file = gguf
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="vsc-peers-"))
     ok = True
     for name in args.peers:

@@ -14,12 +14,16 @@ import shutil
 from pathlib import Path
 
 from bench.peers.base import REPO_ROOT, Peer, PeerUnavailable, dir_content_hash, install_lock, pip_version, run_logged
+from bench.peers.gguf_file import check_gguf, file_content_hash, gguf_dtype
 
 # Exact passes only (no int8): the same numbers as the peers' fp32. prefix-cache costs a
 # tree lookup per admission and pays on any workload whose prompts share a prefix.
 DEFAULT_PIPELINE = ("fold-rope-tables,fuse-qkv,fuse-gate-up,paged-kv{block=16},"
                     "continuous-batching{max_batch=<max_batch>,max_tokens=2048},prefix-cache{policy=radix},"
                     "cascade-attention,pack-linear-weights,intra-op-threads")
+# A GGUF's linears stay block-quantized: pack-linear-weights (oneDNN packing of f32 linears) has
+# nothing to pack there and fails the compile, so vsc-gguf leaves it out.
+DEFAULT_GGUF_PIPELINE = DEFAULT_PIPELINE.replace(",pack-linear-weights", "")
 ACTIVATION_RESERVE = 0.10      # the share of `memory` vsc keeps back from weights + KV (vsc/frontend/lower.py)
 MEMORY_SLACK = 256 << 20       # on top: activations of a max_tokens step, the runtime
 
@@ -32,18 +36,21 @@ def kv_bytes_per_token(config: dict, dtype_bytes: int = 4) -> int:
     return 2 * config["num_hidden_layers"] * kv_heads * head_dim * dtype_bytes
 
 
-def memory_for(model_dir: Path, *, max_batch: int, ctx: int) -> int:
-    """A memory budget (bytes, a whole number of MiB) that holds the f32 weights plus `max_batch` full
-    `ctx`-token sequences of KV cache, after vsc's activation reserve, plus slack."""
+def memory_for(model_dir: Path, *, max_batch: int, ctx: int, weights: int | None = None) -> int:
+    """A memory budget (bytes, a whole number of MiB) that holds the weights (default: the folder's
+    f32 safetensors; `weights` bytes when given, e.g. a GGUF file's size) plus `max_batch` full
+    `ctx`-token sequences of f32 KV cache (shape from model_dir's config.json), after vsc's
+    activation reserve, plus slack."""
     config = json.loads((Path(model_dir) / "config.json").read_text())
-    weights = sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
+    if weights is None:
+        weights = sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
     need = weights + kv_bytes_per_token(config) * ctx * max_batch
     total = need / (1 - ACTIVATION_RESERVE) + MEMORY_SLACK
     return math.ceil(total / (64 << 20)) * (64 << 20)
 
 
 def spec_text(model_dir: Path, *, max_batch: int, threads: int, ctx: int, memory: int, pipeline: str) -> str:
-    """The deployment spec for a closed-loop benchmark of `model_dir`."""
+    """The deployment spec for a closed-loop benchmark of `model_dir` (an HF folder, or a .gguf file)."""
     return (
         "# written by bench/peers/vsc_peer.py\n"
         "deployment bench_peer {\n"
@@ -97,19 +104,33 @@ class VscPeer(Peer):
     def server_key(self, spec: str, model_hash: str, compiler: str) -> str:
         return hashlib.sha256(f"{spec}\0{model_hash}\0{compiler}".encode()).hexdigest()[:16]
 
+    # --- what the spec's model line names (overridden by vsc-gguf) ---------------------------
+    def model_source(self, model_dir: Path) -> Path:
+        """The path the spec's `model` line names."""
+        return Path(model_dir)
+
+    def weights_bytes(self, model_dir: Path) -> int | None:
+        """Weight bytes the memory budget holds (None: the folder's safetensors)."""
+        return None
+
+    def model_hash(self, model_dir: Path) -> str:
+        return dir_content_hash(model_dir)
+
     def prepare(self, model_dir: Path, *, max_batch: int, threads: int, ctx: int) -> dict:
-        memory = memory_for(model_dir, max_batch=max_batch, ctx=ctx)
+        source = self.model_source(model_dir)
+        memory = memory_for(model_dir, max_batch=max_batch, ctx=ctx, weights=self.weights_bytes(model_dir))
         pipeline = self.pipeline_for(max_batch)
-        spec = spec_text(model_dir, max_batch=max_batch, threads=threads, ctx=ctx, memory=memory, pipeline=pipeline)
-        key = self.server_key(spec, dir_content_hash(model_dir), compiler_hash())
-        folder = self.cache / "servers" / f"{model_dir.name}-{key}"
+        spec = spec_text(source, max_batch=max_batch, threads=threads, ctx=ctx, memory=memory, pipeline=pipeline)
+        key = self.server_key(spec, self.model_hash(model_dir), compiler_hash())
+        folder = self.cache / "servers" / f"{source.stem if source.suffix == '.gguf' else source.name}-{key}"
         server = folder / "server"
         with install_lock(self.cache):
             if not (server / "manifest.json").exists():
                 self.compile(folder, spec)
             os.utime(folder)                       # last used: what prune() keeps
             self.prune()
-        return {"server_dir": str(server), "pipeline": pipeline, "memory_bytes": memory}
+        return {"server_dir": str(server), "pipeline": pipeline, "memory_bytes": memory, "model": str(source),
+                "spec": str(folder / "deploy.vs")}
 
     def prune(self, keep: int = 8) -> None:
         """Delete all but the `keep` most recently used compiled servers (each compiler change adds one)."""
@@ -136,4 +157,41 @@ class VscPeer(Peer):
     def describe(self) -> dict:
         d = super().describe()
         d.update(pipeline=self.last.get("pipeline", self.pipeline), dtype="f32")
+        return d
+
+
+class VscGgufPeer(VscPeer):
+    """vsc compiling a GGUF file as is: the spec's model line is `model "/abs/path/x.gguf" { dtype = f32 }`
+    (dtype: activations and KV cache; the weights stay in the file's format), the memory budget holds
+    the GGUF file's bytes instead of f32 weights. The HF folder passed to start() gives the KV cache
+    shape (config.json) and the workload's tokenizer. Set `gguf_file` first."""
+    name = "vsc-gguf"
+
+    def __init__(self, cache_dir: Path | None = None, pipeline: str = DEFAULT_GGUF_PIPELINE,
+                 python: Path | None = None, gguf_file: Path | None = None):
+        super().__init__(cache_dir, pipeline, python)
+        self.gguf_file = Path(gguf_file) if gguf_file else None
+
+    def install(self) -> None:
+        check_gguf(self.name, self.gguf_file)
+        super().install()
+
+    def model_source(self, model_dir: Path) -> Path:
+        return check_gguf(self.name, self.gguf_file).resolve()
+
+    def weights_bytes(self, model_dir: Path) -> int | None:
+        return self.model_source(model_dir).stat().st_size
+
+    def model_hash(self, model_dir: Path) -> str:
+        return file_content_hash(self.model_source(model_dir))
+
+    def prepare(self, model_dir: Path, *, max_batch: int, threads: int, ctx: int) -> dict:
+        prepared = super().prepare(model_dir, max_batch=max_batch, threads=threads, ctx=ctx)
+        return {**prepared, "gguf": prepared["model"], "dtype": gguf_dtype(Path(prepared["model"]))}
+
+    def describe(self) -> dict:
+        d = super().describe()
+        gguf = self.last.get("gguf") or (str(self.gguf_file) if self.gguf_file else None)
+        d.update(dtype=self.last.get("dtype") or (gguf_dtype(Path(gguf)) if gguf else None), gguf=gguf,
+                 activation_dtype="f32")
         return d

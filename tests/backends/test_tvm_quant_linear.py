@@ -117,3 +117,104 @@ def test_host_target():
     t = tvm_build.host_target()
     assert t["kind"] == "llvm"
     assert isinstance(tvm_build.detect_mcpu(), str)
+
+
+# -- int8 activations x VNNI ----------------------------------------------------------
+
+VNNI_TARGET = {"kind": "llvm", "mcpu": "znver4"}
+
+
+@pytest.fixture(scope="module")
+def vlib(tmp_path_factory):
+    if not tvm_ops.host_has_vnni():
+        pytest.skip("host CPU has no AVX-512 VNNI")
+    cache = tmp_path_factory.mktemp("tvm_cache_vnni")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("VSC_TVM_CACHE", str(cache))
+    specs = [(f, n, k) for f in FMTS for n, k in SHAPES + [(7, 224)]]
+    path = tvm_build.build_quant_kernels(specs, VNNI_TARGET)
+    mp.undo()
+    tvm_ops.set_num_threads(2)
+    return tvm_ops.load_tvm_kernels(path)
+
+
+def _emulate_vnni(x: torch.Tensor, parts: dict, fmt: str):
+    """float64 value of what the VNNI kernel computes exactly (x quantized per 32-block to int8:
+    dx = amax / 127, xq = round_half_even(x / dx); integer block dots; d_w * dx scaling; q4_1's
+    m_w * dx * sum(xq)), and the magnitude sum(|terms|) that bounds its fp32 rounding."""
+    m, k = x.shape
+    xb = x.reshape(m, k // 32, 32)
+    dx = xb.abs().amax(-1) / 127.0
+    inv = torch.where(dx > 0, 1.0 / dx, torch.zeros_like(dx))
+    xq = torch.round(xb * inv[..., None]).double()
+    qs = parts["qs"]
+    if fmt == "q8_0":
+        w = qs.double().reshape(qs.shape[0], -1, 32)
+    else:
+        q = qs.to(torch.int64).reshape(qs.shape[0], -1, 16)
+        w = torch.cat([q & 15, q >> 4], -1).double() - (8 if fmt == "q4_0" else 0)
+    s = parts["d"].double()[None] * dx.double()[:, None, :]
+    y = (s * torch.einsum("mbe,nbe->mnb", xq, w)).sum(-1)
+    mag = (s.abs() * torch.einsum("mbe,nbe->mnb", xq.abs(), w.abs())).sum(-1)
+    if fmt == "q4_1":
+        mw = parts["m"].double()[None]
+        y = y + (mw * (dx.double() * xq.sum(-1))[:, None, :]).sum(-1)
+        mag = mag + (mw.abs() * (dx.double() * xq.abs().sum(-1))[:, None, :]).sum(-1)
+    return y, mag, xq, dx
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("shape", SHAPES + [(7, 224)])
+def test_vnni_matches_emulation_and_reference(vlib, fmt, shape):
+    n, k = shape
+    parts = quant.quantize(_weights(n, k, n + k), fmt)
+    w = quant.dequantize(parts, fmt).double()
+    g = torch.Generator().manual_seed(k + 1)
+    for m in (1, 3, 16, 33):
+        x = torch.randn(m, k, generator=g)
+        x[0, :32] = 0.0  # an all-zero activation block
+        if m > 1:
+            x[1] *= 1e3
+        y = tvm_ops.quant_linear_vnni(vlib, x, parts, fmt)
+        assert y.shape == (m, n) and y.dtype == torch.float32
+        ref, mag, xq, dx = _emulate_vnni(x, parts, fmt)
+        # exact integer dots; fp32 scaling and summation of at most 2 * K / 4 + 16 terms
+        assert torch.all((y.double() - ref).abs() <= mag * (k * 2 ** -23) + 1e-30), (fmt, shape, m)
+        xq_k, _, xs_k, _ = vlib.vnni_scratch(fmt, m, k)
+        assert torch.equal(xs_k.view(m, k // 32, -1)[..., 0], dx)
+        assert torch.equal(xq_k.double().sum(-1), xq.sum((-1, -2)))
+        # vs the exact product: |x - xq * dx| <= dx / 2 elementwise (plus the rounding above)
+        full = x.double() @ w.T
+        wabs = w.abs().reshape(n, k // 32, 32).sum(-1)
+        qbound = (dx.double() / 2 * (1 + 2 ** -20)) @ wabs.T
+        assert torch.all((y.double() - full).abs() <= qbound + mag * (k * 2 ** -23) + 1e-30), (fmt, shape, m)
+
+
+def test_vnni_linear_and_generic_target(vlib, lib):
+    from vsc.runtime.quant_tensor import QuantTensor
+
+    n, k = 192, 96
+    wt = QuantTensor.quantize(_weights(n, k, 5), "q4_1")
+    x = torch.randn(2, 3, k)
+    bias = torch.randn(n)
+    y = tvm_ops.linear(vlib, x, wt, bias)
+    assert wt.tvm_vnni and y.shape == (2, 3, n)
+    torch.testing.assert_close(y, tvm_ops.quant_linear_vnni(vlib, x, wt.part_dict, "q4_1") + bias)
+    full = x @ wt.dequantize().T + bias
+    assert ((y - full).norm() / full.norm()).item() < 0.03
+    # a generic llvm target builds no VNNI kernels; linear() falls back to the exact one
+    assert lib.vnni_fn("q4_1", n, k) is None
+    wt2 = QuantTensor.quantize(_weights(n, k, 5), "q4_1")
+    y2 = tvm_ops.linear(lib, x, wt2)
+    assert not wt2.tvm_vnni
+    torch.testing.assert_close(y2, x @ wt2.dequantize().T, rtol=1e-5, atol=1e-4)
+    assert vlib.vnni_fn("q4_1", 7, 64) is None
+
+
+def test_target_has_vnni():
+    from vsc.backends.tvm.quant_linear import target_has_vnni
+
+    assert target_has_vnni({"kind": "llvm", "mcpu": "znver4"})
+    assert not target_has_vnni({"kind": "llvm"})
+    assert not target_has_vnni({"kind": "llvm", "mcpu": "znver3"})
+    assert target_has_vnni({"kind": "llvm", "mattr": ["+avx512vnni", "+avx512vl"]})

@@ -31,12 +31,13 @@ class KernelInfo:
     doc: str = ""
     cache_dtypes: frozenset[str] = CACHE_DTYPES
     weight_dtypes: frozenset[str] = PLAIN_WEIGHT_DTYPES
+    dtypes: frozenset[str] = FLOAT_DTYPES       # element types of the float values it computes
 
 
 def _k(name, ops, targets=("cpu", "cuda"), layouts=("contiguous", "paged"), doc="", cache_dtypes=CACHE_DTYPES,
-       weight_dtypes=PLAIN_WEIGHT_DTYPES):
+       weight_dtypes=PLAIN_WEIGHT_DTYPES, dtypes=FLOAT_DTYPES):
     return KernelInfo(name, frozenset(ops), frozenset(targets), frozenset(layouts), doc, frozenset(cache_dtypes),
-                      frozenset(weight_dtypes))
+                      frozenset(weight_dtypes), frozenset(dtypes))
 
 
 KERNELS: dict[str, KernelInfo] = {k.name: k for k in [
@@ -54,8 +55,13 @@ KERNELS: dict[str, KernelInfo] = {k.name: k for k in [
        doc="oneDNN inner product over a weight packed once at load (pack-linear-weights)"),
     _k("torch.linear_quant", {"linear"}, weight_dtypes=QUANT_WEIGHT_DTYPES,
        doc="block-quantized weight (q8_0/q4_0/q4_1) dequantized into a reused scratch matrix, then F.linear"),
-    _k("tvm.quant_linear", {"linear"}, targets=("cpu",), weight_dtypes=QUANT_WEIGHT_DTYPES,
+    _k("tvm.quant_linear", {"linear"}, targets=("cpu",), weight_dtypes=QUANT_WEIGHT_DTYPES, dtypes=("f32",),
        doc="TVM kernel compiled by vsc compile for the host CPU: block-quantized weights unpacked in registers"),
+    _k("tvm.rmsnorm", {"rmsnorm", "add_rmsnorm"}, targets=("cpu",), dtypes=("f32",),
+       doc="TVM kernel: one pass, the residual add fused when given (add_rmsnorm)"),
+    _k("tvm.silu_mul", {"silu_mul"}, targets=("cpu",), dtypes=("f32",), doc="TVM kernel: silu(gate) * up in one pass"),
+    _k("tvm.rope", {"rope_rotate"}, targets=("cpu",), dtypes=("f32",),
+       doc="TVM kernel: q and k rotated by the step's cos/sin rows in one call"),
     _k("torch.embedding_quant", {"embed"}, weight_dtypes=QUANT_WEIGHT_DTYPES,
        doc="gather rows of a block-quantized table, dequantize them"),
     _k("torch.split", {"split"}, doc="views, no copy"),
@@ -108,12 +114,14 @@ BACKEND_PREFERENCE = {"cuda": ("triton", "torch"), "cpu": ("tvm", "torch")}
 
 
 def best_kernel(op_kind: str, target: str, cache_layout: str, cache_dtype: str = "f32",
-                weight_dtype: str | None = None) -> str | None:
+                weight_dtype: str | None = None, dtype: str | None = None) -> str | None:
     """The preferred kernel for an op kind on a target, cache layout and cache dtype that reads
-    `weight_dtype` (the op's main weight, if it has one), or None if none fits."""
+    `weight_dtype` (the op's main weight, if it has one) and computes in `dtype` (its float
+    results' element type), or None if none fits."""
     fitting = [k for k in KERNELS.values()
                if op_kind in k.ops and target in k.targets and cache_layout in k.cache_layouts
-               and cache_dtype in k.cache_dtypes and (weight_dtype is None or weight_dtype in k.weight_dtypes)]
+               and cache_dtype in k.cache_dtypes and (weight_dtype is None or weight_dtype in k.weight_dtypes)
+               and (dtype is None or dtype in k.dtypes)]
     quant = weight_dtype if weight_dtype in QUANT_DTYPES else None
     for backend in BACKEND_PREFERENCE.get(target, ("torch",)):
         names = sorted(k.name for k in fitting if k.name.startswith(backend + "."))

@@ -271,6 +271,10 @@ class _Checker:
         if self.m.cache.dtype in CACHE_DTYPES and self.m.cache.dtype not in info.cache_dtypes:
             self.add("kernels", node, f"kernel {info.name} reads a {'/'.join(sorted(info.cache_dtypes))} KV cache, "
                                       f"the plan's is {self.m.cache.dtype}", op.origin)
+        computed = next((t.dtype for t in op.types if t.dtype in FLOAT_DTYPES), None)
+        if computed is not None and computed not in info.dtypes:
+            self.add("kernels", node, f"kernel {info.name} computes in {'/'.join(sorted(info.dtypes))}, this op in "
+                                      f"{computed}", op.origin)
         operand = op.operands[1] if len(op.operands) > 1 else ""
         w = self.weights.get(operand) if is_weight(operand) else None
         if w is not None and w.type.dtype not in info.weight_dtypes:

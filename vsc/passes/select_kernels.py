@@ -1,8 +1,12 @@
 """select-kernels{target}: give every op the best kernel the catalog has for the target.
 
 Pays on GPU targets, where Triton kernels (fused RMSNorm+residual, RoPE, SiLU-and-mul,
-paged decode attention) replace torch's generic ops; on CPU it normalizes the schedule to
-torch kernels. Exact on fp32 up to the kernels' documented tolerance — the accuracy check
+paged decode attention) replace torch's generic ops, and on CPU targets, where TVM kernels
+that `vsc compile` builds for the host replace chains of eager torch calls (RMSNorm with its
+residual add, RoPE rotation, SiLU-and-mul: 15-32 us of torch dispatch each -> 0.6-4 us at one
+row, bench/RESULTS.md) and run block-quantized linears (q8_0/q4_0/q4_1 weights, which torch
+can only dequantize per call). A kernel is chosen only where it fits the op's weight format
+and element type (the TVM kernels are f32). Exact on fp32 up to the kernels' documented tolerance — the accuracy check
 after lowering decides. The choice per op kind, target and cache layout comes from
 `vsc.ir.kernels.best_kernel`; run it after the passes that change op kinds or the cache
 layout (fusions, paged-kv), or the layout-dependent choice (attention) is stale.
@@ -13,8 +17,12 @@ from vsc.errors import VscError
 from vsc.ir.kernels import best_kernel
 from vsc.ir.module import KernelRef, ServingModule, walk_ops
 from vsc.ir.ops import OPS
-from vsc.ir.types import pass_origin
+from vsc.ir.types import FLOAT_DTYPES, pass_origin
 from vsc.passes.base import Option, Pass, register_pass
+
+
+# Derived weights laid out for exactly one kernel (the verifier holds their readers to it).
+LAYOUT_BOUND_INITS = frozenset({"onednn_pack"})
 
 
 @register_pass
@@ -32,8 +40,12 @@ class SelectKernels(Pass):
             if OPS[op.kind].structural:
                 continue
             main = op.operands[1] if len(op.operands) > 1 and op.operands[1].startswith("@") else None
-            weight_dtype = module.model.weight(main).type.dtype if main and module.model.weight(main) else None
-            choice = best_kernel(op.kind, target, module.cache.layout, module.cache.dtype, weight_dtype)
+            weight = module.model.weight(main) if main else None
+            if weight is not None and weight.init_fn in LAYOUT_BOUND_INITS:
+                continue      # a weight in a kernel's private layout (pack-linear-weights): its kernel stays
+            weight_dtype = weight.type.dtype if weight is not None else None
+            dtype = next((t.dtype for t in op.types if t.dtype in FLOAT_DTYPES), None)
+            choice = best_kernel(op.kind, target, module.cache.layout, module.cache.dtype, weight_dtype, dtype)
             if choice is None:
                 raise VscError(f"no kernel implements {op.kind} on {target} with a {module.cache.layout} "
                                f"{module.cache.dtype} cache")

@@ -110,7 +110,7 @@ _WEIGHT_DTYPES = {**_TORCH_DTYPES, "i8": "torch.int8", **{q: "QuantTensor" for q
 
 # TVM kernels of the catalog a cpu runner calls: IR kernel -> function of
 # vsc.runtime.kernels.tvm_ops (imported as tvm_<name>); the library is built by vsc compile.
-_TVM_KERNELS = {"tvm.quant_linear": "linear"}
+_TVM_KERNELS = {"tvm.quant_linear": "linear", "tvm.rmsnorm": "rmsnorm", "tvm.silu_mul": "silu_mul", "tvm.rope": "rope"}
 
 # Names the generated module defines or uses itself; SSA locals and weights avoid them.
 _RESERVED = set(keyword.kwlist) | {
@@ -119,7 +119,7 @@ _RESERVED = set(keyword.kwlist) | {
     "Runner", "WEIGHTS", "LAYER_WEIGHTS", "StepBatch", "CacheConfig", "WeightSpec", "load_weights",
     "AttentionMetadata", "RotaryTable", "attention_metadata", "allocate_kv_cache",
     "load_native_kernels", "NATIVE_KERNELS", "load_plan_kernels", "TVM_KERNELS",
-} | {"tvm_" + fn for fn in _TVM_KERNELS.values()} | {fn.__name__ for fn in TORCH_KERNELS.values()}
+} | {"tvm_" + fn for fn in (*_TVM_KERNELS.values(), "add_rmsnorm")} | {fn.__name__ for fn in TORCH_KERNELS.values()}
 
 # Triton kernels of the catalog a cuda runner calls: (IR kernel, op kind) -> wrapper of
 # vsc.runtime.kernels.triton_ops. Named here, not imported: codegen never imports triton.
@@ -528,7 +528,10 @@ class _RunnerWriter:
         args = [self._operand(o, in_layer) for o in op.operands]
         if op.kernel.name in _TVM_KERNELS:
             results = ", ".join(self.locals[r] for r in op.results)
-            return f"{results} = tvm_{_TVM_KERNELS[op.kernel.name]}(TVM_KERNELS, {', '.join(args)})"
+            fn = "add_rmsnorm" if op.kind == "add_rmsnorm" else _TVM_KERNELS[op.kernel.name]
+            if op.kind in ("rmsnorm", "add_rmsnorm"):
+                args.append(self._attr(op, "eps"))
+            return f"{results} = tvm_{fn}(TVM_KERNELS, {', '.join(args)})"
         fn = TORCH_KERNELS[op.kernel.name].__name__
         results = ", ".join(self.locals[r] for r in op.results)
         if op.kind in ("rmsnorm", "add_rmsnorm"):
@@ -591,11 +594,16 @@ class _RunnerWriter:
             *(["from vsc.runtime.kernels.native_ops import load_native_kernels"]
               if "NATIVE_KERNELS_FILE" in self.constants else []),
             *(["from vsc.runtime.kernels.tvm_ops import load_plan_kernels, "
-               + ", ".join(f"{fn} as tvm_{fn}" for fn in sorted(set(_TVM_KERNELS.values())))]
+               + ", ".join(f"{fn} as tvm_{fn}" for fn in self._tvm_functions())]
               if "TVM_KERNELS_FILE" in self.constants else []),
             "from vsc.runtime.weights import WeightSpec, load_weights",
             "",
         ]
+
+    def _tvm_functions(self) -> list[str]:
+        """The tvm_ops wrappers the step calls."""
+        return sorted({"add_rmsnorm" if op.kind == "add_rmsnorm" else _TVM_KERNELS[op.kernel.name]
+                       for op in walk_ops(self.body) if op.kernel is not None and op.kernel.name in _TVM_KERNELS})
 
     def _triton_imports(self) -> list[str]:
         if not self.triton_calls:

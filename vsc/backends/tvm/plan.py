@@ -10,26 +10,33 @@ from pathlib import Path
 
 from vsc.ir.module import ServingModule, walk_ops
 
-TVM_KERNEL_NAMES = frozenset({"tvm.quant_linear"})
-
-
-def plan_kernel_specs(module: ServingModule) -> list[tuple[str, int, int]]:
-    """(format, N, K) of every weight a `tvm.quant_linear` op of the plan reads."""
-    specs = set()
+def plan_kernel_specs(module: ServingModule) -> tuple[list[tuple[str, int, int]], list[tuple]]:
+    """The TVM kernels a plan's ops name: (format, N, K) of every weight a `tvm.quant_linear`
+    reads, and the elementwise kernels by kind and baked shape (`vsc.backends.tvm.elementwise`)."""
+    quant, elementwise = set(), set()
     for op in walk_ops(module.model.func.body):
-        if op.kernel is not None and op.kernel.name in TVM_KERNEL_NAMES:
+        name = op.kernel.name if op.kernel is not None else ""
+        if name == "tvm.quant_linear":
             t = module.model.weight(op.operands[1]).type
-            specs.add((t.dtype, int(t.shape[0]), int(t.shape[1])))
-    return sorted(specs)
+            quant.add((t.dtype, int(t.shape[0]), int(t.shape[1])))
+        elif name == "tvm.rmsnorm":
+            elementwise.add((op.kind, int(op.types[0].shape[-1])))
+        elif name == "tvm.silu_mul":
+            elementwise.add(("silu_mul", int(op.types[0].shape[-1])))
+        elif name == "tvm.rope":
+            d = int(op.attrs["head_dim"])
+            elementwise.add(("rope", int(op.types[0].shape[-1]) // d, int(op.types[1].shape[-1]) // d, d))
+    return sorted(quant), sorted(elementwise)
 
 
 def needs_tvm_kernels(module: ServingModule) -> bool:
-    return bool(plan_kernel_specs(module))
+    return any(plan_kernel_specs(module))
 
 
 def plan_tvm_kernels(module: ServingModule) -> tuple[Path, str]:
     """(the built library, the file name a server folder keeps it under in kernels/)."""
     from vsc.backends.tvm.build import build_quant_kernels
 
-    built = build_quant_kernels(plan_kernel_specs(module))
+    quant, elementwise = plan_kernel_specs(module)
+    built = build_quant_kernels(quant, elementwise=elementwise)
     return built, f"vsc_tvm_{built.parent.name}.so"
