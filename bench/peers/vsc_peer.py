@@ -20,9 +20,10 @@ from bench.peers.gguf_file import check_gguf, file_content_hash, gguf_dtype
 # tree lookup per admission and pays on any workload whose prompts share a prefix.
 DEFAULT_PIPELINE = ("fold-rope-tables,fuse-qkv,fuse-gate-up,paged-kv{block=16},"
                     "continuous-batching{max_batch=<max_batch>,max_tokens=2048},prefix-cache{policy=radix},"
-                    "cascade-attention,pack-linear-weights,intra-op-threads")
+                    "cascade-attention,pack-linear-weights,intra-op-threads,select-kernels")
 # A GGUF's linears stay block-quantized: pack-linear-weights (oneDNN packing of f32 linears) has
-# nothing to pack there and fails the compile, so vsc-gguf leaves it out.
+# nothing to pack there and fails the compile, so vsc-gguf leaves it out; select-kernels runs
+# them (and the norms, rope, silu-mul) with the TVM kernels vsc compile builds for this CPU.
 DEFAULT_GGUF_PIPELINE = DEFAULT_PIPELINE.replace(",pack-linear-weights", "")
 ACTIVATION_RESERVE = 0.10      # the share of `memory` vsc keeps back from weights + KV (vsc/frontend/lower.py)
 MEMORY_SLACK = 256 << 20       # on top: activations of a max_tokens step, the runtime

@@ -2,7 +2,9 @@
 
 `build_quant_kernels(specs, target)` returns the path of a .so holding, per
 (fmt, N, K) in specs, `quant_linear_<fmt>_<N>x<K>` and `dequantize_<fmt>_<N>x<K>`
-(see `vsc.backends.tvm.quant_linear`). The library lives in
+(see `vsc.backends.tvm.quant_linear`), and where the target has AVX-512 VNNI (+VL) (by its
+-mcpu, e.g. the host's znver4, or -mattr) also `quant_linear_vnni_<fmt>_<N>x<K>` (int8
+activations; a generic {"kind": "llvm"} target gets none). The library lives in
 `$VSC_TVM_CACHE/<hash>/kernels.so` (default `~/.cache/vsc/tvm`), the hash taken over
 the kernel source text, this file's source, the target, the shapes and the TVM version.
 A cached library is returned without importing TVM; a new one is compiled, linked into
@@ -120,25 +122,28 @@ def _normalize_specs(specs) -> list[tuple[str, int, int]]:
         except ValueError as e:
             raise TvmBuildError(str(e)) from None
         out.add((str(fmt), int(n), int(k)))
-    if not out:
-        raise TvmBuildError("no quantized linear shapes to build kernels for")
     return sorted(out)
 
 
-def cache_key(specs, target: dict, dequant: bool = True) -> str:
+def cache_key(specs, target: dict, dequant: bool = True, elementwise=()) -> str:
     h = hashlib.sha256()
-    for src in ("quant_linear.py", "build.py"):
+    for src in ("quant_linear.py", "build.py", "elementwise.py"):
         h.update((_HERE / src).read_bytes())
-    h.update(json.dumps({"target": target, "specs": specs, "dequant": dequant, "tvm": _tvm_version()},
+    h.update(json.dumps({"target": target, "specs": specs, "dequant": dequant, "tvm": _tvm_version(),
+                         **({"elementwise": [list(e) for e in elementwise]} if elementwise else {})},
                         sort_keys=True).encode())
     return h.hexdigest()[:24]
 
 
-def build_quant_kernels(specs, target=None, *, dequant: bool = True) -> Path:
-    """Path of a shared library with the kernels for `specs` = [(fmt, N, K), ...]."""
+def build_quant_kernels(specs, target=None, *, dequant: bool = True, elementwise=()) -> Path:
+    """Path of a shared library with the kernels for `specs` = [(fmt, N, K), ...], and the
+    fused elementwise kernels `elementwise` names (`vsc.backends.tvm.elementwise`)."""
     norm = _normalize_specs(specs)
+    elementwise = sorted({tuple(e) for e in elementwise})
+    if not norm and not elementwise:
+        raise TvmBuildError("no kernels to build")
     tgt = normalize_target(target)
-    out_dir = cache_root() / cache_key(norm, tgt, dequant)
+    out_dir = cache_root() / cache_key(norm, tgt, dequant, elementwise)
     path = out_dir / LIB_NAME
     if path.is_file():
         return path
@@ -148,7 +153,7 @@ def build_quant_kernels(specs, target=None, *, dequant: bool = True) -> Path:
         raise TvmBuildError(f"cannot create TVM kernel cache dir {out_dir}: {e}") from None
     tmp = out_dir / f".{LIB_NAME}.{os.getpid()}.tmp.so"
     try:
-        _compile_library(norm, tgt, dequant, tmp)
+        _compile_library(norm, tgt, dequant, tmp, elementwise)
         os.replace(tmp, path)
     except TvmBuildError:
         raise
@@ -162,12 +167,15 @@ def build_quant_kernels(specs, target=None, *, dequant: bool = True) -> Path:
     return path
 
 
-def _compile_library(specs, target: dict, dequant: bool, out: Path) -> None:
+def _compile_library(specs, target: dict, dequant: bool, out: Path, elementwise=()) -> None:
     """Compile and link (the slow part: imports the TVM compiler)."""
     import tvm
 
-    from vsc.backends.tvm.quant_linear import make_module
+    from vsc.backends.tvm.quant_linear import make_module, target_has_vnni
 
-    mod = make_module(specs, dequant=dequant)
+    mod = make_module(specs, dequant=dequant, vnni=target_has_vnni(target))
+    if elementwise:
+        from vsc.backends.tvm.elementwise import make_elementwise_module
+        mod.update(make_elementwise_module(elementwise))
     lib = tvm.compile(mod, target=tvm.target.Target(target))
     lib.export_library(str(out))

@@ -6,7 +6,11 @@ package's lib/ folder without importing `tvm` itself, and `tvm_ffi` to load the 
 call its functions. tvm_ffi takes torch CPU tensors directly (DLPack, no copies).
 
 Kernel names: `quant_linear_<fmt>_<N>x<K>(x, qs, d, m, y)` and
-`dequantize_<fmt>_<N>x<K>(qs, d, m, w)`; formats without an `m` part get `d` twice.
+`dequantize_<fmt>_<N>x<K>(qs, d, m, w)`; formats without an `m` part get `d` twice. Libraries
+built for an AVX-512 VNNI target also hold `quant_linear_vnni_<fmt>_<N>x<K>(x, qs, d, m, y, xq,
+xb, xs, xm)` (int8 activations, llama.cpp-style; the last four are scratch, see
+`vnni_scratch`): `linear()` uses it when present and the host CPU has avx512_vnni + avx512vl
+(VSC_TVM_VNNI=0 turns that off), `quant_linear_vnni()` calls it explicitly.
 """
 from __future__ import annotations
 
@@ -17,10 +21,28 @@ from pathlib import Path
 
 import torch
 
-from vsc.runtime.quant import get_format, parts_tuple, weight_shape
+from vsc.runtime.quant import BLOCK, get_format, parts_tuple, weight_shape
 
 _RUNTIME = None
 _LOADED: dict[str, "TvmKernels"] = {}
+_HOST_VNNI: bool | None = None
+
+
+def host_has_vnni() -> bool:
+    """Whether this CPU runs the VNNI kernels (avx512_vnni and avx512vl in /proc/cpuinfo)."""
+    global _HOST_VNNI
+    if _HOST_VNNI is None:
+        try:
+            flags = next((ln.split(":", 1)[1].split() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                          if ln.startswith("flags")), [])
+        except OSError:
+            flags = []
+        _HOST_VNNI = "avx512_vnni" in flags and "avx512vl" in flags
+    return _HOST_VNNI
+
+
+def _use_vnni() -> bool:
+    return os.environ.get("VSC_TVM_VNNI", "1") != "0" and host_has_vnni()
 
 
 def _load_runtime():
@@ -44,6 +66,7 @@ class TvmKernels:
         self.path = str(path)
         self.module = tvm_ffi.load_module(self.path)
         self._funcs: dict[str, object] = {}
+        self._scratch: dict[tuple, tuple] = {}
 
     def get(self, name: str):
         f = self._funcs.get(name)
@@ -60,6 +83,25 @@ class TvmKernels:
 
     def dequantize_fn(self, fmt: str, n: int, k: int):
         return self.get(f"dequantize_{fmt}_{n}x{k}")
+
+    def vnni_fn(self, fmt: str, n: int, k: int):
+        """The int8-activation (VNNI) kernel, or None where the library has none."""
+        try:
+            return self.get(f"quant_linear_vnni_{fmt}_{n}x{k}")
+        except KeyError:
+            return None
+
+    def vnni_scratch(self, fmt: str, m: int, k: int) -> tuple:
+        """(xq, xb, xs, xm) scratch for the VNNI kernel and an [m, k] x, kept per (lanes, m, k)
+        and reused (calls on one library from several threads at once would share it)."""
+        lanes = 8 if fmt == "q8_0" else 4
+        key = (lanes, m, k)
+        sc = self._scratch.get(key)
+        if sc is None:
+            nl = k // BLOCK * lanes
+            sc = self._scratch[key] = (torch.empty(m, k, dtype=torch.int8), torch.empty(m, nl, dtype=torch.int32),
+                                       torch.empty(m, nl, dtype=torch.float32), torch.empty(m, nl, dtype=torch.float32))
+        return sc
 
 
 def load_tvm_kernels(path: str | os.PathLike) -> TvmKernels:
@@ -92,6 +134,24 @@ def quant_linear(lib: TvmKernels, x: torch.Tensor, parts, fmt: str, out: torch.T
     if fn is None:
         fn = lib.quant_linear_fn(fmt, n, k)
     fn(x2, *_args(parts, fmt), out.view(-1, n))
+    return out
+
+
+def quant_linear_vnni(lib: TvmKernels, x: torch.Tensor, parts, fmt: str, out: torch.Tensor | None = None,
+                      fn=None) -> torch.Tensor:
+    """Like `quant_linear` with the int8-activation VNNI kernel (x quantized per 32-block to
+    int8, as llama.cpp does: results differ from the exact kernel by that rounding)."""
+    n, k = weight_shape(parts, fmt)
+    x2 = x.reshape(-1, k)
+    if out is None:
+        out = torch.empty(*x.shape[:-1], n, dtype=torch.float32)
+    if x2.shape[0] == 0:
+        return out
+    if fn is None:
+        fn = lib.vnni_fn(fmt, n, k)
+        if fn is None:
+            raise KeyError(f"TVM kernel library {lib.path} has no function quant_linear_vnni_{fmt}_{n}x{k}")
+    fn(x2, *_args(parts, fmt), out.view(-1, n), *lib.vnni_scratch(fmt, x2.shape[0], k))
     return out
 
 
@@ -130,10 +190,13 @@ def load_plan_kernels(module_file: str, filename: str, built: str) -> TvmKernels
 
 def linear(lib: TvmKernels, x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """tvm.quant_linear: x @ dequant(weight)^T (+ bias) for a QuantTensor weight. The kernel
-    handle is looked up once per weight and kept on it."""
+    handle is looked up once per weight and kept on it: the VNNI (int8 activation) kernel where
+    the library has one and the host can run it, else the exact fp32 one."""
     fn = getattr(weight, "tvm_fn", None)
     if fn is None:
-        fn = weight.tvm_fn = lib.quant_linear_fn(weight.fmt, *weight.shape)
+        vfn = lib.vnni_fn(weight.fmt, *weight.shape) if _use_vnni() else None
+        weight.tvm_vnni = vfn is not None
+        fn = weight.tvm_fn = vfn if vfn is not None else lib.quant_linear_fn(weight.fmt, *weight.shape)
     n, k = weight.shape
     x2 = x.reshape(-1, k)
     if not x2.is_contiguous() or x2.dtype != torch.float32:
@@ -141,6 +204,50 @@ def linear(lib: TvmKernels, x: torch.Tensor, weight, bias: torch.Tensor | None =
     out = torch.empty(x2.shape[0], n, dtype=torch.float32)
     if x2.shape[0]:
         p = weight.parts
-        fn(x2, p[0], p[1], p[2] if len(p) == 3 else p[1], out)
+        if getattr(weight, "tvm_vnni", False):
+            fn(x2, p[0], p[1], p[2] if len(p) == 3 else p[1], out, *lib.vnni_scratch(weight.fmt, x2.shape[0], k))
+        else:
+            fn(x2, p[0], p[1], p[2] if len(p) == 3 else p[1], out)
     out = out.view(*x.shape[:-1], n)
     return out if bias is None else out.add_(bias)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x as a contiguous float32 [rows, last] matrix (a view when it already is one)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.is_contiguous() and x2.dtype == torch.float32 else x2.contiguous().to(torch.float32)
+
+
+def rmsnorm(lib: TvmKernels, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """tvm.rmsnorm: x * rsqrt(mean(x^2) + eps) * weight in one pass."""
+    h = x.shape[-1]
+    out = torch.empty(x.shape, dtype=torch.float32)
+    lib.get(f"rmsnorm_{h}")(_rows(x), weight, out.view(-1, h), eps)
+    return out
+
+
+def add_rmsnorm(lib: TvmKernels, a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor,
+                eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """tvm.rmsnorm on add_rmsnorm: (rmsnorm(a + b), a + b) in one pass."""
+    h = a.shape[-1]
+    out, total = torch.empty(a.shape, dtype=torch.float32), torch.empty(a.shape, dtype=torch.float32)
+    lib.get(f"add_rmsnorm_{h}")(_rows(a), _rows(b), weight, out.view(-1, h), total.view(-1, h), eps)
+    return out, total
+
+
+def silu_mul(lib: TvmKernels, x: torch.Tensor) -> torch.Tensor:
+    """tvm.silu_mul: silu(x[..., :n]) * x[..., n:] in one pass."""
+    n = x.shape[-1] // 2
+    out = torch.empty(*x.shape[:-1], n, dtype=torch.float32)
+    lib.get(f"silu_mul_{n}")(_rows(x), out.view(-1, n))
+    return out
+
+
+def rope(lib: TvmKernels, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+         sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """tvm.rope on rope_rotate: q [T, Hq*D] and k [T, Hk*D] rotated by cos/sin rows [T, D]."""
+    d = cos.shape[-1]
+    q2, k2 = _rows(q), _rows(k)
+    qo, ko = torch.empty(q2.shape, dtype=torch.float32), torch.empty(k2.shape, dtype=torch.float32)
+    lib.get(f"rope_{q2.shape[1] // d}_{k2.shape[1] // d}_{d}")(q2, k2, _rows(cos), _rows(sin), qo, ko)
+    return qo.view(q.shape), ko.view(k.shape)
