@@ -260,14 +260,17 @@ CPU_SOURCE_SHA256 = {
 
 @pytest.mark.parametrize("arch,dtype", sorted(CPU_SOURCE_SHA256))
 def test_cpu_plans_generate_the_same_source_as_before(tiny_dirs, arch, dtype):
-    module = build(tiny_dirs[arch], CPU_PIPELINE, target=CPU, dtype=dtype, name="cpu_plan")
-    source = generate_runner_source(module)
+    plain = build(tiny_dirs[arch], CPU_PIPELINE.replace(",select-kernels", ""), target=CPU, dtype=dtype, name="cpu_plan")
+    source = generate_runner_source(plain)
     without_hash = "\n".join(line for line in source.splitlines() if not line.startswith("# plan sha256: "))
     assert hashlib.sha256(without_hash.encode()).hexdigest() == CPU_SOURCE_SHA256[(arch, dtype)]
-    assert "triton" not in source
-    # select-kernels on cpu normalizes to the torch kernels the plan already had
-    plain = build(tiny_dirs[arch], CPU_PIPELINE.replace(",select-kernels", ""), target=CPU, dtype=dtype, name="cpu_plan")
-    assert generate_runner_source(plain).split("\n", 2)[2] == source.split("\n", 2)[2]
+    assert "triton" not in source and "tvm" not in source
+    # select-kernels on cpu: TVM kernels for the f32 norms (the TVM kernels are f32 only); bf16 keeps torch's
+    selected = generate_runner_source(build(tiny_dirs[arch], CPU_PIPELINE, target=CPU, dtype=dtype, name="cpu_plan"))
+    if dtype == "f32":
+        assert "= tvm_add_rmsnorm(TVM_KERNELS, " in selected and "TVM_KERNELS = load_plan_kernels(" in selected
+    else:
+        assert selected.split("\n", 2)[2] == source.split("\n", 2)[2]
 
 
 # --- the cuda runner, run through Triton's interpreter on the CPU ----------------------------
