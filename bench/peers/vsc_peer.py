@@ -50,8 +50,10 @@ def memory_for(model_dir: Path, *, max_batch: int, ctx: int, weights: int | None
     return math.ceil(total / (64 << 20)) * (64 << 20)
 
 
-def spec_text(model_dir: Path, *, max_batch: int, threads: int, ctx: int, memory: int, pipeline: str) -> str:
-    """The deployment spec for a closed-loop benchmark of `model_dir` (an HF folder, or a .gguf file)."""
+def spec_text(model_dir: Path, *, max_batch: int, threads: int, ctx: int, memory: int, pipeline: str,
+              accuracy: str | None = None) -> str:
+    """The deployment spec for a closed-loop benchmark of `model_dir` (an HF folder, or a .gguf file);
+    `accuracy`: the spec's accuracy bar (default: the compiler's, greedy-exact)."""
     return (
         "# written by bench/peers/vsc_peer.py\n"
         "deployment bench_peer {\n"
@@ -63,7 +65,8 @@ def spec_text(model_dir: Path, *, max_batch: int, threads: int, ctx: int, memory
         "    output_tokens = fixed(64)\n"
         "  }\n"
         f"  serve {{ host = \"127.0.0.1\", max_context = {ctx} }}\n"
-        f"  optimize {json.dumps(pipeline)}\n"
+        + (f"  accuracy {{ {accuracy} }}\n" if accuracy else "")
+        + f"  optimize {json.dumps(pipeline)}\n"
         "}\n")
 
 
@@ -85,6 +88,7 @@ class VscPeer(Peer):
                  python: Path | None = None):
         super().__init__(cache_dir)
         self.pipeline = pipeline
+        self.accuracy: str | None = None      # the spec's accuracy bar; None: the compiler's default
         self.python = Path(python) if python else REPO_ROOT / ".venv" / "bin" / "python"
 
     @property
@@ -121,7 +125,8 @@ class VscPeer(Peer):
         source = self.model_source(model_dir)
         memory = memory_for(model_dir, max_batch=max_batch, ctx=ctx, weights=self.weights_bytes(model_dir))
         pipeline = self.pipeline_for(max_batch)
-        spec = spec_text(source, max_batch=max_batch, threads=threads, ctx=ctx, memory=memory, pipeline=pipeline)
+        spec = spec_text(source, max_batch=max_batch, threads=threads, ctx=ctx, memory=memory, pipeline=pipeline,
+                         accuracy=self.accuracy)
         key = self.server_key(spec, self.model_hash(model_dir), compiler_hash())
         folder = self.cache / "servers" / f"{source.stem if source.suffix == '.gguf' else source.name}-{key}"
         server = folder / "server"
@@ -161,6 +166,12 @@ class VscPeer(Peer):
         return d
 
 
+# llama.cpp quantizes activations to 8 bits per 32-block for its dot products; under a logits
+# tolerance select-kernels does the same (VNNI kernels). Measured on SmolLM2's Q4_1 GGUF against
+# its dequantized model: max |dlogit| 1.3 over 4 probes x 16 tokens (bench/RESULTS.md).
+GGUF_ACCURACY = "logits_tol(3.0, probes = 4)"
+
+
 class VscGgufPeer(VscPeer):
     """vsc compiling a GGUF file as is: the spec's model line is `model "/abs/path/x.gguf" { dtype = f32 }`
     (dtype: activations and KV cache; the weights stay in the file's format), the memory budget holds
@@ -172,6 +183,7 @@ class VscGgufPeer(VscPeer):
                  python: Path | None = None, gguf_file: Path | None = None):
         super().__init__(cache_dir, pipeline, python)
         self.gguf_file = Path(gguf_file) if gguf_file else None
+        self.accuracy = GGUF_ACCURACY
 
     def install(self) -> None:
         check_gguf(self.name, self.gguf_file)
@@ -194,5 +206,6 @@ class VscGgufPeer(VscPeer):
         d = super().describe()
         gguf = self.last.get("gguf") or (str(self.gguf_file) if self.gguf_file else None)
         d.update(dtype=self.last.get("dtype") or (gguf_dtype(Path(gguf)) if gguf else None), gguf=gguf,
-                 activation_dtype="f32")
+                 activation_dtype="f32 (int8 per 32-block inside the quantized linears, as llama.cpp)",
+                 accuracy=self.accuracy)
         return d

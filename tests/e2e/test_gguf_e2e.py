@@ -44,6 +44,7 @@ def test_smollm2_gguf_is_served_as_shipped(smollm2_dir, tmp_path):
     plan = (folder / "plan.vsir").read_text()
     assert "q4_1[" in plan and "q8_0[49152, 576]" in plan          # the file's formats, as IR types
     assert "via tvm.quant_linear" in plan and "via torch.linear_quant" not in plan
+    assert "activations" not in plan          # greedy_exact: the exact kernels (fp32 activations)
     manifest = json.loads((folder / "manifest.json").read_text())
     assert list(manifest["model"]["files"]) == [gguf_file.name]
     (kernel_file,) = manifest["tvm_kernels"]["files"]
@@ -69,13 +70,14 @@ def test_smollm2_gguf_is_served_as_shipped(smollm2_dir, tmp_path):
 def test_quantize_weights_pass_on_a_float_model(tmp_path):
     model = tmp_path / "tiny-llama"
     make_tiny(model, arch="llama")
-    folder = _compile(tmp_path, model, PIPELINE + ",quantize-weights{format=q8_0,include_head=true}",
+    folder = _compile(tmp_path, model, PIPELINE + ",quantize-weights{format=q8_0,include_head=true},select-kernels",
                       "logits_tol(0.5, probes = 2)", memory="256 MiB")
     plan = (folder / "plan.vsir").read_text()
-    assert "= quantize(@" in plan and "via tvm.quant_linear" in plan
+    # a logits tolerance lets select-kernels quantize the activations too (VNNI dot products)
+    assert "= quantize(@" in plan and 'via tvm.quant_linear{activations = "q8_0"}' in plan
     manifest = json.loads((folder / "manifest.json").read_text())
     after = [v for v in manifest["verification"] if v["check"] == "accuracy"]
-    assert [v["after"].split("{")[0] for v in after] == ["quantize-weights", "lowering"]
+    assert [v["after"].split("{")[0] for v in after] == ["quantize-weights", "select-kernels", "lowering"]
     assert all(v["ok"] for v in after)
     server = Live(folder)
     try:

@@ -11,9 +11,11 @@ from pathlib import Path
 from vsc.errors import ModelError, SpecError
 from vsc.frontend.spec import DeploymentSpec
 from vsc.ir.hf_import import build_model_graph
-from vsc.ir.module import BatchingPolicy, CacheLayout, RequestGraph, Schedule, ServingModule, Stage, Target, symbol_name
+from vsc.ir.kernels import best_kernel
+from vsc.ir.module import (BatchingPolicy, CacheLayout, KernelRef, RequestGraph, Schedule, ServingModule, Stage, Target,
+                           symbol_name, walk_ops)
 from vsc.ir.sizes import kv_bytes_per_token, weight_bytes
-from vsc.ir.types import spec_origin
+from vsc.ir.types import FLOAT_DTYPES, QUANT_DTYPES, spec_origin
 
 DEFAULT_CPU_MEMORY = 2 << 30          # what a CPU deployment may use when the spec does not say
 ACTIVATION_RESERVE = 0.10             # share of the memory budget kept for activations and the runtime
@@ -58,6 +60,7 @@ def lower_spec(spec: DeploymentSpec, source_text: str | None = None) -> ServingM
     target = Target(t.kind, target_attrs, spec_origin(t.loc))
 
     cache_dtype = spec.model.dtype
+    _quantized_kernels_for_target(model, t.kind, cache_dtype)
     per_token = kv_bytes_per_token(attrs, cache_dtype)
     weights = weight_bytes(model)
     budget = int(memory * (1 - ACTIVATION_RESERVE)) - weights
@@ -93,3 +96,18 @@ def lower_spec(spec: DeploymentSpec, source_text: str | None = None) -> ServingM
     }
     return ServingModule(symbol_name(spec.name), deployment, target, model, Schedule({"graph": "eager"}, spec_origin(spec.loc)),
                          cache, batching, requests, spec_origin(spec.loc))
+
+
+def _quantized_kernels_for_target(model, target: str, cache_dtype: str) -> None:
+    """Ops reading a block-quantized weight (a GGUF's) start on the target's best kernel for its
+    format: on cpu the TVM kernel, since the portable torch one dequantizes the whole matrix
+    every call (the LM head of SmolLM2: 113 MB per step) and would make every numeric check slow."""
+    for op in walk_ops(model.func.body):
+        main = op.operands[1] if len(op.operands) > 1 and op.operands[1].startswith("@") else None
+        weight = model.weight(main) if main else None
+        if weight is None or weight.type.dtype not in QUANT_DTYPES:
+            continue
+        dtype = next((t.dtype for t in op.types if t.dtype in FLOAT_DTYPES), None)
+        kernel = best_kernel(op.kind, target, "contiguous", cache_dtype, weight.type.dtype, dtype)
+        if kernel is not None:
+            op.kernel = KernelRef(kernel)

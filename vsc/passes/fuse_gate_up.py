@@ -33,6 +33,8 @@ class FuseGateUp(Pass):
                     continue
                 if gate.operands[0] != up.operands[0] or len(gate.operands) != len(up.operands):
                     continue
+                if module.model.weight(gate.operands[1]).type.dtype != module.model.weight(up.operands[1]).type.dtype:
+                    continue      # weights stored in different formats (a mixed GGUF) stay apart
                 weight = add_concat_weight(module.model, derived_name(gate.operands[1], "gate_proj", "gate_up_proj", ".gate_up"),
                                            [gate.operands[1], up.operands[1]], origin)
                 operands = [gate.operands[0], weight]

@@ -45,8 +45,8 @@ class FuseQKV(Pass):
             prod = producers(ops)
             for attn in [op for op in ops if op.kind == "attention"]:
                 linears = _qkv_linears(attn, prod)
-                if linears is None:
-                    continue
+                if linears is None or len({model.weight(l.operands[1]).type.dtype for l in linears}) != 1:
+                    continue      # weights stored in different formats (a mixed GGUF) stay apart
                 x = linears[0].operands[0]
                 weight = add_concat_weight(model, derived_name(linears[0].operands[1], "q_proj", "qkv_proj", ".qkv"),
                                            [l.operands[1] for l in linears], origin)

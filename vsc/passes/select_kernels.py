@@ -29,13 +29,20 @@ LAYOUT_BOUND_INITS = frozenset({"onednn_pack"})
 class SelectKernels(Pass):
     name = "select-kernels"
     summary = "assign each op the preferred kernel for the target (Triton on cuda, torch on cpu)"
-    options = (Option("target", str, "auto", "target to select for (auto: the module's)", choices=("auto", "cpu", "cuda")),)
+    options = (Option("target", str, "auto", "target to select for (auto: the module's)", choices=("auto", "cpu", "cuda")),
+               Option("activations", str, "auto", "tvm.quant_linear's activations: f32 (exact), q8_0 (int8 per "
+                      "32-block, VNNI dot products: ~2x at one row, lossy), auto (q8_0 when the spec's accuracy bar "
+                      "is a logits tolerance, f32 under greedy_exact)", choices=("auto", "f32", "q8_0")))
     may_change_outputs = True  # a different kernel may round differently
 
     def apply(self, module: ServingModule) -> None:
         target = module.target.kind if self.target == "auto" else self.target
         if target != module.target.kind:
             raise VscError(f"the module targets {module.target.kind}; kernels for {target} could not run on it")
+        activations = self.activations
+        if activations == "auto":
+            bar = (module.deployment.get("accuracy") or {}).get("kind")
+            activations = "q8_0" if bar == "logits_tol" else "f32"
         for op in walk_ops(module.model.func.body):
             if OPS[op.kind].structural:
                 continue
@@ -49,6 +56,7 @@ class SelectKernels(Pass):
             if choice is None:
                 raise VscError(f"no kernel implements {op.kind} on {target} with a {module.cache.layout} "
                                f"{module.cache.dtype} cache")
-            if op.kernel is None or op.kernel.name != choice:
-                op.kernel = KernelRef(choice)
+            config = {"activations": activations} if choice == "tvm.quant_linear" and activations != "f32" else {}
+            if op.kernel is None or op.kernel.name != choice or op.kernel.config != config:
+                op.kernel = KernelRef(choice, config)
                 op.origin = pass_origin(self.name)

@@ -111,6 +111,8 @@ _WEIGHT_DTYPES = {**_TORCH_DTYPES, "i8": "torch.int8", **{q: "QuantTensor" for q
 # TVM kernels of the catalog a cpu runner calls: IR kernel -> function of
 # vsc.runtime.kernels.tvm_ops (imported as tvm_<name>); the library is built by vsc compile.
 _TVM_KERNELS = {"tvm.quant_linear": "linear", "tvm.rmsnorm": "rmsnorm", "tvm.silu_mul": "silu_mul", "tvm.rope": "rope"}
+# The config each takes (`via tvm.quant_linear{activations = "q8_0"}`): key -> allowed values.
+_TVM_CONFIG = {"tvm.quant_linear": {"activations": ("f32", "q8_0")}}
 
 # Names the generated module defines or uses itself; SSA locals and weights avoid them.
 _RESERVED = set(keyword.kwlist) | {
@@ -233,6 +235,11 @@ class _RunnerWriter:
             if name in _TVM_KERNELS:
                 if self.module.target.kind != "cpu":
                     raise LoweringError(f"kernel '{name}' runs on cpu targets only", op.origin)
+                allowed = _TVM_CONFIG.get(name, {})
+                for key, value in op.kernel.config.items():
+                    if key not in allowed or value not in allowed[key]:
+                        raise LoweringError(f"kernel '{name}' does not take {key} = {value!r} "
+                                            f"(it takes: {allowed or 'no config'})", op.origin)
                 continue
             if name not in TORCH_KERNELS:
                 known = ", ".join(sorted(TORCH_KERNELS))
@@ -531,6 +538,7 @@ class _RunnerWriter:
             fn = "add_rmsnorm" if op.kind == "add_rmsnorm" else _TVM_KERNELS[op.kernel.name]
             if op.kind in ("rmsnorm", "add_rmsnorm"):
                 args.append(self._attr(op, "eps"))
+            args += [f"{key}={value!r}" for key, value in sorted(op.kernel.config.items())]
             return f"{results} = tvm_{fn}(TVM_KERNELS, {', '.join(args)})"
         fn = TORCH_KERNELS[op.kernel.name].__name__
         results = ", ".join(self.locals[r] for r in op.results)

@@ -188,15 +188,25 @@ def load_plan_kernels(module_file: str, filename: str, built: str) -> TvmKernels
     return load_tvm_kernels(path)
 
 
-def linear(lib: TvmKernels, x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """tvm.quant_linear: x @ dequant(weight)^T (+ bias) for a QuantTensor weight. The kernel
-    handle is looked up once per weight and kept on it: the VNNI (int8 activation) kernel where
-    the library has one and the host can run it, else the exact fp32 one."""
-    fn = getattr(weight, "tvm_fn", None)
-    if fn is None:
-        vfn = lib.vnni_fn(weight.fmt, *weight.shape) if _use_vnni() else None
-        weight.tvm_vnni = vfn is not None
-        fn = weight.tvm_fn = vfn if vfn is not None else lib.quant_linear_fn(weight.fmt, *weight.shape)
+ACTIVATIONS = ("f32", "q8_0")   # tvm.quant_linear{activations}: x as is, or quantized per 32-block (VNNI)
+
+
+def linear(lib: TvmKernels, x: torch.Tensor, weight, bias: torch.Tensor | None = None,
+           activations: str = "f32") -> torch.Tensor:
+    """tvm.quant_linear: x @ dequant(weight)^T (+ bias) for a QuantTensor weight.
+
+    activations "f32": the exact kernel (fp32 activations, fp32 accumulation). "q8_0": the
+    activations are quantized per 32-block to int8 and the dot products run on VNNI, as
+    llama.cpp does (lossy; the plan says so and its accuracy check measured it); a library or
+    host without VNNI runs the exact kernel instead. Kernel handles are kept on the weight."""
+    cached = getattr(weight, "tvm_fns", None)
+    if cached is None:
+        cached = weight.tvm_fns = {}
+    entry = cached.get(activations)
+    if entry is None:
+        vfn = lib.vnni_fn(weight.fmt, *weight.shape) if activations == "q8_0" and _use_vnni() else None
+        entry = cached[activations] = (vfn, True) if vfn is not None else (lib.quant_linear_fn(weight.fmt, *weight.shape), False)
+    fn, vnni = entry
     n, k = weight.shape
     x2 = x.reshape(-1, k)
     if not x2.is_contiguous() or x2.dtype != torch.float32:
@@ -204,7 +214,7 @@ def linear(lib: TvmKernels, x: torch.Tensor, weight, bias: torch.Tensor | None =
     out = torch.empty(x2.shape[0], n, dtype=torch.float32)
     if x2.shape[0]:
         p = weight.parts
-        if getattr(weight, "tvm_vnni", False):
+        if vnni:
             fn(x2, p[0], p[1], p[2] if len(p) == 3 else p[1], out, *lib.vnni_scratch(weight.fmt, x2.shape[0], k))
         else:
             fn(x2, p[0], p[1], p[2] if len(p) == 3 else p[1], out)
