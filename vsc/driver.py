@@ -139,8 +139,9 @@ def compile_to_server(module: ServingModule, pipeline: str, out_dir: Path, spec_
     t0 = time.perf_counter()
     recorder = _RecordVerifications()
     verify_or_raise(module)
+    from vsc.backends.kernel_costs import MeasuredKernelCosts
     manager = PassManager(pipeline, [*(instruments or []), recorder], numeric_check=recorder.numeric_check,
-                          reproducer_dir=reproducer_dir)
+                          reproducer_dir=reproducer_dir, kernel_costs=MeasuredKernelCosts())
     final = manager.run(module)
     times["passes"] = time.perf_counter() - t0
 

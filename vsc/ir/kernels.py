@@ -113,19 +113,26 @@ def default_kernel(op_kind: str, cache_layout: str = "contiguous", cache_dtype: 
 BACKEND_PREFERENCE = {"cuda": ("triton", "torch"), "cpu": ("tvm", "torch")}
 
 
-def best_kernel(op_kind: str, target: str, cache_layout: str, cache_dtype: str = "f32",
-                weight_dtype: str | None = None, dtype: str | None = None) -> str | None:
-    """The preferred kernel for an op kind on a target, cache layout and cache dtype that reads
+def fitting_kernels(op_kind: str, target: str, cache_layout: str, cache_dtype: str = "f32",
+                    weight_dtype: str | None = None, dtype: str | None = None) -> list[str]:
+    """Every kernel that implements an op kind on a target, cache layout and cache dtype, reads
     `weight_dtype` (the op's main weight, if it has one) and computes in `dtype` (its float
-    results' element type), or None if none fits."""
+    results' element type), in the target's backend preference order."""
     fitting = [k for k in KERNELS.values()
                if op_kind in k.ops and target in k.targets and cache_layout in k.cache_layouts
                and cache_dtype in k.cache_dtypes and (weight_dtype is None or weight_dtype in k.weight_dtypes)
                and (dtype is None or dtype in k.dtypes)]
     quant = weight_dtype if weight_dtype in QUANT_DTYPES else None
+    default = default_kernel(op_kind, cache_layout, cache_dtype, quant)
+    out: list[str] = []
     for backend in BACKEND_PREFERENCE.get(target, ("torch",)):
-        names = sorted(k.name for k in fitting if k.name.startswith(backend + "."))
-        if names:
-            default = default_kernel(op_kind, cache_layout, cache_dtype, quant)
-            return default if default in names else names[0]
-    return None
+        names = sorted((k.name for k in fitting if k.name.startswith(backend + ".")), key=lambda n: (n != default, n))
+        out += names
+    return out
+
+
+def best_kernel(op_kind: str, target: str, cache_layout: str, cache_dtype: str = "f32",
+                weight_dtype: str | None = None, dtype: str | None = None) -> str | None:
+    """The preferred fitting kernel (`fitting_kernels`' first), or None if none fits."""
+    fitting = fitting_kernels(op_kind, target, cache_layout, cache_dtype, weight_dtype, dtype)
+    return fitting[0] if fitting else None

@@ -60,6 +60,9 @@ class Pass:
     options: ClassVar[tuple[Option, ...]] = ()
     requires: ClassVar[tuple[str, ...]] = ()
     may_change_outputs: ClassVar[bool] = False
+    # Set by the PassManager: measures candidate kernels on the target, (module, op, kernel
+    # names) -> {name: microseconds}, or None where nothing measures (passes fall back to rules).
+    kernel_costs: Any = None
 
     def __init__(self, **values: Any):
         known = {o.name: o for o in self.options}

@@ -29,12 +29,13 @@ NumericCheck = Callable[[ServingModule], "str | None"]
 class PassManager:
     def __init__(self, passes: list[Pass] | str, instruments: list[Instrument] | None = None,
                  verify_each: bool = True, numeric_check: NumericCheck | None = None,
-                 reproducer_dir: str | Path | None = None):
+                 reproducer_dir: str | Path | None = None, kernel_costs=None):
         self.passes = build_pipeline(passes) if isinstance(passes, str) else list(passes)
         self.instruments = list(instruments or [])
         self.verify_each = verify_each
         self.numeric_check = numeric_check
         self.reproducer_dir = Path(reproducer_dir) if reproducer_dir else None
+        self.kernel_costs = kernel_costs      # measures kernels on the target (the driver supplies one)
 
     @property
     def pipeline_text(self) -> str:
@@ -50,6 +51,7 @@ class PassManager:
             for inst in self.instruments:
                 inst.before_pass(p, index, text, format_pipeline(done))
             start = time.perf_counter()
+            p.kernel_costs = self.kernel_costs
             try:
                 out = p.run(module)
             except VscError as e:

@@ -14,7 +14,7 @@ layout (fusions, paged-kv), or the layout-dependent choice (attention) is stale.
 from __future__ import annotations
 
 from vsc.errors import VscError
-from vsc.ir.kernels import best_kernel
+from vsc.ir.kernels import fitting_kernels
 from vsc.ir.module import KernelRef, ServingModule, walk_ops
 from vsc.ir.ops import OPS
 from vsc.ir.types import FLOAT_DTYPES, pass_origin
@@ -43,6 +43,7 @@ class SelectKernels(Pass):
         if activations == "auto":
             bar = (module.deployment.get("accuracy") or {}).get("kind")
             activations = "q8_0" if bar == "logits_tol" else "f32"
+        measured: dict[tuple, dict[str, float]] = {}
         for op in walk_ops(module.model.func.body):
             if OPS[op.kind].structural:
                 continue
@@ -52,7 +53,8 @@ class SelectKernels(Pass):
                 continue      # a weight in a kernel's private layout (pack-linear-weights): its kernel stays
             weight_dtype = weight.type.dtype if weight is not None else None
             dtype = next((t.dtype for t in op.types if t.dtype in FLOAT_DTYPES), None)
-            choice = best_kernel(op.kind, target, module.cache.layout, module.cache.dtype, weight_dtype, dtype)
+            fitting = fitting_kernels(op.kind, target, module.cache.layout, module.cache.dtype, weight_dtype, dtype)
+            choice = self._measured_choice(module, op, fitting, measured) or (fitting[0] if fitting else None)
             if choice is None:
                 raise VscError(f"no kernel implements {op.kind} on {target} with a {module.cache.layout} "
                                f"{module.cache.dtype} cache")
@@ -60,3 +62,22 @@ class SelectKernels(Pass):
             if op.kernel is None or op.kernel.name != choice or op.kernel.config != config:
                 op.kernel = KernelRef(choice, config)
                 op.origin = pass_origin(self.name)
+        if any(len(c) >= 2 for c in measured.values()):     # the cost table behind the choices, in the plan for whoever reads the dump
+            module.schedule.attrs = {**module.schedule.attrs, "kernel_costs": [
+                {"op": kind, "shape": shape, "kernel": name, "us": round(us, 2)}
+                for (kind, shape), costs in sorted(measured.items()) if len(costs) >= 2
+                for name, us in sorted(costs.items())]}
+            module.schedule.origin = pass_origin(self.name)
+
+    def _measured_choice(self, module: ServingModule, op, fitting: list[str], measured: dict) -> str | None:
+        """The fitting kernel that measured fastest on this target for the op's shapes, when a
+        cost model measured at least two of them; None: keep the catalog's preference order."""
+        if self.kernel_costs is None or len(fitting) < 2:
+            return None
+        main = op.operands[1] if len(op.operands) > 1 and op.operands[1].startswith("@") else None
+        weight = f" x {module.model.weight(main).type}" if main and module.model.weight(main) else ""
+        key = (op.kind, ", ".join(str(t) for t in op.types) + weight)
+        if key not in measured:
+            measured[key] = self.kernel_costs(module, op, fitting) or {}
+        costs = measured[key]
+        return min(costs, key=costs.get) if len(costs) >= 2 else None
