@@ -92,7 +92,7 @@ def main() -> None:
                                 ring, budget, rounds)
                     rows.append(("tvm fp32", dt, nbytes))
                     if fn_v is not None:
-                        dt = timeit(lambda i: tvm_ops.quant_linear_vnni(lib, x, weights[i], fmt, out=out, fn=fn_v),
+                        dt = timeit(lambda i: tvm_ops.quant_linear(lib, x, weights[i], fmt, out=out, fn=fn_v, vnni=True),
                                     ring, budget, rounds)
                         rows.append(("tvm vnni", dt, nbytes))
                     if ws is not None:

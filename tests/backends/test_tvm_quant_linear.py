@@ -175,7 +175,7 @@ def test_vnni_matches_emulation_and_reference(vlib, fmt, shape):
         x[0, :32] = 0.0  # an all-zero activation block
         if m > 1:
             x[1] *= 1e3
-        y = tvm_ops.quant_linear_vnni(vlib, x, parts, fmt)
+        y = tvm_ops.quant_linear(vlib, x, parts, fmt, vnni=True)
         assert y.shape == (m, n) and y.dtype == torch.float32
         ref, mag, xq, dx = _emulate_vnni(x, parts, fmt)
         # exact integer dots; fp32 scaling and summation of at most 2 * K / 4 + 16 terms
@@ -199,7 +199,7 @@ def test_vnni_linear_and_generic_target(vlib, lib):
     bias = torch.randn(n)
     y = tvm_ops.linear(vlib, x, wt, bias)
     assert wt.tvm_vnni and y.shape == (2, 3, n)
-    torch.testing.assert_close(y, tvm_ops.quant_linear_vnni(vlib, x, wt.part_dict, "q4_1") + bias)
+    torch.testing.assert_close(y, tvm_ops.quant_linear(vlib, x, wt.part_dict, "q4_1", vnni=True) + bias)
     full = x @ wt.dequantize().T + bias
     assert ((y - full).norm() / full.norm()).item() < 0.03
     # a generic llvm target builds no VNNI kernels; linear() falls back to the exact one

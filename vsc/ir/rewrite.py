@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from typing import Iterator
 
+from vsc.errors import VscError
 from vsc.ir.module import ModelGraph, Op, ServingModule, Weight
+from vsc.ir.sizes import kv_bytes_per_token, weight_bytes
 from vsc.ir.types import TensorType
 
 
@@ -68,3 +70,19 @@ def derived_name(weight: str, old: str, new: str, fallback_suffix: str) -> str:
     if old in weight:
         return weight.replace(old, new, 1)
     return weight + fallback_suffix
+
+
+def credit_freed_weight_bytes(module: ServingModule, before: int, origin) -> None:
+    """Give the bytes a weight rewrite freed (`before` = weight_bytes ahead of it) to the KV
+    cache budget; VscError when the rewrite grew the weights past what the cache still needs
+    (a quantized copy of a tied head can outweigh the savings)."""
+    saved = before - weight_bytes(module.model)
+    if not saved:
+        return
+    cache = module.cache
+    cache.budget_bytes += saved
+    cache.origin = origin
+    need = cache.capacity_tokens * kv_bytes_per_token(module.model.attrs, cache.dtype)
+    if need > cache.budget_bytes:
+        raise VscError(f"the quantized weights need {-saved} B more than the float ones, and the KV cache "
+                       f"({need} B) no longer fits its budget ({cache.budget_bytes} B)")

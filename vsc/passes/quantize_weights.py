@@ -29,8 +29,8 @@ from __future__ import annotations
 from vsc.errors import VscError
 from vsc.ir.kernels import best_kernel
 from vsc.ir.module import KernelRef, ModelGraph, ServingModule, Weight, walk_ops
-from vsc.ir.rewrite import unique_weight_name
-from vsc.ir.sizes import kv_bytes_per_token, weight_bytes
+from vsc.ir.rewrite import credit_freed_weight_bytes, unique_weight_name
+from vsc.ir.sizes import weight_bytes
 from vsc.ir.types import FLOAT_DTYPES, QUANT_DTYPES, TensorType, pass_origin
 from vsc.passes.base import Option, Pass, register_pass
 
@@ -80,14 +80,7 @@ class QuantizeWeights(Pass):
             if table in made:
                 op.attrs = {**op.attrs, "dtype": model.weight(table).type.dtype}
                 self._retarget(module, op, made[table], origin)
-        saved = before - weight_bytes(model)
-        cache = module.cache
-        cache.budget_bytes += saved
-        cache.origin = origin
-        need = cache.capacity_tokens * kv_bytes_per_token(module.model.attrs, cache.dtype)
-        if need > cache.budget_bytes:       # only when a quantized copy of a tied head outweighs the savings
-            raise VscError(f"the quantized weights need {-saved} B more than the float ones, and the KV cache "
-                           f"({need} B) no longer fits its budget ({cache.budget_bytes} B)")
+        credit_freed_weight_bytes(module, before, origin)
 
     def _retarget(self, module: ServingModule, op, weight: str, origin) -> None:
         kernel = best_kernel(op.kind, module.target.kind, module.cache.layout, module.cache.dtype, self.format)

@@ -57,8 +57,8 @@ from __future__ import annotations
 from vsc.errors import VscError
 from vsc.ir.kernels import default_kernel
 from vsc.ir.module import KernelRef, ModelGraph, ServingModule, Weight, walk_ops
-from vsc.ir.rewrite import unique_weight_name
-from vsc.ir.sizes import kv_bytes_per_token, weight_bytes
+from vsc.ir.rewrite import credit_freed_weight_bytes, unique_weight_name
+from vsc.ir.sizes import weight_bytes
 from vsc.ir.types import TensorType, pass_origin
 from vsc.ir.weight_inits import int8_group_size
 from vsc.passes.base import Option, Pass, register_pass
@@ -103,15 +103,7 @@ class WeightInt8(Pass):
             op.attrs = {"group": self.group}
             op.kernel = KernelRef(default_kernel("linear_int8"))
             op.origin = origin        # result type unchanged: x.with_last(out), as for linear
-        saved = before - weight_bytes(model)
-        if saved:
-            cache = module.cache
-            cache.budget_bytes += saved
-            cache.origin = origin
-            need = cache.capacity_tokens * kv_bytes_per_token(module.model.attrs, cache.dtype)
-            if need > cache.budget_bytes:     # only when an int8 copy of a tied head outweighs the savings
-                raise VscError(f"the quantized weights need {-saved} B more than the float ones, and the KV cache "
-                               f"({need} B) no longer fits its budget ({cache.budget_bytes} B)")
+        credit_freed_weight_bytes(module, before, origin)
 
     def _declare(self, model: ModelGraph, weight: str, origin) -> tuple[str, str]:
         source = model.weight(weight)

@@ -10,7 +10,7 @@ Kernel names: `quant_linear_<fmt>_<N>x<K>(x, qs, d, m, y)` and
 built for an AVX-512 VNNI target also hold `quant_linear_vnni_<fmt>_<N>x<K>(x, qs, d, m, y, xq,
 xb, xs, xm)` (int8 activations, llama.cpp-style; the last four are scratch, see
 `vnni_scratch`): `linear()` uses it when present and the host CPU has avx512_vnni + avx512vl
-(VSC_TVM_VNNI=0 turns that off), `quant_linear_vnni()` calls it explicitly.
+(VSC_TVM_VNNI=0 turns that off), `quant_linear(..., vnni=True)` calls it explicitly.
 """
 from __future__ import annotations
 
@@ -120,11 +120,13 @@ def _args(parts, fmt: str) -> tuple:
 
 
 def quant_linear(lib: TvmKernels, x: torch.Tensor, parts, fmt: str, out: torch.Tensor | None = None,
-                 fn=None) -> torch.Tensor:
+                 fn=None, vnni: bool = False) -> torch.Tensor:
     """y[..., N] = x[..., K] @ dequant(W)^T with the compiled kernel (x float32, contiguous).
 
-    `fn`: the kernel handle (`lib.quant_linear_fn(fmt, N, K)`) when the caller keeps it;
-    `out`: a contiguous float32 [..., N] tensor to write into (no allocation)."""
+    `vnni`: the int8-activation kernel (x quantized per 32-block to int8, as llama.cpp does:
+    results differ from the exact kernel by that rounding); KeyError if the library lacks it.
+    `fn`: the kernel handle (`lib.quant_linear_fn(fmt, N, K)` / `lib.vnni_fn(...)`) when the
+    caller keeps it; `out`: a contiguous float32 [..., N] tensor to write into (no allocation)."""
     n, k = weight_shape(parts, fmt)
     x2 = x.reshape(-1, k)
     if out is None:
@@ -132,26 +134,11 @@ def quant_linear(lib: TvmKernels, x: torch.Tensor, parts, fmt: str, out: torch.T
     if x2.shape[0] == 0:
         return out
     if fn is None:
-        fn = lib.quant_linear_fn(fmt, n, k)
-    fn(x2, *_args(parts, fmt), out.view(-1, n))
-    return out
-
-
-def quant_linear_vnni(lib: TvmKernels, x: torch.Tensor, parts, fmt: str, out: torch.Tensor | None = None,
-                      fn=None) -> torch.Tensor:
-    """Like `quant_linear` with the int8-activation VNNI kernel (x quantized per 32-block to
-    int8, as llama.cpp does: results differ from the exact kernel by that rounding)."""
-    n, k = weight_shape(parts, fmt)
-    x2 = x.reshape(-1, k)
-    if out is None:
-        out = torch.empty(*x.shape[:-1], n, dtype=torch.float32)
-    if x2.shape[0] == 0:
-        return out
-    if fn is None:
-        fn = lib.vnni_fn(fmt, n, k)
+        fn = lib.vnni_fn(fmt, n, k) if vnni else lib.quant_linear_fn(fmt, n, k)
         if fn is None:
             raise KeyError(f"TVM kernel library {lib.path} has no function quant_linear_vnni_{fmt}_{n}x{k}")
-    fn(x2, *_args(parts, fmt), out.view(-1, n), *lib.vnni_scratch(fmt, x2.shape[0], k))
+    scratch = lib.vnni_scratch(fmt, x2.shape[0], k) if vnni else ()
+    fn(x2, *_args(parts, fmt), out.view(-1, n), *scratch)
     return out
 
 
