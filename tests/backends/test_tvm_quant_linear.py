@@ -197,16 +197,19 @@ def test_vnni_linear_and_generic_target(vlib, lib):
     wt = QuantTensor.quantize(_weights(n, k, 5), "q4_1")
     x = torch.randn(2, 3, k)
     bias = torch.randn(n)
-    y = tvm_ops.linear(vlib, x, wt, bias)
-    assert wt.tvm_vnni and y.shape == (2, 3, n)
+    y = tvm_ops.linear(vlib, x, wt, bias, activations="q8_0")
+    assert wt.tvm_fns["q8_0"][1] and y.shape == (2, 3, n)          # the VNNI kernel ran
     torch.testing.assert_close(y, tvm_ops.quant_linear(vlib, x, wt.part_dict, "q4_1", vnni=True) + bias)
     full = x @ wt.dequantize().T + bias
     assert ((y - full).norm() / full.norm()).item() < 0.03
-    # a generic llvm target builds no VNNI kernels; linear() falls back to the exact one
+    exact = tvm_ops.linear(vlib, x, wt, bias)                       # activations f32 (the default): exact
+    assert not wt.tvm_fns["f32"][1]
+    torch.testing.assert_close(exact, full, rtol=1e-5, atol=1e-4)
+    # a generic llvm target builds no VNNI kernels; q8_0 activations fall back to the exact kernel
     assert lib.vnni_fn("q4_1", n, k) is None
     wt2 = QuantTensor.quantize(_weights(n, k, 5), "q4_1")
-    y2 = tvm_ops.linear(lib, x, wt2)
-    assert not wt2.tvm_vnni
+    y2 = tvm_ops.linear(lib, x, wt2, activations="q8_0")
+    assert not wt2.tvm_fns["q8_0"][1]
     torch.testing.assert_close(y2, x @ wt2.dequantize().T, rtol=1e-5, atol=1e-4)
     assert vlib.vnni_fn("q4_1", 7, 64) is None
 
