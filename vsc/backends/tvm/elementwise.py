@@ -11,8 +11,9 @@ and a layer's norms and rotations are ~15 of them.
                                          HF rotate-half RoPE of q [T, Hq*D], k [T, Hk*D]
                                          by per-token cos/sin rows [T, D]                (torch: ~12 calls)
 
-All float32, contiguous (any alignment), rows (M / T) dynamic. Reductions accumulate 16 lanes then a
-shuffle tree, so a norm may differ from torch's in the last bit (the accuracy check after
+All float32, contiguous (any alignment), rows (M / T) dynamic, any size (16-lane vectors where 16
+divides a row, narrower otherwise). Reductions accumulate per lane, then sum the lanes, so a norm
+may differ from torch's in the last bit (the accuracy check after
 select-kernels decides). Names carry the baked shapes; `vsc.runtime.kernels.tvm_ops` calls
 them. Loops over rows are serial: at decode sizes a row is < 1 us of work and waking a
 second thread costs more.
@@ -42,34 +43,34 @@ def rope_name(hq: int, hk: int, d: int) -> str:
     return f"rope_{hq}_{hk}_{d}"
 
 
-def _check_lanes(n: int, what: str) -> None:
-    if n <= 0 or n % LANES:
-        raise ValueError(f"{what} {n} is not a positive multiple of {LANES}")
+def _lanes(n: int, what: str) -> int:
+    """The vector width for rows of n floats: 16 (AVX-512) when it divides n, else the
+    largest power of two that does."""
+    if n <= 0:
+        raise ValueError(f"{what} {n} is not positive")
+    return next(lanes for lanes in (LANES, 8, 4, 2, 1) if n % lanes == 0)
 
 
 def make_rmsnorm(H: int, fused_add: bool):
-    _check_lanes(H, "hidden size")
+    V = _lanes(H, "hidden size")
     name = add_rmsnorm_name(H) if fused_add else rmsnorm_name(H)
     inv_h = 1.0 / H
 
     @T.macro
     def body(X, W, Y, eps, M, acc, red):
         for m in range(M):
-            for l in T.vectorized(LANES):
+            for l in T.vectorized(V):
                 acc[l] = T.float32(0)
-            for c in range(H // LANES):
-                for l in T.vectorized(LANES):
-                    acc[l] = acc[l] + X[m, c * LANES + l] * X[m, c * LANES + l]
-            for l in T.vectorized(8):
-                red[l] = acc[l] + acc[l + 8]
-            for l in T.vectorized(4):
-                red[l] = red[l] + red[l + 4]
-            for l in T.vectorized(2):
-                red[l] = red[l] + red[l + 2]
-            red[8] = T.rsqrt((red[0] + red[1]) * T.float32(inv_h) + eps)
-            for c in range(H // LANES):
-                for l in T.vectorized(LANES):
-                    Y[m, c * LANES + l] = X[m, c * LANES + l] * red[8] * W[c * LANES + l]
+            for c in range(H // V):
+                for l in T.vectorized(V):
+                    acc[l] = acc[l] + X[m, c * V + l] * X[m, c * V + l]
+            red[0] = T.float32(0)
+            for l in range(V):
+                red[0] = red[0] + acc[l]
+            red[1] = T.rsqrt(red[0] * T.float32(inv_h) + eps)
+            for c in range(H // V):
+                for l in T.vectorized(V):
+                    Y[m, c * V + l] = X[m, c * V + l] * red[1] * W[c * V + l]
 
     if fused_add:
         @T.prim_func(s_tir=True)
@@ -84,9 +85,9 @@ def make_rmsnorm(H: int, fused_add: bool):
             acc = T.alloc_buffer((LANES,), "float32", scope="global")
             red = T.alloc_buffer((LANES,), "float32", scope="global")
             for m in range(M):
-                for c in range(H // LANES):
-                    for l in T.vectorized(LANES):
-                        S[m, c * LANES + l] = A[m, c * LANES + l] + B[m, c * LANES + l]
+                for c in range(H // V):
+                    for l in T.vectorized(V):
+                        S[m, c * V + l] = A[m, c * V + l] + B[m, c * V + l]
             body(S, W, Y, eps, M, acc, red)
         return func
 
@@ -104,7 +105,7 @@ def make_rmsnorm(H: int, fused_add: bool):
 
 
 def make_silu_mul(F: int):
-    _check_lanes(F, "intermediate size")
+    V = _lanes(F, "intermediate size")
     name = silu_mul_name(F)
 
     @T.prim_func(s_tir=True)
@@ -114,10 +115,10 @@ def make_silu_mul(F: int):
         X = T.match_buffer(x_h, (M, 2 * F), "float32", align=ALIGN)
         Y = T.match_buffer(y_h, (M, F), "float32", align=ALIGN)
         for m in range(M):
-            for c in range(F // LANES):
-                for l in T.vectorized(LANES):
-                    Y[m, c * LANES + l] = X[m, c * LANES + l] / (T.float32(1) + T.exp(T.float32(0) - X[m, c * LANES + l])) \
-                        * X[m, F + c * LANES + l]
+            for c in range(F // V):
+                for l in T.vectorized(V):
+                    Y[m, c * V + l] = X[m, c * V + l] / (T.float32(1) + T.exp(T.float32(0) - X[m, c * V + l])) \
+                        * X[m, F + c * V + l]
     return func
 
 
@@ -126,7 +127,7 @@ def make_rope(HQ: int, HK: int, D: int):
         raise ValueError(f"head_dim {D} must be even")
     name = rope_name(HQ, HK, D)
     half = D // 2
-    lanes = LANES if half % LANES == 0 else half
+    lanes = _lanes(half, "half head_dim")
 
     @T.prim_func(s_tir=True)
     def func(q_h: T.handle, k_h: T.handle, c_h: T.handle, s_h: T.handle, qo_h: T.handle, ko_h: T.handle):
