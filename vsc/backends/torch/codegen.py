@@ -416,6 +416,7 @@ class _RunnerWriter:
             built, filename = plan_tvm_kernels(self.module)   # cached on disk; the emitter ships a copy
             c["TVM_KERNELS_FILE"] = filename
             c["TVM_KERNELS_BUILD"] = str(built)
+            c["TVM_THREADS"] = int(self.module.target.attrs.get("threads") or 0)    # 0: every core
         if self.attention is not None and self.attention.attrs.get("native"):
             from vsc.backends.native.build import build_native_kernels
             built = build_native_kernels()          # cached on disk; the emitter ships a copy in kernels/
@@ -630,7 +631,7 @@ class _RunnerWriter:
         if "NATIVE_KERNELS_FILE" in self.constants:     # native-attention: the server folder's kernels/ copy
             lines.append("NATIVE_KERNELS = load_native_kernels(__file__, NATIVE_KERNELS_FILE, NATIVE_KERNELS_BUILD)")
         if "TVM_KERNELS_FILE" in self.constants:        # TVM kernels: the server folder's kernels/ copy
-            lines.append("TVM_KERNELS = load_plan_kernels(__file__, TVM_KERNELS_FILE, TVM_KERNELS_BUILD)")
+            lines.append("TVM_KERNELS = load_plan_kernels(__file__, TVM_KERNELS_FILE, TVM_KERNELS_BUILD, TVM_THREADS)")
         return lines + [""]
 
     def _weight_table(self) -> list[str]:

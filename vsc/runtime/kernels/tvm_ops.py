@@ -164,9 +164,16 @@ def set_num_threads(n: int) -> None:
 KERNELS_DIR = "kernels"
 
 
-def load_plan_kernels(module_file: str, filename: str, built: str) -> TvmKernels:
+def load_plan_kernels(module_file: str, filename: str, built: str, threads: int = 0) -> TvmKernels:
     """The plan's kernel library: the server folder's kernels/ copy (beside `module_file`, the
-    generated model.py), else the build `vsc compile` used (while it checks accuracy)."""
+    generated model.py), else the build `vsc compile` used (while it checks accuracy).
+
+    `threads`: the plan's cores (0: all), for the parallel row loops of the TVM kernels. Set as
+    TVM_NUM_THREADS before TVM's pool starts, unless the environment already says: left to its
+    own default the pool measured 18.2 ms per SmolLM2 decode step against 10.3 with 2 threads
+    on this 2-core box, and `runtime.config_threadpool` after start-up (15.8 ms) does not match
+    it either (bench/RESULTS.md)."""
+    os.environ.setdefault("TVM_NUM_THREADS", str(threads or os.cpu_count() or 1))
     candidates = [Path(module_file).parent / KERNELS_DIR / filename, Path(built)]
     path = next((p for p in candidates if p.is_file()), None)
     if path is None:
