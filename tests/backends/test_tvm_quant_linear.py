@@ -1,6 +1,8 @@
 """TVM quantized-linear kernels (vsc.backends.tvm) against the reference dequantize + matmul."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -221,3 +223,20 @@ def test_target_has_vnni():
     assert not target_has_vnni({"kind": "llvm"})
     assert not target_has_vnni({"kind": "llvm", "mcpu": "znver3"})
     assert target_has_vnni({"kind": "llvm", "mattr": ["+avx512vnni", "+avx512vl"]})
+
+
+def test_plan_kernels_come_from_the_server_folder_and_set_the_thread_count(lib, tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.delenv("TVM_NUM_THREADS", raising=False)
+    server = tmp_path / "server"
+    (server / "kernels").mkdir(parents=True)
+    shutil.copy2(lib.path, server / "kernels" / "vsc_tvm_x.so")
+    loaded = tvm_ops.load_plan_kernels(str(server / "model.py"), "vsc_tvm_x.so", "/nonexistent/build.so", 3)
+    assert loaded.path == str((server / "kernels" / "vsc_tvm_x.so").resolve())
+    assert os.environ["TVM_NUM_THREADS"] == "3"             # the plan's cores, before TVM's pool starts
+    monkeypatch.setenv("TVM_NUM_THREADS", "1")               # what the environment says wins
+    tvm_ops.load_plan_kernels(str(server / "model.py"), "vsc_tvm_x.so", "/nonexistent/build.so", 2)
+    assert os.environ["TVM_NUM_THREADS"] == "1"
+    with pytest.raises(RuntimeError, match="missing from"):
+        tvm_ops.load_plan_kernels(str(tmp_path / "other" / "model.py"), "vsc_tvm_x.so", "/nonexistent/build.so")
