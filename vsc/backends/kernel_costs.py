@@ -195,4 +195,5 @@ def _tvm_library(module: ServingModule, op: Op, name: str):
         quant, elementwise = [], [("rope", int(types[0].shape[-1]) // d, int(types[1].shape[-1]) // d, d)]
     else:
         return None
-    return load_tvm_kernels(build_quant_kernels(quant, elementwise=elementwise))
+    return load_tvm_kernels(build_quant_kernels(quant, elementwise=elementwise),
+                            int(module.target.attrs.get("threads") or 0))

@@ -104,8 +104,14 @@ class TvmKernels:
         return sc
 
 
-def load_tvm_kernels(path: str | os.PathLike) -> TvmKernels:
-    """The kernel library at `path` (loaded once per process)."""
+def load_tvm_kernels(path: str | os.PathLike, threads: int = 0) -> TvmKernels:
+    """The kernel library at `path` (loaded once per process). `threads` (0: every core) sizes
+    TVM's pool for the kernels' parallel loops, as TVM_NUM_THREADS before the pool starts
+    unless the environment already says: left to its own default the pool measured 18.2 ms
+    per SmolLM2 decode step against 10.3 with 2 threads on this 2-core box, and kept a core
+    busy while idle; `runtime.config_threadpool` after start-up (15.8 ms) does not match it
+    either (bench/RESULTS.md)."""
+    os.environ.setdefault("TVM_NUM_THREADS", str(threads or os.cpu_count() or 1))
     key = str(Path(path).resolve())
     lib = _LOADED.get(key)
     if lib is None:
@@ -168,18 +174,13 @@ def load_plan_kernels(module_file: str, filename: str, built: str, threads: int 
     """The plan's kernel library: the server folder's kernels/ copy (beside `module_file`, the
     generated model.py), else the build `vsc compile` used (while it checks accuracy).
 
-    `threads`: the plan's cores (0: all), for the parallel row loops of the TVM kernels. Set as
-    TVM_NUM_THREADS before TVM's pool starts, unless the environment already says: left to its
-    own default the pool measured 18.2 ms per SmolLM2 decode step against 10.3 with 2 threads
-    on this 2-core box, and `runtime.config_threadpool` after start-up (15.8 ms) does not match
-    it either (bench/RESULTS.md)."""
-    os.environ.setdefault("TVM_NUM_THREADS", str(threads or os.cpu_count() or 1))
+    `threads`: the plan's cores (0: all), see `load_tvm_kernels`."""
     candidates = [Path(module_file).parent / KERNELS_DIR / filename, Path(built)]
     path = next((p for p in candidates if p.is_file()), None)
     if path is None:
         raise RuntimeError(f"TVM kernel library {filename} is missing from {candidates[0].parent}; recompile the "
                            "server with `vsc compile`")
-    return load_tvm_kernels(path)
+    return load_tvm_kernels(path, threads)
 
 
 ACTIVATIONS = ("f32", "q8_0")   # tvm.quant_linear{activations}: x as is, or quantized per 32-block (VNNI)
