@@ -19,19 +19,14 @@ from pathlib import Path
 
 from vsc.errors import ModelError
 from vsc.ir.types import QUANT_DTYPES
+from vsc.runtime.quant_formats import is_gguf_path  # noqa: F401 - the one rule, re-exported for the compiler
 
-GGUF_SUFFIX = ".gguf"
 GGUF_MAGIC = b"GGUF"
 
 # general.architecture values vsc imports -> HF model_type (the graph builder's families).
 GGUF_ARCHES = {"llama": "llama", "qwen2": "qwen2"}
 # Storage types -> IR dtype ("float": the plan's float dtype, the tensor converted at load).
 _STORAGE = {"F32": "float", "F16": "float", "BF16": "float", **{d.upper(): d for d in QUANT_DTYPES}}
-
-
-def is_gguf_path(path: str | Path) -> bool:
-    p = Path(path)
-    return p.suffix.lower() == GGUF_SUFFIX and not p.is_dir()
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,7 @@ KERNELS: dict[str, KernelInfo] = {k.name: k for k in [
     _k("torch.linear_onednn", {"linear"}, targets=("cpu",),
        doc="oneDNN inner product over a weight packed once at load (pack-linear-weights)"),
     _k("torch.linear_quant", {"linear"}, weight_dtypes=QUANT_WEIGHT_DTYPES,
-       doc="block-quantized weight (q8_0/q4_0/q4_1) dequantized into a reused scratch matrix, then F.linear"),
+       doc="block-quantized weight (q8_0/q4_0/q4_1) dequantized whole every call, then F.linear (portable fallback)"),
     _k("tvm.quant_linear", {"linear"}, targets=("cpu",), weight_dtypes=QUANT_WEIGHT_DTYPES, dtypes=("f32",),
        doc="TVM kernel compiled by vsc compile for the host CPU: block-quantized weights unpacked in registers"),
     _k("tvm.rmsnorm", {"rmsnorm", "add_rmsnorm"}, targets=("cpu",), dtypes=("f32",),

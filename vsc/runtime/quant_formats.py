@@ -50,3 +50,14 @@ def check_shape(shape, fmt: str = "") -> tuple[int, int]:
     if k % BLOCK != 0 or k == 0:
         raise ValueError(f"{fmt or 'quantized'} weight: input dim K={k} is not a positive multiple of {BLOCK}")
     return n, k
+
+
+GGUF_SUFFIX = ".gguf"
+
+
+def is_gguf_path(path) -> bool:
+    """Whether a model path names a GGUF file (rather than an HF folder)."""
+    from pathlib import Path
+
+    p = Path(path)
+    return p.suffix.lower() == GGUF_SUFFIX and not p.is_dir()

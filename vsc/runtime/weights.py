@@ -24,10 +24,10 @@ from safetensors import safe_open
 from vsc.errors import ModelError
 from vsc.runtime import quant
 from vsc.runtime.kernels.torch_ops import rope_cos_sin
+from vsc.runtime.quant_formats import is_gguf_path
 from vsc.runtime.quant_tensor import QuantTensor, unpermute_rope_rows
 
 TORCH_DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16, "i8": torch.int8}
-GGUF_SUFFIX = ".gguf"
 
 LAYER, EXPERT = "{i}", "{e}"
 
@@ -157,10 +157,7 @@ class GGUFCheckpoint:
 
 def open_checkpoint(model_path: str | Path):
     """The checkpoint behind a plan's model path: a GGUF file, or an HF folder's safetensors."""
-    path = Path(model_path)
-    if path.suffix == GGUF_SUFFIX and not path.is_dir():
-        return GGUFCheckpoint(path)
-    return Checkpoint(path)
+    return GGUFCheckpoint(model_path) if is_gguf_path(model_path) else Checkpoint(model_path)
 
 
 def quantize_int8_groups(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,8 +186,6 @@ def _quantized(index: int):
     return make
 
 
-# Derived inits: (argument tensors, attrs, declared shape) -> the tensor (cast to the
-# entry's dtype afterwards). Typing rules: vsc/ir/weight_inits.py.
 def _concat(parts: list, attrs: dict[str, Any], shape: tuple[int, ...]):
     if any(isinstance(p, QuantTensor) for p in parts):
         if attrs.get("axis", 0) != 0:
@@ -199,6 +194,8 @@ def _concat(parts: list, attrs: dict[str, Any], shape: tuple[int, ...]):
     return torch.cat(parts, dim=attrs.get("axis", 0))
 
 
+# Derived inits: (argument tensors, attrs, declared shape) -> the tensor (cast to the
+# entry's dtype afterwards). Typing rules: vsc/ir/weight_inits.py.
 DERIVED_INITS: dict[str, Any] = {
     "concat": _concat,
     # quantize-weights: llama.cpp's block formats made from a float weight

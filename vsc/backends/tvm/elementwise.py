@@ -129,6 +129,16 @@ def make_rope(HQ: int, HK: int, D: int):
     half = D // 2
     lanes = _lanes(half, "half head_dim")
 
+    @T.macro
+    def rotate(X, XO, heads, m, C, S):
+        for h in range(heads):
+            for c in range(half // lanes):
+                for l in T.vectorized(lanes):
+                    XO[m, h * D + c * lanes + l] = X[m, h * D + c * lanes + l] * C[m, c * lanes + l] \
+                        - X[m, h * D + half + c * lanes + l] * S[m, c * lanes + l]
+                    XO[m, h * D + half + c * lanes + l] = X[m, h * D + half + c * lanes + l] * C[m, half + c * lanes + l] \
+                        + X[m, h * D + c * lanes + l] * S[m, half + c * lanes + l]
+
     @T.prim_func(s_tir=True)
     def func(q_h: T.handle, k_h: T.handle, c_h: T.handle, s_h: T.handle, qo_h: T.handle, ko_h: T.handle):
         T.func_attr({"global_symbol": name, "tirx.noalias": True})
@@ -140,20 +150,8 @@ def make_rope(HQ: int, HK: int, D: int):
         QO = T.match_buffer(qo_h, (M, HQ * D), "float32", align=ALIGN)
         KO = T.match_buffer(ko_h, (M, HK * D), "float32", align=ALIGN)
         for m in range(M):
-            for h in range(HQ):
-                for c in range(half // lanes):
-                    for l in T.vectorized(lanes):
-                        QO[m, h * D + c * lanes + l] = Q[m, h * D + c * lanes + l] * C[m, c * lanes + l] \
-                            - Q[m, h * D + half + c * lanes + l] * S[m, c * lanes + l]
-                        QO[m, h * D + half + c * lanes + l] = Q[m, h * D + half + c * lanes + l] * C[m, half + c * lanes + l] \
-                            + Q[m, h * D + c * lanes + l] * S[m, half + c * lanes + l]
-            for h in range(HK):
-                for c in range(half // lanes):
-                    for l in T.vectorized(lanes):
-                        KO[m, h * D + c * lanes + l] = K[m, h * D + c * lanes + l] * C[m, c * lanes + l] \
-                            - K[m, h * D + half + c * lanes + l] * S[m, c * lanes + l]
-                        KO[m, h * D + half + c * lanes + l] = K[m, h * D + half + c * lanes + l] * C[m, half + c * lanes + l] \
-                            + K[m, h * D + c * lanes + l] * S[m, half + c * lanes + l]
+            rotate(Q, QO, HQ, m, C, S)
+            rotate(K, KO, HK, m, C, S)
     return func
 
 

@@ -123,11 +123,9 @@ def linear_int8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
 
 def linear_quant(x: torch.Tensor, weight: QuantTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """torch.linear_quant: x @ dequant(weight)^T (+ bias) for a block-quantized weight
-    (q8_0/q4_0/q4_1): the blocks are dequantized into a reused scratch matrix, then F.linear.
-    The portable fallback (and the reference the compiled kernels are tested against)."""
-    buf = _scratch(torch.Size(weight.shape), x.dtype, x.device)
-    buf.copy_(weight.dequantize())
-    return F.linear(x, buf, bias)
+    (q8_0/q4_0/q4_1): the whole matrix dequantized, then F.linear. The portable fallback (a
+    cpu plan of a GGUF starts on tvm.quant_linear instead)."""
+    return F.linear(x, weight.dequantize().to(x.dtype), bias)
 
 
 def embedding_quant(tokens: torch.Tensor, table: QuantTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
