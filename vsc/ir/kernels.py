@@ -62,6 +62,9 @@ KERNELS: dict[str, KernelInfo] = {k.name: k for k in [
     _k("tvm.silu_mul", {"silu_mul"}, targets=("cpu",), dtypes=("f32",), doc="TVM kernel: silu(gate) * up in one pass"),
     _k("tvm.rope", {"rope_rotate"}, targets=("cpu",), dtypes=("f32",),
        doc="TVM kernel: q and k rotated by the step's cos/sin rows in one call"),
+    _k("tvm.paged_attention", {"attention"}, targets=("cpu",), layouts=("paged",), cache_dtypes=("f32",), dtypes=("f32",),
+       doc="TVM kernels: K/V written to their slots, decode attention read in place through the block table "
+           "(GQA groups share each K/V row, split-K for few long contexts); prefill spans and cascades take torch's path"),
     _k("torch.embedding_quant", {"embed"}, weight_dtypes=QUANT_WEIGHT_DTYPES,
        doc="gather rows of a block-quantized table, dequantize them"),
     _k("torch.split", {"split"}, doc="views, no copy"),

@@ -51,6 +51,8 @@ class SelectKernels(Pass):
             weight = module.model.weight(main) if main else None
             if weight is not None and weight.init_fn in LAYOUT_BOUND_INITS:
                 continue      # a weight in a kernel's private layout (pack-linear-weights): its kernel stays
+            if op.attrs.get("native"):
+                continue      # native-attention's C++ kernel runs inside torch.paged_attention: it stays
             weight_dtype = weight.type.dtype if weight is not None else None
             dtype = next((t.dtype for t in op.types if t.dtype in FLOAT_DTYPES), None)
             fitting = fitting_kernels(op.kind, target, module.cache.layout, module.cache.dtype, weight_dtype, dtype)

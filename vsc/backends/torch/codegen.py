@@ -110,7 +110,8 @@ _WEIGHT_DTYPES = {**_TORCH_DTYPES, "i8": "torch.int8", **{q: "QuantTensor" for q
 
 # TVM kernels of the catalog a cpu runner calls: IR kernel -> function of
 # vsc.runtime.kernels.tvm_ops (imported as tvm_<name>); the library is built by vsc compile.
-_TVM_KERNELS = {"tvm.quant_linear": "linear", "tvm.rmsnorm": "rmsnorm", "tvm.silu_mul": "silu_mul", "tvm.rope": "rope"}
+_TVM_KERNELS = {"tvm.quant_linear": "linear", "tvm.rmsnorm": "rmsnorm", "tvm.silu_mul": "silu_mul", "tvm.rope": "rope",
+                "tvm.paged_attention": "paged_attention"}
 # The config each takes (`via tvm.quant_linear{activations = "q8_0"}`): key -> allowed values.
 _TVM_CONFIG = {"tvm.quant_linear": {"activations": ("f32", "q8_0")}}
 
@@ -539,6 +540,8 @@ class _RunnerWriter:
             fn = "add_rmsnorm" if op.kind == "add_rmsnorm" else _TVM_KERNELS[op.kernel.name]
             if op.kind in ("rmsnorm", "add_rmsnorm"):
                 args.append(self._attr(op, "eps"))
+            elif op.kind == "attention":
+                args += ["k_cache", "v_cache", "meta"] + [self._attr(op, k) for k in ("heads", "kv_heads", "head_dim", "scale")]
             args += [f"{key}={value!r}" for key, value in sorted(op.kernel.config.items())]
             return f"{results} = tvm_{fn}(TVM_KERNELS, {', '.join(args)})"
         fn = TORCH_KERNELS[op.kernel.name].__name__

@@ -1,4 +1,5 @@
-"""The TVM kernel library of a plan: one quantized-linear kernel per (format, N, K) its ops read.
+"""The TVM kernel library of a plan: one quantized-linear kernel per (format, N, K) its ops read,
+the fused elementwise kernels and the paged-attention kernels its ops name.
 
 `vsc compile` builds it (cached on disk by `vsc.backends.tvm.build`) for the host CPU; the
 server folder ships a copy in kernels/ under a name that carries the cache key, so a
@@ -12,7 +13,8 @@ from vsc.ir.module import ServingModule, walk_ops
 
 def plan_kernel_specs(module: ServingModule) -> tuple[list[tuple[str, int, int]], list[tuple]]:
     """The TVM kernels a plan's ops name: (format, N, K) of every weight a `tvm.quant_linear`
-    reads, and the elementwise kernels by kind and baked shape (`vsc.backends.tvm.elementwise`)."""
+    reads, and the elementwise and attention kernels by kind and baked shape
+    (`vsc.backends.tvm.elementwise`, `vsc.backends.tvm.attention`)."""
     quant, elementwise = set(), set()
     for op in walk_ops(module.model.func.body):
         name = op.kernel.name if op.kernel is not None else ""
@@ -23,6 +25,10 @@ def plan_kernel_specs(module: ServingModule) -> tuple[list[tuple[str, int, int]]
             elementwise.add((op.kind, int(op.types[0].shape[-1])))
         elif name == "tvm.silu_mul":
             elementwise.add(("silu_mul", int(op.types[0].shape[-1])))
+        elif name == "tvm.paged_attention":
+            hq, hk, d = (int(op.attrs[k]) for k in ("heads", "kv_heads", "head_dim"))
+            elementwise.add(("kv_write", hk, d))
+            elementwise.add(("paged_attention", hq, hk, d, int(module.cache.block_size)))
         elif name == "tvm.rope":
             d = int(op.attrs["head_dim"])
             elementwise.add(("rope", int(op.types[0].shape[-1]) // d, int(op.types[1].shape[-1]) // d, d))

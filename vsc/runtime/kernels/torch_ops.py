@@ -336,6 +336,7 @@ class AttentionMetadata:
     native: object | None = None
     gather_tables: torch.Tensor | None = None
     gather_lens: torch.Tensor | None = None
+    gather_longest: int = 0                       # the longest of gather_lens (host copy)
 
 
 @dataclass
@@ -392,7 +393,7 @@ def _gather_layout(meta: AttentionMetadata, block_tables: torch.Tensor, context_
                    lens_host: list[int] | None = None) -> None:
     """Fill meta's gather_blocks or gather_slots, and key_mask, for one query per sequence
     (and meta.cascade when a group shares a long enough prefix; cascade_min_tokens > 0)."""
-    meta.gather_tables, meta.gather_lens = block_tables, context_lens
+    meta.gather_tables, meta.gather_lens, meta.gather_longest = block_tables, context_lens, longest
     if cascade_min_tokens > 0 and block_size <= BLOCK_GATHER_MAX and block_tables.shape[0] > 1:
         lens = lens_host if lens_host is not None else context_lens.tolist()
         width = -(-longest // block_size)

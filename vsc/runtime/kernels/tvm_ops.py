@@ -19,8 +19,11 @@ import importlib.util
 import os
 from pathlib import Path
 
+import dataclasses
+
 import torch
 
+from vsc.runtime.kernels import torch_ops
 from vsc.runtime.quant import BLOCK, get_format, parts_tuple, weight_shape
 
 _RUNTIME = None
@@ -256,3 +259,71 @@ def rope(lib: TvmKernels, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
     qo, ko = torch.empty(q2.shape, dtype=torch.float32), torch.empty(k2.shape, dtype=torch.float32)
     lib.get(f"rope_{q2.shape[1] // d}_{k2.shape[1] // d}_{d}")(q2, k2, _rows(cos), _rows(sin), qo, ko)
     return qo.view(q.shape), ko.view(k.shape)
+
+
+#: Splitting a context over several tasks (flash-decoding) pays when rows x kv heads leave
+#: cores idle; each split keeps at least this many blocks.
+SPLIT_MIN_BLOCKS = 4
+
+
+def _pool_threads() -> int:
+    return int(os.environ.get("TVM_NUM_THREADS") or os.cpu_count() or 1)
+
+
+def decode_attention(lib: TvmKernels, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     tables: torch.Tensor, lens: torch.Tensor, longest: int, block_size: int,
+                     scale: float) -> torch.Tensor:
+    """One query row per entry of `lens` [R] (int64) over its context, read in place from the
+    paged caches [slots, kv_heads, hd] through `tables` [R, W] (int64 block ids): q [R, heads*hd]
+    -> [R, heads*hd]. `longest` = max(lens) (host int) sizes the split-K."""
+    r, width = q.shape
+    kv_heads, hd = k_cache.shape[1], k_cache.shape[2]
+    heads = width // hd
+    q2 = q if q.stride(-1) == 1 and q.dtype == torch.float32 else q.contiguous().to(torch.float32)
+    out = torch.empty(r, width, dtype=torch.float32)
+    if r == 0:
+        return out
+    blocks = -(-max(1, longest) // block_size)
+    tasks = r * kv_heads
+    want = -(-4 * _pool_threads() // tasks)                    # ~4 tasks per thread, for balance
+    splits = max(1, min(want, blocks // SPLIT_MIN_BLOCKS))
+    chunk = -(-blocks // splits)
+    g = heads // kv_heads
+    part_o = torch.empty(r, kv_heads, splits, g, hd, dtype=torch.float32)
+    part_ml = torch.empty(r, kv_heads, splits, g, 2, dtype=torch.float32)
+    tables = tables if tables.is_contiguous() else tables.contiguous()
+    lib.get(f"paged_attention_{heads}_{kv_heads}_{hd}_b{block_size}")(
+        q2, k_cache, v_cache, tables, lens, out, part_o, part_ml, chunk, scale)
+    return out
+
+
+def paged_attention(lib: TvmKernels, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, meta, heads: int, kv_heads: int, head_dim: int,
+                    scale: float) -> torch.Tensor:
+    """tvm.paged_attention: k, v [T, kv_heads*hd] written to their slots (kv_write), then each
+    one-query sequence attends in place through its block table (the TVM decode kernel, no
+    gather). The multi-token spans of a prefill step, and a cascade layout (cascade-attention)
+    where the step has one, take the torch paths of torch.paged_attention."""
+    t = q.shape[0]
+    k2 = k if k.stride(-1) == 1 and k.dtype == torch.float32 else k.contiguous().to(torch.float32)
+    v2 = v if v.stride(-1) == 1 and v.dtype == torch.float32 else v.contiguous().to(torch.float32)
+    lib.get(f"kv_write_{kv_heads}_{head_dim}")(k2.view(t, -1), v2.view(t, -1), meta.slot_mapping, k_cache, v_cache)
+    gqa = heads != kv_heads
+    if meta.cascade is not None:
+        qh = q.reshape(t, heads, head_dim)
+        if meta.is_decode:
+            return torch_ops._cascade_attention(qh, k_cache, v_cache, meta, scale)
+        return torch_ops._prefill_attention(qh, k.reshape(t, kv_heads, head_dim), v.reshape(t, kv_heads, head_dim),
+                                            k_cache, v_cache, meta, scale, gqa, contiguous=False)
+    if meta.is_decode:
+        return decode_attention(lib, q.reshape(t, -1), k_cache, v_cache, meta.gather_tables, meta.gather_lens,
+                                meta.gather_longest, meta.block_size, scale)
+    spans = dataclasses.replace(meta, single_rows=None)
+    out = torch_ops._prefill_attention(q.reshape(t, heads, head_dim), k.reshape(t, kv_heads, head_dim),
+                                       v.reshape(t, kv_heads, head_dim), k_cache, v_cache, spans, scale, gqa,
+                                       contiguous=False)
+    if meta.single_rows is not None:
+        out[meta.single_rows] = decode_attention(lib, q.reshape(t, -1)[meta.single_rows], k_cache, v_cache,
+                                                 meta.gather_tables, meta.gather_lens, meta.gather_longest,
+                                                 meta.block_size, scale)
+    return out
