@@ -37,6 +37,13 @@ class StepTimer:
         engine.scheduler.schedule = self._wrap("schedule", engine.scheduler.schedule)
         engine.runner.decode = self._wrap("decode forward", engine.runner.decode)
         engine.runner.prefill = self._wrap("prefill forward", engine.runner.prefill)
+        self.prefill_tokens = 0
+        prefill = engine.runner.prefill
+
+        def counted(batch):
+            self.prefill_tokens += int(batch.tokens.shape[0])
+            return prefill(batch)
+        engine.runner.prefill = counted
         engine.sampler = self._wrap("sample", engine.sampler)
         engine._run_step = self._wrap("whole step", engine._run_step)
         engine.scheduler.advance = self._wrap("advance", engine.scheduler.advance)
@@ -52,7 +59,8 @@ class StepTimer:
         return timed
 
     def report(self) -> str:
-        lines = [f"{'part':<18}{'calls':>8}{'total s':>10}{'ms/call':>10}"]
+        lines = [f"prefill computed {self.prefill_tokens} new tokens (prefix-cache hits excluded)",
+                 f"{'part':<18}{'calls':>8}{'total s':>10}{'ms/call':>10}"]
         for name, total in sorted(self.totals.items(), key=lambda kv: -kv[1]):
             n = self.counts[name]
             lines.append(f"{name:<18}{n:>8}{total:>10.3f}{1000 * total / n:>10.3f}")

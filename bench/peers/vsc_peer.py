@@ -18,13 +18,17 @@ from bench.peers.gguf_file import check_gguf, file_content_hash, gguf_dtype
 
 # Exact passes only (no int8): the same numbers as the peers' fp32. prefix-cache costs a
 # tree lookup per admission and pays on any workload whose prompts share a prefix.
+# select-kernels gives attention TVM's paged kernel (reads the cache in place), faster than
+# cascade-attention's torch path even behind a shared prefix, so the cascade is left out; the
+# tied LM head is packed for oneDNN as a second copy (SmolLM2: +113 MB, 17.9 -> 5.9 ms at 16
+# rows). bench/RESULTS.md has the A/Bs.
 DEFAULT_PIPELINE = ("fold-rope-tables,fuse-qkv,fuse-gate-up,paged-kv{block=16},"
                     "continuous-batching{max_batch=<max_batch>,max_tokens=2048},prefix-cache{policy=radix},"
-                    "cascade-attention,pack-linear-weights,intra-op-threads,select-kernels")
+                    "pack-linear-weights{tied_head=true},intra-op-threads,select-kernels")
 # A GGUF's linears stay block-quantized: pack-linear-weights (oneDNN packing of f32 linears) has
 # nothing to pack there and fails the compile, so vsc-gguf leaves it out; select-kernels runs
-# them (and the norms, rope, silu-mul) with the TVM kernels vsc compile builds for this CPU.
-DEFAULT_GGUF_PIPELINE = DEFAULT_PIPELINE.replace(",pack-linear-weights", "")
+# them (and the norms, rope, silu-mul, attention) with the TVM kernels vsc compile builds for this CPU.
+DEFAULT_GGUF_PIPELINE = DEFAULT_PIPELINE.replace(",pack-linear-weights{tied_head=true}", "")
 ACTIVATION_RESERVE = 0.10      # the share of `memory` vsc keeps back from weights + KV (vsc/frontend/lower.py)
 MEMORY_SLACK = 256 << 20       # on top: activations of a max_tokens step, the runtime
 

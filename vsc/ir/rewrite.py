@@ -74,15 +74,22 @@ def derived_name(weight: str, old: str, new: str, fallback_suffix: str) -> str:
 
 def credit_freed_weight_bytes(module: ServingModule, before: int, origin) -> None:
     """Give the bytes a weight rewrite freed (`before` = weight_bytes ahead of it) to the KV
-    cache budget; VscError when the rewrite grew the weights past what the cache still needs
-    (a quantized copy of a tied head can outweigh the savings)."""
+    cache budget, or take what it added (a packed or quantized copy of a tied head): when the
+    cache no longer fits, a paged cache shrinks to the whole blocks the budget still holds;
+    VscError when that is less than one max_context sequence (or the cache is contiguous)."""
     saved = before - weight_bytes(module.model)
     if not saved:
         return
     cache = module.cache
     cache.budget_bytes += saved
     cache.origin = origin
-    need = cache.capacity_tokens * kv_bytes_per_token(module.model.attrs, cache.dtype)
-    if need > cache.budget_bytes:
-        raise VscError(f"the quantized weights need {-saved} B more than the float ones, and the KV cache "
-                       f"({need} B) no longer fits its budget ({cache.budget_bytes} B)")
+    per_token = kv_bytes_per_token(module.model.attrs, cache.dtype)
+    if cache.capacity_tokens * per_token <= cache.budget_bytes:
+        return
+    block = max(1, int(cache.block_size or 1))
+    fits = max(0, cache.budget_bytes) // per_token // block * block
+    longest = int(module.deployment.get("max_context") or 0)
+    if cache.layout != "paged" or fits < max(block, longest):
+        raise VscError(f"the rewritten weights need {-saved} B more than before, and the KV cache "
+                       f"({cache.capacity_tokens * per_token} B) no longer fits its budget ({cache.budget_bytes} B)")
+    cache.capacity_tokens = fits

@@ -15,16 +15,19 @@ bandwidth. Measured (2 threads): SmolLM2-135M's 30 layers of linears at 16 rows 
 (vsc/runtime/kernels/torch_ops.py: linear_onednn). Memory: the packed copy replaces the
 original (a weight only feeding a derivation is dropped after load).
 
-`include_head`: also pack linears outside the layer region (the LM head); a weight shared
-with an embedding (tied) is never packed (the embedding needs the plain layout, and a
-second copy would cost its size again). CPU targets, f32 weights. oneDNN accumulates in
+`include_head`: also pack linears outside the layer region (the LM head). A weight shared
+with an embedding (tied) keeps its plain layout for the embedding, so packing it means a
+second copy: only with `tied_head=true`, which charges that copy to the KV cache budget
+(SmolLM2-135M: +113 MB; its head at 16 rows 17.9 -> 5.9 ms, at one row 9.6 -> 4.2 ms on
+2 threads, bench/RESULTS.md). CPU targets, f32 weights. oneDNN accumulates in
 another order than MKL: may_change_outputs=True, the accuracy check runs after it.
 """
 from __future__ import annotations
 
 from vsc.errors import VscError
 from vsc.ir.module import KernelRef, ModelGraph, ServingModule, Weight, walk_ops
-from vsc.ir.rewrite import unique_weight_name
+from vsc.ir.rewrite import credit_freed_weight_bytes, unique_weight_name
+from vsc.ir.sizes import weight_bytes
 from vsc.ir.types import pass_origin
 from vsc.passes.base import Option, Pass, register_pass
 
@@ -41,7 +44,9 @@ def packed_name(weight: str) -> str:
 class PackLinearWeights(Pass):
     name = "pack-linear-weights"
     summary = "linears by oneDNN over weights packed once at load (F.linear repacks them every call)"
-    options = (Option("include_head", bool, True, "also pack linears outside the layer region (never a tied head)"),)
+    options = (Option("include_head", bool, True, "also pack linears outside the layer region (the LM head)"),
+               Option("tied_head", bool, False, "also pack a head tied to the embedding, as a second copy charged "
+                      "to the KV cache budget"))
     may_change_outputs = True
 
     def apply(self, module: ServingModule) -> None:
@@ -53,11 +58,13 @@ class PackLinearWeights(Pass):
         plain_readers = {op.operands[1] for op in walk_ops(func.body) if op.kind != "linear" and len(op.operands) > 1}
         layer_ops = {id(op) for top in func.body if top.region is not None for op in walk_ops(top.region.ops)}
         packed: dict[str, str] = {}
+        before = weight_bytes(model)
         for op in walk_ops(func.body):
             if op.kind != "linear":
                 continue
             weight = op.operands[1]
-            if weight in plain_readers or (id(op) not in layer_ops and not self.include_head):
+            in_layer = id(op) in layer_ops
+            if (not in_layer and not self.include_head) or (weight in plain_readers and (in_layer or not self.tied_head)):
                 continue
             source = model.weight(weight)
             if source is None or source.type.dtype != "f32" or source.type.rank != 2:
@@ -69,6 +76,7 @@ class PackLinearWeights(Pass):
             op.origin = origin
         if not packed:
             raise VscError("pack-linear-weights found no f32 linear weight to pack")
+        credit_freed_weight_bytes(module, before, origin)     # a tied head's copy is charged to the cache
 
     @staticmethod
     def _declare(model: ModelGraph, source: Weight, batch: int, origin) -> str:

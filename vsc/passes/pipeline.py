@@ -13,7 +13,11 @@ from vsc.errors import PipelineError
 
 # What `optimize auto` runs until `vsc search` chooses per deployment: the exact rewrites
 # every plan benefits from (prefix-cache costs a lookup per admission when nothing is shared).
-DEFAULT_PIPELINE = "fuse-qkv,fuse-gate-up,fold-rope-tables,paged-kv{block=16},continuous-batching{max_batch=16,max_tokens=2048},prefix-cache{policy=radix},cascade-attention,pack-linear-weights,intra-op-threads"
+# select-kernels gives a cpu plan TVM's paged attention (reads the cache in place), which beats
+# cascade-attention's torch path even behind a shared prefix (SmolLM2, 16 sequences, 768-token
+# prefix: decode step 103 -> 80 ms, bench/RESULTS.md), so cascade-attention is no longer here.
+DEFAULT_PIPELINE = ("fuse-qkv,fuse-gate-up,fold-rope-tables,paged-kv{block=16},continuous-batching{max_batch=16,max_tokens=2048},"
+                    "prefix-cache{policy=radix},pack-linear-weights,intra-op-threads,select-kernels")
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
 _BARE_VALUE = re.compile(r"[A-Za-z0-9_.+\-/]+")

@@ -3,8 +3,8 @@
 `kv_write_<Hk>_<D>(k, v, slots, k_cache, v_cache)`: rows of k / v [T, Hk*D] stored at their
 cache slots (caches [slots, Hk, D] float32; v may be a column slice of a wider matrix).
 
-`paged_attention_<Hq>_<Hk>_<D>_b<BS>(q, k_cache, v_cache, tables, lens, out, part_o, part_ml,
-chunk, scale)`: one query row per entry of `lens`; row r attends to the first lens[r] positions
+`paged_attention_<Hq>_<Hk>_<D>_b<BS>(q, k_cache, v_cache, tables, lens, chunk, scale, out, part_o,
+part_ml)`: one query row per entry of `lens`; row r attends to the first lens[r] positions
 of its context, whose blocks tables[r, :] lists (BS-token blocks). out [R, Hq*D]. This is
 decode attention (one new token per sequence) and also the short spans of a prefill step
 (speculative verify, jump-forward): each of their rows is a query over its own prefix.
@@ -84,8 +84,8 @@ def make_paged_attention(HQ: int, HK: int, D: int, BS: int):
     NEG = -3.0e38
 
     @T.prim_func(s_tir=True)
-    def func(q_h: T.handle, kc_h: T.handle, vc_h: T.handle, bt_h: T.handle, len_h: T.handle, o_h: T.handle,
-             po_h: T.handle, pm_h: T.handle, chunk: T.int64, scale: T.float32):
+    def func(q_h: T.handle, kc_h: T.handle, vc_h: T.handle, bt_h: T.handle, len_h: T.handle, chunk: T.int64,
+             scale: T.float32, o_h: T.handle, po_h: T.handle, pm_h: T.handle):
         T.func_attr({"global_symbol": name, "tirx.noalias": True})
         R = T.int64()
         S = T.int64()

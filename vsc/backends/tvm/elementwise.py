@@ -74,7 +74,7 @@ def make_rmsnorm(H: int, fused_add: bool):
 
     if fused_add:
         @T.prim_func(s_tir=True)
-        def func(a_h: T.handle, b_h: T.handle, w_h: T.handle, y_h: T.handle, s_h: T.handle, eps: T.float32):
+        def func(a_h: T.handle, b_h: T.handle, w_h: T.handle, eps: T.float32, y_h: T.handle, s_h: T.handle):
             T.func_attr({"global_symbol": name, "tirx.noalias": True})
             M = T.int64()
             A = T.match_buffer(a_h, (M, H), "float32", align=ALIGN)
@@ -92,7 +92,7 @@ def make_rmsnorm(H: int, fused_add: bool):
         return func
 
     @T.prim_func(s_tir=True)
-    def func(x_h: T.handle, w_h: T.handle, y_h: T.handle, eps: T.float32):
+    def func(x_h: T.handle, w_h: T.handle, eps: T.float32, y_h: T.handle):
         T.func_attr({"global_symbol": name, "tirx.noalias": True})
         M = T.int64()
         X = T.match_buffer(x_h, (M, H), "float32", align=ALIGN)

@@ -171,6 +171,37 @@ def make_dequantize(fmt: str, N: int, K: int):
     return func
 
 
+def embed_name(fmt: str, n: int, k: int) -> str:
+    return f"embed_{fmt}_{n}x{k}"
+
+
+def make_embed(fmt: str, N: int, K: int):
+    """PrimFunc `embed_<fmt>_<N>x<K>(tokens, qs, d, m, y)`: y[M, K] f32 = dequant(rows tokens of W),
+    the gather of a block-quantized embedding table (tokens int64 [M], M dynamic)."""
+    _check(fmt, N, K)
+    NB = K // BLOCK
+    QW = K if fmt == "q8_0" else K // 2
+    QDT = "int8" if fmt == "q8_0" else "uint8"
+    name = embed_name(fmt, N, K)
+
+    @T.prim_func(s_tir=True)
+    def func(t_h: T.handle, qs_h: T.handle, d_h: T.handle, m_h: T.handle, y_h: T.handle):
+        T.func_attr({"global_symbol": name, "tirx.noalias": True})
+        M = T.int64()
+        TOK = T.match_buffer(t_h, (M,), "int64", align=8)
+        QS = T.match_buffer(qs_h, (N, QW), QDT)
+        D = T.match_buffer(d_h, (N, NB), "float16")
+        MN = T.match_buffer(m_h, (N, NB), "float16")
+        Y = T.match_buffer(y_h, (M, K), "float32")
+        for m in range(M):
+            for b in range(NB):
+                for l in T.vectorized(LANES):
+                    Y[m, b * 32 + l] = _lo(fmt, QS, D, MN, TOK[m], b, l)
+                    Y[m, b * 32 + 16 + l] = _hi(fmt, QS, D, MN, TOK[m], b, l)
+
+    return func
+
+
 def make_module(specs, dequant: bool = True, vnni: bool = False):
     """IRModule with a quant_linear (and a dequantize) function per (fmt, N, K) in specs, and
     with `vnni` a quant_linear_vnni one too (only for targets with AVX-512 VNNI + VL)."""

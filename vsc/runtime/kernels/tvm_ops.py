@@ -107,14 +107,25 @@ class TvmKernels:
         return sc
 
 
+#: How long TVM's pool workers spin for the next parallel loop before they sleep (the runtime's
+#: default, 300000 iterations, kept them spinning through the torch ops between kernels and
+#: took the cores oneDNN needed). Measured on 2 cores: SmolLM2 GGUF decode step at one
+#: sequence 10.2 ms (default) / 13.1 (0: a futex wake per loop) / 8.4-8.5 (2000-30000); SmolLM2
+#: fp32 at 16 sequences (oneDNN linears between the kernels) 79.9 (default) / 75.2 (0) ms, and
+#: with its head packed too 54.3 (0) / 54.8 (10000) ms (bench/RESULTS.md).
+SPIN_COUNT = 10000
+
+
 def load_tvm_kernels(path: str | os.PathLike, threads: int = 0) -> TvmKernels:
     """The kernel library at `path` (loaded once per process). `threads` (0: every core) sizes
     TVM's pool for the kernels' parallel loops, as TVM_NUM_THREADS before the pool starts
     unless the environment already says: left to its own default the pool measured 18.2 ms
     per SmolLM2 decode step against 10.3 with 2 threads on this 2-core box, and kept a core
     busy while idle; `runtime.config_threadpool` after start-up (15.8 ms) does not match it
-    either (bench/RESULTS.md)."""
+    either (bench/RESULTS.md). The workers' spin before sleeping is SPIN_COUNT unless
+    TVM_THREAD_POOL_SPIN_COUNT says."""
     os.environ.setdefault("TVM_NUM_THREADS", str(threads or os.cpu_count() or 1))
+    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", str(SPIN_COUNT))
     key = str(Path(path).resolve())
     lib = _LOADED.get(key)
     if lib is None:
@@ -230,7 +241,7 @@ def rmsnorm(lib: TvmKernels, x: torch.Tensor, weight: torch.Tensor, eps: float) 
     """tvm.rmsnorm: x * rsqrt(mean(x^2) + eps) * weight in one pass."""
     h = x.shape[-1]
     out = torch.empty(x.shape, dtype=torch.float32)
-    lib.get(f"rmsnorm_{h}")(_rows(x), weight, out.view(-1, h), eps)
+    lib.get(f"rmsnorm_{h}")(_rows(x), weight, eps, out.view(-1, h))
     return out
 
 
@@ -239,7 +250,7 @@ def add_rmsnorm(lib: TvmKernels, a: torch.Tensor, b: torch.Tensor, weight: torch
     """tvm.rmsnorm on add_rmsnorm: (rmsnorm(a + b), a + b) in one pass."""
     h = a.shape[-1]
     out, total = torch.empty(a.shape, dtype=torch.float32), torch.empty(a.shape, dtype=torch.float32)
-    lib.get(f"add_rmsnorm_{h}")(_rows(a), _rows(b), weight, out.view(-1, h), total.view(-1, h), eps)
+    lib.get(f"add_rmsnorm_{h}")(_rows(a), _rows(b), weight, eps, out.view(-1, h), total.view(-1, h))
     return out, total
 
 
@@ -293,7 +304,7 @@ def decode_attention(lib: TvmKernels, q: torch.Tensor, k_cache: torch.Tensor, v_
     part_ml = torch.empty(r, kv_heads, splits, g, 2, dtype=torch.float32)
     tables = tables if tables.is_contiguous() else tables.contiguous()
     lib.get(f"paged_attention_{heads}_{kv_heads}_{hd}_b{block_size}")(
-        q2, k_cache, v_cache, tables, lens, out, part_o, part_ml, chunk, scale)
+        q2, k_cache, v_cache, tables, lens, chunk, scale, out, part_o, part_ml)
     return out
 
 
