@@ -139,3 +139,41 @@ def best_kernel(op_kind: str, target: str, cache_layout: str, cache_dtype: str =
     """The preferred fitting kernel (`fitting_kernels`' first), or None if none fits."""
     fitting = fitting_kernels(op_kind, target, cache_layout, cache_dtype, weight_dtype, dtype)
     return fitting[0] if fitting else None
+
+
+# -- the compiled decode step (schedule {graph = "relax"}) ------------------------------------
+
+#: Graph forms a plan's decode step can take: eager (the generated Python calls each kernel)
+#: or relax (the whole decode forward as one TVM Relax function, one VM call per step).
+GRAPH_FORMS = ("eager", "relax")
+
+#: Kernels the compiled decode step has a translation for (vsc.backends.tvm.decode_step): the
+#: TVM kernels, and the torch ops it expresses as Relax ops (take, split, add, ...).
+COMPILED_STEP_KERNELS = frozenset({
+    "tvm.quant_linear", "tvm.rmsnorm", "tvm.rope", "tvm.silu_mul", "tvm.paged_attention",
+    "torch.embedding", "torch.embedding_quant", "torch.rope_lookup", "torch.split", "torch.add", "torch.mul",
+    "torch.silu", "torch.last_token", "torch.sample"})
+
+
+def decode_step_blockers(module) -> list[str]:
+    """Why `module`'s decode forward cannot be one compiled (Relax) function; empty: it can."""
+    from vsc.ir.module import walk_ops
+
+    why = []
+    if module.target.kind != "cpu":
+        why.append(f"the compiled decode step is built for cpu targets, not {module.target.kind}")
+    if module.cache.layout != "paged" or module.cache.dtype != "f32":
+        why.append(f"it reads a paged f32 KV cache, the plan's is {module.cache.layout} {module.cache.dtype}")
+    if module.batching.mode != "continuous":
+        why.append("it runs the decode steps of continuous batching (run continuous-batching first)")
+    for op in walk_ops(module.model.func.body):
+        if op.kind == "repeat":
+            continue
+        name = op.kernel.name if op.kernel is not None else None
+        if name not in COMPILED_STEP_KERNELS:
+            why.append(f"{op.kind} via {name} has no compiled form (select-kernels gives TVM kernels where they exist)")
+        elif op.kind == "attention" and (op.attrs.get("cascade_min_tokens") or op.attrs.get("native")):
+            why.append("attention with cascade-attention or native-attention runs eagerly")
+        elif op.kind == "linear" and len(op.operands) > 2:
+            why.append("a linear with a bias has no compiled form yet")
+    return sorted(set(why))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import networkx as nx
 
 from vsc.errors import VerificationError
-from vsc.ir.kernels import KERNELS, PAGED_ATTENTION_KERNEL as NATIVE_ATTENTION_HOST
+from vsc.ir.kernels import GRAPH_FORMS, KERNELS, PAGED_ATTENTION_KERNEL as NATIVE_ATTENTION_HOST, decode_step_blockers
 from vsc.ir.module import Op, ServingModule, Weight, is_weight, walk_ops
 from vsc.ir.ops import OPS, TypeRuleError, infer, operand_arity_ok
 from vsc.ir.sizes import CACHE_DTYPES, kv_bytes_per_token
@@ -35,7 +35,8 @@ INVARIANTS = {
                "control ops (repeat) name none",
     "model": "the layer region repeats exactly config `layers` times; the step returns logits [B, vocab] and tokens",
     "target": "target kind is cpu or cuda, with a valid arch (sm_NN) for cuda, non-negative threads and positive memory; "
-              "the schedule's intra_op_threads, when set, is a positive int no larger than the target's threads (cpu only)",
+              "the schedule's intra_op_threads, when set, is a positive int no larger than the target's threads (cpu only); "
+              "its graph is eager or relax, and a relax plan's decode forward has a compiled form (every op's kernel)",
     "cache": "the layout, dtype (f32, bf16, f16, or i8 with per-token-head scales), prefix sharing and eviction are known values; block size is positive (max_context for a "
              "contiguous cache: one block per slot) and divides the capacity; capacity holds at least one max_context sequence (all batch slots when contiguous) and "
              "capacity x bytes per token fits the budget; prefix sharing needs a paged cache",
@@ -304,6 +305,13 @@ class _Checker:
             elif not isinstance(intra, int) or intra < 1 or (isinstance(threads, int) and 0 < threads < intra):
                 self.add("target", "schedule", f"intra_op_threads must be an int in 1..{threads or 'cores'}, "
                                                f"got {intra!r}", self.m.schedule.origin)
+        graph = self.m.schedule.attrs.get("graph", "eager")
+        if graph not in GRAPH_FORMS:
+            self.add("target", "schedule", f"graph must be one of {', '.join(GRAPH_FORMS)}, got {graph!r}",
+                     self.m.schedule.origin)
+        elif graph == "relax":
+            for why in decode_step_blockers(self.m):
+                self.add("target", "schedule", f"graph = relax: {why}", self.m.schedule.origin)
         memory = t.attrs.get("memory")
         if not isinstance(memory, int) or memory <= 0:
             self.add("target", node, f"memory must be a positive number of bytes, got {memory!r}", t.origin)

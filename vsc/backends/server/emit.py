@@ -223,6 +223,12 @@ def write_server(out_dir: Path, module: ServingModule, pipeline: str, runner_sou
             (staging / KERNELS_DIR).mkdir(exist_ok=True)
             shutil.copy2(built, staging / KERNELS_DIR / filename)
             manifest["tvm_kernels"] = {"dir": KERNELS_DIR, "files": {filename: sha256_file(built)}}
+        if module.schedule.attrs.get("graph") == "relax":     # the compiled decode step (Relax VM executable)
+            from vsc.backends.tvm.decode_step import build_decode_step
+            built, filename = build_decode_step(module)
+            (staging / KERNELS_DIR).mkdir(exist_ok=True)
+            shutil.copy2(built, staging / KERNELS_DIR / filename)
+            manifest["decode_step"] = {"dir": KERNELS_DIR, "files": {filename: sha256_file(built)}}
         if needs_native_kernels(module):    # native-attention: ship the built extension; servers never compile
             from vsc.backends.native.build import build_native_kernels
             built = build_native_kernels()

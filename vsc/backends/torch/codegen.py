@@ -418,6 +418,12 @@ class _RunnerWriter:
             c["TVM_KERNELS_FILE"] = filename
             c["TVM_KERNELS_BUILD"] = str(built)
             c["TVM_THREADS"] = int(self.module.target.attrs.get("threads") or 0)    # 0: every core
+        if self.module.schedule.attrs.get("graph") == "relax":
+            from vsc.backends.tvm.decode_step import build_decode_step
+            built, filename = build_decode_step(self.module)   # cached on disk; the emitter ships a copy
+            c["DECODE_STEP_FILE"] = filename
+            c["DECODE_STEP_BUILD"] = str(built)
+            c["STEP_MAX_BATCH"] = int(self.module.batching.max_batch or 1)   # its memory is planned for this many rows
         if self.attention is not None and self.attention.attrs.get("native"):
             from vsc.backends.native.build import build_native_kernels
             built = build_native_kernels()          # cached on disk; the emitter ships a copy in kernels/
@@ -608,6 +614,8 @@ class _RunnerWriter:
             *(["from vsc.runtime.kernels.tvm_ops import load_plan_kernels, "
                + ", ".join(f"{fn} as tvm_{fn}" for fn in self._tvm_functions())]
               if "TVM_KERNELS_FILE" in self.constants else []),
+            *(["from vsc.runtime.kernels.tvm_ops import load_decode_step, step_weight_tensors"]
+              if "DECODE_STEP_FILE" in self.constants else []),
             "from vsc.runtime.weights import WeightSpec, load_weights",
             "",
         ]
@@ -676,6 +684,12 @@ class _RunnerWriter:
             lines.append("LAYER_WEIGHTS = (")
             lines += [f"    {w.lstrip('@')!r}," for w, _ in self.layer_weights]
             lines.append(")")
+        if "DECODE_STEP_FILE" in self.constants:
+            from vsc.backends.tvm.decode_step import step_arguments
+            lines.append("# The compiled decode step's weights tuple, in order: (weight, planar part of a quantized one).")
+            lines.append("STEP_ARGUMENTS = (")
+            lines += [f"    {arg!r}," for arg in step_arguments(self.module)]
+            lines.append(")")
         return lines + ["", ""]
 
     def _runner_class(self) -> list[str]:
@@ -696,6 +710,9 @@ class _RunnerWriter:
         ]
         for weight, attr in self.top_weights.items():
             lines.append(f"        self.{attr} = w[{weight.lstrip('@')!r}]")
+        if "DECODE_STEP_FILE" in c:      # schedule {graph = "relax"}: the whole decode forward in one VM call
+            lines.append("        self.step = load_decode_step(__file__, DECODE_STEP_FILE, DECODE_STEP_BUILD, TVM_THREADS)")
+            lines.append("        self.step.bind_weights(step_weight_tensors(w, STEP_ARGUMENTS))")
         if self.layer_weights:
             lines.append("        self.layers = [tuple(w[name.replace(\"{i}\", str(i))] for name in LAYER_WEIGHTS) "
                          "for i in range(LAYERS)]")
@@ -709,6 +726,7 @@ class _RunnerWriter:
             f'        """(K, V) per layer, [num_blocks * BLOCK_SIZE, KV_HEADS, HEAD_DIM] each{scales}; num_blocks overrides the plan\'s."""',
             "        blocks = NUM_BLOCKS if num_blocks is None else num_blocks",
             f"        self.kv_cache = allocate_kv_cache({kv_layers}, blocks * BLOCK_SIZE, KV_HEADS, HEAD_DIM, CACHE_DTYPE, self.device)",
+            *(["        self.step.bind_caches(self.kv_cache)"] if "DECODE_STEP_FILE" in c else []),
             "        return self.kv_cache",
             "",
             "    @torch.inference_mode()",
@@ -724,6 +742,8 @@ class _RunnerWriter:
             "    @torch.inference_mode()",
             "    def decode(self, batch: StepBatch) -> torch.Tensor:",
             '        """One new token per sequence -> logits [B, VOCAB]."""',
+            *(["        if batch.logits_rows is None and batch.num_seqs <= STEP_MAX_BATCH:   # the compiled decode step: one call",
+               "            return self.step(batch, BLOCK_SIZE, KV_HEADS)"] if "DECODE_STEP_FILE" in c else []),
             f"        meta = attention_metadata(batch, BLOCK_SIZE{cascade})",
             *native,
             "        return self.forward(batch, meta)",

@@ -1,8 +1,8 @@
 """The compiled decode step (`schedule {graph = "relax"}`): a plan's whole decode forward as one
 TVM Relax function, run by the Relax VM in one call per step.
 
-`decode_step_ops(module)` says whether (and why not) a plan lowers: every compute op must be one
-this file translates (below); `step_arguments(module)` is the argument layout both this builder
+`vsc.ir.kernels.decode_step_blockers(module)` says whether (and why not) a plan lowers: every
+compute op's kernel must be one this file translates (below); `step_arguments(module)` is the argument layout both this builder
 and the generated runner use; `build_decode_step(module)` compiles (cached by content hash like
 the kernel library) and returns the shared library a server folder ships in kernels/.
 
@@ -15,8 +15,7 @@ The Relax function `decode(tokens, positions, slots, tables, lens, splits, cache
                                      planar parts qs, d, m — d again where the format has no m)
 returns the logits f32 [n, vocab]. Every kernel is the TIR kernel the eager plan calls (one
 source: quant_linear.py, elementwise.py, attention.py), called with `call_tir`; the K/V writes
-are `call_tir_inplace` on the cache tensors; splits, adds and the rope-table lookups are Relax
-ops legalized to TIR. Intermediates are planned statically for n <= max_batch (one arena, no
+are `call_tir_inplace` on the cache tensors; splits, adds and multiplies are Relax ops legalized to TIR. Intermediates are planned statically for n <= max_batch (one arena, no
 per-step allocation besides the returned logits).
 """
 from __future__ import annotations
@@ -27,41 +26,18 @@ import os
 from pathlib import Path
 
 from vsc.errors import VscError
+from vsc.ir.kernels import decode_step_blockers
 from vsc.ir.module import Op, ServingModule, is_value, walk_ops
 from vsc.ir.types import QUANT_DTYPES
+from vsc.runtime.kernels.tvm_ops import SPLIT_MAX
 
 LIB_PREFIX = "vsc_step_"
-SPLIT_MAX = 32          # bound of the split-K count the runner may pass (tvm_ops.split_plan caps it)
 _HERE = Path(__file__).resolve().parent
 
-# kernel of an op -> whether the compiled step has a translation for it
-_LOWERED = {"tvm.quant_linear", "tvm.rmsnorm", "tvm.rope", "tvm.silu_mul", "tvm.paged_attention",
-            "torch.embedding", "torch.embedding_quant", "torch.rope_lookup", "torch.split", "torch.add",
-            "torch.mul", "torch.silu", "torch.last_token", "torch.sample"}
 
 
 class DecodeStepError(VscError):
     """The plan cannot run as a compiled decode step, or TVM could not build it."""
-
-
-def unsupported(module: ServingModule) -> list[str]:
-    """Why the plan's decode forward cannot be one Relax function (empty: it can)."""
-    why = []
-    if module.target.kind != "cpu":
-        why.append(f"the compiled decode step is built for cpu targets, not {module.target.kind}")
-    if module.cache.layout != "paged" or module.cache.dtype != "f32":
-        why.append(f"it reads a paged f32 KV cache, the plan's is {module.cache.layout} {module.cache.dtype}")
-    for op in walk_ops(module.model.func.body):
-        if op.kind == "repeat":
-            continue
-        name = op.kernel.name if op.kernel is not None else None
-        if name not in _LOWERED:
-            why.append(f"{op.kind} via {name} has no compiled form (select-kernels gives TVM kernels where they exist)")
-        elif op.kind == "attention" and (op.attrs.get("cascade_min_tokens") or op.attrs.get("native")):
-            why.append("attention with cascade-attention or native-attention runs eagerly")
-        elif name == "tvm.quant_linear" and len(op.operands) > 2:
-            why.append("a linear with a bias has no compiled form yet")
-    return sorted(set(why))
 
 
 def step_arguments(module: ServingModule) -> list[tuple[str, str]]:
@@ -119,7 +95,7 @@ def make_relax_module(module: ServingModule, vnni: bool):
     from vsc.backends.tvm import elementwise as ew
     from vsc.backends.tvm import quant_linear as ql
 
-    why = unsupported(module)
+    why = decode_step_blockers(module)
     if why:
         raise DecodeStepError("; ".join(why))
     cfg = module.model.attrs
@@ -150,7 +126,7 @@ def make_relax_module(module: ServingModule, vnni: bool):
     caches = relax.Var("caches", relax.TupleType([cache_t] * (2 * layers)))
     weights = relax.Var("weights", relax.TupleType(weight_types))
     params = [tokens, positions, slots, tables, lens, splits, caches, weights]
-    bound = {"n": int(module.batching.max_batch or 1), "p": SPLIT_MAX}
+    bound = {"n": int(module.batching.max_batch or 1), "p": SPLIT_MAX}     # static memory plan
 
     bb = relax.BlockBuilder()
     gvars: dict[str, object] = {}
@@ -185,6 +161,11 @@ def make_relax_module(module: ServingModule, vnni: bool):
                     return w, [weight(operand, layer, "qs"), weight(operand, layer, "d"), weight(operand, layer, m)]
                 return w, [weight(operand, layer)]
 
+            def gather(table, index, k: int):
+                # own TIR gather, not relax's take: its legalized kernel crashed on torch tensors
+                g = kernel(ew.gather_rows_name(k), lambda: ew.make_gather_rows(k))
+                return bb.emit(relax.call_tir(g, [index, table], T([n, k], f32)))
+
             def lower(op: Op, layer: int | None) -> None:
                 name = op.kernel.name
                 val = lambda o: env[o] if is_value(o) else None  # noqa: E731
@@ -195,7 +176,7 @@ def make_relax_module(module: ServingModule, vnni: bool):
                     env[res[0]] = val(op.operands[0])      # decode: every row is a last token
                 elif name == "torch.embedding":
                     _, (table,) = parts(op.operands[1], layer)
-                    env[res[0]] = bb.emit(relax.op.take(table, val(op.operands[0]), axis=0))
+                    env[res[0]] = gather(table, val(op.operands[0]), int(op.types[0].shape[-1]))
                 elif name == "torch.embedding_quant":
                     w, ps = parts(op.operands[1], layer)
                     fmt, rows, width = w.type.dtype, int(w.type.shape[0]), int(w.type.shape[1])
@@ -205,7 +186,7 @@ def make_relax_module(module: ServingModule, vnni: bool):
                     pos = val(op.operands[0])
                     for r, table in zip(res, op.operands[1:3]):
                         _, (t,) = parts(table, layer)
-                        env[r] = bb.emit(relax.op.take(t, pos, axis=0))
+                        env[r] = gather(t, pos, int(op.types[0].shape[-1]))
                 elif name == "torch.split":
                     sizes = [int(s) for s in op.attrs["sizes"]]
                     cuts = [sum(sizes[:k]) for k in range(1, len(sizes))]
@@ -295,8 +276,20 @@ def make_relax_module(module: ServingModule, vnni: bool):
             logits = env[module.model.func.returns[0]]
             out = bb.emit_output(logits)
         bb.emit_func_output(out)
-    mod = bb.get()
-    return relax.transform.LegalizeOps()(mod)
+    return bb.get()
+
+
+def _relax_pipeline():
+    """tvm.compile's default Relax build pipeline without the passes that pattern-match TIR
+    blocks (our kernels are loop nests with their schedule written out, no s_tir blocks) or
+    target CUDA graphs: legalize the Relax ops, plan memory statically, lower to the VM."""
+    import tvm
+    from tvm.relax import transform as rt
+
+    return tvm.transform.Sequential([
+        rt.LegalizeOps(), rt.ToNonDataflow(), rt.RemovePurityChecking(), rt.CallTIRRewrite(),
+        rt.StaticPlanBlockMemory(), rt.LowerAllocTensor(), rt.KillAfterLastUse(), rt.LowerRuntimeBuiltin(),
+        rt.ComputePrimValue(), rt.VMShapeLower(), rt.AttachGlobalSymbol()])
 
 
 def _part_type(t, part: str, T):
@@ -344,7 +337,7 @@ def build_decode_step(module: ServingModule, target=None) -> tuple[Path, str]:
             import tvm
 
             mod = make_relax_module(module, vnni)
-            ex = tvm.compile(mod, target=tvm.target.Target(tgt))
+            ex = tvm.compile(mod, target=tvm.target.Target(tgt), relax_pipeline=_relax_pipeline())
             ex.export_library(str(tmp))
             os.replace(tmp, path)
         except DecodeStepError:

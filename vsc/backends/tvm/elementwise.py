@@ -155,6 +155,32 @@ def make_rope(HQ: int, HK: int, D: int):
     return func
 
 
+def gather_rows_name(k: int) -> str:
+    return f"gather_rows_{k}"
+
+
+def make_gather_rows(K: int):
+    """`gather_rows_<K>(index, table, y)`: y[m, :] = table[index[m], :] (an embedding or a folded
+    RoPE table looked up by position; index int64 [M], table f32 [N, K], M and N dynamic).
+    An index outside the table is clamped to it (the compiled step trusts no input to be in range)."""
+    V = _lanes(K, "row width")
+    name = gather_rows_name(K)
+
+    @T.prim_func(s_tir=True)
+    def func(i_h: T.handle, t_h: T.handle, y_h: T.handle):
+        T.func_attr({"global_symbol": name, "tirx.noalias": True})
+        M = T.int64()
+        N = T.int64()
+        IDX = T.match_buffer(i_h, (M,), "int64", align=8)
+        TAB = T.match_buffer(t_h, (N, K), "float32", align=ALIGN)
+        Y = T.match_buffer(y_h, (M, K), "float32", align=ALIGN)
+        for m in range(M):
+            for c in range(K // V):
+                for l in T.vectorized(V):
+                    Y[m, c * V + l] = TAB[T.max(T.min(IDX[m], N - 1), T.int64(0)), c * V + l]
+    return func
+
+
 def make_elementwise_module(specs):
     """IRModule of the elementwise kernels named by `specs`: ("rmsnorm", H), ("add_rmsnorm", H),
     ("silu_mul", F), ("rope", Hq, Hk, D)."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import dataclasses
@@ -52,6 +53,11 @@ def _load_runtime():
     global _RUNTIME
     import tvm_ffi  # loads libtvm_ffi.so, which libtvm_runtime.so links against
 
+    if _RUNTIME is None and "tvm" in sys.modules:
+        # the compiler is loaded in this process (vsc compile checking accuracy): its libtvm.so
+        # holds the runtime already, and a second copy would split TVM's global registry (the
+        # Relax VM then crashes calling into the other copy's allocator)
+        _RUNTIME = sys.modules["tvm"]
     if _RUNTIME is None:
         spec = importlib.util.find_spec("tvm")
         if spec is None or not spec.submodule_search_locations:
@@ -273,12 +279,23 @@ def rope(lib: TvmKernels, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
 
 
 #: Splitting a context over several tasks (flash-decoding) pays when rows x kv heads leave
-#: cores idle; each split keeps at least this many blocks.
+#: cores idle; each split keeps at least SPLIT_MIN_BLOCKS blocks, and there are at most
+#: SPLIT_MAX (the compiled decode step plans its scratch for that many).
 SPLIT_MIN_BLOCKS = 4
+SPLIT_MAX = 32
 
 
 def _pool_threads() -> int:
     return int(os.environ.get("TVM_NUM_THREADS") or os.cpu_count() or 1)
+
+
+def split_plan(rows: int, kv_heads: int, longest: int, block_size: int) -> tuple[int, int]:
+    """(splits, blocks per split) of the paged attention kernel for `rows` one-query sequences
+    whose longest context is `longest` tokens: about 4 tasks per pool thread, for balance."""
+    blocks = -(-max(1, longest) // block_size)
+    want = -(-4 * _pool_threads() // max(1, rows * kv_heads))
+    splits = max(1, min(want, blocks // SPLIT_MIN_BLOCKS, SPLIT_MAX))
+    return splits, -(-blocks // splits)
 
 
 def decode_attention(lib: TvmKernels, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -294,11 +311,7 @@ def decode_attention(lib: TvmKernels, q: torch.Tensor, k_cache: torch.Tensor, v_
     out = torch.empty(r, width, dtype=torch.float32)
     if r == 0:
         return out
-    blocks = -(-max(1, longest) // block_size)
-    tasks = r * kv_heads
-    want = -(-4 * _pool_threads() // tasks)                    # ~4 tasks per thread, for balance
-    splits = max(1, min(want, blocks // SPLIT_MIN_BLOCKS))
-    chunk = -(-blocks // splits)
+    splits, chunk = split_plan(r, kv_heads, longest, block_size)
     g = heads // kv_heads
     part_o = torch.empty(r, kv_heads, splits, g, hd, dtype=torch.float32)
     part_ml = torch.empty(r, kv_heads, splits, g, 2, dtype=torch.float32)
@@ -338,3 +351,71 @@ def paged_attention(lib: TvmKernels, q: torch.Tensor, k: torch.Tensor, v: torch.
                                                  meta.gather_tables, meta.gather_lens, meta.gather_longest,
                                                  meta.block_size, scale)
     return out
+
+
+# --- the compiled decode step (schedule {graph = "relax"}) ------------------------------------
+
+_KDL_CPU, _POOLED_ALLOCATOR = 1, 2
+
+
+class CompiledDecodeStep:
+    """A plan's decode forward as one Relax VM function (built by vsc.backends.tvm.decode_step):
+    `bind` hands it the weights (in the plan's STEP_ARGUMENTS order) and the KV caches once, then
+    each call runs a whole decode step: batch -> logits [B, vocab]. Only the TVM runtime is used
+    (the VM lives in libtvm_runtime; tvm_ffi loads the library)."""
+
+    def __init__(self, path: str | os.PathLike):
+        tvm_ffi = _load_runtime()
+        self.path = str(path)
+        self._ffi = tvm_ffi
+        self.vm = tvm_ffi.load_module(self.path)["vm_load_executable"]()
+        self.vm["vm_initialization"](_KDL_CPU, 0, _POOLED_ALLOCATOR)
+        self.fn = self.vm["decode"]
+        self._weights = self._caches = None
+        self._keep: list = []
+
+    def _array(self, tensors: list[torch.Tensor]):
+        self._keep.extend(tensors)       # the VM holds DLPack views: keep the storage alive
+        return self._ffi.convert([self._ffi.from_dlpack(t) for t in tensors])
+
+    def bind_weights(self, tensors: list[torch.Tensor]) -> None:
+        self._weights = self._array(tensors)
+
+    def bind_caches(self, caches) -> None:
+        self._caches = self._array([t for pair in caches for t in pair])
+
+    def __call__(self, batch, block_size: int, kv_heads: int) -> torch.Tensor:
+        if self._weights is None or self._caches is None:
+            raise RuntimeError("the compiled decode step needs bind_weights() and bind_caches() first")
+        rows = int(batch.context_lens.shape[0])
+        longest = max(batch.context_lens_host) if batch.context_lens_host else int(batch.context_lens.max())
+        splits, chunk = split_plan(rows, kv_heads, longest, block_size)
+        out = self.fn(batch.tokens, batch.positions, batch.slot_mapping, batch.block_tables, batch.context_lens,
+                      self._ffi.Shape((splits, chunk)), self._caches, self._weights)
+        return torch.from_dlpack(out)
+
+
+def step_weight_tensors(weights: dict, arguments) -> list[torch.Tensor]:
+    """The tensors of `arguments` ((name, part) pairs, the plan's STEP_ARGUMENTS) from a runner's
+    loaded weights: a plain tensor for part "", else the named planar part of a QuantTensor."""
+    out = []
+    for name, part in arguments:
+        w = weights[name]
+        if not part:
+            out.append(w.contiguous())
+            continue
+        parts = w.parts
+        out.append({"qs": parts[0], "d": parts[1], "m": parts[2] if len(parts) == 3 else parts[1]}[part])
+    return out
+
+
+def load_decode_step(module_file: str, filename: str, built: str, threads: int = 0) -> CompiledDecodeStep:
+    """The plan's compiled decode step: the server folder's kernels/ copy, else the build."""
+    os.environ.setdefault("TVM_NUM_THREADS", str(threads or os.cpu_count() or 1))
+    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", str(SPIN_COUNT))
+    candidates = [Path(module_file).parent / KERNELS_DIR / filename, Path(built)]
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        raise RuntimeError(f"compiled decode step {filename} is missing from {candidates[0].parent}; recompile the "
+                           "server with `vsc compile`")
+    return CompiledDecodeStep(path)
