@@ -155,7 +155,9 @@ def main() -> int:
         prompts = None
         if args.workload:
             from vsc.bench.workloads import build_workload
-            wl = build_workload(args.workload, manifest["model"]["path"], args.requests, seed=0,
+            shipped = args.server / "tokenizer"       # a GGUF plan's server carries its tokenizer
+            source = shipped if (shipped / "tokenizer.json").is_file() else manifest["model"]["path"]
+            wl = build_workload(args.workload, source, args.requests, seed=0,
                                 max_context=manifest["serve"]["max_context"])
             prompts = [(engine.tokenizer.encode(r.prompt), r.max_tokens) for r in wl.requests]
         wall = asyncio.run(drive(engine, vocab, args.concurrency, args.requests, args.prompt, args.output, 2, prompts))

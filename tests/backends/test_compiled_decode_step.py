@@ -1,0 +1,116 @@
+"""compile-decode-step: the plan's decode forward as one Relax VM function — the pass and the
+verifier's rules, and a compiled server whose one-call decode step matches its eager forward."""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from vsc.errors import PassFailure, PipelineError
+from vsc.ir.verifier import verify
+from vsc.passes.manager import PassManager
+from vsc.runtime.api import StepBatch
+
+QUANT = "paged-kv{block=16},continuous-batching{max_batch=4,max_tokens=256},quantize-weights{format=q8_0,include_head=true}"
+SELECT = QUANT + ",select-kernels{activations=f32}"
+
+
+def test_the_pass_sets_the_graph_and_refuses_plans_without_a_compiled_form(make_module):
+    out = PassManager(SELECT + ",compile-decode-step").run(make_module())
+    assert out.schedule.attrs["graph"] == "relax" and not verify(out)
+    back = PassManager("compile-decode-step{form=eager}").run(out)
+    assert back.schedule.attrs["graph"] == "eager"
+    with pytest.raises(PipelineError, match="requires select-kernels"):
+        PassManager(QUANT + ",compile-decode-step").run(make_module())
+    # an fp32 plan's linears run torch kernels: no compiled form, said per op kind
+    with pytest.raises(PassFailure, match="linear via torch.linear has no compiled form"):
+        PassManager("paged-kv{block=16},continuous-batching{max_batch=4,max_tokens=256},select-kernels,"
+                    "compile-decode-step").run(make_module())
+
+
+def test_the_verifier_holds_a_relax_graph_to_its_kernels(make_module):
+    m = PassManager("paged-kv{block=16},continuous-batching{max_batch=4,max_tokens=256},select-kernels").run(make_module())
+    m.schedule.attrs["graph"] = "relax"
+    assert any("graph = relax: linear via torch.linear" in str(d) for d in verify(m))
+    m.schedule.attrs["graph"] = "cuda-graph"
+    assert any("graph must be one of eager, relax" in str(d) for d in verify(m))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from vsc.driver import compile_to_server
+    from vsc.frontend.lower import lower_spec
+    from vsc.frontend.parser import parse_spec_text
+    from vsc.models.tiny import make_tiny
+
+    tmp = tmp_path_factory.mktemp("relax")
+    model = make_tiny(tmp / "tiny-llama", arch="llama")
+    spec = (f'deployment relax {{\n model "{model}" {{ dtype = f32 }}\n target cpu {{ threads = 1, memory = 256 MiB }}\n'
+            ' workload { arrivals = closed(4), prompt_tokens = fixed(16), output_tokens = fixed(8) }\n'
+            ' accuracy { logits_tol(1.0, probes = 2) }\n serve { max_context = 128 }\n}\n')
+    module = lower_spec(parse_spec_text(spec, tmp / "r.vs"))
+    result = compile_to_server(module, SELECT + ",compile-decode-step", tmp / "server", None)
+    return tmp / "server", model, result
+
+
+def _runner(server, model):
+    spec = importlib.util.spec_from_file_location("relax_server_model", server / "model.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    runner = mod.Runner(str(model))
+    runner.create_kv_cache(32)
+    return mod, runner
+
+
+def _batch(tables, lens, new, block):
+    """A step giving each sequence `new[b]` tokens ending at context length lens[b]."""
+    tokens, positions, slots, starts = [], [], [], [0]
+    for t, n, c in zip(tables, new, lens):
+        for p in range(c - n, c):
+            tokens.append((7 * p + 3 * len(starts)) % 200 + 1)
+            positions.append(p)
+            slots.append(t[p // block] * block + p % block)
+        starts.append(starts[-1] + n)
+    width = max(len(t) for t in tables)
+    L = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
+    return StepBatch(tokens=L(tokens), positions=L(positions), query_start=L(starts), context_lens=L(lens),
+                     block_tables=L([t + [0] * (width - len(t)) for t in tables]), slot_mapping=L(slots),
+                     is_decode=all(n == 1 for n in new), query_lens_host=list(new), context_lens_host=list(lens))
+
+
+def test_a_compiled_server_ships_the_step_and_matches_its_eager_forward(server):
+    folder, model, result = server
+    assert "engine run" in result.accuracy_summary
+    assert any(p.name.startswith("vsc_step_") for p in (folder / "kernels").iterdir())
+    mod, runner = _runner(folder, model)
+    assert mod.STEP_MAX_BATCH == 4 and "qs" in {part for _, part in mod.STEP_ARGUMENTS}
+    block = mod.BLOCK_SIZE
+    # three sequences: one token, ending mid-block, ending on a block edge (blocks scrambled)
+    tables, lens = [[5], [9, 2], [7, 3, 11]], [1, 20, 48]
+    prompt = [n - 1 for n in lens]                              # their contexts first, by an eager prefill
+    keep = [i for i, n in enumerate(prompt) if n]
+    runner.prefill(_batch([tables[i] for i in keep], [prompt[i] for i in keep], [prompt[i] for i in keep], block))
+    step = _batch(tables, lens, [1, 1, 1], block)
+    saved = [(k.clone(), v.clone()) for k, v in runner.kv_cache]
+    compiled = runner.decode(step)                                  # one Relax VM call
+    written = [(k.clone(), v.clone()) for k, v in runner.kv_cache]
+    for (k, v), (k0, v0) in zip(runner.kv_cache, saved):
+        k.copy_(k0)
+        v.copy_(v0)
+    eager = runner.forward(step, mod.attention_metadata(step, block))
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+    for pair_c, pair_e in zip(written, runner.kv_cache):
+        for c, e in zip(pair_c, pair_e):
+            torch.testing.assert_close(c, e, rtol=0, atol=1e-6)
+
+
+def test_more_rows_than_the_plan_holds_run_eagerly(server):
+    folder, model, _ = server
+    mod, runner = _runner(folder, model)
+    tables = [[i] for i in range(6)]                     # 6 sequences > STEP_MAX_BATCH = 4
+    step = _batch(tables, [1] * 6, [1] * 6, mod.BLOCK_SIZE)
+    calls = []
+    runner.step = lambda *a: calls.append(a)             # the compiled step must not be called
+    out = runner.decode(step)
+    assert out.shape == (6, mod.VOCAB) and not calls
