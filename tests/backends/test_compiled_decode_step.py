@@ -7,12 +7,12 @@ import importlib.util
 import pytest
 import torch
 
-from vsc.errors import PassFailure, PipelineError
+from vsc.errors import PassFailure
 from vsc.ir.verifier import verify
 from vsc.passes.manager import PassManager
 from vsc.runtime.api import StepBatch
 
-QUANT = "paged-kv{block=16},continuous-batching{max_batch=4,max_tokens=256},quantize-weights{format=q8_0,include_head=true}"
+QUANT = "fold-rope-tables,paged-kv{block=16},continuous-batching{max_batch=4,max_tokens=256},quantize-weights{format=q8_0,include_head=true}"
 SELECT = QUANT + ",select-kernels{activations=f32}"
 
 
@@ -21,11 +21,11 @@ def test_the_pass_sets_the_graph_and_refuses_plans_without_a_compiled_form(make_
     assert out.schedule.attrs["graph"] == "relax" and not verify(out)
     back = PassManager("compile-decode-step{form=eager}").run(out)
     assert back.schedule.attrs["graph"] == "eager"
-    with pytest.raises(PipelineError, match="requires select-kernels"):
-        PassManager(QUANT + ",compile-decode-step").run(make_module())
+    with pytest.raises(PassFailure, match="attention via torch.paged_attention has no compiled form"):
+        PassManager(QUANT + ",compile-decode-step").run(make_module())      # no select-kernels: torch kernels
     # an fp32 plan's linears run torch kernels: no compiled form, said per op kind
     with pytest.raises(PassFailure, match="linear via torch.linear has no compiled form"):
-        PassManager("paged-kv{block=16},continuous-batching{max_batch=4,max_tokens=256},select-kernels,"
+        PassManager("fold-rope-tables,paged-kv{block=16},continuous-batching{max_batch=4,max_tokens=256},select-kernels,"
                     "compile-decode-step").run(make_module())
 
 

@@ -32,7 +32,6 @@ class CompileDecodeStep(Pass):
     summary = "the whole decode forward as one TVM Relax function: one VM call per step (schedule graph = relax)"
     options = (Option("form", str, "relax", "relax: one compiled function; eager: one Python call per op",
                       choices=("relax", "eager")),)
-    requires = ("select-kernels",)
 
     def apply(self, module: ServingModule) -> None:
         if self.form == "relax":
