@@ -1,0 +1,103 @@
+"""TVM kernel for float32 linear layers: y[M, N] = x[M, K] @ W[N, K]^T (W as the checkpoint stores it).
+
+`linear_f32_<N>x<K>(x, w, y)`, M dynamic. The same schedule as the quantized kernels
+(quant_linear.py) without the unpacking: rows of W R at a time in a `T.parallel` loop (the last
+tile clamps its row index instead of a tail loop), rows of x MT at a time, each W vector load
+reused for the MT rows of x and each x load for the R rows of W, 16-lane fp32 FMAs along K,
+a shuffle-tree sum per output. It exists so that a float plan's decode forward can compile
+into one Relax function (compile-decode-step) and so that select-kernels can weigh it against
+torch's GEMM on the target (kernel_costs).
+"""
+from __future__ import annotations
+
+import tvm  # noqa: F401  (TVMScript needs tvm initialised)
+from tvm.script import tirx as T
+
+LANES = 16
+ALIGN = 4
+DEFAULT_R = 3
+DEFAULT_MT = 4
+
+
+def linear_name(n: int, k: int) -> str:
+    return f"linear_f32_{n}x{k}"
+
+
+def _lanes(k: int) -> int:
+    return next(lanes for lanes in (LANES, 8, 4, 2, 1) if k % lanes == 0)
+
+
+def make_linear(N: int, K: int, R: int = DEFAULT_R, MT: int = DEFAULT_MT):
+    if N <= 0 or K <= 0:
+        raise ValueError(f"linear: bad weight shape [{N}, {K}]")
+    V = _lanes(K)
+    KB = K // V
+    R = min(R, N)
+    NT = -(-N // R)
+    name = linear_name(N, K)
+
+    @T.prim_func(s_tir=True)
+    def func(x_h: T.handle, w_h: T.handle, y_h: T.handle):
+        T.func_attr({"global_symbol": name, "tirx.noalias": True})
+        M = T.int64()
+        X = T.match_buffer(x_h, (M, K), "float32", align=ALIGN)
+        W = T.match_buffer(w_h, (N, K), "float32", align=ALIGN)
+        Y = T.match_buffer(y_h, (M, N), "float32", align=ALIGN)
+        for nt in T.parallel(NT):
+            acc = T.alloc_buffer((MT, R, LANES), "float32", scope="global")
+            red = T.alloc_buffer((LANES,), "float32", scope="global")
+            for mo in range(M // MT):
+                for t in T.unroll(MT):
+                    for r in T.unroll(R):
+                        for l in T.vectorized(V):
+                            acc[t, r, l] = T.float32(0)
+                for kb in range(KB):
+                    for t in T.unroll(MT):
+                        for r in T.unroll(R):
+                            for l in T.vectorized(V):
+                                acc[t, r, l] = acc[t, r, l] + W[T.min(nt * R + r, N - 1), kb * V + l] * X[mo * MT + t, kb * V + l]
+                for t in T.unroll(MT):
+                    for r in T.unroll(R):
+                        for l in T.vectorized(V):
+                            red[l] = acc[t, r, l]
+                        if V == LANES:
+                            for l in T.vectorized(8):
+                                red[l] = red[l] + red[l + 8]
+                            for l in T.vectorized(4):
+                                red[l] = red[l] + red[l + 4]
+                            for l in T.vectorized(2):
+                                red[l] = red[l] + red[l + 2]
+                            Y[mo * MT + t, T.min(nt * R + r, N - 1)] = red[0] + red[1]
+                        else:
+                            for l in range(1, V):
+                                red[0] = red[0] + red[l]
+                            Y[mo * MT + t, T.min(nt * R + r, N - 1)] = red[0]
+            for mr in range(M % MT):
+                for r in T.unroll(R):
+                    for l in T.vectorized(V):
+                        acc[0, r, l] = T.float32(0)
+                for kb in range(KB):
+                    for r in T.unroll(R):
+                        for l in T.vectorized(V):
+                            acc[0, r, l] = acc[0, r, l] + W[T.min(nt * R + r, N - 1), kb * V + l] * X[M // MT * MT + mr, kb * V + l]
+                for r in T.unroll(R):
+                    for l in T.vectorized(V):
+                        red[l] = acc[0, r, l]
+                    if V == LANES:
+                        for l in T.vectorized(8):
+                            red[l] = red[l] + red[l + 8]
+                        for l in T.vectorized(4):
+                            red[l] = red[l] + red[l + 4]
+                        for l in T.vectorized(2):
+                            red[l] = red[l] + red[l + 2]
+                        Y[M // MT * MT + mr, T.min(nt * R + r, N - 1)] = red[0] + red[1]
+                    else:
+                        for l in range(1, V):
+                            red[0] = red[0] + red[l]
+                        Y[M // MT * MT + mr, T.min(nt * R + r, N - 1)] = red[0]
+    return func
+
+
+def make_linear_module(specs) -> "tvm.IRModule":
+    """IRModule of `linear_f32_<N>x<K>` for each ("linear", N, K) in specs."""
+    return tvm.IRModule({linear_name(n, k): make_linear(n, k) for _, n, k in specs})
