@@ -9,8 +9,9 @@ are cached on disk per host CPU, library versions and kernel sources
 (~/.cache/vsc/kernel-costs.json, $VSC_KERNEL_COSTS overrides), so a plan compiles to the same
 choice again and a warm compile measures nothing.
 
-Measured kinds: rmsnorm, add_rmsnorm, silu_mul, rope_rotate and linear on a block-quantized
-weight (torch vs TVM). Others return {} and keep the catalog's preference.
+Measured kinds: rmsnorm, add_rmsnorm, silu_mul, rope_rotate, and linear (on a block-quantized
+weight: torch.linear_quant vs tvm.quant_linear; on an f32 one: torch.linear vs tvm.linear). Others
+return {} and keep the catalog's preference.
 """
 from __future__ import annotations
 
@@ -25,9 +26,9 @@ from vsc.ir.module import Op, ServingModule
 ROUNDS, CALLS = 5, 20
 # The torch kernel each measured op kind is timed with (the TVM side: `_tvm_library`).
 _TORCH_MEASURED = {"rmsnorm": "torch.rmsnorm", "add_rmsnorm": "torch.add_rmsnorm", "silu_mul": "torch.silu_mul",
-                   "rope_rotate": "torch.rope_rotate", "linear": "torch.linear_quant"}
+                   "rope_rotate": "torch.rope_rotate", "linear": "torch.linear_quant", "linear_f32": "torch.linear"}
 _SOURCES = ("runtime/kernels/torch_ops.py", "runtime/kernels/tvm_ops.py", "backends/tvm/elementwise.py",
-            "backends/tvm/quant_linear.py")
+            "backends/tvm/quant_linear.py", "backends/tvm/linear.py")
 
 
 def cache_file() -> Path:
@@ -144,8 +145,11 @@ def _candidate(module: ServingModule, op: Op, name: str, rows: tuple[int, ...]):
         lib = _tvm_library(module, op, name)
         if lib is None:
             return None
-    elif _TORCH_MEASURED.get(op.kind) != name:
-        return None
+    else:
+        quant = op.kind == "linear" and str(types[1].dtype) in ("q8_0", "q4_0", "q4_1")
+        kind = "linear_f32" if op.kind == "linear" and not quant else op.kind
+        if _TORCH_MEASURED.get(kind) != name:
+            return None
     calls = []
     for m in rows:
         if op.kind in ("rmsnorm", "add_rmsnorm"):
@@ -173,6 +177,12 @@ def _candidate(module: ServingModule, op: Op, name: str, rows: tuple[int, ...]):
             x = rand(m, k)
             calls.append((lambda x=x: tvm_ops.linear(lib, x, weight)) if lib else
                          (lambda x=x: torch_ops.linear_quant(x, weight)))
+        elif op.kind == "linear" and str(types[1].dtype) == "f32" and len(op.operands) == 2:
+            n, k = (int(d) for d in types[1].shape)
+            weight = rand(n, k) * 0.05
+            x = rand(m, k)
+            calls.append((lambda x=x: tvm_ops.dense(lib, x, weight)) if lib else
+                         (lambda x=x: torch_ops.linear(x, weight)))
         else:
             return None
     return calls
@@ -186,6 +196,8 @@ def _tvm_library(module: ServingModule, op: Op, name: str):
     types = _operand_types(module, op)
     if name == "tvm.quant_linear":
         quant, elementwise = [(types[1].dtype, int(types[1].shape[0]), int(types[1].shape[1]))], []
+    elif name == "tvm.linear":
+        quant, elementwise = [], [("linear", int(types[1].shape[0]), int(types[1].shape[1]))]
     elif name == "tvm.rmsnorm":
         quant, elementwise = [], [(op.kind, int(types[0].shape[-1]))]
     elif name == "tvm.silu_mul":

@@ -57,6 +57,9 @@ KERNELS: dict[str, KernelInfo] = {k.name: k for k in [
        doc="block-quantized weight (q8_0/q4_0/q4_1) dequantized whole every call, then F.linear (portable fallback)"),
     _k("tvm.quant_linear", {"linear"}, targets=("cpu",), weight_dtypes=QUANT_WEIGHT_DTYPES, dtypes=("f32",),
        doc="TVM kernel compiled by vsc compile for the host CPU: block-quantized weights unpacked in registers"),
+    _k("tvm.linear", {"linear"}, targets=("cpu",), weight_dtypes=("f32",), dtypes=("f32",),
+       doc="TVM kernel for an f32 weight as the checkpoint stores it (R rows x MT inputs per tile, 16-lane FMAs) "
+           "at decode sizes, torch's GEMM past 32 rows (prefill); what lets a float plan's decode step compile"),
     _k("tvm.rmsnorm", {"rmsnorm", "add_rmsnorm"}, targets=("cpu",), dtypes=("f32",),
        doc="TVM kernel: one pass, the residual add fused when given (add_rmsnorm)"),
     _k("tvm.silu_mul", {"silu_mul"}, targets=("cpu",), dtypes=("f32",), doc="TVM kernel: silu(gate) * up in one pass"),
@@ -150,7 +153,7 @@ GRAPH_FORMS = ("eager", "relax")
 #: Kernels the compiled decode step has a translation for (vsc.backends.tvm.decode_step): the
 #: TVM kernels, and the torch ops it expresses as Relax ops (take, split, add, ...).
 COMPILED_STEP_KERNELS = frozenset({
-    "tvm.quant_linear", "tvm.rmsnorm", "tvm.rope", "tvm.silu_mul", "tvm.paged_attention",
+    "tvm.quant_linear", "tvm.linear", "tvm.rmsnorm", "tvm.rope", "tvm.silu_mul", "tvm.paged_attention",
     "torch.embedding", "torch.embedding_quant", "torch.rope_lookup", "torch.split", "torch.add", "torch.mul",
     "torch.silu", "torch.last_token", "torch.sample"})
 

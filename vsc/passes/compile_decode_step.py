@@ -12,16 +12,21 @@ the eager step makes ~10 Python -> torch/TVM calls per layer, each allocating it
 (tiny Llama at one sequence: 0.50 ms per step eager, 0.18 compiled; SmolLM2 on its GGUF, see
 bench/RESULTS.md). `form=eager` sets the plan back, for `vsc search` to compare both.
 
-Needs every compute op to have a compiled form (`vsc.ir.kernels.decode_step_blockers`: a cpu
-target, a paged f32 cache, continuous batching, TVM kernels for linears and attention — run
-select-kernels first; no cascade- or native-attention). Exact: the same kernels in the same
-order, so outputs do not change.
+Inside one compiled function an op's cost is its kernel alone (no Python dispatch, no result
+allocation), so the pass first moves every op whose kernel has no compiled form onto the first
+fitting kernel that has one (a TVM kernel: select-kernels may have kept torch's where, called
+from Python, it measured faster), then requires every compute op to have a compiled form
+(`vsc.ir.kernels.decode_step_blockers`: a cpu target, a paged f32 cache, continuous batching,
+no cascade- or native-attention, no weight packed for oneDNN). A moved op may round differently
+(may_change_outputs: the accuracy check runs after it); otherwise the same kernels run.
 """
 from __future__ import annotations
 
 from vsc.errors import VscError
-from vsc.ir.kernels import decode_step_blockers
-from vsc.ir.module import ServingModule
+from vsc.ir.kernels import COMPILED_STEP_KERNELS, decode_step_blockers, fitting_kernels
+from vsc.ir.module import KernelRef, ServingModule, walk_ops
+from vsc.ir.ops import OPS
+from vsc.ir.types import FLOAT_DTYPES
 from vsc.ir.types import pass_origin
 from vsc.passes.base import Option, Pass, register_pass
 
@@ -33,10 +38,30 @@ class CompileDecodeStep(Pass):
     options = (Option("form", str, "relax", "relax: one compiled function; eager: one Python call per op",
                       choices=("relax", "eager")),)
 
+    may_change_outputs = True
+
     def apply(self, module: ServingModule) -> None:
         if self.form == "relax":
+            self._move_to_compiled_kernels(module)
             why = decode_step_blockers(module)
             if why:
                 raise VscError("the decode step cannot be compiled: " + "; ".join(why))
         module.schedule.attrs = {**module.schedule.attrs, "graph": self.form}
         module.schedule.origin = pass_origin(self.name)
+
+    def _move_to_compiled_kernels(self, module: ServingModule) -> None:
+        origin = pass_origin(self.name)
+        for op in walk_ops(module.model.func.body):
+            if OPS[op.kind].structural or op.kernel is None or op.kernel.name in COMPILED_STEP_KERNELS:
+                continue
+            main = op.operands[1] if len(op.operands) > 1 and op.operands[1].startswith("@") else None
+            weight = module.model.weight(main) if main else None
+            if weight is not None and weight.init_fn == "onednn_pack":
+                continue          # bound to oneDNN's layout: stays, and decode_step_blockers says so
+            dtype = next((t.dtype for t in op.types if t.dtype in FLOAT_DTYPES), None)
+            fitting = fitting_kernels(op.kind, module.target.kind, module.cache.layout, module.cache.dtype,
+                                      weight.type.dtype if weight is not None else None, dtype)
+            compiled = next((k for k in fitting if k in COMPILED_STEP_KERNELS), None)
+            if compiled is not None:
+                op.kernel = KernelRef(compiled, {})
+                op.origin = origin

@@ -111,7 +111,7 @@ _WEIGHT_DTYPES = {**_TORCH_DTYPES, "i8": "torch.int8", **{q: "QuantTensor" for q
 # TVM kernels of the catalog a cpu runner calls: IR kernel -> function of
 # vsc.runtime.kernels.tvm_ops (imported as tvm_<name>); the library is built by vsc compile.
 _TVM_KERNELS = {"tvm.quant_linear": "linear", "tvm.rmsnorm": "rmsnorm", "tvm.silu_mul": "silu_mul", "tvm.rope": "rope",
-                "tvm.paged_attention": "paged_attention"}
+                "tvm.paged_attention": "paged_attention", "tvm.linear": "dense"}
 # The config each takes (`via tvm.quant_linear{activations = "q8_0"}`): key -> allowed values.
 _TVM_CONFIG = {"tvm.quant_linear": {"activations": ("f32", "q8_0")}}
 

@@ -127,7 +127,7 @@ def _normalize_specs(specs) -> list[tuple[str, int, int]]:
 
 def cache_key(specs, target: dict, dequant: bool = True, elementwise=()) -> str:
     h = hashlib.sha256()
-    for src in ("quant_linear.py", "build.py", "elementwise.py", "attention.py"):
+    for src in ("quant_linear.py", "build.py", "elementwise.py", "attention.py", "linear.py"):
         h.update((_HERE / src).read_bytes())
     h.update(json.dumps({"target": target, "specs": specs, "dequant": dequant, "tvm": _tvm_version(),
                          **({"elementwise": [list(e) for e in elementwise]} if elementwise else {})},
@@ -177,11 +177,15 @@ def _compile_library(specs, target: dict, dequant: bool, out: Path, elementwise=
     if elementwise:
         from vsc.backends.tvm.attention import KINDS, make_attention_module
         from vsc.backends.tvm.elementwise import make_elementwise_module
-        fused = [e for e in elementwise if e[0] not in KINDS]
+        from vsc.backends.tvm.linear import make_linear_module
+        fused = [e for e in elementwise if e[0] not in KINDS and e[0] != "linear"]
         attention = [e for e in elementwise if e[0] in KINDS]
+        dense = [e for e in elementwise if e[0] == "linear"]
         if fused:
             mod.update(make_elementwise_module(fused))
         if attention:
             mod.update(make_attention_module(attention))
+        if dense:
+            mod.update(make_linear_module(dense))
     lib = tvm.compile(mod, target=tvm.target.Target(target))
     lib.export_library(str(out))

@@ -93,6 +93,7 @@ def make_relax_module(module: ServingModule, vnni: bool):
 
     from vsc.backends.tvm import attention as attn_k
     from vsc.backends.tvm import elementwise as ew
+    from vsc.backends.tvm import linear as dense_k
     from vsc.backends.tvm import quant_linear as ql
 
     why = decode_step_blockers(module)
@@ -239,6 +240,11 @@ def make_relax_module(module: ServingModule, vnni: bool):
                     else:
                         g = kernel(ql.kernel_name(fmt, rows, width), lambda: ql.make_quant_linear(fmt, rows, width))
                         env[res[0]] = bb.emit(relax.call_tir(g, [x, *ps], T([n, rows], f32)))
+                elif name == "tvm.linear":
+                    _, (wt,) = parts(op.operands[1], layer)
+                    rows, width = (int(d) for d in module.model.weight(op.operands[1]).type.shape)
+                    g = kernel(dense_k.linear_name(rows, width), lambda: dense_k.make_linear(rows, width))
+                    env[res[0]] = bb.emit(relax.call_tir(g, [val(op.operands[0]), wt], T([n, rows], f32)))
                 elif name == "tvm.paged_attention":
                     hq_ = int(op.attrs["heads"])
                     g_w = kernel(attn_k.kv_write_name(hk, hd), lambda: attn_k.make_kv_write(hk, hd))
@@ -311,7 +317,7 @@ def cache_key(module: ServingModule, target: dict, vnni: bool) -> str:
     from vsc.ir.printer import print_module
 
     h = hashlib.sha256()
-    for src in ("decode_step.py", "quant_linear.py", "elementwise.py", "attention.py", "build.py"):
+    for src in ("decode_step.py", "quant_linear.py", "elementwise.py", "attention.py", "linear.py", "build.py"):
         h.update((_HERE / src).read_bytes())
     body = module.clone()
     body.deployment = {}

@@ -25,6 +25,9 @@ def plan_kernel_specs(module: ServingModule) -> tuple[list[tuple[str, int, int]]
             elementwise.add((op.kind, int(op.types[0].shape[-1])))
         elif name == "tvm.silu_mul":
             elementwise.add(("silu_mul", int(op.types[0].shape[-1])))
+        elif name == "tvm.linear":
+            t = module.model.weight(op.operands[1]).type
+            elementwise.add(("linear", int(t.shape[0]), int(t.shape[1])))
         elif name == "tvm.paged_attention":
             hq, hk, d = (int(op.attrs[k]) for k in ("heads", "kv_heads", "head_dim"))
             elementwise.add(("kv_write", hk, d))

@@ -237,6 +237,25 @@ def linear(lib: TvmKernels, x: torch.Tensor, weight, bias: torch.Tensor | None =
     return out if bias is None else out.add_(bias)
 
 
+#: tvm.linear's kernel is register-blocked for decode-sized inputs; past this many rows (a
+#: prefill chunk) the call goes to torch's GEMM, which blocks for caches.
+DENSE_MAX_ROWS = 32
+
+
+def dense(lib: TvmKernels, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """tvm.linear: x @ weight^T (+ bias) for an f32 weight [N, K] (linear_f32_<N>x<K>); inputs of
+    more than DENSE_MAX_ROWS rows run torch's F.linear."""
+    n, k = weight.shape
+    x2 = _rows(x)
+    if x2.shape[0] > DENSE_MAX_ROWS:
+        return torch.nn.functional.linear(x, weight, bias)
+    out = torch.empty(x2.shape[0], n, dtype=torch.float32)
+    if x2.shape[0]:
+        lib.get(f"linear_f32_{n}x{k}")(x2, weight, out)
+    out = out.view(*x.shape[:-1], n)
+    return out if bias is None else out.add_(bias)
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """x as a contiguous float32 [rows, last] matrix (a view when it already is one)."""
     x2 = x.reshape(-1, x.shape[-1])
