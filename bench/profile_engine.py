@@ -29,7 +29,8 @@ from vsc.runtime.launch import build_server  # noqa: E402
 
 
 class StepTimer:
-    """Wraps the engine's scheduler.schedule, runner.decode/prefill and sampler to time each."""
+    """Wraps the engine's scheduler.schedule, runner.decode/prefill, sampler, per-token bookkeeping
+    (append + incremental detokenize) and the hand-off to the event loop to time each."""
 
     def __init__(self, engine):
         self.totals: dict[str, float] = {}
@@ -46,6 +47,8 @@ class StepTimer:
         engine.runner.prefill = counted
         engine.sampler = self._wrap("sample", engine.sampler)
         engine._run_step = self._wrap("whole step", engine._run_step)
+        engine._append_token = self._wrap("append+detok", engine._append_token)     # per token
+        engine._deliver = self._wrap("deliver", engine._deliver)
         engine.scheduler.advance = self._wrap("advance", engine.scheduler.advance)
 
     def _wrap(self, name, fn):

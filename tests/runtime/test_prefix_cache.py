@@ -339,6 +339,32 @@ def test_a_preempted_sequence_resumes_from_its_cached_blocks():
     assert step.batch.tokens.tolist() == [7, 50]
 
 
+def test_requests_arriving_together_behind_one_prefix_compute_it_once():
+    sched = make(num_blocks=32)
+    shared = list(range(1, 13))                        # 3 full blocks, cached by nobody yet
+    a, b, c = seq("a", shared + [50, 51]), seq("b", shared + [60, 61, 62]), seq("c", shared + [70])
+    other = seq("d", [90, 91, 92])
+    for s in (a, b, c, other):
+        sched.add(s)
+    step = sched.schedule()                            # b would compute a's blocks again: it waits
+    assert step.seqs == [a] and step.num_new == [14] and sched.prefix_deferrals == 1
+    sched.advance(step)
+    a.token_ids.append(99)
+    step = sched.schedule()                            # now the prefix is cached: b and c hit it
+    assert step.seqs == [a, b, c, other] and step.num_new == [1, 3, 1, 3]
+    assert b.num_computed == 12 and c.num_computed == 12 and sched.prefix_hit_tokens == 24
+    assert b.block_table[:3] == a.block_table[:3] == c.block_table[:3]
+    sched.block_manager.check()
+
+
+def test_different_prefixes_are_admitted_together():
+    sched = make(num_blocks=32)
+    a, b = seq("a", list(range(1, 10))), seq("b", list(range(20, 29)))
+    sched.add(a)
+    sched.add(b)
+    assert sched.schedule().seqs == [a, b] and sched.prefix_deferrals == 0
+
+
 def test_prefix_cache_off_never_looks_up():
     sched = make(prefix_cache="none")
     a = seq("a", range(1, 10))

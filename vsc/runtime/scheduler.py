@@ -29,7 +29,12 @@ prefilled. After every step `advance` enters each block the step filled (prompt 
 output tokens) into the tree, so the cost is one lookup per admission and one insert
 per filled block, nothing per decoded token. Preempted and finished sequences release
 their blocks as usual; cached ones stay reusable until evicted (LRU, by the block
-manager), so a preempted sequence's recompute is mostly a hit.
+manager), so a preempted sequence's recompute is mostly a hit. Requests that arrive
+together behind one uncached prefix would each compute it in the same step; so admission
+stops (first come, first served: nobody overtakes) at a sequence whose first uncached
+block is one that a sequence admitted in this step is computing, and it is admitted next
+step with that block cached (a burst of 16 prompts behind a 768-token system prompt
+computes the prefix once instead of twice or more).
 
 Speculative decoding (vsc.runtime.speculative). A decoding sequence whose `draft_ids`
 the engine filled gets its last token plus up to that many drafts in one step, within the
@@ -93,6 +98,7 @@ class Scheduler:
             block_manager.enable_prefix_cache(config.prefix_cache_capacity)
         self.prefix_query_tokens = 0     # tokens of admitted sequences looked up in the prefix cache
         self.prefix_hit_tokens = 0       # of those, tokens found cached (not recomputed)
+        self.prefix_deferrals = 0        # admissions put off a step to find a block another one computes
 
     # --- admission control -----------------------------------------------------------
 
@@ -163,9 +169,18 @@ class Scheduler:
         if not preempted and (cfg.mode == "continuous" or not running):
             waiting = self.waiting
             prefix_caching = self.prefix_caching
+            computing: set[tuple] = set()       # (last cached block, next block's tokens) admitted this step
             while waiting and len(running) < cfg.max_batch and budget > 0:
                 seq = self._next_waiting()
                 hit, cached = self._cached_prefix(seq) if prefix_caching else ((), 0)
+                if prefix_caching and seq.num_tokens - cached > self.block_size:
+                    # the block after its cached prefix: if a sequence admitted this step computes
+                    # the same one, wait a step and find it cached (rather than compute it twice)
+                    key = (hit[-1] if hit else None, tuple(seq.token_ids[cached:cached + self.block_size]))
+                    if key in computing:
+                        self.prefix_deferrals += 1
+                        break
+                    computing.add(key)
                 n = self._chunk(seq.num_tokens - cached, budget, False)
                 if n == 0 or not bm.can_allocate(cached + n, hit):
                     break
