@@ -40,15 +40,17 @@ def _compile(tmp_path: Path, model: Path, pipeline: str, accuracy: str, memory: 
 def test_smollm2_gguf_is_served_as_shipped(smollm2_dir, tmp_path):
     gguf_file = Path(smollm2_dir) / registry.MODELS["smollm2-135m"].gguf_name
     assert gguf_file.is_file(), "vsc models get keeps the GGUF beside the HF files"
-    folder = _compile(tmp_path, gguf_file, PIPELINE + ",select-kernels", "greedy_exact(probes = 2)")
+    folder = _compile(tmp_path, gguf_file, PIPELINE + ",select-kernels,compile-decode-step", "greedy_exact(probes = 2)")
     plan = (folder / "plan.vsir").read_text()
+    assert 'graph = "relax"' in plan and "via tvm.paged_attention" in plan     # one VM call per decode step
     assert "q4_1[" in plan and "q8_0[49152, 576]" in plan          # the file's formats, as IR types
     assert "via tvm.quant_linear" in plan and "via torch.linear_quant" not in plan
     assert "activations" not in plan          # greedy_exact: the exact kernels (fp32 activations)
     manifest = json.loads((folder / "manifest.json").read_text())
     assert list(manifest["model"]["files"]) == [gguf_file.name]
     (kernel_file,) = manifest["tvm_kernels"]["files"]
-    assert (folder / "kernels" / kernel_file).is_file()
+    (step_file,) = manifest["decode_step"]["files"]
+    assert (folder / "kernels" / kernel_file).is_file() and (folder / "kernels" / step_file).is_file()
     assert (folder / "tokenizer" / "tokenizer.json").is_file()
     accuracy = [v for v in manifest["verification"] if v["check"] == "accuracy" and v["after"] == "lowering"]
     assert accuracy and accuracy[0]["ok"] is True
