@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from vsc.errors import PassFailure
+from vsc.ir.module import walk_ops
 from vsc.ir.verifier import verify
 from vsc.passes.manager import PassManager
 from vsc.runtime.api import StepBatch
@@ -21,18 +22,28 @@ def test_the_pass_sets_the_graph_and_refuses_plans_without_a_compiled_form(make_
     assert out.schedule.attrs["graph"] == "relax" and not verify(out)
     back = PassManager("compile-decode-step{form=eager}").run(out)
     assert back.schedule.attrs["graph"] == "eager"
-    with pytest.raises(PassFailure, match="attention via torch.paged_attention has no compiled form"):
-        PassManager(QUANT + ",compile-decode-step").run(make_module())      # no select-kernels: torch kernels
-    # an fp32 plan's linears run torch kernels: no compiled form, said per op kind
-    with pytest.raises(PassFailure, match="linear via torch.linear has no compiled form"):
-        PassManager("fold-rope-tables,paged-kv{block=16},continuous-batching{max_batch=4,max_tokens=256},select-kernels,"
+    moved = PassManager(QUANT + ",compile-decode-step").run(make_module())    # no select-kernels: it moves the ops
+    assert {op.kernel.name for op in walk_ops(moved.model.func.body) if op.kind == "attention"} == {"tvm.paged_attention"}
+    # linears packed for oneDNN stay there: no compiled form, said per op kind
+    with pytest.raises(PassFailure, match="linear via torch.linear_onednn has no compiled form"):
+        PassManager("fold-rope-tables,paged-kv{block=16},continuous-batching{max_batch=4,max_tokens=256},"
+                    "pack-linear-weights,select-kernels,compile-decode-step").run(make_module())
+    with pytest.raises(PassFailure, match="run fold-rope-tables first"):
+        PassManager("paged-kv{block=16},continuous-batching{max_batch=4,max_tokens=256},select-kernels,"
                     "compile-decode-step").run(make_module())
+    # a float plan compiles too: compile-decode-step moves the linears onto tvm.linear
+    f32 = PassManager("fold-rope-tables,paged-kv{block=16},continuous-batching{max_batch=4,max_tokens=256},"
+                      "compile-decode-step").run(make_module())
+    assert f32.schedule.attrs["graph"] == "relax"
+    assert {op.kernel.name for op in walk_ops(f32.model.func.body) if op.kind == "linear"} == {"tvm.linear"}
 
 
 def test_the_verifier_holds_a_relax_graph_to_its_kernels(make_module):
-    m = PassManager("paged-kv{block=16},continuous-batching{max_batch=4,max_tokens=256},select-kernels").run(make_module())
+    m = PassManager("fold-rope-tables,paged-kv{block=16},continuous-batching{max_batch=4,max_tokens=256},"
+                    "native-attention,select-kernels").run(make_module())
     m.schedule.attrs["graph"] = "relax"
-    assert any("graph = relax: linear via torch.linear" in str(d) for d in verify(m))
+    assert any("graph = relax: attention with cascade-attention or native-attention runs eagerly" in str(d)
+               for d in verify(m))
     m.schedule.attrs["graph"] = "cuda-graph"
     assert any("graph must be one of eager, relax" in str(d) for d in verify(m))
 

@@ -40,7 +40,8 @@ def _compile(tmp_path: Path, model: Path, pipeline: str, accuracy: str, memory: 
 def test_smollm2_gguf_is_served_as_shipped(smollm2_dir, tmp_path):
     gguf_file = Path(smollm2_dir) / registry.MODELS["smollm2-135m"].gguf_name
     assert gguf_file.is_file(), "vsc models get keeps the GGUF beside the HF files"
-    folder = _compile(tmp_path, gguf_file, PIPELINE + ",select-kernels,compile-decode-step", "greedy_exact(probes = 2)")
+    folder = _compile(tmp_path, gguf_file, "fold-rope-tables," + PIPELINE + ",select-kernels,compile-decode-step",
+                      "greedy_exact(probes = 2)")
     plan = (folder / "plan.vsir").read_text()
     assert 'graph = "relax"' in plan and "via tvm.paged_attention" in plan     # one VM call per decode step
     assert "q4_1[" in plan and "q8_0[49152, 576]" in plan          # the file's formats, as IR types

@@ -115,6 +115,10 @@ def default_kernel(op_kind: str, cache_layout: str = "contiguous", cache_dtype: 
     return DEFAULT_KERNELS.get(op_kind)
 
 
+# Kernels that read a weight only in their own private layout (made by a pass: pack-linear-weights'
+# onednn_pack): never a choice for an op whose weight is not in it.
+LAYOUT_BOUND_KERNELS = frozenset({"torch.linear_onednn"})
+
 # On each target, which backends' kernels to prefer when several implement an op.
 BACKEND_PREFERENCE = {"cuda": ("triton", "torch"), "cpu": ("tvm", "torch")}
 
@@ -173,10 +177,12 @@ def decode_step_blockers(module) -> list[str]:
         if op.kind == "repeat":
             continue
         name = op.kernel.name if op.kernel is not None else None
-        if name not in COMPILED_STEP_KERNELS:
-            why.append(f"{op.kind} via {name} has no compiled form (select-kernels gives TVM kernels where they exist)")
-        elif op.kind == "attention" and (op.attrs.get("cascade_min_tokens") or op.attrs.get("native")):
+        if op.kind == "attention" and (op.attrs.get("cascade_min_tokens") or op.attrs.get("native")):
             why.append("attention with cascade-attention or native-attention runs eagerly")
+        elif name == "torch.rope":
+            why.append("rope via torch.rope computes cos/sin inside the op: run fold-rope-tables first")
+        elif name not in COMPILED_STEP_KERNELS:
+            why.append(f"{op.kind} via {name} has no compiled form (select-kernels gives TVM kernels where they exist)")
         elif op.kind == "linear" and len(op.operands) > 2:
             why.append("a linear with a bias has no compiled form yet")
     return sorted(set(why))

@@ -14,7 +14,7 @@ layout (fusions, paged-kv), or the layout-dependent choice (attention) is stale.
 from __future__ import annotations
 
 from vsc.errors import VscError
-from vsc.ir.kernels import fitting_kernels
+from vsc.ir.kernels import LAYOUT_BOUND_KERNELS, fitting_kernels
 from vsc.ir.module import KernelRef, ServingModule, walk_ops
 from vsc.ir.ops import OPS
 from vsc.ir.types import FLOAT_DTYPES, pass_origin
@@ -55,7 +55,8 @@ class SelectKernels(Pass):
                 continue      # native-attention's C++ kernel runs inside torch.paged_attention: it stays
             weight_dtype = weight.type.dtype if weight is not None else None
             dtype = next((t.dtype for t in op.types if t.dtype in FLOAT_DTYPES), None)
-            fitting = fitting_kernels(op.kind, target, module.cache.layout, module.cache.dtype, weight_dtype, dtype)
+            fitting = [k for k in fitting_kernels(op.kind, target, module.cache.layout, module.cache.dtype, weight_dtype,
+                                                  dtype) if k not in LAYOUT_BOUND_KERNELS]
             choice = self._measured_choice(module, op, fitting, measured) or (fitting[0] if fitting else None)
             if choice is None:
                 raise VscError(f"no kernel implements {op.kind} on {target} with a {module.cache.layout} "
