@@ -36,6 +36,24 @@ def make_linear(N: int, K: int, R: int = DEFAULT_R, MT: int = DEFAULT_MT):
     NT = -(-N // R)
     name = linear_name(N, K)
 
+    @T.macro
+    def store_sum(acc, t, r, red, Y, m, n):
+        # Y[m, n] = the sum of accumulator (t, r)'s lanes (a shuffle tree at 16 lanes)
+        for l in T.vectorized(V):
+            red[l] = acc[t, r, l]
+        if V == LANES:
+            for l in T.vectorized(8):
+                red[l] = red[l] + red[l + 8]
+            for l in T.vectorized(4):
+                red[l] = red[l] + red[l + 4]
+            for l in T.vectorized(2):
+                red[l] = red[l] + red[l + 2]
+            Y[m, n] = red[0] + red[1]
+        else:
+            for l in range(1, V):
+                red[0] = red[0] + red[l]
+            Y[m, n] = red[0]
+
     @T.prim_func(s_tir=True)
     def func(x_h: T.handle, w_h: T.handle, y_h: T.handle):
         T.func_attr({"global_symbol": name, "tirx.noalias": True})
@@ -58,20 +76,7 @@ def make_linear(N: int, K: int, R: int = DEFAULT_R, MT: int = DEFAULT_MT):
                                 acc[t, r, l] = acc[t, r, l] + W[T.min(nt * R + r, N - 1), kb * V + l] * X[mo * MT + t, kb * V + l]
                 for t in T.unroll(MT):
                     for r in T.unroll(R):
-                        for l in T.vectorized(V):
-                            red[l] = acc[t, r, l]
-                        if V == LANES:
-                            for l in T.vectorized(8):
-                                red[l] = red[l] + red[l + 8]
-                            for l in T.vectorized(4):
-                                red[l] = red[l] + red[l + 4]
-                            for l in T.vectorized(2):
-                                red[l] = red[l] + red[l + 2]
-                            Y[mo * MT + t, T.min(nt * R + r, N - 1)] = red[0] + red[1]
-                        else:
-                            for l in range(1, V):
-                                red[0] = red[0] + red[l]
-                            Y[mo * MT + t, T.min(nt * R + r, N - 1)] = red[0]
+                        store_sum(acc, t, r, red, Y, mo * MT + t, T.min(nt * R + r, N - 1))
             for mr in range(M % MT):
                 for r in T.unroll(R):
                     for l in T.vectorized(V):
@@ -81,20 +86,7 @@ def make_linear(N: int, K: int, R: int = DEFAULT_R, MT: int = DEFAULT_MT):
                         for l in T.vectorized(V):
                             acc[0, r, l] = acc[0, r, l] + W[T.min(nt * R + r, N - 1), kb * V + l] * X[M // MT * MT + mr, kb * V + l]
                 for r in T.unroll(R):
-                    for l in T.vectorized(V):
-                        red[l] = acc[0, r, l]
-                    if V == LANES:
-                        for l in T.vectorized(8):
-                            red[l] = red[l] + red[l + 8]
-                        for l in T.vectorized(4):
-                            red[l] = red[l] + red[l + 4]
-                        for l in T.vectorized(2):
-                            red[l] = red[l] + red[l + 2]
-                        Y[M // MT * MT + mr, T.min(nt * R + r, N - 1)] = red[0] + red[1]
-                    else:
-                        for l in range(1, V):
-                            red[0] = red[0] + red[l]
-                        Y[M // MT * MT + mr, T.min(nt * R + r, N - 1)] = red[0]
+                    store_sum(acc, 0, r, red, Y, M // MT * MT + mr, T.min(nt * R + r, N - 1))
     return func
 
 
