@@ -43,7 +43,7 @@ from vsc.passes.pipeline import PassSpec, format_pipeline, parse_pipeline
 CANONICAL_ORDER = ("fuse-qkv", "fuse-gate-up", "fuse-silu-mul", "fuse-add-rmsnorm", "fold-rope-tables",
                    "weight-int8", "paged-kv", "kv-int8", "continuous-batching", "chunked-prefill",
                    "prefix-cache", "cascade-attention", "native-attention", "speculative", "json-mode", "select-kernels", "pack-linear-weights",
-                   "intra-op-threads")
+                   "intra-op-threads", "compile-decode-step")
 
 #: Option grids: the variants of each pass the builtin proposer tries (text options as in pipelines).
 GRIDS: dict[str, list[dict[str, str]]] = {
@@ -58,16 +58,18 @@ GRIDS: dict[str, list[dict[str, str]]] = {
     "prefix-cache": [{"policy": "radix"}],
     "cascade-attention": [{}, {"min_tokens": "256"}],
     "native-attention": [{}],
-    "pack-linear-weights": [{}, {"include_head": "false"}],
+    "pack-linear-weights": [{}, {"include_head": "false"}, {"tied_head": "true"}],
     "speculative": [{"method": "prompt-lookup", "k": "4"}, {"method": "prompt-lookup", "k": "2"},
                     {"method": "prompt-lookup", "k": "6"}, {"method": "ngram", "k": "4"}],
     "select-kernels": [{}],
     "intra-op-threads": [{}, {"threads": "1"}, {"threads": "2"}],
+    "compile-decode-step": [{}],
 }
 
 REQUIRES = {"cascade-attention": ("prefix-cache",), "chunked-prefill": ("continuous-batching",),
             "kv-int8": ("paged-kv",), "prefix-cache": ("paged-kv",), "native-attention": ("paged-kv",),
-            "speculative": ("continuous-batching", "paged-kv")}
+            "speculative": ("continuous-batching", "paged-kv"),
+            "compile-decode-step": ("fold-rope-tables", "paged-kv", "continuous-batching")}
 
 
 @dataclass
@@ -164,8 +166,12 @@ def expected_gain(move: str, spec: PassSpec, f: Features) -> float:
         return (0.03 if f.small_gemms else 0.15) * risky
     if name == "kv-int8":
         return 0.05 * risky
-    if name == "select-kernels":
-        return 0.2 if f.target == "cuda" else 0.005
+    if name == "select-kernels":        # cuda: Triton kernels; cpu: TVM attention in place, norms, rope
+        return 0.2 if f.target == "cuda" else 0.1
+    if name == "compile-decode-step":   # one VM call per decode step: pays where per-op dispatch dominates
+        if f.target != "cpu":
+            return 0.0
+        return 0.35 if f.small_gemms or f.concurrency <= 2 else 0.08
     return 0.0
 
 
@@ -224,10 +230,10 @@ def moves(pipeline: str, f: Features, failed: dict[str, int] | None = None) -> l
     present = {s.name for s in specs}
     out: list[tuple[float, str, str]] = []
     for name, grid in GRIDS.items():
-        if name in present or (name == "select-kernels" and f.target != "cuda"):
+        if name in present:
             continue
         if name in ("intra-op-threads", "native-attention", "cascade-attention",
-                    "pack-linear-weights") and f.target != "cpu":
+                    "pack-linear-weights", "compile-decode-step") and f.target != "cpu":
             continue
         missing = [r for r in _requirements(name) if r not in present]
         for opts in grid:
