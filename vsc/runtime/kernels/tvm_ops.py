@@ -416,15 +416,20 @@ class CompiledDecodeStep:
 
 def step_weight_tensors(weights: dict, arguments) -> list[torch.Tensor]:
     """The tensors of `arguments` ((name, part) pairs, the plan's STEP_ARGUMENTS) from a runner's
-    loaded weights: a plain tensor for part "", else the named planar part of a QuantTensor."""
-    out = []
+    loaded weights: a plain tensor for part "", else the named planar part of a QuantTensor,
+    passed as they are (many are views at any offset into a file's mapping or a fused buffer:
+    122 of 184 for SmolLM2 fp32, which the TVM kernels have read as such since they were written;
+    an aligned copy would double the weights' memory)."""
+    out, seen = [], {}
     for name, part in arguments:
         w = weights[name]
-        if not part:
-            out.append(w.contiguous())
-            continue
-        parts = w.parts
-        out.append({"qs": parts[0], "d": parts[1], "m": parts[2] if len(parts) == 3 else parts[1]}[part])
+        if part:
+            p = w.parts
+            w = {"qs": p[0], "d": p[1], "m": p[2] if len(p) == 3 else p[1]}[part]
+        key = (w.data_ptr(), tuple(w.shape), w.dtype)      # a tied weight read twice: one copy
+        if key not in seen:
+            seen[key] = w.contiguous()
+        out.append(seen[key])
     return out
 
 
