@@ -35,51 +35,46 @@ LIB_PREFIX = "vsc_step_"
 _HERE = Path(__file__).resolve().parent
 
 
-
 class DecodeStepError(VscError):
     """The plan cannot run as a compiled decode step, or TVM could not build it."""
 
 
-def step_arguments(module: ServingModule) -> list[tuple[str, str]]:
-    """The weights tuple of the Relax function: (weight name as the runner's load_weights keys it
-    (layer index filled in), part) with part "" for a plain tensor, or "qs" / "d" / "m" for the
-    planar parts of a block-quantized weight (q8_0 and q4_0 pass "d" where "m" would be)."""
-    out: list[tuple[str, str]] = []
+def step_weight_types(module: ServingModule) -> list[tuple[str, str, object]]:
+    """(name as the runner's load_weights keys it (layer index filled in), part, its IR weight type)
+    of every weight the decode forward reads, in first-use order, a block-quantized weight as its
+    planar parts "qs", "d", "m" (q8_0 and q4_0 pass "d" where "m" would be), others as part ""."""
+    out: list[tuple[str, str, object]] = []
     seen = set()
 
-    def add(name: str) -> None:
+    def add(operand: str, layer: int | None) -> None:
+        name = operand[1:].replace("{i}", str(layer)) if layer is not None else operand[1:]
         if name in seen:
             return
         seen.add(name)
-        w = module.model.weight("@" + name) if "{i}" not in name else None
-        dtype = w.type.dtype if w is not None else None
-        if dtype is None:
-            w = module.model.weight("@" + _template(name))
-            dtype = w.type.dtype
-        if dtype in QUANT_DTYPES:
-            out.extend([(name, "qs"), (name, "d"), (name, "m" if dtype == "q4_1" else "d")])
+        t = module.model.weight(operand).type
+        if t.dtype in QUANT_DTYPES:
+            out.extend([(name, "qs", t), (name, "d", t), (name, "m" if t.dtype == "q4_1" else "d", t)])
         else:
-            out.append((name, ""))
+            out.append((name, "", t))
 
-    body = module.model.func.body
-    for op in body:
+    for op in module.model.func.body:
         if op.kind == "repeat":
             for i in range(int(op.attrs["count"])):
                 for inner in walk_ops(op.region.ops):
                     for o in inner.operands:
                         if o.startswith("@"):
-                            add(o[1:].replace("{i}", str(i)))
+                            add(o, i)
         else:
             for o in op.operands:
                 if o.startswith("@"):
-                    add(o[1:])
+                    add(o, None)
     return out
 
 
-def _template(name: str) -> str:
-    """model.layers.3.x -> model.layers.{i}.x"""
-    parts = name.split(".")
-    return ".".join("{i}" if p.isdigit() and k > 0 and parts[k - 1] == "layers" else p for k, p in enumerate(parts))
+def step_arguments(module: ServingModule) -> list[tuple[str, str]]:
+    """The weights tuple of the Relax function, as (name, part) pairs (see step_weight_types): the
+    order the generated runner binds them in (STEP_ARGUMENTS)."""
+    return [(name, part) for name, part, _ in step_weight_types(module)]
 
 
 # -- the Relax module --------------------------------------------------------------------
@@ -111,12 +106,9 @@ def make_relax_module(module: ServingModule, vnni: bool):
     chunk = tvm.tirx.Var("chunk", i64)
     T = relax.TensorType
 
-    args = step_arguments(module)
-    index = {a: k for k, a in enumerate(args)}
-    weight_types = []
-    for name, part in args:
-        w = module.model.weight("@" + name) or module.model.weight("@" + _template(name))
-        weight_types.append(_part_type(w.type, part, T))
+    typed = step_weight_types(module)
+    index = {(name, part): k for k, (name, part, _) in enumerate(typed)}
+    weight_types = [_part_type(t, part, T) for _, part, t in typed]
     cache_t = T([s_, hk, hd], f32)
     tokens = relax.Var("tokens", T([n], i64))
     positions = relax.Var("positions", T([n], i64))
