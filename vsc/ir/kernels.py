@@ -116,8 +116,10 @@ def default_kernel(op_kind: str, cache_layout: str = "contiguous", cache_dtype: 
 
 
 # Kernels that read a weight only in their own private layout (made by a pass: pack-linear-weights'
-# onednn_pack): never a choice for an op whose weight is not in it.
+# onednn_pack): never a choice for an op whose weight is not in it, and an op whose weight is
+# in it (LAYOUT_BOUND_INITS) keeps its kernel.
 LAYOUT_BOUND_KERNELS = frozenset({"torch.linear_onednn"})
+LAYOUT_BOUND_INITS = frozenset({"onednn_pack"})
 
 # On each target, which backends' kernels to prefer when several implement an op.
 BACKEND_PREFERENCE = {"cuda": ("triton", "torch"), "cpu": ("tvm", "torch")}
@@ -139,6 +141,22 @@ def fitting_kernels(op_kind: str, target: str, cache_layout: str, cache_dtype: s
         names = sorted((k.name for k in fitting if k.name.startswith(backend + ".")), key=lambda n: (n != default, n))
         out += names
     return out
+
+
+def op_fitting_kernels(module, op, target: str | None = None) -> list[str] | None:
+    """The kernels a kernel-choosing pass may give `op` (fitting_kernels for its weight's element
+    type and its float dtype, never a layout-bound one), or None when its kernel is bound: its
+    weight is in a kernel's private layout (pack-linear-weights), or it is native-attention's."""
+    from vsc.ir.types import FLOAT_DTYPES
+
+    main = op.operands[1] if len(op.operands) > 1 and op.operands[1].startswith("@") else None
+    weight = module.model.weight(main) if main else None
+    if (weight is not None and weight.init_fn in LAYOUT_BOUND_INITS) or op.attrs.get("native"):
+        return None
+    dtype = next((t.dtype for t in op.types if t.dtype in FLOAT_DTYPES), None)
+    return [k for k in fitting_kernels(op.kind, target or module.target.kind, module.cache.layout, module.cache.dtype,
+                                       weight.type.dtype if weight is not None else None, dtype)
+            if k not in LAYOUT_BOUND_KERNELS]
 
 
 def best_kernel(op_kind: str, target: str, cache_layout: str, cache_dtype: str = "f32",

@@ -23,10 +23,9 @@ no cascade- or native-attention, no weight packed for oneDNN). A moved op may ro
 from __future__ import annotations
 
 from vsc.errors import VscError
-from vsc.ir.kernels import COMPILED_STEP_KERNELS, decode_step_blockers, fitting_kernels
+from vsc.ir.kernels import COMPILED_STEP_KERNELS, decode_step_blockers, op_fitting_kernels
 from vsc.ir.module import KernelRef, ServingModule, walk_ops
 from vsc.ir.ops import OPS
-from vsc.ir.types import FLOAT_DTYPES
 from vsc.ir.types import pass_origin
 from vsc.passes.base import Option, Pass, register_pass
 
@@ -54,13 +53,9 @@ class CompileDecodeStep(Pass):
         for op in walk_ops(module.model.func.body):
             if OPS[op.kind].structural or op.kernel is None or op.kernel.name in COMPILED_STEP_KERNELS:
                 continue
-            main = op.operands[1] if len(op.operands) > 1 and op.operands[1].startswith("@") else None
-            weight = module.model.weight(main) if main else None
-            if weight is not None and weight.init_fn == "onednn_pack":
-                continue          # bound to oneDNN's layout: stays, and decode_step_blockers says so
-            dtype = next((t.dtype for t in op.types if t.dtype in FLOAT_DTYPES), None)
-            fitting = fitting_kernels(op.kind, module.target.kind, module.cache.layout, module.cache.dtype,
-                                      weight.type.dtype if weight is not None else None, dtype)
+            fitting = op_fitting_kernels(module, op)
+            if fitting is None:
+                continue          # a bound kernel stays, and decode_step_blockers says so
             compiled = next((k for k in fitting if k in COMPILED_STEP_KERNELS), None)
             if compiled is not None:
                 op.kernel = KernelRef(compiled, {})

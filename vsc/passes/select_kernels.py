@@ -14,15 +14,11 @@ layout (fusions, paged-kv), or the layout-dependent choice (attention) is stale.
 from __future__ import annotations
 
 from vsc.errors import VscError
-from vsc.ir.kernels import LAYOUT_BOUND_KERNELS, fitting_kernels
+from vsc.ir.kernels import op_fitting_kernels
 from vsc.ir.module import KernelRef, ServingModule, walk_ops
 from vsc.ir.ops import OPS
-from vsc.ir.types import FLOAT_DTYPES, pass_origin
+from vsc.ir.types import pass_origin
 from vsc.passes.base import Option, Pass, register_pass
-
-
-# Derived weights laid out for exactly one kernel (the verifier holds their readers to it).
-LAYOUT_BOUND_INITS = frozenset({"onednn_pack"})
 
 
 @register_pass
@@ -47,16 +43,9 @@ class SelectKernels(Pass):
         for op in walk_ops(module.model.func.body):
             if OPS[op.kind].structural:
                 continue
-            main = op.operands[1] if len(op.operands) > 1 and op.operands[1].startswith("@") else None
-            weight = module.model.weight(main) if main else None
-            if weight is not None and weight.init_fn in LAYOUT_BOUND_INITS:
-                continue      # a weight in a kernel's private layout (pack-linear-weights): its kernel stays
-            if op.attrs.get("native"):
-                continue      # native-attention's C++ kernel runs inside torch.paged_attention: it stays
-            weight_dtype = weight.type.dtype if weight is not None else None
-            dtype = next((t.dtype for t in op.types if t.dtype in FLOAT_DTYPES), None)
-            fitting = [k for k in fitting_kernels(op.kind, target, module.cache.layout, module.cache.dtype, weight_dtype,
-                                                  dtype) if k not in LAYOUT_BOUND_KERNELS]
+            fitting = op_fitting_kernels(module, op, target)
+            if fitting is None:
+                continue      # a packed weight's kernel, or native-attention's: it stays
             choice = self._measured_choice(module, op, fitting, measured) or (fitting[0] if fitting else None)
             if choice is None:
                 raise VscError(f"no kernel implements {op.kind} on {target} with a {module.cache.layout} "

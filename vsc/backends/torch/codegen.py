@@ -537,6 +537,10 @@ class _RunnerWriter:
             return dict(self.layer_weights)[operand]
         return "self." + self.top_weights[operand]
 
+    def _attention_args(self, op: Op) -> list[str]:
+        """What an attention kernel takes after q, k, v: the layer's caches, the step's metadata, its shape."""
+        return ["k_cache", "v_cache", "meta"] + [self._attr(op, k) for k in ("heads", "kv_heads", "head_dim", "scale")]
+
     def _op_line(self, op: Op, in_layer: bool) -> str | None:
         if op.kind in _ENGINE_OPS:
             return None
@@ -547,7 +551,7 @@ class _RunnerWriter:
             if op.kind in ("rmsnorm", "add_rmsnorm"):
                 args.append(self._attr(op, "eps"))
             elif op.kind == "attention":
-                args += ["k_cache", "v_cache", "meta"] + [self._attr(op, k) for k in ("heads", "kv_heads", "head_dim", "scale")]
+                args += self._attention_args(op)
             args += [f"{key}={value!r}" for key, value in sorted(op.kernel.config.items())]
             return f"{results} = tvm_{fn}(TVM_KERNELS, {', '.join(args)})"
         fn = TORCH_KERNELS[op.kernel.name].__name__
@@ -561,7 +565,7 @@ class _RunnerWriter:
         elif op.kind == "rope_rotate":
             args.append(self._attr(op, "head_dim"))
         elif op.kind == "attention":
-            args += ["k_cache", "v_cache", "meta"] + [self._attr(op, k) for k in ("heads", "kv_heads", "head_dim", "scale")]
+            args += self._attention_args(op)
         elif op.kind == "moe":
             args += [self._attr(op, "experts"), self._attr(op, "top_k")]
         elif op.kind == "embed" and "dtype" in op.attrs:

@@ -15,12 +15,11 @@ xb, xs, xm)` (int8 activations, llama.cpp-style; the last four are scratch, see
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import importlib.util
 import os
 import sys
 from pathlib import Path
-
-import dataclasses
 
 import torch
 
@@ -122,6 +121,12 @@ class TvmKernels:
 SPIN_COUNT = 10000
 
 
+def _configure_pool(threads: int) -> None:
+    """TVM's pool size and spin, before the pool starts, unless the environment already says."""
+    os.environ.setdefault("TVM_NUM_THREADS", str(threads or os.cpu_count() or 1))
+    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", str(SPIN_COUNT))
+
+
 def load_tvm_kernels(path: str | os.PathLike, threads: int = 0) -> TvmKernels:
     """The kernel library at `path` (loaded once per process). `threads` (0: every core) sizes
     TVM's pool for the kernels' parallel loops, as TVM_NUM_THREADS before the pool starts
@@ -130,8 +135,7 @@ def load_tvm_kernels(path: str | os.PathLike, threads: int = 0) -> TvmKernels:
     busy while idle; `runtime.config_threadpool` after start-up (15.8 ms) does not match it
     either (bench/RESULTS.md). The workers' spin before sleeping is SPIN_COUNT unless
     TVM_THREAD_POOL_SPIN_COUNT says."""
-    os.environ.setdefault("TVM_NUM_THREADS", str(threads or os.cpu_count() or 1))
-    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", str(SPIN_COUNT))
+    _configure_pool(threads)
     key = str(Path(path).resolve())
     lib = _LOADED.get(key)
     if lib is None:
@@ -195,12 +199,18 @@ def load_plan_kernels(module_file: str, filename: str, built: str, threads: int 
     generated model.py), else the build `vsc compile` used (while it checks accuracy).
 
     `threads`: the plan's cores (0: all), see `load_tvm_kernels`."""
+    return load_tvm_kernels(_plan_file(module_file, filename, built, "TVM kernel library"), threads)
+
+
+def _plan_file(module_file: str, filename: str, built: str, what: str) -> Path:
+    """A file the plan ships in the server folder's kernels/ (beside `module_file`), else the
+    build `vsc compile` made; RuntimeError naming `what` when neither exists."""
     candidates = [Path(module_file).parent / KERNELS_DIR / filename, Path(built)]
     path = next((p for p in candidates if p.is_file()), None)
     if path is None:
-        raise RuntimeError(f"TVM kernel library {filename} is missing from {candidates[0].parent}; recompile the "
+        raise RuntimeError(f"{what} {filename} is missing from {candidates[0].parent}; recompile the "
                            "server with `vsc compile`")
-    return load_tvm_kernels(path, threads)
+    return path
 
 
 ACTIVATIONS = ("f32", "q8_0")   # tvm.quant_linear{activations}: x as is, or quantized per 32-block (VNNI)
@@ -246,9 +256,9 @@ def dense(lib: TvmKernels, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     """tvm.linear: x @ weight^T (+ bias) for an f32 weight [N, K] (linear_f32_<N>x<K>); inputs of
     more than DENSE_MAX_ROWS rows run torch's F.linear."""
     n, k = weight.shape
-    x2 = _rows(x)
-    if x2.shape[0] > DENSE_MAX_ROWS:
+    if x.numel() > DENSE_MAX_ROWS * k:
         return torch.nn.functional.linear(x, weight, bias)
+    x2 = _rows(x)
     out = torch.empty(x2.shape[0], n, dtype=torch.float32)
     if x2.shape[0]:
         lib.get(f"linear_f32_{n}x{k}")(x2, weight, out)
@@ -391,17 +401,17 @@ class CompiledDecodeStep:
         self.vm["vm_initialization"](_KDL_CPU, 0, _POOLED_ALLOCATOR)
         self.fn = self.vm["decode"]
         self._weights = self._caches = None
-        self._keep: list = []
+        self._kept: dict[str, list] = {}     # the VM holds DLPack views: their storage stays alive here
 
-    def _array(self, tensors: list[torch.Tensor]):
-        self._keep.extend(tensors)       # the VM holds DLPack views: keep the storage alive
+    def _array(self, what: str, tensors: list[torch.Tensor]):
+        self._kept[what] = tensors
         return self._ffi.convert([self._ffi.from_dlpack(t) for t in tensors])
 
     def bind_weights(self, tensors: list[torch.Tensor]) -> None:
-        self._weights = self._array(tensors)
+        self._weights = self._array("weights", tensors)
 
     def bind_caches(self, caches) -> None:
-        self._caches = self._array([t for pair in caches for t in pair])
+        self._caches = self._array("caches", [t for pair in caches for t in pair])
 
     def __call__(self, batch, block_size: int, kv_heads: int) -> torch.Tensor:
         if self._weights is None or self._caches is None:
@@ -435,11 +445,5 @@ def step_weight_tensors(weights: dict, arguments) -> list[torch.Tensor]:
 
 def load_decode_step(module_file: str, filename: str, built: str, threads: int = 0) -> CompiledDecodeStep:
     """The plan's compiled decode step: the server folder's kernels/ copy, else the build."""
-    os.environ.setdefault("TVM_NUM_THREADS", str(threads or os.cpu_count() or 1))
-    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", str(SPIN_COUNT))
-    candidates = [Path(module_file).parent / KERNELS_DIR / filename, Path(built)]
-    path = next((p for p in candidates if p.is_file()), None)
-    if path is None:
-        raise RuntimeError(f"compiled decode step {filename} is missing from {candidates[0].parent}; recompile the "
-                           "server with `vsc compile`")
-    return CompiledDecodeStep(path)
+    _configure_pool(threads)
+    return CompiledDecodeStep(_plan_file(module_file, filename, built, "compiled decode step"))
