@@ -121,7 +121,8 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--prompt", type=int, default=64)
-    ap.add_argument("--output", type=int, default=64)
+    ap.add_argument("--output", type=int, default=None,
+                    help="output tokens per request (default 64; with --workload, the workload's own lengths)")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--threads", type=int, default=0, help="override the plan's torch thread count")
     ap.add_argument("--workload", choices=["chat", "shared-prefix", "code-edit", "json"],
@@ -138,6 +139,7 @@ def main() -> int:
     vocab = engine.tokenizer.vocab_size if hasattr(engine.tokenizer, "vocab_size") else 256
     engine.start()
     try:
+        args.output = args.output if args.output or args.workload else 64
         asyncio.run(drive(engine, vocab, args.concurrency, args.concurrency, args.prompt, 8, 1))   # warm-up
         timer = StepTimer(engine)
         profiler = None if args.no_cprofile else cProfile.Profile()
@@ -162,7 +164,7 @@ def main() -> int:
             source = shipped if (shipped / "tokenizer.json").is_file() else manifest["model"]["path"]
             wl = build_workload(args.workload, source, args.requests, seed=0,
                                 max_context=manifest["serve"]["max_context"])
-            prompts = [(engine.tokenizer.encode(r.prompt), r.max_tokens) for r in wl.requests]
+            prompts = [(engine.tokenizer.encode(r.prompt), args.output or r.max_tokens) for r in wl.requests]
         wall = asyncio.run(drive(engine, vocab, args.concurrency, args.requests, args.prompt, args.output, 2, prompts))
     finally:
         engine.shutdown()

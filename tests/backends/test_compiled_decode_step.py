@@ -125,3 +125,63 @@ def test_more_rows_than_the_plan_holds_run_eagerly(server):
     runner.step = lambda *a: calls.append(a)             # the compiled step must not be called
     out = runner.decode(step)
     assert out.shape == (6, mod.VOCAB) and not calls
+
+
+@pytest.fixture(scope="module")
+def wide_server(tmp_path_factory):
+    """A plan whose quantized linears take int8 activations, max_batch 8: the step also has its
+    GEMM form (decode_wide), which the runner calls from GEMM_MIN_ROWS rows on."""
+    from vsc.driver import compile_to_server
+    from vsc.frontend.lower import lower_spec
+    from vsc.frontend.parser import parse_spec_text
+    from vsc.models.tiny import make_tiny
+    from vsc.runtime.kernels import tvm_ops
+
+    if not tvm_ops.host_has_vnni():
+        pytest.skip("host CPU has no AVX-512 VNNI")
+    tmp = tmp_path_factory.mktemp("relax_wide")
+    model = make_tiny(tmp / "tiny-llama", arch="llama")
+    spec = (f'deployment wide {{\n model "{model}" {{ dtype = f32 }}\n target cpu {{ threads = 1, memory = 256 MiB }}\n'
+            ' workload { arrivals = closed(8), prompt_tokens = fixed(16), output_tokens = fixed(8) }\n'
+            ' accuracy { logits_tol(1.0, probes = 2) }\n serve { max_context = 128 }\n}\n')
+    module = lower_spec(parse_spec_text(spec, tmp / "w.vs"))
+    passes = ("fold-rope-tables,paged-kv{block=16},continuous-batching{max_batch=8,max_tokens=256},"
+              "quantize-weights{format=q8_0,include_head=true},select-kernels{activations=q8_0},compile-decode-step")
+    compile_to_server(module, passes, tmp / "server", None)
+    return tmp / "server", model
+
+
+def test_the_wide_step_runs_from_gemm_min_rows_and_matches_the_narrow_one(wide_server):
+    from vsc.runtime.kernels import tvm_ops
+
+    folder, model = wide_server
+    mod, runner = _runner(folder, model)
+    step_fn = runner.step
+    assert step_fn.wide is not None
+    block = mod.BLOCK_SIZE
+    tables = [[i + 1, i + 9] for i in range(8)]
+    lens = [3 + 2 * i for i in range(8)]
+    prompt = [n - 1 for n in lens]
+    runner.prefill(_batch(tables, prompt, prompt, block))
+    saved = [(k.clone(), v.clone()) for k, v in runner.kv_cache]
+
+    def restore():
+        for (k, v), (k0, v0) in zip(runner.kv_cache, saved):
+            k.copy_(k0)
+            v.copy_(v0)
+
+    called = []
+    for name in ("fn", "wide"):
+        real = getattr(step_fn, name)
+        setattr(step_fn, name, lambda *a, _r=real, _n=name: (called.append(_n), _r(*a))[1])
+    outs = {}
+    for rows in (tvm_ops.GEMM_MIN_ROWS - 1, tvm_ops.GEMM_MIN_ROWS):
+        step = _batch(tables[:rows], lens[:rows], [1] * rows, block)
+        outs[rows] = runner.decode(step)
+        restore()
+        eager = runner.forward(step, mod.attention_metadata(step, block))
+        restore()
+        torch.testing.assert_close(outs[rows], eager, rtol=1e-4, atol=1e-4)
+    assert called == ["fn", "wide"]
+    # the two forms agree row for row (same int8 activations; fp32 summation order differs)
+    torch.testing.assert_close(outs[tvm_ops.GEMM_MIN_ROWS][:-1], outs[tvm_ops.GEMM_MIN_ROWS - 1], rtol=1e-4, atol=1e-4)

@@ -124,6 +124,7 @@ def test_host_target():
 # -- int8 activations x VNNI ----------------------------------------------------------
 
 VNNI_TARGET = {"kind": "llvm", "mcpu": "znver4"}
+GEMM_SHAPES = [(16, 32), (48, 576), (32, 1536)]   # + (192, 96) from SHAPES: N a multiple of 16
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +134,7 @@ def vlib(tmp_path_factory):
     cache = tmp_path_factory.mktemp("tvm_cache_vnni")
     mp = pytest.MonkeyPatch()
     mp.setenv("VSC_TVM_CACHE", str(cache))
-    specs = [(f, n, k) for f in FMTS for n, k in SHAPES + [(7, 224)]]
+    specs = [(f, n, k) for f in FMTS for n, k in SHAPES + [(7, 224)] + GEMM_SHAPES]
     path = tvm_build.build_quant_kernels(specs, VNNI_TARGET)
     mp.undo()
     tvm_ops.set_num_threads(2)
@@ -190,6 +191,45 @@ def test_vnni_matches_emulation_and_reference(vlib, fmt, shape):
         wabs = w.abs().reshape(n, k // 32, 32).sum(-1)
         qbound = (dx.double() / 2 * (1 + 2 ** -20)) @ wabs.T
         assert torch.all((y.double() - full).abs() <= qbound + mag * (k * 2 ** -23) + 1e-30), (fmt, shape, m)
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("shape", GEMM_SHAPES + [(192, 96)])
+def test_gemm_matches_emulation_and_the_decode_kernel(vlib, fmt, shape):
+    """The GEMM form computes what the decode VNNI kernel computes (same activation rounding,
+    exact integer dots; only fp32 summation order differs), over register-tile edges (8 rows)."""
+    n, k = shape
+    parts = quant.quantize(_weights(n, k, n * k), fmt)
+    g = torch.Generator().manual_seed(k + 7)
+    for m in (1, 7, 8, 9, 17, 64):
+        x = torch.randn(m, k, generator=g)
+        x[0, :32] = 0.0
+        if m > 1:
+            x[m - 1] *= 1e3
+        y = tvm_ops.quant_gemm(vlib, x, parts, fmt)
+        assert y.shape == (m, n) and y.dtype == torch.float32
+        ref, mag, _, _ = _emulate_vnni(x, parts, fmt)
+        assert torch.all((y.double() - ref).abs() <= mag * (k * 2 ** -23) + 1e-30), (fmt, shape, m)
+        v = tvm_ops.quant_linear(vlib, x, parts, fmt, vnni=True)
+        assert torch.all((y.double() - v.double()).abs() <= 2 * mag * (k * 2 ** -23) + 1e-30), (fmt, shape, m)
+
+
+def test_linear_takes_the_gemm_kernel_from_gemm_min_rows(vlib, monkeypatch):
+    from vsc.runtime.quant_tensor import QuantTensor
+
+    n, k = 48, 576
+    wt = QuantTensor.quantize(_weights(n, k, 3), "q4_0")
+    calls = []
+    real = vlib.gemm_fn("q4_0", n, k)
+    assert real is not None and vlib.gemm_fn("q4_1", 37, 576) is None      # N % 16 != 0: none built
+    monkeypatch.setitem(vlib._funcs, tvm_ops.gemm_kernel_name("q4_0", n, k),
+                        lambda *a: (calls.append(a[0].shape[0]), real(*a)))
+    for m in (tvm_ops.GEMM_MIN_ROWS - 1, tvm_ops.GEMM_MIN_ROWS, 100):
+        x = torch.randn(m, k)
+        y = tvm_ops.linear(vlib, x, wt, activations="q8_0")
+        torch.testing.assert_close(y, tvm_ops.quant_linear(vlib, x, wt.part_dict, "q4_0", vnni=True),
+                                   rtol=1e-5, atol=1e-4)
+    assert calls == [tvm_ops.GEMM_MIN_ROWS, 100]
 
 
 def test_vnni_linear_and_generic_target(vlib, lib):

@@ -13,7 +13,10 @@ The Relax function `decode(tokens, positions, slots, tables, lens, splits, cache
   caches                             tuple of 2 x layers f32 [slots, kv_heads, head_dim] (K, V per layer)
   weights                            tuple, `step_arguments` order (a block-quantized weight is its
                                      planar parts qs, d, m — d again where the format has no m)
-returns the logits f32 [n, vocab]. Every kernel is the TIR kernel the eager plan calls (one
+returns the logits f32 [n, vocab]. `decode_wide` (WIDE_FUNCTION; built when the plan's quantized
+linears take int8 activations and max_batch >= GEMM_MIN_ROWS) is the same step with those
+linears on the GEMM kernel (vsc.backends.tvm.quant_gemm), which the runner calls from
+GEMM_MIN_ROWS rows on. Every kernel is the TIR kernel the eager plan calls (one
 source: quant_linear.py, elementwise.py, attention.py), called with `call_tir`; the K/V writes
 are `call_tir_inplace` on the cache tensors; splits, adds and multiplies are Relax ops legalized to TIR. Intermediates are planned statically for n <= max_batch (one arena, no
 per-step allocation besides the returned logits).
@@ -29,7 +32,7 @@ from vsc.errors import VscError
 from vsc.ir.kernels import decode_step_blockers
 from vsc.ir.module import Op, ServingModule, is_value, walk_ops
 from vsc.ir.types import QUANT_DTYPES
-from vsc.runtime.kernels.tvm_ops import SPLIT_MAX
+from vsc.runtime.kernels.tvm_ops import GEMM_MIN_ROWS, SPLIT_MAX, WIDE_FUNCTION
 
 LIB_PREFIX = "vsc_step_"
 _HERE = Path(__file__).resolve().parent
@@ -89,6 +92,7 @@ def make_relax_module(module: ServingModule, vnni: bool):
     from vsc.backends.tvm import attention as attn_k
     from vsc.backends.tvm import elementwise as ew
     from vsc.backends.tvm import linear as dense_k
+    from vsc.backends.tvm import quant_gemm as qg
     from vsc.backends.tvm import quant_linear as ql
 
     why = decode_step_blockers(module)
@@ -135,145 +139,158 @@ def make_relax_module(module: ServingModule, vnni: bool):
     def ttype(t) -> object:
         return T(dims(t), {"f32": f32, "i64": i64}[t.dtype])
 
-    with bb.function("decode", params, attrs={"tir_var_upper_bound": bound}):
-        with bb.dataflow():
-            env: dict[str, object] = {"%tokens": tokens, "%positions": positions}
-            wcache: dict[tuple[str, str], object] = {}
+    def emit(fname: str, wide: bool) -> None:
+        with bb.function(fname, params, attrs={"tir_var_upper_bound": bound}):
+            with bb.dataflow():
+                env: dict[str, object] = {"%tokens": tokens, "%positions": positions}
+                wcache: dict[tuple[str, str], object] = {}
 
-            def weight(operand: str, layer: int | None, part: str = ""):
-                name = operand[1:].replace("{i}", str(layer)) if layer is not None else operand[1:]
-                key = (name, part)
-                if key not in wcache:
-                    wcache[key] = bb.emit(relax.TupleGetItem(weights, index[key]))
-                return wcache[key]
+                def weight(operand: str, layer: int | None, part: str = ""):
+                    name = operand[1:].replace("{i}", str(layer)) if layer is not None else operand[1:]
+                    key = (name, part)
+                    if key not in wcache:
+                        wcache[key] = bb.emit(relax.TupleGetItem(weights, index[key]))
+                    return wcache[key]
 
-            def parts(operand: str, layer):
-                w = module.model.weight(operand)
-                if w.type.dtype in QUANT_DTYPES:
-                    m = "m" if w.type.dtype == "q4_1" else "d"
-                    return w, [weight(operand, layer, "qs"), weight(operand, layer, "d"), weight(operand, layer, m)]
-                return w, [weight(operand, layer)]
+                def parts(operand: str, layer):
+                    w = module.model.weight(operand)
+                    if w.type.dtype in QUANT_DTYPES:
+                        m = "m" if w.type.dtype == "q4_1" else "d"
+                        return w, [weight(operand, layer, "qs"), weight(operand, layer, "d"), weight(operand, layer, m)]
+                    return w, [weight(operand, layer)]
 
-            def gather(table, index, k: int):
-                # own TIR gather, not relax's take: its legalized kernel crashed on torch tensors
-                g = kernel(ew.gather_rows_name(k), lambda: ew.make_gather_rows(k))
-                return bb.emit(relax.call_tir(g, [index, table], T([n, k], f32)))
+                def gather(table, index, k: int):
+                    # own TIR gather, not relax's take: its legalized kernel crashed on torch tensors
+                    g = kernel(ew.gather_rows_name(k), lambda: ew.make_gather_rows(k))
+                    return bb.emit(relax.call_tir(g, [index, table], T([n, k], f32)))
 
-            def lower(op: Op, layer: int | None) -> None:
-                name = op.kernel.name
-                val = lambda o: env[o] if is_value(o) else None  # noqa: E731
-                res = op.results
-                if name in ("torch.sample",):
-                    return
-                if name == "torch.last_token":
-                    env[res[0]] = val(op.operands[0])      # decode: every row is a last token
-                elif name == "torch.embedding":
-                    _, (table,) = parts(op.operands[1], layer)
-                    env[res[0]] = gather(table, val(op.operands[0]), int(op.types[0].shape[-1]))
-                elif name == "torch.embedding_quant":
-                    w, ps = parts(op.operands[1], layer)
-                    fmt, rows, width = w.type.dtype, int(w.type.shape[0]), int(w.type.shape[1])
-                    g = kernel(ql.embed_name(fmt, rows, width), lambda: ql.make_embed(fmt, rows, width))
-                    env[res[0]] = bb.emit(relax.call_tir(g, [val(op.operands[0]), *ps], T([n, width], f32)))
-                elif name == "torch.rope_lookup":
-                    pos = val(op.operands[0])
-                    for r, table in zip(res, op.operands[1:3]):
-                        _, (t,) = parts(table, layer)
-                        env[r] = gather(t, pos, int(op.types[0].shape[-1]))
-                elif name == "torch.split":
-                    sizes = [int(s) for s in op.attrs["sizes"]]
-                    cuts = [sum(sizes[:k]) for k in range(1, len(sizes))]
-                    tup = bb.emit(relax.op.split(val(op.operands[0]), cuts, axis=-1))
-                    for k, r in enumerate(res):
-                        env[r] = bb.emit(relax.TupleGetItem(tup, k))
-                elif name == "torch.add":
-                    env[res[0]] = bb.emit(relax.op.add(val(op.operands[0]), val(op.operands[1])))
-                elif name == "torch.mul":
-                    env[res[0]] = bb.emit(relax.op.multiply(val(op.operands[0]), val(op.operands[1])))
-                elif name == "torch.silu":
-                    env[res[0]] = bb.emit(relax.op.nn.silu(val(op.operands[0])))
-                elif name == "tvm.rmsnorm":
-                    h = int(op.types[0].shape[-1])
-                    eps = prim_value(tvm.tirx.FloatImm(f32, float(op.attrs["eps"])))
-                    _, (wt,) = parts(op.operands[-1], layer)
-                    if op.kind == "rmsnorm":
-                        g = kernel(ew.rmsnorm_name(h), lambda: ew.make_rmsnorm(h, fused_add=False))
-                        env[res[0]] = bb.emit(relax.call_tir(g, [val(op.operands[0]), wt, eps], ttype(op.types[0])))
-                    else:
-                        g = kernel(ew.add_rmsnorm_name(h), lambda: ew.make_rmsnorm(h, fused_add=True))
-                        tup = bb.emit(relax.call_tir(g, [val(op.operands[0]), val(op.operands[1]), wt, eps],
+                def lower(op: Op, layer: int | None) -> None:
+                    name = op.kernel.name
+                    val = lambda o: env[o] if is_value(o) else None  # noqa: E731
+                    res = op.results
+                    if name in ("torch.sample",):
+                        return
+                    if name == "torch.last_token":
+                        env[res[0]] = val(op.operands[0])      # decode: every row is a last token
+                    elif name == "torch.embedding":
+                        _, (table,) = parts(op.operands[1], layer)
+                        env[res[0]] = gather(table, val(op.operands[0]), int(op.types[0].shape[-1]))
+                    elif name == "torch.embedding_quant":
+                        w, ps = parts(op.operands[1], layer)
+                        fmt, rows, width = w.type.dtype, int(w.type.shape[0]), int(w.type.shape[1])
+                        g = kernel(ql.embed_name(fmt, rows, width), lambda: ql.make_embed(fmt, rows, width))
+                        env[res[0]] = bb.emit(relax.call_tir(g, [val(op.operands[0]), *ps], T([n, width], f32)))
+                    elif name == "torch.rope_lookup":
+                        pos = val(op.operands[0])
+                        for r, table in zip(res, op.operands[1:3]):
+                            _, (t,) = parts(table, layer)
+                            env[r] = gather(t, pos, int(op.types[0].shape[-1]))
+                    elif name == "torch.split":
+                        sizes = [int(s) for s in op.attrs["sizes"]]
+                        cuts = [sum(sizes[:k]) for k in range(1, len(sizes))]
+                        tup = bb.emit(relax.op.split(val(op.operands[0]), cuts, axis=-1))
+                        for k, r in enumerate(res):
+                            env[r] = bb.emit(relax.TupleGetItem(tup, k))
+                    elif name == "torch.add":
+                        env[res[0]] = bb.emit(relax.op.add(val(op.operands[0]), val(op.operands[1])))
+                    elif name == "torch.mul":
+                        env[res[0]] = bb.emit(relax.op.multiply(val(op.operands[0]), val(op.operands[1])))
+                    elif name == "torch.silu":
+                        env[res[0]] = bb.emit(relax.op.nn.silu(val(op.operands[0])))
+                    elif name == "tvm.rmsnorm":
+                        h = int(op.types[0].shape[-1])
+                        eps = prim_value(tvm.tirx.FloatImm(f32, float(op.attrs["eps"])))
+                        _, (wt,) = parts(op.operands[-1], layer)
+                        if op.kind == "rmsnorm":
+                            g = kernel(ew.rmsnorm_name(h), lambda: ew.make_rmsnorm(h, fused_add=False))
+                            env[res[0]] = bb.emit(relax.call_tir(g, [val(op.operands[0]), wt, eps], ttype(op.types[0])))
+                        else:
+                            g = kernel(ew.add_rmsnorm_name(h), lambda: ew.make_rmsnorm(h, fused_add=True))
+                            tup = bb.emit(relax.call_tir(g, [val(op.operands[0]), val(op.operands[1]), wt, eps],
+                                                         [ttype(op.types[0]), ttype(op.types[1])]))
+                            for k, r in enumerate(res):
+                                env[r] = bb.emit(relax.TupleGetItem(tup, k))
+                    elif name == "tvm.silu_mul":
+                        f = int(op.types[0].shape[-1])
+                        g = kernel(ew.silu_mul_name(f), lambda: ew.make_silu_mul(f))
+                        env[res[0]] = bb.emit(relax.call_tir(g, [val(op.operands[0])], ttype(op.types[0])))
+                    elif name == "tvm.rope":
+                        d = int(op.attrs["head_dim"])
+                        hq_, hk_ = int(op.types[0].shape[-1]) // d, int(op.types[1].shape[-1]) // d
+                        g = kernel(ew.rope_name(hq_, hk_, d), lambda: ew.make_rope(hq_, hk_, d))
+                        tup = bb.emit(relax.call_tir(g, [val(o) for o in op.operands[:4]],
                                                      [ttype(op.types[0]), ttype(op.types[1])]))
                         for k, r in enumerate(res):
                             env[r] = bb.emit(relax.TupleGetItem(tup, k))
-                elif name == "tvm.silu_mul":
-                    f = int(op.types[0].shape[-1])
-                    g = kernel(ew.silu_mul_name(f), lambda: ew.make_silu_mul(f))
-                    env[res[0]] = bb.emit(relax.call_tir(g, [val(op.operands[0])], ttype(op.types[0])))
-                elif name == "tvm.rope":
-                    d = int(op.attrs["head_dim"])
-                    hq_, hk_ = int(op.types[0].shape[-1]) // d, int(op.types[1].shape[-1]) // d
-                    g = kernel(ew.rope_name(hq_, hk_, d), lambda: ew.make_rope(hq_, hk_, d))
-                    tup = bb.emit(relax.call_tir(g, [val(o) for o in op.operands[:4]],
-                                                 [ttype(op.types[0]), ttype(op.types[1])]))
-                    for k, r in enumerate(res):
-                        env[r] = bb.emit(relax.TupleGetItem(tup, k))
-                elif name == "tvm.quant_linear":
-                    w, ps = parts(op.operands[1], layer)
-                    fmt, rows, width = w.type.dtype, int(w.type.shape[0]), int(w.type.shape[1])
-                    x = val(op.operands[0])
-                    if vnni and op.kernel.config.get("activations") == "q8_0":
-                        g = kernel(ql.vnni_kernel_name(fmt, rows, width), lambda: ql.make_quant_linear_vnni(fmt, rows, width))
-                        lanes = 8 if fmt == "q8_0" else 4
-                        nl = width // 32 * lanes
-                        outs = [T([n, rows], f32), T([n, width], "int8"), T([n, nl], "int32"), T([n, nl], f32),
-                                T([n, nl], f32)]
-                        tup = bb.emit(relax.call_tir(g, [x, *ps], outs))
+                    elif name == "tvm.quant_linear":
+                        w, ps = parts(op.operands[1], layer)
+                        fmt, rows, width = w.type.dtype, int(w.type.shape[0]), int(w.type.shape[1])
+                        x = val(op.operands[0])
+                        if vnni and op.kernel.config.get("activations") == "q8_0" and wide and qg.gemm_supported(fmt, rows, width):
+                            g = kernel(qg.gemm_kernel_name(fmt, rows, width), lambda: qg.make_quant_gemm_vnni(fmt, rows, width))
+                            outs = [T([n, rows], f32), *(T([n, shape[1]], dt) for shape, dt in
+                                                         qg.gemm_scratch_shapes(fmt, 1, width).values())]
+                            tup = bb.emit(relax.call_tir(g, [x, *ps], outs))
+                            env[res[0]] = bb.emit(relax.TupleGetItem(tup, 0))
+                        elif vnni and op.kernel.config.get("activations") == "q8_0":
+                            g = kernel(ql.vnni_kernel_name(fmt, rows, width), lambda: ql.make_quant_linear_vnni(fmt, rows, width))
+                            lanes = 8 if fmt == "q8_0" else 4
+                            nl = width // 32 * lanes
+                            outs = [T([n, rows], f32), T([n, width], "int8"), T([n, nl], "int32"), T([n, nl], f32),
+                                    T([n, nl], f32)]
+                            tup = bb.emit(relax.call_tir(g, [x, *ps], outs))
+                            env[res[0]] = bb.emit(relax.TupleGetItem(tup, 0))
+                        else:
+                            g = kernel(ql.kernel_name(fmt, rows, width), lambda: ql.make_quant_linear(fmt, rows, width))
+                            env[res[0]] = bb.emit(relax.call_tir(g, [x, *ps], T([n, rows], f32)))
+                    elif name == "tvm.linear":
+                        _, (wt,) = parts(op.operands[1], layer)
+                        rows, width = (int(d) for d in module.model.weight(op.operands[1]).type.shape)
+                        g = kernel(dense_k.linear_name(rows, width), lambda: dense_k.make_linear(rows, width))
+                        env[res[0]] = bb.emit(relax.call_tir(g, [val(op.operands[0]), wt], T([n, rows], f32)))
+                    elif name == "tvm.paged_attention":
+                        hq_ = int(op.attrs["heads"])
+                        g_w = kernel(attn_k.kv_write_name(hk, hd), lambda: attn_k.make_kv_write(hk, hd))
+                        g_a = kernel(attn_k.paged_attention_name(hq_, hk, hd, bs),
+                                     lambda: attn_k.make_paged_attention(hq_, hk, hd, bs))
+                        kc = bb.emit(relax.TupleGetItem(caches, 2 * layer))
+                        vc = bb.emit(relax.TupleGetItem(caches, 2 * layer + 1))
+                        written = bb.emit(relax.call_tir_inplace(g_w, [val(op.operands[1]), val(op.operands[2]), slots, kc, vc],
+                                                                 [3, 4], [cache_t, cache_t]))
+                        kc2 = bb.emit(relax.TupleGetItem(written, 0))
+                        vc2 = bb.emit(relax.TupleGetItem(written, 1))
+                        scale = prim_value(tvm.tirx.FloatImm(f32, float(op.attrs["scale"])))
+                        g_ = hq_ // hk
+                        tup = bb.emit(relax.call_tir(
+                            g_a, [val(op.operands[0]), kc2, vc2, tables, lens, prim_value(chunk), scale],
+                            [T([n, hq_ * hd], f32), T([n, hk, p_, g_, hd], f32), T([n, hk, p_, g_, 2], f32)]))
                         env[res[0]] = bb.emit(relax.TupleGetItem(tup, 0))
                     else:
-                        g = kernel(ql.kernel_name(fmt, rows, width), lambda: ql.make_quant_linear(fmt, rows, width))
-                        env[res[0]] = bb.emit(relax.call_tir(g, [x, *ps], T([n, rows], f32)))
-                elif name == "tvm.linear":
-                    _, (wt,) = parts(op.operands[1], layer)
-                    rows, width = (int(d) for d in module.model.weight(op.operands[1]).type.shape)
-                    g = kernel(dense_k.linear_name(rows, width), lambda: dense_k.make_linear(rows, width))
-                    env[res[0]] = bb.emit(relax.call_tir(g, [val(op.operands[0]), wt], T([n, rows], f32)))
-                elif name == "tvm.paged_attention":
-                    hq_ = int(op.attrs["heads"])
-                    g_w = kernel(attn_k.kv_write_name(hk, hd), lambda: attn_k.make_kv_write(hk, hd))
-                    g_a = kernel(attn_k.paged_attention_name(hq_, hk, hd, bs),
-                                 lambda: attn_k.make_paged_attention(hq_, hk, hd, bs))
-                    kc = bb.emit(relax.TupleGetItem(caches, 2 * layer))
-                    vc = bb.emit(relax.TupleGetItem(caches, 2 * layer + 1))
-                    written = bb.emit(relax.call_tir_inplace(g_w, [val(op.operands[1]), val(op.operands[2]), slots, kc, vc],
-                                                             [3, 4], [cache_t, cache_t]))
-                    kc2 = bb.emit(relax.TupleGetItem(written, 0))
-                    vc2 = bb.emit(relax.TupleGetItem(written, 1))
-                    scale = prim_value(tvm.tirx.FloatImm(f32, float(op.attrs["scale"])))
-                    g_ = hq_ // hk
-                    tup = bb.emit(relax.call_tir(
-                        g_a, [val(op.operands[0]), kc2, vc2, tables, lens, prim_value(chunk), scale],
-                        [T([n, hq_ * hd], f32), T([n, hk, p_, g_, hd], f32), T([n, hk, p_, g_, 2], f32)]))
-                    env[res[0]] = bb.emit(relax.TupleGetItem(tup, 0))
-                else:
-                    raise DecodeStepError(f"{op.kind} via {name} has no compiled form")
+                        raise DecodeStepError(f"{op.kind} via {name} has no compiled form")
 
-            for op in module.model.func.body:
-                if op.kind == "repeat":
-                    region = op.region
-                    carried = [env[o] for o in op.operands]
-                    for i in range(int(op.attrs["count"])):
-                        for (arg, _), v in zip(region.args, carried):
-                            env[arg] = v
-                        for inner in region.ops:
-                            lower(inner, i)
-                        carried = [env[y] for y in region.yields]
-                    for r, v in zip(op.results, carried):
-                        env[r] = v
-                else:
-                    lower(op, None)
-            logits = env[module.model.func.returns[0]]
-            out = bb.emit_output(logits)
-        bb.emit_func_output(out)
+                for op in module.model.func.body:
+                    if op.kind == "repeat":
+                        region = op.region
+                        carried = [env[o] for o in op.operands]
+                        for i in range(int(op.attrs["count"])):
+                            for (arg, _), v in zip(region.args, carried):
+                                env[arg] = v
+                            for inner in region.ops:
+                                lower(inner, i)
+                            carried = [env[y] for y in region.yields]
+                        for r, v in zip(op.results, carried):
+                            env[r] = v
+                    else:
+                        lower(op, None)
+                logits = env[module.model.func.returns[0]]
+                out = bb.emit_output(logits)
+            bb.emit_func_output(out)
+
+    emit("decode", wide=False)
+    if vnni and int(module.batching.max_batch or 1) >= GEMM_MIN_ROWS and any(
+            op.kernel is not None and op.kernel.name == "tvm.quant_linear" and op.kernel.config.get("activations") == "q8_0"
+            for op in walk_ops(module.model.func.body)):
+        emit(WIDE_FUNCTION, wide=True)
     return bb.get()
 
 
@@ -309,7 +326,7 @@ def cache_key(module: ServingModule, target: dict, vnni: bool) -> str:
     from vsc.ir.printer import print_module
 
     h = hashlib.sha256()
-    for src in ("decode_step.py", "quant_linear.py", "elementwise.py", "attention.py", "linear.py", "build.py"):
+    for src in ("decode_step.py", "quant_linear.py", "quant_gemm.py", "elementwise.py", "attention.py", "linear.py", "build.py"):
         h.update((_HERE / src).read_bytes())
     body = module.clone()
     body.deployment = {}

@@ -204,7 +204,9 @@ def make_embed(fmt: str, N: int, K: int):
 
 def make_module(specs, dequant: bool = True, vnni: bool = False):
     """IRModule with a quant_linear (and a dequantize) function per (fmt, N, K) in specs, and
-    with `vnni` a quant_linear_vnni one too (only for targets with AVX-512 VNNI + VL)."""
+    with `vnni` a quant_linear_vnni one too (only for targets with AVX-512 VNNI + VL), and its
+    GEMM form (vsc.backends.tvm.quant_gemm) where the shape allows."""
+    from vsc.backends.tvm.quant_gemm import gemm_kernel_name, gemm_supported, make_quant_gemm_vnni
 
     funcs = {}
     for fmt, n, k in specs:
@@ -213,6 +215,8 @@ def make_module(specs, dequant: bool = True, vnni: bool = False):
             funcs[dequant_name(fmt, n, k)] = make_dequantize(fmt, n, k)
         if vnni:
             funcs[vnni_kernel_name(fmt, n, k)] = make_quant_linear_vnni(fmt, n, k)
+            if gemm_supported(fmt, n, k):
+                funcs[gemm_kernel_name(fmt, n, k)] = make_quant_gemm_vnni(fmt, n, k)
     return tvm.IRModule(funcs)
 
 

@@ -10,7 +10,11 @@ Kernel names: `quant_linear_<fmt>_<N>x<K>(x, qs, d, m, y)` and
 built for an AVX-512 VNNI target also hold `quant_linear_vnni_<fmt>_<N>x<K>(x, qs, d, m, y, xq,
 xb, xs, xm)` (int8 activations, llama.cpp-style; the last four are scratch, see
 `vnni_scratch`): `linear()` uses it when present and the host CPU has avx512_vnni + avx512vl
-(VSC_TVM_VNNI=0 turns that off), `quant_linear(..., vnni=True)` calls it explicitly.
+(VSC_TVM_VNNI=0 turns that off), `quant_linear(..., vnni=True)` calls it explicitly. They
+also hold the GEMM form of it, `quant_gemm_vnni_<fmt>_<N>x<K>(x, qs, d, m, y, xq, xs, xc)`
+(`gemm_kernel_name`; weights unpacked into 16-column panels once per call, see
+vsc.backends.tvm.quant_gemm), which `linear()` runs from GEMM_MIN_ROWS rows on (prefill chunks,
+wide decode steps): same activation rounding, only the fp32 summation order differs.
 """
 from __future__ import annotations
 
@@ -66,6 +70,29 @@ def _load_runtime():
     return tvm_ffi
 
 
+#: From this many rows on, tvm.quant_linear's int8-activation path runs the GEMM kernel (weights
+#: unpacked into panels once per call) instead of the decode kernel (re-unpacked per 3 rows).
+#: SmolLM2's four layer shapes, Q4_1, 2 threads, best of 5: 8 rows 294 vs 316 us, 16 rows 366
+#: vs 529, 32 rows 548 vs 1005, 1024 rows ~600 GOPS vs ~200; 5 rows 1.5-2x slower (bench/RESULTS.md).
+GEMM_MIN_ROWS = 8
+
+
+#: The compiled decode step's function for GEMM_MIN_ROWS rows and more (vsc.backends.tvm.decode_step).
+WIDE_FUNCTION = "decode_wide"
+
+
+def gemm_kernel_name(fmt: str, n: int, k: int) -> str:
+    """The GEMM kernel's function name (vsc.backends.tvm.quant_gemm builds it)."""
+    return f"quant_gemm_vnni_{fmt}_{n}x{k}"
+
+
+def gemm_scratch_shapes(fmt: str, m: int, k: int) -> dict:
+    """Shapes and torch dtype names of the GEMM kernel's scratch for an [m, k] x: the int8
+    activations four to an int32, their per-block scale dx and dx * sum."""
+    nb = k // BLOCK
+    return {"xq": ((m, k // 4), "int32"), "xs": ((m, nb), "float32"), "xc": ((m, nb), "float32")}
+
+
 class TvmKernels:
     """A loaded kernel library; looks functions up once and keeps the handles."""
 
@@ -98,6 +125,22 @@ class TvmKernels:
             return self.get(f"quant_linear_vnni_{fmt}_{n}x{k}")
         except KeyError:
             return None
+
+    def gemm_fn(self, fmt: str, n: int, k: int):
+        """The GEMM form of the VNNI kernel, or None where the library has none."""
+        try:
+            return self.get(gemm_kernel_name(fmt, n, k))
+        except KeyError:
+            return None
+
+    def gemm_scratch(self, fmt: str, m: int, k: int) -> tuple:
+        """(xq, xs, xc) scratch for the GEMM kernel, kept per (m, k) like vnni_scratch."""
+        key = ("gemm", m, k)
+        sc = self._scratch.get(key)
+        if sc is None:
+            sc = self._scratch[key] = tuple(torch.empty(shape, dtype=getattr(torch, dt))
+                                            for shape, dt in gemm_scratch_shapes(fmt, m, k).values())
+        return sc
 
     def vnni_scratch(self, fmt: str, m: int, k: int) -> tuple:
         """(xq, xb, xs, xm) scratch for the VNNI kernel and an [m, k] x, kept per (lanes, m, k)
@@ -172,6 +215,21 @@ def quant_linear(lib: TvmKernels, x: torch.Tensor, parts, fmt: str, out: torch.T
     return out
 
 
+def quant_gemm(lib: TvmKernels, x: torch.Tensor, parts, fmt: str, out: torch.Tensor | None = None) -> torch.Tensor:
+    """y[..., N] = x[..., K] @ dequant(W)^T with the GEMM kernel (int8 activations as
+    `quant_linear(..., vnni=True)`); KeyError if the library lacks it."""
+    n, k = weight_shape(parts, fmt)
+    x2 = x.reshape(-1, k)
+    if out is None:
+        out = torch.empty(*x.shape[:-1], n, dtype=torch.float32)
+    fn = lib.gemm_fn(fmt, n, k)
+    if fn is None:
+        raise KeyError(f"TVM kernel library {lib.path} has no function {gemm_kernel_name(fmt, n, k)}")
+    if x2.shape[0]:
+        fn(x2, *_args(parts, fmt), out.view(-1, n), *lib.gemm_scratch(fmt, x2.shape[0], k))
+    return out
+
+
 def dequantize(lib: TvmKernels, parts, fmt: str, out: torch.Tensor | None = None) -> torch.Tensor:
     """float32 [N, K] weight from its planar parts, with the compiled kernel."""
     n, k = weight_shape(parts, fmt)
@@ -230,19 +288,25 @@ def linear(lib: TvmKernels, x: torch.Tensor, weight, bias: torch.Tensor | None =
     entry = cached.get(activations)
     if entry is None:
         vfn = lib.vnni_fn(weight.fmt, *weight.shape) if activations == "q8_0" and _use_vnni() else None
-        entry = cached[activations] = (vfn, True) if vfn is not None else (lib.quant_linear_fn(weight.fmt, *weight.shape), False)
-    fn, vnni = entry
+        gfn = lib.gemm_fn(weight.fmt, *weight.shape) if vfn is not None else None
+        entry = cached[activations] = (vfn, True, gfn) if vfn is not None else \
+            (lib.quant_linear_fn(weight.fmt, *weight.shape), False, None)
+    fn, vnni, gemm = entry
     n, k = weight.shape
     x2 = x.reshape(-1, k)
     if not x2.is_contiguous() or x2.dtype != torch.float32:
         x2 = x2.contiguous().to(torch.float32)
-    out = torch.empty(x2.shape[0], n, dtype=torch.float32)
-    if x2.shape[0]:
+    rows = x2.shape[0]
+    out = torch.empty(rows, n, dtype=torch.float32)
+    if rows:
         p = weight.parts
-        if vnni:
-            fn(x2, p[0], p[1], p[2] if len(p) == 3 else p[1], out, *lib.vnni_scratch(weight.fmt, x2.shape[0], k))
+        w = (p[0], p[1], p[2] if len(p) == 3 else p[1])
+        if gemm is not None and rows >= GEMM_MIN_ROWS:
+            gemm(x2, *w, out, *lib.gemm_scratch(weight.fmt, rows, k))
+        elif vnni:
+            fn(x2, *w, out, *lib.vnni_scratch(weight.fmt, rows, k))
         else:
-            fn(x2, p[0], p[1], p[2] if len(p) == 3 else p[1], out)
+            fn(x2, *w, out)
     out = out.view(*x.shape[:-1], n)
     return out if bias is None else out.add_(bias)
 
@@ -400,6 +464,10 @@ class CompiledDecodeStep:
         self.vm = tvm_ffi.load_module(self.path)["vm_load_executable"]()
         self.vm["vm_initialization"](_KDL_CPU, 0, _POOLED_ALLOCATOR)
         self.fn = self.vm["decode"]
+        try:
+            self.wide = self.vm[WIDE_FUNCTION]
+        except Exception:   # a step without quantized linears on VNNI has no wide form
+            self.wide = None
         self._weights = self._caches = None
         self._kept: dict[str, list] = {}     # the VM holds DLPack views: their storage stays alive here
 
@@ -419,7 +487,8 @@ class CompiledDecodeStep:
         rows = int(batch.context_lens.shape[0])
         longest = max(batch.context_lens_host) if batch.context_lens_host else int(batch.context_lens.max())
         splits, chunk = split_plan(rows, kv_heads, longest, block_size)
-        out = self.fn(batch.tokens, batch.positions, batch.slot_mapping, batch.block_tables, batch.context_lens,
+        fn = self.wide if self.wide is not None and rows >= GEMM_MIN_ROWS else self.fn
+        out = fn(batch.tokens, batch.positions, batch.slot_mapping, batch.block_tables, batch.context_lens,
                       self._ffi.Shape((splits, chunk)), self._caches, self._weights)
         return torch.from_dlpack(out)
 
