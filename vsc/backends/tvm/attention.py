@@ -196,13 +196,17 @@ def make_paged_attention(HQ: int, HK: int, D: int, BS: int):
 
 def make_attention_module(specs) -> "tvm.IRModule":
     """IRModule of the attention kernels `specs` names: ("kv_write", Hk, D) and
-    ("paged_attention", Hq, Hk, D, BS)."""
+    ("paged_attention", Hq, Hk, D, BS) (with the prefill kernel of the same dimensions)."""
+    from vsc.backends.tvm.prefill_attention import make_prefill_attention, prefill_attention_name, prefill_supported
+
     funcs = {}
     for kind, *dims in specs:
         if kind == "kv_write":
             funcs[kv_write_name(*dims)] = make_kv_write(*dims)
         elif kind == "paged_attention":
             funcs[paged_attention_name(*dims)] = make_paged_attention(*dims)
+            if prefill_supported(*dims):      # the prompt side of the same op (prefill_attention.py)
+                funcs[prefill_attention_name(*dims)] = make_prefill_attention(*dims)
         else:
             raise ValueError(f"unknown attention kernel {kind!r}")
     return tvm.IRModule(funcs)

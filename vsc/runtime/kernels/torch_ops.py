@@ -303,6 +303,7 @@ class SequenceSpan:
     slots: torch.Tensor | None = None
     mask: torch.Tensor | None = None
     blocks: torch.Tensor | None = None    # paged, small blocks: the context's blocks, read whole (see BLOCK_GATHER_MAX)
+    row: int = -1                         # the sequence's row of the step's block tables
 
     @property
     def has_past(self) -> bool:
@@ -337,6 +338,10 @@ class AttentionMetadata:
     gather_tables: torch.Tensor | None = None
     gather_lens: torch.Tensor | None = None
     gather_longest: int = 0                       # the longest of gather_lens (host copy)
+    # prefill steps: the step's block tables (spans index them by `row`), and the TVM prefill
+    # kernel's tile list, built on first use and kept for the step's other layers
+    block_tables: torch.Tensor | None = None
+    prefill_tiles: torch.Tensor | None = None
 
 
 @dataclass
@@ -453,13 +458,14 @@ def attention_metadata(batch: StepBatch, block_size: int, cascade_min_tokens: in
         _gather_layout(meta, batch.block_tables, batch.context_lens, max(context_lens), block_size,
                        cascade_min_tokens, context_lens)
         return meta
+    meta.block_tables = batch.block_tables
     singles: list[int] = []
     start = 0
     for b, (n, c) in enumerate(zip(query_lens, context_lens)):
         if n == 1:
             singles.append(b)
         else:
-            span = SequenceSpan(start, start + n, c)
+            span = SequenceSpan(start, start + n, c, row=b)
             past = c - n
             if past > 0:
                 positions = torch.arange(c, device=device)

@@ -126,6 +126,16 @@ class TvmKernels:
         except KeyError:
             return None
 
+    def prefill_fn(self, heads: int, kv_heads: int, head_dim: int, block_size: int):
+        """The prefill attention kernel for these dimensions, or None where the library has none."""
+        key = ("prefill", heads, kv_heads, head_dim, block_size)
+        if key not in self._funcs:
+            try:
+                self._funcs[key] = self.get(f"prefill_attention_{heads}_{kv_heads}_{head_dim}_b{block_size}")
+            except KeyError:
+                self._funcs[key] = None
+        return self._funcs[key]
+
     def gemm_fn(self, fmt: str, n: int, k: int):
         """The GEMM form of the VNNI kernel, or None where the library has none."""
         try:
@@ -391,6 +401,27 @@ def split_plan(rows: int, kv_heads: int, longest: int, block_size: int) -> tuple
     return splits, -(-blocks // splits)
 
 
+#: Query rows per tile of the prefill attention kernel (its vector lanes).
+PREFILL_ROWS = 16
+
+
+def prefill_tiles(spans) -> torch.Tensor:
+    """The prefill attention kernel's tiles for `spans` (a step's SequenceSpans): int64 [NT, 4]
+    rows (block-table row, first q row, rows, position of the first row), up to PREFILL_ROWS
+    rows each. Ordered largest, smallest, second largest, ... by context read, so that the
+    kernel's parallel loop, which hands each thread a contiguous share, splits the causal work
+    evenly (a prompt's last tiles read far more blocks than its first)."""
+    tiles = []
+    for span in spans:
+        n = span.end - span.start
+        past = span.context_len - n
+        for r0 in range(0, n, PREFILL_ROWS):
+            tiles.append((span.row, span.start + r0, min(PREFILL_ROWS, n - r0), past + r0))
+    tiles.sort(key=lambda x: -(x[3] + x[2]))
+    order = [tiles[i // 2] if i % 2 == 0 else tiles[-1 - i // 2] for i in range(len(tiles))]
+    return torch.tensor(order, dtype=torch.int64).reshape(-1, 4)
+
+
 def decode_attention(lib: TvmKernels, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      tables: torch.Tensor, lens: torch.Tensor, longest: int, block_size: int,
                      scale: float) -> torch.Tensor:
@@ -419,8 +450,10 @@ def paged_attention(lib: TvmKernels, q: torch.Tensor, k: torch.Tensor, v: torch.
                     scale: float) -> torch.Tensor:
     """tvm.paged_attention: k, v [T, kv_heads*hd] written to their slots (kv_write), then each
     one-query sequence attends in place through its block table (the TVM decode kernel, no
-    gather). The multi-token spans of a prefill step, and a cascade layout (cascade-attention)
-    where the step has one, take the torch paths of torch.paged_attention."""
+    gather). The multi-token spans of a prefill step run the TVM prefill kernel (causal, over
+    their cached context too, read in place: vsc.backends.tvm.prefill_attention) where the
+    library has it; a cascade layout (cascade-attention), and libraries built before that kernel
+    existed, take the torch paths of torch.paged_attention."""
     t = q.shape[0]
     k2 = k if k.stride(-1) == 1 and k.dtype == torch.float32 else k.contiguous().to(torch.float32)
     v2 = v if v.stride(-1) == 1 and v.dtype == torch.float32 else v.contiguous().to(torch.float32)
@@ -435,10 +468,21 @@ def paged_attention(lib: TvmKernels, q: torch.Tensor, k: torch.Tensor, v: torch.
     if meta.is_decode:
         return decode_attention(lib, q.reshape(t, -1), k_cache, v_cache, meta.gather_tables, meta.gather_lens,
                                 meta.gather_longest, meta.block_size, scale)
-    spans = dataclasses.replace(meta, single_rows=None)
-    out = torch_ops._prefill_attention(q.reshape(t, heads, head_dim), k.reshape(t, kv_heads, head_dim),
-                                       v.reshape(t, kv_heads, head_dim), k_cache, v_cache, spans, scale, gqa,
-                                       contiguous=False)
+    fn = lib.prefill_fn(heads, kv_heads, head_dim, meta.block_size)
+    if fn is not None and meta.block_tables is not None:
+        out = torch.empty(t, heads * head_dim, dtype=torch.float32)
+        if meta.prefill_tiles is None:
+            meta.prefill_tiles = prefill_tiles(meta.spans)
+        if meta.prefill_tiles.shape[0]:
+            q2 = q.reshape(t, -1)
+            q2 = q2 if q2.stride(-1) == 1 and q2.dtype == torch.float32 else q2.contiguous().to(torch.float32)
+            tables = meta.block_tables if meta.block_tables.is_contiguous() else meta.block_tables.contiguous()
+            fn(q2, k_cache, v_cache, tables, meta.prefill_tiles, scale, out)
+    else:
+        spans = dataclasses.replace(meta, single_rows=None)
+        out = torch_ops._prefill_attention(q.reshape(t, heads, head_dim), k.reshape(t, kv_heads, head_dim),
+                                           v.reshape(t, kv_heads, head_dim), k_cache, v_cache, spans, scale, gqa,
+                                           contiguous=False)
     if meta.single_rows is not None:
         out[meta.single_rows] = decode_attention(lib, q.reshape(t, -1)[meta.single_rows], k_cache, v_cache,
                                                  meta.gather_tables, meta.gather_lens, meta.gather_longest,

@@ -1,0 +1,206 @@
+"""TVM kernel for the prompt side of attention: causal attention of a prefill step's new tokens
+over their whole context, read in place from the paged KV cache through the block table.
+
+`prefill_attention_<Hq>_<Hk>_<D>_b<BS>(q, k_cache, v_cache, tables, tiles, scale, out)`:
+  q / out   [T, Hq*D] f32 (q's rows may be strided)   the step's query rows
+  k/v_cache [slots, Hk, D] f32                          new K/V already written (kv_write)
+  tables    [S, W] int64                                block tables of the step's sequences
+  tiles     [NT, 4] int64                               (table row, first q row, rows <= 16,
+                                                        position of the first row)
+Row i of a tile sits at position pos0 + i of its sequence and attends to positions 0..pos0+i:
+a prompt without cached context (pos0 = 0 for its first tile), the rest of a prompt behind a
+prefix-cache hit, a chunk of a chunked prefill: all the same to the kernel, no gather, no
+mask tensor. The host (vsc.runtime.kernels.tvm_ops.prefill_tiles) cuts every span into tiles
+of up to 16 rows and orders them so that any contiguous share of the parallel loop holds
+about as much work as another (causal tiles late in a prompt read more blocks).
+
+Schedule, per (tile, kv head) task of a `T.parallel` loop (flash attention, rows in lanes):
+  * the tile's queries for the G = Hq/Hk heads of the group, pre-scaled, transposed into
+    Qt[h, d, 16 rows] once: one vector FMA then serves 16 query rows of one key;
+  * per 16-token block of the context: scores four keys at a time (12 accumulators for
+    G = 3, each key's D values broadcast from the cache row), causal mask by lane compare,
+    online softmax per row in lanes (exp as a Cody-Waite range reduction and a degree-6
+    polynomial: LLVM would scalarize a vector exp into libm calls), then P @ V with the
+    output rows [16, D] kept in a stack buffer, 8 rows x 16 lanes of D per pass;
+  * at the end out = O / l for the tile's real rows.
+FMAs are explicit (llvm.fma), buffers align=4 (torch views), locals are stack allocas.
+Measured against torch SDPA (gather + mask) in bench/RESULTS.md.
+"""
+from __future__ import annotations
+
+import tvm  # noqa: F401  (TVMScript needs tvm initialised)
+
+QROWS = 16       # query rows per tile (the vector lanes)
+KEYS = 4         # keys scored together (8: within noise)
+ROWS_PV = 8      # output rows per P @ V pass
+NEG = -3.0e38
+
+
+def prefill_attention_name(hq: int, hk: int, d: int, bs: int) -> str:
+    return f"prefill_attention_{hq}_{hk}_{d}_b{bs}"
+
+
+def prefill_supported(hq: int, hk: int, d: int, bs: int) -> bool:
+    """Whether make_prefill_attention builds for these dimensions."""
+    return hq > 0 and hk > 0 and hq % hk == 0 and d > 0 and d % 16 == 0 and bs > 0 and bs % KEYS == 0
+
+
+def make_prefill_attention(HQ: int, HK: int, D: int, BS: int):
+    from tvm import tirx
+    from tvm.script.ir_builder import IRBuilder
+    from tvm.tirx.script.builder import ir as B
+
+    if not prefill_supported(HQ, HK, D, BS):
+        raise ValueError(f"prefill attention: heads {HQ} / kv heads {HK} / head_dim {D} / block {BS} "
+                         f"need heads % kv_heads == 0, head_dim % 16 == 0 and block % {KEYS} == 0")
+    G = HQ // HK
+    DC = D // 16
+    L = QROWS
+    ALIGN = 4
+    f32v = f"float32x{L}"
+
+    def f32(v):
+        return tirx.const(v, "float32")
+
+    def bc(v, lanes=L):
+        return tirx.Broadcast(v, lanes)
+
+    def fma(a, b, c):
+        return B.call_llvm_pure_intrin(f32v, "llvm.fma.v16f32", a, b, c)
+
+    def i64(v):
+        return tirx.const(v, "int64")
+
+    def loop(n):
+        """A serial loop with an int64 variable (the buffers' indices are int64)."""
+        return B.serial(i64(0), n if not isinstance(n, int) else i64(n))
+
+    def vstore(buf, idx, value):
+        B.buffer_store(buf, value, [tirx.Ramp(idx, 1, L)])
+
+    def vexp(x):
+        """exp of a float32x16 (x <= ~0 here): 2^n * p(r), r = x - n ln2, |r| <= ln2 / 2."""
+        x = B.bind(tirx.Max(x, bc(f32(-87.0))))
+        n = B.bind(B.nearbyint(x * bc(f32(1.4426950408889634))))
+        r = fma(n, bc(f32(-0.693359375)), x)
+        r = B.bind(fma(n, bc(f32(2.12194440e-4)), r))
+        p = bc(f32(1.0 / 720))
+        for c in (1.0 / 120, 1.0 / 24, 1.0 / 6, 0.5, 1.0, 1.0):
+            p = fma(p, r, bc(f32(c)))
+        e = B.reinterpret(f32v, tirx.shift_left(tirx.Cast(f"int32x{L}", n) + bc(tirx.const(127, "int32")),
+                                                 bc(tirx.const(23, "int32"))))
+        return p * e
+
+    with IRBuilder() as ib:
+        with B.prim_func(s_tir=True):
+            B.func_name(prefill_attention_name(HQ, HK, D, BS))
+            B.func_attr({"tirx.noalias": True})
+            q_h, kc_h, vc_h, bt_h, tl_h = (B.arg(a, B.handle()) for a in ("q", "k_cache", "v_cache", "tables", "tiles"))
+            scale = B.arg("scale", tirx.Var("scale", "float32"))
+            o_h = B.arg("out", B.handle())
+            T_ = B.int64()
+            S = B.int64()
+            NS = B.int64()
+            W = B.int64()
+            NT = B.int64()
+            qs = B.int64()
+            Q = B.match_buffer(q_h, (T_, HQ * D), "float32", strides=(qs, 1), align=ALIGN)
+            KC = B.match_buffer(kc_h, (S, HK, D), "float32", align=ALIGN)
+            VC = B.match_buffer(vc_h, (S, HK, D), "float32", align=ALIGN)
+            BT = B.match_buffer(bt_h, (NS, W), "int64", align=8)
+            TL = B.match_buffer(tl_h, (NT, 4), "int64", align=8)
+            O = B.match_buffer(o_h, (T_, HQ * D), "float32", align=ALIGN)
+
+            with B.parallel(i64(0), NT * HK) as task:
+                Qt = B.alloc_buffer((G * D * L,), "float32", scope="global")
+                Ob = B.alloc_buffer((G * L * D,), "float32", scope="global")
+                Pb = B.alloc_buffer((G * BS * L,), "float32", scope="global")
+                Mv = B.alloc_buffer((G * L,), "float32", scope="global")
+                Lv = B.alloc_buffer((G * L,), "float32", scope="global")
+                Cv = B.alloc_buffer((G * L,), "float32", scope="global")
+                Sacc = B.alloc_buffer((G * KEYS * L,), "float32", scope="global")
+                Oacc = B.alloc_buffer((ROWS_PV * 2 * L,), "float32", scope="global")
+                tile = task // HK
+                j = task % HK
+                srow = TL[tile, 0]
+                row0 = TL[tile, 1]
+                nrows = TL[tile, 2]
+                pos0 = TL[tile, 3]
+                # queries of the group, scaled, rows into lanes (rows past the tile repeat its last)
+                with loop(G * D) as hd:
+                    with loop(L) as i:
+                        B.buffer_store(Qt, Q[row0 + tirx.Min(i, nrows - 1), (j * G + hd // D) * D + hd % D] * scale,
+                                       [hd * L + i])
+                with loop(G * L * DC) as z:
+                    vstore(Ob, z * L, bc(f32(0.0)))
+                for h in range(G):
+                    vstore(Mv, h * L, bc(f32(NEG)))
+                    vstore(Lv, h * L, bc(f32(0.0)))
+                lanes = tirx.Ramp(tirx.const(0, "int64"), tirx.const(1, "int64"), L)
+                with loop((pos0 + nrows + BS - 1) // BS) as blk:
+                    base = B.bind(BT[srow, blk] * BS)
+                    # scores, KEYS keys at a time; lanes = query rows. The accumulators live in
+                    # stack buffers carried through a d loop (LLVM keeps them in registers); fully
+                    # unrolled chains let LLVM reload Q for every key instead.
+                    with loop(BS // KEYS) as kg:
+                        for h in range(G):
+                            for t in range(KEYS):
+                                vstore(Sacc, (h * KEYS + t) * L, bc(f32(0.0)))
+                        with loop(D) as d:
+                            qv = [B.bind(Qt.vload([(h * D + d) * L], f32v)) for h in range(G)]
+                            for t in range(KEYS):
+                                kb = B.bind(bc(KC[base + kg * KEYS + t, j, d]))
+                                for h in range(G):
+                                    at = (h * KEYS + t) * L
+                                    vstore(Sacc, at, fma(qv[h], kb, Sacc.vload([at], f32v)))
+                        for t in range(KEYS):
+                            # key position kp is visible to row i iff pos0 + i >= kp
+                            kp = blk * BS + kg * KEYS + t
+                            visible = lanes >= bc(kp - pos0)
+                            for h in range(G):
+                                vstore(Pb, (h * BS + kg * KEYS + t) * L,
+                                       tirx.Select(visible, Sacc.vload([(h * KEYS + t) * L], f32v), bc(f32(NEG))))
+                    # online softmax, per row (lane)
+                    for h in range(G):
+                        mx = Pb.vload([h * BS * L], f32v)
+                        for t in range(1, BS):
+                            mx = tirx.Max(mx, Pb.vload([(h * BS + t) * L], f32v))
+                        mold = B.bind(Mv.vload([h * L], f32v))
+                        mnew = B.bind(tirx.Max(mold, mx))
+                        corr = B.bind(vexp(mold - mnew))
+                        vstore(Cv, h * L, corr)
+                        total = None
+                        for t in range(BS):
+                            p = B.bind(vexp(Pb.vload([(h * BS + t) * L], f32v) - mnew))
+                            vstore(Pb, (h * BS + t) * L, p)
+                            total = p if total is None else total + p
+                        vstore(Lv, h * L, Lv.vload([h * L], f32v) * corr + total)
+                        vstore(Mv, h * L, mnew)
+                    # O = O * corr + P @ V: ROWS_PV rows x 2 x 16 lanes of D per pass, over a key loop
+                    for h in range(G):
+                        with loop(L // ROWS_PV) as rg:
+                            for c0 in range(0, DC, 2):
+                                cs = [c for c in (c0, c0 + 1) if c < DC]
+                                for r in range(ROWS_PV):
+                                    row = rg * ROWS_PV + r
+                                    for ci, c in enumerate(cs):
+                                        vstore(Oacc, (r * 2 + ci) * L,
+                                               Ob.vload([(h * L + row) * D + c * 16], f32v) * bc(Cv[h * L + row]))
+                                with loop(BS) as t:
+                                    vs = [B.bind(VC.vload([base + t, j, c * 16], f32v)) for c in cs]
+                                    for r in range(ROWS_PV):
+                                        pr = B.bind(bc(Pb[(h * BS + t) * L + rg * ROWS_PV + r]))
+                                        for ci in range(len(cs)):
+                                            at = (r * 2 + ci) * L
+                                            vstore(Oacc, at, fma(pr, vs[ci], Oacc.vload([at], f32v)))
+                                for r in range(ROWS_PV):
+                                    for ci, c in enumerate(cs):
+                                        B.buffer_store(Ob, Oacc.vload([(r * 2 + ci) * L], f32v),
+                                                       [tirx.Ramp((h * L + rg * ROWS_PV + r) * D + c * 16, 1, L)])
+                with loop(nrows) as i:
+                    for h in range(G):
+                        inv = B.bind(f32(1.0) / Lv[h * L + i])
+                        for c in range(DC):
+                            B.buffer_store(O, Ob.vload([(h * L + i) * D + c * 16], f32v) * bc(inv),
+                                           [row0 + i, tirx.Ramp((j * G + h) * D + c * 16, 1, L)])
+    return ib.get()
