@@ -21,10 +21,12 @@ from bench.peers.gguf_file import check_gguf, file_content_hash, gguf_dtype
 # select-kernels gives attention TVM's paged kernel (reads the cache in place), faster than
 # cascade-attention's torch path even behind a shared prefix, so the cascade is left out; the
 # tied LM head is packed for oneDNN as a second copy (SmolLM2: +113 MB, 17.9 -> 5.9 ms at 16
-# rows). bench/RESULTS.md has the A/Bs.
+# rows); silu-mul and add-rmsnorm run fused (TVM kernels: one pass over the prompt's activations
+# instead of three; SmolLM2 code-edit c16 in-process 47.4 / 47.2 -> 45.9 / 44.0 s). bench/RESULTS.md
+# has the A/Bs.
 DEFAULT_PIPELINE = ("fold-rope-tables,fuse-qkv,fuse-gate-up,paged-kv{block=16},"
                     "continuous-batching{max_batch=<max_batch>,max_tokens=2048},prefix-cache{policy=radix},"
-                    "pack-linear-weights{tied_head=true},intra-op-threads,select-kernels")
+                    "pack-linear-weights{tied_head=true},intra-op-threads,fuse-silu-mul,fuse-add-rmsnorm,select-kernels")
 # A GGUF's linears stay block-quantized: pack-linear-weights (oneDNN packing of f32 linears) has
 # nothing to pack there and fails the compile, so vsc-gguf leaves it out; select-kernels runs
 # them (and the norms, rope, silu-mul, attention) with the TVM kernels vsc compile builds for this CPU.
