@@ -4,7 +4,8 @@
 (quant_linear.py) without the unpacking: rows of W R at a time in a `T.parallel` loop (the last
 tile clamps its row index instead of a tail loop), rows of x MT at a time, each W vector load
 reused for the MT rows of x and each x load for the R rows of W, 16-lane fp32 FMAs along K,
-a shuffle-tree sum per output. It exists so that a float plan's decode forward can compile
+a shuffle-tree sum per output; one row of x (batch-1 decode) gets its own loop that reads W
+strictly in order, a row at a time (GEMV_R rows per task). It exists so that a float plan's decode forward can compile
 into one Relax function (compile-decode-step) and so that select-kernels can weigh it against
 torch's GEMM on the target (kernel_costs).
 """
@@ -17,6 +18,13 @@ LANES = 16
 ALIGN = 4
 DEFAULT_R = 3
 DEFAULT_MT = 4
+#: Rows of W per parallel task when x has one row (batch-1 decode), read one row after another.
+#: SmolLM2's linears, 30 layers + head (538 MB), 2 threads, best of 6, alternating with a torch sum
+#: over as many bytes in the same process (the box's bandwidth moves by 2x within minutes):
+#: the M > 1 schedule (3 rows interleaved) 18.7 / 15.9 GB/s at sum 32.2 / 29.6; 12 rows interleaved
+#: 28.0 / 24.9 / 24.6 at sum 32.2 / 29.6 / 59.1; rows one after another (this) 29.2 / 45.9 at sum
+#: 32.3 / 59.1 (R 12 or 48 alike). bench/RESULTS.md.
+GEMV_R = 12
 
 
 def linear_name(n: int, k: int) -> str:
@@ -27,13 +35,15 @@ def _lanes(k: int) -> int:
     return next(lanes for lanes in (LANES, 8, 4, 2, 1) if k % lanes == 0)
 
 
-def make_linear(N: int, K: int, R: int = DEFAULT_R, MT: int = DEFAULT_MT):
+def make_linear(N: int, K: int, R: int = DEFAULT_R, MT: int = DEFAULT_MT, R1: int = GEMV_R):
     if N <= 0 or K <= 0:
         raise ValueError(f"linear: bad weight shape [{N}, {K}]")
     V = _lanes(K)
     KB = K // V
     R = min(R, N)
     NT = -(-N // R)
+    R1 = min(R1, N)
+    NT1 = -(-N // R1)
     name = linear_name(N, K)
 
     @T.macro
@@ -61,7 +71,27 @@ def make_linear(N: int, K: int, R: int = DEFAULT_R, MT: int = DEFAULT_MT):
         X = T.match_buffer(x_h, (M, K), "float32", align=ALIGN)
         W = T.match_buffer(w_h, (N, K), "float32", align=ALIGN)
         Y = T.match_buffer(y_h, (M, N), "float32", align=ALIGN)
-        for nt in T.parallel(NT):
+        if M == 1:
+            # batch-1 decode: row after row of a tile of R1 rows (W read strictly in order, which
+            # the hardware prefetchers stream best), two accumulators per row (even / odd K blocks)
+            for nt in T.parallel(NT1):
+                acc1 = T.alloc_buffer((1, 2, LANES), "float32", scope="global")
+                red1 = T.alloc_buffer((LANES,), "float32", scope="global")
+                for r in range(T.min(R1, N - nt * R1)):
+                    for l in T.vectorized(V):
+                        acc1[0, 0, l] = T.float32(0)
+                        acc1[0, 1, l] = T.float32(0)
+                    for kb in range(KB // 2):
+                        for l in T.vectorized(V):
+                            acc1[0, 0, l] = acc1[0, 0, l] + W[nt * R1 + r, 2 * kb * V + l] * X[0, 2 * kb * V + l]
+                            acc1[0, 1, l] = acc1[0, 1, l] + W[nt * R1 + r, (2 * kb + 1) * V + l] * X[0, (2 * kb + 1) * V + l]
+                    if KB % 2 == 1:
+                        for l in T.vectorized(V):
+                            acc1[0, 0, l] = acc1[0, 0, l] + W[nt * R1 + r, (KB - 1) * V + l] * X[0, (KB - 1) * V + l]
+                    for l in T.vectorized(V):
+                        acc1[0, 0, l] = acc1[0, 0, l] + acc1[0, 1, l]
+                    store_sum(acc1, 0, 0, red1, Y, 0, nt * R1 + r)
+        for nt in T.parallel(NT if M > 1 else 0):
             acc = T.alloc_buffer((MT, R, LANES), "float32", scope="global")
             red = T.alloc_buffer((LANES,), "float32", scope="global")
             for mo in range(M // MT):
