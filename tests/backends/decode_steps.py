@@ -1,4 +1,4 @@
-"""A decode step over a random paged KV cache, for attention-kernel tests (cascade, native)."""
+"""A decode step over a random paged KV cache, for attention-kernel tests (cascade, TVM)."""
 from __future__ import annotations
 
 import torch

@@ -247,7 +247,7 @@ def test_codegen_never_imports_triton(tiny_dirs):
 # plan, tmp paths included), for CPU_PIPELINE on each tiny model, as generated before cuda
 # plans were lowered. A deliberate change to CPU codegen must update these (last: unfolded
 # `rope` ops compute cos/sin in the op, `rope_positions`, instead of a hidden RotaryTable; then decode
-# binds its metadata to `meta` first, where native-attention / cascade plans set their fields).
+# binds its metadata to `meta` first).
 CPU_SOURCE_SHA256 = {
     ("llama", "f32"): "c7447335ae1c3625e53f8e0be704f6ecf7125596788f093aad00db991de01228",
     ("llama", "bf16"): "3e4f3b710959d561ca1dbd3607eef9828f89975d4ca1bc04532f1bc62df2f5d1",

@@ -40,9 +40,9 @@ def test_the_pass_sets_the_graph_and_refuses_plans_without_a_compiled_form(make_
 
 def test_the_verifier_holds_a_relax_graph_to_its_kernels(make_module):
     m = PassManager("fold-rope-tables,paged-kv{block=16},continuous-batching{max_batch=4,max_tokens=256},"
-                    "native-attention,select-kernels").run(make_module())
+                    "prefix-cache,cascade-attention,select-kernels").run(make_module())
     m.schedule.attrs["graph"] = "relax"
-    assert any("graph = relax: attention with cascade-attention or native-attention runs eagerly" in str(d)
+    assert any("graph = relax: attention with cascade-attention runs eagerly" in str(d)
                for d in verify(m))
     m.schedule.attrs["graph"] = "cuda-graph"
     assert any("graph must be one of eager, relax" in str(d) for d in verify(m))

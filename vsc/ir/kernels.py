@@ -146,12 +146,12 @@ def fitting_kernels(op_kind: str, target: str, cache_layout: str, cache_dtype: s
 def op_fitting_kernels(module, op, target: str | None = None) -> list[str] | None:
     """The kernels a kernel-choosing pass may give `op` (fitting_kernels for its weight's element
     type and its float dtype, never a layout-bound one), or None when its kernel is bound: its
-    weight is in a kernel's private layout (pack-linear-weights), or it is native-attention's."""
+    weight is in a kernel's private layout (pack-linear-weights)."""
     from vsc.ir.types import FLOAT_DTYPES
 
     main = op.operands[1] if len(op.operands) > 1 and op.operands[1].startswith("@") else None
     weight = module.model.weight(main) if main else None
-    if (weight is not None and weight.init_fn in LAYOUT_BOUND_INITS) or op.attrs.get("native"):
+    if weight is not None and weight.init_fn in LAYOUT_BOUND_INITS:
         return None
     dtype = next((t.dtype for t in op.types if t.dtype in FLOAT_DTYPES), None)
     return [k for k in fitting_kernels(op.kind, target or module.target.kind, module.cache.layout, module.cache.dtype,
@@ -195,8 +195,8 @@ def decode_step_blockers(module) -> list[str]:
         if op.kind == "repeat":
             continue
         name = op.kernel.name if op.kernel is not None else None
-        if op.kind == "attention" and (op.attrs.get("cascade_min_tokens") or op.attrs.get("native")):
-            why.append("attention with cascade-attention or native-attention runs eagerly")
+        if op.kind == "attention" and op.attrs.get("cascade_min_tokens"):
+            why.append("attention with cascade-attention runs eagerly")
         elif name == "torch.rope":
             why.append("rope via torch.rope computes cos/sin inside the op: run fold-rope-tables first")
         elif name not in COMPILED_STEP_KERNELS:

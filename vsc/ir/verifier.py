@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import networkx as nx
 
 from vsc.errors import VerificationError
-from vsc.ir.kernels import GRAPH_FORMS, KERNELS, PAGED_ATTENTION_KERNEL as NATIVE_ATTENTION_HOST, decode_step_blockers
+from vsc.ir.kernels import GRAPH_FORMS, KERNELS, decode_step_blockers
 from vsc.ir.module import Op, ServingModule, Weight, is_weight, walk_ops
 from vsc.ir.ops import OPS, TypeRuleError, infer, operand_arity_ok
 from vsc.ir.sizes import CACHE_DTYPES, kv_bytes_per_token
@@ -276,9 +276,6 @@ class _Checker:
         if computed is not None and computed not in info.dtypes:
             self.add("kernels", node, f"kernel {info.name} computes in {'/'.join(sorted(info.dtypes))}, this op in "
                                       f"{computed}", op.origin)
-        if op.attrs.get("native") and info.name != NATIVE_ATTENTION_HOST:
-            self.add("kernels", node, f"native = true (native-attention) runs inside {NATIVE_ATTENTION_HOST}, "
-                                      f"not {info.name}", op.origin)
         operand = op.operands[1] if len(op.operands) > 1 else ""
         w = self.weights.get(operand) if is_weight(operand) else None
         if w is not None and w.type.dtype not in info.weight_dtypes:

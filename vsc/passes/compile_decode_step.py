@@ -17,7 +17,7 @@ allocation), so the pass first moves every op whose kernel has no compiled form 
 fitting kernel that has one (a TVM kernel: select-kernels may have kept torch's where, called
 from Python, it measured faster), then requires every compute op to have a compiled form
 (`vsc.ir.kernels.decode_step_blockers`: a cpu target, a paged f32 cache, continuous batching,
-no cascade- or native-attention, no weight packed for oneDNN). A moved op may round differently
+no cascade-attention, no weight packed for oneDNN). A moved op may round differently
 (may_change_outputs: the accuracy check runs after it); otherwise the same kernels run.
 """
 from __future__ import annotations

@@ -45,7 +45,7 @@ class SelectKernels(Pass):
                 continue
             fitting = op_fitting_kernels(module, op, target)
             if fitting is None:
-                continue      # a packed weight's kernel, or native-attention's: it stays
+                continue      # a packed weight's kernel: it stays
             choice = self._measured_choice(module, op, fitting, measured) or (fitting[0] if fitting else None)
             if choice is None:
                 raise VscError(f"no kernel implements {op.kind} on {target} with a {module.cache.layout} "

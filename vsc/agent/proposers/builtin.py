@@ -17,8 +17,6 @@ deployment, computed from the IR and the spec's workload (`Features`):
 - chunked prefill pays when prompts are long next to the step's token budget;
 - the fusions and RoPE tables cut per-step op count, which matters most when the decode
   GEMMs are small (per-op overhead, not FLOPs, dominates: the intra-op-threads cost model);
-- native-attention (a C++ decode kernel reading the cache in place) pays as contexts grow,
-  since the torch kernel's gather copies every context each layer; it needs a compiler;
 - int8 passes save bytes but may change outputs: their gain is discounted by the accuracy
   bar (greedy_exact rejects almost any rounding change);
 - removals come last (the passes were there for a reason);
@@ -42,7 +40,7 @@ from vsc.passes.pipeline import PassSpec, format_pipeline, parse_pipeline
 #: weight formats, then the cache, batching, the request graph, kernel choice, threads.
 CANONICAL_ORDER = ("fuse-qkv", "fuse-gate-up", "fuse-silu-mul", "fuse-add-rmsnorm", "fold-rope-tables",
                    "weight-int8", "paged-kv", "kv-int8", "continuous-batching", "chunked-prefill",
-                   "prefix-cache", "cascade-attention", "native-attention", "speculative", "json-mode", "select-kernels", "pack-linear-weights",
+                   "prefix-cache", "cascade-attention", "speculative", "json-mode", "select-kernels", "pack-linear-weights",
                    "intra-op-threads", "compile-decode-step")
 
 #: Option grids: the variants of each pass the builtin proposer tries (text options as in pipelines).
@@ -57,7 +55,6 @@ GRIDS: dict[str, list[dict[str, str]]] = {
     "chunked-prefill": [{"tokens": "512"}, {"tokens": "256"}],
     "prefix-cache": [{"policy": "radix"}],
     "cascade-attention": [{}, {"min_tokens": "256"}],
-    "native-attention": [{}],
     "pack-linear-weights": [{}, {"include_head": "false"}, {"tied_head": "true"}],
     "speculative": [{"method": "prompt-lookup", "k": "4"}, {"method": "prompt-lookup", "k": "2"},
                     {"method": "prompt-lookup", "k": "6"}, {"method": "ngram", "k": "4"}],
@@ -67,7 +64,7 @@ GRIDS: dict[str, list[dict[str, str]]] = {
 }
 
 REQUIRES = {"cascade-attention": ("prefix-cache",), "chunked-prefill": ("continuous-batching",),
-            "kv-int8": ("paged-kv",), "prefix-cache": ("paged-kv",), "native-attention": ("paged-kv",),
+            "kv-int8": ("paged-kv",), "prefix-cache": ("paged-kv",),
             "speculative": ("continuous-batching", "paged-kv"),
             "compile-decode-step": ("fold-rope-tables", "paged-kv", "continuous-batching")}
 
@@ -135,10 +132,6 @@ def expected_gain(move: str, spec: PassSpec, f: Features) -> float:
         return (0.02 + 0.3 * shared) * (1.0 if f.concurrency > 1 else 0.1) * (1.0 if not opts else 0.5)
     if name == "pack-linear-weights":   # F.linear repacks every weight per call; packed once reads ~2x faster
         return (0.35 if not opts else 0.1) if f.target == "cpu" else 0.0
-    if name == "native-attention":      # decode attention's gather grows with the context; needs a compiler
-        import shutil
-        context = min(1.0, (f.prompt_mean + f.output_mean) / 1024)
-        return (0.05 + 0.35 * context) if f.target == "cpu" and shutil.which("c++") else 0.0
     if name == "speculative":
         k = int(opts.get("k", "4"))
         base = 0.45 if f.kind == "code_edit" else 0.03
@@ -232,7 +225,7 @@ def moves(pipeline: str, f: Features, failed: dict[str, int] | None = None) -> l
     for name, grid in GRIDS.items():
         if name in present:
             continue
-        if name in ("intra-op-threads", "native-attention", "cascade-attention",
+        if name in ("intra-op-threads", "cascade-attention",
                     "pack-linear-weights", "compile-decode-step") and f.target != "cpu":
             continue
         missing = [r for r in _requirements(name) if r not in present]

@@ -193,10 +193,6 @@ def write_kernels(module: ServingModule, dest: Path) -> dict:
     return entry
 
 
-def needs_native_kernels(module: ServingModule) -> bool:
-    return any(op.kind == "attention" and op.attrs.get("native") for op in walk_ops(module.model.func.body))
-
-
 def write_server(out_dir: Path, module: ServingModule, pipeline: str, runner_source: str, manifest: dict,
                  seconds: dict[str, float] | None = None) -> Path:
     """Write the folder atomically: build it beside `out_dir`, then swap it in.
@@ -229,12 +225,6 @@ def write_server(out_dir: Path, module: ServingModule, pipeline: str, runner_sou
             (staging / KERNELS_DIR).mkdir(exist_ok=True)
             shutil.copy2(built, staging / KERNELS_DIR / filename)
             manifest["decode_step"] = {"dir": KERNELS_DIR, "files": {filename: sha256_file(built)}}
-        if needs_native_kernels(module):    # native-attention: ship the built extension; servers never compile
-            from vsc.backends.native.build import build_native_kernels
-            built = build_native_kernels()
-            (staging / KERNELS_DIR).mkdir(exist_ok=True)
-            shutil.copy2(built, staging / KERNELS_DIR / built.name)
-            manifest["native_kernels"] = {"dir": KERNELS_DIR, "files": {built.name: sha256_file(built)}}
         model_path = Path(module.model.attrs["path"])
         if is_gguf_path(model_path):     # a GGUF's tokenizer and config travel with the server
             from vsc.models.gguf_import import COMPANION_FILES, companion_dir

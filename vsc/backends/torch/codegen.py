@@ -121,7 +121,7 @@ _RESERVED = set(keyword.kwlist) | {
     "rope_cos_sin", "tuple", "range", "zip", "len", "list", "int", "str", "float", "print",
     "Runner", "WEIGHTS", "LAYER_WEIGHTS", "StepBatch", "CacheConfig", "WeightSpec", "load_weights",
     "AttentionMetadata", "RotaryTable", "attention_metadata", "allocate_kv_cache",
-    "load_native_kernels", "NATIVE_KERNELS", "load_plan_kernels", "TVM_KERNELS",
+    "load_plan_kernels", "TVM_KERNELS",
 } | {"tvm_" + fn for fn in (*_TVM_KERNELS.values(), "add_rmsnorm")} | {fn.__name__ for fn in TORCH_KERNELS.values()}
 
 # Triton kernels of the catalog a cuda runner calls: (IR kernel, op kind) -> wrapper of
@@ -424,11 +424,6 @@ class _RunnerWriter:
             c["DECODE_STEP_FILE"] = filename
             c["DECODE_STEP_BUILD"] = str(built)
             c["STEP_MAX_BATCH"] = int(self.module.batching.max_batch or 1)   # its memory is planned for this many rows
-        if self.attention is not None and self.attention.attrs.get("native"):
-            from vsc.backends.native.build import build_native_kernels
-            built = build_native_kernels()          # cached on disk; the emitter ships a copy in kernels/
-            c["NATIVE_KERNELS_FILE"] = built.name
-            c["NATIVE_KERNELS_BUILD"] = str(built)
         return c
 
     def _attr(self, op: Op, key: str) -> str:
@@ -613,8 +608,6 @@ class _RunnerWriter:
             "    " + ", ".join(functions) + ",",
             ")",
             *self._triton_imports(),
-            *(["from vsc.runtime.kernels.native_ops import load_native_kernels"]
-              if "NATIVE_KERNELS_FILE" in self.constants else []),
             *(["from vsc.runtime.kernels.tvm_ops import load_plan_kernels, "
                + ", ".join(f"{fn} as tvm_{fn}" for fn in self._tvm_functions())]
               if "TVM_KERNELS_FILE" in self.constants else []),
@@ -643,8 +636,6 @@ class _RunnerWriter:
         lines.append(f"DTYPE = {_TORCH_DTYPES[self.attrs.get('dtype', 'f32')]}")
         lines.append(f"CACHE_DTYPE = {_CACHE_TORCH_DTYPES[self.module.cache.dtype]}")
         lines.append(f"CACHE_LAYOUT = {self.module.cache.layout!r}")
-        if "NATIVE_KERNELS_FILE" in self.constants:     # native-attention: the server folder's kernels/ copy
-            lines.append("NATIVE_KERNELS = load_native_kernels(__file__, NATIVE_KERNELS_FILE, NATIVE_KERNELS_BUILD)")
         if "TVM_KERNELS_FILE" in self.constants:        # TVM kernels: the server folder's kernels/ copy
             lines.append("TVM_KERNELS = load_plan_kernels(__file__, TVM_KERNELS_FILE, TVM_KERNELS_BUILD, TVM_THREADS)")
         return lines + [""]
@@ -703,7 +694,6 @@ class _RunnerWriter:
         kv = "QuantizedKV" if int8 else "torch.Tensor"
         scales = " in int8, with fp32 scales [.., KV_HEADS]" if int8 else ""
         cascade = ", CASCADE_MIN_TOKENS" if "CASCADE_MIN_TOKENS" in c else ""
-        native = ["        meta.native = NATIVE_KERNELS"] if "NATIVE_KERNELS_FILE" in c else []
         lines = [
             "class Runner:",
             f'    """Runs plan @{self.module.name} step by step (the ModelRunner protocol of vsc.runtime.api)."""',
@@ -738,7 +728,6 @@ class _RunnerWriter:
             '        """New tokens (whole prompts or chunks, any number per sequence) -> logits [B, VOCAB] of each last one,',
             '        or [R, VOCAB] of the rows batch.logits_rows names (speculative decoding verifies every draft)."""',
             f"        meta = attention_metadata(batch, BLOCK_SIZE{cascade})",
-            *native,
             "        if batch.logits_rows is not None:",
             "            meta.last_index = batch.logits_rows",
             "        return self.forward(batch, meta)",
@@ -749,7 +738,6 @@ class _RunnerWriter:
             *(["        if batch.logits_rows is None and batch.num_seqs <= STEP_MAX_BATCH:   # the compiled decode step: one call",
                "            return self.step(batch, BLOCK_SIZE, KV_HEADS)"] if "DECODE_STEP_FILE" in c else []),
             f"        meta = attention_metadata(batch, BLOCK_SIZE{cascade})",
-            *native,
             "        return self.forward(batch, meta)",
             "",
             "    def forward(self, batch: StepBatch, meta: AttentionMetadata) -> torch.Tensor:",

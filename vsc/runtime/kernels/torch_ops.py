@@ -332,9 +332,8 @@ class AttentionMetadata:
     spans: list[SequenceSpan] = field(default_factory=list)
     last_index: torch.Tensor | None = None
     cascade: "CascadePrefix | None" = None        # a shared prefix read once for a group (cascade-attention)
-    # native-attention: the loaded C++ extension (vsc.runtime.kernels.native_ops), and the
-    # block tables / context lengths of the gathered rows it reads the cache through
-    native: object | None = None
+    # the block tables / context lengths of the gathered rows, for kernels that read the cache
+    # in place through them (tvm.paged_attention)
     gather_tables: torch.Tensor | None = None
     gather_lens: torch.Tensor | None = None
     gather_longest: int = 0                       # the longest of gather_lens (host copy)
@@ -551,11 +550,6 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                       meta: AttentionMetadata, scale: float, gqa: bool) -> torch.Tensor:
     """One query per sequence: gather each context into [B, kv_heads, S, hd], one masked SDPA
     (or cascade attention when meta.cascade names a shared prefix)."""
-    if (meta.native is not None and meta.cascade is None and not isinstance(k_cache, QuantizedKV)
-            and q.dtype == torch.float32 and k_cache.dtype == torch.float32):
-        # native-attention: K/V read in place through the block table, no gather
-        return meta.native.paged_decode_attention(q, k_cache, v_cache, meta.gather_tables, meta.gather_lens,
-                                                  meta.block_size, scale).reshape(q.shape[0], -1)
     if meta.cascade is not None:
         if isinstance(k_cache, QuantizedKV):
             raise ValueError("cascade attention reads a float KV cache; the plan pairs it with an int8 one")

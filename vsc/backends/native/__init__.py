@@ -1,1 +1,0 @@
-"""Native CPU kernels (C++ torch extensions) that a plan selects, built ahead of time by `vsc compile`."""
