@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from vsc.runtime.api import EngineConfig, GenerateRequest, InvalidRequest, SamplingParams
 from vsc.runtime.block_manager import BlockManager
-from vsc.runtime.scheduler import Scheduler
+from vsc.runtime.scheduler import Scheduler, StepCosts
 from vsc.runtime.sequence import Sequence, SeqStatus
 
 torch.set_num_threads(1)
@@ -92,6 +92,47 @@ def test_a_decode_runs_alongside_a_new_chunk_in_one_step():
     step = sched.schedule()
     assert step.num_new == [1, 3] and step.sample_rows == [0]
     assert not step.batch.is_decode
+
+
+def test_step_costs_learn_decode_and_prompt_token_costs():
+    c = StepCosts()
+    assert c.prompt_budget(0.1, 16, 2048) == 2048                  # nothing known: no cap
+    c.observe(4, 0, 0.05)                                          # decode-only step
+    assert c.decode_s == 0.05 and c.prompt_budget(0.1, 16, 2048) == 2048
+    c.observe(4, 8, 9.0)                                           # too few prompt tokens to learn from
+    assert c.token_s is None
+    c.observe(4, 100, 0.15)                                        # 0.1 s more for 100 prompt tokens
+    assert c.token_s == pytest.approx(0.001)
+    assert c.prompt_budget(0.1, 16, 2048) == 50                    # (0.1 - 0.05) / 0.001
+    assert c.prompt_budget(0.04, 16, 2048) == 16                   # decodes alone exceed it: a block
+    assert c.prompt_budget(10.0, 16, 2048) == 2048
+    c.observe(0, 200, 0.4)                                         # a prompt-only step: 2 ms a token
+    assert c.token_s == pytest.approx(0.8 * 0.001 + 0.2 * 0.002)
+
+
+def test_a_tpot_objective_caps_the_prompt_tokens_of_steps_with_decodes():
+    sched = make(chunked_prefill=64, num_blocks=64, block_size=4, max_context=256, max_tokens=256,
+                 prefill_tpot_ms=100.0)
+    a = seq("a", [1, 2], max_tokens=50)
+    sched.add(a)
+    first = sched.schedule()
+    sched.observe(first, 0.2)                                      # a prompt-only step: uncapped, learns nothing
+    run_step(sched, first)
+    step = sched.schedule()                                        # a decodes alone
+    assert step.num_new == [1]
+    sched.observe(step, 0.05)
+    run_step(sched, step)
+    sched.add(seq("b", range(10, 110)))                            # a 100-token prompt arrives
+    step = sched.schedule()
+    assert step.num_new == [1, 64]                                 # cost of a prompt token unknown: the chunk
+    sched.observe(step, 0.05 + 64 * 0.002)                         # 2 ms a prompt token
+    run_step(sched, step)
+    step = sched.schedule()
+    assert step.num_new == [1, 25]                                 # (100 - 50) ms / 2 ms
+    sched.observe(step, 0.05 + 25 * 0.002)
+    run_step(sched, step)
+    plain = make(chunked_prefill=64, num_blocks=64, block_size=4, max_context=256, max_tokens=256)
+    assert plain.costs is None
 
 
 def test_token_budget_without_chunking_waits_or_splits_only_an_oversized_prompt():

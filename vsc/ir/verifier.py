@@ -266,6 +266,9 @@ class _Checker:
             self.add("kernels", node, f"kernel {info.name} implements {', '.join(sorted(info.ops))}, not {op.kind}", op.origin)
         if self.m.target.kind not in info.targets:
             self.add("kernels", node, f"kernel {info.name} does not run on target {self.m.target.kind}", op.origin)
+        if "native" in op.attrs:
+            self.add("kernels", node, "attribute 'native' asks for the C++ decode kernel, which was removed "
+                                      "(tvm.paged_attention measured faster); drop it and run select-kernels", op.origin)
         if self.m.cache.layout not in info.cache_layouts:
             self.add("kernels", node, f"kernel {info.name} needs a {'/'.join(sorted(info.cache_layouts))} cache, "
                                       f"the plan's is {self.m.cache.layout}", op.origin)
@@ -363,6 +366,15 @@ class _Checker:
             self.add("batching", node, f"chunked_prefill {b.chunked_prefill} must be 0 (off) or within max_tokens {b.max_tokens}", b.origin)
         if b.chunked_prefill and b.mode != "continuous":
             self.add("batching", node, "chunked prefill needs continuous batching", b.origin)
+        prefill = self.m.requests.stage("prefill")
+        target = prefill.attrs.get("tpot_slo_ms") if prefill is not None else None
+        if target is not None:
+            if isinstance(target, bool) or not isinstance(target, (int, float)) or not target > 0:
+                self.add("requests", "stage prefill", f"tpot_slo_ms must be a positive number of ms, got {target!r}",
+                         prefill.origin)
+            elif not b.chunked_prefill:
+                self.add("requests", "stage prefill", "tpot_slo_ms caps chunked prefill; the plan has none "
+                                                      "(chunked-prefill{slo=true} sets both)", prefill.origin)
 
     def check_requests(self) -> None:
         g = self.m.requests.graph

@@ -137,6 +137,8 @@ class EngineConfig:
     max_batch: int = 16          # most sequences in one step
     max_tokens: int = 2048       # token budget of one step
     chunked_prefill: int = 0     # 0: off; else the most prompt tokens one sequence prefills per step
+    prefill_tpot_ms: float = 0.0  # 0: off; else a step with decodes running gets only as many prompt
+    #                               tokens as keep it within this TPOT by measured step costs
     order: str = "fcfs"          # "fcfs" | "shortest-first"
     preemption: str = "recompute"
     max_waiting: int = 256       # bound of the waiting queue; beyond it generate() raises QueueFull

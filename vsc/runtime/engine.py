@@ -272,7 +272,9 @@ class LLMEngine:
                 self._wake.wait(0.01)
             return
         try:
+            t0 = time.perf_counter()
             self._run_step(step)
+            self.scheduler.observe(step, time.perf_counter() - t0)
         except Exception:  # noqa: BLE001 - see the module docstring
             log.exception("engine step failed; failing its %d request(s)", len(step.seqs))
             self.num_errors += 1

@@ -45,6 +45,12 @@ order), which makes it a `prefill` call; a step without drafts is built exactly 
 After verification the engine counts only the kept tokens in `num_new` before `advance`,
 and `release_unused_blocks` frees blocks that were grown for rejected drafts.
 
+TPOT objective (`config.prefill_tpot_ms`, chunked-prefill{slo=true}). A step that carries
+running decodes gets at most `StepCosts.prompt_budget` prompt tokens: what the measured costs
+say fits in the objective after the decode rows (the engine reports each step's wall time to
+`observe`). Prompt-only steps are not capped, and at least one block of prompt tokens goes in
+per step when even the decodes alone exceed the objective, so prompts always advance.
+
 The scheduler never touches the tokenizer or the model: it moves integers and builds the
 step's tensors.
 """
@@ -61,6 +67,38 @@ from vsc.runtime.block_manager import BlockManager
 from vsc.runtime.sequence import Sequence, SeqStatus
 
 log = logging.getLogger("vsc.runtime.scheduler")
+
+
+class StepCosts:
+    """What a step costs, learned from the steps run so far (exponential moving averages):
+    `decode_s`, the wall time of a step of decodes only, and `token_s`, the extra time per
+    prompt token of a step that also prefills. Both None until observed."""
+
+    ALPHA = 0.2            # weight of the newest observation
+    MIN_TOKENS = 16        # prompt tokens below which a step says little about their cost
+
+    def __init__(self) -> None:
+        self.decode_s: float | None = None
+        self.token_s: float | None = None
+
+    def _mix(self, old: float | None, new: float) -> float:
+        return new if old is None else (1 - self.ALPHA) * old + self.ALPHA * new
+
+    def observe(self, decode_rows: int, prompt_tokens: int, seconds: float) -> None:
+        if prompt_tokens == 0:
+            if decode_rows:
+                self.decode_s = self._mix(self.decode_s, seconds)
+        elif prompt_tokens >= self.MIN_TOKENS:
+            base = self.decode_s if decode_rows and self.decode_s is not None else 0.0
+            self.token_s = self._mix(self.token_s, max(seconds - base, 0.0) / prompt_tokens)
+
+    def prompt_budget(self, target_s: float, floor: int, ceiling: int) -> int:
+        """Prompt tokens that keep a step with decodes within `target_s` (between floor and
+        ceiling; the ceiling until both costs are known)."""
+        if self.decode_s is None or not self.token_s:
+            return ceiling
+        room = int((target_s - self.decode_s) / self.token_s)
+        return max(floor, min(ceiling, room))
 
 
 @dataclass
@@ -99,6 +137,7 @@ class Scheduler:
         self.prefix_query_tokens = 0     # tokens of admitted sequences looked up in the prefix cache
         self.prefix_hit_tokens = 0       # of those, tokens found cached (not recomputed)
         self.prefix_deferrals = 0        # admissions put off a step to find a block another one computes
+        self.costs = StepCosts() if config.prefill_tpot_ms > 0 else None
 
     # --- admission control -----------------------------------------------------------
 
@@ -141,15 +180,18 @@ class Scheduler:
         num_new: list[int] = []
         running = self.running
         preempted = False
+        prompt_left = self._prompt_budget()
 
         i = 0
         while i < len(running) and budget > 0:
             seq = running[i]
             remaining = seq.num_tokens - seq.num_computed
-            n = self._chunk(remaining, budget, True)
+            n = self._chunk(remaining, budget if remaining == 1 else min(budget, prompt_left), True)
             if n == 0:
                 i += 1
                 continue
+            if remaining > 1:
+                prompt_left -= n
             if remaining == 1 and seq.draft_ids:
                 n += self._drafts(seq, budget - 1 - (len(running) - i - 1))
             need = seq.num_computed + n
@@ -170,7 +212,7 @@ class Scheduler:
             waiting = self.waiting
             prefix_caching = self.prefix_caching
             computing: set[tuple] = set()       # (last cached block, next block's tokens) admitted this step
-            while waiting and len(running) < cfg.max_batch and budget > 0:
+            while waiting and len(running) < cfg.max_batch and budget > 0 and prompt_left > 0:
                 seq = self._next_waiting()
                 hit, cached = self._cached_prefix(seq) if prefix_caching else ((), 0)
                 if prefix_caching and seq.num_tokens - cached > self.block_size:
@@ -181,9 +223,10 @@ class Scheduler:
                         self.prefix_deferrals += 1
                         break
                     computing.add(key)
-                n = self._chunk(seq.num_tokens - cached, budget, False)
+                n = self._chunk(seq.num_tokens - cached, min(budget, prompt_left), False)
                 if n == 0 or not bm.can_allocate(cached + n, hit):
                     break
+                prompt_left -= n
                 self._remove_waiting(seq)
                 if prefix_caching:
                     self.prefix_query_tokens += seq.num_tokens
@@ -201,6 +244,21 @@ class Scheduler:
         if not seqs:
             return None
         return self._build(seqs, num_new)
+
+    def _prompt_budget(self) -> int:
+        """Prompt tokens this step may carry: the whole step budget, unless a TPOT objective is
+        set and sequences are decoding (then what the measured costs allow, at least a block)."""
+        cfg = self.config
+        if self.costs is None or not any(s.num_tokens - s.num_computed == 1 for s in self.running):
+            return cfg.max_tokens
+        return self.costs.prompt_budget(cfg.prefill_tpot_ms / 1000.0, self.block_size, cfg.max_tokens)
+
+    def observe(self, step: ScheduledStep, seconds: float) -> None:
+        """The engine reports a step's wall time (feeds the TPOT objective's cost model)."""
+        if self.costs is None or step.num_drafts:
+            return
+        decodes = sum(1 for n in step.num_new if n == 1)
+        self.costs.observe(decodes, sum(n for n in step.num_new if n > 1), seconds)
 
     def _drafts(self, seq: Sequence, room: int) -> int:
         """Speculative decoding: how many of a decoding sequence's drafts ride along this step.

@@ -123,6 +123,7 @@ def intra_op_threads(module: ServingModule) -> dict:
 def engine_config(module: ServingModule) -> dict:
     """The runtime EngineConfig fields for a plan (the manifest's "engine" entry); the
     accuracy check builds its engine from the same dict, so it runs what the server runs."""
+    from vsc.passes.chunked_prefill import chunked_prefill_engine_config
     from vsc.passes.prefix_cache import plan_prefix_cache
     from vsc.passes.speculative import speculative_engine_config
 
@@ -137,6 +138,7 @@ def engine_config(module: ServingModule) -> dict:
         "max_waiting": max(64, 16 * module.batching.max_batch),
         **plan_prefix_cache(module),     # prefix_cache, prefix_cache_capacity (prefix-cache pass); {} if none
         **speculative_engine_config(module),   # speculative_* and draft_model (speculative pass); {} if none
+        **chunked_prefill_engine_config(module),   # prefill_tpot_ms (chunked-prefill{slo=true}); {} if none
     }
 
 
