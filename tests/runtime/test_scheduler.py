@@ -106,8 +106,13 @@ def test_step_costs_learn_decode_and_prompt_token_costs():
     assert c.prompt_budget(0.1, 16, 2048) == 50                    # (0.1 - 0.05) / 0.001
     assert c.prompt_budget(0.04, 16, 2048) == 16                   # decodes alone exceed it: a block
     assert c.prompt_budget(10.0, 16, 2048) == 2048
-    c.observe(0, 200, 0.4)                                         # a prompt-only step: 2 ms a token
+    c.observe(0, 200, 0.4)                                         # a prompt-only step: not the capped kind
+    assert c.token_s == pytest.approx(0.001)
+    c.observe(4, 50, 0.05 + 50 * 0.002)                            # a capped step: 2 ms a token
     assert c.token_s == pytest.approx(0.8 * 0.001 + 0.2 * 0.002)
+    fresh = StepCosts()
+    fresh.observe(0, 400, 0.4)                                     # the first estimate may come from prompts alone
+    assert fresh.token_s == pytest.approx(0.001)
 
 
 def test_a_tpot_objective_caps_the_prompt_tokens_of_steps_with_decodes():

@@ -85,12 +85,17 @@ class StepCosts:
         return new if old is None else (1 - self.ALPHA) * old + self.ALPHA * new
 
     def observe(self, decode_rows: int, prompt_tokens: int, seconds: float) -> None:
+        """A step's wall time. A prompt token's cost is learned from steps that also decode (the
+        steps the budget caps, whose chunks are smaller and less efficient than a prompt-only
+        step's); a prompt-only step only gives the first estimate."""
         if prompt_tokens == 0:
             if decode_rows:
                 self.decode_s = self._mix(self.decode_s, seconds)
         elif prompt_tokens >= self.MIN_TOKENS:
-            base = self.decode_s if decode_rows and self.decode_s is not None else 0.0
-            self.token_s = self._mix(self.token_s, max(seconds - base, 0.0) / prompt_tokens)
+            if decode_rows and self.decode_s is not None:
+                self.token_s = self._mix(self.token_s, max(seconds - self.decode_s, 0.0) / prompt_tokens)
+            elif self.token_s is None:
+                self.token_s = seconds / prompt_tokens
 
     def prompt_budget(self, target_s: float, floor: int, ceiling: int) -> int:
         """Prompt tokens that keep a step with decodes within `target_s` (between floor and
