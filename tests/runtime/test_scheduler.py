@@ -98,7 +98,7 @@ def test_step_costs_learn_decode_and_prompt_token_costs():
     c = StepCosts()
     assert c.prompt_budget(0.1, 16, 2048) == 2048                  # nothing known: no cap
     c.observe(4, 0, 0.05)                                          # decode-only step
-    assert c.decode_s == 0.05 and c.prompt_budget(0.1, 16, 2048) == 2048
+    assert c.decode_s == 0.05 and c.prompt_budget(0.1, 16, 2048) == 2048      # a token's cost unknown
     c.observe(4, 8, 9.0)                                           # too few prompt tokens to learn from
     assert c.token_s is None
     c.observe(4, 100, 0.15)                                        # 0.1 s more for 100 prompt tokens
@@ -113,6 +113,10 @@ def test_step_costs_learn_decode_and_prompt_token_costs():
     fresh = StepCosts()
     fresh.observe(0, 400, 0.4)                                     # the first estimate may come from prompts alone
     assert fresh.token_s == pytest.approx(0.001)
+    assert fresh.prompt_budget(0.1, 16, 2048) == 100               # no decode-only step yet: decodes counted free
+    fresh.observe(8, 50, 0.07)                                     # a mixed step then prices the decodes
+    assert fresh.decode_s == pytest.approx(0.02)
+    assert fresh.prompt_budget(0.1, 16, 2048) == 80
 
 
 def test_a_tpot_objective_caps_the_prompt_tokens_of_steps_with_decodes():
