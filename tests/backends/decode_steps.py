@@ -1,4 +1,4 @@
-"""A decode step over a random paged KV cache, for attention-kernel tests (cascade, TVM)."""
+"""Decode and mixed prefill steps over a random paged KV cache, for attention-kernel tests (cascade, TVM)."""
 from __future__ import annotations
 
 import torch
@@ -23,4 +23,29 @@ def decode_step(tables: list[list[int]], lens: list[int], block_size: int, heads
     q = torch.randn(b, heads * head_dim, generator=generator)
     k = torch.randn(b, kv_heads * head_dim, generator=generator)
     v = torch.randn(b, kv_heads * head_dim, generator=generator)
+    return batch, q, k, v, k_cache, v_cache
+
+
+def mixed_step(tables: list[list[int]], news: list[int], ctx: list[int], block_size: int, heads: int,
+               kv_heads: int, head_dim: int, generator: torch.Generator, num_blocks: int):
+    """(batch, q, k, v, k_cache, v_cache): a prefill step where sequence b gets news[b] new tokens
+    ending at context ctx[b] (a prompt, a chunk behind cached context, or a one-token decode),
+    through its blocks `tables`, over a cache of random values."""
+    width = max(len(t) for t in tables)
+    positions, slots, starts = [], [], [0]
+    for t, n, c in zip(tables, news, ctx):
+        for p in range(c - n, c):
+            positions.append(p)
+            slots.append(t[p // block_size] * block_size + p % block_size)
+        starts.append(starts[-1] + n)
+    total = sum(news)
+    L = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
+    batch = StepBatch(tokens=L([0] * total), positions=L(positions), query_start=L(starts), context_lens=L(ctx),
+                      block_tables=L([t + [0] * (width - len(t)) for t in tables]), slot_mapping=L(slots),
+                      query_lens_host=list(news), context_lens_host=list(ctx))
+    k_cache = torch.randn(num_blocks * block_size, kv_heads, head_dim, generator=generator)
+    v_cache = torch.randn(num_blocks * block_size, kv_heads, head_dim, generator=generator)
+    q = torch.randn(total, heads * head_dim, generator=generator)
+    k = torch.randn(total, kv_heads * head_dim, generator=generator)
+    v = torch.randn(total, kv_heads * head_dim, generator=generator)
     return batch, q, k, v, k_cache, v_cache

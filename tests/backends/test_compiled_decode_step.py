@@ -48,21 +48,24 @@ def test_the_verifier_holds_a_relax_graph_to_its_kernels(make_module):
     assert any("graph must be one of eager, relax" in str(d) for d in verify(m))
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def _tiny_server(tmp, passes: str, streams: int):
+    """(server folder, model folder, compile result) of a tiny Llama compiled with `passes`."""
     from vsc.driver import compile_to_server
     from vsc.frontend.lower import lower_spec
     from vsc.frontend.parser import parse_spec_text
     from vsc.models.tiny import make_tiny
 
-    tmp = tmp_path_factory.mktemp("relax")
     model = make_tiny(tmp / "tiny-llama", arch="llama")
     spec = (f'deployment relax {{\n model "{model}" {{ dtype = f32 }}\n target cpu {{ threads = 1, memory = 256 MiB }}\n'
-            ' workload { arrivals = closed(4), prompt_tokens = fixed(16), output_tokens = fixed(8) }\n'
+            f' workload {{ arrivals = closed({streams}), prompt_tokens = fixed(16), output_tokens = fixed(8) }}\n'
             ' accuracy { logits_tol(1.0, probes = 2) }\n serve { max_context = 128 }\n}\n')
     module = lower_spec(parse_spec_text(spec, tmp / "r.vs"))
-    result = compile_to_server(module, SELECT + ",compile-decode-step", tmp / "server", None)
-    return tmp / "server", model, result
+    return tmp / "server", model, compile_to_server(module, passes, tmp / "server", None)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    return _tiny_server(tmp_path_factory.mktemp("relax"), SELECT + ",compile-decode-step", 4)
 
 
 def _runner(server, model):
@@ -131,24 +134,14 @@ def test_more_rows_than_the_plan_holds_run_eagerly(server):
 def wide_server(tmp_path_factory):
     """A plan whose quantized linears take int8 activations, max_batch 8: the step also has its
     GEMM form (decode_wide), which the runner calls from GEMM_MIN_ROWS rows on."""
-    from vsc.driver import compile_to_server
-    from vsc.frontend.lower import lower_spec
-    from vsc.frontend.parser import parse_spec_text
-    from vsc.models.tiny import make_tiny
     from vsc.runtime.kernels import tvm_ops
 
     if not tvm_ops.host_has_vnni():
         pytest.skip("host CPU has no AVX-512 VNNI")
-    tmp = tmp_path_factory.mktemp("relax_wide")
-    model = make_tiny(tmp / "tiny-llama", arch="llama")
-    spec = (f'deployment wide {{\n model "{model}" {{ dtype = f32 }}\n target cpu {{ threads = 1, memory = 256 MiB }}\n'
-            ' workload { arrivals = closed(8), prompt_tokens = fixed(16), output_tokens = fixed(8) }\n'
-            ' accuracy { logits_tol(1.0, probes = 2) }\n serve { max_context = 128 }\n}\n')
-    module = lower_spec(parse_spec_text(spec, tmp / "w.vs"))
     passes = ("fold-rope-tables,paged-kv{block=16},continuous-batching{max_batch=8,max_tokens=256},"
               "quantize-weights{format=q8_0,include_head=true},select-kernels{activations=q8_0},compile-decode-step")
-    compile_to_server(module, passes, tmp / "server", None)
-    return tmp / "server", model
+    folder, model, _ = _tiny_server(tmp_path_factory.mktemp("relax_wide"), passes, 8)
+    return folder, model
 
 
 def test_the_wide_step_runs_from_gemm_min_rows_and_matches_the_narrow_one(wide_server):

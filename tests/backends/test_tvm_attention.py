@@ -6,11 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from decode_steps import decode_step
+from decode_steps import decode_step, mixed_step
 from vsc.backends.tvm.build import build_quant_kernels
 from vsc.ir.module import walk_ops
 from vsc.passes.manager import PassManager
-from vsc.runtime.api import StepBatch
 from vsc.runtime.kernels import tvm_ops
 from vsc.runtime.kernels.torch_ops import attention_metadata, paged_attention
 from vsc.runtime.kernels.tvm_ops import decode_attention, load_tvm_kernels
@@ -93,23 +92,7 @@ def test_a_mixed_step_of_chunks_prompts_and_decodes():
     # seq 0: 5 new tokens after 20 cached; seq 1: one new token, context 33; seq 2: a 7-token prompt
     news, ctx = [5, 1, 7], [25, 33, 7]
     tables = scrambled(gen, ctx, block, num_blocks=40)
-    width = max(len(t) for t in tables)
-    positions, slots, starts = [], [], [0]
-    for t, n, c in zip(tables, news, ctx):
-        for p in range(c - n, c):
-            positions.append(p)
-            slots.append(t[p // block] * block + p % block)
-        starts.append(starts[-1] + n)
-    total = sum(news)
-    L = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
-    batch = StepBatch(tokens=L([0] * total), positions=L(positions), query_start=L(starts), context_lens=L(ctx),
-                      block_tables=L([t + [0] * (width - len(t)) for t in tables]), slot_mapping=L(slots),
-                      query_lens_host=news, context_lens_host=ctx)
-    kc = torch.randn(40 * block, kv_heads, hd, generator=gen)
-    vc = torch.randn(40 * block, kv_heads, hd, generator=gen)
-    q = torch.randn(total, heads * hd, generator=gen)
-    k = torch.randn(total, kv_heads * hd, generator=gen)
-    v = torch.randn(total, kv_heads * hd, generator=gen)
+    batch, q, k, v, kc, vc = mixed_step(tables, news, ctx, block, heads, kv_heads, hd, gen, 40)
     plain, fast, caches1, caches2 = both(batch, q, k, v, kc, vc, lib, heads, kv_heads, hd, block)
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
     assert all(torch.equal(a, b) for a, b in zip(caches1, caches2))

@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from decode_steps import mixed_step
 from vsc.backends.tvm.build import build_quant_kernels
 from vsc.backends.tvm.prefill_attention import prefill_supported
-from vsc.runtime.api import StepBatch
 from vsc.runtime.kernels import tvm_ops
 from vsc.runtime.kernels.torch_ops import SequenceSpan, attention_metadata, paged_attention
 from vsc.runtime.kernels.tvm_ops import load_tvm_kernels, prefill_tiles
@@ -31,24 +31,7 @@ def step(gen, news, ctx, block, heads, kv_heads, hd, shared=0, num_blocks=None):
     order = torch.randperm(num_blocks, generator=gen).tolist()
     prefix = [order.pop() for _ in range(shared)]
     tables = [prefix + [order.pop() for _ in range(-(-c // block) - shared)] for c in ctx]
-    width = max(len(t) for t in tables)
-    positions, slots, starts = [], [], [0]
-    for t, n, c in zip(tables, news, ctx):
-        for p in range(c - n, c):
-            positions.append(p)
-            slots.append(t[p // block] * block + p % block)
-        starts.append(starts[-1] + n)
-    total = sum(news)
-    L = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
-    batch = StepBatch(tokens=L([0] * total), positions=L(positions), query_start=L(starts), context_lens=L(ctx),
-                      block_tables=L([t + [0] * (width - len(t)) for t in tables]), slot_mapping=L(slots),
-                      query_lens_host=list(news), context_lens_host=list(ctx))
-    kc = torch.randn(num_blocks * block, kv_heads, hd, generator=gen)
-    vc = torch.randn(num_blocks * block, kv_heads, hd, generator=gen)
-    q = torch.randn(total, heads * hd, generator=gen)
-    k = torch.randn(total, kv_heads * hd, generator=gen)
-    v = torch.randn(total, kv_heads * hd, generator=gen)
-    return batch, q, k, v, kc, vc
+    return mixed_step(tables, news, ctx, block, heads, kv_heads, hd, gen, num_blocks)
 
 
 def compare(lib, batch, q, k, v, kc, vc, heads, kv_heads, hd, block, scale=0.3):

@@ -127,7 +127,7 @@ def _normalize_specs(specs) -> list[tuple[str, int, int]]:
 
 def cache_key(specs, target: dict, dequant: bool = True, elementwise=()) -> str:
     h = hashlib.sha256()
-    for src in ("quant_linear.py", "quant_gemm.py", "build.py", "elementwise.py", "attention.py", "prefill_attention.py", "linear.py"):
+    for src in ("quant_linear.py", "quant_gemm.py", "vector_ir.py", "build.py", "elementwise.py", "attention.py", "prefill_attention.py", "linear.py"):
         h.update((_HERE / src).read_bytes())
     h.update(json.dumps({"target": target, "specs": specs, "dequant": dequant, "tvm": _tvm_version(),
                          **({"elementwise": [list(e) for e in elementwise]} if elementwise else {})},

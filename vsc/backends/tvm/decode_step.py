@@ -326,7 +326,7 @@ def cache_key(module: ServingModule, target: dict, vnni: bool) -> str:
     from vsc.ir.printer import print_module
 
     h = hashlib.sha256()
-    for src in ("decode_step.py", "quant_linear.py", "quant_gemm.py", "elementwise.py", "attention.py", "linear.py", "build.py"):
+    for src in ("decode_step.py", "quant_linear.py", "quant_gemm.py", "vector_ir.py", "elementwise.py", "attention.py", "linear.py", "build.py"):
         h.update((_HERE / src).read_bytes())
     body = module.clone()
     body.deployment = {}

@@ -34,6 +34,7 @@ from __future__ import annotations
 import tvm  # noqa: F401  (TVMScript needs tvm initialised)
 
 from vsc.runtime.kernels.tvm_ops import gemm_kernel_name, gemm_scratch_shapes  # noqa: F401  (names: one place)
+from vsc.backends.tvm.vector_ir import ALIGN, dpbusd, i32, lanes, match_quant_linear, shuffle, vstore
 from vsc.runtime.quant import BLOCK, get_format
 
 PANEL = 16     # output columns per panel (one zmm of int32 / fp32)
@@ -60,39 +61,19 @@ def make_quant_gemm_vnni(fmt: str, N: int, K: int, MR: int = GEMM_MR):
     NB = K // BLOCK
     NP = N // PANEL
     q8 = fmt == "q8_0"
-    QW = K if q8 else K // 2
-    QDT = "int8" if q8 else "uint8"
     OFF = _OFFSET[fmt]
-    ALIGN = 4
-
-    def i32(v):
-        return tirx.const(v, "int32")
 
     def f32(v):
         return tirx.const(v, "float32")
 
-    def bc(v, lanes):
-        return tirx.Broadcast(v, lanes)
-
-    def lanes_of(e):
-        return tvm.DataType(str(e.ty)).lanes
-
-    def shuf(v, idx):
-        idx = list(idx)
-        return tirx.Shuffle([v] * -(-len(idx) // lanes_of(v)), [i32(i) for i in idx])
-
-    def vstore(buf, idx, value):
-        idx = list(idx)
-        B.buffer_store(buf, value, idx[:-1] + [tirx.Ramp(idx[-1], 1, lanes_of(value))])
-
-    def dpbusd(acc, u8, s8):
-        return B.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", acc, u8, s8)
+    def bc(v, n):
+        return tirx.Broadcast(v, n)
 
     def reduce(v, op):
-        n = lanes_of(v)
+        n = lanes(v)
         while n > 1:
             h = n // 2
-            v = B.bind(op(shuf(v, range(h)), shuf(v, range(h, n))))
+            v = B.bind(op(shuffle(v, range(h)), shuffle(v, range(h, n))))
             n = h
         return v
 
@@ -102,11 +83,7 @@ def make_quant_gemm_vnni(fmt: str, N: int, K: int, MR: int = GEMM_MR):
             B.func_attr({"tirx.noalias": True})
             handles = [B.arg(a, B.handle()) for a in ("x", "qs", "d", "m", "y", "xq", "xs", "xc")]
             M = B.int64()
-            X = B.match_buffer(handles[0], (M, K), "float32", align=ALIGN)
-            QS = B.match_buffer(handles[1], (N, QW), QDT, align=ALIGN)
-            D = B.match_buffer(handles[2], (N, NB), "float16", align=ALIGN)
-            MN = B.match_buffer(handles[3], (N, NB), "float16", align=ALIGN)
-            Y = B.match_buffer(handles[4], (M, N), "float32", align=ALIGN)
+            X, QS, D, MN, Y = match_quant_linear(handles, fmt, M, N, K)
             XQ = B.match_buffer(handles[5], (M, K // 4), "int32", align=ALIGN)
             XS = B.match_buffer(handles[6], (M, NB), "float32", align=ALIGN)
             XC = B.match_buffer(handles[7], (M, NB), "float32", align=ALIGN)
@@ -149,7 +126,7 @@ def make_quant_gemm_vnni(fmt: str, N: int, K: int, MR: int = GEMM_MR):
                             halves = [(lo, range(4)), (hi, range(4, 8))]
                         for vec, kks in halves:
                             for i, kk in enumerate(kks):
-                                vstore(WP, (b * 512 + kk * 64 + c * 4,), shuf(vec, range(4 * i, 4 * i + 4)))
+                                vstore(WP, (b * 512 + kk * 64 + c * 4,), shuffle(vec, range(4 * i, 4 * i + 4)))
 
                 def tile(rows):
                     for t in range(len(rows)):

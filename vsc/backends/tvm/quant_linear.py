@@ -35,6 +35,8 @@ from __future__ import annotations
 import tvm  # noqa: F401  (TVMScript needs tvm initialised)
 from tvm.script import tirx as T
 
+from vsc.backends.tvm.vector_ir import ALIGN, dpbusd, i32, match_quant_linear, shuffle, vstore
+from vsc.backends.tvm.vector_ir import lanes as _lanes
 from vsc.runtime.quant import BLOCK, get_format
 
 LANES = 16
@@ -303,10 +305,6 @@ def _groups(nb: int, gm: int) -> tuple[int, list[tuple[int, int]]]:
     return full, tail
 
 
-def _lanes(e) -> int:
-    return tvm.DataType(str(e.ty)).lanes
-
-
 def make_quant_linear_vnni(fmt: str, N: int, K: int, R: int = VNNI_R, MT: int = VNNI_MT):
     """PrimFunc `quant_linear_vnni_<fmt>_<N>x<K>(x, qs, d, m, y, xq, xb, xs, xm)` (see above).
 
@@ -322,33 +320,15 @@ def make_quant_linear_vnni(fmt: str, N: int, K: int, R: int = VNNI_R, MT: int = 
     GM = 2 if q8 else 4
     full, tail = _groups(NB, GM)
     NT = (N + R - 1) // R
-    QW = K if q8 else K // 2
-    QDT = "int8" if q8 else "uint8"
     NL = NB * L
-    ALIGN = 4  # torch tensors (views, parts sliced from a file) need not be 64-byte aligned
 
-    def i32(v):
-        return tirx.const(v, "int32")
-
-    def bc(v, lanes):
-        return tirx.Broadcast(v, lanes)
+    def bc(v, n):
+        return tirx.Broadcast(v, n)
 
     def vload(buf, idx, dtype):
         return buf.vload(list(idx), dtype)
 
-    def vstore(buf, idx, value):
-        lanes = _lanes(value)
-        idx = list(idx)
-        B.buffer_store(buf, value, idx[:-1] + [tirx.Ramp(idx[-1], 1, lanes)])
-
-    def dpbusd(acc, u8, s8):
-        lanes = _lanes(acc)
-        return B.call_llvm_pure_intrin(f"int32x{lanes}", f"llvm.x86.avx512.vpdpbusd.{lanes * 32}", acc, u8, s8)
-
-    def shuf(v, idx):
-        """Shuffle of one vector; TIR wants the inputs to have at least as many lanes as the output."""
-        idx = list(idx)
-        return tirx.Shuffle([v] * -(-len(idx) // _lanes(v)), [i32(i) for i in idx])
+    shuf = shuffle
 
     def hsum(v):
         lanes = _lanes(v)
@@ -372,11 +352,7 @@ def make_quant_linear_vnni(fmt: str, N: int, K: int, R: int = VNNI_R, MT: int = 
             B.func_attr({"tirx.noalias": True})
             handles = [B.arg(a, B.handle()) for a in ("x", "qs", "d", "m", "y", "xq", "xb", "xs", "xm")]
             M = B.int64()
-            X = B.match_buffer(handles[0], (M, K), "float32", align=ALIGN)
-            QS = B.match_buffer(handles[1], (N, QW), QDT, align=ALIGN)
-            D = B.match_buffer(handles[2], (N, NB), "float16", align=ALIGN)
-            MN = B.match_buffer(handles[3], (N, NB), "float16", align=ALIGN)
-            Y = B.match_buffer(handles[4], (M, N), "float32", align=ALIGN)
+            X, QS, D, MN, Y = match_quant_linear(handles, fmt, M, N, K)
             XQ = B.match_buffer(handles[5], (M, K), "int8", align=ALIGN)
             XB = B.match_buffer(handles[6], (M, NL), "int32", align=ALIGN)
             XS = B.match_buffer(handles[7], (M, NL), "float32", align=ALIGN)
