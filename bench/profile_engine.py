@@ -71,9 +71,12 @@ class StepTimer:
 
 
 async def drive(engine, vocab: int, concurrency: int, requests: int, prompt: int, output: int, seed: int,
-                prompts: list[tuple[list[int], int]] | None = None) -> float:
+                prompts: list[tuple[list[int], int]] | None = None, latencies: list | None = None) -> float:
     """Closed loop: `concurrency` clients send `requests` requests in all (random token prompts,
-    or `prompts`: (token ids, max_tokens) pairs of a bench workload, in order)."""
+    or `prompts`: (token ids, max_tokens) pairs of a bench workload, in order). `latencies`, when
+    given, receives (TTFT s, TPOT s) per request as the bench's client measures them: from the
+    send to the first event, and the time from the first to the last event over the tokens after
+    the first."""
     rng = random.Random(seed)
     todo = list(range(requests))[::-1]
 
@@ -86,8 +89,13 @@ async def drive(engine, vocab: int, concurrency: int, requests: int, prompt: int
                 ids, out = [rng.randrange(3, vocab) for _ in range(prompt)], output
             req = GenerateRequest(uuid.uuid4().hex, ids, SamplingParams(max_tokens=out, temperature=0.0,
                                                                         ignore_eos=True), time.monotonic())
-            async for _ in engine.generate(req):
-                pass
+            sent, first, tokens = time.perf_counter(), None, 0
+            async for event in engine.generate(req):
+                tokens += len(event.token_ids)
+                if first is None and event.token_ids:
+                    first = time.perf_counter()
+            if latencies is not None and first is not None and tokens > 1:
+                latencies.append((first - sent, (time.perf_counter() - first) / (tokens - 1)))
 
     t = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(concurrency)))
@@ -165,13 +173,19 @@ def main() -> int:
             wl = build_workload(args.workload, source, args.requests, seed=0,
                                 max_context=manifest["serve"]["max_context"])
             prompts = [(engine.tokenizer.encode(r.prompt), args.output or r.max_tokens) for r in wl.requests]
-        wall = asyncio.run(drive(engine, vocab, args.concurrency, args.requests, args.prompt, args.output, 2, prompts))
+        latencies: list[tuple[float, float]] = []
+        wall = asyncio.run(drive(engine, vocab, args.concurrency, args.requests, args.prompt, args.output, 2, prompts,
+                                 latencies))
     finally:
         engine.shutdown()
     steps, tokens = engine.num_steps - steps0, engine.generated_tokens - tokens0
     print(f"pipeline: {manifest['pipeline']}")
     print(f"{args.requests} requests, {args.concurrency} concurrent, {args.prompt} -> {args.output} tokens: "
           f"{wall:.2f} s, {tokens / wall:.0f} out tok/s, {steps} steps, {1000 * wall / steps:.2f} ms/step")
+    if latencies:
+        ttft, tpot = sorted(x[0] for x in latencies), sorted(x[1] for x in latencies)
+        print(f"TTFT median {1000 * ttft[len(ttft) // 2]:.1f} ms; TPOT median {1000 * tpot[len(tpot) // 2]:.1f} ms, "
+              f"p99 {1000 * tpot[min(len(tpot) - 1, round(0.99 * (len(tpot) - 1)))]:.1f} ms (in-process, no HTTP)")
     print(timer.report())
     if profiler is not None:
         out = io.StringIO()

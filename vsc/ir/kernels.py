@@ -67,7 +67,8 @@ KERNELS: dict[str, KernelInfo] = {k.name: k for k in [
        doc="TVM kernel: q and k rotated by the step's cos/sin rows in one call"),
     _k("tvm.paged_attention", {"attention"}, targets=("cpu",), layouts=("paged",), cache_dtypes=("f32",), dtypes=("f32",),
        doc="TVM kernels: K/V written to their slots, decode attention read in place through the block table "
-           "(GQA groups share each K/V row, split-K for few long contexts); prefill spans and cascades take torch's path"),
+           "(GQA groups share each K/V row, split-K for few long contexts), prompt spans causal over the cache in place, "
+           "a cascade's shared prefix read once for the group (cascade-attention)"),
     _k("torch.embedding_quant", {"embed"}, weight_dtypes=QUANT_WEIGHT_DTYPES,
        doc="gather rows of a block-quantized table, dequantize them"),
     _k("torch.split", {"split"}, doc="views, no copy"),

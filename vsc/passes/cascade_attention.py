@@ -18,10 +18,16 @@ shared prefix plus 80-185 own tokens): 3.4 -> 0.4 ms per layer at tiny-Llama's s
 1.0 ms per layer at SmolLM2-135M's (9 heads, 3 kv heads x 64). It costs a host-side pass
 over the step's block tables (a few microseconds) and nothing when no group shares N tokens.
 
+With select-kernels' tvm.paged_attention the same layout runs as TVM kernels read in place
+(vsc.backends.tvm.cascade_attention: the members in the vector lanes, each prefix K/V row loaded
+once for 16 sequences x the GQA group, merged with the decode kernel's own part by log-sum-exp):
+SmolLM2's shape, 2 threads, 16 sequences behind a 768-token prefix: 522 -> 290 us per layer
+against the TVM decode kernel alone; 2840 -> 1081 us behind 4096 tokens (bench/RESULTS.md).
+
 Exact up to float rounding (a different summation order), so may_change_outputs=True and the
 accuracy check runs after it — through the engine, with prefix-sharing requests. Requires
-prefix-cache (without it no two sequences hold the same blocks), a float KV cache and the
-torch attention kernel (CPU).
+prefix-cache (without it no two sequences hold the same blocks), a float KV cache and a CPU
+target (torch's or TVM's attention kernel).
 """
 from __future__ import annotations
 
@@ -46,7 +52,7 @@ class CascadeAttention(Pass):
         if cache.dtype == "i8":
             raise VscError("cascade attention reads a float KV cache; this plan's is int8 (kv-int8)")
         if module.target.kind != "cpu":
-            raise VscError(f"cascade attention is implemented by the torch CPU kernel; this plan targets "
+            raise VscError(f"cascade attention is implemented by the CPU kernels (torch, TVM); this plan targets "
                            f"{module.target.kind}")
         origin = pass_origin(self.name)
         for op in walk_ops(module.model.func.body):

@@ -4,8 +4,10 @@
 cache slots (caches [slots, Hk, D] float32; v may be a column slice of a wider matrix).
 
 `paged_attention_<Hq>_<Hk>_<D>_b<BS>(q, k_cache, v_cache, tables, lens, chunk, scale, out, part_o,
-part_ml)`: one query row per entry of `lens`; row r attends to the first lens[r] positions
-of its context, whose blocks tables[r, :] lists (BS-token blocks). out [R, Hq*D]. This is
+part_ml, lse)`: one query row per entry of `lens`; row r attends to the first lens[r] positions
+of its context, whose blocks tables[r, :] lists (BS-token blocks). out [R, Hq*D]; lse [R, Hq]
+the log of each row's softmax denominator (max + log sum), which the cascade kernel
+(cascade_attention.py) merges a shared prefix's part with. This is
 decode attention (one new token per sequence) and also the short spans of a prefill step
 (speculative verify, jump-forward): each of their rows is a query over its own prefix.
 
@@ -85,7 +87,7 @@ def make_paged_attention(HQ: int, HK: int, D: int, BS: int):
 
     @T.prim_func(s_tir=True)
     def func(q_h: T.handle, kc_h: T.handle, vc_h: T.handle, bt_h: T.handle, len_h: T.handle, chunk: T.int64,
-             scale: T.float32, o_h: T.handle, po_h: T.handle, pm_h: T.handle):
+             scale: T.float32, o_h: T.handle, po_h: T.handle, pm_h: T.handle, lse_h: T.handle):
         T.func_attr({"global_symbol": name, "tirx.noalias": True})
         R = T.int64()
         S = T.int64()
@@ -100,6 +102,7 @@ def make_paged_attention(HQ: int, HK: int, D: int, BS: int):
         O = T.match_buffer(o_h, (R, HQ * D), "float32", align=ALIGN)
         PO = T.match_buffer(po_h, (R, HK, P, G, D), "float32", align=ALIGN)
         PM = T.match_buffer(pm_h, (R, HK, P, G, 2), "float32", align=ALIGN)
+        LSE = T.match_buffer(lse_h, (R, HQ), "float32", align=ALIGN)
         for task in T.parallel(R * HK * P):
             qv = T.alloc_buffer((G, D), "float32", scope="global")
             acc = T.alloc_buffer((G, D), "float32", scope="global")
@@ -159,6 +162,7 @@ def make_paged_attention(HQ: int, HK: int, D: int, BS: int):
                                     BT[task // (HK * P), task % P * chunk + blk] * BS + t, task // P % HK, c * NV + l]
             if P == 1:
                 for h in range(G):
+                    LSE[task // (HK * P), task // P % HK * G + h] = st[h, 0] + T.log(st[h, 1])
                     for c in range(DC):
                         for l in T.vectorized(NV):
                             O[task // (HK * P), (task // P % HK * G + h) * D + c * NV + l] = \
@@ -188,6 +192,7 @@ def make_paged_attention(HQ: int, HK: int, D: int, BS: int):
                         for c in range(DC):
                             for l in T.vectorized(NV):
                                 out[c * NV + l] = out[c * NV + l] + PO[rg // HK, rg % HK, p, h, c * NV + l] * mm[2]
+                    LSE[rg // HK, rg % HK * G + h] = mm[0] + T.log(mm[1])
                     for c in range(DC):
                         for l in T.vectorized(NV):
                             O[rg // HK, (rg % HK * G + h) * D + c * NV + l] = out[c * NV + l] / mm[1]
@@ -196,8 +201,9 @@ def make_paged_attention(HQ: int, HK: int, D: int, BS: int):
 
 def make_attention_module(specs) -> "tvm.IRModule":
     """IRModule of the attention kernels `specs` names: ("kv_write", Hk, D) and
-    ("paged_attention", Hq, Hk, D, BS) (with the prefill kernel of the same dimensions)."""
+    ("paged_attention", Hq, Hk, D, BS) (with the prefill and cascade kernels of the same dimensions)."""
     from vsc.backends.tvm.prefill_attention import make_prefill_attention, prefill_attention_name, prefill_supported
+    from vsc.backends.tvm.cascade_attention import cascade_attention_name, make_cascade_attention
 
     funcs = {}
     for kind, *dims in specs:
@@ -207,6 +213,7 @@ def make_attention_module(specs) -> "tvm.IRModule":
             funcs[paged_attention_name(*dims)] = make_paged_attention(*dims)
             if prefill_supported(*dims):      # the prompt side of the same op (prefill_attention.py)
                 funcs[prefill_attention_name(*dims)] = make_prefill_attention(*dims)
+                funcs[cascade_attention_name(*dims)] = make_cascade_attention(*dims)
         else:
             raise ValueError(f"unknown attention kernel {kind!r}")
     return tvm.IRModule(funcs)

@@ -125,10 +125,16 @@ def _normalize_specs(specs) -> list[tuple[str, int, int]]:
     return sorted(out)
 
 
+def kernel_sources() -> list[Path]:
+    """Every module of this package, in a fixed order: the kernels' source, which a cache key
+    covers (a new kernel module is covered without being listed anywhere)."""
+    return sorted(_HERE.glob("*.py"))
+
+
 def cache_key(specs, target: dict, dequant: bool = True, elementwise=()) -> str:
     h = hashlib.sha256()
-    for src in ("quant_linear.py", "quant_gemm.py", "vector_ir.py", "build.py", "elementwise.py", "attention.py", "prefill_attention.py", "linear.py"):
-        h.update((_HERE / src).read_bytes())
+    for src in kernel_sources():
+        h.update(src.read_bytes())
     h.update(json.dumps({"target": target, "specs": specs, "dequant": dequant, "tvm": _tvm_version(),
                          **({"elementwise": [list(e) for e in elementwise]} if elementwise else {})},
                         sort_keys=True).encode())

@@ -263,7 +263,8 @@ def make_relax_module(module: ServingModule, vnni: bool):
                         g_ = hq_ // hk
                         tup = bb.emit(relax.call_tir(
                             g_a, [val(op.operands[0]), kc2, vc2, tables, lens, prim_value(chunk), scale],
-                            [T([n, hq_ * hd], f32), T([n, hk, p_, g_, hd], f32), T([n, hk, p_, g_, 2], f32)]))
+                            [T([n, hq_ * hd], f32), T([n, hk, p_, g_, hd], f32), T([n, hk, p_, g_, 2], f32),
+                             T([n, hq_], f32)]))
                         env[res[0]] = bb.emit(relax.TupleGetItem(tup, 0))
                     else:
                         raise DecodeStepError(f"{op.kind} via {name} has no compiled form")
@@ -322,12 +323,12 @@ def _part_type(t, part: str, T):
 
 
 def cache_key(module: ServingModule, target: dict, vnni: bool) -> str:
-    from vsc.backends.tvm.build import _tvm_version
+    from vsc.backends.tvm.build import _tvm_version, kernel_sources
     from vsc.ir.printer import print_module
 
     h = hashlib.sha256()
-    for src in ("decode_step.py", "quant_linear.py", "quant_gemm.py", "vector_ir.py", "elementwise.py", "attention.py", "linear.py", "build.py"):
-        h.update((_HERE / src).read_bytes())
+    for src in kernel_sources():
+        h.update(src.read_bytes())
     body = module.clone()
     body.deployment = {}
     h.update(print_module(body).encode())

@@ -45,6 +45,136 @@ def prefill_supported(hq: int, hk: int, d: int, bs: int) -> bool:
     return hq > 0 and hk > 0 and hq % hk == 0 and d > 0 and d % 16 == 0 and bs > 0 and bs % KEYS == 0
 
 
+class Vec16:
+    """The 16-lane float helpers the flash tiles are written with (IRBuilder; call inside a prim_func)."""
+
+    def __init__(self):
+        from tvm import tirx
+        from tvm.tirx.script.builder import ir as B
+        self.tirx, self.B = tirx, B
+        self.f32v = f"float32x{QROWS}"
+
+    def f32(self, v):
+        return self.tirx.const(v, "float32")
+
+    def i64(self, v):
+        return self.tirx.const(v, "int64")
+
+    def bc(self, v, lanes=QROWS):
+        return self.tirx.Broadcast(v, lanes)
+
+    def fma(self, a, b, c):
+        return self.B.call_llvm_pure_intrin(self.f32v, "llvm.fma.v16f32", a, b, c)
+
+    def loop(self, n):
+        """A serial loop with an int64 variable (the buffers' indices are int64)."""
+        return self.B.serial(self.i64(0), n if not isinstance(n, int) else self.i64(n))
+
+    def vstore(self, buf, idx, value):
+        self.B.buffer_store(buf, value, [self.tirx.Ramp(idx, 1, QROWS)])
+
+    def vexp(self, x):
+        """exp of a float32x16 (x <= ~0 here): 2^n * p(r), r = x - n ln2, |r| <= ln2 / 2."""
+        tirx, B, bc, f32, fma = self.tirx, self.B, self.bc, self.f32, self.fma
+        x = B.bind(tirx.Max(x, bc(f32(-87.0))))
+        n = B.bind(B.nearbyint(x * bc(f32(1.4426950408889634))))
+        r = fma(n, bc(f32(-0.693359375)), x)
+        r = B.bind(fma(n, bc(f32(2.12194440e-4)), r))
+        p = bc(f32(1.0 / 720))
+        for c in (1.0 / 120, 1.0 / 24, 1.0 / 6, 0.5, 1.0, 1.0):
+            p = fma(p, r, bc(f32(c)))
+        e = B.reinterpret(self.f32v, tirx.shift_left(tirx.Cast(f"int32x{QROWS}", n) + bc(tirx.const(127, "int32")),
+                                                      bc(tirx.const(23, "int32"))))
+        return p * e
+
+
+def flash_tile(v: "Vec16", G: int, D: int, BS: int, j, query, nblocks, block_id, KC, VC, visible=None):
+    """One task of a flash-attention kernel with query rows in the 16 vector lanes: the G heads of
+    kv head `j`, rows `query(head, d, lane)` (pre-scaled), over `nblocks` cache blocks whose ids
+    `block_id(blk)` gives, every key visible unless `visible(key position)` gives a lane mask.
+    Returns the stack buffers (Ob [G*16*D] unnormalised output rows, Mv [G*16] row max, Lv [G*16]
+    row sum of exp) for the caller's epilogue."""
+    tirx, B = v.tirx, v.B
+    f32, bc, fma, loop, vstore, f32v, L = v.f32, v.bc, v.fma, v.loop, v.vstore, v.f32v, QROWS
+    DC = D // 16
+    Qt = B.alloc_buffer((G * D * L,), "float32", scope="global")
+    Ob = B.alloc_buffer((G * L * D,), "float32", scope="global")
+    Pb = B.alloc_buffer((G * BS * L,), "float32", scope="global")
+    Mv = B.alloc_buffer((G * L,), "float32", scope="global")
+    Lv = B.alloc_buffer((G * L,), "float32", scope="global")
+    Cv = B.alloc_buffer((G * L,), "float32", scope="global")
+    Sacc = B.alloc_buffer((G * KEYS * L,), "float32", scope="global")
+    Oacc = B.alloc_buffer((ROWS_PV * 2 * L,), "float32", scope="global")
+    # queries of the group, rows into lanes
+    with loop(G * D) as hd:
+        with loop(L) as i:
+            B.buffer_store(Qt, query(hd // D, hd % D, i), [hd * L + i])
+    with loop(G * L * DC) as z:
+        vstore(Ob, z * L, bc(f32(0.0)))
+    for h in range(G):
+        vstore(Mv, h * L, bc(f32(NEG)))
+        vstore(Lv, h * L, bc(f32(0.0)))
+    with loop(nblocks) as blk:
+        base = B.bind(block_id(blk) * BS)
+        # scores, KEYS keys at a time; lanes = query rows. The accumulators live in stack buffers
+        # carried through a d loop (LLVM keeps them in registers); fully unrolled chains let LLVM
+        # reload Q for every key instead.
+        with loop(BS // KEYS) as kg:
+            for h in range(G):
+                for t in range(KEYS):
+                    vstore(Sacc, (h * KEYS + t) * L, bc(f32(0.0)))
+            with loop(D) as d:
+                qv = [B.bind(Qt.vload([(h * D + d) * L], f32v)) for h in range(G)]
+                for t in range(KEYS):
+                    kb = B.bind(bc(KC[base + kg * KEYS + t, j, d]))
+                    for h in range(G):
+                        at = (h * KEYS + t) * L
+                        vstore(Sacc, at, fma(qv[h], kb, Sacc.vload([at], f32v)))
+            for t in range(KEYS):
+                mask = None if visible is None else visible(blk * BS + kg * KEYS + t)
+                for h in range(G):
+                    s = Sacc.vload([(h * KEYS + t) * L], f32v)
+                    vstore(Pb, (h * BS + kg * KEYS + t) * L, s if mask is None else tirx.Select(mask, s, bc(f32(NEG))))
+        # online softmax, per row (lane)
+        for h in range(G):
+            mx = Pb.vload([h * BS * L], f32v)
+            for t in range(1, BS):
+                mx = tirx.Max(mx, Pb.vload([(h * BS + t) * L], f32v))
+            mold = B.bind(Mv.vload([h * L], f32v))
+            mnew = B.bind(tirx.Max(mold, mx))
+            corr = B.bind(v.vexp(mold - mnew))
+            vstore(Cv, h * L, corr)
+            total = None
+            for t in range(BS):
+                p = B.bind(v.vexp(Pb.vload([(h * BS + t) * L], f32v) - mnew))
+                vstore(Pb, (h * BS + t) * L, p)
+                total = p if total is None else total + p
+            vstore(Lv, h * L, Lv.vload([h * L], f32v) * corr + total)
+            vstore(Mv, h * L, mnew)
+        # O = O * corr + P @ V: ROWS_PV rows x 2 x 16 lanes of D per pass, over a key loop
+        for h in range(G):
+            with loop(L // ROWS_PV) as rg:
+                for c0 in range(0, DC, 2):
+                    cs = [c for c in (c0, c0 + 1) if c < DC]
+                    for r in range(ROWS_PV):
+                        row = rg * ROWS_PV + r
+                        for ci, c in enumerate(cs):
+                            vstore(Oacc, (r * 2 + ci) * L,
+                                   Ob.vload([(h * L + row) * D + c * 16], f32v) * bc(Cv[h * L + row]))
+                    with loop(BS) as t:
+                        vs = [B.bind(VC.vload([base + t, j, c * 16], f32v)) for c in cs]
+                        for r in range(ROWS_PV):
+                            pr = B.bind(bc(Pb[(h * BS + t) * L + rg * ROWS_PV + r]))
+                            for ci in range(len(cs)):
+                                at = (r * 2 + ci) * L
+                                vstore(Oacc, at, fma(pr, vs[ci], Oacc.vload([at], f32v)))
+                    for r in range(ROWS_PV):
+                        for ci, c in enumerate(cs):
+                            B.buffer_store(Ob, Oacc.vload([(r * 2 + ci) * L], f32v),
+                                           [tirx.Ramp((h * L + rg * ROWS_PV + r) * D + c * 16, 1, L)])
+    return Ob, Mv, Lv
+
+
 def make_prefill_attention(HQ: int, HK: int, D: int, BS: int):
     from tvm import tirx
     from tvm.script.ir_builder import IRBuilder
@@ -57,39 +187,7 @@ def make_prefill_attention(HQ: int, HK: int, D: int, BS: int):
     DC = D // 16
     L = QROWS
     ALIGN = 4
-    f32v = f"float32x{L}"
-
-    def f32(v):
-        return tirx.const(v, "float32")
-
-    def bc(v, lanes=L):
-        return tirx.Broadcast(v, lanes)
-
-    def fma(a, b, c):
-        return B.call_llvm_pure_intrin(f32v, "llvm.fma.v16f32", a, b, c)
-
-    def i64(v):
-        return tirx.const(v, "int64")
-
-    def loop(n):
-        """A serial loop with an int64 variable (the buffers' indices are int64)."""
-        return B.serial(i64(0), n if not isinstance(n, int) else i64(n))
-
-    def vstore(buf, idx, value):
-        B.buffer_store(buf, value, [tirx.Ramp(idx, 1, L)])
-
-    def vexp(x):
-        """exp of a float32x16 (x <= ~0 here): 2^n * p(r), r = x - n ln2, |r| <= ln2 / 2."""
-        x = B.bind(tirx.Max(x, bc(f32(-87.0))))
-        n = B.bind(B.nearbyint(x * bc(f32(1.4426950408889634))))
-        r = fma(n, bc(f32(-0.693359375)), x)
-        r = B.bind(fma(n, bc(f32(2.12194440e-4)), r))
-        p = bc(f32(1.0 / 720))
-        for c in (1.0 / 120, 1.0 / 24, 1.0 / 6, 0.5, 1.0, 1.0):
-            p = fma(p, r, bc(f32(c)))
-        e = B.reinterpret(f32v, tirx.shift_left(tirx.Cast(f"int32x{L}", n) + bc(tirx.const(127, "int32")),
-                                                 bc(tirx.const(23, "int32"))))
-        return p * e
+    v = Vec16()
 
     with IRBuilder() as ib:
         with B.prim_func(s_tir=True):
@@ -111,96 +209,24 @@ def make_prefill_attention(HQ: int, HK: int, D: int, BS: int):
             TL = B.match_buffer(tl_h, (NT, 4), "int64", align=8)
             O = B.match_buffer(o_h, (T_, HQ * D), "float32", align=ALIGN)
 
-            with B.parallel(i64(0), NT * HK) as task:
-                Qt = B.alloc_buffer((G * D * L,), "float32", scope="global")
-                Ob = B.alloc_buffer((G * L * D,), "float32", scope="global")
-                Pb = B.alloc_buffer((G * BS * L,), "float32", scope="global")
-                Mv = B.alloc_buffer((G * L,), "float32", scope="global")
-                Lv = B.alloc_buffer((G * L,), "float32", scope="global")
-                Cv = B.alloc_buffer((G * L,), "float32", scope="global")
-                Sacc = B.alloc_buffer((G * KEYS * L,), "float32", scope="global")
-                Oacc = B.alloc_buffer((ROWS_PV * 2 * L,), "float32", scope="global")
+            with B.parallel(v.i64(0), NT * HK) as task:
                 tile = task // HK
                 j = task % HK
                 srow = TL[tile, 0]
                 row0 = TL[tile, 1]
                 nrows = TL[tile, 2]
                 pos0 = TL[tile, 3]
-                # queries of the group, scaled, rows into lanes (rows past the tile repeat its last)
-                with loop(G * D) as hd:
-                    with loop(L) as i:
-                        B.buffer_store(Qt, Q[row0 + tirx.Min(i, nrows - 1), (j * G + hd // D) * D + hd % D] * scale,
-                                       [hd * L + i])
-                with loop(G * L * DC) as z:
-                    vstore(Ob, z * L, bc(f32(0.0)))
-                for h in range(G):
-                    vstore(Mv, h * L, bc(f32(NEG)))
-                    vstore(Lv, h * L, bc(f32(0.0)))
                 lanes = tirx.Ramp(tirx.const(0, "int64"), tirx.const(1, "int64"), L)
-                with loop((pos0 + nrows + BS - 1) // BS) as blk:
-                    base = B.bind(BT[srow, blk] * BS)
-                    # scores, KEYS keys at a time; lanes = query rows. The accumulators live in
-                    # stack buffers carried through a d loop (LLVM keeps them in registers); fully
-                    # unrolled chains let LLVM reload Q for every key instead.
-                    with loop(BS // KEYS) as kg:
-                        for h in range(G):
-                            for t in range(KEYS):
-                                vstore(Sacc, (h * KEYS + t) * L, bc(f32(0.0)))
-                        with loop(D) as d:
-                            qv = [B.bind(Qt.vload([(h * D + d) * L], f32v)) for h in range(G)]
-                            for t in range(KEYS):
-                                kb = B.bind(bc(KC[base + kg * KEYS + t, j, d]))
-                                for h in range(G):
-                                    at = (h * KEYS + t) * L
-                                    vstore(Sacc, at, fma(qv[h], kb, Sacc.vload([at], f32v)))
-                        for t in range(KEYS):
-                            # key position kp is visible to row i iff pos0 + i >= kp
-                            kp = blk * BS + kg * KEYS + t
-                            visible = lanes >= bc(kp - pos0)
-                            for h in range(G):
-                                vstore(Pb, (h * BS + kg * KEYS + t) * L,
-                                       tirx.Select(visible, Sacc.vload([(h * KEYS + t) * L], f32v), bc(f32(NEG))))
-                    # online softmax, per row (lane)
+                # rows past the tile repeat its last; key position kp is visible to row i iff pos0 + i >= kp
+                Ob, Mv, Lv = flash_tile(
+                    v, G, D, BS, j,
+                    lambda h, d, i: Q[row0 + tirx.Min(i, nrows - 1), (j * G + h) * D + d] * scale,
+                    (pos0 + nrows + BS - 1) // BS, lambda blk: BT[srow, blk], KC, VC,
+                    visible=lambda kp: lanes >= v.bc(kp - pos0))
+                with v.loop(nrows) as i:
                     for h in range(G):
-                        mx = Pb.vload([h * BS * L], f32v)
-                        for t in range(1, BS):
-                            mx = tirx.Max(mx, Pb.vload([(h * BS + t) * L], f32v))
-                        mold = B.bind(Mv.vload([h * L], f32v))
-                        mnew = B.bind(tirx.Max(mold, mx))
-                        corr = B.bind(vexp(mold - mnew))
-                        vstore(Cv, h * L, corr)
-                        total = None
-                        for t in range(BS):
-                            p = B.bind(vexp(Pb.vload([(h * BS + t) * L], f32v) - mnew))
-                            vstore(Pb, (h * BS + t) * L, p)
-                            total = p if total is None else total + p
-                        vstore(Lv, h * L, Lv.vload([h * L], f32v) * corr + total)
-                        vstore(Mv, h * L, mnew)
-                    # O = O * corr + P @ V: ROWS_PV rows x 2 x 16 lanes of D per pass, over a key loop
-                    for h in range(G):
-                        with loop(L // ROWS_PV) as rg:
-                            for c0 in range(0, DC, 2):
-                                cs = [c for c in (c0, c0 + 1) if c < DC]
-                                for r in range(ROWS_PV):
-                                    row = rg * ROWS_PV + r
-                                    for ci, c in enumerate(cs):
-                                        vstore(Oacc, (r * 2 + ci) * L,
-                                               Ob.vload([(h * L + row) * D + c * 16], f32v) * bc(Cv[h * L + row]))
-                                with loop(BS) as t:
-                                    vs = [B.bind(VC.vload([base + t, j, c * 16], f32v)) for c in cs]
-                                    for r in range(ROWS_PV):
-                                        pr = B.bind(bc(Pb[(h * BS + t) * L + rg * ROWS_PV + r]))
-                                        for ci in range(len(cs)):
-                                            at = (r * 2 + ci) * L
-                                            vstore(Oacc, at, fma(pr, vs[ci], Oacc.vload([at], f32v)))
-                                for r in range(ROWS_PV):
-                                    for ci, c in enumerate(cs):
-                                        B.buffer_store(Ob, Oacc.vload([(r * 2 + ci) * L], f32v),
-                                                       [tirx.Ramp((h * L + rg * ROWS_PV + r) * D + c * 16, 1, L)])
-                with loop(nrows) as i:
-                    for h in range(G):
-                        inv = B.bind(f32(1.0) / Lv[h * L + i])
+                        inv = B.bind(v.f32(1.0) / Lv[h * L + i])
                         for c in range(DC):
-                            B.buffer_store(O, Ob.vload([(h * L + i) * D + c * 16], f32v) * bc(inv),
+                            B.buffer_store(O, Ob.vload([(h * L + i) * D + c * 16], v.f32v) * v.bc(inv),
                                            [row0 + i, tirx.Ramp((j * G + h) * D + c * 16, 1, L)])
     return ib.get()

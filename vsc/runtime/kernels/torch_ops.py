@@ -354,6 +354,8 @@ class CascadePrefix:
     members: torch.Tensor
     blocks: torch.Tensor
     prefix_len: int
+    rest_lens: torch.Tensor | None = None      # every gathered row's context after its shared part
+    rest_longest: int = 0                      # (members: after the prefix; the others: all of it)
 
 
 def _context_slots(block_tables: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -417,7 +419,8 @@ def _gather_layout(meta: AttentionMetadata, block_tables: torch.Tensor, context_
             meta.key_mask = (positions[None, :] < lens_t[:, None]).view(-1, 1, 1, positions.shape[0])
             meta.cascade = CascadePrefix(torch.tensor(members, device=device),
                                          torch.tensor(tables[members[0]][:shared], dtype=block_tables.dtype,
-                                                      device=device), shared * block_size)
+                                                      device=device), shared * block_size,
+                                         lens_t, max(rest_lens))
             return
     if block_size <= BLOCK_GATHER_MAX:
         width = -(-longest // block_size)         # the blocks the longest context fills; no more

@@ -136,6 +136,16 @@ class TvmKernels:
                 self._funcs[key] = None
         return self._funcs[key]
 
+    def cascade_fn(self, heads: int, kv_heads: int, head_dim: int, block_size: int):
+        """The cascade decode attention kernel for these dimensions, or None where the library has none."""
+        key = ("cascade", heads, kv_heads, head_dim, block_size)
+        if key not in self._funcs:
+            try:
+                self._funcs[key] = self.get(f"cascade_attention_{heads}_{kv_heads}_{head_dim}_b{block_size}")
+            except KeyError:
+                self._funcs[key] = None
+        return self._funcs[key]
+
     def gemm_fn(self, fmt: str, n: int, k: int):
         """The GEMM form of the VNNI kernel, or None where the library has none."""
         try:
@@ -424,10 +434,11 @@ def prefill_tiles(spans) -> torch.Tensor:
 
 def decode_attention(lib: TvmKernels, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      tables: torch.Tensor, lens: torch.Tensor, longest: int, block_size: int,
-                     scale: float) -> torch.Tensor:
+                     scale: float, lse: torch.Tensor | None = None) -> torch.Tensor:
     """One query row per entry of `lens` [R] (int64) over its context, read in place from the
     paged caches [slots, kv_heads, hd] through `tables` [R, W] (int64 block ids): q [R, heads*hd]
-    -> [R, heads*hd]. `longest` = max(lens) (host int) sizes the split-K."""
+    -> [R, heads*hd]. `longest` = max(lens) (host int) sizes the split-K. `lse` [R, heads], when
+    given, receives each row's log softmax denominator (for the cascade merge)."""
     r, width = q.shape
     kv_heads, hd = k_cache.shape[1], k_cache.shape[2]
     heads = width // hd
@@ -439,10 +450,49 @@ def decode_attention(lib: TvmKernels, q: torch.Tensor, k_cache: torch.Tensor, v_
     g = heads // kv_heads
     part_o = torch.empty(r, kv_heads, splits, g, hd, dtype=torch.float32)
     part_ml = torch.empty(r, kv_heads, splits, g, 2, dtype=torch.float32)
+    lse = torch.empty(r, heads, dtype=torch.float32) if lse is None else lse
     tables = tables if tables.is_contiguous() else tables.contiguous()
     lib.get(f"paged_attention_{heads}_{kv_heads}_{hd}_b{block_size}")(
-        q2, k_cache, v_cache, tables, lens, chunk, scale, out, part_o, part_ml)
+        q2, k_cache, v_cache, tables, lens, chunk, scale, out, part_o, part_ml, lse)
     return out
+
+
+def cascade_decode_attention(lib: TvmKernels, fn, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                             meta, scale: float) -> torch.Tensor:
+    """Decode attention of one-query rows q [R, heads*hd] laid out as a cascade (meta.cascade:
+    the members share the prefix blocks): every row over the rest of its context (the decode
+    kernel, with its log-sum-exp), then the cascade kernel `fn` reads the prefix once for all
+    members and merges it into their rows."""
+    c = meta.cascade
+    r, width = q.shape
+    hd = k_cache.shape[2]
+    heads, kv_heads = width // hd, k_cache.shape[1]
+    q2 = q if q.stride(-1) == 1 and q.dtype == torch.float32 else q.contiguous().to(torch.float32)
+    lse = torch.empty(r, heads, dtype=torch.float32)
+    out = decode_attention(lib, q2, k_cache, v_cache, meta.gather_blocks, c.rest_lens, c.rest_longest,
+                           meta.block_size, scale, lse=lse)
+    m = c.members.shape[0]
+    tiles = -(-m // PREFILL_ROWS)
+    splits, chunk = split_plan(tiles, kv_heads, c.prefix_len, meta.block_size)
+    g = heads // kv_heads
+    part_o = torch.empty(m, kv_heads, splits, g, hd, dtype=torch.float32)
+    part_ml = torch.empty(m, kv_heads, splits, g, 2, dtype=torch.float32)
+    fn(q2, k_cache, v_cache, c.blocks, c.members, chunk, scale, out, lse, part_o, part_ml)
+    return out
+
+
+def _decode_rows(lib: TvmKernels, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta,
+                 scale: float) -> torch.Tensor | None:
+    """Decode attention of the one-query rows q [R, heads*hd] that meta's gather layout describes:
+    the cascade kernel where meta has a cascade (None where the library lacks it), else the decode kernel."""
+    if meta.cascade is not None:
+        hd = k_cache.shape[2]
+        fn = lib.cascade_fn(q.shape[1] // hd, k_cache.shape[1], hd, meta.block_size)
+        if fn is None or isinstance(k_cache, torch_ops.QuantizedKV):
+            return None
+        return cascade_decode_attention(lib, fn, q, k_cache, v_cache, meta, scale)
+    return decode_attention(lib, q, k_cache, v_cache, meta.gather_tables, meta.gather_lens, meta.gather_longest,
+                            meta.block_size, scale)
 
 
 def paged_attention(lib: TvmKernels, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -452,23 +502,25 @@ def paged_attention(lib: TvmKernels, q: torch.Tensor, k: torch.Tensor, v: torch.
     one-query sequence attends in place through its block table (the TVM decode kernel, no
     gather). The multi-token spans of a prefill step run the TVM prefill kernel (causal, over
     their cached context too, read in place: vsc.backends.tvm.prefill_attention) where the
-    library has it; a cascade layout (cascade-attention), and libraries built before that kernel
-    existed, take the torch paths of torch.paged_attention."""
+    library has it; a cascade layout (cascade-attention) runs the decode kernel over each row's own
+    part and the cascade kernel over the shared prefix (cascade_decode_attention); libraries built
+    before those kernels existed take the torch paths of torch.paged_attention."""
     t = q.shape[0]
     k2 = k if k.stride(-1) == 1 and k.dtype == torch.float32 else k.contiguous().to(torch.float32)
     v2 = v if v.stride(-1) == 1 and v.dtype == torch.float32 else v.contiguous().to(torch.float32)
     lib.get(f"kv_write_{kv_heads}_{head_dim}")(k2.view(t, -1), v2.view(t, -1), meta.slot_mapping, k_cache, v_cache)
     gqa = heads != kv_heads
-    if meta.cascade is not None:
+    fn = lib.prefill_fn(heads, kv_heads, head_dim, meta.block_size)
+    if meta.cascade is not None and (lib.cascade_fn(heads, kv_heads, head_dim, meta.block_size) is None
+                                     or (not meta.is_decode and (fn is None or meta.block_tables is None))):
+        # a library built before the cascade kernel existed: the torch cascade
         qh = q.reshape(t, heads, head_dim)
         if meta.is_decode:
             return torch_ops._cascade_attention(qh, k_cache, v_cache, meta, scale)
         return torch_ops._prefill_attention(qh, k.reshape(t, kv_heads, head_dim), v.reshape(t, kv_heads, head_dim),
                                             k_cache, v_cache, meta, scale, gqa, contiguous=False)
     if meta.is_decode:
-        return decode_attention(lib, q.reshape(t, -1), k_cache, v_cache, meta.gather_tables, meta.gather_lens,
-                                meta.gather_longest, meta.block_size, scale)
-    fn = lib.prefill_fn(heads, kv_heads, head_dim, meta.block_size)
+        return _decode_rows(lib, q.reshape(t, -1), k_cache, v_cache, meta, scale)
     if fn is not None and meta.block_tables is not None:
         out = torch.empty(t, heads * head_dim, dtype=torch.float32)
         if meta.prefill_tiles is None:
@@ -484,9 +536,7 @@ def paged_attention(lib: TvmKernels, q: torch.Tensor, k: torch.Tensor, v: torch.
                                            v.reshape(t, kv_heads, head_dim), k_cache, v_cache, spans, scale, gqa,
                                            contiguous=False)
     if meta.single_rows is not None:
-        out[meta.single_rows] = decode_attention(lib, q.reshape(t, -1)[meta.single_rows], k_cache, v_cache,
-                                                 meta.gather_tables, meta.gather_lens, meta.gather_longest,
-                                                 meta.block_size, scale)
+        out[meta.single_rows] = _decode_rows(lib, q.reshape(t, -1)[meta.single_rows], k_cache, v_cache, meta, scale)
     return out
 
 
