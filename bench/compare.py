@@ -6,8 +6,9 @@
 
 For each workload it builds one seeded request set from the model's tokenizer, then for
 each engine: install it (cached under ~/.cache/vsc-bench), start it on 127.0.0.1 serving
-the same HF folder, warm it up, offer the same requests (closed loop, greedy, ignore_eos),
-stop it. llama.cpp runs at each --threads value and keeps its fastest. It prints one table
+the same HF folder, warm it up, offer the same requests (closed loop, greedy, ignore_eos
+except where a request carries a response_format: those end with their document on every
+engine), stop it. llama.cpp runs at each --threads value and keeps its fastest. It prints one table
 per workload with each engine's ratio to vsc plus the physical floor for this model and
 machine, and writes JSON and PNG plots under bench/results/<stamp>/.
 
@@ -179,7 +180,7 @@ def compare_model(model: Path, args) -> None:
               "python": platform.python_version(), "args": {k: str(v) for k, v in vars(args).items()},
               "floor": format_floor(rates, floors), "engines": {}}
     lines = [f"model {model.name}; {args.requests} requests per workload, closed loop x{args.concurrency}, "
-             f"greedy, ignore_eos, output {args.output_tokens}"]
+             f"greedy, ignore_eos (json: none, each answer ends with its document), output {args.output_tokens}"]
     for wname in workloads:
         summaries = {n: r["results"][wname] for n, r in results.items() if "results" in r}
         lines.append(f"\n== workload {wname} ==")

