@@ -30,12 +30,13 @@ def load_input(path: str):
 
 
 def spec_pipeline(module) -> str:
-    """The pipeline the spec's `optimize` line asks for (`auto`: the default pipeline)."""
-    from vsc.passes.pipeline import DEFAULT_PIPELINE
+    """The pipeline the spec's `optimize` line asks for (`auto`: the default pipeline and what the
+    workload kind pays for, vsc.passes.pipeline.auto_pipeline)."""
+    from vsc.passes.pipeline import auto_pipeline
 
     optimize = module.deployment.get("optimize") or {}
     if optimize.get("auto"):
-        return DEFAULT_PIPELINE
+        return auto_pipeline(module.deployment)
     return optimize.get("pipeline") or ""
 
 

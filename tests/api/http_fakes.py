@@ -133,7 +133,8 @@ class FakeEngine:
                     queue.put_nowait(TokenEvent(rid, [ord(ch)], text[emitted:cut], "stop", plen, n))
                     return
                 if n == p.max_tokens:
-                    queue.put_nowait(TokenEvent(rid, [ord(ch)], text[emitted:], "length", plen, n))
+                    queue.put_nowait(TokenEvent(rid, [ord(ch)], text[emitted:], "length", plen, n,
+                                                *_prediction_counts(p.prediction, text)))
                     return
                 safe = max(emitted, len(text) - hold)
                 queue.put_nowait(TokenEvent(rid, [ord(ch)], text[emitted:safe], None, plen, n))
@@ -141,6 +142,17 @@ class FakeEngine:
         finally:
             with self._lock:
                 self._blocks.pop(rid, None)
+
+
+def _prediction_counts(prediction: list[int] | None, text: str) -> tuple[int, int]:
+    """(accepted, rejected) prediction tokens as the fake reports them: the prediction's
+    leading characters the output repeats, and one rejected draft if it then differs."""
+    if not prediction:
+        return 0, 0
+    same = 0
+    while same < min(len(prediction), len(text)) and prediction[same] == ord(text[same]):
+        same += 1
+    return same, int(same < len(prediction))
 
 
 class Live:

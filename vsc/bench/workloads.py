@@ -5,7 +5,7 @@ tokenizer, max_tokens, extra request-body fields) plus an arrival process: `pois
 (open loop; the inter-arrival times are drawn here, from the seed) or `closed(concurrency)`
 (N users, each sending its next request when the last one ends).
 
-Four kinds:
+Five kinds:
 
 - `chat`           prose prompts; prompt/output lengths from distributions like the spec
                    language's: fixed(n), uniform(lo, hi), normal(mean, std), lognormal(mean, sigma).
@@ -15,6 +15,8 @@ Four kinds:
                    header comment, delete comment lines); the expected output is the edited snippet, so
                    it mostly copies a span of the prompt (what prompt-lookup speculation uses).
                    `meta["expected_output"]` holds it.
+- `predicted-edit` code-edit's requests, each carrying the snippet as it was (the answer before
+                   the edit) as OpenAI's predicted output, `extra["prediction"]`.
 - `json`           a passage plus a request to answer with a JSON object following a schema;
                    the schema is in the prompt text and in `extra["response_format"]`
                    (OpenAI's `{"type": "json_schema", "json_schema": {name, schema, strict}}`).
@@ -451,12 +453,16 @@ def _edit(code: str, rng: np.random.Generator) -> tuple[str, str, str]:
 def code_edit_workload(source: TextSource, n: int, seed: int, arrival: Arrival,
                        prompt_tokens: LengthDist = LengthDist("uniform", (512, 1536)),
                        output_tokens: LengthDist | None = None,
-                       max_context: int | None = None) -> Workload:
+                       max_context: int | None = None, predicted: bool = False) -> Workload:
     """A code snippet (whole lines of a stdlib module) plus an instruction; the answer copies the snippet.
 
     The snippet takes what `prompt_tokens` leaves after the prompt's wrapper text, but at most
     half the context (the answer is about as long as the snippet). max_tokens is the expected
     output's length plus the closing fence, unless `output_tokens` is given.
+
+    predicted=True is the `predicted-edit` workload: each request also carries the snippet as
+    it was (and the closing fence) as OpenAI's `prediction` (`extra`), as an editor sends the
+    file it asks to have edited.
     """
     lens, text, arr = _streams(seed)
     room = _room(max_context)
@@ -475,9 +481,10 @@ def code_edit_workload(source: TextSource, n: int, seed: int, arrival: Arrival,
         out = fixed_out if fixed_out is not None else source.count(answer)
         out = max(1, min(out, room - count))
         unchanged = _unchanged_fraction(code, expected)
-        reqs.append(BenchRequest(prompt, count, out, meta={"edit": kind, "expected_output": answer,
-                                                           "copied_line_fraction": unchanged}))
-    return Workload("code-edit", reqs, arrival, seed,
+        extra = {"prediction": {"type": "content", "content": code + "\n```"}} if predicted else {}
+        reqs.append(BenchRequest(prompt, count, out, extra=extra,
+                                 meta={"edit": kind, "expected_output": answer, "copied_line_fraction": unchanged}))
+    return Workload("predicted-edit" if predicted else "code-edit", reqs, arrival, seed,
                     f"prompt {prompt_tokens}, output = the edited snippet" if output_tokens is None
                     else f"prompt {prompt_tokens}, output {output_tokens}",
                     arrival_offsets(arrival, n, arr),
@@ -582,11 +589,17 @@ def json_workload(source: TextSource, n: int, seed: int, arrival: Arrival,
                      "schemas": names, "max_context": max_context})
 
 
+def predicted_edit_workload(source: TextSource, n: int, seed: int, arrival: Arrival, **options) -> Workload:
+    """code-edit's requests, each carrying the snippet as it was as its `prediction`."""
+    return code_edit_workload(source, n, seed, arrival, predicted=True, **options)
+
+
 WORKLOADS: dict[str, Callable[..., Workload]] = {
     "chat": chat_workload,
     "shared-prefix": shared_prefix_workload,
     "code-edit": code_edit_workload,
     "json": json_workload,
+    "predicted-edit": predicted_edit_workload,
 }
 
 

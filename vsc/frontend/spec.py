@@ -62,7 +62,8 @@ class WorkloadSpec:
     output_tokens: Distribution
     shared_prefix: SharedPrefixSpec | None = None
     dataset: Path | None = None     # absolute path, resolved against the spec file
-    kind: str | None = None         # chat | shared_prefix | code_edit | json (None: chat, or shared_prefix when given)
+    kind: str | None = None         # chat | shared_prefix | code_edit | json | predicted_edit (None: chat, or
+    #                                 shared_prefix when given)
     loc: SourceLocation | None = None
 
 

@@ -17,6 +17,7 @@ from vsc.errors import VerificationError
 from vsc.ir.kernels import GRAPH_FORMS, KERNELS, decode_step_blockers
 from vsc.ir.module import Op, ServingModule, Weight, is_weight, walk_ops
 from vsc.ir.ops import OPS, TypeRuleError, infer, operand_arity_ok
+from vsc.runtime.speculative import METHODS as SPECULATIVE_METHODS
 from vsc.ir.sizes import CACHE_DTYPES, kv_bytes_per_token
 from vsc.ir.types import FLOAT_DTYPES, KNOWN_DTYPES, QUANT_DTYPES, Origin, TensorType
 from vsc.ir.weight_inits import WEIGHT_INIT_RULES
@@ -453,8 +454,8 @@ def _speculative_problems(draft, verify_stage, g: nx.DiGraph, layout: str) -> li
         problems.append("verify does not lead to sample")
     a = draft.attrs
     method, k = a.get("method"), a.get("k")
-    if method not in ("ngram", "prompt-lookup", "draft"):
-        problems.append(f"method must be ngram, prompt-lookup or draft, got {method!r}")
+    if method not in SPECULATIVE_METHODS:
+        problems.append(f"method must be one of {', '.join(SPECULATIVE_METHODS)}, got {method!r}")
     if not isinstance(k, int) or k < 1:
         problems.append(f"k must be an integer >= 1, got {k!r}")
     elif verify_stage.attrs.get("tokens") != k + 1:

@@ -22,6 +22,23 @@ DEFAULT_PIPELINE = ("fuse-qkv,fuse-gate-up,fold-rope-tables,paged-kv{block=16},c
                     "prefix-cache{policy=radix},pack-linear-weights,intra-op-threads,fuse-silu-mul,fuse-add-rmsnorm,"
                     "select-kernels")
 
+#: What `optimize auto` adds for a workload kind (the spec's `workload { kind = ... }`), after
+#: prefix-cache: the mechanisms that pay only when requests are like that. predicted_edit:
+#: requests carry their expected answer (OpenAI `prediction`), drafted from in runs of up to 16.
+WORKLOAD_PASSES = {"predicted_edit": "speculative{method=prediction,k=16}"}
+
+
+def auto_pipeline(deployment: dict) -> str:
+    """The pipeline `optimize auto` means for a deployment: DEFAULT_PIPELINE, plus what its
+    workload kind pays for (WORKLOAD_PASSES)."""
+    kind = ((deployment or {}).get("workload") or {}).get("kind")
+    extra = WORKLOAD_PASSES.get(kind)
+    if not extra:
+        return DEFAULT_PIPELINE
+    anchor = "prefix-cache{policy=radix}"
+    return DEFAULT_PIPELINE.replace(anchor, f"{anchor},{extra}", 1)
+
+
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
 _BARE_VALUE = re.compile(r"[A-Za-z0-9_.+\-/]+")
 _QUOTED = re.compile(r'"((?:[^"\\]|\\.)*)"')

@@ -17,6 +17,12 @@ Methods:
   1) are looked up in the prompt only; drafts are the prompt tokens that follow the match.
 - `ngram`: the same over the whole context (prompt and output so far), most recent match
   first.
+- `prediction`: each request's own predicted output (OpenAI's `prediction` field: the code
+  before an edit, a document being revised), aligned with what has been generated and
+  re-synchronised after each edit the model makes, as a diff would; runs of up to k tokens
+  (at least 16), adapted per request. Requests without a prediction decode plainly. (Any
+  plan drafts a request that carries a prediction from it; this method says the workload
+  carries them, and drafts nothing else.)
 - `draft`: a small model sharing the target's vocabulary (`model`, a folder resolved
   against the spec file, as the model path is) runs k greedy steps. It is lowered with the
   same torch codegen from its default IR into `draft_model.py` in the server folder, keeps
@@ -40,8 +46,8 @@ from vsc.errors import VscError
 from vsc.ir.module import ServingModule, Stage
 from vsc.ir.types import pass_origin
 from vsc.passes.base import Option, Pass, register_pass
+from vsc.runtime.speculative import METHODS     # the one list of draft sources: the runtime's
 
-METHODS = ("ngram", "prompt-lookup", "draft")
 
 
 def resolve_draft_model(option: str, spec_file: str | None) -> Path:
@@ -120,8 +126,8 @@ class Speculative(Pass):
             raise VscError("speculative: method=draft needs model=<draft model folder>")
         if self.method != "draft" and "model" in self.given:
             raise VscError(f"speculative: option model is for method=draft, not method={self.method}")
-        if self.method == "draft" and "ngram" in self.given:
-            raise VscError("speculative: option ngram is for method=ngram or prompt-lookup, not method=draft")
+        if self.method in ("draft", "prediction") and "ngram" in self.given:
+            raise VscError(f"speculative: option ngram is for method=ngram or prompt-lookup, not method={self.method}")
         requests = module.requests
         if requests.stage("draft") is not None or requests.stage("verify") is not None:
             raise VscError("speculative: the plan already has draft/verify stages (speculative given twice?)")
@@ -143,7 +149,7 @@ class Speculative(Pass):
             path = resolve_draft_model(self.model, module.deployment.get("spec"))
             attrs["model"] = str(path)
             self._check_draft_model(module, path)
-        else:
+        elif self.method != "prediction":
             attrs["ngram"] = self.ngram
         origin = pass_origin(self.name)
         requests.insert_between(Stage("draft", attrs, origin), "decode", after[0])

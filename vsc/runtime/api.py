@@ -48,6 +48,8 @@ class SamplingParams:
     ignore_eos: bool = False
     json_schema: str | None = None       # json mode: the output must be JSON matching this schema (JSON
     #                                      text); None: the deployment's schema, if it has one
+    prediction: list[int] | None = None  # predicted output (OpenAI `prediction`), token ids: drafts for
+    #                                      speculative decoding; the output is the same without it
 
     @property
     def greedy(self) -> bool:
@@ -78,6 +80,10 @@ class TokenEvent:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # predicted outputs (set on the last event of a request with a prediction): drafts taken
+    # from the prediction that the model accepted / rejected so far
+    accepted_prediction_tokens: int = 0
+    rejected_prediction_tokens: int = 0
 
 
 @dataclass

@@ -28,7 +28,9 @@ each step the proposer drafts up to k tokens for every decoding, unconstrained s
 scheduling once the drafts' blocks exist); the step verifies them in one forward pass and
 a sequence may get several tokens from it, delivered as one TokenEvent. Outputs are those
 of plain decoding (greedy: the same tokens; seeded sampling: the same tokens too; see
-that module). `stats()` counts drafts verified and accepted.
+that module). `stats()` counts drafts verified and accepted. A request that carries a
+predicted output (SamplingParams.prediction) is drafted from it whatever the plan's method
+(PredictionProposer); its events count the prediction's accepted and rejected drafts.
 
 Finishing. "stop": EOS (unless ignore_eos), a stop_token_id, or a stop string (the text
 ends before it), or in json mode (vsc.runtime.constrain) a complete JSON document;
@@ -52,7 +54,8 @@ from vsc.runtime.constrain import apply_constraints, make_constraint
 from vsc.runtime.sampler import Sampler
 from vsc.runtime.scheduler import ScheduledStep, Scheduler
 from vsc.runtime.sequence import Sequence
-from vsc.runtime.speculative import draft_limit, make_proposer, rewind, verify, wants_drafts
+from vsc.runtime.speculative import (
+    PredictionProposer, draft_limit, make_proposer, prediction_proposer, rewind, verify, wants_drafts)
 from vsc.runtime.tokenizer import IncrementalDetokenizer
 
 log = logging.getLogger("vsc.runtime.engine")
@@ -91,6 +94,8 @@ class LLMEngine:
         self.proposer = make_proposer(config.speculative_method, config.speculative_k, config.speculative_ngram,
                                       draft_runner)
         self.draft_runner = draft_runner if config.speculative_method == "draft" else None
+        # a request's own predicted output drafts it, whatever the plan's method
+        self.predictions = prediction_proposer(config.speculative_method, config.speculative_k)
         self.spec_draft_tokens = 0          # drafts verified
         self.spec_accepted_tokens = 0       # of those, accepted
 
@@ -210,6 +215,8 @@ class LLMEngine:
         ids = request.prompt_ids
         if min(ids) < 0 or max(ids) >= vocab:
             raise InvalidRequest(f"prompt token ids must be in [0, {vocab})")
+        if p.prediction and (min(p.prediction) < 0 or max(p.prediction) >= vocab):
+            raise InvalidRequest(f"prediction token ids must be in [0, {vocab})")
         detok = None
         if self.tokenizer is not None:
             detok = IncrementalDetokenizer(self.tokenizer, request.prompt_ids, p.stop)
@@ -257,7 +264,7 @@ class LLMEngine:
 
     def _step(self) -> None:
         try:
-            if self.proposer is not None:
+            if self.proposer is not None or any(PredictionProposer.applies(s) for s in self.scheduler.running):
                 self._propose()
             step = self.scheduler.schedule()
         except Exception:  # noqa: BLE001 - a scheduler bug must not wedge the server
@@ -330,11 +337,18 @@ class LLMEngine:
     def _propose(self) -> None:
         """Drafts for every decoding sequence, before the scheduler sizes the step around them."""
         proposer, k, max_context = self.proposer, self.config.speculative_k, self.max_context
+        predictions = self.predictions
         for seq in self.scheduler.running:
-            if wants_drafts(seq):
+            if not wants_drafts(seq):
+                if seq.draft_ids:
+                    seq.draft_ids = []
+            elif predictions.applies(seq):
+                seq.draft_ids = predictions.propose(seq, draft_limit(seq, predictions.k, max_context))
+            elif proposer is not None:
                 seq.draft_ids = proposer.propose(seq, draft_limit(seq, k, max_context))
-            elif seq.draft_ids:
-                seq.draft_ids = []
+
+    def _proposer_of(self, seq: Sequence):
+        return self.predictions if self.predictions.applies(seq) else self.proposer
 
     def _run_spec_step(self, step: ScheduledStep) -> None:
         """A step carrying drafts: one forward pass returns logits at every drafted position,
@@ -346,8 +360,10 @@ class LLMEngine:
         rejected drafts' KV slots are overwritten later, and blocks grown only for them are
         freed."""
         proposer, seqs, rows, drafted = self.proposer, step.seqs, step.sample_rows, step.num_drafts
-        if proposer.needs_fill:          # draft model: its tokens replace the placeholders, blocks now allocated
-            proposer.fill(seqs, drafted)
+        if proposer is not None and proposer.needs_fill:
+            # draft model: its tokens replace the placeholders, blocks now allocated (requests
+            # drafted from their predictions already hold real drafts)
+            proposer.fill(seqs, [0 if self.predictions.applies(s) else d for s, d in zip(seqs, drafted)])
             self.scheduler.rebuild(step)
         logits = self.runner.prefill(step.batch)     # [R, V]: the last token and each draft of every sample row
         self.num_steps += 1
@@ -376,6 +392,9 @@ class LLMEngine:
                 accepted_by_row[r] = accepted
                 self.spec_draft_tokens += d
                 self.spec_accepted_tokens += accepted
+                if self.predictions.applies(seq):
+                    seq.prediction_accepted += accepted
+                    seq.prediction_rejected += d - accepted
                 if r in states and accepted < d:     # seeded: as if only the kept positions had drawn noise
                     rewind(seq.generator, states[r], accepted + 1, logits.shape[-1])
             emitted: list[int] = []
@@ -390,13 +409,14 @@ class LLMEngine:
             if d:
                 step.num_new[r] = len(emitted)     # the last token and the kept drafts hold valid KV
                 event = TokenEvent(seq.request_id, emitted, "".join(text), event.finish_reason,
-                                   event.prompt_tokens, event.completion_tokens)
+                                   event.prompt_tokens, event.completion_tokens,
+                                   seq.prediction_accepted, seq.prediction_rejected)
             self.generated_tokens += len(emitted)
             events.append((seq, event))
         self.scheduler.advance(step)
         for r, accepted in accepted_by_row.items():
             seq = seqs[r]
-            proposer.accepted(seq, drafted[r], accepted)
+            self._proposer_of(seq).accepted(seq, drafted[r], accepted)
             if seq.finish_reason is None:
                 self.scheduler.release_unused_blocks(seq)
         self.scheduler.finish(finished)
@@ -440,7 +460,8 @@ class LLMEngine:
             except Exception:  # noqa: BLE001 - a metrics bug must not fail requests
                 log.exception("on_token hook failed; disabling it")
                 self.on_token = None
-        return TokenEvent(seq.request_id, [token], text, reason, seq.num_prompt_tokens, seq.num_output_tokens)
+        return TokenEvent(seq.request_id, [token], text, reason, seq.num_prompt_tokens, seq.num_output_tokens,
+                          seq.prediction_accepted, seq.prediction_rejected)
 
     def _finish_now(self, seqs: list[Sequence], reason: str) -> None:
         """End `seqs` outside the normal token path (abort, error, shutdown): free and notify."""

@@ -183,6 +183,7 @@ def _common(body: dict, chat: bool) -> tuple[SamplingParams, bool, bool]:
                             top_k=0 if top_k == -1 else top_k, seed=seed, stop=stops,
                             stop_token_ids=list(stop_ids), ignore_eos=ignore_eos,
                             json_schema=_response_format(body.get("response_format")))
+    _prediction(body.get("prediction"))      # checked here, tokenized with the prompt
     return params, stream, include_usage
 
 
@@ -209,6 +210,23 @@ def _response_format(v: Any) -> str | None:
         return check_schema(schema)
     except SchemaError as e:
         raise _bad("response_format", f"'response_format.json_schema.schema': {e}") from None
+
+
+def _prediction(v: Any) -> str | None:
+    """OpenAI `prediction` ({"type": "content", "content": text or text parts}) -> its text
+    (None: absent or empty). The engine drafts the answer from it; the output is unchanged."""
+    if v is None:
+        return None
+    usage = '{"type": "content", "content": "..."}'
+    if not isinstance(v, dict) or v.get("type") != "content":
+        raise _bad("prediction", f"'prediction' must be {usage}")
+    content = v.get("content")
+    if isinstance(content, str):
+        return content or None
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                         and isinstance(p.get("text"), str) for p in content):
+        return "".join(p["text"] for p in content) or None
+    raise _bad("prediction", f"'prediction.content' must be a string or a list of text parts, as in {usage}")
 
 
 def _message_text(content: Any, i: int) -> str:
@@ -245,11 +263,13 @@ class _Req:
     """The state of one request the engine has accepted (shared by handler, stream and watcher)."""
 
     __slots__ = ("rid", "chat", "created", "arrival", "prompt_len", "include_usage", "counted", "finished",
-                 "aborted", "client_gone", "guarded", "task", "watcher")
+                 "aborted", "client_gone", "guarded", "task", "watcher", "predicted")
 
-    def __init__(self, rid: str, chat: bool, arrival: float, prompt_len: int, include_usage: bool):
+    def __init__(self, rid: str, chat: bool, arrival: float, prompt_len: int, include_usage: bool,
+                 predicted: bool = False):
         self.rid, self.chat, self.arrival, self.prompt_len = rid, chat, arrival, prompt_len
         self.include_usage = include_usage
+        self.predicted = predicted  # the request carried a prediction: usage reports its tokens
         self.created = int(time.time())
         self.counted = 0            # completion tokens seen so far
         self.finished = False       # the final event arrived (nothing to abort)
@@ -338,8 +358,12 @@ class _App:
             prompt = final.prompt_tokens or r.prompt_len
             completion = final.completion_tokens or r.counted
         self.metrics.request_finished(reason, prompt, completion, time.monotonic() - r.arrival)
-        return reason, {"prompt_tokens": prompt, "completion_tokens": completion,
-                        "total_tokens": prompt + completion}
+        usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        if r.predicted:       # as OpenAI reports predicted outputs
+            usage["completion_tokens_details"] = {
+                "accepted_prediction_tokens": final.accepted_prediction_tokens if final is not None else 0,
+                "rejected_prediction_tokens": final.rejected_prediction_tokens if final is not None else 0}
+        return reason, usage
 
     # ----------------------------------------------------------------- endpoints
     async def completions(self, request: Request) -> Response:
@@ -359,6 +383,9 @@ class _App:
             body = await self._json(request)
             params, stream, include_usage = _common(body, chat=chat)
             ids = prompt_of(body, params)
+            predicted = _prediction(body.get("prediction"))
+            if predicted is not None:
+                params.prediction = list(self.tokenizer.encode(predicted, add_special_tokens=False)) or None
         except ApiError as e:
             return e.response()
         except ClientDisconnect:
@@ -410,7 +437,7 @@ class _App:
 
     async def _serve(self, request: Request, prefix: str, chat: bool, ids: list[int], params: SamplingParams,
                      stream: bool, include_usage: bool, arrival: float) -> Response:
-        r = _Req(prefix + uuid.uuid4().hex, chat, arrival, len(ids), include_usage)
+        r = _Req(prefix + uuid.uuid4().hex, chat, arrival, len(ids), include_usage, bool(params.prediction))
         engine = self.engine
         started = False
         r.task = asyncio.current_task()

@@ -26,7 +26,7 @@ class Sequence:
         "request_id", "token_ids", "num_prompt_tokens", "params", "arrival_time", "status",
         "block_table", "num_computed", "generator", "detokenizer", "queue", "loop",
         "finish_reason", "first_token_time", "last_token_time", "num_preemptions",
-        "constraint", "draft_ids", "spec",
+        "constraint", "draft_ids", "spec", "prediction_accepted", "prediction_rejected",
     )
 
     def __init__(self, request: GenerateRequest, detokenizer: Any = None, device: str | torch.device = "cpu"):
@@ -59,6 +59,9 @@ class Sequence:
         # last one, verified in the next step, and the proposer's per-sequence state
         self.draft_ids: list[int] = []
         self.spec: Any = None
+        # predicted outputs: drafts from the request's prediction accepted / rejected
+        self.prediction_accepted = 0
+        self.prediction_rejected = 0
 
     @property
     def num_tokens(self) -> int:

@@ -35,6 +35,12 @@ Where drafts come from (`make_proposer`):
   generation that fell into a loop is drafted k tokens at a time.
 - "draft": a small model with the target's vocabulary runs k greedy decode steps
   (`DraftModelProposer`); its KV cache uses the target's block tables.
+- a request's own *predicted output* (OpenAI's `prediction` field: the text the answer is
+  expected to be, e.g. the code before an edit), `PredictionProposer`: the drafts are the
+  prediction's tokens from where the output has got to in it. Whatever the plan's method,
+  a request that carries a prediction is drafted from it (runs of up to PREDICTION_K tokens,
+  or the plan's k when larger, adapted per request); a plan whose method is "prediction"
+  drafts nothing else.
 
 Both look-ups keep a per-sequence index (n-gram -> position) that is extended by the new
 tokens only, so a step costs O(new tokens * ngram + k), not O(context).
@@ -43,6 +49,7 @@ This module is runtime: it never imports the compiler.
 """
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,7 +57,7 @@ import torch
 
 from vsc.runtime.api import StepBatch
 
-METHODS = ("ngram", "prompt-lookup", "draft")
+METHODS = ("ngram", "prompt-lookup", "draft", "prediction")
 
 
 # --- acceptance ----------------------------------------------------------------------------
@@ -194,6 +201,96 @@ class NgramProposer:
         """Verification result (the index needs nothing)."""
 
 
+# --- predicted outputs ---------------------------------------------------------------------
+
+#: Longest run drafted from a request's prediction (the plan's k when larger), and the first.
+PREDICTION_K = 16
+PREDICTION_K_FIRST = 8
+#: Longest output tail looked up in the prediction to find where the output is in it again.
+PREDICTION_NGRAM = 8
+
+
+class _Alignment:
+    """Where a sequence's output stands in its prediction.
+
+    `at`: the prediction position the next output token should match (None: lost, after an
+    edit the model made); `seen`: output tokens accounted for; `anchor`: the last position
+    known to be in step, where a re-synchronisation prefers to land; `k`: the next run's
+    length; `index`: n-gram of the prediction -> end positions, ascending (n = 1..8)."""
+
+    __slots__ = ("pred", "index", "at", "seen", "anchor", "k")
+
+    def __init__(self, pred: list[int], k: int):
+        self.pred = pred
+        self.index: dict[tuple[int, ...], list[int]] = {}
+        for end in range(1, len(pred) + 1):
+            for n in range(1, min(PREDICTION_NGRAM, end) + 1):
+                self.index.setdefault(tuple(pred[end - n:end]), []).append(end)
+        self.at: int | None = 0
+        self.seen = 0
+        self.anchor = 0
+        self.k = k
+
+    def follow(self, output: list[int]) -> None:
+        """Account for the output tokens since the last call: in step while they equal the
+        prediction; once one differs, find the longest output tail that occurs in the
+        prediction (the nearest occurrence at or after the anchor, else the first) and
+        continue after it, as a diff re-synchronises after an edit."""
+        pred = self.pred
+        for token in output[self.seen:]:
+            if self.at is not None and self.at < len(pred) and pred[self.at] == token:
+                self.at += 1
+                self.anchor = self.at
+            else:
+                self.at = None
+        self.seen = len(output)
+        if self.at is not None or not output:
+            return
+        for n in range(min(PREDICTION_NGRAM, len(output)), 0, -1):
+            ends = self.index.get(tuple(output[-n:]))
+            if ends:
+                i = bisect.bisect_left(ends, self.anchor)
+                self.at = ends[i] if i < len(ends) else ends[0]
+                return
+
+
+class PredictionProposer:
+    """Drafts from each request's predicted output (SamplingParams.prediction, token ids).
+
+    Runs start at PREDICTION_K_FIRST tokens, double while every draft is accepted (up to
+    `k`), and halve (not below 2) when one is rejected: a rejection means the model made an
+    edit, after which the output usually rejoins the prediction further on.
+    """
+
+    needs_fill = False
+
+    def __init__(self, k: int = PREDICTION_K):
+        if k < 1:
+            raise ValueError(f"predicted outputs need k >= 1, got {k}")
+        self.k = k
+
+    @staticmethod
+    def applies(seq: Any) -> bool:
+        return bool(seq.params.prediction)
+
+    def _state(self, seq: Any) -> _Alignment:
+        state = seq.spec
+        if not isinstance(state, _Alignment):
+            state = seq.spec = _Alignment(list(seq.params.prediction), min(self.k, PREDICTION_K_FIRST))
+        return state
+
+    def propose(self, seq: Any, limit: int) -> list[int]:
+        state = self._state(seq)
+        state.follow(seq.output_ids)
+        if limit <= 0 or state.at is None:
+            return []
+        return state.pred[state.at:state.at + min(limit, state.k)]
+
+    def accepted(self, seq: Any, drafted: int, accepted: int) -> None:
+        state = self._state(seq)
+        state.k = min(self.k, state.k * 2) if accepted == drafted else max(2, state.k // 2)
+
+
 # --- draft model ---------------------------------------------------------------------------
 
 
@@ -302,6 +399,12 @@ def build_batch(entries: list[tuple[list[int], int, list[int]]], block_size: int
         query_lens_host=[len(new) for new, _, _ in entries], context_lens_host=context)
 
 
+def prediction_proposer(method: str, k: int) -> PredictionProposer:
+    """The proposer for requests that carry a prediction, whatever the plan's method: runs of up
+    to PREDICTION_K tokens, or the plan's k when larger."""
+    return PredictionProposer(max(PREDICTION_K, k if method not in ("none", "", None) else 0))
+
+
 def make_proposer(method: str, k: int, ngram: int = 3, draft_runner: Any = None):
     """The proposer for an EngineConfig's speculative settings (None when method is "none")."""
     if method in ("none", "", None) or k <= 0:
@@ -312,4 +415,6 @@ def make_proposer(method: str, k: int, ngram: int = 3, draft_runner: Any = None)
         return NgramProposer(k, ngram, prompt_only=True)
     if method == "draft":
         return DraftModelProposer(k, draft_runner)
+    if method == "prediction":
+        return None         # requests with a prediction are drafted from it (prediction_proposer)
     raise ValueError(f"unknown speculative method {method!r} (one of {', '.join(METHODS)})")
