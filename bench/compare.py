@@ -39,7 +39,7 @@ from vsc.bench.floor import ModelShape, decode_floor, format_floor, measure_mach
 from vsc.bench.loadgen import run  # noqa: E402
 from vsc.bench.metrics import format_table, summarize  # noqa: E402
 from vsc.bench.plots import plot_latency_cdfs  # noqa: E402
-from vsc.bench.workloads import LengthDist, build_workload, closed  # noqa: E402
+from vsc.bench.workloads import WORKLOADS, LengthDist, build_workload, closed  # noqa: E402
 
 
 def free_port() -> int:
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, type=Path, action="append",
                     help="HF model folder every engine serves (repeatable: one table set per model)")
-    ap.add_argument("--workload", action="append", choices=["chat", "shared-prefix", "code-edit", "json"],
+    ap.add_argument("--workload", action="append", choices=list(WORKLOADS),
                     help="repeatable; default chat")
     ap.add_argument("--engines", default="vsc,llamacpp,vllm,hf",
                     help="comma list of vsc, llamacpp, vllm, hf, and with --gguf: vsc-gguf, llamacpp-gguf")

@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from vsc.runtime.api import GenerateRequest, SamplingParams  # noqa: E402
+from vsc.bench.workloads import WORKLOADS  # noqa: E402
 from vsc.runtime.launch import build_server  # noqa: E402
 
 
@@ -133,7 +134,7 @@ def main() -> int:
                     help="output tokens per request (default 64; with --workload, the workload's own lengths)")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--threads", type=int, default=0, help="override the plan's torch thread count")
-    ap.add_argument("--workload", choices=["chat", "shared-prefix", "code-edit", "json"],
+    ap.add_argument("--workload", choices=list(WORKLOADS),
                     help="use this bench workload's prompts and output lengths instead of random tokens")
     ap.add_argument("--no-cprofile", action="store_true")
     ap.add_argument("--torch-profile", type=int, default=0, metavar="N",

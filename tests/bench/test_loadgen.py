@@ -154,6 +154,9 @@ def test_without_usage_tokens_are_counted_from_chunks_and_the_body_is_as_asked()
     assert first["stream_options"] == {"include_usage": True} and first["response_format"] == schema["response_format"]
     assert "response_format" not in last and "ignore_eos" not in last
     assert request_body(workload(["d"], 3, closed(1), extra=schema).requests[0], "m", True, False)["ignore_eos"] is True
+    # an edit carrying its prediction ends with the edited file too
+    predicted = workload(["e"], 3, closed(1), extra={"prediction": {"type": "content", "content": "x"}}).requests[0]
+    assert "ignore_eos" not in request_body(predicted, "m", True, True)
 
 
 def test_the_deadline_is_honoured():

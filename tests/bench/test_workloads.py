@@ -127,6 +127,16 @@ def test_code_edit_output_copies_the_prompt(source):
     assert np.mean([r.meta["copied_line_fraction"] for r in w.requests]) > 0.8
 
 
+def test_predicted_edit_requests_carry_the_snippet_before_the_edit(source):
+    plain = build_workload("code-edit", source, 8, seed=5, arrival=closed(1), max_context=2048)
+    w = build_workload("predicted-edit", source, 8, seed=5, arrival=closed(1), max_context=2048)
+    assert w.name == "predicted-edit"
+    for a, r in zip(plain.requests, w.requests):
+        assert (a.prompt, a.max_tokens, a.meta) == (r.prompt, r.max_tokens, r.meta) and not a.extra
+        code = r.prompt.split("```python\n", 1)[1].split("\n```", 1)[0]
+        assert r.extra == {"prediction": {"type": "content", "content": code + "\n```"}}
+
+
 def test_json_requests_carry_their_schema(source):
     w = build_workload("json", source, 12, seed=6, arrival=closed(1))
     assert {r.meta["schema"] for r in w.requests} <= set(wl.JSON_SCHEMAS)

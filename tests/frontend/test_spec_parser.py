@@ -152,7 +152,7 @@ def test_workload_kind_is_checked(tmp_path: Path):
     assert parse(tmp_path, MINIMAL).workload.kind is None
     text = MINIMAL.replace("arrivals = closed(4)", "kind = json; arrivals = closed(4)")
     assert parse(tmp_path, text).workload.kind == "json"
-    with pytest.raises(SpecError, match="unknown workload kind 'edits' \\(use chat, shared_prefix, code_edit, json\\)"):
+    with pytest.raises(SpecError, match="unknown workload kind 'edits' \\(use chat, shared_prefix, code_edit, json, predicted_edit\\)"):
         parse(tmp_path, MINIMAL.replace("arrivals = closed(4)", "kind = edits; arrivals = closed(4)"))
 
 

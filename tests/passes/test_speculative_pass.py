@@ -62,6 +62,22 @@ def test_prompt_lookup_adds_draft_and_verify_stages_and_engine_fields(root):
     assert "speculative_method" not in engine_config(run(root, BASE))   # no speculation: no fields
 
 
+def test_prediction_drafts_from_each_requests_prediction_and_auto_picks_it(root):
+    from vsc.passes.pipeline import DEFAULT_PIPELINE, auto_pipeline
+    m = run(root, BASE + ",speculative{method=prediction,k=16}")
+    assert m.requests.stage("draft").attrs == {"method": "prediction", "k": 16}
+    cfg = engine_config(m)
+    assert cfg["speculative_method"] == "prediction" and cfg["speculative_k"] == 16 and "speculative_ngram" not in cfg
+    EngineConfig(**cfg)
+    with pytest.raises(VscError, match="option ngram is for method=ngram or prompt-lookup, not method=prediction"):
+        run(root, BASE + ",speculative{method=prediction,ngram=2}")
+    # optimize auto: the default pipeline, plus prediction drafting for a predicted_edit workload
+    auto = auto_pipeline({"workload": {"kind": "predicted_edit"}})
+    assert auto.replace(",speculative{method=prediction,k=16}", "") == DEFAULT_PIPELINE
+    assert "prefix-cache{policy=radix},speculative{method=prediction,k=16}" in auto
+    assert auto_pipeline({"workload": {"kind": "code_edit"}}) == auto_pipeline({}) == DEFAULT_PIPELINE
+
+
 def test_defaults_are_ngram_k4_n3(root):
     attrs = run(root, BASE + ",speculative").requests.stage("draft").attrs
     assert attrs == {"method": "ngram", "k": 4, "ngram": 3}
@@ -159,7 +175,7 @@ def test_the_verifier_checks_the_draft_and_verify_stages(root):
     m.cache.layout = "contiguous"
     text = "; ".join(map(str, verify(m)))
     assert "verify must check k + 1 = 4 tokens, says 3" in text
-    assert "method must be ngram, prompt-lookup or draft, got 'medusa'" in text
+    assert "method must be one of ngram, prompt-lookup, draft, prediction, got 'medusa'" in text
     assert "speculative decoding needs a paged KV cache" in text
     m = run(root, BASE + ",speculative")
     m.requests.graph.remove_node("verify")

@@ -10,7 +10,7 @@ import random
 
 import pytest
 
-from test_speculative import ALPHABET, engines, prompts, reference, req, run_all, seq, tokens_of  # noqa: F401
+from test_speculative import ALPHABET, prompts, reference, req, run_all, seq, tokens_of
 from vsc.runtime.speculative import (
     PREDICTION_K, PREDICTION_K_FIRST, PredictionProposer, make_proposer, prediction_proposer,
 )

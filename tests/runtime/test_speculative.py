@@ -353,22 +353,14 @@ class ToyRunner:
         return torch.stack([toy_logits(contexts[t]) for t in rows])
 
 
-@pytest.fixture
-def engines():
-    made = []
-
-    def make(method="ngram", k=4, num_blocks=64, block_size=4, tokenizer=None, **cfg):
-        cfg.setdefault("max_context", 256)
-        cfg.setdefault("max_tokens", 512)
-        config = EngineConfig(speculative_method=method, speculative_k=k if method != "none" else 0, **cfg)
-        engine = LLMEngine(ToyRunner(num_blocks, block_size), tokenizer, config, "toy")
-        engine.start()
-        made.append(engine)
-        return engine
-
-    yield make
-    for engine in made:
-        engine.shutdown()
+def make_toy_engine(method="ngram", k=4, num_blocks=64, block_size=4, tokenizer=None, **cfg):
+    """A started engine over ToyRunner (the `engines` fixture, tests/runtime/conftest.py, shuts it down)."""
+    cfg.setdefault("max_context", 256)
+    cfg.setdefault("max_tokens", 512)
+    config = EngineConfig(speculative_method=method, speculative_k=k if method != "none" else 0, **cfg)
+    engine = LLMEngine(ToyRunner(num_blocks, block_size), tokenizer, config, "toy")
+    engine.start()
+    return engine
 
 
 def run_all(engine, requests, timeout=60.0):

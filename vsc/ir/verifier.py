@@ -17,7 +17,7 @@ from vsc.errors import VerificationError
 from vsc.ir.kernels import GRAPH_FORMS, KERNELS, decode_step_blockers
 from vsc.ir.module import Op, ServingModule, Weight, is_weight, walk_ops
 from vsc.ir.ops import OPS, TypeRuleError, infer, operand_arity_ok
-from vsc.runtime.speculative import METHODS as SPECULATIVE_METHODS
+from vsc.runtime.enums import SPECULATIVE_METHODS
 from vsc.ir.sizes import CACHE_DTYPES, kv_bytes_per_token
 from vsc.ir.types import FLOAT_DTYPES, KNOWN_DTYPES, QUANT_DTYPES, Origin, TensorType
 from vsc.ir.weight_inits import WEIGHT_INIT_RULES

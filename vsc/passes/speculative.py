@@ -46,7 +46,7 @@ from vsc.errors import VscError
 from vsc.ir.module import ServingModule, Stage
 from vsc.ir.types import pass_origin
 from vsc.passes.base import Option, Pass, register_pass
-from vsc.runtime.speculative import METHODS     # the one list of draft sources: the runtime's
+from vsc.runtime.enums import SPECULATIVE_METHODS as METHODS
 
 
 

@@ -56,8 +56,9 @@ from typing import Any
 import torch
 
 from vsc.runtime.api import StepBatch
+from vsc.runtime.enums import SPECULATIVE_METHODS
 
-METHODS = ("ngram", "prompt-lookup", "draft", "prediction")
+METHODS = SPECULATIVE_METHODS
 
 
 # --- acceptance ----------------------------------------------------------------------------
