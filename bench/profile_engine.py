@@ -85,11 +85,12 @@ async def drive(engine, vocab: int, concurrency: int, requests: int, prompt: int
         while todo:
             i = todo.pop()
             if prompts:
-                ids, out = prompts[i % len(prompts)]
+                ids, out, prediction, ignore_eos = prompts[i % len(prompts)]
             else:
-                ids, out = [rng.randrange(3, vocab) for _ in range(prompt)], output
+                ids, out, prediction, ignore_eos = [rng.randrange(3, vocab) for _ in range(prompt)], output, None, True
             req = GenerateRequest(uuid.uuid4().hex, ids, SamplingParams(max_tokens=out, temperature=0.0,
-                                                                        ignore_eos=True), time.monotonic())
+                                                                        ignore_eos=ignore_eos,
+                                                                        prediction=prediction), time.monotonic())
             sent, first, tokens = time.perf_counter(), None, 0
             async for event in engine.generate(req):
                 tokens += len(event.token_ids)
@@ -101,6 +102,12 @@ async def drive(engine, vocab: int, concurrency: int, requests: int, prompt: int
     t = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(concurrency)))
     return time.perf_counter() - t
+
+
+def _prediction_ids(tokenizer, extra: dict) -> list[int] | None:
+    """A bench request's predicted output (OpenAI `prediction`) as token ids, as the server tokenizes it."""
+    content = ((extra or {}).get("prediction") or {}).get("content")
+    return list(tokenizer.encode(content, add_special_tokens=False)) or None if content else None
 
 
 def profile_decodes(engine, n: int, top: int, kind: str = "decode") -> None:
@@ -137,6 +144,8 @@ def main() -> int:
     ap.add_argument("--workload", choices=list(WORKLOADS),
                     help="use this bench workload's prompts and output lengths instead of random tokens")
     ap.add_argument("--no-cprofile", action="store_true")
+    ap.add_argument("--drop-predictions", action="store_true",
+                    help="send a workload's requests without their predicted outputs (the same stopping rule)")
     ap.add_argument("--torch-profile", type=int, default=0, metavar="N",
                     help="also run torch.profiler over N decode forwards and print its op table")
     ap.add_argument("--profile-prefill", action="store_true", help="--torch-profile the prefill forwards instead")
@@ -173,7 +182,11 @@ def main() -> int:
             source = shipped if (shipped / "tokenizer.json").is_file() else manifest["model"]["path"]
             wl = build_workload(args.workload, source, args.requests, seed=0,
                                 max_context=manifest["serve"]["max_context"])
-            prompts = [(engine.tokenizer.encode(r.prompt), args.output or r.max_tokens) for r in wl.requests]
+            # as the bench's client sends them: no ignore_eos where the request carries a
+            # prediction or a response_format (those answers end where the model ends them)
+            prompts = [(engine.tokenizer.encode(r.prompt), args.output or r.max_tokens,
+                        None if args.drop_predictions else _prediction_ids(engine.tokenizer, r.extra),
+                        not ({"prediction", "response_format"} & set(r.extra or {}))) for r in wl.requests]
         latencies: list[tuple[float, float]] = []
         wall = asyncio.run(drive(engine, vocab, args.concurrency, args.requests, args.prompt, args.output, 2, prompts,
                                  latencies))

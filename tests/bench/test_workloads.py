@@ -132,9 +132,13 @@ def test_predicted_edit_requests_carry_the_snippet_before_the_edit(source):
     w = build_workload("predicted-edit", source, 8, seed=5, arrival=closed(1), max_context=2048)
     assert w.name == "predicted-edit"
     for a, r in zip(plain.requests, w.requests):
-        assert (a.prompt, a.max_tokens, a.meta) == (r.prompt, r.max_tokens, r.meta) and not a.extra
-        code = r.prompt.split("```python\n", 1)[1].split("\n```", 1)[0]
+        assert (a.max_tokens, a.meta) == (r.max_tokens, r.meta) and not a.extra
+        code = a.prompt.split("```python\n", 1)[1].split("\n```", 1)[0]
         assert r.extra == {"prediction": {"type": "content", "content": code + "\n```"}}
+        # the same edit asked through the model's chat template, the assistant's code block opened
+        if source.chat is not None:
+            assert code in r.prompt and r.prompt.endswith("```python\n") and r.prompt != a.prompt
+            assert r.prompt.startswith(source.chat([{"role": "user", "content": "x"}])[:10])
 
 
 def test_json_requests_carry_their_schema(source):

@@ -272,9 +272,10 @@ def _paragraphs(text: str) -> str:
 class TextSource:
     """The corpus tokenized once with one model's tokenizer; cuts text to token lengths."""
 
-    def __init__(self, tokenizer, name: str = ""):
+    def __init__(self, tokenizer, name: str = "", chat=None):
         self.tokenizer = tokenizer
         self.name = name
+        self.chat = chat        # messages -> prompt text through the model's chat template (None: it has none)
         docs = prose_documents()
         if not docs:
             raise WorkloadError("no text on this machine to build prompts from (no licences, no Python stdlib)")
@@ -324,10 +325,14 @@ class TextSource:
 def _source_for(model_dir: str) -> TextSource:
     from tokenizers import Tokenizer
 
+    from vsc.runtime.tokenizer import Tokenizer as ModelTokenizer
+
     path = Path(model_dir) / "tokenizer.json"
     if not path.is_file():
         raise WorkloadError(f"{model_dir}: error: no tokenizer.json in the model folder")
-    return TextSource(Tokenizer.from_file(str(path)), name=Path(model_dir).name)
+    full = ModelTokenizer.from_model_dir(model_dir)
+    chat = full.apply_chat_template if full.chat_template is not None else None
+    return TextSource(Tokenizer.from_file(str(path)), name=Path(model_dir).name, chat=chat)
 
 
 # --------------------------------------------------------------------------- the four kinds
@@ -429,6 +434,14 @@ CODE_PROMPT = ("You are a careful code editor. Apply the instruction to the file
                "File: {name}\n```python\n{code}\n```\n\nInstruction: {instruction}\n\nEdited file:\n```python\n")
 
 
+# predicted-edit's user turn, rendered through the model's chat template (the assistant's turn
+# then opens the code block): an instruct model copies a file far more faithfully when asked in
+# its own format (SmolLM2-135M-Instruct: ~50% of the answer matches the prediction, against runs
+# into "#\n#\n..." from the plain prompt).
+CHAT_CODE_PROMPT = ("{instruction}\n\nFile: {name}\n```python\n{code}\n```\n\n"
+                    "Reply with the complete edited file in one python code block, changing nothing else.")
+
+
 def _edit(code: str, rng: np.random.Generator) -> tuple[str, str, str]:
     """(kind, instruction, expected edited code) for one snippet."""
     names: dict[str, int] = {}
@@ -462,7 +475,8 @@ def code_edit_workload(source: TextSource, n: int, seed: int, arrival: Arrival,
 
     predicted=True is the `predicted-edit` workload: each request also carries the snippet as
     it was (and the closing fence) as OpenAI's `prediction` (`extra`), as an editor sends the
-    file it asks to have edited.
+    file it asks to have edited, and the prompt goes through the model's chat template
+    (CHAT_CODE_PROMPT as the user's turn) when it has one.
     """
     lens, text, arr = _streams(seed)
     room = _room(max_context)
@@ -475,7 +489,11 @@ def code_edit_workload(source: TextSource, n: int, seed: int, arrival: Arrival,
         budget = max(16, min(target - wrapper, (room - wrapper) // 2 - 16))
         code = _cut_lines(source, src, budget, text)
         kind, instruction, expected = _edit(code, text)
-        prompt = CODE_PROMPT.format(name=name, code=code, instruction=instruction)
+        if predicted and source.chat is not None:
+            prompt = source.chat([{"role": "user", "content": CHAT_CODE_PROMPT.format(
+                name=name, code=code, instruction=instruction)}], add_generation_prompt=True) + "```python\n"
+        else:
+            prompt = CODE_PROMPT.format(name=name, code=code, instruction=instruction)
         count = source.count(prompt)
         answer = expected + "\n```"
         out = fixed_out if fixed_out is not None else source.count(answer)
