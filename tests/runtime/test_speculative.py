@@ -113,7 +113,7 @@ def test_draft_limit_leaves_room_for_the_bonus_token():
     assert draft_limit(s, 4, max_context=15) == 1 and draft_limit(s, 4, max_context=14) == 0
     s.num_computed = s.num_tokens - 1
     assert wants_drafts(s)
-    s.constraint = object()                               # json mode: never drafted
+    s.num_computed -= 1                                   # more than its last token to compute: a prefill
     assert not wants_drafts(s)
 
 

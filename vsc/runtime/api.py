@@ -159,6 +159,9 @@ class EngineConfig:
     speculative_k: int = 0
     speculative_ngram: int = 3
     draft_model: str | None = None
+    # jump-forward: a json-mode request's grammar-forced tokens join the next step as verified
+    # drafts (vsc.runtime.speculative); the output is the same either way
+    jump_forward: bool = True
 
 
 class ModelRunner(Protocol):

@@ -198,6 +198,26 @@ class Constraint:
             return "error"
         return "stop" if m.is_stopped() else None
 
+    def forced(self, limit: int) -> list[int]:
+        """Up to `limit` tokens the grammar forces next (llguidance's fast-forward tokens: the
+        forced bytes in the tokenizer's canonical tokens, stopping where a longer token could
+        still merge); [] when the next token is the model's choice. Leaves the state as it is."""
+        if limit <= 0 or self.error is not None or self.matcher.is_stopped():
+            return []
+        return list(self.matcher.compute_ff_tokens())[:limit]
+
+    def after(self, tokens: Sequence[int]) -> list["Constraint"]:
+        """The states after tokens[:1], tokens[:2], ...: the masks of the positions that follow
+        each of a step's drafts (this state is unchanged). Stops early at a token the grammar
+        refuses (the rows past it are never sampled from)."""
+        m = self.matcher.deep_copy()
+        out = []
+        for token in tokens:
+            if not m.consume_token(int(token)):
+                break
+            out.append(Constraint(m.deep_copy(), self.vocab_size))
+        return out
+
     @property
     def is_complete(self) -> bool:
         """The output so far is a whole document (EOS would be accepted)."""

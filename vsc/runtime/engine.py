@@ -30,7 +30,10 @@ a sequence may get several tokens from it, delivered as one TokenEvent. Outputs 
 of plain decoding (greedy: the same tokens; seeded sampling: the same tokens too; see
 that module). `stats()` counts drafts verified and accepted. A request that carries a
 predicted output (SamplingParams.prediction) is drafted from it whatever the plan's method
-(PredictionProposer); its events count the prediction's accepted and rejected drafts.
+(PredictionProposer); its events count the prediction's accepted and rejected drafts. A
+json-mode request is drafted with the tokens its grammar forces (jump-forward,
+EngineConfig.jump_forward), each drafted row masked by the grammar state after the drafts
+before it.
 
 Finishing. "stop": EOS (unless ignore_eos), a stop_token_id, or a stop string (the text
 ends before it), or in json mode (vsc.runtime.constrain) a complete JSON document;
@@ -55,7 +58,8 @@ from vsc.runtime.sampler import Sampler
 from vsc.runtime.scheduler import ScheduledStep, Scheduler
 from vsc.runtime.sequence import Sequence
 from vsc.runtime.speculative import (
-    PredictionProposer, draft_limit, make_proposer, prediction_proposer, rewind, verify, wants_drafts)
+    JUMP_FORWARD_K, PredictionProposer, draft_limit, make_proposer, prediction_proposer, rewind, verify,
+    wants_drafts)
 from vsc.runtime.tokenizer import IncrementalDetokenizer
 
 log = logging.getLogger("vsc.runtime.engine")
@@ -98,6 +102,7 @@ class LLMEngine:
         self.predictions = prediction_proposer(config.speculative_method, config.speculative_k)
         self.spec_draft_tokens = 0          # drafts verified
         self.spec_accepted_tokens = 0       # of those, accepted
+        self.jump_forward_tokens = 0        # of those, grammar-forced tokens of json-mode requests
 
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -198,6 +203,7 @@ class LLMEngine:
             # speculative decoding (0 without it): draft tokens verified, and accepted
             "spec_draft_tokens": self.spec_draft_tokens,
             "spec_accepted_tokens": self.spec_accepted_tokens,
+            "jump_forward_tokens": self.jump_forward_tokens,
         }
 
     # --- submission (caller's thread) ------------------------------------------------
@@ -264,7 +270,8 @@ class LLMEngine:
 
     def _step(self) -> None:
         try:
-            if self.proposer is not None or any(PredictionProposer.applies(s) for s in self.scheduler.running):
+            if self.proposer is not None or any(PredictionProposer.applies(s) or s.constraint is not None
+                                                for s in self.scheduler.running):
                 self._propose()
             step = self.scheduler.schedule()
         except Exception:  # noqa: BLE001 - a scheduler bug must not wedge the server
@@ -342,12 +349,18 @@ class LLMEngine:
             if not wants_drafts(seq):
                 if seq.draft_ids:
                     seq.draft_ids = []
+            elif seq.constraint is not None:      # jump-forward: the tokens the grammar forces
+                seq.draft_ids = (seq.constraint.forced(draft_limit(seq, JUMP_FORWARD_K, max_context))
+                                 if self.config.jump_forward else [])
             elif predictions.applies(seq):
                 seq.draft_ids = predictions.propose(seq, draft_limit(seq, predictions.k, max_context))
             elif proposer is not None:
                 seq.draft_ids = proposer.propose(seq, draft_limit(seq, k, max_context))
 
     def _proposer_of(self, seq: Sequence):
+        """Who drafted `seq` (None: its grammar, jump-forward)."""
+        if seq.constraint is not None:
+            return None
         return self.predictions if self.predictions.applies(seq) else self.proposer
 
     def _run_spec_step(self, step: ScheduledStep) -> None:
@@ -363,7 +376,8 @@ class LLMEngine:
         if proposer is not None and proposer.needs_fill:
             # draft model: its tokens replace the placeholders, blocks now allocated (requests
             # drafted from their predictions already hold real drafts)
-            proposer.fill(seqs, [0 if self.predictions.applies(s) else d for s, d in zip(seqs, drafted)])
+            proposer.fill(seqs, [0 if self.predictions.applies(s) or s.constraint is not None else d
+                                 for s, d in zip(seqs, drafted)])
             self.scheduler.rebuild(step)
         logits = self.runner.prefill(step.batch)     # [R, V]: the last token and each draft of every sample row
         self.num_steps += 1
@@ -373,8 +387,14 @@ class LLMEngine:
         row_seqs = [seqs[r] for r in rows for _ in range(1 + drafted[r])]
         if self.logits_hook is not None:
             self._observe_logits(row_seqs, logits)
-        if any(s.constraint is not None for s in row_seqs):   # json mode (never drafted): mask its single row
-            logits = apply_constraints(logits, [s.constraint for s in row_seqs])
+        if any(s.constraint is not None for s in row_seqs):
+            # json mode: each row masked by the grammar state after the drafts before it
+            states = []
+            for r in rows:
+                c = seqs[r].constraint
+                after = c.after(seqs[r].draft_ids[:drafted[r]]) if c is not None and drafted[r] else []
+                states += [c] + after + [c] * (drafted[r] - len(after))
+            logits = apply_constraints(logits, states)
         states = {r: seqs[r].generator.get_state() for r in rows if drafted[r] and seqs[r].generator is not None}
         picks = self.sampler(logits, [s.params for s in row_seqs], [s.generator for s in row_seqs])
         now = time.monotonic()
@@ -392,7 +412,9 @@ class LLMEngine:
                 accepted_by_row[r] = accepted
                 self.spec_draft_tokens += d
                 self.spec_accepted_tokens += accepted
-                if self.predictions.applies(seq):
+                if seq.constraint is not None:
+                    self.jump_forward_tokens += accepted
+                elif self.predictions.applies(seq):
                     seq.prediction_accepted += accepted
                     seq.prediction_rejected += d - accepted
                 if r in states and accepted < d:     # seeded: as if only the kept positions had drawn noise
@@ -416,7 +438,9 @@ class LLMEngine:
         self.scheduler.advance(step)
         for r, accepted in accepted_by_row.items():
             seq = seqs[r]
-            self._proposer_of(seq).accepted(seq, drafted[r], accepted)
+            drafter = self._proposer_of(seq)
+            if drafter is not None:
+                drafter.accepted(seq, drafted[r], accepted)
             if seq.finish_reason is None:
                 self.scheduler.release_unused_blocks(seq)
         self.scheduler.finish(finished)

@@ -43,6 +43,8 @@ ENGINE_COUNTERS = (
     ("prefix_evictions", "vsc_prefix_cache_evictions", "Cached KV blocks evicted to make room."),
     ("spec_draft_tokens", "vsc_spec_draft_tokens", "Draft tokens speculative decoding verified."),
     ("spec_accepted_tokens", "vsc_spec_accepted_tokens", "Draft tokens the model accepted (emitted without a step of their own)."),
+    ("jump_forward_tokens", "vsc_jump_forward_tokens",
+     "Grammar-forced tokens of json-mode requests emitted without a step of their own (jump-forward)."),
 )
 
 

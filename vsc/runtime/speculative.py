@@ -35,6 +35,11 @@ Where drafts come from (`make_proposer`):
   generation that fell into a loop is drafted k tokens at a time.
 - "draft": a small model with the target's vocabulary runs k greedy decode steps
   (`DraftModelProposer`); its KV cache uses the target's block tables.
+- a json-mode request's grammar (jump-forward): the tokens the grammar forces next (keys,
+  punctuation, enum prefixes; llguidance's fast-forward tokens) are its drafts, up to
+  JUMP_FORWARD_K. They are verified like any draft, every row masked by the grammar state
+  after the drafts before it, so the output is token-by-token constrained decoding's; a
+  constrained request is drafted from nothing else.
 - a request's own *predicted output* (OpenAI's `prediction` field: the text the answer is
   expected to be, e.g. the code before an edit), `PredictionProposer`: the drafts are the
   prediction's tokens from where the output has got to in it. Whatever the plan's method,
@@ -116,10 +121,13 @@ def draft_limit(seq: Any, k: int, max_context: int) -> int:
 
 
 def wants_drafts(seq: Any) -> bool:
-    """Whether `seq` is decoding and may be drafted: its only uncomputed token is the last one,
-    and it is not constrained (json mode masks each position with a grammar state that would
-    have to be advanced through every draft; those requests decode plainly)."""
-    return seq.num_computed == seq.num_tokens - 1 and seq.constraint is None
+    """Whether `seq` is decoding and may be drafted: its only uncomputed token is the last one.
+    (A constrained sequence is drafted only with the tokens its grammar forces: jump-forward.)"""
+    return seq.num_computed == seq.num_tokens - 1
+
+
+#: Most grammar-forced tokens one step appends for a constrained sequence (jump-forward).
+JUMP_FORWARD_K = 32
 
 
 class _NgramIndex:
