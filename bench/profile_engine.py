@@ -84,13 +84,14 @@ async def drive(engine, vocab: int, concurrency: int, requests: int, prompt: int
     async def client():
         while todo:
             i = todo.pop()
+            schema = None
             if prompts:
-                ids, out, prediction, ignore_eos = prompts[i % len(prompts)]
+                ids, out, prediction, ignore_eos, schema = prompts[i % len(prompts)]
             else:
                 ids, out, prediction, ignore_eos = [rng.randrange(3, vocab) for _ in range(prompt)], output, None, True
             req = GenerateRequest(uuid.uuid4().hex, ids, SamplingParams(max_tokens=out, temperature=0.0,
-                                                                        ignore_eos=ignore_eos,
-                                                                        prediction=prediction), time.monotonic())
+                                                                        ignore_eos=ignore_eos, prediction=prediction,
+                                                                        json_schema=schema), time.monotonic())
             sent, first, tokens = time.perf_counter(), None, 0
             async for event in engine.generate(req):
                 tokens += len(event.token_ids)
@@ -108,6 +109,15 @@ def _prediction_ids(tokenizer, extra: dict) -> list[int] | None:
     """A bench request's predicted output (OpenAI `prediction`) as token ids, as the server tokenizes it."""
     content = ((extra or {}).get("prediction") or {}).get("content")
     return list(tokenizer.encode(content, add_special_tokens=False)) or None if content else None
+
+
+def _schema(extra: dict) -> str | None:
+    """A bench request's response_format json_schema as the engine's json_schema text (None: free text)."""
+    fmt = (extra or {}).get("response_format") or {}
+    if fmt.get("type") != "json_schema":
+        return None
+    from vsc.runtime.constrain import canonical_schema
+    return canonical_schema(fmt["json_schema"]["schema"])
 
 
 def profile_decodes(engine, n: int, top: int, kind: str = "decode") -> None:
@@ -144,6 +154,8 @@ def main() -> int:
     ap.add_argument("--workload", choices=list(WORKLOADS),
                     help="use this bench workload's prompts and output lengths instead of random tokens")
     ap.add_argument("--no-cprofile", action="store_true")
+    ap.add_argument("--no-jump-forward", action="store_true",
+                    help="json-mode requests decode one token per step (EngineConfig.jump_forward off)")
     ap.add_argument("--drop-predictions", action="store_true",
                     help="send a workload's requests without their predicted outputs (the same stopping rule)")
     ap.add_argument("--torch-profile", type=int, default=0, metavar="N",
@@ -151,6 +163,8 @@ def main() -> int:
     ap.add_argument("--profile-prefill", action="store_true", help="--torch-profile the prefill forwards instead")
     args = ap.parse_args()
     _, engine, manifest = build_server(args.server)
+    if args.no_jump_forward:
+        engine.config.jump_forward = False
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
@@ -186,7 +200,8 @@ def main() -> int:
             # prediction or a response_format (those answers end where the model ends them)
             prompts = [(engine.tokenizer.encode(r.prompt), args.output or r.max_tokens,
                         None if args.drop_predictions else _prediction_ids(engine.tokenizer, r.extra),
-                        not ({"prediction", "response_format"} & set(r.extra or {}))) for r in wl.requests]
+                        not ({"prediction", "response_format"} & set(r.extra or {})), _schema(r.extra))
+                       for r in wl.requests]
         latencies: list[tuple[float, float]] = []
         wall = asyncio.run(drive(engine, vocab, args.concurrency, args.requests, args.prompt, args.output, 2, prompts,
                                  latencies))
