@@ -67,28 +67,45 @@ def bench_engine(name: str, model: Path, workloads: dict, args, log_dir: Path) -
     threads_options = args.threads if getattr(peer, "sweep_threads", False) else [max(args.threads)]
     best: dict = {}
     for threads in threads_options:
-        try:
-            running = peer.start(model, free_port(), max_batch=args.concurrency, threads=threads, ctx=args.ctx,
-                                 log_dir=log_dir)
-        except PeerUnavailable as e:
-            best.setdefault("error", str(e))
+        results, variants, failed = {}, {}, {}
+        startup, describe = None, None
+        # every option set the peer documents for one of these workloads (peer.WORKLOAD_VARIANTS),
+        # each started once; a workload keeps its best variant's run
+        order = list(dict.fromkeys(v for w in workloads for v in peer.variants_for(w)))
+        for variant in order:
+            todo = {w: wl for w, wl in workloads.items() if variant in peer.variants_for(w)}
+            peer.variant = variant
+            try:
+                running = peer.start(model, free_port(), max_batch=args.concurrency, threads=threads, ctx=args.ctx,
+                                     log_dir=log_dir)
+            except PeerUnavailable as e:
+                failed[variant] = str(e)
+                continue
+            try:
+                ignore_eos = running.ignore_eos_fields or False
+                for wname, workload in todo.items():
+                    warm = build_workload(wname, model, 2, seed=99, arrival=closed(2),
+                                          output_tokens=LengthDist.parse("fixed(8)"), max_context=args.ctx)
+                    run(warm, running.base_url, engine=name, model=running.model, ignore_eos=ignore_eos)
+                    record = run(workload, running.base_url, engine=name, model=running.model, ignore_eos=ignore_eos,
+                                 deadline=args.deadline)
+                    summary = summarize(record, goodput_slos=args.goodput)
+                    if wname not in results or (engine_score({wname: summary}, args.concurrency)
+                                                > engine_score({wname: results[wname]}, args.concurrency)):
+                        results[wname], variants[wname] = summary, variant
+                if startup is None or variant == "default":
+                    startup, describe = running.startup_s, peer.describe()
+            finally:
+                running.stop()
+        if failed and len(failed) == len(order):
+            best.setdefault("error", "; ".join(failed.values()))
             continue
-        try:
-            ignore_eos = running.ignore_eos_fields or False
-            results = {}
-            for wname, workload in workloads.items():
-                warm = build_workload(wname, model, 2, seed=99, arrival=closed(2),
-                                      output_tokens=LengthDist.parse("fixed(8)"), max_context=args.ctx)
-                run(warm, running.base_url, engine=name, model=running.model, ignore_eos=ignore_eos)
-                record = run(workload, running.base_url, engine=name, model=running.model, ignore_eos=ignore_eos,
-                             deadline=args.deadline)
-                results[wname] = summarize(record, goodput_slos=args.goodput)
-            score = engine_score(results, args.concurrency)
-            if not best or score > best["score"]:
-                best = {"score": score, "threads": threads, "results": results, "startup_s": running.startup_s,
-                        "describe": peer.describe()}
-        finally:
-            running.stop()
+        score = engine_score(results, args.concurrency)
+        if not best or "score" not in best or score > best["score"]:
+            best = {"score": score, "threads": threads, "results": results, "startup_s": startup,
+                    "describe": describe, "variants": variants,
+                    **({"failed_variants": failed} if failed else {})}
+    peer.variant = "default"
     return best
 
 
@@ -182,7 +199,7 @@ def compare_model(model: Path, args) -> None:
     lines = [f"model {model.name}; {args.requests} requests per workload, closed loop x{args.concurrency}, "
              f"greedy, ignore_eos (json: none, each answer ends with its document), output {args.output_tokens}"]
     for wname in workloads:
-        summaries = {n: r["results"][wname] for n, r in results.items() if "results" in r}
+        summaries = {n: r["results"][wname] for n, r in results.items() if "results" in r and wname in r["results"]}
         lines.append(f"\n== workload {wname} ==")
         if summaries:
             lines.append(format_table(summaries, reference="vsc" if "vsc" in summaries else next(iter(summaries))))
@@ -197,6 +214,10 @@ def compare_model(model: Path, args) -> None:
             elif len(args.threads) > 1 and getattr(get_peer(n), "sweep_threads", False):
                 by = "TPOT median" if args.concurrency == 1 else "output throughput"
                 lines.append(f"{n}: fastest at threads={r['threads']} (by {by})")
+            if "results" in r and len(get_peer(n).variants_for(wname)) > 1:
+                tried = ", ".join(get_peer(n).variants_for(wname))
+                lines.append(f"{n}: best of its options ({tried}): {r['variants'].get(wname, 'none ran')}"
+                             + "".join(f"; {v} failed: {why}" for v, why in (r.get("failed_variants") or {}).items()))
     served_lines = [f"  {n}: {served(r['describe'])}" for n, r in results.items() if "results" in r]
     if served_lines:
         lines.append("\nserved (file [dtype]):\n" + "\n".join(served_lines))
@@ -204,7 +225,8 @@ def compare_model(model: Path, args) -> None:
     for n, r in results.items():
         report["engines"][n] = ({"error": r.get("error")} if "results" not in r else
                                 {"threads": r["threads"], "startup_s": r["startup_s"], "served": served(r["describe"]),
-                                 "describe": r["describe"],
+                                 "describe": r["describe"], "variants": r.get("variants", {}),
+                                 "failed_variants": r.get("failed_variants", {}),
                                  "workloads": {w: json.loads(s.to_json()) for w, s in r["results"].items()}})
     text = "\n".join(lines)
     print(text)

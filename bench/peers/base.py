@@ -230,6 +230,15 @@ class Peer:
     start_timeout = 180.0          # seconds to wait for the health endpoint after launch
     token_prompts = True           # /v1/completions accepts a list of token ids as "prompt"
     sweep_threads = False          # bench/compare.py: try every --threads value (else only the largest)
+    # Option sets ("variants") a peer is started with: name -> what the subclass's command adds.
+    # bench/compare.py tries every variant WORKLOAD_VARIANTS lists for a workload (else "default")
+    # and keeps the best, so each peer runs with its strongest documented option for the workload.
+    VARIANTS: dict[str, list[str]] = {"default": []}
+    WORKLOAD_VARIANTS: dict[str, tuple[str, ...]] = {}
+    variant = "default"            # the variant the next start() uses
+
+    def variants_for(self, workload: str) -> tuple[str, ...]:
+        return self.WORKLOAD_VARIANTS.get(workload, ("default",))
 
     def ignore_eos_fields(self) -> dict:
         """Extra /v1/completions body fields that make a request generate all its max_tokens."""

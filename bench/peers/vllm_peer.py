@@ -7,6 +7,7 @@ the server is started as `python -m vllm.entrypoints.openai.api_server`.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from bench.peers.base import PeerUnavailable, VenvPeer, pip_version
@@ -16,9 +17,17 @@ TORCH_VERSION = "2.13.0"
 BREAKS_IMPORT = ("torchvision", "torchaudio", "torchcodec")
 
 
+#: vLLM's n-gram (prompt lookup) speculative decoding, its documented option for outputs that copy
+#: the prompt: up to 4 drafts from the longest 2-4-gram match in the context.
+NGRAM_SPECULATION = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
+
+
 class VllmPeer(VenvPeer):
     name = "vllm"
     start_timeout = 300.0          # 60-110 s is usual here (engine start, torch.compile, warm-up)
+    # option sets bench/compare.py tries per workload (the best is kept and named in the table)
+    VARIANTS = {"default": [], "ngram-spec": ["--speculative-config", json.dumps(NGRAM_SPECULATION)]}
+    WORKLOAD_VARIANTS = {"code-edit": ("default", "ngram-spec"), "predicted-edit": ("default", "ngram-spec")}
 
     def __init__(self, cache_dir: Path | None = None, kv_cache_gib: int = 2, version: str = VLLM_VERSION):
         super().__init__(cache_dir)
@@ -54,7 +63,7 @@ class VllmPeer(VenvPeer):
         return [str(self.python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
                 "--served-model-name", Path(model_dir).name, "--dtype", "float32",
                 "--host", "127.0.0.1", "--port", str(port),
-                "--max-num-seqs", str(max_batch), "--max-model-len", str(ctx)]
+                "--max-num-seqs", str(max_batch), "--max-model-len", str(ctx), *self.VARIANTS[self.variant]]
 
     def served_model_name(self, model_dir: Path, **prepared) -> str | None:
         return Path(model_dir).name
@@ -67,5 +76,5 @@ class VllmPeer(VenvPeer):
 
     def describe(self) -> dict:
         d = super().describe()
-        d.update(dtype="float32", kv_cache_gib=self.kv_cache_gib)
+        d.update(dtype="float32", kv_cache_gib=self.kv_cache_gib, variant=self.variant)
         return d

@@ -57,6 +57,28 @@ def test_batch1_mode_reports_tpot_median_and_what_was_served(tmp_path, monkeypat
     assert report["engines"]["vsc"]["describe"]["options"]["max_batch"] == 1
 
 
+def test_a_peer_runs_every_option_set_it_lists_for_a_workload_and_keeps_the_best(tmp_path, monkeypatch, capsys):
+    from bench.peers.vsc_peer import VscPeer
+    monkeypatch.setenv("VSC_BENCH_CACHE", str(tmp_path / "cache"))
+    model = make_tiny(tmp_path / "tiny-llama", arch="llama")
+    monkeypatch.setattr(VscPeer, "VARIANTS", {"default": [], "again": []})
+    monkeypatch.setattr(VscPeer, "WORKLOAD_VARIANTS", {"chat": ("default", "again")})
+    started = []
+    real_start = VscPeer.start
+    monkeypatch.setattr(VscPeer, "start", lambda self, *a, **kw: started.append(self.variant) or real_start(self, *a, **kw))
+    compare = load_compare()
+    assert compare.main(["--model", str(model), "--workload", "chat", "--workload", "shared-prefix", "--engines", "vsc",
+                         "--requests", "2", "--concurrency", "2", "--output-tokens", "fixed(4)",
+                         "--out", str(tmp_path / "results")]) == 0
+    assert started == ["default", "again"]                 # the second only for the workload that lists it
+    out = capsys.readouterr().out
+    (line,) = [ln for ln in out.splitlines() if ln.startswith("vsc: best of its options (default, again): ")]
+    (run_dir,) = (tmp_path / "results").iterdir()
+    variants = json.loads((run_dir / "report.json").read_text())["engines"]["vsc"]["variants"]
+    assert variants["shared-prefix"] == "default" and variants["chat"] in ("default", "again")
+    assert line.endswith(variants["chat"])
+
+
 def test_served_and_score_helpers():
     compare = load_compare()
     assert compare.served({"peer": "llamacpp-gguf", "dtype": "Q4_1", "gguf": "/m/x.gguf"}) == "/m/x.gguf [Q4_1]"

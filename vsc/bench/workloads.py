@@ -5,12 +5,13 @@ tokenizer, max_tokens, extra request-body fields) plus an arrival process: `pois
 (open loop; the inter-arrival times are drawn here, from the seed) or `closed(concurrency)`
 (N users, each sending its next request when the last one ends).
 
-Five kinds:
+Six kinds:
 
 - `chat`           prose prompts; prompt/output lengths from distributions like the spec
                    language's: fixed(n), uniform(lo, hi), normal(mean, std), lognormal(mean, sigma).
 - `shared-prefix`  agent-style: a long system prefix (default 768 tokens) that a fraction of
                    the requests (default 0.9) start with, plus a short unique user turn.
+- `long-prefix`    shared-prefix at the length agents and RAG send: a 4096-token shared prefix.
 - `code-edit`      a Python snippet plus an edit instruction (rename an identifier, add a
                    header comment, delete comment lines); the expected output is the edited snippet, so
                    it mostly copies a span of the prompt (what prompt-lookup speculation uses).
@@ -607,6 +608,15 @@ def json_workload(source: TextSource, n: int, seed: int, arrival: Arrival,
                      "schemas": names, "max_context": max_context})
 
 
+def long_prefix_workload(source: TextSource, n: int, seed: int, arrival: Arrival, prefix_tokens: int = 4096,
+                         **options) -> Workload:
+    """shared-prefix with the system prompt agents and RAG send: ~4K shared tokens (90% of the
+    requests), a short unique turn. Needs max_context above prefix + turn + output (e.g. 8192)."""
+    w = shared_prefix_workload(source, n, seed, arrival, prefix_tokens=prefix_tokens, **options)
+    w.name = "long-prefix"
+    return w
+
+
 def predicted_edit_workload(source: TextSource, n: int, seed: int, arrival: Arrival, **options) -> Workload:
     """code-edit's requests, each carrying the snippet as it was as its `prediction`."""
     return code_edit_workload(source, n, seed, arrival, predicted=True, **options)
@@ -618,6 +628,7 @@ WORKLOADS: dict[str, Callable[..., Workload]] = {
     "code-edit": code_edit_workload,
     "json": json_workload,
     "predicted-edit": predicted_edit_workload,
+    "long-prefix": long_prefix_workload,
 }
 
 
