@@ -42,6 +42,10 @@ from vsc.bench.plots import plot_latency_cdfs  # noqa: E402
 from vsc.bench.workloads import WORKLOADS, LengthDist, build_workload, closed  # noqa: E402
 
 
+#: Workloads whose requests know their answer's length (the edited file), used by --output-tokens expected.
+ANSWER_LENGTH_WORKLOADS = ("code-edit", "predicted-edit")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -144,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="closed-loop streams = every engine's max batch; 1: batch-1 latency (TPOT median = ms/token)")
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--prompt-tokens", default="fixed(64)", help="length distribution for chat")
-    ap.add_argument("--output-tokens", default="fixed(64)")
+    ap.add_argument("--output-tokens", default="fixed(64)",
+                    help="a length distribution, or `expected`: code-edit and predicted-edit requests ask for "
+                         "their answer's length (the others fixed(64))")
     ap.add_argument("--ctx", type=int, default=2048)
     ap.add_argument("--threads", default="1,2", help="thread counts to try for llama.cpp (others use the largest)")
     ap.add_argument("--goodput", default="ttft:1000,tpot:50", help="per-request SLOs in ms for goodput")
@@ -178,7 +184,10 @@ def compare_model(model: Path, args) -> None:
 
     workloads = {}
     for wname in args.workload or ["chat"]:
-        opts = {"output_tokens": LengthDist.parse(args.output_tokens), "max_context": args.ctx}
+        opts = {"max_context": args.ctx}
+        if args.output_tokens != "expected" or wname not in ANSWER_LENGTH_WORKLOADS:
+            opts["output_tokens"] = LengthDist.parse("fixed(64)" if args.output_tokens == "expected"
+                                                     else args.output_tokens)
         if wname == "chat":
             opts["prompt_tokens"] = LengthDist.parse(args.prompt_tokens)
         workloads[wname] = build_workload(wname, model, args.requests, seed=args.seed,

@@ -24,6 +24,7 @@ from bench.peers.gguf_file import check_gguf, file_content_hash, gguf_dtype
 # rows); silu-mul and add-rmsnorm run fused (TVM kernels: one pass over the prompt's activations
 # instead of three; SmolLM2 code-edit c16 in-process 47.4 / 47.2 -> 45.9 / 44.0 s). bench/RESULTS.md
 # has the A/Bs.
+STEP_TOKENS = 2048             # the default pipeline's step budget (continuous-batching max_tokens)
 DEFAULT_PIPELINE = ("fold-rope-tables,fuse-qkv,fuse-gate-up,paged-kv{block=16},"
                     "continuous-batching{max_batch=<max_batch>,max_tokens=2048},prefix-cache{policy=radix},"
                     "pack-linear-weights{tied_head=true},intra-op-threads,fuse-silu-mul,fuse-add-rmsnorm,select-kernels")
@@ -104,8 +105,15 @@ class VscPeer(Peer):
     def vsc_bin(self) -> Path:
         return self.python.parent / "vsc"
 
-    def pipeline_for(self, max_batch: int) -> str:
-        return self.pipeline.replace("<max_batch>", str(max_batch))
+    def pipeline_for(self, max_batch: int, ctx: int = STEP_TOKENS) -> str:
+        """The pipeline for this batch and context: past STEP_TOKENS of context, a prompt is
+        prefilled in STEP_TOKENS-token chunks (continuous-batching's step budget must hold a
+        whole prompt otherwise; the verifier refuses the plan)."""
+        pipeline = self.pipeline.replace("<max_batch>", str(max_batch))
+        step = f"max_tokens={STEP_TOKENS}}}"
+        if ctx > STEP_TOKENS and step in pipeline and "chunked-prefill" not in pipeline:
+            pipeline = pipeline.replace(step, f"max_tokens={ctx}}},chunked-prefill{{tokens={STEP_TOKENS}}}", 1)
+        return pipeline
 
     def install(self) -> None:
         if not self.python.exists() or not self.vsc_bin.exists():
@@ -133,7 +141,7 @@ class VscPeer(Peer):
     def prepare(self, model_dir: Path, *, max_batch: int, threads: int, ctx: int) -> dict:
         source = self.model_source(model_dir)
         memory = memory_for(model_dir, max_batch=max_batch, ctx=ctx, weights=self.weights_bytes(model_dir))
-        pipeline = self.pipeline_for(max_batch)
+        pipeline = self.pipeline_for(max_batch, ctx)
         spec = spec_text(source, max_batch=max_batch, threads=threads, ctx=ctx, memory=memory, pipeline=pipeline,
                          accuracy=self.accuracy)
         key = self.server_key(spec, self.model_hash(model_dir), compiler_hash())

@@ -180,6 +180,10 @@ def test_vsc_spec_and_command(model_dir, tmp_path):
     assert peer.pipeline_for(4) == ("fold-rope-tables,fuse-qkv,fuse-gate-up,paged-kv{block=16},"
                                     "continuous-batching{max_batch=4,max_tokens=2048},prefix-cache{policy=radix},"
                                     "pack-linear-weights{tied_head=true},intra-op-threads,fuse-silu-mul,fuse-add-rmsnorm,select-kernels")
+    # past 2048 tokens of context a prompt is prefilled in 2048-token chunks (the step budget could not hold it)
+    assert peer.pipeline_for(4, 8192) == peer.pipeline_for(4).replace(
+        "max_tokens=2048}", "max_tokens=8192},chunked-prefill{tokens=2048}")
+    assert peer.pipeline_for(4, 2048) == peer.pipeline_for(4)
     text = spec_text(model_dir, max_batch=4, threads=2, ctx=512, memory=768 << 20, pipeline=peer.pipeline_for(4))
     assert f'model "{model_dir}"' in text and "closed(4)" in text and "memory = 768 MiB" in text
     assert "max_context = 512" in text and "threads = 2" in text and "max_batch=4" in text
