@@ -81,7 +81,7 @@ def edited(out, rng):
 @pytest.mark.parametrize("method", ["none", "ngram", "prediction"])
 def test_greedy_output_is_plain_decodings_with_exact_edited_and_useless_predictions(engines, method):
     rng = random.Random(5)
-    engine = engines(method, k=4 if method != "none" else 0, max_batch=8)
+    engine = engines(method, k=4 if method != "none" else 0, max_batch=8, spec_rows=0)    # no row cap
     ps = prompts(9)
     outs = [reference(p, 40) for p in ps]
     preds = []
@@ -121,3 +121,26 @@ def test_a_prediction_outside_the_vocabulary_is_refused(engines):
     engine = engines("none")
     with pytest.raises(InvalidRequest, match="prediction token ids"):
         run_all(engine, [req("x", [100, 101], prediction=[5, 10 ** 6])])
+
+
+def test_guessed_drafts_fill_a_step_only_up_to_spec_rows(engines):
+    """On a CPU a step costs about the same up to ~16 rows: guessed drafts (predictions, n-grams)
+    fill it to `spec_rows`, shared among the decoding sequences; outputs are unchanged."""
+    ps = prompts(6)
+    outs = [reference(p, 40) for p in ps]
+    reqs = [req(f"r{i}", p, max_tokens=40, prediction=out) for i, (p, out) in enumerate(zip(ps, outs))]
+    for cap in (8, 12):
+        engine = engines("none", max_batch=8, spec_rows=cap)
+        seen = []
+        real = engine._run_spec_step
+
+        def spy(step, real=real):
+            seen.append(len(step.seqs) + sum(step.num_drafts))
+            return real(step)
+        engine._run_spec_step = spy
+        results = run_all(engine, reqs)
+        assert [tokens_of(e) for e in results] == outs
+        assert seen and max(seen) <= cap, (cap, seen)
+    alone = engines("none", max_batch=8, spec_rows=12)
+    (events,) = run_all(alone, reqs[:1])
+    assert tokens_of(events) == outs[0] and max(len(e.token_ids) for e in events) == 12    # 11 drafts + 1

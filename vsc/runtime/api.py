@@ -159,6 +159,10 @@ class EngineConfig:
     speculative_k: int = 0
     speculative_ngram: int = 3
     draft_model: str | None = None
+    # most rows (one per decoding sequence plus drafts) a step with guessed drafts computes:
+    # drafts fill a step up to it, shared among the sequences (0: no cap; grammar-forced
+    # jump-forward tokens are not counted)
+    spec_rows: int = 16
     # jump-forward: a json-mode request's grammar-forced tokens join the next step as verified
     # drafts (vsc.runtime.speculative); the output is the same either way
     jump_forward: bool = True
