@@ -94,3 +94,22 @@ def test_dimensions_without_the_kernel_keep_the_torch_path():
     assert lib.prefill_fn(6, 3, 24, 8) is None
     gen = torch.Generator().manual_seed(2)
     compare(lib, *step(gen, [5, 9], [21, 9], 8, 6, 3, 24), 6, 3, 24, 8)
+
+
+@pytest.mark.parametrize("heads,kv_heads,hd,block", SHAPES)
+def test_short_spans_run_with_the_group_in_the_lanes(heads, kv_heads, hd, block):
+    """A speculative verify's step: every sequence a few rows (its last token and drafts) behind a
+    long cached context. Spans of up to 16 / (heads per kv head) rows go to the short kernel
+    (lanes = heads x rows of the GQA group); the result equals torch's on the same caches."""
+    lib = library(heads, kv_heads, hd, block)
+    most = tvm_ops.SHORT_LANES // (heads // kv_heads)
+    real = lib.short_fn(heads, kv_heads, hd, block)
+    assert real is not None
+    calls = []
+    lib._funcs[("short", heads, kv_heads, hd, block)] = lambda *a: calls.append(a[4].shape[0]) or real(*a)
+    gen = torch.Generator().manual_seed(heads + hd + block)
+    news = [min(most, n) for n in (2, 3, most, 2, most, 3)] + [most + 1]      # the last one: the prefill kernel
+    ctx = [5 * block + 3, 9 * block, 2 * block + 1, 37, 3, 11 * block + 7, 4 * block]
+    ctx = [max(c, n) for c, n in zip(ctx, news)]
+    compare(lib, *step(gen, news, ctx, block, heads, kv_heads, hd), heads, kv_heads, hd, block)
+    assert calls and calls[0] == sum(1 for n in news if 2 <= n <= most)

@@ -202,7 +202,8 @@ def make_paged_attention(HQ: int, HK: int, D: int, BS: int):
 def make_attention_module(specs) -> "tvm.IRModule":
     """IRModule of the attention kernels `specs` names: ("kv_write", Hk, D) and
     ("paged_attention", Hq, Hk, D, BS) (with the prefill and cascade kernels of the same dimensions)."""
-    from vsc.backends.tvm.prefill_attention import make_prefill_attention, prefill_attention_name, prefill_supported
+    from vsc.backends.tvm.prefill_attention import (
+        make_prefill_attention, make_short_attention, prefill_attention_name, prefill_supported, short_attention_name)
     from vsc.backends.tvm.cascade_attention import cascade_attention_name, make_cascade_attention
 
     funcs = {}
@@ -213,6 +214,7 @@ def make_attention_module(specs) -> "tvm.IRModule":
             funcs[paged_attention_name(*dims)] = make_paged_attention(*dims)
             if prefill_supported(*dims):      # the prompt side of the same op (prefill_attention.py)
                 funcs[prefill_attention_name(*dims)] = make_prefill_attention(*dims)
+                funcs[short_attention_name(*dims)] = make_short_attention(*dims)
                 funcs[cascade_attention_name(*dims)] = make_cascade_attention(*dims)
         else:
             raise ValueError(f"unknown attention kernel {kind!r}")

@@ -40,6 +40,15 @@ def prefill_attention_name(hq: int, hk: int, d: int, bs: int) -> str:
     return f"prefill_attention_{hq}_{hk}_{d}_b{bs}"
 
 
+def short_attention_name(hq: int, hk: int, d: int, bs: int) -> str:
+    return f"short_attention_{hq}_{hk}_{d}_b{bs}"
+
+
+def short_rows(hq: int, hk: int) -> int:
+    """Most rows of a span the short kernel takes: its G = hq/hk heads x rows fill the 16 lanes."""
+    return QROWS // (hq // hk)
+
+
 def prefill_supported(hq: int, hk: int, d: int, bs: int) -> bool:
     """Whether make_prefill_attention builds for these dimensions."""
     return hq > 0 and hk > 0 and hq % hk == 0 and d > 0 and d % 16 == 0 and bs > 0 and bs % KEYS == 0
@@ -229,4 +238,68 @@ def make_prefill_attention(HQ: int, HK: int, D: int, BS: int):
                         for c in range(DC):
                             B.buffer_store(O, Ob.vload([(h * L + i) * D + c * 16], v.f32v) * v.bc(inv),
                                            [row0 + i, tirx.Ramp((j * G + h) * D + c * 16, 1, L)])
+    return ib.get()
+
+
+def make_short_attention(HQ: int, HK: int, D: int, BS: int):
+    """`short_attention_<Hq>_<Hk>_<D>_b<BS>(q, k_cache, v_cache, tables, tiles, scale, out)`: the
+    prefill kernel for spans of at most short_rows(Hq, Hk) rows (a speculative verify's last token
+    and drafts, jump-forward tokens, a short chunk). Their rows would fill few of the prefill
+    kernel's 16 lanes, each head group paying for all 16; here the lanes hold (head, row) pairs of
+    the whole GQA group, so one flash tile serves the group: G times less work per span. Same
+    tile list as the prefill kernel (rows <= short_rows)."""
+    from tvm import tirx
+    from tvm.script.ir_builder import IRBuilder
+    from tvm.tirx.script.builder import ir as B
+
+    if not prefill_supported(HQ, HK, D, BS):
+        raise ValueError(f"short attention: heads {HQ} / kv heads {HK} / head_dim {D} / block {BS} are not supported")
+    G = HQ // HK
+    DC = D // 16
+    L = QROWS
+    ALIGN = 4
+    v = Vec16()
+
+    with IRBuilder() as ib:
+        with B.prim_func(s_tir=True):
+            B.func_name(short_attention_name(HQ, HK, D, BS))
+            B.func_attr({"tirx.noalias": True})
+            q_h, kc_h, vc_h, bt_h, tl_h = (B.arg(a, B.handle()) for a in ("q", "k_cache", "v_cache", "tables", "tiles"))
+            scale = B.arg("scale", tirx.Var("scale", "float32"))
+            o_h = B.arg("out", B.handle())
+            T_ = B.int64()
+            S = B.int64()
+            NS = B.int64()
+            W = B.int64()
+            NT = B.int64()
+            qs = B.int64()
+            Q = B.match_buffer(q_h, (T_, HQ * D), "float32", strides=(qs, 1), align=ALIGN)
+            KC = B.match_buffer(kc_h, (S, HK, D), "float32", align=ALIGN)
+            VC = B.match_buffer(vc_h, (S, HK, D), "float32", align=ALIGN)
+            BT = B.match_buffer(bt_h, (NS, W), "int64", align=8)
+            TL = B.match_buffer(tl_h, (NT, 4), "int64", align=8)
+            O = B.match_buffer(o_h, (T_, HQ * D), "float32", align=ALIGN)
+
+            with B.parallel(v.i64(0), NT * HK) as task:
+                lpos = B.alloc_buffer((L,), "int64", scope="global")
+                tile = task // HK
+                j = task % HK
+                srow = TL[tile, 0]
+                row0 = TL[tile, 1]
+                nrows = TL[tile, 2]
+                pos0 = TL[tile, 3]
+                # lane = head * nrows + row; lanes past G * nrows repeat the last pair
+                with v.loop(L) as i:
+                    B.buffer_store(lpos, pos0 + tirx.Min(i, G * nrows - 1) % nrows, [i])
+                Ob, Mv, Lv = flash_tile(
+                    v, 1, D, BS, j,
+                    lambda h, d, i: Q[row0 + tirx.Min(i, G * nrows - 1) % nrows,
+                                      (j * G + tirx.Min(i, G * nrows - 1) // nrows) * D + d] * scale,
+                    (pos0 + nrows + BS - 1) // BS, lambda blk: BT[srow, blk], KC, VC,
+                    visible=lambda kp: lpos.vload([v.i64(0)], "int64x16") >= v.bc(kp))
+                with v.loop(G * nrows) as i:
+                    inv = B.bind(v.f32(1.0) / Lv[i])
+                    for c in range(DC):
+                        B.buffer_store(O, Ob.vload([i * D + c * 16], v.f32v) * v.bc(inv),
+                                       [row0 + i % nrows, tirx.Ramp((j * G + i // nrows) * D + c * 16, 1, L)])
     return ib.get()

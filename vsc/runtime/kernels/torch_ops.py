@@ -340,7 +340,7 @@ class AttentionMetadata:
     # prefill steps: the step's block tables (spans index them by `row`), and the TVM prefill
     # kernel's tile list, built on first use and kept for the step's other layers
     block_tables: torch.Tensor | None = None
-    prefill_tiles: torch.Tensor | None = None
+    prefill_tiles: tuple[torch.Tensor, torch.Tensor] | None = None    # (prefill kernel's, short kernel's)
 
 
 @dataclass

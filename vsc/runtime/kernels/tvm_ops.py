@@ -136,6 +136,16 @@ class TvmKernels:
                 self._funcs[key] = None
         return self._funcs[key]
 
+    def short_fn(self, heads: int, kv_heads: int, head_dim: int, block_size: int):
+        """The short-span prefill kernel (GQA heads x rows in the lanes), or None where the library has none."""
+        key = ("short", heads, kv_heads, head_dim, block_size)
+        if key not in self._funcs:
+            try:
+                self._funcs[key] = self.get(f"short_attention_{heads}_{kv_heads}_{head_dim}_b{block_size}")
+            except KeyError:
+                self._funcs[key] = None
+        return self._funcs[key]
+
     def cascade_fn(self, heads: int, kv_heads: int, head_dim: int, block_size: int):
         """The cascade decode attention kernel for these dimensions, or None where the library has none."""
         key = ("cascade", heads, kv_heads, head_dim, block_size)
@@ -413,6 +423,8 @@ def split_plan(rows: int, kv_heads: int, longest: int, block_size: int) -> tuple
 
 #: Query rows per tile of the prefill attention kernel (its vector lanes).
 PREFILL_ROWS = 16
+#: Lanes of the short-span kernel: a span of up to SHORT_LANES // (heads per kv head) rows goes there.
+SHORT_LANES = 16
 
 
 def prefill_tiles(spans) -> torch.Tensor:
@@ -523,13 +535,22 @@ def paged_attention(lib: TvmKernels, q: torch.Tensor, k: torch.Tensor, v: torch.
         return _decode_rows(lib, q.reshape(t, -1), k_cache, v_cache, meta, scale)
     if fn is not None and meta.block_tables is not None:
         out = torch.empty(t, heads * head_dim, dtype=torch.float32)
+        short_fn = lib.short_fn(heads, kv_heads, head_dim, meta.block_size)
         if meta.prefill_tiles is None:
-            meta.prefill_tiles = prefill_tiles(meta.spans)
-        if meta.prefill_tiles.shape[0]:
+            # spans of few rows (a verify's drafts, jump-forward tokens) go to the short kernel,
+            # whose lanes hold the GQA group's heads x rows
+            most = SHORT_LANES // (heads // kv_heads) if short_fn is not None else 0
+            meta.prefill_tiles = (prefill_tiles([sp for sp in meta.spans if sp.end - sp.start > most]),
+                                  prefill_tiles([sp for sp in meta.spans if sp.end - sp.start <= most]))
+        long_tiles, short_tiles = meta.prefill_tiles
+        if long_tiles.shape[0] or short_tiles.shape[0]:
             q2 = q.reshape(t, -1)
             q2 = q2 if q2.stride(-1) == 1 and q2.dtype == torch.float32 else q2.contiguous().to(torch.float32)
             tables = meta.block_tables if meta.block_tables.is_contiguous() else meta.block_tables.contiguous()
-            fn(q2, k_cache, v_cache, tables, meta.prefill_tiles, scale, out)
+            if long_tiles.shape[0]:
+                fn(q2, k_cache, v_cache, tables, long_tiles, scale, out)
+            if short_tiles.shape[0]:
+                short_fn(q2, k_cache, v_cache, tables, short_tiles, scale, out)
     else:
         spans = dataclasses.replace(meta, single_rows=None)
         out = torch_ops._prefill_attention(q.reshape(t, heads, head_dim), k.reshape(t, kv_heads, head_dim),
