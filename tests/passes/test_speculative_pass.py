@@ -76,6 +76,12 @@ def test_prediction_drafts_from_each_requests_prediction_and_auto_picks_it(root)
     assert auto.replace(",speculative{method=prediction,k=16}", "") == DEFAULT_PIPELINE
     assert "prefix-cache{policy=radix},speculative{method=prediction,k=16}" in auto
     assert auto_pipeline({"workload": {"kind": "code_edit"}}) == auto_pipeline({}) == DEFAULT_PIPELINE
+    # behind a long shared prefix, cascade attention (measured to pay at 4096 tokens, not at 768)
+    long_prefix = auto_pipeline({"workload": {"kind": "shared_prefix", "shared_prefix": {"tokens": 4096}}})
+    assert "prefix-cache{policy=radix},cascade-attention," in long_prefix
+    assert auto_pipeline({"workload": {"shared_prefix": {"tokens": 768, "share": 0.9}}}) == DEFAULT_PIPELINE
+    PassManager(long_prefix.replace("continuous-batching{max_batch=16,max_tokens=2048}",
+                                    "continuous-batching{max_batch=8,max_tokens=512}")).run(lowered(root))
 
 
 def test_defaults_are_ngram_k4_n3(root):

@@ -26,17 +26,23 @@ DEFAULT_PIPELINE = ("fuse-qkv,fuse-gate-up,fold-rope-tables,paged-kv{block=16},c
 #: prefix-cache: the mechanisms that pay only when requests are like that. predicted_edit:
 #: requests carry their expected answer (OpenAI `prediction`), drafted from in runs of up to 16.
 WORKLOAD_PASSES = {"predicted_edit": "speculative{method=prediction,k=16}"}
+#: A shared prefix at least this long (`workload { shared_prefix { tokens = N } }`) gets cascade
+#: attention: SmolLM2 fp32, 16 sequences behind 4096 shared tokens, decode step 131-137 -> 93-100 ms
+#: (bench/RESULTS.md); behind 768 tokens it measured within noise, so shorter prefixes go without.
+CASCADE_PREFIX_TOKENS = 2048
 
 
 def auto_pipeline(deployment: dict) -> str:
     """The pipeline `optimize auto` means for a deployment: DEFAULT_PIPELINE, plus what its
-    workload kind pays for (WORKLOAD_PASSES)."""
-    kind = ((deployment or {}).get("workload") or {}).get("kind")
-    extra = WORKLOAD_PASSES.get(kind)
+    workload pays for (WORKLOAD_PASSES by kind; cascade-attention behind a long shared prefix)."""
+    workload = (deployment or {}).get("workload") or {}
+    extra = [WORKLOAD_PASSES[workload["kind"]]] if workload.get("kind") in WORKLOAD_PASSES else []
+    if int((workload.get("shared_prefix") or {}).get("tokens") or 0) >= CASCADE_PREFIX_TOKENS:
+        extra.insert(0, "cascade-attention")
     if not extra:
         return DEFAULT_PIPELINE
     anchor = "prefix-cache{policy=radix}"
-    return DEFAULT_PIPELINE.replace(anchor, f"{anchor},{extra}", 1)
+    return DEFAULT_PIPELINE.replace(anchor, ",".join([anchor, *extra]), 1)
 
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
