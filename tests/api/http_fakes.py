@@ -184,3 +184,18 @@ def wait_for(cond, timeout: float = 5.0, interval: float = 0.01) -> bool:
             return True
         time.sleep(interval)
     return cond()
+
+
+#: One minimal body per endpoint, for tests that check a field on both.
+ENDPOINTS = {"/v1/completions": {"prompt": "hello"},
+             "/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}]}}
+
+
+def post_fields(live: "Live", path: str, max_tokens: int = 4, **fields):
+    """POST one of ENDPOINTS with `fields` added (a bounded, non-streaming call)."""
+    import httpx2 as httpx
+    import orjson
+
+    body = {"model": MODEL, "max_tokens": max_tokens, **ENDPOINTS[path], **fields}
+    return httpx.post(live.url + path, content=orjson.dumps(body), headers={"content-type": "application/json"},
+                      timeout=10)

@@ -2,16 +2,13 @@
 from __future__ import annotations
 
 import httpx2 as httpx
-import orjson
 import pytest
 
-from http_fakes import MODEL, FakeEngine, serving
+from http_fakes import ENDPOINTS, post_fields, FakeEngine, serving
 from vsc.runtime.constrain import ANY_JSON_OBJECT, canonical_schema
 
 PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
           "required": ["name", "age"]}
-ENDPOINTS = {"/v1/completions": {"prompt": "hello"},
-             "/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}]}}
 
 
 @pytest.fixture(scope="module")
@@ -21,9 +18,7 @@ def live():
 
 
 def post(live, path: str, **fields) -> httpx.Response:
-    body = {"model": MODEL, "max_tokens": 4, **ENDPOINTS[path], **fields}
-    return httpx.post(live.url + path, content=orjson.dumps(body), headers={"content-type": "application/json"},
-                      timeout=10)
+    return post_fields(live, path, max_tokens=4, **fields)
 
 
 def schema_sent(live, r: httpx.Response) -> str | None:

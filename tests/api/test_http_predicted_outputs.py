@@ -7,10 +7,8 @@ import httpx2 as httpx
 import orjson
 import pytest
 
-from http_fakes import MODEL, OUTPUT, FakeEngine, serving
+from http_fakes import ENDPOINTS, MODEL, post_fields, OUTPUT, FakeEngine, serving
 
-ENDPOINTS = {"/v1/completions": {"prompt": "hello"},
-             "/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}]}}
 
 
 @pytest.fixture(scope="module")
@@ -20,9 +18,7 @@ def live():
 
 
 def post(live, path: str, **fields) -> httpx.Response:
-    body = {"model": MODEL, "max_tokens": 12, **ENDPOINTS[path], **fields}
-    return httpx.post(live.url + path, content=orjson.dumps(body), headers={"content-type": "application/json"},
-                      timeout=10)
+    return post_fields(live, path, max_tokens=12, **fields)
 
 
 @pytest.mark.parametrize("path", list(ENDPOINTS))

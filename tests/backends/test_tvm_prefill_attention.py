@@ -71,7 +71,7 @@ def test_the_kernel_runs_and_the_tiles_split_the_work_evenly(monkeypatch):
     lib = library(heads, kv_heads, hd, block)
     real = lib.prefill_fn(heads, kv_heads, hd, block)
     seen = []
-    monkeypatch.setitem(lib._funcs, ("prefill", heads, kv_heads, hd, block),
+    monkeypatch.setitem(lib._funcs, ("prefill_attention", heads, kv_heads, hd, block),
                         lambda *a: (seen.append(a[4].clone()), real(*a)))
     gen = torch.Generator().manual_seed(5)
     compare(lib, *step(gen, [100, 9], [140, 9], block, heads, kv_heads, hd), heads, kv_heads, hd, block)
@@ -106,7 +106,7 @@ def test_short_spans_run_with_the_group_in_the_lanes(heads, kv_heads, hd, block)
     real = lib.short_fn(heads, kv_heads, hd, block)
     assert real is not None
     calls = []
-    lib._funcs[("short", heads, kv_heads, hd, block)] = lambda *a: calls.append(a[4].shape[0]) or real(*a)
+    lib._funcs[("short_attention", heads, kv_heads, hd, block)] = lambda *a: calls.append(a[4].shape[0]) or real(*a)
     gen = torch.Generator().manual_seed(heads + hd + block)
     news = [min(most, n) for n in (2, 3, most, 2, most, 3)] + [most + 1]      # the last one: the prefill kernel
     ctx = [5 * block + 3, 9 * block, 2 * block + 1, 37, 3, 11 * block + 7, 4 * block]

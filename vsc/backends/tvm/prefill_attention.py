@@ -184,6 +184,27 @@ def flash_tile(v: "Vec16", G: int, D: int, BS: int, j, query, nblocks, block_id,
     return Ob, Mv, Lv
 
 
+def _tile_arguments(HQ: int, HK: int, D: int):
+    """The arguments of the kernels that take a tile list (prefill, short): q, k_cache, v_cache,
+    tables, tiles, scale, out; returns their buffers, the scale and the tile count. Call inside a
+    prim_func."""
+    from tvm import tirx
+    from tvm.tirx.script.builder import ir as B
+
+    align = 4
+    q_h, kc_h, vc_h, bt_h, tl_h = (B.arg(a, B.handle()) for a in ("q", "k_cache", "v_cache", "tables", "tiles"))
+    scale = B.arg("scale", tirx.Var("scale", "float32"))
+    o_h = B.arg("out", B.handle())
+    T_, S, NS, W, NT, qs = (B.int64() for _ in range(6))
+    Q = B.match_buffer(q_h, (T_, HQ * D), "float32", strides=(qs, 1), align=align)
+    KC = B.match_buffer(kc_h, (S, HK, D), "float32", align=align)
+    VC = B.match_buffer(vc_h, (S, HK, D), "float32", align=align)
+    BT = B.match_buffer(bt_h, (NS, W), "int64", align=8)
+    TL = B.match_buffer(tl_h, (NT, 4), "int64", align=8)
+    O = B.match_buffer(o_h, (T_, HQ * D), "float32", align=align)
+    return Q, KC, VC, BT, TL, O, scale, NT
+
+
 def make_prefill_attention(HQ: int, HK: int, D: int, BS: int):
     from tvm import tirx
     from tvm.script.ir_builder import IRBuilder
@@ -195,28 +216,13 @@ def make_prefill_attention(HQ: int, HK: int, D: int, BS: int):
     G = HQ // HK
     DC = D // 16
     L = QROWS
-    ALIGN = 4
     v = Vec16()
 
     with IRBuilder() as ib:
         with B.prim_func(s_tir=True):
             B.func_name(prefill_attention_name(HQ, HK, D, BS))
             B.func_attr({"tirx.noalias": True})
-            q_h, kc_h, vc_h, bt_h, tl_h = (B.arg(a, B.handle()) for a in ("q", "k_cache", "v_cache", "tables", "tiles"))
-            scale = B.arg("scale", tirx.Var("scale", "float32"))
-            o_h = B.arg("out", B.handle())
-            T_ = B.int64()
-            S = B.int64()
-            NS = B.int64()
-            W = B.int64()
-            NT = B.int64()
-            qs = B.int64()
-            Q = B.match_buffer(q_h, (T_, HQ * D), "float32", strides=(qs, 1), align=ALIGN)
-            KC = B.match_buffer(kc_h, (S, HK, D), "float32", align=ALIGN)
-            VC = B.match_buffer(vc_h, (S, HK, D), "float32", align=ALIGN)
-            BT = B.match_buffer(bt_h, (NS, W), "int64", align=8)
-            TL = B.match_buffer(tl_h, (NT, 4), "int64", align=8)
-            O = B.match_buffer(o_h, (T_, HQ * D), "float32", align=ALIGN)
+            Q, KC, VC, BT, TL, O, scale, NT = _tile_arguments(HQ, HK, D)
 
             with B.parallel(v.i64(0), NT * HK) as task:
                 tile = task // HK
@@ -257,28 +263,13 @@ def make_short_attention(HQ: int, HK: int, D: int, BS: int):
     G = HQ // HK
     DC = D // 16
     L = QROWS
-    ALIGN = 4
     v = Vec16()
 
     with IRBuilder() as ib:
         with B.prim_func(s_tir=True):
             B.func_name(short_attention_name(HQ, HK, D, BS))
             B.func_attr({"tirx.noalias": True})
-            q_h, kc_h, vc_h, bt_h, tl_h = (B.arg(a, B.handle()) for a in ("q", "k_cache", "v_cache", "tables", "tiles"))
-            scale = B.arg("scale", tirx.Var("scale", "float32"))
-            o_h = B.arg("out", B.handle())
-            T_ = B.int64()
-            S = B.int64()
-            NS = B.int64()
-            W = B.int64()
-            NT = B.int64()
-            qs = B.int64()
-            Q = B.match_buffer(q_h, (T_, HQ * D), "float32", strides=(qs, 1), align=ALIGN)
-            KC = B.match_buffer(kc_h, (S, HK, D), "float32", align=ALIGN)
-            VC = B.match_buffer(vc_h, (S, HK, D), "float32", align=ALIGN)
-            BT = B.match_buffer(bt_h, (NS, W), "int64", align=8)
-            TL = B.match_buffer(tl_h, (NT, 4), "int64", align=8)
-            O = B.match_buffer(o_h, (T_, HQ * D), "float32", align=ALIGN)
+            Q, KC, VC, BT, TL, O, scale, NT = _tile_arguments(HQ, HK, D)
 
             with B.parallel(v.i64(0), NT * HK) as task:
                 lpos = B.alloc_buffer((L,), "int64", scope="global")

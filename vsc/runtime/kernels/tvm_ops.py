@@ -126,35 +126,28 @@ class TvmKernels:
         except KeyError:
             return None
 
-    def prefill_fn(self, heads: int, kv_heads: int, head_dim: int, block_size: int):
-        """The prefill attention kernel for these dimensions, or None where the library has none."""
-        key = ("prefill", heads, kv_heads, head_dim, block_size)
+    def _attention_fn(self, kind: str, heads: int, kv_heads: int, head_dim: int, block_size: int):
+        """The attention kernel `<kind>_<heads>_<kv_heads>_<head_dim>_b<block>`, or None where the
+        library (built before that kernel existed) has none; looked up once."""
+        key = (kind, heads, kv_heads, head_dim, block_size)
         if key not in self._funcs:
             try:
-                self._funcs[key] = self.get(f"prefill_attention_{heads}_{kv_heads}_{head_dim}_b{block_size}")
+                self._funcs[key] = self.get(f"{kind}_{heads}_{kv_heads}_{head_dim}_b{block_size}")
             except KeyError:
                 self._funcs[key] = None
         return self._funcs[key]
+
+    def prefill_fn(self, heads: int, kv_heads: int, head_dim: int, block_size: int):
+        """The prefill attention kernel for these dimensions, or None."""
+        return self._attention_fn("prefill_attention", heads, kv_heads, head_dim, block_size)
 
     def short_fn(self, heads: int, kv_heads: int, head_dim: int, block_size: int):
-        """The short-span prefill kernel (GQA heads x rows in the lanes), or None where the library has none."""
-        key = ("short", heads, kv_heads, head_dim, block_size)
-        if key not in self._funcs:
-            try:
-                self._funcs[key] = self.get(f"short_attention_{heads}_{kv_heads}_{head_dim}_b{block_size}")
-            except KeyError:
-                self._funcs[key] = None
-        return self._funcs[key]
+        """The short-span prefill kernel (GQA heads x rows in the lanes), or None."""
+        return self._attention_fn("short_attention", heads, kv_heads, head_dim, block_size)
 
     def cascade_fn(self, heads: int, kv_heads: int, head_dim: int, block_size: int):
-        """The cascade decode attention kernel for these dimensions, or None where the library has none."""
-        key = ("cascade", heads, kv_heads, head_dim, block_size)
-        if key not in self._funcs:
-            try:
-                self._funcs[key] = self.get(f"cascade_attention_{heads}_{kv_heads}_{head_dim}_b{block_size}")
-            except KeyError:
-                self._funcs[key] = None
-        return self._funcs[key]
+        """The cascade decode attention kernel, or None."""
+        return self._attention_fn("cascade_attention", heads, kv_heads, head_dim, block_size)
 
     def gemm_fn(self, fmt: str, n: int, k: int):
         """The GEMM form of the VNNI kernel, or None where the library has none."""
