@@ -106,6 +106,12 @@ def test_builtin_proposer_is_deterministic_and_follows_the_cost_model(make_modul
                                             {"id": 0, "pipeline": start}), 1)[0]
     assert "speculative{method=prompt-lookup,k=4}" in top.pipeline
     assert "expected gain" in top.rationale
+    # requests that carry their answers: drafting from the predictions comes first
+    predicted = with_workload(make_module(), kind="predicted_edit")
+    top = BuiltinProposer().propose(context(predicted, [{"id": 0, "pipeline": start, "status": "ok"}],
+                                            {"id": 0, "pipeline": start}), 1)[0]
+    assert "speculative{method=prediction,k=16}" in top.pipeline
+    assert not any("method=prediction" in m[1] and m[0] > 0 for m in moves(start, Features.of(ctx)))
 
 
 def test_every_move_is_a_valid_pipeline_in_canonical_order(make_module):

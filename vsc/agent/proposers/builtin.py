@@ -13,7 +13,8 @@ Moves are ordered by a cost model, the expected relative gain of the move for th
 deployment, computed from the IR and the spec's workload (`Features`):
 
 - prefix-cache pays in proportion to the prefill it skips: share x prefix / prompt;
-- prompt-lookup speculation pays when answers repeat the prompt (workload kind code_edit);
+- prompt-lookup speculation pays when answers repeat the prompt (workload kind code_edit),
+  drafting from the requests' own predictions when they carry them (predicted_edit);
 - chunked prefill pays when prompts are long next to the step's token budget;
 - the fusions and RoPE tables cut per-step op count, which matters most when the decode
   GEMMs are small (per-op overhead, not FLOPs, dominates: the intra-op-threads cost model);
@@ -57,7 +58,8 @@ GRIDS: dict[str, list[dict[str, str]]] = {
     "cascade-attention": [{}, {"min_tokens": "256"}],
     "pack-linear-weights": [{}, {"include_head": "false"}, {"tied_head": "true"}],
     "speculative": [{"method": "prompt-lookup", "k": "4"}, {"method": "prompt-lookup", "k": "2"},
-                    {"method": "prompt-lookup", "k": "6"}, {"method": "ngram", "k": "4"}],
+                    {"method": "prompt-lookup", "k": "6"}, {"method": "ngram", "k": "4"},
+                    {"method": "prediction", "k": "16"}],
     "select-kernels": [{}],
     "intra-op-threads": [{}, {"threads": "1"}, {"threads": "2"}],
     "compile-decode-step": [{}],
@@ -134,7 +136,9 @@ def expected_gain(move: str, spec: PassSpec, f: Features) -> float:
         return (0.35 if not opts else 0.1) if f.target == "cpu" else 0.0
     if name == "speculative":
         k = int(opts.get("k", "4"))
-        base = 0.45 if f.kind == "code_edit" else 0.03
+        if opts.get("method") == "prediction":   # requests carry their answers: the one source that knows them
+            return 0.6 if f.kind == "predicted_edit" else 0.0
+        base = 0.45 if f.kind in ("code_edit", "predicted_edit") else 0.03
         if opts.get("method") == "ngram":
             base *= 0.4
         return base * {4: 1.0, 2: 0.85, 6: 0.8}.get(k, 0.7)
