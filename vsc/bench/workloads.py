@@ -611,7 +611,9 @@ def json_workload(source: TextSource, n: int, seed: int, arrival: Arrival,
 def long_prefix_workload(source: TextSource, n: int, seed: int, arrival: Arrival, prefix_tokens: int = 4096,
                          **options) -> Workload:
     """shared-prefix with the system prompt agents and RAG send: ~4K shared tokens (90% of the
-    requests), a short unique turn. Needs max_context above prefix + turn + output (e.g. 8192)."""
+    requests), a short unique turn. The prefix takes at most 3/4 of the context (max_context
+    8192 for the full 4K)."""
+    prefix_tokens = min(prefix_tokens, _room(options.get("max_context")) * 3 // 4)
     w = shared_prefix_workload(source, n, seed, arrival, prefix_tokens=prefix_tokens, **options)
     w.name = "long-prefix"
     return w
