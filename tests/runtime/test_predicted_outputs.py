@@ -12,7 +12,7 @@ import pytest
 
 from test_speculative import ALPHABET, prompts, reference, req, run_all, seq, tokens_of
 from vsc.runtime.speculative import (
-    PREDICTION_K, PREDICTION_K_FIRST, PredictionProposer, make_proposer, prediction_proposer,
+    PREDICTION_K, PREDICTION_K_FIRST, PredictionProposer, SpecGate, make_proposer, prediction_proposer,
 )
 
 
@@ -144,3 +144,31 @@ def test_guessed_drafts_fill_a_step_only_up_to_spec_rows(engines):
     alone = engines("none", max_batch=8, spec_rows=12)
     (events,) = run_all(alone, reqs[:1])
     assert tokens_of(events) == outs[0] and max(len(e.token_ids) for e in events) == 12    # 11 drafts + 1
+
+
+def test_the_gate_keeps_drafting_only_while_it_measures_faster_and_probes_the_other_way():
+    gate = SpecGate()
+    assert gate.drafting()                                # nothing measured: draft
+    gate.observe(True, 30, 1.0)                           # 30 tokens/s with drafts
+    assert gate.drafting()                                # no plain step measured yet
+    gate.observe(False, 40, 1.0)                          # 40 tokens/s plain: drafting loses
+    decisions = [gate.drafting() for _ in range(2 * SpecGate.PROBE_EVERY)]
+    assert decisions.count(True) == 2                     # one probe step per PROBE_EVERY
+    for _ in range(10):
+        gate.observe(True, 80, 1.0)                       # the probes measure drafts faster now
+    assert gate.draft_rate > gate.plain_rate
+    decisions = [gate.drafting() for _ in range(2 * SpecGate.PROBE_EVERY)]
+    assert decisions.count(False) == 2                    # drafting, with a plain probe now and then
+    gate.observe(True, 0, 1.0)
+    gate.observe(False, 5, 0.0)                           # nothing to learn from empty or instant steps
+    assert gate.draft_rate > gate.plain_rate
+
+
+def test_a_gate_that_says_no_leaves_plain_decoding(engines):
+    ps = prompts(4)
+    outs = [reference(p, 30) for p in ps]
+    engine = engines("ngram", k=4, max_batch=8, spec_gate=True)
+    engine.spec_gate.drafting = lambda: False
+    results = run_all(engine, [req(f"r{i}", p, max_tokens=30, prediction=out) for i, (p, out) in enumerate(zip(ps, outs))])
+    assert [tokens_of(e) for e in results] == outs
+    assert engine.stats()["spec_draft_tokens"] == 0

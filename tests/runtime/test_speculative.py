@@ -357,6 +357,7 @@ def make_toy_engine(method="ngram", k=4, num_blocks=64, block_size=4, tokenizer=
     """A started engine over ToyRunner (the `engines` fixture, tests/runtime/conftest.py, shuts it down)."""
     cfg.setdefault("max_context", 256)
     cfg.setdefault("max_tokens", 512)
+    cfg.setdefault("spec_gate", False)        # drafting decided by measured time: off, so tests are deterministic
     config = EngineConfig(speculative_method=method, speculative_k=k if method != "none" else 0, **cfg)
     engine = LLMEngine(ToyRunner(num_blocks, block_size), tokenizer, config, "toy")
     engine.start()

@@ -163,6 +163,9 @@ class EngineConfig:
     # drafts fill a step up to it, shared among the sequences (0: no cap; grammar-forced
     # jump-forward tokens are not counted)
     spec_rows: int = 16
+    # guessed drafts only while steps with drafts measure more tokens per second than plain
+    # steps (vsc.runtime.speculative.SpecGate); False: always draft
+    spec_gate: bool = True
     # jump-forward: a json-mode request's grammar-forced tokens join the next step as verified
     # drafts (vsc.runtime.speculative); the output is the same either way
     jump_forward: bool = True

@@ -58,7 +58,7 @@ from vsc.runtime.sampler import Sampler
 from vsc.runtime.scheduler import ScheduledStep, Scheduler
 from vsc.runtime.sequence import Sequence
 from vsc.runtime.speculative import (
-    JUMP_FORWARD_K, PredictionProposer, draft_limit, make_proposer, prediction_proposer, rewind, verify,
+    JUMP_FORWARD_K, PredictionProposer, SpecGate, draft_limit, make_proposer, prediction_proposer, rewind, verify,
     wants_drafts)
 from vsc.runtime.tokenizer import IncrementalDetokenizer
 
@@ -100,6 +100,7 @@ class LLMEngine:
         self.draft_runner = draft_runner if config.speculative_method == "draft" else None
         # a request's own predicted output drafts it, whatever the plan's method
         self.predictions = prediction_proposer(config.speculative_method, config.speculative_k)
+        self.spec_gate = SpecGate()          # guessed drafts only while they measure faster
         self.spec_draft_tokens = 0          # drafts verified
         self.spec_accepted_tokens = 0       # of those, accepted
         self.jump_forward_tokens = 0        # of those, grammar-forced tokens of json-mode requests
@@ -287,8 +288,14 @@ class LLMEngine:
             return
         try:
             t0 = time.perf_counter()
+            tokens0 = self.generated_tokens
             self._run_step(step)
-            self.scheduler.observe(step, time.perf_counter() - t0)
+            seconds = time.perf_counter() - t0
+            self.scheduler.observe(step, seconds)
+            if step.batch.is_decode or step.num_drafts:     # prompt work would blur the comparison
+                guessed = any(d and s.constraint is None for s, d in zip(step.seqs, step.num_drafts))
+                if guessed or not step.num_drafts:
+                    self.spec_gate.observe(guessed, self.generated_tokens - tokens0, seconds)
         except Exception:  # noqa: BLE001 - see the module docstring
             log.exception("engine step failed; failing its %d request(s)", len(step.seqs))
             self.num_errors += 1
@@ -354,6 +361,8 @@ class LLMEngine:
         room = max(0, cap - len(running)) if cap > 0 else None
         guessed = [s for s in running if wants_drafts(s) and s.constraint is None
                    and (predictions.applies(s) or proposer is not None)]
+        if guessed and self.config.spec_gate and not self.spec_gate.drafting():
+            room = 0                              # drafts measured slower than plain steps: a plain step
         share = {id(s): room // len(guessed) + (i < room % len(guessed)) for i, s in enumerate(guessed)} \
             if room is not None and guessed else {}
         for seq in running:

@@ -210,6 +210,47 @@ class NgramProposer:
         """Verification result (the index needs nothing)."""
 
 
+# --- when drafting pays ---------------------------------------------------------------------
+
+
+class SpecGate:
+    """Whether guessed drafts pay on this machine and plan, from measured steps.
+
+    A step with drafts verifies them through the prefill path, which may cost several decode
+    steps (a compiled decode step against the eager verify, or a compute-bound batch where
+    every draft costs a token's work). The gate keeps EWMAs of output tokens per second of
+    decode-only steps and of steps with drafts; drafting stays on while the latter is at least
+    the former. Either estimate is refreshed by a probe every PROBE_EVERY steps: one step with
+    drafts while drafting is off, one without while it is on. No data yet: drafting is on.
+    (Grammar-forced jump-forward drafts are never wasted and not gated.)
+    """
+
+    PROBE_EVERY = 32
+    ALPHA = 0.25
+
+    def __init__(self):
+        self.plain_rate: float | None = None      # tokens / s of decode-only steps
+        self.draft_rate: float | None = None      # tokens / s of steps that carried drafts
+        self.steps = 0
+
+    def drafting(self) -> bool:
+        """Whether the next step may carry guessed drafts (advances the probe counter)."""
+        self.steps += 1
+        on = self.plain_rate is None or self.draft_rate is None or self.draft_rate >= self.plain_rate
+        if self.steps % self.PROBE_EVERY == 0:
+            return not on
+        return on
+
+    def observe(self, drafted: bool, tokens: int, seconds: float) -> None:
+        if tokens <= 0 or seconds <= 0:
+            return
+        rate = tokens / seconds
+        if drafted:
+            self.draft_rate = rate if self.draft_rate is None else self.draft_rate + self.ALPHA * (rate - self.draft_rate)
+        else:
+            self.plain_rate = rate if self.plain_rate is None else self.plain_rate + self.ALPHA * (rate - self.plain_rate)
+
+
 # --- predicted outputs ---------------------------------------------------------------------
 
 #: Longest run drafted from a request's prediction (the plan's k when larger), and the first.
