@@ -410,12 +410,12 @@ class LLMEngine:
             self._observe_logits(row_seqs, logits)
         if any(s.constraint is not None for s in row_seqs):
             # json mode: each row masked by the grammar state after the drafts before it
-            states = []
+            masks = []
             for r in rows:
                 c = seqs[r].constraint
                 after = c.after(seqs[r].draft_ids[:drafted[r]]) if c is not None and drafted[r] else []
-                states += [c] + after + [c] * (drafted[r] - len(after))
-            logits = apply_constraints(logits, states)
+                masks += [c] + after + [c] * (drafted[r] - len(after))
+            logits = apply_constraints(logits, masks)
         states = {r: seqs[r].generator.get_state() for r in rows if drafted[r] and seqs[r].generator is not None}
         picks = self.sampler(logits, [s.params for s in row_seqs], [s.generator for s in row_seqs])
         now = time.monotonic()

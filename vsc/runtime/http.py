@@ -183,7 +183,6 @@ def _common(body: dict, chat: bool) -> tuple[SamplingParams, bool, bool]:
                             top_k=0 if top_k == -1 else top_k, seed=seed, stop=stops,
                             stop_token_ids=list(stop_ids), ignore_eos=ignore_eos,
                             json_schema=_response_format(body.get("response_format")))
-    _prediction(body.get("prediction"))      # checked here, tokenized with the prompt
     return params, stream, include_usage
 
 
@@ -382,8 +381,8 @@ class _App:
         try:
             body = await self._json(request)
             params, stream, include_usage = _common(body, chat=chat)
-            ids = prompt_of(body, params)
             predicted = _prediction(body.get("prediction"))
+            ids = prompt_of(body, params)
             if predicted is not None:
                 params.prediction = list(self.tokenizer.encode(predicted, add_special_tokens=False)) or None
         except ApiError as e:
