@@ -279,19 +279,25 @@ class LlamaCppPeer(Peer):
         gguf = self.convert(model_dir)
         return {"gguf": str(gguf), "dtype": self.outtype, "pre_tokenizer": pre_tokenizer_from_log(gguf.with_suffix(".log"))}
 
+    # llama-server's n-gram speculation (`--spec-type ngram-simple`: drafts the continuation of
+    # the last 12-token n-gram's earlier occurrence in the context, prompt included, up to 16
+    # tokens): its option for answers that repeat the prompt (llama.cpp's lookup decoding).
+    VARIANTS = {"default": [], "ngram-spec": ["--spec-type", "ngram-simple", "--spec-draft-n-max", "16"]}
+    WORKLOAD_VARIANTS = {"code-edit": ("default", "ngram-spec"), "predicted-edit": ("default", "ngram-spec")}
+
     def command(self, model_dir: Path, port: int, *, max_batch: int = 16, threads: int = 2, ctx: int = 2048,
                 gguf: str = "<gguf>", **_) -> list[str]:
         # -c is the whole KV cache, shared by the -np slots: ctx tokens for each of max_batch slots
         return [str(self.server_bin), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
                 "-np", str(max_batch), "-c", str(ctx * max_batch), "-t", str(threads), "-tb", str(threads),
-                "--cont-batching", "-a", Path(model_dir).name]
+                "--cont-batching", "-a", Path(model_dir).name, *self.VARIANTS[self.variant]]
 
     def served_model_name(self, model_dir: Path, **prepared) -> str | None:
         return Path(model_dir).name
 
     def describe(self) -> dict:
         d = super().describe()
-        d.update(dtype=self.outtype, gguf=self.last.get("gguf"), cmake_options=list(CMAKE_OPTIONS))
+        d.update(dtype=self.outtype, gguf=self.last.get("gguf"), cmake_options=list(CMAKE_OPTIONS), variant=self.variant)
         return d
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from bench.peers.base import REPO_ROOT, Peer, PeerUnavailable, dir_content_hash, install_lock, pip_version, run_logged
 from bench.peers.gguf_file import check_gguf, file_content_hash, gguf_dtype
+from vsc.passes.pipeline import WORKLOAD_PASSES
 
 # Exact passes only (no int8): the same numbers as the peers' fp32. prefix-cache costs a
 # tree lookup per admission and pays on any workload whose prompts share a prefix.
@@ -93,6 +94,12 @@ def compiler_hash() -> str:
 class VscPeer(Peer):
     name = "vsc"
     start_timeout = 180.0
+    # A variant adds to the plan what `optimize auto` adds for a spec whose workload is described
+    # so (vsc.passes.pipeline.auto_pipeline): drafts from the requests' predictions for
+    # `workload { kind = predicted_edit }`, cascade attention behind a 2048+-token shared prefix.
+    VARIANTS = {"default": [], "prediction": [WORKLOAD_PASSES["predicted_edit"]], "cascade": ["cascade-attention"]}
+    WORKLOAD_VARIANTS = {"predicted-edit": ("default", "prediction"), "long-prefix": ("default", "cascade")}
+    ANCHOR = "prefix-cache{policy=radix}"     # the variant's passes go right after it, as auto_pipeline puts them
 
     def __init__(self, cache_dir: Path | None = None, pipeline: str = DEFAULT_PIPELINE,
                  python: Path | None = None):
@@ -110,6 +117,9 @@ class VscPeer(Peer):
         prefilled in STEP_TOKENS-token chunks (continuous-batching's step budget must hold a
         whole prompt otherwise; the verifier refuses the plan)."""
         pipeline = self.pipeline.replace("<max_batch>", str(max_batch))
+        extra = self.VARIANTS[self.variant]
+        if extra:
+            pipeline = pipeline.replace(self.ANCHOR, ",".join([self.ANCHOR, *extra]), 1)
         step = f"max_tokens={STEP_TOKENS}}}"
         if ctx > STEP_TOKENS and step in pipeline and "chunked-prefill" not in pipeline:
             pipeline = pipeline.replace(step, f"max_tokens={ctx}}},chunked-prefill{{tokens={STEP_TOKENS}}}", 1)
@@ -179,7 +189,7 @@ class VscPeer(Peer):
 
     def describe(self) -> dict:
         d = super().describe()
-        d.update(pipeline=self.last.get("pipeline", self.pipeline), dtype="f32")
+        d.update(pipeline=self.last.get("pipeline", self.pipeline), dtype="f32", variant=self.variant)
         return d
 
 

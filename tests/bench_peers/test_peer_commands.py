@@ -344,3 +344,29 @@ def test_running_stop_polite_exit(tmp_path):
     assert run.stop(timeout=10) == -signal.SIGTERM
     with pytest.raises(ProcessLookupError):
         os.kill(proc.pid, 0)
+
+
+def test_llamacpp_runs_its_ngram_speculation_where_outputs_copy_the_prompt(tmp_path):
+    peer = LlamaCppPeer(cache_dir=tmp_path)
+    assert peer.variants_for("chat") == ("default",)
+    assert peer.variants_for("predicted-edit") == ("default", "ngram-spec")
+    assert "--spec-type" not in peer.command(Path("/m/toy"), 8080, gguf="/g/toy.gguf")
+    peer.variant = "ngram-spec"
+    cmd = peer.command(Path("/m/toy"), 8080, gguf="/g/toy.gguf")
+    assert cmd[cmd.index("--spec-type") + 1] == "ngram-simple" and int(cmd[cmd.index("--spec-draft-n-max") + 1]) > 1
+
+
+def test_vsc_variants_add_what_optimize_auto_adds_for_the_workload(tmp_path):
+    from vsc.passes.pipeline import DEFAULT_PIPELINE, auto_pipeline
+
+    peer = VscPeer(cache_dir=tmp_path)
+    assert peer.variants_for("chat") == ("default",)
+    plain = peer.pipeline_for(4)
+    for workload, variant, deployment in (
+            ("predicted-edit", "prediction", {"workload": {"kind": "predicted_edit"}}),
+            ("long-prefix", "cascade", {"workload": {"shared_prefix": {"tokens": 4096}}})):
+        assert variant in peer.variants_for(workload)
+        peer.variant = variant
+        added = set(peer.pipeline_for(4).split(",")) - set(plain.split(","))
+        # the same passes auto_pipeline adds to its default for a spec describing that workload
+        assert added == set(auto_pipeline(deployment).split(",")) - set(DEFAULT_PIPELINE.split(",")) != set()
