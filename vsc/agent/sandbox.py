@@ -13,7 +13,8 @@ Layers, outermost first (each limit has more than one where the machine allows):
   SIGKILLed after `limits.seconds` of wall clock (which includes the child's start-up).
   Where unprivileged user namespaces work, it also runs in its own PID namespace
   (`unshare --pid --fork --kill-child`): killing it kills every process it started, even
-  one that left the process group.
+  one that left the process group. The child is started through vsc.child_process, so a
+  SIGKILLed parent (no timer left to fire) takes it along instead of leaving it running.
 - memory: RLIMIT_AS (hard) set by the child before it imports anything of vsc; an
   allocation past it raises MemoryError (reported as "memory"), a native abort is
   recognised from stderr.
@@ -51,6 +52,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from vsc.child_process import dies_with_parent
 from vsc.errors import IRParseError, VscError
 from vsc.ir.module import ServingModule
 
@@ -97,7 +99,7 @@ def run_pipeline_sandboxed(ir_text: str, pipeline: str, pass_source: str | None,
     argv = [*_isolation_prefix(), sys.executable, "-B", "-s", "-P", "-m", "vsc.agent.sandbox_child", str(work),
             "--memory-bytes", str(int(limits.memory_bytes)), "--file-bytes", str(int(limits.file_bytes))]
     with open(work / "child.log", "wb") as log:
-        proc = subprocess.Popen(argv, cwd=work, env=_child_env(work), stdin=subprocess.DEVNULL, stdout=log,
+        proc = subprocess.Popen(dies_with_parent(argv), cwd=work, env=_child_env(work), stdin=subprocess.DEVNULL, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
         timed_out = False
         try:
