@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from kernel_layers import needs_kernel_layers
 from vsc.child_process import dies_with_parent
 from vsc.models.tiny import make_tiny
 
@@ -142,6 +143,7 @@ class Spin(Pass):
 '''
 
 
+@needs_kernel_layers
 def test_kill_9_of_the_parent_takes_a_running_sandbox_child_with_it(tmp_path, make_module):
     from vsc.ir.printer import print_module
 
