@@ -298,7 +298,9 @@ def secret_paths(tmp_path: Path) -> list[str]:
     secret = tmp_path / "home" / ".bashrc"
     secret.parent.mkdir()
     secret.write_text("export ANTHROPIC_API_KEY=sk-secret\n")
-    paths = [str(secret)]
+    # the same file through the sandbox's own (readable) /proc entry, and this process's
+    # environment (ANTHROPIC_API_KEY, when set) through /proc
+    paths = [str(secret), f"/proc/self/root{secret}", f"/proc/{os.getpid()}/environ"]
     for path in ("/etc/shadow", os.path.expanduser("~/.bashrc")):
         if os.access(path, os.R_OK):
             paths.append(path)
