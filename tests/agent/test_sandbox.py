@@ -389,3 +389,21 @@ def test_an_oversized_report_from_the_pass_is_not_read(ir_text, work):
             "os._exit(1)")
     err = run_bad(ir_text, agent_pass(body), work)
     assert err.kind == "crash" and "result.json is larger than" in str(err)
+
+
+def test_read_rules_list_only_the_checkouts_root_but_read_an_installed_vsc_site_folder(tmp_path, monkeypatch):
+    from vsc.agent import sandbox_child
+    import vsc
+
+    checkout = dict(sandbox_child.read_rules())
+    root = os.path.dirname(os.path.dirname(os.path.realpath(vsc.__file__)))
+    assert checkout[root] == sandbox_child._FS_READ_DIR                   # listed, not read
+    assert checkout[os.path.join(root, "vsc")] == sandbox_child._FS_READ
+    assert not any(path in ("/", "/etc", os.path.expanduser("~")) for path in checkout)
+
+    site = tmp_path / "lib" / "site-packages"
+    (site / "vsc").mkdir(parents=True)
+    monkeypatch.setattr(vsc, "__file__", str(site / "vsc" / "__init__.py"))
+    monkeypatch.setattr(sys, "path", [str(site)])
+    installed = dict(sandbox_child.read_rules())
+    assert installed[str(site)] == sandbox_child._FS_READ                 # lark, networkx, ... live beside vsc

@@ -239,15 +239,17 @@ class _PathBeneath(ctypes.Structure):
 def read_rules() -> list[tuple[str, int]]:
     """(path, Landlock rights) the proposal may read beyond WORK_DIR: the folders Python
     imports from (sys.path: the standard library, site-packages), its LIBDIR, the vsc
-    package (its parent folder only listed, not read: in a checkout that is the project's
-    root), and SYSTEM_READS. Paths that do not exist are left out."""
+    package, and SYSTEM_READS. In a checkout the folder above vsc is the project's root
+    (tests, models, run folders): it is only listed, not read. Paths that do not exist are
+    left out, and "/" is never granted."""
     import sysconfig
 
     import vsc
 
     pkg = os.path.dirname(os.path.realpath(vsc.__file__))
     project = os.path.dirname(pkg)
-    rules = [(project, _FS_READ_DIR), (pkg, _FS_READ)]
+    installed = os.path.basename(project) in ("site-packages", "dist-packages")
+    rules = [(project, _FS_READ if installed else _FS_READ_DIR), (pkg, _FS_READ)]
     for entry in [*sys.path, sysconfig.get_config_var("LIBDIR") or "", *SYSTEM_READS]:
         real = os.path.realpath(entry) if entry else ""
         if real and real not in (os.sep, project) and os.path.exists(real):
