@@ -407,3 +407,14 @@ def test_read_rules_list_only_the_checkouts_root_but_read_an_installed_vsc_site_
     monkeypatch.setattr(sys, "path", [str(site)])
     installed = dict(sandbox_child.read_rules())
     assert installed[str(site)] == sandbox_child._FS_READ                 # lark, networkx, ... live beside vsc
+
+
+def test_native_posix_spawn_is_denied(ir_text, work):
+    """posix_spawn goes through clone3 (ENOSYS here), then clone without CLONE_THREAD (EPERM)."""
+    body = ("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\npid = ctypes.c_int(0)\n"
+            "argv = (ctypes.c_char_p * 2)(b'/bin/true', None)\n"
+            "rc = libc.posix_spawn(ctypes.byref(pid), b'/bin/true', None, None, argv, None)\n"
+            "open('spawn.txt', 'w').write(f'{rc} {pid.value}')")
+    run_pipeline_sandboxed(ir_text, "agent-pass", agent_pass(body), work)
+    rc, pid = map(int, (work / "spawn.txt").read_text().split())
+    assert rc != 0 and pid == 0
