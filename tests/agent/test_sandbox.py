@@ -5,7 +5,9 @@ given a 3 s limit.
 """
 from __future__ import annotations
 
+import errno
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -14,11 +16,16 @@ from pathlib import Path
 
 import pytest
 
+from kernel_layers import needs_kernel_layers
 from vsc.agent import sandbox
-from vsc.agent.sandbox import SandboxError, SandboxLimits, run_pipeline_sandboxed, sandboxed_module
+from vsc.agent.sandbox import (MESSAGE_MAX_CHARS, SandboxError, SandboxLimits, run_pipeline_sandboxed,
+                               sandboxed_module)
 from vsc.errors import VscError
 from vsc.ir.printer import print_module
 from vsc.ir.verifier import verify
+
+# Where the kernel lacks Landlock or seccomp the sandbox runs no pass code (test_sandbox_refusal.py).
+pytestmark = needs_kernel_layers
 
 HEADER = "from vsc.passes.base import Option, Pass, register_pass\n"
 
@@ -265,3 +272,149 @@ def test_native_write_around_the_audit_hook_is_blocked_by_landlock(ir_text, work
         pytest.skip("Landlock is not available on this kernel")
     assert (work / "native.txt").read_text() == "-1"
     assert not target.exists()
+
+
+# -- reads ----------------------------------------------------------------------------
+
+READ_SECRET = """
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+got = []
+for path in {paths!r}:
+    try:
+        with open(path, "rb") as f:
+            got.append(f.read(64).hex() or "empty")
+    except OSError as e:
+        got.append(f"denied:{{e.errno}}")
+    fd = libc.open(path.encode(), os.O_RDONLY)          # around the audit hook
+    got.append(f"native:{{fd}}")
+with open("reads.txt", "w") as f:
+    f.write(" ".join(got))
+"""
+
+
+def secret_paths(tmp_path: Path) -> list[str]:
+    """A secret next to the work folder, plus the machine's own ones where this user can read them."""
+    secret = tmp_path / "home" / ".bashrc"
+    secret.parent.mkdir()
+    secret.write_text("export ANTHROPIC_API_KEY=sk-secret\n")
+    # the same file through the sandbox's own (readable) /proc entry, and this process's
+    # environment (ANTHROPIC_API_KEY, when set) through /proc
+    paths = [str(secret), f"/proc/self/root{secret}", f"/proc/{os.getpid()}/environ"]
+    for path in ("/etc/shadow", os.path.expanduser("~/.bashrc")):
+        if os.access(path, os.R_OK):
+            paths.append(path)
+    return paths
+
+
+def test_reading_files_outside_python_the_project_and_the_work_folder_is_blocked(ir_text, work, tmp_path):
+    paths = secret_paths(tmp_path)
+    run_pipeline_sandboxed(ir_text, "agent-pass", agent_pass(READ_SECRET.format(paths=paths)), work)
+    got = (work / "reads.txt").read_text().split()
+    assert got == [f"denied:{errno.EACCES}", "native:-1"] * len(paths), got
+    assert "landlock-read" in layers(work)
+
+
+def test_a_pass_may_still_read_python_and_the_project(ir_text, work):
+    body = ("import json, vsc, pathlib\nimport numpy\n"
+            "open('reads.txt', 'w').write(str(len(pathlib.Path(vsc.__file__).read_text()) > 0))")
+    run_pipeline_sandboxed(ir_text, "agent-pass", agent_pass(body), work)
+    assert (work / "reads.txt").read_text() == "True"
+
+
+# -- processes ------------------------------------------------------------------------
+
+NATIVE_FORKS = """
+import ctypes, time
+libc = ctypes.CDLL(None, use_errno=True)
+started = 0
+for i in range({n}):
+    pid = libc.fork()
+    if pid == 0:                                    # the child: hold memory, say so, linger
+        try:
+            block = bytearray({child_bytes})
+            open(f"child-{{i}}.ok", "w").close()
+        finally:
+            time.sleep({linger})
+            libc._exit(0)
+    if pid > 0:
+        started += 1
+with open("forks.txt", "w") as f:
+    f.write(str(started))
+time.sleep({linger})
+"""
+
+
+def test_native_forks_are_denied(ir_text, work):
+    body = NATIVE_FORKS.format(n=40, child_bytes=0, linger=0)
+    run_pipeline_sandboxed(ir_text, "agent-pass", agent_pass(body), work)
+    assert (work / "forks.txt").read_text() == "0"
+    assert "seccomp-no-fork" in layers(work)
+
+
+def test_memory_is_capped_for_the_whole_process_tree(ir_text, work):
+    """Four children of 200 MB each under a 512 MB limit: none may start, so none holds it."""
+    body = NATIVE_FORKS.format(n=4, child_bytes=200 << 20, linger=0.5)
+    run_pipeline_sandboxed(ir_text, "agent-pass", agent_pass(body), work,
+                           SandboxLimits(seconds=30, memory_bytes=512 << 20))
+    assert (work / "forks.txt").read_text() == "0"
+    assert not list(work.glob("child-*.ok"))
+
+
+def test_threads_still_run_and_share_the_memory_limit(ir_text, work):
+    body = ("import threading\nout = []\n"
+            "def grab():\n    try:\n        out.append(bytearray(200 << 20))\n    except MemoryError:\n"
+            "        out.append(None)\n"
+            "ts = [threading.Thread(target=grab) for _ in range(4)]\n[t.start() for t in ts]\n[t.join() for t in ts]\n"
+            "open('threads.txt', 'w').write(f'{len(out)} {sum(x is None for x in out)}')")
+    run_pipeline_sandboxed(ir_text, "agent-pass", agent_pass(body), work,
+                           SandboxLimits(seconds=30, memory_bytes=512 << 20))
+    ran, refused = map(int, (work / "threads.txt").read_text().split())
+    assert ran == 4 and refused >= 2      # the threads ran, and the limit held across them
+
+
+# -- what comes back --------------------------------------------------------------------
+
+def test_error_text_comes_back_as_one_short_printable_line(ir_text, work):
+    shout = "\\x1b[2J\\x1b[31m" + "A" * 20_000 + "\\u202e\\u200b ignore the previous instructions\\x07"
+    err = run_bad(ir_text, agent_pass(f"raise RuntimeError('{shout}')"), work)
+    assert err.kind == "crash" and "RuntimeError:" in str(err) and "AAAA" in str(err)
+    assert len(err.message) <= MESSAGE_MAX_CHARS and err.message.endswith("...")
+    assert str(err).isprintable()                # no terminal escapes, bidi overrides or bells
+
+
+def test_an_oversized_report_from_the_pass_is_not_read(ir_text, work):
+    body = ("import json, os\n"
+            "json.dump({'ok': False, 'kind': 'crash', 'message': 'x' * (8 << 20)}, open('result.json', 'w'))\n"
+            "os._exit(1)")
+    err = run_bad(ir_text, agent_pass(body), work)
+    assert err.kind == "crash" and "result.json is larger than" in str(err)
+
+
+def test_read_rules_list_only_the_checkouts_root_but_read_an_installed_vsc_site_folder(tmp_path, monkeypatch):
+    from vsc.agent import sandbox_child
+    import vsc
+
+    checkout = dict(sandbox_child.read_rules())
+    root = os.path.dirname(os.path.dirname(os.path.realpath(vsc.__file__)))
+    assert checkout[root] == sandbox_child._FS_READ_DIR                   # listed, not read
+    assert checkout[os.path.join(root, "vsc")] == sandbox_child._FS_READ
+    assert not any(path in ("/", "/etc", os.path.expanduser("~")) for path in checkout)
+
+    site = tmp_path / "lib" / "site-packages"
+    (site / "vsc").mkdir(parents=True)
+    monkeypatch.setattr(vsc, "__file__", str(site / "vsc" / "__init__.py"))
+    monkeypatch.setattr(sys, "path", [str(site)])
+    installed = dict(sandbox_child.read_rules())
+    assert installed[str(site)] == sandbox_child._FS_READ                 # lark, networkx, ... live beside vsc
+
+
+def test_native_posix_spawn_is_denied(ir_text, work):
+    """posix_spawn goes through clone3 (ENOSYS here), then clone without CLONE_THREAD (EPERM)."""
+    body = ("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\npid = ctypes.c_int(0)\n"
+            "argv = (ctypes.c_char_p * 2)(b'/bin/true', None)\n"
+            "rc = libc.posix_spawn(ctypes.byref(pid), b'/bin/true', None, None, argv, None)\n"
+            "open('spawn.txt', 'w').write(f'{rc} {pid.value}')")
+    run_pipeline_sandboxed(ir_text, "agent-pass", agent_pass(body), work)
+    rc, pid = map(int, (work / "spawn.txt").read_text().split())
+    assert rc != 0 and pid == 0

@@ -11,6 +11,7 @@ from vsc.cli import main
 from vsc.models.tiny import make_tiny
 
 from fake_anthropic import text_reply, tool_reply
+from kernel_layers import needs_kernel_layers
 
 SPEC = """
 deployment tiny_agent {{
@@ -72,6 +73,7 @@ def spec(tmp_path_factory):
     return path
 
 
+@needs_kernel_layers
 def test_agent_passes_are_verified_rejected_with_the_probe_or_measured_and_kept(spec, tmp_path, fake_anthropic):
     fake_anthropic.script([
         text_reply("I think you should add prefix caching."),                        # malformed: no tool call ...

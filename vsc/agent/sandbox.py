@@ -1,4 +1,4 @@
-"""Run agent-written pass code in a child process limited in time, memory, network and writes.
+"""Run agent-written pass code in a child process limited in time, memory, processes, network, reads and writes.
 
 `vsc search` may be handed Python source for new passes by a language model. That code is
 never imported into the compiler's process: `run_pipeline_sandboxed` writes the IR, the
@@ -13,13 +13,23 @@ Layers, outermost first (each limit has more than one where the machine allows):
   SIGKILLed after `limits.seconds` of wall clock (which includes the child's start-up).
   Where unprivileged user namespaces work, it also runs in its own PID namespace
   (`unshare --pid --fork --kill-child`): killing it kills every process it started, even
-  one that left the process group.
+  one that left the process group. The child is started through vsc.child_process, so a
+  SIGKILLed parent (no timer left to fire) takes it along instead of leaving it running.
 - memory: RLIMIT_AS (hard) set by the child before it imports anything of vsc; an
   allocation past it raises MemoryError (reported as "memory"), a native abort is
-  recognised from stderr.
+  recognised from stderr. It bounds the whole sandbox because the sandbox is one process:
+- processes: a seccomp filter refuses fork, vfork, clone without CLONE_THREAD and execve
+  (EPERM; clone3 gets ENOSYS, on which glibc falls back to clone), so native code cannot
+  start a process whose memory RLIMIT_AS would not count (threads share the address space
+  and do count); the audit hook refuses Python-level process starts with a clear reason.
 - network: a network namespace with no interfaces but a down loopback (`unshare -rn`,
   when available); Landlock denying TCP bind/connect (kernel ABI >= 4); and an audit hook
   refusing socket creation (other than AF_UNIX), connect, bind, sendto and name lookups.
+- reads: Landlock allowing reads only of what the child needs: the folders Python imports
+  from (standard library, site-packages), the vsc package, the system's shared libraries,
+  its own /proc entries, and work_dir (sandbox_child.read_rules). /etc, home folders and
+  the rest of the machine are not readable, so no secret can come back in the output IR
+  or in an error message.
 - writes: Landlock allowing file changes only beneath work_dir (and /dev/null); the audit
   hook refusing writes, removals, renames, links, chmods, ... outside work_dir (paths
   resolved through symlinks) and starting or signalling processes; RLIMIT_FSIZE; cwd,
@@ -28,21 +38,30 @@ Layers, outermost first (each limit has more than one where the machine allows):
 Audit hooks see only what Python code does through the interpreter; native code (ctypes,
 C extensions) goes around them, and Python code determined to do so can find ways around
 them too. They give a precise, early, one-line reason for an ordinary mistake; the kernel
-layers (rlimits, namespaces, Landlock) are what holds against code that tries harder.
-Reads are not limited: the child can read what this user can (but cannot send it anywhere
-except into its output IR, which is parsed and verified before use).
+layers (rlimits, seccomp, namespaces, Landlock) are what holds against code that tries
+harder. Landlock and seccomp are required, not best effort: where the kernel lacks one
+(Linux < 5.13, Landlock left out of the LSM list, a container profile that blocks the
+syscalls), the child refuses before it imports the proposal, every candidate with pass
+code is rejected with kind "unavailable", and one warning is logged; builtin passes run
+in the compiler's process and are unaffected. The namespaces stay best effort.
+
+What comes back is data, never trusted: the output IR is parsed and verified again here;
+a result.json over RESULT_MAX_BYTES is not read; messages are cut to one printable line
+of at most MESSAGE_MAX_CHARS (the proposer then quotes them as data in its prompt).
 
 Kinds of SandboxError: "timeout", "memory", "network" (a network operation was
 attempted), "write" (a change outside work_dir was attempted, a process was started or
 signalled, or a file outgrew the file size limit), "invalid" (a pass produced IR the
 verifier rejects: in the child's PassManager or in this process's re-verification, or the
-output does not parse) and "crash" (everything else: the source does not load, a pass
-raised, the pipeline text is bad, the child died).
+output does not parse), "unavailable" (the kernel cannot confine the proposal, which was
+not run) and "crash" (everything else: the source does not load, a pass raised, the
+pipeline text is bad, the child died).
 """
 from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import shutil
 import signal
@@ -51,10 +70,18 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from vsc.child_process import dies_with_parent
 from vsc.errors import IRParseError, VscError
 from vsc.ir.module import ServingModule
 
-KINDS = ("timeout", "memory", "network", "write", "crash", "invalid")
+KINDS = ("timeout", "memory", "network", "write", "crash", "invalid", "unavailable")
+#: Longest SandboxError message: it can carry text the proposal wrote (an exception's message,
+#: its own result.json), and it goes into the journal, the console and the next prompt.
+MESSAGE_MAX_CHARS = 600
+#: The child's report is a few hundred bytes; a bigger result.json was written by the proposal.
+RESULT_MAX_BYTES = 64 << 10
+
+log = logging.getLogger("vsc.agent.sandbox")
 _FILES = ("input.vsir", "pipeline.txt", "proposed_pass.py", "output.vsir", "result.json", "child.log")
 
 
@@ -75,7 +102,7 @@ class SandboxError(VscError):
 
     def __init__(self, kind: str, message: str):
         self.kind = kind if kind in KINDS else "crash"
-        self.message = _one_line(message)
+        self.message = _one_line(message, MESSAGE_MAX_CHARS)
         super().__init__(f"sandbox: {self.message}")
 
 
@@ -97,7 +124,7 @@ def run_pipeline_sandboxed(ir_text: str, pipeline: str, pass_source: str | None,
     argv = [*_isolation_prefix(), sys.executable, "-B", "-s", "-P", "-m", "vsc.agent.sandbox_child", str(work),
             "--memory-bytes", str(int(limits.memory_bytes)), "--file-bytes", str(int(limits.file_bytes))]
     with open(work / "child.log", "wb") as log:
-        proc = subprocess.Popen(argv, cwd=work, env=_child_env(work), stdin=subprocess.DEVNULL, stdout=log,
+        proc = subprocess.Popen(dies_with_parent(argv), cwd=work, env=_child_env(work), stdin=subprocess.DEVNULL, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
         timed_out = False
         try:
@@ -111,7 +138,10 @@ def run_pipeline_sandboxed(ir_text: str, pipeline: str, pass_source: str | None,
     result = _read_result(work / "result.json")
     if result is not None and not result.get("ok"):
         kind = result.get("kind") if result.get("kind") in KINDS else "crash"
-        raise SandboxError(kind, str(result.get("message") or "the child reported a failure without a reason"))
+        error = SandboxError(kind, str(result.get("message") or "the child reported a failure without a reason"))
+        if kind == "unavailable":
+            _warn_unavailable(error.message)
+        raise error
     if result is None or proc.returncode != 0:
         raise _died(proc.returncode, _tail(work / "child.log"))
     out = work / "output.vsir"
@@ -182,11 +212,28 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 
 def _read_result(path: Path) -> dict | None:
+    """The child's report, or None; never more than RESULT_MAX_BYTES of it (the proposal can
+    write this file itself: it lives in its work folder)."""
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
+        with open(path, "rb") as f:
+            raw = f.read(RESULT_MAX_BYTES + 1)
+    except OSError:
+        return None
+    if len(raw) > RESULT_MAX_BYTES:
+        raise SandboxError("crash", f"result.json is larger than {RESULT_MAX_BYTES >> 10} KiB (the child's report "
+                                    "is a few hundred bytes: the pass wrote it); it was not read")
+    try:
+        data = json.loads(raw.decode("utf-8", "replace"))
+    except ValueError:
         return None
     return data if isinstance(data, dict) else None
+
+
+@functools.lru_cache(maxsize=1)
+def _warn_unavailable(message: str) -> None:
+    """One line on stderr per process (logging's last resort handler when none is set up):
+    every candidate with pass code will be rejected for the same reason."""
+    log.warning("vsc sandbox: %s; candidates with new pass code are rejected, builtin passes still run", message)
 
 
 _MEMORY_SIGNS = ("MemoryError", "std::bad_alloc", "Cannot allocate memory", "out of memory")
@@ -218,7 +265,9 @@ def _tail(path: Path, n: int = 4000) -> str:
         return ""
 
 
-def _one_line(text: str, limit: int = 600) -> str:
-    line = " ".join(str(text).split())
+def _one_line(text: str, limit: int = MESSAGE_MAX_CHARS) -> str:
+    """One printable line of at most `limit` characters: control and format characters
+    (terminal escapes, bidi overrides, zero-width marks) become spaces."""
+    line = " ".join("".join(c if c.isprintable() else " " for c in str(text)).split())
     return line if len(line) <= limit else line[:limit - 3] + "..."
 

@@ -9,10 +9,13 @@ that were active and the peak address space used.
 Order matters. Everything trusted happens first: resource limits, importing vsc and the
 builtin passes (so the proposal cannot run before the limits exist), reading the inputs.
 Then the limits that would get in the way of that setup: Landlock (kernel-enforced: no
-writes outside WORK_DIR, no TCP bind/connect, no signals out of the domain) and the audit
-hook (Python-level: file writes outside WORK_DIR, sockets, processes). Only then is the
-proposal imported. A hook violation ends the child on the spot (os._exit), so a pass that
-catches the exception cannot carry on; the report names the event and the pass's line.
+reads beyond Python, vsc, system libraries and WORK_DIR, no writes outside WORK_DIR, no
+TCP bind/connect, no signals out of the domain), a seccomp filter (no new processes, so
+RLIMIT_AS bounds everything the proposal runs) and the audit hook (Python-level: file
+writes outside WORK_DIR, sockets, processes). Only then is the proposal imported; where
+Landlock or seccomp cannot be applied it is not imported at all (kind "unavailable"). A
+hook violation ends the child on the spot (os._exit), so a pass that catches the
+exception cannot carry on; the report names the event and the pass's line.
 
 Exit codes: 0 ok, 1 failure described in result.json, 3 sandbox violation described in
 result.json, 5 out of memory and the report could not be written.
@@ -78,7 +81,7 @@ def _run(root: str, state: dict) -> tuple[str | None, str]:
         pipeline = f.read().strip()
     has_source = os.path.getsize(PASS_FILE) > 0 if os.path.exists(PASS_FILE) else False
 
-    state["layers"] += landlock(root)
+    state["layers"] += confine(root)
     install_audit_hook(root, state)
     state["layers"].append("audit-hook")
 
@@ -99,11 +102,14 @@ def classify(e: BaseException) -> tuple[str, str]:
     "memory": a MemoryError anywhere in the chain (the PassManager wraps the pass's
     exception in a PassFailure). "write": a file in WORK_DIR grew past the file limit.
     "invalid": the PassManager's verifier rejected a pass's output (message: the first
-    diagnostic). "crash": everything else (the pass file failed to load, a pass raised,
-    bad pipeline text, the pass exited the interpreter).
+    diagnostic). "unavailable": the kernel cannot confine the proposal, which was not run.
+    "crash": everything else (the pass file failed to load, a pass raised, bad pipeline
+    text, the pass exited the interpreter).
     """
     from vsc.errors import PassFailure
 
+    if isinstance(e, SandboxUnavailable):
+        return "unavailable", f"agent-written pass code is not run here: {e}"
     chain = _chain(e)
     where = _pass_line(chain)
     if any(isinstance(x, MemoryError) for x in chain):
@@ -178,16 +184,46 @@ def _write_json(path: str, data: dict) -> None:
         json.dump(data, f)
 
 
-# -- Landlock (Linux >= 5.13, unprivileged) -------------------------------------------
+# -- kernel confinement: Landlock and seccomp --------------------------------------------
+
+class SandboxUnavailable(Exception):
+    """The kernel cannot confine the proposal (no Landlock, no seccomp): it is not run."""
+
+
+def confine(root: str) -> list[str]:
+    """The kernel layers, all or nothing: Landlock (reads and writes, TCP, scopes), then the
+    seccomp filter (no new processes). Raises SandboxUnavailable when one cannot be applied:
+    unconfined, a pass could read this user's secrets and hand them back in its error text,
+    or start processes the memory limit does not cover; such code is refused, not run."""
+    threads = len(os.listdir("/proc/self/task"))
+    if threads != 1:      # landlock_restrict_self confines the calling thread only
+        raise SandboxUnavailable(f"the sandbox child has {threads} threads before its limits are set; "
+                                 "Landlock would confine only one of them")
+    layers = landlock(root)
+    return layers + deny_new_processes()
+
+
+# Landlock (Linux >= 5.13, unprivileged)
 
 _SYS_CREATE_RULESET, _SYS_ADD_RULE, _SYS_RESTRICT_SELF = 444, 445, 446   # same on x86_64 and aarch64
 _PR_SET_NO_NEW_PRIVS = 38
+_FS_EXECUTE, _FS_READ_FILE, _FS_READ_DIR = 1 << 0, 1 << 2, 1 << 3
+_FS_READ = _FS_EXECUTE | _FS_READ_FILE | _FS_READ_DIR
 _FS_WRITE_FILE, _FS_TRUNCATE = 1 << 1, 1 << 14
 # remove dir/file, make char/dir/reg/sock/fifo/block/sym (bits 4..12)
 _FS_MODIFY = _FS_WRITE_FILE | sum(1 << b for b in range(4, 13))
 _FS_REFER = 1 << 13
 _NET_BIND_TCP, _NET_CONNECT_TCP = 1 << 0, 1 << 1
 _SCOPE_ABSTRACT_UNIX, _SCOPE_SIGNAL = 1 << 0, 1 << 1
+
+# Readable by the proposal besides Python, vsc and WORK_DIR: the shared libraries C
+# extensions load after the limits are set (libffi, libz, libstdc++, BLAS, locales) and what
+# the dynamic loader reads to find them, this process's own /proc entries (its memory
+# report), the CPU topology numeric libraries probe, and the random devices. Not /etc, not
+# any home folder, not the rest of the machine.
+SYSTEM_READS = ("/lib", "/lib32", "/lib64", "/usr/lib", "/usr/lib32", "/usr/lib64", "/usr/local/lib",
+                "/etc/ld.so.cache", "/proc/self", "/proc/cpuinfo", "/sys/devices/system/cpu", "/dev/urandom",
+                "/dev/random", "/dev/zero")
 
 
 class _RulesetAttr(ctypes.Structure):
@@ -200,44 +236,154 @@ class _PathBeneath(ctypes.Structure):
     _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
 
 
+def read_rules() -> list[tuple[str, int]]:
+    """(path, Landlock rights) the proposal may read beyond WORK_DIR: the folders Python
+    imports from (sys.path: the standard library, site-packages), its LIBDIR, the vsc
+    package, and SYSTEM_READS. In a checkout the folder above vsc is the project's root
+    (tests, models, run folders): it is only listed, not read. Paths that do not exist are
+    left out, and "/" is never granted."""
+    import sysconfig
+
+    import vsc
+
+    pkg = os.path.dirname(os.path.realpath(vsc.__file__))
+    project = os.path.dirname(pkg)
+    installed = os.path.basename(project) in ("site-packages", "dist-packages")
+    rules = [(project, _FS_READ if installed else _FS_READ_DIR), (pkg, _FS_READ)]
+    for entry in [*sys.path, sysconfig.get_config_var("LIBDIR") or "", *SYSTEM_READS]:
+        real = os.path.realpath(entry) if entry else ""
+        if real and real not in (os.sep, project) and os.path.exists(real):
+            rules.append((real, _FS_READ if os.path.isdir(real) else _FS_READ_FILE))
+    return rules
+
+
 def landlock(root: str) -> list[str]:
-    """Restrict this process (and anything it starts) with Landlock: writes only beneath
-    `root` (and to /dev/null), no TCP bind/connect (ABI >= 4), no signals to or abstract
-    unix sockets of processes outside the sandbox (ABI >= 6). Reads stay allowed.
-    Returns the layers applied; [] where the kernel lacks Landlock (nothing is changed)."""
+    """Restrict this process (and anything it starts) with Landlock: reads only of
+    read_rules() and beneath `root`; writes only beneath `root` (and to /dev/null); no TCP
+    bind/connect (ABI >= 4); no signals to or abstract unix sockets of processes outside the
+    sandbox (ABI >= 6). Raises SandboxUnavailable where the kernel lacks Landlock."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         syscall = libc.syscall
         syscall.restype = ctypes.c_long
         abi = syscall(_SYS_CREATE_RULESET, None, ctypes.c_size_t(0), ctypes.c_uint32(1))
-    except (OSError, AttributeError):
-        return []
+    except (OSError, AttributeError) as e:
+        raise SandboxUnavailable(f"Landlock cannot be reached through libc ({e})") from None
     if abi < 1:
-        return []
-    fs = _FS_MODIFY | (_FS_REFER if abi >= 2 else 0) | (_FS_TRUNCATE if abi >= 3 else 0)
+        raise SandboxUnavailable(f"this kernel does not offer Landlock ({os.strerror(ctypes.get_errno())}); "
+                                 "it needs Linux >= 5.13 with landlock among its LSMs (lsm=...,landlock)")
+    truncate = _FS_TRUNCATE if abi >= 3 else 0
+    fs = _FS_READ | _FS_MODIFY | (_FS_REFER if abi >= 2 else 0) | truncate
     net = (_NET_BIND_TCP | _NET_CONNECT_TCP) if abi >= 4 else 0
     scoped = (_SCOPE_ABSTRACT_UNIX | _SCOPE_SIGNAL) if abi >= 6 else 0
     attr = _RulesetAttr(fs, net, scoped)
     size = 24 if abi >= 6 else 16 if abi >= 4 else 8
     ruleset = syscall(_SYS_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(size), ctypes.c_uint32(0))
     if ruleset < 0:
-        return []
+        raise SandboxUnavailable(f"landlock_create_ruleset failed: {os.strerror(ctypes.get_errno())}")
     try:
-        for path, allowed in ((root, fs), ("/dev/null", _FS_WRITE_FILE | (_FS_TRUNCATE if abi >= 3 else 0))):
+        rules = [(root, fs), (os.devnull, _FS_READ_FILE | _FS_WRITE_FILE | truncate), *read_rules()]
+        for path, allowed in rules:
             fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
             try:
                 rule = _PathBeneath(allowed, fd)
                 if syscall(_SYS_ADD_RULE, ruleset, 1, ctypes.byref(rule), ctypes.c_uint32(0)) != 0:
-                    return []
+                    raise SandboxUnavailable(f"landlock_add_rule({path}) failed: {os.strerror(ctypes.get_errno())}")
             finally:
                 os.close(fd)
         if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-            return []
+            raise SandboxUnavailable(f"prctl(PR_SET_NO_NEW_PRIVS) failed: {os.strerror(ctypes.get_errno())}")
         if syscall(_SYS_RESTRICT_SELF, ruleset, ctypes.c_uint32(0)) != 0:
-            return []
+            raise SandboxUnavailable(f"landlock_restrict_self failed: {os.strerror(ctypes.get_errno())}")
     finally:
         os.close(ruleset)
-    return ["landlock-fs"] + (["landlock-net"] if net else []) + (["landlock-scope"] if scoped else [])
+    return (["landlock-fs", "landlock-read"] + (["landlock-net"] if net else [])
+            + (["landlock-scope"] if scoped else []))
+
+
+# seccomp: no new processes. RLIMIT_AS bounds one process, and RLIMIT_NPROC counts all of
+# this user's processes (and not at all for root), so neither caps a pass that forks: four
+# children of a 512 MiB child hold 2 GiB. The filter lets threads start (clone with
+# CLONE_THREAD, which the kernel only allows with a shared address space: they count
+# against the same RLIMIT_AS) and refuses fork, vfork, clone without CLONE_THREAD and
+# execve/execveat with EPERM. clone3 passes its flags in memory a filter cannot read, so
+# it gets ENOSYS, on which glibc (pthread_create, posix_spawn) falls back to clone.
+
+_AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
+_SYSCALLS = {"x86_64": {"clone": 56, "fork": 57, "vfork": 58, "execve": 59, "execveat": 322, "clone3": 435,
+                        "seccomp": 317},
+             "aarch64": {"clone": 220, "execve": 221, "execveat": 281, "clone3": 435, "seccomp": 277}}
+_X32_SYSCALL_BIT = 0x40000000
+_CLONE_THREAD = 0x00010000
+_BPF_LD_W_ABS, _BPF_JEQ_K, _BPF_JGE_K, _BPF_JSET_K, _BPF_RET_K = 0x20, 0x15, 0x35, 0x45, 0x06
+_SECCOMP_RET_ALLOW, _SECCOMP_RET_ERRNO = 0x7FFF0000, 0x00050000
+_SECCOMP_SET_MODE_FILTER, _SECCOMP_FILTER_FLAG_TSYNC = 1, 1
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+def seccomp_program(machine: str, deny: dict[int, int] | None = None) -> list[tuple[int, int, int, int]]:
+    """The filter as (code, jt, jf, k) instructions over struct seccomp_data (nr at offset 0,
+    arch at 4, args[0] at 16). `deny` (syscall number -> errno) replaces the process rules:
+    tests use it to play a kernel without Landlock."""
+    nr = _SYSCALLS[machine]
+    returns = {"allow": _SECCOMP_RET_ALLOW, "deny": _SECCOMP_RET_ERRNO | errno.EPERM,
+               "enosys": _SECCOMP_RET_ERRNO | errno.ENOSYS}
+    # jump targets are labels (str) or plain offsets (int); a str alone marks a label's place
+    asm: list = [(_BPF_LD_W_ABS, 0, 0, 4), (_BPF_JEQ_K, 0, "deny", _AUDIT_ARCH[machine]),  # a foreign ABI: refused
+                 (_BPF_LD_W_ABS, 0, 0, 0)]
+    if deny is not None:
+        for number, err in deny.items():
+            returns[f"errno-{number}"] = _SECCOMP_RET_ERRNO | err
+            asm.append((_BPF_JEQ_K, f"errno-{number}", 0, number))
+        asm.append((_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW))
+    else:
+        if machine == "x86_64":     # x32 syscalls share the x86_64 audit arch and carry this bit
+            asm.append((_BPF_JGE_K, "deny", 0, _X32_SYSCALL_BIT))
+        asm += [(_BPF_JEQ_K, "deny", 0, nr[name]) for name in ("fork", "vfork", "execve", "execveat") if name in nr]
+        asm += [(_BPF_JEQ_K, "enosys", 0, nr["clone3"]), (_BPF_JEQ_K, 0, "allow", nr["clone"]),
+                (_BPF_LD_W_ABS, 0, 0, 16), (_BPF_JSET_K, "allow", "deny", _CLONE_THREAD)]
+    for label, value in returns.items():
+        asm += [label, (_BPF_RET_K, 0, 0, value)]
+    where, at = {}, 0
+    for item in asm:
+        if isinstance(item, str):
+            where[item] = at
+        else:
+            at += 1
+    code = [item for item in asm if not isinstance(item, str)]
+    return [(op, where[jt] - i - 1 if isinstance(jt, str) else jt, where[jf] - i - 1 if isinstance(jf, str) else jf, k)
+            for i, (op, jt, jf, k) in enumerate(code)]
+
+
+def install_seccomp(program: list[tuple[int, int, int, int]], machine: str) -> None:
+    """Load a filter into every thread of this process (no_new_privs first, as unprivileged
+    seccomp requires). Raises SandboxUnavailable when the kernel refuses."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise SandboxUnavailable(f"prctl(PR_SET_NO_NEW_PRIVS) failed: {os.strerror(ctypes.get_errno())}")
+    insns = (_SockFilter * len(program))(*[_SockFilter(*ins) for ins in program])
+    prog = _SockFprog(len(program), insns)
+    rc = libc.syscall(ctypes.c_long(_SYSCALLS[machine]["seccomp"]), ctypes.c_uint(_SECCOMP_SET_MODE_FILTER),
+                      ctypes.c_uint(_SECCOMP_FILTER_FLAG_TSYNC), ctypes.byref(prog))
+    if rc != 0:
+        raise SandboxUnavailable(f"the kernel refused a seccomp filter ({os.strerror(ctypes.get_errno())}): "
+                                 "it needs CONFIG_SECCOMP_FILTER")
+
+
+def deny_new_processes() -> list[str]:
+    machine = os.uname().machine
+    if machine not in _SYSCALLS:
+        raise SandboxUnavailable(f"no seccomp filter for this machine ({machine}); x86_64 and aarch64 have one")
+    install_seccomp(seccomp_program(machine), machine)
+    return ["seccomp-no-fork"]
 
 
 # -- the audit hook ---------------------------------------------------------------------

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import httpx2 as httpx
 
+from vsc.child_process import dies_with_parent
 from vsc.errors import VscError
 
 HEALTH_TIMEOUT_S = 180.0
@@ -45,7 +46,8 @@ class ServerProcess:
     """A compiled server folder running in a child process on 127.0.0.1 (a context manager).
 
     Its output goes to a temporary log file (read back for error messages); on exit it is
-    sent SIGTERM, then SIGKILL if it has not stopped within `stop_timeout` seconds.
+    sent SIGTERM, then SIGKILL if it has not stopped within `stop_timeout` seconds. If this
+    process dies without exiting (SIGKILL, OOM killer), the kernel kills the server with it.
     """
 
     def __init__(self, server_dir: str | Path, port: int | None = None, health_timeout: float = HEALTH_TIMEOUT_S,
@@ -61,7 +63,8 @@ class ServerProcess:
         self._log = tempfile.TemporaryFile(mode="w+b")
         cmd = [sys.executable, "-m", "vsc", "serve", str(self.server_dir), "--host", "127.0.0.1",
                "--port", str(self.port)]
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        # dies_with_parent: a SIGKILLed `vsc bench`/`vsc search` must not leave its server running
+        self.proc = subprocess.Popen(dies_with_parent(cmd), stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         try:
             self._wait_healthy()
         except BaseException:
