@@ -26,12 +26,14 @@ from typing import Any
 import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from vsc.runtime.api import GenerateRequest, QueueFull, RuntimeError_, SamplingParams, TokenEvent
 from vsc.runtime.constrain import ANY_JSON_OBJECT, SchemaError, check_schema
+from vsc.runtime.guard import HttpGuard, Security, default_max_body
 from vsc.runtime.metrics import ServerMetrics
 
 log = logging.getLogger("vsc.runtime.http")
@@ -382,9 +384,11 @@ class _App:
             body = await self._json(request)
             params, stream, include_usage = _common(body, chat=chat)
             predicted = _prediction(body.get("prediction"))
-            ids = prompt_of(body, params)
+            # tokenizing (and the chat template) off the event loop: a long prompt delays only itself
+            ids = await asyncio.to_thread(prompt_of, body, params)
             if predicted is not None:
-                params.prediction = list(self.tokenizer.encode(predicted, add_special_tokens=False)) or None
+                params.prediction = list(await asyncio.to_thread(self.tokenizer.encode, predicted,
+                                                                 add_special_tokens=False)) or None
         except ApiError as e:
             return e.response()
         except ClientDisconnect:
@@ -654,8 +658,10 @@ class _EventStream(Response):
 
 # --------------------------------------------------------------------------- the app
 
-def build_app(engine, tokenizer, metrics: ServerMetrics, served_model_name: str) -> Starlette:
-    """The OpenAI-compatible app over `engine`; `metrics` also reads engine.stats() at each scrape."""
+def build_app(engine, tokenizer, metrics: ServerMetrics, served_model_name: str,
+              security: Security | None = None) -> Starlette:
+    """The OpenAI-compatible app over `engine`; `metrics` also reads engine.stats() at each scrape.
+    `security` (vsc.runtime.guard): API key, allowed hosts, body limit (default: from the context)."""
     metrics.bind_engine(engine)
     a = _App(engine, tokenizer, metrics, served_model_name)
 
@@ -672,6 +678,8 @@ def build_app(engine, tokenizer, metrics: ServerMetrics, served_model_name: str)
         Route("/health", a.health, methods=["GET"]),
         Route("/metrics", a.metrics_endpoint, methods=["GET"]),
     ]
-    app = Starlette(routes=routes, exception_handlers={HTTPException: not_found})
+    security = security or Security(max_body_bytes=default_max_body(engine.max_context))
+    app = Starlette(routes=routes, exception_handlers={HTTPException: not_found},
+                    middleware=[Middleware(HttpGuard, security=security)])
     app.state.vsc = a
     return app
