@@ -134,6 +134,15 @@ def test_encode_decode_eos_and_vocab_match_the_model_folder(tok, hf_tok):
     assert tok.vocab_size == 2048 and tok.eos_token == "<|im_end|>"
 
 
+def test_a_long_text_encodes_the_same_off_the_gil(tok, hf_tok):
+    """Texts over _GIL_FREE_CHARS go through encode_batch (which releases the GIL): same ids."""
+    from vsc.runtime.tokenizer import _GIL_FREE_CHARS
+    text = ("Grüße, 世界! <|im_start|>user\n  tabs\tand spaces 🎉 " * (_GIL_FREE_CHARS // 20))[:_GIL_FREE_CHARS + 7]
+    assert len(text) > _GIL_FREE_CHARS
+    for special in (False, True):
+        assert tok.encode(text, add_special_tokens=special) == hf_tok.encode(text, add_special_tokens=special)
+
+
 def test_eos_ids_are_gathered_from_every_config(tiny_dir, tmp_path):
     folder = tmp_path / "m"
     shutil.copytree(tiny_dir, folder)
