@@ -139,8 +139,6 @@ def _guard_from_args(args, host: str):
             raise ValueError("--api-key is empty")
         if args.protect_metrics and args.api_key is None:
             raise ValueError("--protect-metrics needs an API key (--api-key or VSC_API_KEY)")
-        if args.api_key is not None and args.log_level.lower() == "trace":
-            raise ValueError("--log-level trace logs request headers, the API key among them; use debug")
     except ValueError as e:
         raise ServeOptionError(f"serve: error: {e}") from None
 
@@ -156,7 +154,8 @@ def main(folder: Path, argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog=f"python -m {Path(folder).name}", description="serve a vsc-compiled plan")
     ap.add_argument("--host", help="bind address (default: from the spec, normally 127.0.0.1)")
     ap.add_argument("--port", type=_port, help="port, 0-65535 (default: from the spec)")
-    ap.add_argument("--log-level", default="warning")
+    ap.add_argument("--log-level", default="warning", type=str.lower,   # (no uvicorn "trace": it logs headers)
+                    choices=["critical", "error", "warning", "info", "debug"])
     _add_guard_args(ap)
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
