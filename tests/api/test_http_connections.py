@@ -138,3 +138,11 @@ def test_a_client_that_closes_while_waiting_is_still_aborted():
             assert wait_for(lambda: engine.blocks_in_use() > 0)
         assert wait_for(lambda: len(engine.aborted) == 1, timeout=10), "engine.abort was not called"
         assert wait_for(lambda: engine.blocks_in_use() == 0, timeout=10)
+
+
+def test_an_oversized_head_is_refused_at_h11s_bound(live):
+    """A head past h11's 16 KiB bound (here one 20 KiB header, never finished) is refused, not buffered."""
+    with connect(live.port) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: " + b"a" * 20480)
+        out = read_all(s)
+    assert out.startswith(b"HTTP/1.1 400 "), out[:100]
