@@ -225,6 +225,33 @@ def test_a_body_at_the_limit_is_served(small):
     assert r.status_code == 413 and error_of(r)["code"] == "request_too_large"
 
 
+class _CountingTokenizer(FakeTokenizer):
+    chars_per_token = 1             # one token per character: a sound bound
+
+    def __init__(self):
+        self.encoded: list[int] = []
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        self.encoded.append(len(text))
+        return super().encode(text, add_special_tokens)
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", {"prompt": "z" * 257}), ("/v1/completions", {"prompt": ["z" * 300]}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "z" * 257}]})])
+def test_a_prompt_too_long_for_any_tokenization_is_refused_untokenized(path, body):
+    tok = _CountingTokenizer()
+    with serving(FakeEngine(max_context=256), tokenizer=tok) as lv:
+        r = httpx.post(lv.url + path, json={"model": MODEL, **body}, timeout=10)
+        assert r.status_code == 400, r.text
+        err = error_of(r)
+        assert err["code"] == "context_length_exceeded" and "context of 256 tokens" in err["message"]
+        assert tok.encoded == []
+        r = httpx.post(lv.url + "/v1/completions", json={"model": MODEL, "prompt": "z" * 200, "max_tokens": 3},
+                       timeout=10)
+        assert r.status_code == 200 and tok.encoded == [200]
+
+
 class _SlowTokenizer(FakeTokenizer):
     """encode() of a text holding "SLOW" blocks until released, like tokenizing a huge prompt."""
 

@@ -287,6 +287,8 @@ class _App:
         self.name_json = orjson.dumps(served_model_name)
         vocab = getattr(tokenizer, "vocab_size", None)
         self.vocab = vocab if type(vocab) is int and vocab > 0 else None
+        bound = getattr(tokenizer, "chars_per_token", None)
+        self.chars_per_token = bound if type(bound) is int and bound > 0 else None
         self.model_created = int(time.time())
 
     # ----------------------------------------------------------------- helpers
@@ -320,6 +322,15 @@ class _App:
                                      f"model's context of {ctx} tokens (prompt {prompt_len} + max_tokens "
                                      f"{max_tokens})", code="context_length_exceeded")
         return max_tokens
+
+    def _encode(self, text: str, add_special_tokens: bool, param: str) -> list[int]:
+        """Tokenize a prompt; one that cannot fit the context whatever its tokens (more characters
+        than the tokenizer's chars_per_token bound allows) is refused without tokenizing it."""
+        bound, ctx = self.chars_per_token, int(self.engine.max_context)
+        if bound is not None and len(text) > bound * ctx:
+            raise _bad(param, f"The prompt of {len(text)} characters is at least {len(text) // bound} tokens, more "
+                              f"than the model's context of {ctx} tokens", code="context_length_exceeded")
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def _abort(self, r: _Req) -> None:
         if r.finished or r.aborted:
@@ -400,9 +411,8 @@ class _App:
 
     def _completion_prompt(self, body: dict, params: SamplingParams) -> list[int]:
         prompt = body.get("prompt")
-        tok = self.tokenizer
         if isinstance(prompt, str):
-            ids = tok.encode(prompt, add_special_tokens=True)
+            ids = self._encode(prompt, True, "prompt")
         elif isinstance(prompt, list) and prompt:
             first = prompt[0]
             if type(first) is int:
@@ -410,7 +420,7 @@ class _App:
             elif len(prompt) > 1:
                 raise _bad("prompt", "batched prompts are not supported: send one prompt per request")
             elif isinstance(first, str):
-                ids = tok.encode(first, add_special_tokens=True)
+                ids = self._encode(first, True, "prompt")
             elif isinstance(first, list) and first:
                 ids = _token_list(first, "prompt", self.vocab)
             else:
@@ -432,7 +442,7 @@ class _App:
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         except Exception as e:  # template errors (role order, ...) are the caller's
             raise _bad("messages", f"the chat template rejected the messages: {e}") from None
-        ids = list(self.tokenizer.encode(text, add_special_tokens=False))
+        ids = list(self._encode(text, False, "messages"))
         if not ids:
             raise _bad("messages", "the prompt is empty")
         params.max_tokens = self._fit(len(ids), params.max_tokens, "messages")
