@@ -107,9 +107,10 @@ def test_the_app_does_not_see_the_authorization_header():
     assert r.status_code == 200 and "authorization" not in r.json()
 
 
-def test_security_refuses_an_empty_key():
+@pytest.mark.parametrize("key", ["", "two words", " padded", "clé", "tab\there"])
+def test_security_refuses_a_key_no_header_can_carry(key):
     with pytest.raises(ValueError):
-        Security(api_key="")
+        Security(api_key=key)
 
 
 # --------------------------------------------------------------------------- item 6: browser safety

@@ -93,6 +93,9 @@ class Security:
     def __post_init__(self):
         if self.api_key is not None and not self.api_key:
             raise ValueError("the API key is empty")
+        if self.api_key is not None and not (self.api_key.isascii() and self.api_key.isprintable()
+                                             and self.api_key.strip() == self.api_key and " " not in self.api_key):
+            raise ValueError("the API key must be printable ASCII without spaces (it travels in an HTTP header)")
         if self.max_body_bytes <= 0:
             raise ValueError("the body limit must be positive")
 

@@ -139,6 +139,9 @@ def _guard_from_args(args, host: str):
             raise ValueError("--api-key is empty")
         if args.protect_metrics and args.api_key is None:
             raise ValueError("--protect-metrics needs an API key (--api-key or VSC_API_KEY)")
+        if args.api_key is not None:
+            Security(api_key=args.api_key.strip())      # its own checks (printable ASCII, ...)
+            args.api_key = args.api_key.strip()
     except ValueError as e:
         raise ServeOptionError(f"serve: error: {e}") from None
 
