@@ -199,6 +199,23 @@ def test_a_declared_oversized_body_is_refused_unread(small):
     assert small.engine.requests == {}
 
 
+@pytest.mark.parametrize("auth", [None, "Bearer wrong"])
+def test_a_client_that_sends_the_whole_body_first_reads_the_refusal(auth):
+    """http.client (requests, urllib) sends all 20 MB before reading: the server's early answer
+    must not turn into a connection reset under it (it drains the body a while after answering)."""
+    import http.client
+    body = b'{"prompt": "' + b"x" * 20_000_000 + b'"}'
+    security = Security(max_body_bytes=64 << 10, api_key=KEY if auth else None)
+    with serving(FakeEngine(), security=security) as lv:
+        c = http.client.HTTPConnection("127.0.0.1", lv.port, timeout=10)
+        headers = {"content-type": "application/json", **({"authorization": auth} if auth else {})}
+        c.request("POST", "/v1/completions", body=body, headers=headers)
+        r = c.getresponse()
+        assert r.status == (401 if auth else 413)
+        assert orjson.loads(r.read())["error"]["code"] == ("invalid_api_key" if auth else "request_too_large")
+        c.close()
+
+
 def test_a_chunked_body_is_cut_off_at_the_limit(small):
     """No Content-Length: the body is counted as it arrives and refused (413) once past the limit,
     without waiting for its end."""

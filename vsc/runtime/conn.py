@@ -20,6 +20,11 @@ subclass adds, per connection:
                   a peer that has gone answers it with a reset, and the request is dropped
                   as a disconnect (its engine work aborted) instead of answered
 
+  lingering close an answer sent before the request's body was read (413, 401, 415, ...) shuts
+                  only our side and reads and drops the rest of the body for up to 2 s, so
+                  a client still sending (http.client, requests) reads the answer instead of
+                  a connection reset
+
 The idle time between requests on a kept-alive connection stays uvicorn's `timeout_keep_alive`.
 """
 from __future__ import annotations
@@ -49,6 +54,7 @@ class ConnLimits:
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _TCP_CLOSE = 7                      # linux tcp_info.tcpi_state of a connection the peer reset
 _PEER_CHECK_S = 0.2
+_LINGER_S = 2.0
 
 
 def _raw_response(status: int, reason: str, message: str, code: str) -> bytes:
@@ -56,6 +62,22 @@ def _raw_response(status: int, reason: str, message: str, code: str) -> bytes:
                                    else "server_error", "param": None, "code": code}})
     return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
             "connection: close\r\n\r\n").encode() + body
+
+
+class _Transport:
+    """The transport as uvicorn sees it: its close() may linger (GuardedH11Protocol._close)."""
+
+    def __init__(self, real, protocol: "GuardedH11Protocol"):
+        self._real, self._protocol = real, protocol
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def close(self) -> None:
+        self._protocol._close()
+
+    def is_closing(self) -> bool:
+        return self._protocol._lingering or self._real.is_closing()
 
 
 class GuardedH11Protocol(H11Protocol):
@@ -68,10 +90,13 @@ class GuardedH11Protocol(H11Protocol):
         self._deadline: asyncio.TimerHandle | None = None
         self._phase: str | None = None          # "head" / "body" while a deadline runs
         self._peer_eof = False
+        self._lingering = False
+        self._real = None
 
     # ----------------------------------------------------------------- asyncio.Protocol
     def connection_made(self, transport) -> None:
-        super().connection_made(transport)
+        self._real = transport
+        super().connection_made(_Transport(transport, self))
         if len(self.connections) > self.limits.max_connections:
             transport.write(_raw_response(503, "Service Unavailable",
                                           f"the server has {self.limits.max_connections} connections open "
@@ -81,10 +106,14 @@ class GuardedH11Protocol(H11Protocol):
         self._rearm(activity=False)
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering:                 # the rest of a body nobody reads
+            return
         super().data_received(data)
         self._rearm(activity=True)
 
     def eof_received(self) -> bool | None:
+        if self._lingering:
+            return None
         cycle = self.cycle
         if cycle is not None and not cycle.response_complete and self.conn.their_state is h11.DONE:
             self._peer_eof = True           # a half-close after a whole request: answer it, then close
@@ -103,6 +132,20 @@ class GuardedH11Protocol(H11Protocol):
     def on_response_complete(self) -> None:
         super().on_response_complete()
         self._rearm(activity=False)
+
+    def _close(self) -> None:
+        """uvicorn closes the connection: at once, unless the request's body is still coming in
+        (the answer went out before it was read): then shut our side and drain it a while."""
+        real = self._real
+        if self._lingering or real.is_closing() or self.conn.their_state is not h11.SEND_BODY \
+                or not real.can_write_eof():
+            real.close()
+            return
+        self._cancel()
+        self._lingering = True
+        real.write_eof()
+        real.resume_reading()
+        self._deadline = self.loop.call_later(_LINGER_S, real.close)
 
     def _check_peer(self) -> None:
         """After a FIN: drop the request as a disconnect once the peer resets the connection."""
@@ -128,6 +171,8 @@ class GuardedH11Protocol(H11Protocol):
         self._phase = None
 
     def _rearm(self, activity: bool) -> None:
+        if self._lingering:
+            return
         if self.transport is None or self.transport.is_closing() or self._peer_eof:
             self._cancel()
             return
@@ -159,7 +204,7 @@ class GuardedH11Protocol(H11Protocol):
             self.transport.write(_raw_response(408, "Request Timeout",
                                                f"the {what} did not arrive within {self.limits.read_timeout:g} s",
                                                "request_timeout"))
-        self.transport.close()
+        self._real.close()                  # (no lingering for a client that stopped sending)
 
 
 def protocol_class(limits: ConnLimits) -> type[GuardedH11Protocol]:
