@@ -111,7 +111,7 @@ def cmd_serve(args) -> int:
         extra += ["--host", args.host]
     if args.port is not None:
         extra += ["--port", str(args.port)]
-    return launch(Path(args.server), extra)
+    return launch(Path(args.server), extra + args.options)
 
 
 def cmd_verify(args) -> int:
@@ -187,7 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run a compiled server folder")
     p.add_argument("server")
     p.add_argument("--host", help="bind address (default: the spec's, 127.0.0.1)")
-    p.add_argument("--port", type=int, help="port (default: the spec's)")
+    p.add_argument("--port", help="port, 0-65535 (default: the spec's)")
+    p.add_argument("options", nargs=argparse.REMAINDER,
+                   help="server options after the folder: --api-key, --allowed-hosts, --max-body-size, ... "
+                        "(see `vsc serve FOLDER --help`)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("verify", help="verify an IR file or spec (structural), or a server folder (structural + accuracy)")

@@ -165,11 +165,13 @@ class Live:
 
 
 @contextlib.contextmanager
-def serving(engine: FakeEngine | None = None, name: str = MODEL):
-    """A live server on an ephemeral port around `engine`, stopped (bounded) on exit."""
+def serving(engine: FakeEngine | None = None, name: str = MODEL, security=None, limits=None, tokenizer=None):
+    """A live server on an ephemeral port around `engine`, stopped (bounded) on exit
+    (`security`, `limits`: vsc.runtime.guard.Security, vsc.runtime.conn.ConnLimits)."""
     engine = engine or FakeEngine()
     metrics = ServerMetrics()
-    server, thread, port = start_in_thread(build_app(engine, FakeTokenizer(), metrics, name), timeout=10)
+    app = build_app(engine, tokenizer or FakeTokenizer(), metrics, name, security)
+    server, thread, port = start_in_thread(app, timeout=10, limits=limits)
     try:
         yield Live(engine, metrics, port)
     finally:

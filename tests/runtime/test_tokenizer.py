@@ -134,6 +134,45 @@ def test_encode_decode_eos_and_vocab_match_the_model_folder(tok, hf_tok):
     assert tok.vocab_size == 2048 and tok.eos_token == "<|im_end|>"
 
 
+def test_a_long_text_encodes_the_same_off_the_gil(tok, hf_tok):
+    """Texts over _GIL_FREE_CHARS go through encode_batch (which releases the GIL): same ids."""
+    from vsc.runtime.tokenizer import _GIL_FREE_CHARS
+    text = ("Grüße, 世界! <|im_start|>user\n  tabs\tand spaces 🎉 " * (_GIL_FREE_CHARS // 20))[:_GIL_FREE_CHARS + 7]
+    assert len(text) > _GIL_FREE_CHARS
+    for special in (False, True):
+        assert tok.encode(text, add_special_tokens=special) == hf_tok.encode(text, add_special_tokens=special)
+
+
+# texts built to pack many characters into few tokens: long merges, composable marks, specials
+_DENSE = ["#" * 500, " " * 500, "\n" * 300, "-" * 400, "e\u0301" * 200, "\u1100\u1161\u11a8" * 100,
+          "\u03b1\u0313\u0300\u0345" * 100, "<|im_start|>" * 50, "ab" * 300, "\U0001F389" * 100]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.sampled_from(_DENSE), st.text(max_size=60)), max_size=6))
+def test_chars_per_token_bounds_every_text(tok, parts):
+    """tokens >= characters / chars_per_token, the bound the server uses to refuse a prompt
+    too long for the context without tokenizing it."""
+    text = "".join(parts)
+    assert tok.chars_per_token is not None
+    assert len(tok.encode(text)) * tok.chars_per_token >= len(text)
+
+
+def test_chars_per_token_is_none_where_text_can_vanish(tiny_dir):
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import normalizers, pre_tokenizers
+
+    from vsc.runtime.tokenizer import chars_per_token_bound
+    base = (tiny_dir / "tokenizer.json").read_text()
+    assert chars_per_token_bound(HFTokenizer.from_str(base)) is not None
+    for change in (lambda t: setattr(t, "normalizer", normalizers.Strip()),
+                   lambda t: setattr(t, "normalizer", normalizers.BertNormalizer()),
+                   lambda t: setattr(t, "pre_tokenizer", pre_tokenizers.Whitespace())):
+        t = HFTokenizer.from_str(base)
+        change(t)
+        assert chars_per_token_bound(t) is None
+
+
 def test_eos_ids_are_gathered_from_every_config(tiny_dir, tmp_path):
     folder = tmp_path / "m"
     shutil.copytree(tiny_dir, folder)

@@ -26,12 +26,14 @@ from typing import Any
 import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from vsc.runtime.api import GenerateRequest, QueueFull, RuntimeError_, SamplingParams, TokenEvent
 from vsc.runtime.constrain import ANY_JSON_OBJECT, SchemaError, check_schema
+from vsc.runtime.guard import HttpGuard, Security, default_max_body
 from vsc.runtime.metrics import ServerMetrics
 
 log = logging.getLogger("vsc.runtime.http")
@@ -285,6 +287,8 @@ class _App:
         self.name_json = orjson.dumps(served_model_name)
         vocab = getattr(tokenizer, "vocab_size", None)
         self.vocab = vocab if type(vocab) is int and vocab > 0 else None
+        bound = getattr(tokenizer, "chars_per_token", None)
+        self.chars_per_token = bound if type(bound) is int and bound > 0 else None
         self.model_created = int(time.time())
 
     # ----------------------------------------------------------------- helpers
@@ -318,6 +322,15 @@ class _App:
                                      f"model's context of {ctx} tokens (prompt {prompt_len} + max_tokens "
                                      f"{max_tokens})", code="context_length_exceeded")
         return max_tokens
+
+    def _encode(self, text: str, add_special_tokens: bool, param: str) -> list[int]:
+        """Tokenize a prompt; one that cannot fit the context whatever its tokens (more characters
+        than the tokenizer's chars_per_token bound allows) is refused without tokenizing it."""
+        bound, ctx = self.chars_per_token, int(self.engine.max_context)
+        if bound is not None and len(text) > bound * ctx:
+            raise _bad(param, f"The prompt of {len(text)} characters is at least {len(text) // bound} tokens, more "
+                              f"than the model's context of {ctx} tokens", code="context_length_exceeded")
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def _abort(self, r: _Req) -> None:
         if r.finished or r.aborted:
@@ -382,9 +395,11 @@ class _App:
             body = await self._json(request)
             params, stream, include_usage = _common(body, chat=chat)
             predicted = _prediction(body.get("prediction"))
-            ids = prompt_of(body, params)
+            # tokenizing (and the chat template) off the event loop: a long prompt delays only itself
+            ids = await asyncio.to_thread(prompt_of, body, params)
             if predicted is not None:
-                params.prediction = list(self.tokenizer.encode(predicted, add_special_tokens=False)) or None
+                params.prediction = list(await asyncio.to_thread(self.tokenizer.encode, predicted,
+                                                                 add_special_tokens=False)) or None
         except ApiError as e:
             return e.response()
         except ClientDisconnect:
@@ -396,9 +411,8 @@ class _App:
 
     def _completion_prompt(self, body: dict, params: SamplingParams) -> list[int]:
         prompt = body.get("prompt")
-        tok = self.tokenizer
         if isinstance(prompt, str):
-            ids = tok.encode(prompt, add_special_tokens=True)
+            ids = self._encode(prompt, True, "prompt")
         elif isinstance(prompt, list) and prompt:
             first = prompt[0]
             if type(first) is int:
@@ -406,7 +420,7 @@ class _App:
             elif len(prompt) > 1:
                 raise _bad("prompt", "batched prompts are not supported: send one prompt per request")
             elif isinstance(first, str):
-                ids = tok.encode(first, add_special_tokens=True)
+                ids = self._encode(first, True, "prompt")
             elif isinstance(first, list) and first:
                 ids = _token_list(first, "prompt", self.vocab)
             else:
@@ -428,7 +442,7 @@ class _App:
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         except Exception as e:  # template errors (role order, ...) are the caller's
             raise _bad("messages", f"the chat template rejected the messages: {e}") from None
-        ids = list(self.tokenizer.encode(text, add_special_tokens=False))
+        ids = list(self._encode(text, False, "messages"))
         if not ids:
             raise _bad("messages", "the prompt is empty")
         params.max_tokens = self._fit(len(ids), params.max_tokens, "messages")
@@ -654,8 +668,10 @@ class _EventStream(Response):
 
 # --------------------------------------------------------------------------- the app
 
-def build_app(engine, tokenizer, metrics: ServerMetrics, served_model_name: str) -> Starlette:
-    """The OpenAI-compatible app over `engine`; `metrics` also reads engine.stats() at each scrape."""
+def build_app(engine, tokenizer, metrics: ServerMetrics, served_model_name: str,
+              security: Security | None = None) -> Starlette:
+    """The OpenAI-compatible app over `engine`; `metrics` also reads engine.stats() at each scrape.
+    `security` (vsc.runtime.guard): API key, allowed hosts, body limit (default: from the context)."""
     metrics.bind_engine(engine)
     a = _App(engine, tokenizer, metrics, served_model_name)
 
@@ -672,6 +688,8 @@ def build_app(engine, tokenizer, metrics: ServerMetrics, served_model_name: str)
         Route("/health", a.health, methods=["GET"]),
         Route("/metrics", a.metrics_endpoint, methods=["GET"]),
     ]
-    app = Starlette(routes=routes, exception_handlers={HTTPException: not_found})
+    security = security or Security(max_body_bytes=default_max_body(engine.max_context))
+    app = Starlette(routes=routes, exception_handlers={HTTPException: not_found},
+                    middleware=[Middleware(HttpGuard, security=security)])
     app.state.vsc = a
     return app

@@ -10,6 +10,7 @@ import argparse
 import importlib.util
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -21,6 +22,10 @@ log = logging.getLogger("vsc.runtime.launch")
 
 class ServerFolderError(VscError):
     """The server folder is incomplete, or its model folder changed or vanished."""
+
+
+class ServeOptionError(VscError):
+    """A serve option is out of range, or the server cannot listen where it was asked to."""
 
 
 def read_manifest(folder: Path) -> dict:
@@ -46,8 +51,9 @@ def import_runner_module(folder: Path, file: str = "model.py"):
     return module
 
 
-def build_server(folder: Path):
-    """(app, engine, manifest) for a server folder; the engine is not started yet."""
+def build_server(folder: Path, security=None):
+    """(app, engine, manifest) for a server folder; the engine is not started yet.
+    `security`: a vsc.runtime.guard.Security, or a function of max_context returning one."""
     from vsc.runtime.api import EngineConfig
     from vsc.runtime.engine import LLMEngine
     from vsc.runtime.http import build_app
@@ -84,31 +90,101 @@ def build_server(folder: Path):
     tokenizer = Tokenizer.from_model_dir(meta_dir)
     engine = LLMEngine(runner, tokenizer, config, manifest["model"]["name"], draft_runner=draft_runner)
     metrics = ServerMetrics()
-    app = build_app(engine, tokenizer, metrics, manifest["model"]["name"])
+    if callable(security):
+        security = security(int(engine.max_context))
+    app = build_app(engine, tokenizer, metrics, manifest["model"]["name"], security)
     return app, engine, manifest
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} is not between 0 and 65535")
+    return port
+
+
+def _add_guard_args(ap: argparse.ArgumentParser) -> None:
+    """Authentication, exposure and connection limits (vsc.runtime.guard, vsc.runtime.conn)."""
+    from vsc.runtime.conn import ConnLimits
+    d = ConnLimits()
+    ap.add_argument("--api-key", default=os.environ.get("VSC_API_KEY") or None,
+                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $VSC_API_KEY; none: open)")
+    ap.add_argument("--protect-metrics", action="store_true", help="require the API key on /metrics too")
+    ap.add_argument("--allowed-hosts", metavar="NAMES",
+                    help="comma-separated names the Host header may carry, or * for any (default: loopback "
+                         "names when bound to loopback, else any)")
+    ap.add_argument("--max-body-size", metavar="SIZE",
+                    help="largest request body, e.g. 4MiB (default: 64 bytes per token of context, at least 1MiB)")
+    ap.add_argument("--max-connections", type=int, default=d.max_connections,
+                    help=f"open connections; more are answered 503 (default {d.max_connections})")
+    ap.add_argument("--read-timeout", type=float, default=d.read_timeout,
+                    help=f"seconds for a request head, or a pause in a body (default {d.read_timeout:g})")
+    ap.add_argument("--keep-alive", type=float, default=d.keep_alive,
+                    help=f"seconds an idle connection is kept between requests (default {d.keep_alive:g})")
+
+
+def _guard_from_args(args, host: str):
+    """(security(max_context), ConnLimits) from the parsed options; ServeOptionError on a bad one."""
+    from vsc.runtime.conn import ConnLimits
+    from vsc.runtime.guard import Security, default_allowed_hosts, default_max_body, parse_allowed_hosts, parse_size
+    try:
+        limits = ConnLimits(read_timeout=args.read_timeout, keep_alive=args.keep_alive,
+                            max_connections=args.max_connections)
+        hosts = default_allowed_hosts(host) if args.allowed_hosts is None else parse_allowed_hosts(args.allowed_hosts)
+        max_body = None if args.max_body_size is None else parse_size(args.max_body_size)
+        if args.api_key is not None and not args.api_key.strip():
+            raise ValueError("--api-key is empty")
+        if args.protect_metrics and args.api_key is None:
+            raise ValueError("--protect-metrics needs an API key (--api-key or VSC_API_KEY)")
+        if args.api_key is not None:
+            Security(api_key=args.api_key.strip())      # its own checks (printable ASCII, ...)
+            args.api_key = args.api_key.strip()
+    except ValueError as e:
+        raise ServeOptionError(f"serve: error: {e}") from None
+
+    def security(max_context: int) -> Security:
+        return Security(api_key=args.api_key, protect_metrics=args.protect_metrics, allowed_hosts=hosts,
+                        max_body_bytes=max_body or default_max_body(max_context))
+    return security, limits
+
+
 def main(folder: Path, argv: list[str]) -> int:
-    from vsc.runtime.serve import run_server
+    from vsc.runtime.serve import bind_socket, run_server
 
     ap = argparse.ArgumentParser(prog=f"python -m {Path(folder).name}", description="serve a vsc-compiled plan")
     ap.add_argument("--host", help="bind address (default: from the spec, normally 127.0.0.1)")
-    ap.add_argument("--port", type=int, help="port (default: from the spec)")
-    ap.add_argument("--log-level", default="warning")
+    ap.add_argument("--port", type=_port, help="port, 0-65535 (default: from the spec)")
+    ap.add_argument("--log-level", default="warning", type=str.lower,   # (no uvicorn "trace": it logs headers)
+                    choices=["critical", "error", "warning", "info", "debug"])
+    _add_guard_args(ap)
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        app, engine, manifest = build_server(Path(folder))
+        serve = read_manifest(Path(folder))["serve"]
+        host = args.host or serve["host"]
+        port = args.port if args.port is not None else _port(str(serve["port"]))
+        security, limits = _guard_from_args(args, host)
+        app, engine, manifest = build_server(Path(folder), security)
+        try:
+            sock = bind_socket(host, port)
+        except OSError as e:
+            raise ServeOptionError(f"serve: error: cannot listen on {host}:{port}: {e.strerror or e}") from None
+    except argparse.ArgumentTypeError as e:
+        print(f"serve: error: the spec's {e}", file=sys.stderr)
+        return 2
     except VscError as e:
         print(e.render(), file=sys.stderr)
         return e.exit_code
-    host = args.host or manifest["serve"]["host"]
-    port = args.port if args.port is not None else manifest["serve"]["port"]
     engine.start()
-    print(f"vsc server for {manifest['model']['name']} on http://{host}:{port}/v1 "
-          f"(pipeline: {manifest['pipeline'] or 'none'})", file=sys.stderr, flush=True)
+    bound = sock.getsockname()[1]
+    auth = "API key required" if args.api_key else "no API key"
+    print(f"vsc server for {manifest['model']['name']} on http://{host}:{bound}/v1 "
+          f"(pipeline: {manifest['pipeline'] or 'none'}; {auth})", file=sys.stderr, flush=True)
     try:
-        run_server(app, host=host, port=port, log_level=args.log_level)
+        run_server(app, host=host, port=bound, log_level=args.log_level, sock=sock, limits=limits)
     finally:
         engine.shutdown()
     return 0

@@ -1,4 +1,9 @@
-"""Running the HTTP app: uvicorn on uvloop, in the foreground or in a thread (tests)."""
+"""Running the HTTP app: uvicorn on uvloop, in the foreground or in a thread (tests).
+
+Connections are uvicorn's h11 protocol with vsc's read deadlines, connection bound and
+half-close (vsc.runtime.conn). The listening socket is bound here, before uvicorn starts,
+so a caller can report a busy port as one line and announce the server only once it listens.
+"""
 from __future__ import annotations
 
 import importlib.util
@@ -10,6 +15,8 @@ import time
 
 import uvicorn
 
+from vsc.runtime.conn import ConnLimits, protocol_class
+
 log = logging.getLogger("vsc.runtime.serve")
 
 
@@ -17,25 +24,46 @@ def _loop() -> str:
     return "uvloop" if importlib.util.find_spec("uvloop") is not None else "asyncio"
 
 
-def _http() -> str:
-    return "httptools" if importlib.util.find_spec("httptools") is not None else "h11"
-
-
-def _config(app, host: str, port: int, log_level: str, graceful_timeout: float, **kw) -> uvicorn.Config:
-    return uvicorn.Config(app, host=host, port=port, log_level=log_level, loop=_loop(), http=_http(),
-                          ws="none", lifespan="on", access_log=False,
+def _config(app, host: str, port: int, log_level: str, graceful_timeout: float, limits: ConnLimits | None = None,
+            **kw) -> uvicorn.Config:
+    limits = limits or ConnLimits()
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, loop=_loop(), http=protocol_class(limits),
+                          ws="none", lifespan="on", access_log=False, timeout_keep_alive=limits.keep_alive,
                           timeout_graceful_shutdown=graceful_timeout, **kw)
 
 
+def bind_socket(host: str, port: int, backlog: int = 1024) -> socket.socket:
+    """A listening, non-blocking TCP socket on host:port (port 0: an ephemeral one); OSError if it cannot bind."""
+    if not 0 <= port <= 65535:
+        raise OSError(f"port {port} is not between 0 and 65535")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    if host not in ("", "0.0.0.0", "::") and ":" not in host:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)     # a name: its first address
+        family = infos[0][0]
+        host = infos[0][4][0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host.strip("[]"), port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def run_server(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning",
-               graceful_timeout: float = 10.0) -> None:
+               graceful_timeout: float = 10.0, sock: socket.socket | None = None,
+               limits: ConnLimits | None = None) -> None:
     """Serve `app` until SIGINT/SIGTERM, then shut down gracefully.
 
     On a signal uvicorn stops accepting connections and lets in-flight requests finish for
     up to `graceful_timeout` seconds; what is still running after that is cancelled (the
-    HTTP layer then aborts those requests in the engine).
+    HTTP layer then aborts those requests in the engine). `sock`: an already bound socket
+    (`bind_socket`) to serve on instead of binding host:port.
     """
-    server = uvicorn.Server(_config(app, host, port, log_level, graceful_timeout))
+    server = uvicorn.Server(_config(app, host, port, log_level, graceful_timeout, limits))
     # uvicorn handles SIGINT/SIGTERM itself (stop accepting, drain, shut down) and afterwards
     # re-raises the signal to whatever handler was installed before. Install quiet handlers so
     # that re-raise neither kills the process nor raises KeyboardInterrupt: run_server returns
@@ -45,7 +73,7 @@ def run_server(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = 
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, _after_shutdown)
     try:
-        server.run()
+        server.run(sockets=[sock] if sock is not None else None)
     except KeyboardInterrupt:
         pass
     finally:
@@ -58,23 +86,16 @@ def _after_shutdown(signum, frame) -> None:
 
 
 def start_in_thread(app, host: str = "127.0.0.1", port: int = 0, timeout: float = 10.0,
-                    log_level: str = "warning") -> tuple[uvicorn.Server, threading.Thread, int]:
+                    log_level: str = "warning",
+                    limits: ConnLimits | None = None) -> tuple[uvicorn.Server, threading.Thread, int]:
     """Start `app` in a daemon thread; returns (server, thread, actual_port) once it accepts connections.
 
     Port 0 binds an ephemeral port. Stop it with `stop_server(server, thread)`.
     """
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(1024)
-        sock.setblocking(False)
-    except OSError:
-        sock.close()
-        raise
+    sock = bind_socket(host, port)
     actual_port = sock.getsockname()[1]
     # log_config=None: leave the host process's logging configuration alone.
-    server = uvicorn.Server(_config(app, host, actual_port, log_level, 2.0, log_config=None))
+    server = uvicorn.Server(_config(app, host, actual_port, log_level, 2.0, limits, log_config=None))
     failure: list[BaseException] = []
 
     def target() -> None:

@@ -29,6 +29,60 @@ from vsc.errors import ModelError
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
+#: Texts longer than this are encoded without holding the GIL (tokenizers' encode() keeps it
+#: for the whole call: 4 MB took 5 s here, with every other thread, the event loop included, stopped).
+_GIL_FREE_CHARS = 8192
+
+# Normalizers by how much they can shrink a text (characters in / characters out); any other
+# (Strip, StripAccents, NMT, Precompiled, a regex Replace, ...) can drop text without bound.
+_NORMALIZER_SHRINK = {"NFC": 4, "NFKC": 4, "NFD": 4, "NFKD": 4, "Lowercase": 1, "Prepend": 1}
+# Pre-tokenizers that keep every character (Whitespace and friends drop the whitespace).
+_KEEPING_PRE_TOKENIZERS = {"ByteLevel", "Metaspace", "Digits", "Split", "Punctuation"}
+
+
+def chars_per_token_bound(tokenizer: HFTokenizer) -> int | None:
+    """The most characters of input one token can stand for, when the pipeline allows a bound.
+
+    A BPE token covers at most its own length in characters (byte-level: in bytes, and a
+    character is at least a byte) of normalized text, and an NF*C normalizer composes at most
+    4 code points into one; so tokens >= len(text) / (longest token * 4). None when some stage
+    can drop text (a shrinking normalizer, a whitespace-dropping pre-tokenizer, fused or missing
+    unknown tokens, added tokens that swallow whitespace)."""
+    spec = json.loads(tokenizer.to_str())
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE":
+        return None
+    pre = _flatten(spec.get("pre_tokenizer"), "pretokenizers")
+    if any(p.get("type") not in _KEEPING_PRE_TOKENIZERS or p.get("behavior") == "Removed" for p in pre):
+        return None
+    byte_level = any(p.get("type") == "ByteLevel" for p in pre)
+    if not (byte_level or model.get("byte_fallback") or (model.get("unk_token") and not model.get("fuse_unk"))):
+        return None                     # characters outside the vocabulary vanish
+    shrink = 1
+    for n in _flatten(spec.get("normalizer"), "normalizers"):
+        if n.get("type") == "Replace":
+            pattern, content = (n.get("pattern") or {}).get("String"), n.get("content")
+            if not isinstance(pattern, str) or not isinstance(content, str) or len(content) < len(pattern):
+                return None
+            continue
+        factor = _NORMALIZER_SHRINK.get(n.get("type"))
+        if factor is None:
+            return None
+        shrink *= factor
+    if any(t.get("lstrip") or t.get("rstrip") for t in spec.get("added_tokens") or []):
+        return None
+    longest = max((len(t) for t in tokenizer.get_vocab(with_added_tokens=True)), default=1)
+    return max(1, longest) * shrink
+
+
+def _flatten(stage: dict | None, key: str) -> list[dict]:
+    if not stage:
+        return []
+    if stage.get("type") == "Sequence":
+        return [x for sub in stage.get(key) or [] for x in _flatten(sub, key)]
+    return [stage]
+
+
 # Where a server folder of a GGUF plan keeps the model's tokenizer and config (a GGUF
 # carries them inside; `vsc compile` writes them out as HF files).
 MODEL_META_DIR = "tokenizer"
@@ -43,6 +97,9 @@ class Tokenizer:
         self.eos_token_ids: list[int] = list(dict.fromkeys(eos_token_ids))
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
         self._template: jinja2.Template | None = None
+        #: At most this many characters of text make one token (None: no sound bound for this
+        #: tokenizer), so a text of n characters is at least n / chars_per_token tokens long.
+        self.chars_per_token: int | None = chars_per_token_bound(tokenizer)
 
     @classmethod
     def from_model_dir(cls, path: str | Path) -> "Tokenizer":
@@ -80,6 +137,8 @@ class Tokenizer:
     # --- text <-> ids ----------------------------------------------------------------
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        if len(text) > _GIL_FREE_CHARS:     # encode() holds the GIL throughout; encode_batch() lets it go
+            return self.tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
