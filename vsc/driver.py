@@ -177,7 +177,7 @@ def verify_server(server_dir: Path) -> tuple[bool, list[str]]:
     from vsc.backends.torch.codegen import generate_runner_source
     from vsc.backends.torch.draft import DRAFT_RUNNER_FILE, attach_draft_runner, draft_runner_source
     from vsc.runtime import integrity
-    from vsc.runtime.launch import import_runner_module, load_step, read_manifest
+    from vsc.runtime.launch import compile_runner, import_runner_module, load_step, read_manifest
 
     server_dir = Path(server_dir)
     manifest = read_manifest(server_dir)
@@ -201,6 +201,9 @@ def verify_server(server_dir: Path) -> tuple[bool, list[str]]:
     draft_source = draft_runner_source(module)
     if draft_source is not None or DRAFT_RUNNER_FILE in files:
         regenerated[DRAFT_RUNNER_FILE] = draft_source or ""
+    for name in regenerated:                 # a damaged runner is an error (exit 2), before any comparison
+        if (server_dir / name).is_file():
+            compile_runner(server_dir / name, (server_dir / name).read_bytes())
     differ = [name for name, source in regenerated.items()
               if not (server_dir / name).is_file() or (server_dir / name).read_bytes() != source.encode()]
     if differ:

@@ -47,12 +47,7 @@ def import_runner_module(folder: Path, file: str = "model.py", sha256: str | Non
     if sha256 is not None and integrity.sha256_bytes(source) != sha256:
         raise integrity.IntegrityError(f"{path}: error: changed since compile (its sha256 differs from the "
                                        "manifest's); refusing to run it")
-    try:
-        code = compile(source, str(path), "exec")
-    except (SyntaxError, ValueError) as e:
-        where = f"{path}:{e.lineno}" if getattr(e, "lineno", None) else str(path)
-        raise ServerFolderError(f"{where}: error: the generated runner does not compile "
-                                f"({getattr(e, 'msg', None) or e}); recompile the server") from None
+    code = compile_runner(path, source)
     name = f"vsc_generated_{abs(hash(str(path.resolve())))}"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
@@ -63,6 +58,16 @@ def import_runner_module(folder: Path, file: str = "model.py", sha256: str | Non
         sys.modules.pop(name, None)
         raise ServerFolderError(f"{path}: error: the generated runner fails at import: {_one_line(e)}") from None
     return module
+
+
+def compile_runner(path: Path, source: bytes):
+    """The code object of a generated runner's source (nothing runs); a syntax error is one line."""
+    try:
+        return compile(source, str(path), "exec")
+    except (SyntaxError, ValueError) as e:
+        where = f"{path}:{e.lineno}" if getattr(e, "lineno", None) else str(path)
+        raise ServerFolderError(f"{where}: error: the generated runner does not compile "
+                                f"({getattr(e, 'msg', None) or e}); recompile the server") from None
 
 
 def _one_line(e: BaseException) -> str:
