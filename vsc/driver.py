@@ -164,7 +164,7 @@ def compile_to_server(module: ServingModule, pipeline: str, out_dir: Path, spec_
 def verify_server(server_dir: Path) -> tuple[bool, list[str]]:
     """Re-check a built server, in an order that runs nothing unproven:
 
-    1. integrity: the sha256 of every file in the folder, of every model file it loads and of
+    1. integrity: the digest of every file in the folder, of every model file it loads and of
        the manifest's own settings match what `vsc compile` recorded; nothing is imported or
        loaded before this holds (a missing file is an error, exit 2; a changed one fails);
     2. structural: plan.vsir parses and every invariant holds;
@@ -185,13 +185,13 @@ def verify_server(server_dir: Path) -> tuple[bool, list[str]]:
     missing = [p for p in problems if p.what == "missing"]
     if missing:
         more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
-        raise integrity.IntegrityError(f"{missing[0].path}: error: missing: the manifest records its sha256; "
+        raise integrity.IntegrityError(f"{missing[0].path}: error: missing: the manifest records its digest; "
                                        f"cannot verify the server{more}")
     if problems:
         return False, [f"integrity: {p}" for p in problems]
     files = manifest["integrity"]["files"]
-    lines = [f"integrity: ok ({len(files)} files, {sum(len(f) for _, f in integrity.model_sets(manifest))} model "
-             "files and the manifest's settings match their sha256)"]
+    lines = [f"integrity: ok ({len(files)} files, {len(manifest['integrity']['model_files'])} model files and the "
+             f"manifest's settings match their {manifest['integrity']['algorithm']} digests)"]
     module = parse_module_file(server_dir / "plan.vsir")
     diags = verify(module)
     lines.append(f"structural: {'ok' if not diags else '; '.join(map(str, diags))}")
@@ -220,7 +220,7 @@ def verify_server(server_dir: Path) -> tuple[bool, list[str]]:
         return False, lines
     model_dir = Path(manifest["model"]["path"])
     settings = accuracy_settings(module)
-    generated = import_runner_module(server_dir, sha256=files["model.py"])
+    generated = import_runner_module(server_dir, digest=files["model.py"])
     runner = load_step("the model", model_dir, generated.Runner, str(model_dir), device=runner_device(module))
     draft_file = server_dir / DRAFT_RUNNER_FILE
     load_step("the draft model", draft_file, attach_draft_runner, module, runner,

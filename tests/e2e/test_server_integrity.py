@@ -1,4 +1,4 @@
-"""A server folder is code: `vsc verify` and `vsc serve` check the sha256 of every file (and of
+"""A server folder is code: `vsc verify` and `vsc serve` check the digest of every file (and of
 the manifest's own settings, and of the model files) before they import or load anything;
 damaged files are one line, never a traceback."""
 from __future__ import annotations
@@ -56,6 +56,16 @@ def built_tvm(tmp_path_factory) -> Path:
     return compile_server(tmp_path_factory.mktemp("integrity-tvm"), TVM_PIPELINE, "logits_tol(0.5, probes = 2)")
 
 
+@pytest.fixture(autouse=True)
+def never_serve(monkeypatch):
+    """`vsc serve` in these tests must refuse before serving; were it to get that far, it fails instead."""
+    import vsc.runtime.serve
+
+    def run_server(*args, **kw):
+        raise AssertionError("vsc serve accepted the folder and started serving")
+    monkeypatch.setattr(vsc.runtime.serve, "run_server", run_server)
+
+
 def manifest_of(folder: Path) -> dict:
     return json.loads((folder / "manifest.json").read_text())
 
@@ -97,20 +107,24 @@ def verify(capsys, folder: Path) -> tuple[int, str, str]:
 
 def serve(capsys, folder: Path, *flags: str) -> tuple[int, str]:
     """`vsc serve` on a folder it must refuse (it returns before serving)."""
-    code = vsc_main(["serve", str(folder), "--port", "1", *flags])
+    code = vsc_main(["serve", str(folder), *flags])
     return code, capsys.readouterr().err
 
 
 # --- item 1: the manifest hashes every file; verify checks them before running anything ----------
 
-def test_manifest_records_the_sha256_of_every_file_and_of_itself(built):
+def test_manifest_records_the_digest_of_every_file_model_file_and_of_itself(built):
     manifest = manifest_of(built)
     files = manifest["integrity"]["files"]
     on_disk = sorted(p.relative_to(built).as_posix() for p in built.rglob("*")
                      if p.is_file() and p.name != "manifest.json" and "__pycache__" not in p.parts)
     assert sorted(files) == on_disk and {"model.py", "plan.vsir", "__init__.py", "__main__.py"} <= set(files)
-    assert all(integrity.sha256_file(built / rel) == digest for rel, digest in files.items())
-    assert manifest["integrity"]["manifest_sha256"] == integrity.manifest_digest(manifest)
+    assert all(integrity.digest_file(built / rel) == digest for rel, digest in files.items())
+    model = Path(manifest["model"]["path"])
+    assert manifest["integrity"]["model_files"] == {str(model / name): integrity.digest_file(model / name)
+                                                    for name in manifest["model"]["files"]}
+    assert "model.safetensors" in manifest["model"]["files"] and "tokenizer.json" in manifest["model"]["files"]
+    assert manifest["integrity"]["manifest_digest"] == integrity.manifest_digest(manifest)
     assert integrity.check(built, manifest) == []
 
 

@@ -1,18 +1,23 @@
-"""A server folder is code: the sha256 of every file it holds and of every model file it loads.
+"""A server folder is code: a digest of every file it holds and of every model file it loads.
 
-`vsc compile` seals the folder (`seal`): the manifest's "integrity" entry records the sha256
+`vsc compile` seals the folder (`seal`): the manifest's "integrity" entry records the digest
 of every file in the folder but manifest.json itself (generated source, plan, kernels,
-tokenizer files, entry points), and a digest of the manifest itself, computed over a
-canonical serialisation of everything in it but that one digest (so the engine and serve
-settings, the model's path and the sha256 of each model file it names are covered too).
-The model files live wherever `manifest["model"]["path"]` says (they are never copied); the
-manifest records them by name, relative to that path, with their sha256.
+tokenizer files, entry points), of every model file the server loads (by absolute path:
+the weights live wherever `manifest["model"]["path"]` says, and are never copied), and of
+the manifest itself, computed over a canonical serialisation of everything in it but that
+one digest (so the engine and serve settings and the model's path are covered too).
 
 `check` hashes all of that again and lists what differs; `vsc serve` refuses a folder with
 any difference before it imports or loads anything (`check_or_raise`), and `vsc verify`
 reports every difference. The hashes detect change; they are not signatures: whoever can
 write the folder can also rewrite its manifest, so a folder must be guarded like any other
 program.
+
+The digest is BLAKE3 (a cryptographic hash, ~2.3x sha256's speed here with SHA-NI, and
+multi-threaded over a large file): a server hashes its weights at every start, and
+SmolLM2-135M's 540 MB take ~0.45 s with BLAKE3 against ~1.1 s with sha256 on this
+2-core host under load. The manifest's descriptive sha256 entries (model.files,
+kernels.files, ...) stay as they were.
 
 This module is runtime code (the server runs it at start-up); the compiler imports it.
 """
@@ -23,10 +28,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import blake3
+
 from vsc.errors import VscError
 from vsc.runtime.quant_formats import is_gguf_path
 
-ALGORITHM = "sha256"
+ALGORITHM = "blake3"
 MANIFEST_FILE = "manifest.json"
 IGNORED_DIRS = ("__pycache__",)      # Python's bytecode caches: written by the import of __init__/__main__
 # The files of an HF model folder a server reads (weights, index, config, tokenizer, template).
@@ -40,11 +47,22 @@ class IntegrityError(VscError):
 
 def sha256_file(path: Path) -> str:
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, ALGORITHM).hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def digest_file(path: Path) -> str:
+    """The integrity digest (BLAKE3, all cores) of a file's bytes."""
+    if Path(path).stat().st_size == 0:        # mmap cannot map an empty file
+        return blake3.blake3().hexdigest()
+    return blake3.blake3(max_threads=blake3.blake3.AUTO).update_mmap(str(path)).hexdigest()
+
+
+def digest_bytes(data: bytes) -> str:
+    return blake3.blake3(data).hexdigest()
 
 
 def model_file_checksums(model_path: Path) -> dict[str, str]:
@@ -72,20 +90,30 @@ def folder_files(folder: Path) -> list[str]:
 
 
 def manifest_digest(manifest: dict) -> str:
-    """sha256 of the manifest's canonical JSON (sorted keys, no spaces), its own digest left out."""
+    """Digest of the manifest's canonical JSON (sorted keys, no spaces), its own digest left out."""
     body = dict(manifest)
     integrity = dict(body.get("integrity") or {})
-    integrity.pop("manifest_sha256", None)
+    integrity.pop("manifest_digest", None)
     body["integrity"] = integrity
     text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
-    return sha256_bytes(text.encode())
+    return digest_bytes(text.encode())
+
+
+def model_paths(manifest: dict) -> list[Path]:
+    """The model files the manifest names (served model and any draft model), as paths."""
+    return [model_path if is_gguf_path(model_path) else model_path / name
+            for model_path, files in model_sets(manifest) for name in sorted(files)]
 
 
 def seal(folder: Path, manifest: dict) -> dict:
-    """Record the sha256 of every file in `folder` and the manifest's own digest (in place; returned)."""
-    manifest["integrity"] = {"algorithm": ALGORITHM,
-                             "files": {rel: sha256_file(Path(folder) / rel) for rel in folder_files(folder)}}
-    manifest["integrity"]["manifest_sha256"] = manifest_digest(manifest)
+    """Record the digest of every file in `folder`, of every model file it names and of the
+    manifest itself (in place; returned)."""
+    manifest["integrity"] = {
+        "algorithm": ALGORITHM,
+        "files": {rel: digest_file(Path(folder) / rel) for rel in folder_files(folder)},
+        "model_files": {str(p): digest_file(p) for p in model_paths(manifest)},
+    }
+    manifest["integrity"]["manifest_digest"] = manifest_digest(manifest)
     return manifest
 
 
@@ -126,36 +154,35 @@ def check(folder: Path, manifest: dict, unexpected: bool = True) -> list[Problem
     """
     folder = Path(folder)
     integrity = manifest.get("integrity")
-    if not isinstance(integrity, dict) or not isinstance(integrity.get("files"), dict):
+    if not isinstance(integrity, dict) or not all(isinstance(integrity.get(k), dict) for k in ("files", "model_files")):
         raise IntegrityError(f"{folder / MANIFEST_FILE}: error: the manifest records no file hashes (written by "
                              "an older vsc); recompile the server with `vsc compile`")
     if integrity.get("algorithm") != ALGORITHM:
         raise IntegrityError(f"{folder / MANIFEST_FILE}: error: unknown integrity algorithm "
                              f"{integrity.get('algorithm')!r} (this vsc checks {ALGORITHM})")
     problems = []
-    if integrity.get("manifest_sha256") != manifest_digest(manifest):
+    if integrity.get("manifest_digest") != manifest_digest(manifest):
         problems.append(Problem(str(folder / MANIFEST_FILE), "edited"))
     recorded = integrity["files"]
     for rel, digest in sorted(recorded.items()):
-        path = folder / rel
-        if not path.is_file():
-            problems.append(Problem(str(path), "missing"))
-        elif sha256_file(path) != digest:
-            problems.append(Problem(str(path), "changed"))
+        problems += _compare(folder / rel, digest)
     if unexpected:
         problems += [Problem(str(folder / rel), "unexpected") for rel in folder_files(folder) if rel not in recorded]
-    for model_path, files in model_sets(manifest):
-        gguf = is_gguf_path(model_path)
-        for name, digest in sorted(files.items()):
-            path = model_path if gguf else model_path / name
-            if not path.is_file():
-                problems.append(Problem(str(path), "missing"))
-            elif sha256_file(path) != digest:
-                problems.append(Problem(str(path), "changed"))
-        if not gguf and model_path.is_dir():
-            problems += [Problem(str(p), "unexpected") for p in _model_files(model_path)
-                         if p.name not in files and p.suffix == ".safetensors"]
+    model_files = integrity.get("model_files") or {}
+    for path, digest in sorted(model_files.items()):
+        problems += _compare(Path(path), digest)
+    if unexpected:       # a shard the loader would read (it globs *.safetensors) that nobody hashed
+        for model_path, _ in model_sets(manifest):
+            if model_path.is_dir():
+                problems += [Problem(str(p), "unexpected") for p in sorted(model_path.glob("*.safetensors"))
+                             if str(p) not in model_files]
     return problems
+
+
+def _compare(path: Path, digest: str) -> list[Problem]:
+    if not path.is_file():
+        return [Problem(str(path), "missing")]
+    return [] if digest_file(path) == digest else [Problem(str(path), "changed")]
 
 
 def check_or_raise(folder: Path, manifest: dict) -> None:
@@ -168,7 +195,7 @@ def check_or_raise(folder: Path, manifest: dict) -> None:
 
 
 def _why(p: Problem) -> str:
-    return {"changed": "changed since compile (its sha256 differs from the manifest's)",
-            "missing": "missing (the manifest records its sha256)",
+    return {"changed": "changed since compile (its digest differs from the manifest's)",
+            "missing": "missing (the manifest records its digest)",
             "unexpected": "not written by vsc compile (the manifest does not name it)",
             "edited": "edited since compile (its settings differ from the digest it records)"}[p.what]

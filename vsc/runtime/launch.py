@@ -35,17 +35,18 @@ def read_manifest(folder: Path) -> dict:
         raise ServerFolderError(f"{path}: error: manifest is not valid JSON ({e.msg} at line {e.lineno})") from None
 
 
-def import_runner_module(folder: Path, file: str = "model.py", sha256: str | None = None):
+def import_runner_module(folder: Path, file: str = "model.py", digest: str | None = None):
     """Import the folder's generated model.py (or draft_model.py) under a private module name.
 
     The source is read once and compiled from those bytes (never from a bytecode cache);
-    `sha256`, when given, must be theirs, so what runs is what was checked."""
+    `digest` (the manifest's integrity digest), when given, must be theirs, so what runs is
+    what was checked."""
     path = folder / file
     if not path.is_file():
         raise ServerFolderError(f"{folder}: error: the server folder has no {file}; recompile it")
     source = path.read_bytes()
-    if sha256 is not None and integrity.sha256_bytes(source) != sha256:
-        raise integrity.IntegrityError(f"{path}: error: changed since compile (its sha256 differs from the "
+    if digest is not None and integrity.digest_bytes(source) != digest:
+        raise integrity.IntegrityError(f"{path}: error: changed since compile (its digest differs from the "
                                        "manifest's); refusing to run it")
     code = compile_runner(path, source)
     name = f"vsc_generated_{abs(hash(str(path.resolve())))}"
@@ -141,7 +142,7 @@ def _build(folder: Path, manifest: dict, integrity_check: bool):
     if threads > 0:  # the plan's thread count; 0 leaves torch's default (all cores)
         torch.set_num_threads(threads)
     files = ((manifest.get("integrity") or {}).get("files") or {}) if integrity_check else {}
-    generated = import_runner_module(folder, sha256=files.get("model.py"))
+    generated = import_runner_module(folder, digest=files.get("model.py"))
     config = load_step("the engine settings", folder / "manifest.json", EngineConfig, **manifest["engine"])
     runner_context = getattr(generated, "MAX_CONTEXT", None)
     if isinstance(runner_context, int) and config.max_context > runner_context:
@@ -153,7 +154,7 @@ def _build(folder: Path, manifest: dict, integrity_check: bool):
         draft_dir = Path(config.draft_model or "")
         if not (draft_dir / "config.json").is_file():
             raise ServerFolderError(f"{draft_dir}: error: the server's draft model folder is missing or incomplete")
-        draft = import_runner_module(folder, "draft_model.py", sha256=files.get("draft_model.py"))
+        draft = import_runner_module(folder, "draft_model.py", digest=files.get("draft_model.py"))
         draft_runner = load_step("the draft model", draft_dir, draft.Runner, str(draft_dir))
     tokenizer = load_step("the tokenizer", meta_dir, Tokenizer.from_model_dir, meta_dir)
     engine = LLMEngine(runner, tokenizer, config, manifest["model"]["name"], draft_runner=draft_runner)
