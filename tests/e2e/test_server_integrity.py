@@ -340,6 +340,17 @@ def test_a_missing_file_is_one_line_exit_2(built, tmp_path, capsys, name):
     assert code == 2 and err.startswith(f"{path}: error: missing") and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("text", ["[]", "{not json"])
+def test_a_damaged_manifest_is_one_line_exit_2(built, tmp_path, capsys, text):
+    folder = tmp_path / "server"
+    shutil.copytree(built, folder)
+    (folder / "manifest.json").write_text(text)
+    for command in (["verify"], ["serve"]):
+        assert vsc_main([*command, str(folder)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"{folder / 'manifest.json'}: error: manifest is not") and len(err.splitlines()) == 1
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
 def test_a_cuda_plan_on_a_machine_without_cuda_is_one_line(built, tmp_path, capsys):
     folder = tmp_path / "server"

@@ -30,9 +30,12 @@ def read_manifest(folder: Path) -> dict:
     if not path.is_file():
         raise ServerFolderError(f"{folder}: error: not a vsc server folder (no manifest.json); build one with `vsc compile`")
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ServerFolderError(f"{path}: error: manifest is not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(manifest, dict):
+        raise ServerFolderError(f"{path}: error: manifest is not a JSON object; recompile the server")
+    return manifest
 
 
 def import_runner_module(folder: Path, file: str = "model.py", digest: str | None = None):
