@@ -111,6 +111,8 @@ def cmd_serve(args) -> int:
         extra += ["--host", args.host]
     if args.port is not None:
         extra += ["--port", str(args.port)]
+    if args.no_integrity_check:
+        extra += ["--no-integrity-check"]
     return launch(Path(args.server), extra + args.options)
 
 
@@ -188,9 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("server")
     p.add_argument("--host", help="bind address (default: the spec's, 127.0.0.1)")
     p.add_argument("--port", help="port, 0-65535 (default: the spec's)")
+    p.add_argument("--no-integrity-check", action="store_true",
+                   help="serve without checking the folder's files against the manifest's hashes (for a folder "
+                        "edited on purpose; the log says so)")
     p.add_argument("options", nargs=argparse.REMAINDER,
-                   help="server options after the folder: --api-key, --allowed-hosts, --max-body-size, ... "
-                        "(see `vsc serve FOLDER --help`)")
+                   help="server options after the folder: --api-key, --allowed-hosts, --max-body-size, "
+                        "--no-integrity-check, ... (see `vsc serve FOLDER --help`)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("verify", help="verify an IR file or spec (structural), or a server folder (structural + accuracy)")

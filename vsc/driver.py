@@ -13,7 +13,6 @@ check. The server folder then also holds the kernels' sm_NN PTX and cubins.
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,54 +162,70 @@ def compile_to_server(module: ServingModule, pipeline: str, out_dir: Path, spec_
 
 
 def verify_server(server_dir: Path) -> tuple[bool, list[str]]:
-    """Re-check a built server: files present, weights unchanged, plan valid, accuracy still met."""
-    from vsc.backends.server.emit import model_file_checksums, sha256_file
+    """Re-check a built server, in an order that runs nothing unproven:
+
+    1. integrity: the digest of every file in the folder, of every model file it loads and of
+       the manifest's own settings match what `vsc compile` recorded; nothing is imported or
+       loaded before this holds (a missing file is an error, exit 2; a changed one fails);
+    2. structural: plan.vsir parses and every invariant holds;
+    3. runner: model.py (and draft_model.py) is, byte for byte, the source the compiler
+       generates from plan.vsir now (the compiler is deterministic, so the code that runs is
+       the plan's code and nothing else);
+    4. accuracy: the runner, on the manifest's model, still meets the plan's accuracy bar.
+    """
     from vsc.backends.torch.accuracy import check_accuracy
-    from vsc.backends.torch.codegen import load_runner_class
+    from vsc.backends.torch.codegen import generate_runner_source
+    from vsc.backends.torch.draft import DRAFT_RUNNER_FILE, attach_draft_runner, draft_runner_source
+    from vsc.runtime import integrity
+    from vsc.runtime.launch import compile_runner, import_runner_module, load_step, read_manifest
 
     server_dir = Path(server_dir)
-    manifest_path = server_dir / "manifest.json"
-    if not manifest_path.is_file():
-        raise VscError(f"{server_dir}: error: not a vsc server folder (no manifest.json)")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as e:
-        raise VscError(f"{manifest_path}: error: manifest is not valid JSON ({e.msg})") from None
-    lines: list[str] = []
-    ok = True
+    manifest = read_manifest(server_dir)
+    problems = integrity.check(server_dir, manifest)
+    missing = [p for p in problems if p.what == "missing"]
+    if missing:
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        raise integrity.IntegrityError(f"{missing[0].path}: error: missing: the manifest records its digest; "
+                                       f"cannot verify the server{more}")
+    if problems:
+        return False, [f"integrity: {p}" for p in problems]
+    files = manifest["integrity"]["files"]
+    lines = [f"integrity: ok ({len(files)} files, {len(manifest['integrity']['model_files'])} model files and the "
+             f"manifest's settings match their {manifest['integrity']['algorithm']} digests)"]
     module = parse_module_file(server_dir / "plan.vsir")
     diags = verify(module)
     lines.append(f"structural: {'ok' if not diags else '; '.join(map(str, diags))}")
-    ok &= not diags
-    model_dir = Path(manifest["model"]["path"])
-    if not model_dir.exists():
-        raise VscError(f"{model_dir}: error: the server's model {'file' if model_dir.suffix == '.gguf' else 'folder'} "
-                       "is gone")
-    now = model_file_checksums(model_dir)
-    changed = sorted(k for k in manifest["model"]["files"] if now.get(k) != manifest["model"]["files"][k])
-    lines.append("weights: " + ("unchanged" if not changed else f"changed since compile: {', '.join(changed)}"))
-    ok &= not changed
-    kernels = (manifest.get("kernels") or {}).get("files") or {}
-    if kernels:
-        folder = server_dir / manifest["kernels"]["dir"]
-        bad = sorted(name for name, digest in kernels.items()
-                     if not (folder / name).is_file() or sha256_file(folder / name) != digest)
-        lines.append(f"kernels: {len(kernels)} files unchanged" if not bad
-                     else f"kernels: missing or changed since compile: {', '.join(bad)}")
-        ok &= not bad
+    if diags:
+        return False, lines
+    regenerated = {"model.py": generate_runner_source(module)}
+    draft_source = draft_runner_source(module)
+    if draft_source is not None or DRAFT_RUNNER_FILE in files:
+        regenerated[DRAFT_RUNNER_FILE] = draft_source or ""
+    for name in regenerated:                 # a damaged runner is an error (exit 2), before any comparison
+        if (server_dir / name).is_file():
+            compile_runner(server_dir / name, (server_dir / name).read_bytes())
+    differ = [name for name, source in regenerated.items()
+              if not (server_dir / name).is_file() or (server_dir / name).read_bytes() != source.encode()]
+    if differ:
+        from vsc import __version__
+        built_by = manifest.get("vsc_version")
+        why = f" (compiled by vsc {built_by}, this is vsc {__version__})" if built_by != __version__ else ""
+        lines.append(f"runner: {', '.join(differ)} is not the source vsc generates from plan.vsir{why}")
+        return False, lines
+    lines.append(f"runner: {', '.join(regenerated)} regenerated from plan.vsir, byte for byte the same")
     if not can_run_here(module):
         # Not run is not passed: the folder is verified only once the check has run on a GPU host.
         lines.append("accuracy: not run: the plan targets cuda and this machine has no CUDA device; "
                      "run `vsc verify` on the GPU host")
         return False, lines
-    runner_cls = load_runner_class((server_dir / "model.py").read_text(), f"vsc_server_{server_dir.name}")
+    model_dir = Path(manifest["model"]["path"])
     settings = accuracy_settings(module)
-    runner = runner_cls(str(model_dir), device=runner_device(module))
-    from vsc.backends.torch.draft import DRAFT_RUNNER_FILE, attach_draft_runner
+    generated = import_runner_module(server_dir, digest=files["model.py"])
+    runner = load_step("the model", model_dir, generated.Runner, str(model_dir), device=runner_device(module))
     draft_file = server_dir / DRAFT_RUNNER_FILE
-    attach_draft_runner(module, runner, draft_file.read_text() if draft_file.is_file() else None)
-    report = check_accuracy(module, runner, probes=settings.probes,
-                            tolerance=settings.tolerance)
+    load_step("the draft model", draft_file, attach_draft_runner, module, runner,
+              draft_file.read_text() if draft_file.is_file() else None)
+    report = load_step("the accuracy check's inputs (tokenizer, reference model)", model_dir, check_accuracy,
+                       module, runner, probes=settings.probes, tolerance=settings.tolerance)
     lines.append(f"accuracy: {report.summary()}")
-    ok &= report.ok
-    return ok, lines
+    return report.ok, lines

@@ -13,6 +13,7 @@ import pytest
 
 from vsc.bench import cli
 from vsc.bench.workloads import LengthDist
+from vsc.runtime.integrity import seal
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "api"))
 from http_fakes import FakeEngine, serving  # noqa: E402
@@ -123,8 +124,8 @@ def test_a_server_that_dies_at_start(server_dir, tmp_path):
     shutil.copy(Path(manifest["model"]["path"]) / "tokenizer.json", model / "tokenizer.json")
     folder = tmp_path / "server"
     folder.mkdir()
-    (folder / "manifest.json").write_text(json.dumps({"vsc_version": "0.1.0", "model": {"path": str(model),
-                                                                                         "name": "broken"}}))
+    manifest = seal(folder, {"vsc_version": "0.1.0", "model": {"path": str(model), "name": "broken"}})
+    (folder / "manifest.json").write_text(json.dumps(manifest))      # its hashes hold: it dies loading the model
     with pytest.raises(cli.BenchError, match="exited with code 2 before it was ready: .*model folder"):
         with cli.ServerProcess(folder, health_timeout=60):
             pass

@@ -13,8 +13,8 @@ from vsc.runtime.serve import start_in_thread, stop_server
 class Live:
     """The folder's app and engine, started; `client` is an OpenAI client pointed at it."""
 
-    def __init__(self, folder: Path, timeout: float = 60):
-        self.app, self.engine, self.manifest = build_server(folder)
+    def __init__(self, folder: Path, timeout: float = 60, integrity_check: bool = True):
+        self.app, self.engine, self.manifest = build_server(folder, integrity_check=integrity_check)
         self.engine.start()
         self.server, self.thread, self.port = start_in_thread(self.app, timeout=20)
         self.base = f"http://127.0.0.1:{self.port}"

@@ -156,14 +156,14 @@ def test_verify_does_not_pass_a_cuda_server_it_could_not_run(compiled, tmp_path,
     shutil.copytree(server, copy)
     assert vsc_main(["verify", str(copy)]) == 1
     out = capsys.readouterr().out
-    assert "structural: ok" in out and "weights: unchanged" in out
-    assert re.search(r"kernels: \d+ files unchanged", out)
+    assert "structural: ok" in out and re.search(r"integrity: ok \(\d+ files, \d+ model files", out)
+    assert "runner: model.py regenerated from plan.vsir, byte for byte the same" in out
     assert "accuracy: not run: the plan targets cuda and this machine has no CUDA device" in out
     # a changed kernel file is reported as such
     ptx = next((copy / "kernels").glob("rmsnorm*.ptx"))
     ptx.write_text(ptx.read_text() + "\n// edited\n")
     assert vsc_main(["verify", str(copy)]) == 1
-    assert f"kernels: missing or changed since compile: {ptx.name}" in capsys.readouterr().out
+    assert f"integrity: {ptx} changed since compile" in capsys.readouterr().out
 
 
 def test_cpu_compile_never_loads_the_triton_backend(tmp_path):

@@ -158,7 +158,7 @@ def test_queue_full_is_429(built, tmp_path):
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["engine"]["max_waiting"] = 0
     (folder / "manifest.json").write_text(json.dumps(manifest))
-    server = Live(folder)
+    server = Live(folder, integrity_check=False)      # a folder edited on purpose (--no-integrity-check)
     try:
         with pytest.raises(openai.RateLimitError):
             server.client.completions.create(model=server.model, prompt="hi", max_tokens=2)
@@ -207,17 +207,12 @@ def test_vsc_verify_server_and_tampered_weights(built, tmp_path, capsys):
     assert vsc_main(["verify", str(built)]) == 0
     assert "accuracy: 4/4 probes exact" in capsys.readouterr().out
     # a server whose weights changed after compile fails verification, saying which file
-    model = tmp_path / "model"
-    shutil.copytree(json.loads((built / "manifest.json").read_text())["model"]["path"], model)
-    folder = tmp_path / "server"
-    shutil.copytree(built, folder)
-    manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["model"]["path"] = str(model)
-    (folder / "manifest.json").write_text(json.dumps(manifest))
-    make_tiny(model, arch="llama", seed=1)
+    folder = compile_server(tmp_path, "llama", pipeline="fuse-qkv")
+    capsys.readouterr()
+    make_tiny(tmp_path / "tiny-llama", arch="llama", seed=1)
     assert vsc_main(["verify", str(folder)]) == 1
     out = capsys.readouterr().out
-    assert "changed since compile: model.safetensors" in out and "FAILED" in out
+    assert f"{tmp_path / 'tiny-llama' / 'model.safetensors'} changed since compile" in out and "FAILED" in out
 
 
 BROKEN_PASS = '''

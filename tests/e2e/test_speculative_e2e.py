@@ -12,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from vsc.cli import main as vsc_main
 from vsc.models.tiny import make_tiny
+from vsc.runtime.integrity import seal
 
 import live_server
 
@@ -60,7 +61,7 @@ def without_speculation(folder: Path, dest: Path) -> Path:
     manifest = json.loads((dest / "manifest.json").read_text())
     for key in ("speculative_method", "speculative_k", "speculative_ngram", "draft_model"):
         manifest["engine"].pop(key, None)
-    (dest / "manifest.json").write_text(json.dumps(manifest))
+    (dest / "manifest.json").write_text(json.dumps(seal(dest, manifest)))     # as if compiled so
     return dest
 
 

@@ -12,10 +12,12 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from vsc import __version__
 from vsc.errors import VscError
+from vsc.runtime import integrity
 
 log = logging.getLogger("vsc.runtime.launch")
 
@@ -33,35 +35,102 @@ def read_manifest(folder: Path) -> dict:
     if not path.is_file():
         raise ServerFolderError(f"{folder}: error: not a vsc server folder (no manifest.json); build one with `vsc compile`")
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ServerFolderError(f"{path}: error: manifest is not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(manifest, dict):
+        raise ServerFolderError(f"{path}: error: manifest is not a JSON object; recompile the server")
+    return manifest
 
 
-def import_runner_module(folder: Path, file: str = "model.py"):
-    """Import the folder's generated model.py (or draft_model.py) under a private module name."""
+def import_runner_module(folder: Path, file: str = "model.py", digest: str | None = None):
+    """Import the folder's generated model.py (or draft_model.py) under a private module name.
+
+    The source is read once and compiled from those bytes (never from a bytecode cache);
+    `digest` (the manifest's integrity digest), when given, must be theirs, so what runs is
+    what was checked."""
     path = folder / file
     if not path.is_file():
         raise ServerFolderError(f"{folder}: error: the server folder has no {file}; recompile it")
+    source = path.read_bytes()
+    if digest is not None and integrity.digest_bytes(source) != digest:
+        raise integrity.IntegrityError(f"{path}: error: changed since compile (its digest differs from the "
+                                       "manifest's); refusing to run it")
+    code = compile_runner(path, source)
     name = f"vsc_generated_{abs(hash(str(path.resolve())))}"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
-    spec.loader.exec_module(module)
+    try:
+        exec(code, module.__dict__)
+    except Exception as e:  # noqa: BLE001 - whatever a damaged runner raises at import is a damaged folder
+        sys.modules.pop(name, None)
+        raise ServerFolderError(f"{path}: error: the generated runner fails at import: {_one_line(e)}") from None
     return module
 
 
-def build_server(folder: Path, security=None):
+def compile_runner(path: Path, source: bytes):
+    """The code object of a generated runner's source (nothing runs); a syntax error is one line."""
+    try:
+        return compile(source, str(path), "exec")
+    except (SyntaxError, ValueError) as e:
+        where = f"{path}:{e.lineno}" if getattr(e, "lineno", None) else str(path)
+        raise ServerFolderError(f"{where}: error: the generated runner does not compile "
+                                f"({getattr(e, 'msg', None) or e}); recompile the server") from None
+
+
+def _one_line(e: BaseException) -> str:
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def load_step(what: str, where, fn, *args, **kw):
+    """fn(*args, **kw); any failure but a VscError becomes one ServerFolderError line naming `what`."""
+    try:
+        return fn(*args, **kw)
+    except VscError:
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors, TVM, json... each raise their own; all mean a bad file
+        raise ServerFolderError(f"{where}: error: cannot load {what}: {_one_line(e)}") from None
+
+
+def check_integrity(folder: Path, manifest: dict, enabled: bool = True) -> None:
+    """Refuse a folder (or model file) changed since compile, before anything is imported or
+    loaded; with `enabled` False, say in the log that nothing is checked."""
+    if not enabled:
+        log.warning("--no-integrity-check: serving %s without checking its files against the manifest's hashes",
+                    folder)
+        return
+    start = time.perf_counter()
+    integrity.check_or_raise(folder, manifest)
+    log.info("integrity: every file of %s and of its model matches the manifest (%.2f s)",
+             folder, time.perf_counter() - start)
+
+
+def build_server(folder: Path, security=None, integrity_check: bool = True):
     """(app, engine, manifest) for a server folder; the engine is not started yet.
-    `security`: a vsc.runtime.guard.Security, or a function of max_context returning one."""
+    `security`: a vsc.runtime.guard.Security, or a function of max_context returning one.
+
+    First the folder's files, the manifest and the model files are checked against the
+    manifest's hashes (`integrity_check` False skips that: --no-integrity-check); any file
+    that then fails to load is one ServerFolderError line naming it."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    check_integrity(folder, manifest, integrity_check)
+    try:
+        return _build(folder, manifest, integrity_check, security)
+    except KeyError as e:
+        raise ServerFolderError(f"{folder / 'manifest.json'}: error: the manifest lacks {e}; recompile the server") \
+            from None
+
+
+def _build(folder: Path, manifest: dict, integrity_check: bool, security):
     from vsc.runtime.api import EngineConfig
     from vsc.runtime.engine import LLMEngine
     from vsc.runtime.http import build_app
     from vsc.runtime.metrics import ServerMetrics
     from vsc.runtime.tokenizer import Tokenizer
 
-    folder = Path(folder)
-    manifest = read_manifest(folder)
     if manifest.get("vsc_version") != __version__:
         log.warning("server was compiled by vsc %s, running with vsc %s", manifest.get("vsc_version"), __version__)
     model_dir = Path(manifest["model"]["path"])
@@ -74,20 +143,29 @@ def build_server(folder: Path, security=None):
             raise ServerFolderError(f"{meta_dir}: error: the server folder lacks its tokenizer; recompile it")
     elif not (model_dir / "config.json").is_file():
         raise ServerFolderError(f"{model_dir}: error: the server's model folder is missing or incomplete")
+    import torch
+    if manifest.get("target", {}).get("kind") == "cuda" and not torch.cuda.is_available():
+        raise ServerFolderError(f"{folder}: error: the plan targets cuda ({manifest['target'].get('arch')}) and this "
+                                "machine has no CUDA device; serve it on the GPU host")
     threads = int(manifest.get("target", {}).get("threads") or 0)
     if threads > 0:  # the plan's thread count; 0 leaves torch's default (all cores)
-        import torch
         torch.set_num_threads(threads)
-    generated = import_runner_module(folder)
-    runner = generated.Runner(str(model_dir))
-    config = EngineConfig(**manifest["engine"])
+    files = ((manifest.get("integrity") or {}).get("files") or {}) if integrity_check else {}
+    generated = import_runner_module(folder, digest=files.get("model.py"))
+    config = load_step("the engine settings", folder / "manifest.json", EngineConfig, **manifest["engine"])
+    runner_context = getattr(generated, "MAX_CONTEXT", None)
+    if isinstance(runner_context, int) and config.max_context > runner_context:
+        raise ServerFolderError(f"{folder / 'manifest.json'}: error: engine max_context {config.max_context} exceeds "
+                                f"the {runner_context} tokens the runner was compiled for; recompile the server")
+    runner = load_step("the model", model_dir, generated.Runner, str(model_dir))
     draft_runner = None
     if config.speculative_method == "draft":     # speculative decoding with a draft model: its own runner
         draft_dir = Path(config.draft_model or "")
         if not (draft_dir / "config.json").is_file():
             raise ServerFolderError(f"{draft_dir}: error: the server's draft model folder is missing or incomplete")
-        draft_runner = import_runner_module(folder, "draft_model.py").Runner(str(draft_dir))
-    tokenizer = Tokenizer.from_model_dir(meta_dir)
+        draft = import_runner_module(folder, "draft_model.py", digest=files.get("draft_model.py"))
+        draft_runner = load_step("the draft model", draft_dir, draft.Runner, str(draft_dir))
+    tokenizer = load_step("the tokenizer", meta_dir, Tokenizer.from_model_dir, meta_dir)
     engine = LLMEngine(runner, tokenizer, config, manifest["model"]["name"], draft_runner=draft_runner)
     metrics = ServerMetrics()
     if callable(security):
@@ -159,6 +237,9 @@ def main(folder: Path, argv: list[str]) -> int:
     ap.add_argument("--port", type=_port, help="port, 0-65535 (default: from the spec)")
     ap.add_argument("--log-level", default="warning", type=str.lower,   # (no uvicorn "trace": it logs headers)
                     choices=["critical", "error", "warning", "info", "debug"])
+    ap.add_argument("--no-integrity-check", action="store_true",
+                    help="serve the folder without checking its files against the manifest's hashes "
+                         "(for a folder edited on purpose; the log says so)")
     _add_guard_args(ap)
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -167,13 +248,16 @@ def main(folder: Path, argv: list[str]) -> int:
         host = args.host or serve["host"]
         port = args.port if args.port is not None else _port(str(serve["port"]))
         security, limits = _guard_from_args(args, host)
-        app, engine, manifest = build_server(Path(folder), security)
+        app, engine, manifest = build_server(Path(folder), security, integrity_check=not args.no_integrity_check)
         try:
             sock = bind_socket(host, port)
         except OSError as e:
             raise ServeOptionError(f"serve: error: cannot listen on {host}:{port}: {e.strerror or e}") from None
     except argparse.ArgumentTypeError as e:
         print(f"serve: error: the spec's {e}", file=sys.stderr)
+        return 2
+    except KeyError as e:
+        print(f"{Path(folder) / 'manifest.json'}: error: the manifest lacks {e}; recompile the server", file=sys.stderr)
         return 2
     except VscError as e:
         print(e.render(), file=sys.stderr)

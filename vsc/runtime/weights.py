@@ -59,6 +59,15 @@ def expand(name: str, layer: int | None = None, expert: int | None = None) -> st
     return name
 
 
+def _safe_open(path: Path):
+    """safetensors' reader of `path`; a file it cannot parse is a ModelError naming it."""
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as e:  # noqa: BLE001 - SafetensorError and OSError alike: the file is damaged
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ModelError(path, f"cannot read the safetensors file: {first}") from None
+
+
 class Checkpoint:
     """The safetensors files of a model folder: one `model.safetensors`, or shards listed in
     `model.safetensors.index.json` (or, lacking an index, every `*.safetensors` file)."""
@@ -80,7 +89,7 @@ class Checkpoint:
             if not paths:
                 raise ModelError(self.model_dir, "model folder has no *.safetensors weights")
             for path in paths:
-                with safe_open(str(path), framework="pt") as f:
+                with _safe_open(path) as f:
                     for name in f.keys():
                         self.files[name] = path
         self._open: dict[Path, Any] = {}
@@ -93,7 +102,7 @@ class Checkpoint:
         if handle is None:
             if not path.is_file():
                 raise ModelError(path, f"weight shard is missing (it should hold '{name}')")
-            handle = self._open[path] = safe_open(str(path), framework="pt")
+            handle = self._open[path] = _safe_open(path)
         return handle.get_tensor(name)
 
     def get_as(self, name: str, dtype: str) -> torch.Tensor:

@@ -4,6 +4,11 @@ The folder is self-describing: `manifest.json` says what was compiled from what,
 was verified, and which weight files (by checksum) it expects; `python -m <folder>` or
 `vsc serve <folder>` runs it. Weights are referenced by path, never copied.
 
+The folder is code (`model.py` is imported, `kernels/` are loaded as native libraries), so
+it is sealed last: `vsc.runtime.integrity.seal` records the sha256 of every file in it, and
+a digest of the manifest itself, under the manifest's "integrity"; `vsc serve` and
+`vsc verify` check them before they import or load anything.
+
 For a cuda target the folder also holds `kernels/`: the Triton kernels the plan selects
 (`triton.*` kernels of its ops), compiled ahead of time for the target's `sm_NN` by
 `vsc.backends.triton.aot.compile_kernels` in the plan's dtype and model shapes — PTX,
@@ -29,11 +34,10 @@ from vsc.backends.tvm.plan import needs_tvm_kernels
 from vsc.ir.gguf_import import is_gguf_path
 from vsc.ir.module import ServingModule, walk_ops
 from vsc.ir.printer import print_module
+from vsc.runtime.integrity import model_file_checksums, seal, sha256_file
 from vsc.runtime.tokenizer import MODEL_META_DIR
 
 MANIFEST_VERSION = 1
-_WEIGHT_FILE_PATTERNS = ("*.safetensors", "model.safetensors.index.json", "config.json", "tokenizer.json",
-                         "tokenizer_config.json", "generation_config.json", "chat_template.jinja")
 
 _MAIN = '''"""Entry point of a vsc-generated server: `python -m {package}` or `vsc serve {package}`."""
 import sys
@@ -59,22 +63,6 @@ AOT_KERNELS = {
 # Plan dtype -> the AOT dtype name; the AOT table has fp32 and bf16 variants only.
 _AOT_DTYPES = {"f32": "fp32", "bf16": "bf16"}
 KERNELS_DIR = "kernels"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def model_file_checksums(model_dir: Path) -> dict[str, str]:
-    """sha256 of every file of the model folder the server reads (or of the GGUF file)."""
-    if is_gguf_path(model_dir):
-        return {Path(model_dir).name: sha256_file(Path(model_dir))} if Path(model_dir).is_file() else {}
-    files = sorted({p for pattern in _WEIGHT_FILE_PATTERNS for p in Path(model_dir).glob(pattern)})
-    return {p.name: sha256_file(p) for p in files}
 
 
 @dataclass
@@ -246,10 +234,11 @@ def write_server(out_dir: Path, module: ServingModule, pipeline: str, runner_sou
             manifest["draft_runner"] = {"file": DRAFT_RUNNER_FILE,
                                         "sha256": hashlib.sha256(draft_source.encode()).hexdigest(),
                                         "model": {"path": str(draft_dir), "files": model_file_checksums(draft_dir)}}
-        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         spec = manifest["spec"]["path"] or "a .vsir plan"
         (staging / "__init__.py").write_text(_INIT.format(version=__version__, spec=spec))
         (staging / "__main__.py").write_text(_MAIN.format(package=out_dir.name))
+        seal(staging, manifest)          # last: the sha256 of every file written, and of the manifest itself
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}-old-{os.getpid()}")
             out_dir.rename(old)

@@ -250,7 +250,10 @@ def tokenize_probes(model_dir: str | Path, count: int, limit: int) -> list[list[
     path = Path(model_dir) / "tokenizer.json"
     if not path.is_file():
         raise ModelError(model_dir, "model folder has no tokenizer.json (the accuracy check tokenizes probes with it)")
-    tok = Tokenizer.from_file(str(path))
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # noqa: BLE001 - the Rust side raises plain Exceptions
+        raise ModelError(path, f"cannot read the tokenizer: {e}") from None
     return [tok.encode(text).ids[:limit] or [0] for text in probe_texts(count)]
 
 
