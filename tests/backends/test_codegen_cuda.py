@@ -5,11 +5,16 @@ lowered exactly as before.
 There is no GPU here, so the structure of the source is checked directly, and the source
 is also run end to end on the CPU through Triton's interpreter (in a subprocess: Triton
 fixes interpret-or-compile at its first import) against the transformers reference.
+
+CPU plans must keep generating the source in tests/backends/golden/*.py.golden; a mismatch
+fails with a unified diff. After a deliberate codegen change, regenerate the golden files
+with `VSC_UPDATE_GOLDEN=1 pytest tests/backends/test_codegen_cuda.py -k cpu_plans` and
+review their diff before committing.
 """
 from __future__ import annotations
 
 import ast
-import hashlib
+import difflib
 import json
 import os
 import subprocess
@@ -243,27 +248,37 @@ def test_codegen_never_imports_triton(tiny_dirs):
 
 # --- CPU plans: exactly the source they had before the Triton wiring -------------------------
 
-# sha256 of the generated source minus its `# plan sha256:` line (which hashes the printed
-# plan, tmp paths included), for CPU_PIPELINE on each tiny model, as generated before cuda
-# plans were lowered. A deliberate change to CPU codegen must update these (last: unfolded
-# `rope` ops compute cos/sin in the op, `rope_positions`, instead of a hidden RotaryTable; then decode
-# binds its metadata to `meta` first).
-CPU_SOURCE_SHA256 = {
-    ("llama", "f32"): "c7447335ae1c3625e53f8e0be704f6ecf7125596788f093aad00db991de01228",
-    ("llama", "bf16"): "3e4f3b710959d561ca1dbd3607eef9828f89975d4ca1bc04532f1bc62df2f5d1",
-    ("qwen2", "f32"): "22e1d075f0d17a3f342e4a2711786885aba12431e0ba4ff8da9ac84c983034f2",
-    ("qwen2", "bf16"): "625f31eff844322c5c6d997ec1fa4d87e5ceabb6a690cb75409fce778da5dc69",
-    ("mixtral", "f32"): "80ff122dc0dc8c7d2fd269dca962a946ae3b9dd9d5b1d31bdc60c075313600f8",
-    ("mixtral", "bf16"): "72bfc8506f7ac63f9c2ed3483054db7b275cfb4803f5570d5e9a3ca64a0b732d",
-}
+# The generated source of CPU_PIPELINE (less select-kernels) on each tiny model, minus its
+# `# plan sha256:` line (which hashes the printed plan, tmp paths included), is kept in
+# tests/backends/golden/runner_cpu_<arch>_<dtype>.py.golden. A deliberate change to CPU
+# codegen regenerates them with VSC_UPDATE_GOLDEN=1 (review the diff before committing).
+GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
+CPU_GOLDEN = [(arch, dtype) for arch in ("llama", "mixtral", "qwen2") for dtype in ("bf16", "f32")]
 
 
-@pytest.mark.parametrize("arch,dtype", sorted(CPU_SOURCE_SHA256))
+def golden_path(arch: str, dtype: str) -> Path:
+    return GOLDEN_DIR / f"runner_cpu_{arch}_{dtype}.py.golden"
+
+
+def check_golden(path: Path, actual: str) -> None:
+    """`actual` equals the golden file's text (a unified diff when not); VSC_UPDATE_GOLDEN=1 rewrites it."""
+    if os.environ.get("VSC_UPDATE_GOLDEN") == "1":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(actual)
+    assert path.is_file(), f"no golden file {path} (set VSC_UPDATE_GOLDEN=1 to create it)"
+    expected = path.read_text()
+    if actual != expected:
+        diff = "".join(difflib.unified_diff(expected.splitlines(keepends=True), actual.splitlines(keepends=True),
+                                            fromfile=str(path.relative_to(REPO)), tofile="generated"))
+        pytest.fail(f"generated source differs from {path.name} (set VSC_UPDATE_GOLDEN=1 to regenerate):\n{diff}")
+
+
+@pytest.mark.parametrize("arch,dtype", CPU_GOLDEN)
 def test_cpu_plans_generate_the_same_source_as_before(tiny_dirs, arch, dtype):
     plain = build(tiny_dirs[arch], CPU_PIPELINE.replace(",select-kernels", ""), target=CPU, dtype=dtype, name="cpu_plan")
     source = generate_runner_source(plain)
-    without_hash = "\n".join(line for line in source.splitlines() if not line.startswith("# plan sha256: "))
-    assert hashlib.sha256(without_hash.encode()).hexdigest() == CPU_SOURCE_SHA256[(arch, dtype)]
+    without_hash = "".join(line for line in source.splitlines(keepends=True) if not line.startswith("# plan sha256: "))
+    check_golden(golden_path(arch, dtype), without_hash)
     assert "triton" not in source and "tvm" not in source
     # select-kernels on cpu: TVM kernels for the f32 norms (the TVM kernels are f32 only); bf16 keeps torch's
     selected = generate_runner_source(build(tiny_dirs[arch], CPU_PIPELINE, target=CPU, dtype=dtype, name="cpu_plan"))

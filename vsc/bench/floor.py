@@ -36,9 +36,13 @@ threads="all" a rate is never taken below the one-thread rate (a server could us
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from vsc.errors import ModelError, VscError
+from vsc.ir.hf_import import SUPPORTED_MODEL_TYPES, config_attrs, read_hf_config
 
 DTYPE_BYTES = {"f32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "f16": 2, "float16": 2}
 
@@ -59,10 +63,13 @@ class MachineRates:
         return asdict(self)
 
 
-def last_level_cache_bytes() -> int:
-    """Size of the highest-level CPU cache (sysfs), 0 when unknown."""
+CPU0_CACHES = Path("/sys/devices/system/cpu/cpu0/cache")
+
+
+def last_level_cache_bytes(caches: Path = CPU0_CACHES) -> int:
+    """Size of the highest-level CPU cache (sysfs `index*/level` and `index*/size`), 0 when unknown."""
     best_level, best = -1, 0
-    for d in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+    for d in sorted(Path(caches).glob("index*")):
         try:
             level = int((d / "level").read_text())
             size = (d / "size").read_text().strip().upper()
@@ -183,24 +190,28 @@ class ModelShape:
 
     @staticmethod
     def from_config(cfg: dict, name: str = "", dtype_bytes: int = 4, kv_bytes: int | None = None) -> "ModelShape":
-        heads = int(cfg["num_attention_heads"])
-        hidden = int(cfg["hidden_size"])
-        experts = int(cfg.get("num_local_experts") or 0)
+        """The shape of an HF config.json, read by the importer's reader (`config_attrs`), so the
+        floor counts the weights the compiled model has."""
+        if cfg.get("model_type") not in SUPPORTED_MODEL_TYPES:
+            raise ModelError(name or "config.json", f"unsupported model_type {cfg.get('model_type')!r} "
+                             f"(supported: {', '.join(sorted(SUPPORTED_MODEL_TYPES))})")
+        try:
+            a = config_attrs(cfg)
+        except KeyError as e:
+            raise ModelError(name or "config.json", f"config lacks {e.args[0]!r}") from None
         return ModelShape(
-            name=name or str(cfg.get("_name_or_path") or cfg.get("model_type", "model")),
-            layers=int(cfg["num_hidden_layers"]), hidden=hidden, heads=heads,
-            kv_heads=int(cfg.get("num_key_value_heads") or heads),
-            head_dim=int(cfg.get("head_dim") or hidden // heads),
-            intermediate=int(cfg["intermediate_size"]), vocab=int(cfg["vocab_size"]),
-            tied=bool(cfg.get("tie_word_embeddings", False)), experts=experts,
-            experts_per_token=int(cfg.get("num_experts_per_tok") or 1) if experts else 1,
-            attention_bias=bool(cfg.get("attention_bias", cfg.get("model_type") == "qwen2")),
+            name=name or str(cfg.get("_name_or_path") or a["model_type"]),
+            layers=int(a["layers"]), hidden=int(a["hidden"]), heads=int(a["heads"]), kv_heads=int(a["kv_heads"]),
+            head_dim=int(a["head_dim"]), intermediate=int(a["intermediate"]), vocab=int(a["vocab"]),
+            tied=a["tie_word_embeddings"], experts=int(a.get("experts", 0)),
+            experts_per_token=int(a.get("experts_per_token", 1)), attention_bias=a["attention_bias"],
             dtype_bytes=dtype_bytes, kv_bytes=dtype_bytes if kv_bytes is None else kv_bytes)
 
     @staticmethod
     def from_model_dir(path: str | Path, dtype_bytes: int = 4) -> "ModelShape":
+        """The shape of a model folder's config.json (checked as `vsc compile` checks it)."""
         path = Path(path)
-        return ModelShape.from_config(json.loads((path / "config.json").read_text()), path.name, dtype_bytes)
+        return ModelShape.from_config(read_hf_config(path), path.name, dtype_bytes)
 
     # parameter counts
     @property
@@ -356,9 +367,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=2, help="measurement rounds (best kept; more on a busy machine)")
     ap.add_argument("--json", help="write the rates and floors here")
     args = ap.parse_args(argv)
+    try:
+        shapes = [ModelShape.from_model_dir(m) for m in args.models]
+    except VscError as e:
+        print(e, file=sys.stderr)
+        return e.exit_code
     rates = measure_machine(rounds=args.rounds)
-    floors = [decode_floor(ModelShape.from_model_dir(m), rates, b, args.context, prefill_tokens=args.prefill_tokens)
-              for m in args.models for b in args.batch]
+    floors = [decode_floor(shape, rates, b, args.context, prefill_tokens=args.prefill_tokens)
+              for shape in shapes for b in args.batch]
     print(format_floor(rates, floors))
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": rates.to_dict(), "floors": [f.to_dict() for f in floors]},

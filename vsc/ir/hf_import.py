@@ -46,15 +46,18 @@ def read_hf_config(model_dir: Path) -> dict:
     return cfg
 
 
-def model_attrs(cfg: dict, model_dir: Path, dtype: str) -> dict:
-    """The config facts the IR keeps on the model node (sizes, rope, norms, tying)."""
+def config_attrs(cfg: dict) -> dict:
+    """The model facts of a config.json: sizes, rope, norms, tying, q/k/v biases, experts.
+
+    The one reader of these keys: the importer keeps them on the model node and
+    `vsc.bench.floor` counts parameters and bytes from them. A missing key raises KeyError.
+    """
     hidden = cfg["hidden_size"]
     heads = cfg["num_attention_heads"]
+    arch = SUPPORTED_MODEL_TYPES[cfg["model_type"]]
     attrs = {
-        "arch": SUPPORTED_MODEL_TYPES[cfg["model_type"]],
+        "arch": arch,
         "model_type": cfg["model_type"],
-        "path": str(Path(model_dir).resolve()),
-        "dtype": dtype,
         "vocab": cfg["vocab_size"],
         "hidden": hidden,
         "layers": cfg["num_hidden_layers"],
@@ -66,12 +69,20 @@ def model_attrs(cfg: dict, model_dir: Path, dtype: str) -> dict:
         "rms_norm_eps": float(cfg.get("rms_norm_eps", 1e-6)),
         "max_position": cfg.get("max_position_embeddings", 2048),
         "tie_word_embeddings": bool(cfg.get("tie_word_embeddings", False)),
-        "attention_bias": SUPPORTED_MODEL_TYPES[cfg["model_type"]] == "qwen2" or bool(cfg.get("attention_bias", False)),
+        # Qwen2's q/k/v projections always carry biases, whatever its config says
+        "attention_bias": arch == "qwen2" or bool(cfg.get("attention_bias", False)),
     }
-    if attrs["arch"] == "mixtral":
+    if arch == "mixtral":
         attrs["experts"] = cfg["num_local_experts"]
         attrs["experts_per_token"] = cfg["num_experts_per_tok"]
     return attrs
+
+
+def model_attrs(cfg: dict, model_dir: Path, dtype: str) -> dict:
+    """The config facts the IR keeps on the model node, with the model's path and dtype."""
+    a = config_attrs(cfg)
+    return {"arch": a["arch"], "model_type": a["model_type"], "path": str(Path(model_dir).resolve()), "dtype": dtype,
+            **a}
 
 
 class _GraphBuilder:

