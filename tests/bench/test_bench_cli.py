@@ -124,7 +124,8 @@ def test_a_server_that_dies_at_start(server_dir, tmp_path):
     shutil.copy(Path(manifest["model"]["path"]) / "tokenizer.json", model / "tokenizer.json")
     folder = tmp_path / "server"
     folder.mkdir()
-    manifest = seal(folder, {"vsc_version": "0.1.0", "model": {"path": str(model), "name": "broken"}})
+    manifest = seal(folder, {"vsc_version": "0.1.0", "model": {"path": str(model), "name": "broken"},
+                             "serve": {"host": "127.0.0.1", "port": 0}})
     (folder / "manifest.json").write_text(json.dumps(manifest))      # its hashes hold: it dies loading the model
     with pytest.raises(cli.BenchError, match="exited with code 2 before it was ready: .*model folder"):
         with cli.ServerProcess(folder, health_timeout=60):
