@@ -4,8 +4,9 @@ Seeds are real modules: the golden IR of the tiny llama and every golden pass te
 and expected output (fuse-qkv, weight-int8, json-mode, speculative decoding, cuda, ...).
 A mutant is a seed with a few token-level edits: a number, dtype, dimension, identifier or
 string replaced (by another of the module's tokens, or by a hostile value: 0, -1, a huge
-int, a string where a number goes, a symbolic dimension where a static one goes, ...), or a
-line deleted, duplicated or swapped with the next one.
+int, a string where a number goes, a symbolic dimension where a static one goes, ...), an
+attribute given a value of another kind (a string, a list, none, ...), or a line deleted,
+duplicated or swapped with the next one.
 
 The property: `parse_module` then `verify_or_raise` either succeed or raise a VscError (an
 IRParseError or a VerificationError, one line with a location); anything else escaping
@@ -40,6 +41,11 @@ HOSTILE = ("0", "-1", "1", "2", "3", "7", "32", "-0.5", "1.5", "1e308", "-1e308"
            "340282366920938463463374607431768211456", '"x"', '""', '"0"', "T", "B", "none", "true", "false",
            "[]", "{}", "[1, 2]", "{a = 1}", "nan", "inf")
 DIMS = ("T", "B", "0", "-1", "1", "3", "128", "x", "i")
+# Attribute values that always parse: what an attribute edit puts after `key = `.
+ATTR_VALUES = ("0", "-1", "1", "2", "-2.5", "1e308", "9223372036854775808", '"x"', '""', '"f32"', '"paged"', "none",
+               "true", "false", "[]", "{}", '[1, "a"]', "[0]", "{a = 1}", "[[1]]")
+_ATTR = re.compile(r"([A-Za-z_][A-Za-z0-9_]*) = ("
+                   r'"(?:\\.|[^"\\\n])*"|-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?|none|true|false|\[[^\[\]{}]*\])')
 
 
 def _seed_texts() -> list[str]:
@@ -98,8 +104,12 @@ def mutants(draw) -> str:
     module_tokens = sorted({m.group() for line in lines for m in _tokens(line)})
     for _ in range(draw(st.integers(1, 4))):
         i = draw(st.integers(0, len(lines) - 1))
-        edit = draw(st.sampled_from(["token"] * 7 + ["delete", "duplicate", "swap"]))
-        if edit == "delete" and len(lines) > 1:
+        edit = draw(st.sampled_from(["token"] * 5 + ["attr"] * 3 + ["delete", "duplicate", "swap"]))
+        attrs = list(_ATTR.finditer(lines[i])) if edit == "attr" else []
+        if attrs:
+            m = attrs[draw(st.integers(0, len(attrs) - 1))]
+            lines[i] = lines[i][:m.start(2)] + draw(st.sampled_from(ATTR_VALUES)) + lines[i][m.end(2):]
+        elif edit == "delete" and len(lines) > 1:
             del lines[i]
         elif edit == "duplicate":
             lines.insert(i, lines[i])

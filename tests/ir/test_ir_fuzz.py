@@ -75,3 +75,18 @@ def test_a_symbolic_dim_in_a_quantized_weight_source_is_a_diagnostic():
 @given(mutants())
 def test_mutated_modules_raise_only_typed_errors(text):
     assert check(text) in ("ok", "IRParseError", "VerificationError")
+
+
+def test_a_block_format_that_is_not_a_string_is_a_diagnostic():
+    """Found by the fuzz: TypeError (unhashable list) testing `format in QUANT_DTYPES`."""
+    text = edit(expected("quantize-weights"), r"weight @model\.layers\.\{i\}\.self_attn\.o_proj_q4_1\.weight :",
+                '{format = "q4_1"}', "{format = []}")
+    assert any("quantize(): format must be one of q4_0, q4_1, q8_0, got []" in d for d in diagnostics(text))
+
+
+def test_a_schema_with_a_lone_surrogate_is_a_diagnostic():
+    """Found reading the verifier: UnicodeEncodeError hashing a json-mode schema text that the IR's
+    string escapes can spell but UTF-8 cannot encode."""
+    text = edit(expected("json-mode"), "stage constrain", 'schema = "{\\"type\\":\\"object\\"}"',
+                'schema = "{\\"a\\":\\"\\ud800\\"}"')
+    assert any("sha256 does not match the schema text" in d for d in diagnostics(text))

@@ -460,7 +460,7 @@ def _constrain_problems(attrs: dict, g: nx.DiGraph) -> list[str]:
         parsed = None
     if not isinstance(parsed, dict):
         problems.append("schema must be the text of a JSON object (a JSON Schema)")
-    elif attrs.get("sha256") != hashlib.sha256(schema.encode("utf-8")).hexdigest():
+    elif attrs.get("sha256") != hashlib.sha256(schema.encode("utf-8", "surrogatepass")).hexdigest():
         problems.append("sha256 does not match the schema text")
     return problems
 
