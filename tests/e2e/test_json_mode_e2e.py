@@ -114,6 +114,10 @@ def test_a_bad_response_format_is_a_400(live):
     (None, "json-mode schema file {path} not found"),
     ("{not json", "json-mode schema {path}: the schema is not valid JSON"),
     ('{"type": "objekt"}', "json-mode schema {path}: invalid JSON Schema: Invalid type: objekt"),
+    # no finite document: found compiling the schema for the model's tokenizer (was: a traceback)
+    ('{"$ref": "#"}', "json-mode schema: the schema admits no JSON value"),
+    ('{"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}',
+     "json-mode schema: the schema forces a document past llguidance's limits"),
 ])
 
 
@@ -172,3 +176,14 @@ def test_a_grammar_failing_mid_generation_is_an_error_not_a_500(live):
     assert events[-1] == "[DONE]"
     assert json.loads(events[-2])["error"]["code"] == "grammar_error"
     assert all("error" not in json.loads(e) for e in events[:-2])
+
+
+def test_a_server_folder_whose_schema_cannot_be_served_fails_to_start_in_one_line(built, tmp_path):
+    from vsc.runtime.launch import ServerFolderError, build_server
+    folder = tmp_path / "server"
+    shutil.copytree(built, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["engine"]["json_schema"] = canonical_schema(NOTHING)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ServerFolderError, match="the deployment's json-mode schema: the schema admits no JSON value"):
+        build_server(folder)

@@ -49,6 +49,7 @@ def import_runner_module(folder: Path, file: str = "model.py"):
 def build_server(folder: Path):
     """(app, engine, manifest) for a server folder; the engine is not started yet."""
     from vsc.runtime.api import EngineConfig
+    from vsc.runtime.constrain import SchemaError
     from vsc.runtime.engine import LLMEngine
     from vsc.runtime.http import build_app
     from vsc.runtime.metrics import ServerMetrics
@@ -82,7 +83,10 @@ def build_server(folder: Path):
             raise ServerFolderError(f"{draft_dir}: error: the server's draft model folder is missing or incomplete")
         draft_runner = import_runner_module(folder, "draft_model.py").Runner(str(draft_dir))
     tokenizer = Tokenizer.from_model_dir(meta_dir)
-    engine = LLMEngine(runner, tokenizer, config, manifest["model"]["name"], draft_runner=draft_runner)
+    try:
+        engine = LLMEngine(runner, tokenizer, config, manifest["model"]["name"], draft_runner=draft_runner)
+    except SchemaError as e:      # the deployment's json-mode schema, compiled for the tokenizer at start
+        raise ServerFolderError(f"{folder}: error: the deployment's json-mode schema: {e}") from None
     metrics = ServerMetrics()
     app = build_app(engine, tokenizer, metrics, manifest["model"]["name"])
     return app, engine, manifest
