@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 VSC := $(VENV)/bin/vsc
 
-.PHONY: install demo test wheels clean
+.PHONY: install demo test wheels clean fuzz-ir
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,12 @@ wheels: install
 test: install wheels models/tiny-llama/config.json
 	$(VENV)/bin/ruff check vsc tests scripts bench
 	VSC_REQUIRE_TEST_INPUTS=1 $(PY) -m pytest
+
+# Fuzz the IR reader and verifier with 20k mutated golden modules (issue 15): nothing but
+# IRParseError / VerificationError may escape. The test suite runs 300 of the same property.
+FUZZ_EXAMPLES ?= 20000
+fuzz-ir: install
+	PYTHONPATH=. $(PY) bench/ir_fuzz.py --examples $(FUZZ_EXAMPLES) --seed 15
 
 clean:
 	rm -rf build dumps .pytest_cache .hypothesis

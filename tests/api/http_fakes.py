@@ -11,6 +11,7 @@ import time
 import openai
 
 from vsc.runtime.api import GenerateRequest, QueueFull, TokenEvent
+from vsc.runtime.constrain import SchemaError
 from vsc.runtime.http import build_app
 from vsc.runtime.metrics import ServerMetrics
 from vsc.runtime.serve import start_in_thread, stop_server
@@ -61,6 +62,7 @@ class FakeEngine:
         self.alive = True
         self.requests: dict[str, GenerateRequest] = {}
         self.aborted: list[str] = []
+        self.admitted: list[str] = []
         self.generated = 0
         self._blocks: dict[str, int] = {}
         self._abort_flags: set[str] = set()
@@ -80,6 +82,13 @@ class FakeEngine:
         with self._lock:
             return {"running": len(self._blocks), "waiting": 0, "kv_blocks_used": sum(self._blocks.values()),
                     "kv_blocks_total": self.kv_blocks_total, "generated_tokens": self.generated}
+
+    def admit_schema(self, schema: str) -> None:
+        """Records the schema; refuses one titled REFUSE (as the real engine refuses one its
+        grammar engine cannot serve)."""
+        self.admitted.append(schema)
+        if '"title":"REFUSE"' in schema:
+            raise SchemaError("the fake engine refuses this schema")
 
     async def generate(self, request: GenerateRequest):
         rid = request.request_id

@@ -55,3 +55,16 @@ def test_bad_response_formats_are_400_with_one_clear_line(live, path, fmt, messa
     assert err["param"] == "response_format" and err["type"] == "invalid_request_error"
     assert err["message"].startswith(message) and "\n" not in err["message"]
     assert len(live.engine.requests) == before          # never reached the engine
+
+
+@pytest.mark.parametrize("path", list(ENDPOINTS))
+def test_a_schema_the_engine_refuses_is_a_400_before_generation(live, path):
+    """The HTTP layer has the engine compile a request's schema (off the event loop) at admission."""
+    before = len(live.engine.requests)
+    refused = {**PERSON, "title": "REFUSE"}
+    r = post(live, path, response_format={"type": "json_schema", "json_schema": {"schema": refused}})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "response_format" and err["type"] == "invalid_request_error"
+    assert err["message"] == "'response_format.json_schema.schema': the fake engine refuses this schema"
+    assert len(live.engine.requests) == before and live.engine.admitted[-1] == canonical_schema(refused)

@@ -114,6 +114,10 @@ def test_a_bad_response_format_is_a_400(live):
     (None, "json-mode schema file {path} not found"),
     ("{not json", "json-mode schema {path}: the schema is not valid JSON"),
     ('{"type": "objekt"}', "json-mode schema {path}: invalid JSON Schema: Invalid type: objekt"),
+    # no finite document: found compiling the schema for the model's tokenizer (was: a traceback)
+    ('{"$ref": "#"}', "json-mode schema: the schema admits no JSON value"),
+    ('{"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}',
+     "json-mode schema: the schema forces a document past llguidance's limits"),
 ])
 
 
@@ -129,3 +133,58 @@ def test_a_missing_or_bad_schema_fails_the_compile_in_one_line(workspace, tmp_pa
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message.format(path=tmp_path / "schemas" / "broken.json") in err[0], err
     assert not (tmp_path / "server").exists()
+
+
+# --- hostile schemas (issue 15, item 8): a client's schema never produces a 500
+
+ENDLESS = {"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}     # was: 500 mid-generation
+NOTHING = {"$ref": "#"}                                                              # was: 200, empty content
+LATE = {"type": "object", "properties": {"x": {"type": "boolean"}, "a": {"$ref": "#/$defs/inf"}},
+        "required": ["x", "a"], "additionalProperties": False,
+        "$defs": {"inf": {"type": "object", "properties": {"b": {"$ref": "#/$defs/inf"}}, "required": ["b"]}}}
+
+
+def post_schema(live, schema: dict, stream: bool):
+    import httpx2 as httpx
+    body = {"model": live.model, "max_tokens": 48, "stream": stream, "messages": [{"role": "user", "content": "hi"}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}
+    return httpx.post(live.base + "/v1/chat/completions", json=body, timeout=60)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("schema,problem", [
+    (ENDLESS, "the schema forces a document past llguidance's limits (parser error: Too many items"),
+    (NOTHING, "the schema admits no JSON value"),
+])
+def test_a_schema_without_a_finite_document_is_a_400_naming_the_problem(live, schema, problem, stream):
+    r = post_schema(live, schema, stream)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "response_format" and err["type"] == "invalid_request_error"
+    assert err["message"].startswith("'response_format.json_schema.schema': " + problem), err["message"]
+
+
+def test_a_grammar_failing_mid_generation_is_an_error_not_a_500(live):
+    r = post_schema(live, LATE, stream=False)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["code"] == "grammar_error" and err["param"] == "response_format"
+    assert err["message"].startswith("json mode: the request's schema failed after ") and "Too many items" in err["message"]
+    r = post_schema(live, LATE, stream=True)
+    assert r.status_code == 200
+    events = [line[len("data: "):] for line in r.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    assert json.loads(events[-2])["error"]["code"] == "grammar_error"
+    assert all("error" not in json.loads(e) for e in events[:-2])
+
+
+def test_a_server_folder_whose_schema_cannot_be_served_fails_to_start_in_one_line(built, tmp_path):
+    from vsc.runtime.integrity import seal
+    from vsc.runtime.launch import ServerFolderError, build_server
+    folder = tmp_path / "server"
+    shutil.copytree(built, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["engine"]["json_schema"] = canonical_schema(NOTHING)
+    (folder / "manifest.json").write_text(json.dumps(seal(folder, manifest)))     # edited on purpose: resealed
+    with pytest.raises(ServerFolderError, match="the deployment's json-mode schema: the schema admits no JSON value"):
+        build_server(folder)

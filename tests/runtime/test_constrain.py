@@ -9,8 +9,9 @@ import torch
 
 from vsc.models.tiny import EOS_ID, VOCAB_SIZE, make_tiny
 from vsc.runtime.api import InvalidRequest
-from vsc.runtime.constrain import (ANY_JSON_OBJECT, SchemaError, apply_constraints, canonical_schema, check_schema,
-                                   compiler_for, make_constraint)
+from vsc.runtime import constrain
+from vsc.runtime.constrain import (ANY_JSON_OBJECT, SCHEMA_MAX_BYTES, SchemaError, apply_constraints, canonical_schema,
+                                   check_schema, compiler_for, make_constraint)
 from vsc.runtime.tokenizer import Tokenizer
 
 PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
@@ -126,3 +127,92 @@ def test_any_walk_of_allowed_tokens_is_valid_json(tok, seed):
     value = json.loads(tok.decode(out))
     assert set(value) == {"name", "age"} and isinstance(value["name"], str) and len(value["name"]) <= 6
     assert type(value["age"]) is int and 0 <= value["age"] <= 99
+
+
+# --- hostile schemas (issue 15, item 8): refused at admission, or failing cleanly mid-generation
+
+#: No finite document: `a` is required and is again such an object (llguidance's grammar forces
+#: `{"a":{"a":...` until its item limit). Reproducer: a 500 mid-generation before admission checked.
+ENDLESS = {"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}
+#: No value at all. Reproducer: a 200 with empty, non-JSON content.
+NOTHING = {"$ref": "#"}
+#: Fine until the model has chosen the boolean; after it, the grammar forces an endless object:
+#: only generation can find that out.
+LATE = {"type": "object", "properties": {"x": {"type": "boolean"}, "a": {"$ref": "#/$defs/inf"}},
+        "required": ["x", "a"], "additionalProperties": False,
+        "$defs": {"inf": {"type": "object", "properties": {"b": {"$ref": "#/$defs/inf"}}, "required": ["b"]}}}
+
+
+@pytest.mark.parametrize("schema,match", [
+    (ENDLESS, r"the schema forces a document past llguidance's limits \(parser error: Too many items"),
+    ({"type": "array", "items": {"$ref": "#"}, "minItems": 1}, "forces a document past llguidance's limits"),
+    (NOTHING, "the schema admits no JSON value"),
+])
+def test_schemas_without_a_finite_document_are_refused_when_compiled(tok, schema, match):
+    compilers = (lambda: make_constraint(tok, VOCAB_SIZE, schema), lambda: compiler_for(tok, VOCAB_SIZE).admit(schema))
+    for compile_it in compilers:
+        with pytest.raises(SchemaError, match=match) as err:
+            compile_it()
+        assert "\n" not in str(err.value) and err.value.param == "response_format"
+
+
+def test_a_refused_schema_is_remembered_not_compiled_again(tok, monkeypatch):
+    compiler = compiler_for(tok, VOCAB_SIZE)
+    with pytest.raises(SchemaError):
+        compiler.admit(ENDLESS)
+    monkeypatch.setattr(constrain, "_probe", lambda *a: pytest.fail("compiled again"))
+    with pytest.raises(SchemaError, match="forces a document past"):
+        compiler.admit(json.dumps(ENDLESS, indent=1))
+
+
+def test_recursive_schemas_with_a_finite_document_are_admitted(tok):
+    for schema in ({"type": "object", "properties": {"a": {"$ref": "#"}}},
+                   {"type": "array", "items": {"$ref": "#"}}, LATE, {"const": "abc" * 2000}):
+        c = make_constraint(tok, VOCAB_SIZE, schema)
+        assert c.error is None and c.failure() is None and allowed_ids(c)
+
+
+def test_schema_size_and_depth_are_bounded():
+    big = {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(4000)}}
+    with pytest.raises(SchemaError, match=f"the schema is [0-9]+ bytes as compact JSON; the limit is {SCHEMA_MAX_BYTES}"):
+        check_schema(big)
+    deep: dict = {"type": "integer"}
+    for _ in range(5000):
+        deep = {"type": "array", "items": deep}
+    with pytest.raises(SchemaError, match="nested too deeply"):
+        check_schema(deep)
+
+
+def test_a_grammar_over_its_limits_is_refused_when_compiled(tok):
+    rows = {"type": "object", "properties": {f"p{i}": {"enum": ["a", "b"]} for i in range(1200)}}
+    with pytest.raises(SchemaError, match="invalid JSON Schema: .*max is 2000") as err:
+        make_constraint(tok, VOCAB_SIZE, rows)
+    assert "\n" not in str(err.value)
+
+
+def test_a_grammar_failing_mid_generation_is_an_error_with_its_reason(tok):
+    c = make_constraint(tok, VOCAB_SIZE, LATE)
+    assert [c.advance(t) for t in tok.encode('{"x":true')] == [None] * len(tok.encode('{"x":true'))
+    reason = None
+    for _ in range(32):           # from here `,"a":{"b":{"b":...` is forced: any walk ends in the grammar's error
+        allowed = allowed_ids(c)
+        assert EOS_ID not in allowed
+        reason = c.advance(allowed[0])
+        if reason is not None:
+            break
+    assert reason == "error"
+    assert "Too many items" in c.error and "\n" not in c.error
+    first = c.error
+    assert c.advance(tok.encode(",")[0]) == "error" and c.failure() == first      # stays failed, same reason
+    assert c.forced(8) == []
+
+
+def test_a_mask_the_grammar_failed_on_is_a_failure(tok):
+    """A matcher that fails computing its mask (here: one never admitted) allows only EOS; the
+    constraint reports the failure instead of letting that EOS pass for a finished document."""
+    grammar = constrain.grammar_of('{"$ref":"#"}')
+    raw = constrain._llguidance().LLMatcher(compiler_for(tok, VOCAB_SIZE).tokenizer, grammar, log_level=0)
+    c = constrain.Constraint(raw, VOCAB_SIZE)
+    assert c.failure() is None
+    assert allowed_ids(c) == [EOS_ID]
+    assert c.failure() == "NoExtensionBias" and not c.is_complete

@@ -20,7 +20,7 @@ from vsc.frontend.parser import parse_spec_text
 from vsc.models.tiny import EOS_ID, make_tiny
 from vsc.passes.manager import PassManager
 from vsc.runtime.api import EngineConfig, GenerateRequest, InvalidRequest, SamplingParams
-from vsc.runtime.constrain import canonical_schema, make_constraint
+from vsc.runtime.constrain import GrammarFailure, SchemaError, canonical_schema, make_constraint
 from vsc.runtime.engine import LLMEngine
 from vsc.runtime.tokenizer import Tokenizer
 
@@ -238,3 +238,89 @@ def test_jump_forward_gives_token_by_token_outputs_in_fewer_steps(runner, tokeni
     assert plain_stats["jump_forward_tokens"] == 0 and stats["jump_forward_tokens"] > 2 * len(schemas)
     assert stats["steps"] < plain_stats["steps"]
     assert stats["kv_blocks_used"] == 0
+
+
+# --- hostile schemas (issue 15, item 8)
+
+#: Fine until the model has chosen the boolean; after it, llguidance's grammar forces an endless
+#: `"a":{"b":{"b":...` and fails on its item limit: admission cannot see it, generation does.
+LATE = {"type": "object", "properties": {"x": {"type": "boolean"}, "a": {"$ref": "#/$defs/inf"}},
+        "required": ["x", "a"], "additionalProperties": False,
+        "$defs": {"inf": {"type": "object", "properties": {"b": {"$ref": "#/$defs/inf"}}, "required": ["b"]}}}
+
+
+def events_of(runner, tokenizer, module, requests, **config):
+    """Each request's events, in order."""
+    engine = LLMEngine(runner, tokenizer, EngineConfig(**{**engine_config(module), **config}), "tiny")
+
+    async def one(r):
+        return [ev async for ev in engine.generate(r)]
+
+    async def main():
+        return await asyncio.gather(*(one(r) for r in requests))
+
+    engine.start()
+    try:
+        return asyncio.run(main()), engine
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize("jump_forward", [False, True])
+def test_a_grammar_failing_mid_generation_ends_only_its_request_with_the_reason(runner, tokenizer, module, caplog,
+                                                                                jump_forward):
+    reqs = [request("late", tokenizer, "Flag:", LATE, temperature=0.0),
+            request("person", tokenizer, "Who is it? Alan, 41.", SMALL, temperature=0.0),
+            request("free", tokenizer, "Once upon a time", max_tokens=24, temperature=0.0)]
+    with caplog.at_level("ERROR"):
+        (late, person, free), engine = events_of(runner, tokenizer, module, reqs, jump_forward=jump_forward)
+    last = late[-1]
+    assert last.finish_reason == "error" and isinstance(last.error, GrammarFailure)
+    assert last.error.status == 400 and last.error.param == "response_format" and last.error.code == "grammar_error"
+    assert str(last.error).startswith("json mode: the request's schema failed after ")
+    assert "Too many items" in str(last.error) and "\n" not in str(last.error)
+    assert all(ev.finish_reason is None and ev.error is None for ev in late[:-1])
+    assert person[-1].finish_reason == "stop" and free[-1].finish_reason == "length"   # the others are unharmed
+    assert engine.stats()["errors"] == 0                                   # no step raised
+    grammar_logs = [r for r in caplog.records if "json mode" in r.getMessage()]
+    assert len(grammar_logs) == 1 and "late" in grammar_logs[0].getMessage() and not grammar_logs[0].exc_info
+
+
+def test_eos_from_a_mask_the_grammar_failed_on_is_an_error_not_a_finished_document(runner, tokenizer, module,
+                                                                                   monkeypatch):
+    """Before admission checked schemas, `{"$ref": "#"}` reached the engine: its grammar failed on
+    the first mask, which then allowed only EOS, and the request 'finished' with empty content."""
+    import vsc.runtime.engine as engine_mod
+    from vsc.runtime import constrain
+
+    def unchecked(tok, vocab, schema):          # the schema as it was compiled before: no dry run
+        grammar = constrain.grammar_of(canonical_schema(schema))
+        return constrain.Constraint(constrain._llguidance().LLMatcher(
+            constrain.compiler_for(tok, vocab).tokenizer, grammar, log_level=0), vocab)
+
+    monkeypatch.setattr(engine_mod, "make_constraint", unchecked)
+    ((*_, last),), _ = events_of(runner, tokenizer, module, [request("nothing", tokenizer, "Hi", {"$ref": "#"})])
+    assert last.finish_reason == "error" and isinstance(last.error, GrammarFailure)
+    assert "NoExtension" in str(last.error)
+
+
+@pytest.mark.parametrize("schema,match", [
+    ({"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}, "forces a document past"),
+    ({"$ref": "#"}, "admits no JSON value"),
+])
+def test_the_engine_admits_or_refuses_a_schema_before_any_event(runner, tokenizer, module, schema, match):
+    engine = LLMEngine(runner, tokenizer, EngineConfig(**engine_config(module)), "tiny")
+    with pytest.raises(SchemaError, match=match):
+        engine.admit_schema(canonical_schema(schema))
+    engine.admit_schema(canonical_schema(LATE))
+
+    async def main():
+        gen = engine.generate(GenerateRequest("bad", [5, 6, 7], SamplingParams(json_schema=canonical_schema(schema))))
+        with pytest.raises(InvalidRequest, match=match):
+            await gen.__anext__()
+
+    engine.start()
+    try:
+        asyncio.run(main())
+    finally:
+        engine.shutdown()

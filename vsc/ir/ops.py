@@ -43,7 +43,8 @@ def _embed(ts, attrs):
     dtype = table.dtype
     if table.dtype in QUANT_DTYPES:    # rows are dequantized to the activation dtype the op names
         dtype = attrs.get("dtype", "f32")
-        _require(dtype in FLOAT_DTYPES, f"a {table.dtype} table's rows dequantize to a float dtype, got {dtype!r}")
+        _require(isinstance(dtype, str) and dtype in FLOAT_DTYPES,
+                 f"a {table.dtype} table's rows dequantize to a float dtype, got {dtype!r}")
     return [TensorType(dtype, tokens.shape + (table.shape[1],))]
 
 

@@ -55,6 +55,15 @@ KNOWN_STAGES = {"ingress", "tokenize", "prefix_lookup", "admit", "prefill", "dec
 _TEMPLATE_VARS = re.compile(r"\{([a-z])\}")
 
 
+def _int(v) -> bool:
+    """An int attribute value (not a bool: True reads as 1 in Python, never in the IR)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _static_dim(d) -> bool:
+    return _int(d) and d > 0
+
+
 @dataclass
 class Diagnostic:
     check: str
@@ -77,13 +86,15 @@ class _Checker:
 
     # -- model graph -----------------------------------------------------------
     def check_weights(self) -> None:
+        malformed: set[str] = set()    # weights whose own type is already reported: no derivation check reads them
         for w in self.m.model.weights:
             node = f"weight {w.name}"
             if w.name in self.weights:
                 self.add("weights", node, "declared twice", w.origin)
             self.weights[w.name] = w
-            if w.type.dtype not in KNOWN_DTYPES or not all(isinstance(d, int) and d > 0 for d in w.type.shape):
+            if w.type.dtype not in KNOWN_DTYPES or not all(_static_dim(d) for d in w.type.shape):
                 self.add("types", node, f"weight type {w.type} must have a known dtype and static positive dims", w.origin)
+                malformed.add(w.name)
             elif w.type.dtype in QUANT_DTYPES and (w.type.rank != 2 or w.type.shape[1] % 32):
                 self.add("types", node, f"a {w.type.dtype} weight is [out, in] with in a multiple of its 32-element "
                                         f"blocks, got {w.type}", w.origin)
@@ -99,9 +110,11 @@ class _Checker:
                     self.add("weights", node, f"{w.init_fn}() names undeclared weight {a}", w.origin)
                 else:
                     parts.append(self.weights[a].type)
+            if w.name in malformed or malformed.intersection(w.init_args):
+                continue
             if w.init_fn == "concat" and len(parts) == len(w.init_args) and parts:
                 axis = w.init_attrs.get("axis", 0)
-                ok = all(p.rank == w.type.rank for p in parts) and 0 <= axis < w.type.rank
+                ok = all(p.rank == w.type.rank for p in parts) and _int(axis) and 0 <= axis < w.type.rank
                 if ok:
                     want = list(parts[0].shape)
                     want[axis] = sum(p.shape[axis] for p in parts)
@@ -317,16 +330,27 @@ class _Checker:
         if not isinstance(memory, int) or memory <= 0:
             self.add("target", node, f"memory must be a positive number of bytes, got {memory!r}", t.origin)
 
+    def max_context(self) -> int | None:
+        """The deployment's max_context (0 when absent); None when it is not a positive int
+        (reported once, by check_deployment), so no check compares against it."""
+        v = self.m.deployment.get("max_context", 0)
+        return v if _int(v) and v >= 0 else None
+
+    def check_deployment(self) -> None:
+        v = self.m.deployment.get("max_context")
+        if v is not None and not (_int(v) and v > 0):
+            self.add("cache", "deployment", f"max_context must be a positive int, got {v!r}", self.m.origin)
+
     def check_cache(self) -> None:
         c, a = self.m.cache, self.m.model.attrs
         node = "cache"
-        max_context = self.m.deployment.get("max_context", 0)
+        max_context = self.max_context()
         if c.layout not in ("contiguous", "paged"):
             self.add("cache", node, f"layout must be contiguous or paged, got {c.layout!r}", c.origin)
         if c.dtype not in CACHE_DTYPES:
             self.add("cache", node, f"unknown cache dtype {c.dtype!r} (known: {', '.join(sorted(CACHE_DTYPES))})", c.origin)
             return
-        if c.block_size < 1 or (c.layout == "contiguous" and c.block_size != max_context):
+        if c.block_size < 1 or (c.layout == "contiguous" and max_context is not None and c.block_size != max_context):
             why = f" (a contiguous cache has one max_context = {max_context} block per slot)" if c.layout == "contiguous" else ""
             self.add("cache", node, f"block_size {c.block_size} is invalid for a {c.layout} cache{why}", c.origin)
         elif c.capacity_tokens % c.block_size:
@@ -338,7 +362,7 @@ class _Checker:
         if c.capacity_tokens * per_token > c.budget_bytes:
             self.add("cache", node, f"{c.capacity_tokens} tokens x {per_token} B = {c.capacity_tokens * per_token} B "
                                     f"exceeds the budget of {c.budget_bytes} B", c.origin)
-        need = max_context * (self.m.batching.max_batch if c.layout == "contiguous" else 1)
+        need = (max_context or 0) * (self.m.batching.max_batch if c.layout == "contiguous" else 1)
         if c.capacity_tokens < need:
             self.add("cache", node, f"capacity {c.capacity_tokens} tokens cannot hold {need} "
                                     f"({'max_batch x ' if c.layout == 'contiguous' else ''}max_context)", c.origin)
@@ -352,7 +376,7 @@ class _Checker:
     def check_batching(self) -> None:
         b = self.m.batching
         node = "batching"
-        max_context = self.m.deployment.get("max_context", 0)
+        max_context = self.max_context() or 0
         for field_name, allowed in (("mode", ("static", "continuous")), ("order", ("fcfs", "shortest-first")),
                                     ("preemption", ("none", "recompute"))):
             if getattr(b, field_name) not in allowed:
@@ -413,6 +437,7 @@ class _Checker:
         self.check_weights()
         self.check_function()
         self.check_target()
+        self.check_deployment()
         self.check_cache()
         self.check_batching()
         self.check_requests()
@@ -435,7 +460,7 @@ def _constrain_problems(attrs: dict, g: nx.DiGraph) -> list[str]:
         parsed = None
     if not isinstance(parsed, dict):
         problems.append("schema must be the text of a JSON object (a JSON Schema)")
-    elif attrs.get("sha256") != hashlib.sha256(schema.encode("utf-8")).hexdigest():
+    elif attrs.get("sha256") != hashlib.sha256(schema.encode("utf-8", "surrogatepass")).hexdigest():
         problems.append("sha256 does not match the schema text")
     return problems
 

@@ -81,7 +81,7 @@ def _block_quantized(parts: list[TensorType], attrs: dict, declared: TensorType)
     if len(parts) != 1:
         return f"takes one weight argument, got {len(parts)}"
     fmt = attrs.get("format")
-    if fmt not in QUANT_DTYPES:
+    if not isinstance(fmt, str) or fmt not in QUANT_DTYPES:
         return f"format must be one of {', '.join(sorted(QUANT_DTYPES))}, got {fmt!r}"
     source = parts[0]
     if source.rank != 2 or source.dtype not in FLOAT_DTYPES or source.shape[1] % 32:

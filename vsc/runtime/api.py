@@ -84,6 +84,9 @@ class TokenEvent:
     # from the prediction that the model accepted / rejected so far
     accepted_prediction_tokens: int = 0
     rejected_prediction_tokens: int = 0
+    # finish_reason "error" with a cause the client may see (json mode: its grammar failed);
+    # None when a step raised (an internal error)
+    error: RuntimeError_ | None = None
 
 
 @dataclass
@@ -227,6 +230,10 @@ class Engine(Protocol):
 
     def stats(self) -> dict[str, float]:
         """running, waiting, kv_blocks_used, kv_blocks_total, generated_tokens (monotonic)."""
+
+    def admit_schema(self, schema: str) -> None:
+        """Compile a request's JSON Schema (json mode) or raise InvalidRequest naming the problem;
+        called off the event loop before generate()."""
 
 
 def as_dict(obj) -> dict:

@@ -18,6 +18,16 @@ Schemas are compiled with compact separators and no free whitespace between toke
 not on runs of spaces that the grammar would otherwise allow. A schema may override this
 with llguidance's own `x-guidance` keyword.
 
+A client's schema is untrusted input, checked at admission (`GrammarCompiler.admit`, which the
+HTTP layer runs before a request reaches the engine): its size is bounded (`SCHEMA_MAX_BYTES`),
+llguidance compiles it under explicit resource limits (`parser_limits`), and a short dry run
+walks the path the grammar forces from the start (`PROBE_STEPS`), so a schema that admits no
+document at all (`{"$ref": "#"}`) or forces an endless one (a `$ref` cycle through required
+properties) is refused with one line naming the problem, never discovered mid-generation.
+What only a sampled choice can reach still fails during generation: the matcher then enters
+llguidance's error state, the request ends with finish_reason "error" carrying the message
+(`Constraint.failure`), logged once per request.
+
 This module is runtime: it never imports the compiler. The compiler's json-mode pass and
 the HTTP layer call `check_schema` to reject a bad schema early with one clear line.
 """
@@ -33,7 +43,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from vsc.runtime.api import InvalidRequest
+from vsc.runtime.api import InvalidRequest, RuntimeError_
 
 log = logging.getLogger("vsc.runtime.constrain")
 
@@ -44,12 +54,40 @@ ANY_JSON_OBJECT = '{"type":"object"}'
 #: llguidance JSON compile options applied before the schema's own `x-guidance`.
 JSON_DEFAULTS = {"whitespace_flexible": False}
 
-#: Compiled schemas kept per tokenizer (least recently used dropped first).
+#: Compiled schemas kept per tokenizer (least recently used dropped first); refused ones are
+#: remembered as well (their one-line reason), so a client repeating one is not compiled again.
 SCHEMA_CACHE = 64
+
+#: The largest schema accepted, as compact JSON text (bytes of UTF-8).
+SCHEMA_MAX_BYTES = 64 * 1024
+
+#: llguidance's resource limits for compiling and running a grammar (see `parser_limits`):
+#: Earley items per mask step and per row, lexer fuel to build (initial) and to step, lexer
+#: states (1-2 kB each) and grammar symbols. Going past one is a one-line grammar error.
+GRAMMAR_LIMITS = {"step_max_items": 50_000, "max_items_in_row": 2_000, "initial_lexer_fuel": 1_000_000,
+                  "step_lexer_fuel": 200_000, "max_lexer_states": 50_000, "max_grammar_size": 200_000}
+
+#: Admission's dry run: at most this many rounds of "compute the mask, take the tokens the
+#: grammar forces" from the start, stopping at the first choice left to the model.
+PROBE_STEPS = 16
 
 
 class SchemaError(InvalidRequest):
-    """A schema that is not JSON, not an object, or that llguidance rejects (HTTP 400)."""
+    """A schema that is not JSON, not an object, too big, or that llguidance rejects (HTTP 400)."""
+
+    param = "response_format"
+
+
+class GrammarFailure(RuntimeError_):
+    """A grammar that failed during generation (a resource limit, or a token it refused): carried
+    on the request's last event. 400 for a request's own schema, 500 for the deployment's."""
+
+    code = "grammar_error"
+
+    def __init__(self, message: str, own_schema: bool):
+        super().__init__(message)
+        self.status = 400 if own_schema else 500
+        self.param = "response_format" if own_schema else None
 
 
 def _llguidance():
@@ -60,6 +98,11 @@ def _llguidance():
     return llguidance
 
 
+def parser_limits():
+    """`GRAMMAR_LIMITS` as llguidance's LLParserLimits (errors without parser state dumps)."""
+    return _llguidance().LLParserLimits(verbose_errors=False, **GRAMMAR_LIMITS)
+
+
 def _one_line(message: str) -> str:
     first = next((line.strip() for line in str(message).splitlines() if line.strip()), "")
     return first or "unknown error"
@@ -68,16 +111,26 @@ def _one_line(message: str) -> str:
 def canonical_schema(schema: str | dict) -> str:
     """The schema as compact JSON text (its identity for caching and hashing).
 
-    Raises SchemaError if `schema` is not JSON or not a JSON object.
+    Raises SchemaError if `schema` is not JSON, not a JSON object, nested too deep for Python's
+    JSON codec or longer than SCHEMA_MAX_BYTES.
     """
-    if isinstance(schema, str):
-        try:
-            schema = json.loads(schema)
-        except json.JSONDecodeError as e:
-            raise SchemaError(f"the schema is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
-    if not isinstance(schema, dict):
-        raise SchemaError(f"a JSON Schema must be a JSON object, got {type(schema).__name__}")
-    return json.dumps(schema, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    try:
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except json.JSONDecodeError as e:
+                raise SchemaError(f"the schema is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+        if not isinstance(schema, dict):
+            raise SchemaError(f"a JSON Schema must be a JSON object, got {type(schema).__name__}")
+        text = json.dumps(schema, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except RecursionError:
+        raise SchemaError("the schema is nested too deeply") from None
+    except ValueError as e:      # NaN / Infinity in a schema given as a dict
+        raise SchemaError(f"the schema is not valid JSON: {e}") from None
+    size = len(text.encode())
+    if size > SCHEMA_MAX_BYTES:
+        raise SchemaError(f"the schema is {size} bytes as compact JSON; the limit is {SCHEMA_MAX_BYTES} bytes")
+    return text
 
 
 def grammar_of(schema_text: str) -> str:
@@ -97,7 +150,7 @@ def check_schema(schema: str | dict) -> str:
     """
     text = canonical_schema(schema)
     llg = _llguidance()
-    message = llg.LLMatcher.validate_grammar(grammar_of(text), None)
+    message = llg.LLMatcher.validate_grammar(grammar_of(text), None, limits=parser_limits())
     if message and not message.startswith("WARNING"):
         raise SchemaError(f"invalid JSON Schema: {_one_line(message)}")
     return text
@@ -125,22 +178,44 @@ class GrammarCompiler:
         return cls(to_str(), vocab_size, getattr(tokenizer, "eos_token_ids", ()) or ())
 
     def matcher(self, schema: str | dict) -> Any:
-        """A fresh llguidance LLMatcher for `schema` (compiled once, then copied)."""
+        """A fresh llguidance LLMatcher for `schema` (compiled and admitted once, then copied)."""
+        return self._prototype(canonical_schema(schema)).deep_copy()
+
+    def admit(self, schema: str | dict) -> str:
+        """Compile and dry-run `schema` (or find it in the cache); returns its canonical text.
+
+        Raises SchemaError naming the problem: too big, not a schema llguidance supports, over
+        a grammar limit, admitting no document, or forcing one that never ends."""
         text = canonical_schema(schema)
+        self._prototype(text)
+        return text
+
+    def _prototype(self, text: str) -> Any:
         with self._lock:
             proto = self._prototypes.get(text)
             if proto is not None:
                 self._prototypes.move_to_end(text)
-                return proto.deep_copy()
+                if isinstance(proto, str):
+                    raise SchemaError(proto)
+                return proto
         llg = _llguidance()
-        proto = llg.LLMatcher(self.tokenizer, grammar_of(text), log_level=0)
-        if proto.is_error():
-            raise SchemaError(f"invalid JSON Schema: {_one_line(proto.get_error())}")
+        try:
+            proto = llg.LLMatcher(self.tokenizer, grammar_of(text), log_level=0, limits=parser_limits())
+            if proto.is_error():
+                raise SchemaError(f"invalid JSON Schema: {_one_line(proto.get_error())}")
+            _probe(proto.deep_copy(), self.vocab_size)
+        except SchemaError as e:
+            self._remember(text, str(e))
+            raise
+        self._remember(text, proto)
+        return proto
+
+    def _remember(self, text: str, entry: Any) -> None:
         with self._lock:
-            self._prototypes[text] = proto
+            self._prototypes[text] = entry
+            self._prototypes.move_to_end(text)
             while len(self._prototypes) > SCHEMA_CACHE:
                 self._prototypes.popitem(last=False)
-        return proto.deep_copy()
 
     def constraint(self, schema: str | dict) -> "Constraint":
         return Constraint(self.matcher(schema), self.vocab_size)
@@ -160,6 +235,36 @@ def compiler_for(tokenizer: Any, vocab_size: int) -> GrammarCompiler:
             compiler = GrammarCompiler.from_tokenizer(tokenizer, vocab_size)
             _COMPILERS[tokenizer] = compiler
     return compiler
+
+
+def _probe(m: Any, vocab_size: int) -> None:
+    """Admission's dry run on `m` (a copy; consumed): from the start, compute the mask and take
+    the tokens the grammar forces, up to PROBE_STEPS times, until the model would have a choice
+    or the document is complete. Raises SchemaError if the grammar fails on that path: it admits
+    no document at all, or it forces one longer than llguidance's limits (an endless one)."""
+    words = np.zeros(_words(vocab_size), dtype=np.int32)
+    for _ in range(PROBE_STEPS):
+        if m.is_stopped():
+            break
+        m.unsafe_compute_mask_ptr(words.ctypes.data, words.nbytes)
+        forced = [] if m.is_error() else m.compute_ff_tokens()
+        if forced:
+            m.consume_tokens(forced)
+        if m.is_error():
+            raise SchemaError(_refusal(m.get_error()))
+        if not forced:
+            break
+
+
+def _refusal(error: str) -> str:
+    """The one line saying why a schema's grammar failed its dry run."""
+    line = _one_line(error)
+    if line.startswith("NoExtension"):    # llguidance: nothing may be generated at all
+        return "the schema admits no JSON value (e.g. a `$ref` that only refers to itself)"
+    if "Too many items" in line or "too complex" in line.lower():
+        return (f"the schema forces a document past llguidance's limits ({line}); e.g. a `$ref` cycle "
+                "through required properties admits no finite document")
+    return f"invalid JSON Schema: {line}"
 
 
 def make_constraint(tokenizer: Any, vocab_size: int, schema: str | dict) -> "Constraint":
@@ -189,14 +294,24 @@ class Constraint:
 
     def advance(self, token: int) -> str | None:
         """Consume the sampled `token`. Returns the finish reason it causes: None (go on),
-        "stop" (the document is complete: nothing but EOS may follow) or "error" (the token
-        broke the grammar, which masking prevents; logged)."""
-        m = self.matcher
-        if not m.consume_token(int(token)):
-            self.error = _one_line(m.get_error())
-            log.error("json mode: token %d broke the grammar: %s", token, self.error)
+        "stop" (the document is complete: nothing but EOS may follow) or "error" (the grammar
+        failed: a resource limit, or a token it refused, which masking prevents; `error` says
+        which)."""
+        if self.failure() is not None or not self.matcher.consume_token(int(token)):
+            self.fail(f"after token {int(token)}: {_one_line(self.matcher.get_error())}")
             return "error"
-        return "stop" if m.is_stopped() else None
+        return "stop" if self.matcher.is_stopped() else None
+
+    def failure(self) -> str | None:
+        """Why the grammar failed (e.g. a limit hit computing the last mask); None while it works."""
+        if self.error is None and self.matcher.is_error():
+            self.fail(_one_line(self.matcher.get_error()))
+        return self.error
+
+    def fail(self, message: str) -> None:
+        """Record the grammar's failure (the first one only; the engine logs it as the request ends)."""
+        if self.error is None:
+            self.error = message
 
     def forced(self, limit: int) -> list[int]:
         """Up to `limit` tokens the grammar forces next (llguidance's fast-forward tokens: the

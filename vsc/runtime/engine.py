@@ -53,7 +53,7 @@ import torch
 
 from vsc.runtime.api import EngineConfig, GenerateRequest, InvalidRequest, ModelRunner, QueueFull, TokenEvent
 from vsc.runtime.block_manager import BlockManager
-from vsc.runtime.constrain import apply_constraints, make_constraint
+from vsc.runtime.constrain import GrammarFailure, apply_constraints, compiler_for, make_constraint
 from vsc.runtime.sampler import Sampler
 from vsc.runtime.scheduler import ScheduledStep, Scheduler
 from vsc.runtime.sequence import Sequence
@@ -176,6 +176,12 @@ class LLMEngine:
         finally:
             if not finished:
                 self.abort(request.request_id)
+
+    def admit_schema(self, schema: str) -> None:
+        """Compile a request's JSON Schema for this engine's tokenizer (cached), so a schema the
+        grammar engine refuses is refused before the request is submitted. Raises SchemaError
+        (an InvalidRequest). Thread-safe: the HTTP layer runs it off its event loop."""
+        compiler_for(self.tokenizer, self.vocab_size).admit(schema)
 
     def abort(self, request_id: str) -> None:
         with self._wake:
@@ -453,7 +459,7 @@ class LLMEngine:
                 step.num_new[r] = len(emitted)     # the last token and the kept drafts hold valid KV
                 event = TokenEvent(seq.request_id, emitted, "".join(text), event.finish_reason,
                                    event.prompt_tokens, event.completion_tokens,
-                                   seq.prediction_accepted, seq.prediction_rejected)
+                                   seq.prediction_accepted, seq.prediction_rejected, event.error)
             self.generated_tokens += len(emitted)
             events.append((seq, event))
         self.scheduler.advance(step)
@@ -480,7 +486,13 @@ class LLMEngine:
         detok = seq.detokenizer
         reason = None
         text = ""
-        if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+        constraint = seq.constraint
+        if constraint is not None and constraint.failure() is None and token in self.eos_token_ids \
+                and not p.ignore_eos and not constraint.is_complete:    # EOS from a mask the grammar failed on
+            constraint.fail(f"end of text (token {token}) before the document was complete")
+        if constraint is not None and constraint.failure() is not None:
+            reason = "error"           # json mode: its grammar failed (a limit hit computing this token's mask)
+        elif (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
             reason = "stop"
             if detok is not None:
                 text = detok.flush()
@@ -506,7 +518,7 @@ class LLMEngine:
                 log.exception("on_token hook failed; disabling it")
                 self.on_token = None
         return TokenEvent(seq.request_id, [token], text, reason, seq.num_prompt_tokens, seq.num_output_tokens,
-                          seq.prediction_accepted, seq.prediction_rejected)
+                          seq.prediction_accepted, seq.prediction_rejected, _grammar_failure(seq, reason))
 
     def _finish_now(self, seqs: list[Sequence], reason: str) -> None:
         """End `seqs` outside the normal token path (abort, error, shutdown): free and notify."""
@@ -534,6 +546,18 @@ class LLMEngine:
                 loop.call_soon_threadsafe(_put_all, items)
             except RuntimeError:   # that event loop is closed: nobody is listening any more
                 pass
+
+
+def _grammar_failure(seq: Sequence, reason: str | None) -> GrammarFailure | None:
+    """The error a json-mode request ends with when its grammar failed (None otherwise)."""
+    c = seq.constraint
+    if reason != "error" or c is None or c.error is None:
+        return None
+    own = seq.params.json_schema is not None
+    whose = "the request's schema" if own else "the deployment's schema"
+    message = f"json mode: {whose} failed after {seq.num_output_tokens} generated token(s): {c.error}"
+    log.error("request %s: %s", seq.request_id, message)      # once: the request ends here
+    return GrammarFailure(message, own_schema=own)
 
 
 def _put_all(items: list[tuple[asyncio.Queue, TokenEvent]]) -> None:

@@ -75,6 +75,15 @@ def _internal(what: str) -> ApiError:
     return ApiError(500, f"internal server error while {what}; see the server log", code="internal_error")
 
 
+def _failed(final: TokenEvent | None) -> ApiError:
+    """The error answered for a request the engine ended with finish_reason "error": its cause when
+    the client may see it (json mode: the grammar failed), else an internal error (a step raised)."""
+    e = final.error if final is not None else None
+    if e is None:
+        return _internal("generating")
+    return ApiError(e.status, str(e), param=getattr(e, "param", None), code=e.code)
+
+
 # --------------------------------------------------------------------------- request validation
 
 def _int(body: dict, key: str, default, lo: int | None = None, hi: int | None = None):
@@ -400,6 +409,7 @@ class _App:
             if predicted is not None:
                 params.prediction = list(await asyncio.to_thread(self.tokenizer.encode, predicted,
                                                                  add_special_tokens=False)) or None
+            await self._admit_schema(params.json_schema)
         except ApiError as e:
             return e.response()
         except ClientDisconnect:
@@ -408,6 +418,16 @@ class _App:
             log.exception("failed to parse a %s request", "chat completion" if chat else "completion")
             return _internal("reading the request").response()
         return await self._serve(request, prefix, chat, ids, params, stream, include_usage, arrival)
+
+    async def _admit_schema(self, schema: str | None) -> None:
+        """json mode: compile the request's schema for the engine's tokenizer (off the event loop;
+        cached) so one the grammar engine refuses is a 400 here, never a failure mid-generation."""
+        if schema is None:
+            return
+        try:
+            await asyncio.to_thread(self.engine.admit_schema, schema)
+        except SchemaError as e:
+            raise _bad("response_format", f"'response_format.json_schema.schema': {e}") from None
 
     def _completion_prompt(self, body: dict, params: SamplingParams) -> list[int]:
         prompt = body.get("prompt")
@@ -486,7 +506,7 @@ class _App:
         except RuntimeError_ as e:
             self._unguard(r)
             r.finished = True
-            return ApiError(e.status, str(e), code=e.code).response()
+            return ApiError(e.status, str(e), param=getattr(e, "param", None), code=e.code).response()
         except Exception:
             self._unguard(r)
             log.exception("engine failed on request %s", r.rid)
@@ -517,8 +537,8 @@ class _App:
         finally:
             self._unguard(r)
         await _close(it)
-        if reason == "error":               # the engine failed the request (a model step raised)
-            return _internal("generating").response()
+        if reason == "error":               # the engine failed the request (a model step raised, a grammar failed)
+            return _failed(ev).response()
         text = "".join(parts)
         if r.chat:
             obj = {"id": r.rid, "object": "chat.completion", "created": r.created, "model": self.name,
@@ -658,8 +678,8 @@ class _EventStream(Response):
             text = ev.text
         reason, usage = app._finish(r, ev)
         app._unguard(r)                 # finished: a disconnect from here on changes nothing
-        if reason == "error":           # the engine failed the request (a model step raised)
-            out = pending + b"data: " + orjson.dumps(_internal("generating").body()) + b"\n\n" + _DONE
+        if reason == "error":           # the engine failed the request (a model step raised, a grammar failed)
+            out = pending + b"data: " + orjson.dumps(_failed(ev).body()) + b"\n\n" + _DONE
         else:
             out = pending + self._final(text, reason, usage)
         await send({"type": _BODY, "body": out, "more_body": False})

@@ -126,6 +126,7 @@ def build_server(folder: Path, security=None, integrity_check: bool = True):
 
 def _build(folder: Path, manifest: dict, integrity_check: bool, security):
     from vsc.runtime.api import EngineConfig
+    from vsc.runtime.constrain import SchemaError
     from vsc.runtime.engine import LLMEngine
     from vsc.runtime.http import build_app
     from vsc.runtime.metrics import ServerMetrics
@@ -166,7 +167,10 @@ def _build(folder: Path, manifest: dict, integrity_check: bool, security):
         draft = import_runner_module(folder, "draft_model.py", digest=files.get("draft_model.py"))
         draft_runner = load_step("the draft model", draft_dir, draft.Runner, str(draft_dir))
     tokenizer = load_step("the tokenizer", meta_dir, Tokenizer.from_model_dir, meta_dir)
-    engine = LLMEngine(runner, tokenizer, config, manifest["model"]["name"], draft_runner=draft_runner)
+    try:
+        engine = LLMEngine(runner, tokenizer, config, manifest["model"]["name"], draft_runner=draft_runner)
+    except SchemaError as e:      # the deployment's json-mode schema, compiled for the tokenizer at start
+        raise ServerFolderError(f"{folder}: error: the deployment's json-mode schema: {e}") from None
     metrics = ServerMetrics()
     if callable(security):
         security = security(int(engine.max_context))

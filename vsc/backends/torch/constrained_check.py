@@ -83,7 +83,9 @@ def constrained_report(module: ServingModule, runner, probes: int = 4, tolerance
                        max_new_tokens: int = 48) -> ConstrainedReport | None:
     """The check's full report (None for a plan without a constrain stage)."""
     from vsc.backends.torch.accuracy import DEFAULT_TOLERANCE, reference_logits, reference_model, tokenize_probes
+    from vsc.errors import VscError
     from vsc.passes.json_mode import plan_json_schema
+    from vsc.runtime.constrain import SchemaError, compiler_for
     from vsc.runtime.tokenizer import Tokenizer
 
     schema = plan_json_schema(module)
@@ -99,6 +101,10 @@ def constrained_report(module: ServingModule, runner, probes: int = 4, tolerance
     if limit < 1:
         raise ValueError(f"max_context {max_context} leaves no room for a prompt and {max_new_tokens} new tokens")
     tokenizer = Tokenizer.from_model_dir(model_dir)
+    try:     # what the server does at start: a schema its grammar engine cannot serve fails here, in one line
+        compiler_for(tokenizer, runner.vocab_size).admit(schema)
+    except SchemaError as e:
+        raise VscError(f"json-mode schema: {e}") from None
     prompts = tokenize_probes(model_dir, probes, limit)
     outputs = _engine_generate(module, runner, tokenizer, schema, prompts, max_new_tokens)
     reference = reference_model(model_dir)
