@@ -467,8 +467,9 @@ class _App:
         except QueueFull as e:
             self._unguard(r)
             r.finished = True
+            self.metrics.rejected.labels(reason=e.reason).inc()
             return ApiError(e.status, str(e) or "the server is at capacity; retry later", code=e.code,
-                            headers={"retry-after": "1"}).response()
+                            headers={"retry-after": str(e.retry_after)}).response()
         except RuntimeError_ as e:
             self._unguard(r)
             r.finished = True

@@ -136,10 +136,23 @@ def engine_config(module: ServingModule) -> dict:
         "order": module.batching.order,
         "preemption": "recompute" if module.batching.preemption == "none" else module.batching.preemption,
         "max_waiting": max(64, 16 * module.batching.max_batch),
+        **admission_engine_config(module),     # overload, ttft_slo_ms (the admit stage's policy); {} if none
         **plan_prefix_cache(module),     # prefix_cache, prefix_cache_capacity (prefix-cache pass); {} if none
         **speculative_engine_config(module),   # speculative_* and draft_model (speculative pass); {} if none
         **chunked_prefill_engine_config(module),   # prefill_tpot_ms (chunked-prefill{slo=true}); {} if none
     }
+
+
+def admission_engine_config(module: ServingModule) -> dict:
+    """The admit stage's overload policy as EngineConfig fields: {"overload": "queue"}, or "shed"
+    with its TTFT objective; {} for a plan from before the stage carried one (the engine queues)."""
+    admit = module.requests.stage("admit")
+    policy = admit.attrs.get("overload") if admit is not None else None
+    if policy is None:
+        return {}
+    if policy == "shed":
+        return {"overload": policy, "ttft_slo_ms": float(admit.attrs["ttft_slo_ms"])}
+    return {"overload": policy}
 
 
 def json_mode_config(module: ServingModule) -> dict:
