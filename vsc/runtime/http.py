@@ -262,7 +262,7 @@ class _Req:
     """The state of one request the engine has accepted (shared by handler, stream and watcher)."""
 
     __slots__ = ("rid", "chat", "created", "arrival", "prompt_len", "include_usage", "counted", "finished",
-                 "aborted", "client_gone", "guarded", "task", "watcher", "predicted")
+                 "aborted", "client_gone", "guarded", "task", "watcher", "predicted", "shutdown")
 
     def __init__(self, rid: str, chat: bool, arrival: float, prompt_len: int, include_usage: bool,
                  predicted: bool = False):
@@ -275,6 +275,7 @@ class _Req:
         self.aborted = False
         self.client_gone = False
         self.guarded = False        # the watcher may cancel `task` on disconnect
+        self.shutdown = False       # aborted because the server is shutting down
         self.task: asyncio.Task | None = None
         self.watcher: asyncio.Task | None = None
 
@@ -286,6 +287,32 @@ class _App:
         vocab = getattr(tokenizer, "vocab_size", None)
         self.vocab = vocab if type(vocab) is int and vocab > 0 else None
         self.model_created = int(time.time())
+        self.live: set[_Req] = set()      # accepted requests not finished yet (ended at shutdown)
+        self.draining = False             # a shutdown signal came: new requests get 503
+
+    # ----------------------------------------------------------------- shutdown
+    def begin_shutdown(self, grace_s: float) -> None:
+        """The server got SIGTERM/SIGINT and waits up to `grace_s` for requests in flight: let them
+        run, and end those still running a little before that time is up (a stream then gets its
+        last chunk with finish_reason "abort" and [DONE], a non-streaming request a 503)."""
+        if self.draining:
+            return
+        self.draining = True
+        margin = min(1.0, grace_s / 4)
+        log.info("shutting down: %d request(s) in flight get %.1f s to finish", len(self.live), grace_s - margin)
+        asyncio.get_running_loop().call_later(max(0.0, grace_s - margin), self._end_in_flight)
+
+    def _end_in_flight(self) -> None:
+        for r in list(self.live):
+            if not (r.finished or r.aborted):
+                r.shutdown = True
+                try:
+                    self.engine.abort(r.rid)      # the engine ends its stream with an "abort" event
+                except Exception:
+                    log.exception("engine.abort(%s) failed", r.rid)
+
+    def _log_shutdown_abort(self, r: _Req) -> None:
+        log.warning("request %s aborted by shutdown after %d completion token(s)", r.rid, r.counted)
 
     # ----------------------------------------------------------------- helpers
     async def _json(self, request: Request) -> dict:
@@ -343,6 +370,7 @@ class _App:
             r.task.cancel()
 
     def _unguard(self, r: _Req) -> None:
+        self.live.discard(r)
         r.guarded = False
         if r.watcher is not None:
             r.watcher.cancel()
@@ -356,6 +384,8 @@ class _App:
             reason = final.finish_reason
             prompt = final.prompt_tokens or r.prompt_len
             completion = final.completion_tokens or r.counted
+        if reason == "abort" and r.shutdown:
+            self._log_shutdown_abort(r)
         self.metrics.request_finished(reason, prompt, completion, time.monotonic() - r.arrival)
         usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
         if r.predicted:       # as OpenAI reports predicted outputs
@@ -436,7 +466,11 @@ class _App:
 
     async def _serve(self, request: Request, prefix: str, chat: bool, ids: list[int], params: SamplingParams,
                      stream: bool, include_usage: bool, arrival: float) -> Response:
+        if self.draining:
+            return ApiError(503, "the server is shutting down; retry on another instance", code="server_shutdown",
+                            headers={"connection": "close"}).response()
         r = _Req(prefix + uuid.uuid4().hex, chat, arrival, len(ids), include_usage, bool(params.prediction))
+        self.live.add(r)
         engine = self.engine
         started = False
         r.task = asyncio.current_task()
@@ -463,6 +497,10 @@ class _App:
             if r.client_gone:
                 r.task.uncancel()
                 return Response(b"", status_code=499)          # nobody reads it
+            if self.draining:           # the shutdown grace ran out (uvicorn cancels what is left)
+                r.task.uncancel()
+                self._log_shutdown_abort(r)
+                return _shutdown_error().response()
             raise
         except QueueFull as e:
             self._unguard(r)
@@ -506,6 +544,8 @@ class _App:
         await _close(it)
         if reason == "error":               # the engine failed the request (a model step raised)
             return _internal("generating").response()
+        if reason == "abort" and r.shutdown:
+            return _shutdown_error().response()
         text = "".join(parts)
         if r.chat:
             obj = {"id": r.rid, "object": "chat.completion", "created": r.created, "model": self.name,
@@ -547,6 +587,10 @@ class _App:
     async def metrics_endpoint(self, request: Request) -> Response:
         body, content_type = self.metrics.render(request.headers.get("accept"))
         return Response(body, headers={"content-type": content_type})
+
+
+def _shutdown_error() -> ApiError:
+    return ApiError(503, "the server shut down before the request finished; retry it", code="server_shutdown")
 
 
 async def _close(it) -> None:
@@ -606,10 +650,26 @@ class _EventStream(Response):
             if r.client_gone:           # cancelled by our watcher: the client left, nothing more to do
                 r.task.uncancel()
                 return
+            if app.draining:            # the shutdown grace ran out (uvicorn cancels what is left)
+                r.task.uncancel()
+                if not r.finished:
+                    app._log_shutdown_abort(r)
+                    await self._send_last(send, "abort")
+                return
             raise
         finally:
             app._unguard(r)
             app._abort(r)               # no-op when the request finished
+
+    async def _send_last(self, send, reason: str) -> None:
+        """A stream's last chunk (finish_reason `reason`) and [DONE], if the connection takes it."""
+        r = self.r
+        usage = {"prompt_tokens": r.prompt_len, "completion_tokens": r.counted,
+                 "total_tokens": r.prompt_len + r.counted}
+        try:
+            await send({"type": _BODY, "body": self._final("", reason, usage), "more_body": False})
+        except Exception:   # the client or the connection is gone
+            pass
 
     async def _stream(self, send) -> None:
         r, app, it = self.r, self.app, self.it

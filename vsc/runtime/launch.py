@@ -89,13 +89,19 @@ def build_server(folder: Path):
 
 
 def main(folder: Path, argv: list[str]) -> int:
-    from vsc.runtime.serve import run_server
+    from vsc.runtime.serve import SignalLatch, run_server
 
+    latch = SignalLatch().install()   # first: a SIGTERM/Ctrl-C while the model loads is not lost
     ap = argparse.ArgumentParser(prog=f"python -m {Path(folder).name}", description="serve a vsc-compiled plan")
     ap.add_argument("--host", help="bind address (default: from the spec, normally 127.0.0.1)")
     ap.add_argument("--port", type=int, help="port (default: from the spec)")
     ap.add_argument("--log-level", default="warning")
+    ap.add_argument("--shutdown-grace", type=float, default=10.0, metavar="SECONDS",
+                    help="on SIGTERM/Ctrl-C, how long requests in flight may run on before they are ended "
+                         "(streams get finish_reason \"abort\"; default 10)")
     args = ap.parse_args(argv)
+    if not 0 <= args.shutdown_grace < float("inf"):
+        ap.error(f"--shutdown-grace must be a number of seconds >= 0, got {args.shutdown_grace}")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         app, engine, manifest = build_server(Path(folder))
@@ -105,10 +111,15 @@ def main(folder: Path, argv: list[str]) -> int:
     host = args.host or manifest["serve"]["host"]
     port = args.port if args.port is not None else manifest["serve"]["port"]
     engine.start()
+    if latch.received:
+        print(f"vsc server stopped by signal {latch.received[0]} before serving", file=sys.stderr, flush=True)
+        engine.shutdown()
+        return 0
     print(f"vsc server for {manifest['model']['name']} on http://{host}:{port}/v1 "
           f"(pipeline: {manifest['pipeline'] or 'none'})", file=sys.stderr, flush=True)
     try:
-        run_server(app, host=host, port=port, log_level=args.log_level)
+        run_server(app, host=host, port=port, log_level=args.log_level, graceful_timeout=args.shutdown_grace,
+                   latch=latch, on_signal=lambda: app.state.vsc.begin_shutdown(args.shutdown_grace))
     finally:
         engine.shutdown()
     return 0
