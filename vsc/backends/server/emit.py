@@ -109,7 +109,7 @@ def build_manifest(module: ServingModule, pipeline: str, spec_path: Path | None,
                   "files": model_file_checksums(model_dir)},
         "serve": {"host": serve.get("host") or "127.0.0.1", "port": serve.get("port") or 8000,
                   "max_context": module.deployment["max_context"], "api": serve.get("api") or "openai"},
-        "engine": {**engine_config(module), **json_mode_config(module)},
+        "engine": {**engine_config(module), **admission_engine_config(module), **json_mode_config(module)},
         "verification": [v.to_json() for v in verifications],
     }
 
@@ -136,7 +136,6 @@ def engine_config(module: ServingModule) -> dict:
         "order": module.batching.order,
         "preemption": "recompute" if module.batching.preemption == "none" else module.batching.preemption,
         "max_waiting": max(64, 16 * module.batching.max_batch),
-        **admission_engine_config(module),     # overload, ttft_slo_ms (the admit stage's policy); {} if none
         **plan_prefix_cache(module),     # prefix_cache, prefix_cache_capacity (prefix-cache pass); {} if none
         **speculative_engine_config(module),   # speculative_* and draft_model (speculative pass); {} if none
         **chunked_prefill_engine_config(module),   # prefill_tpot_ms (chunked-prefill{slo=true}); {} if none
@@ -145,7 +144,8 @@ def engine_config(module: ServingModule) -> dict:
 
 def admission_engine_config(module: ServingModule) -> dict:
     """The admit stage's overload policy as EngineConfig fields: {"overload": "queue"}, or "shed"
-    with its TTFT objective; {} for a plan from before the stage carried one (the engine queues)."""
+    with its TTFT objective; {} for a plan from before the stage carried one (the engine queues).
+    Kept out of `engine_config`: the accuracy check's engine run must serve every probe."""
     admit = module.requests.stage("admit")
     policy = admit.attrs.get("overload") if admit is not None else None
     if policy is None:

@@ -1,0 +1,43 @@
+"""overload = shed on a compiled server: once the engine has measured its steps, a request
+predicted to miss the TTFT objective is answered 429 with Retry-After, and /metrics counts it."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import httpx2 as httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from live_server import Live
+from test_server_e2e import compile_server
+
+
+def rejected(base: str) -> dict[str, float]:
+    text = httpx.get(base + "/metrics", timeout=10).text
+    return {s.labels["reason"]: s.value for f in text_string_to_metric_families(text)
+            for s in f.samples if s.name == "vsc_requests_rejected_total"}
+
+
+def test_shed_answers_429_with_retry_after_once_measured(tmp_path):
+    built = compile_server(tmp_path, "llama")
+    manifest = json.loads((built / "manifest.json").read_text())
+    assert manifest["engine"]["overload"] == "queue"        # the e2e spec states no TTFT objective
+    folder = tmp_path / "shedding"
+    shutil.copytree(built, folder)
+    # an objective no request can meet (1 us): every request after the first measured steps is shed
+    manifest["engine"].update(overload="shed", ttft_slo_ms=0.001)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    server = Live(folder)
+    try:
+        body = {"model": server.model, "prompt": list(range(3, 40)), "max_tokens": 4, "temperature": 0}
+        first = httpx.post(server.base + "/v1/completions", json=body, timeout=60)
+        assert first.status_code == 200                         # nothing measured yet: admitted
+        assert rejected(server.base) == {"queue_full": 0, "ttft_slo": 0}
+        second = httpx.post(server.base + "/v1/completions", json=body, timeout=60)
+        assert second.status_code == 429, second.text
+        assert int(second.headers["retry-after"]) >= 1
+        err = second.json()["error"]
+        assert err["type"] == "rate_limit_error" and "over the 0.001 ms objective" in err["message"]
+        assert rejected(server.base) == {"queue_full": 0, "ttft_slo": 1}
+    finally:
+        server.close()
