@@ -11,6 +11,7 @@ from pathlib import Path
 
 from vsc import __version__
 from vsc.errors import VscError
+from vsc.runtime.enums import OVERLOAD_POLICIES
 
 
 def load_input(path: str):
@@ -111,6 +112,9 @@ def cmd_serve(args) -> int:
         extra += ["--host", args.host]
     if args.port is not None:
         extra += ["--port", str(args.port)]
+    for flag, value in (("--shutdown-grace", args.shutdown_grace), ("--overload", args.overload)):
+        if value is not None:
+            extra += [flag, str(value)]
     return launch(Path(args.server), extra)
 
 
@@ -188,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("server")
     p.add_argument("--host", help="bind address (default: the spec's, 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default: the spec's)")
+    p.add_argument("--shutdown-grace", type=float, metavar="SECONDS",
+                   help="on SIGTERM/Ctrl-C, how long requests in flight may run on (default 10)")
+    p.add_argument("--overload", choices=OVERLOAD_POLICIES,
+                   help="override the plan's overload policy (vsc search measures plans with queue)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("verify", help="verify an IR file or spec (structural), or a server folder (structural + accuracy)")

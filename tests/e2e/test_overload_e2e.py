@@ -6,10 +6,19 @@ import json
 import shutil
 
 import httpx2 as httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
+from vsc.cli import main as vsc_main
+from vsc.runtime.launch import ServerFolderError, build_server
 
 from live_server import Live
 from test_server_e2e import compile_server
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    return compile_server(tmp_path_factory.mktemp("overload"), "llama")
 
 
 def rejected(base: str) -> dict[str, float]:
@@ -18,8 +27,7 @@ def rejected(base: str) -> dict[str, float]:
             for s in f.samples if s.name == "vsc_requests_rejected_total"}
 
 
-def test_shed_answers_429_with_retry_after_once_measured(tmp_path):
-    built = compile_server(tmp_path, "llama")
+def test_shed_answers_429_with_retry_after_once_measured(built, tmp_path):
     manifest = json.loads((built / "manifest.json").read_text())
     assert manifest["engine"]["overload"] == "queue"        # the e2e spec states no TTFT objective
     folder = tmp_path / "shedding"
@@ -41,3 +49,23 @@ def test_shed_answers_429_with_retry_after_once_measured(tmp_path):
         assert rejected(server.base) == {"queue_full": 0, "ttft_slo": 1}
     finally:
         server.close()
+
+
+def test_the_policy_can_be_overridden_at_start(built, tmp_path, capsys):
+    folder = tmp_path / "shedding"
+    shutil.copytree(built, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["engine"].update(overload="shed", ttft_slo_ms=200.0)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    _, engine, _ = build_server(folder, overload="queue")          # what `vsc search` measures with
+    assert engine.config.overload == "queue"
+    assert build_server(folder)[1].config.overload == "shed"
+    with pytest.raises(ServerFolderError, match="unknown overload policy 'drop'"):
+        build_server(folder, overload="drop")
+    with pytest.raises(ServerFolderError, match="shed needs a TTFT objective and the plan has none"):
+        build_server(built, overload="shed")                    # its spec states no TTFT objective
+    with pytest.raises(SystemExit) as e:
+        vsc_main(["serve", str(built), "--overload", "drop"])
+    assert e.value.code == 2 and "invalid choice: 'drop'" in capsys.readouterr().err
+    assert vsc_main(["serve", str(built), "--overload", "shed", "--port", "1"]) == 2
+    assert "shed needs a TTFT objective" in capsys.readouterr().err

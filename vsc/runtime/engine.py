@@ -255,17 +255,25 @@ class LLMEngine:
             if len(self.scheduler.waiting) + len(self._inbox) >= self.config.max_waiting:
                 raise QueueFull(f"the waiting queue is full ({self.config.max_waiting} requests); retry later")
             if self.config.overload == "shed":
-                self._admit_by_ttft(seq)
+                self._admit_by_ttft(seq.num_prompt_tokens)
             self._live[seq.request_id] = seq
             self._inbox.append(seq)
             self._wake.notify()
 
-    def _admit_by_ttft(self, seq: Sequence) -> None:
-        """Raise Overloaded when `seq`'s predicted TTFT exceeds the objective (called under the lock;
-        the lists are copied in one C call each, their sequences' counters read as they are)."""
+    def check_overload(self) -> None:
+        """Raise Overloaded when even a request with an empty prompt would miss the TTFT objective
+        (overload = shed): the HTTP layer asks before it renders and tokenizes a prompt, so that a
+        burst's refusals cost little of the event loop the admitted requests' tokens go through."""
+        if self.config.overload == "shed":
+            with self._wake:
+                self._admit_by_ttft(0)
+
+    def _admit_by_ttft(self, prompt_len: int) -> None:
+        """Raise Overloaded when a request's predicted TTFT exceeds the objective (called under the
+        lock; the lists are copied in one C call each, their sequences' counters read as they are)."""
         cfg = self.config
         predicted = self.ttft.predict(list(self.scheduler.running), list(self.scheduler.waiting) + self._inbox,
-                                      seq.num_prompt_tokens, cfg.max_batch, cfg.order == "shortest-first")
+                                      prompt_len, cfg.max_batch, cfg.order == "shortest-first")
         target = cfg.ttft_slo_ms / 1000.0
         if predicted is not None and predicted > target:
             self.shed_requests += 1

@@ -289,6 +289,8 @@ class _App:
         self.model_created = int(time.time())
         self.live: set[_Req] = set()      # accepted requests not finished yet (ended at shutdown)
         self.draining = False             # a shutdown signal came: new requests get 503
+        check = getattr(engine, "check_overload", None)   # overload = shed (vsc.runtime.engine)
+        self._check_overload = check if callable(check) else None
 
     # ----------------------------------------------------------------- shutdown
     def begin_shutdown(self, grace_s: float) -> None:
@@ -369,6 +371,12 @@ class _App:
         if r.guarded and r.task is not None:
             r.task.cancel()
 
+    def _refused(self, e: QueueFull) -> Response:
+        """429 for a request the engine will not take now, counted in /metrics by reason."""
+        self.metrics.rejected.labels(reason=e.reason).inc()
+        return ApiError(e.status, str(e) or "the server is at capacity; retry later", code=e.code,
+                        headers={"retry-after": str(e.retry_after)}).response()
+
     def _unguard(self, r: _Req) -> None:
         self.live.discard(r)
         r.guarded = False
@@ -412,11 +420,15 @@ class _App:
             body = await self._json(request)
             params, stream, include_usage = _common(body, chat=chat)
             predicted = _prediction(body.get("prediction"))
+            if self._check_overload is not None:     # overload = shed: refuse before tokenizing
+                self._check_overload()
             ids = prompt_of(body, params)
             if predicted is not None:
                 params.prediction = list(self.tokenizer.encode(predicted, add_special_tokens=False)) or None
         except ApiError as e:
             return e.response()
+        except QueueFull as e:
+            return self._refused(e)
         except ClientDisconnect:
             return Response(b"", status_code=499)
         except Exception:
@@ -505,9 +517,7 @@ class _App:
         except QueueFull as e:
             self._unguard(r)
             r.finished = True
-            self.metrics.rejected.labels(reason=e.reason).inc()
-            return ApiError(e.status, str(e) or "the server is at capacity; retry later", code=e.code,
-                            headers={"retry-after": str(e.retry_after)}).response()
+            return self._refused(e)
         except RuntimeError_ as e:
             self._unguard(r)
             r.finished = True

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from vsc import __version__
 from vsc.errors import VscError
+from vsc.runtime.enums import OVERLOAD_POLICIES
 
 log = logging.getLogger("vsc.runtime.launch")
 
@@ -46,8 +47,9 @@ def import_runner_module(folder: Path, file: str = "model.py"):
     return module
 
 
-def build_server(folder: Path):
-    """(app, engine, manifest) for a server folder; the engine is not started yet."""
+def build_server(folder: Path, overload: str | None = None):
+    """(app, engine, manifest) for a server folder; the engine is not started yet. `overload`:
+    queue | shed in place of the plan's policy (shed needs the plan's TTFT objective)."""
     from vsc.runtime.api import EngineConfig
     from vsc.runtime.engine import LLMEngine
     from vsc.runtime.http import build_app
@@ -74,7 +76,16 @@ def build_server(folder: Path):
         torch.set_num_threads(threads)
     generated = import_runner_module(folder)
     runner = generated.Runner(str(model_dir))
-    config = EngineConfig(**manifest["engine"])
+    engine_fields = dict(manifest["engine"])
+    if overload is not None:
+        if overload not in OVERLOAD_POLICIES:
+            raise ServerFolderError(f"--overload: error: unknown overload policy '{overload}' "
+                                    f"(one of: {', '.join(OVERLOAD_POLICIES)})")
+        if overload == "shed" and not engine_fields.get("ttft_slo_ms"):
+            raise ServerFolderError("--overload: error: shed needs a TTFT objective and the plan has none "
+                                    "(add e.g. 'ttft p99 <= 200 ms' to the spec's slo block and recompile)")
+        engine_fields["overload"] = overload
+    config = EngineConfig(**engine_fields)
     draft_runner = None
     if config.speculative_method == "draft":     # speculative decoding with a draft model: its own runner
         draft_dir = Path(config.draft_model or "")
@@ -89,9 +100,18 @@ def build_server(folder: Path):
 
 
 def main(folder: Path, argv: list[str]) -> int:
-    from vsc.runtime.serve import SignalLatch, run_server
+    from vsc.runtime.serve import SignalLatch
 
     latch = SignalLatch().install()   # first: a SIGTERM/Ctrl-C while the model loads is not lost
+    try:
+        return _main(folder, argv, latch)
+    finally:
+        latch.uninstall()
+
+
+def _main(folder: Path, argv: list[str], latch) -> int:
+    from vsc.runtime.serve import run_server
+
     ap = argparse.ArgumentParser(prog=f"python -m {Path(folder).name}", description="serve a vsc-compiled plan")
     ap.add_argument("--host", help="bind address (default: from the spec, normally 127.0.0.1)")
     ap.add_argument("--port", type=int, help="port (default: from the spec)")
@@ -99,12 +119,14 @@ def main(folder: Path, argv: list[str]) -> int:
     ap.add_argument("--shutdown-grace", type=float, default=10.0, metavar="SECONDS",
                     help="on SIGTERM/Ctrl-C, how long requests in flight may run on before they are ended "
                          "(streams get finish_reason \"abort\"; default 10)")
+    ap.add_argument("--overload", choices=OVERLOAD_POLICIES,
+                    help="override the plan's overload policy (default: the spec's serve { overload })")
     args = ap.parse_args(argv)
     if not 0 <= args.shutdown_grace < float("inf"):
         ap.error(f"--shutdown-grace must be a number of seconds >= 0, got {args.shutdown_grace}")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        app, engine, manifest = build_server(Path(folder))
+        app, engine, manifest = build_server(Path(folder), overload=args.overload)
     except VscError as e:
         print(e.render(), file=sys.stderr)
         return e.exit_code
