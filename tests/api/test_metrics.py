@@ -123,3 +123,22 @@ def test_refused_requests_are_counted_by_reason_with_retry_after():
         r = httpx.post(lv.url + "/v1/completions", content=orjson.dumps(body), timeout=10)
         assert r.status_code == 429 and r.headers["retry-after"] == "1"
         assert value(scrape(lv.url), "vsc_requests_rejected_total", reason="queue_full") == 1
+
+
+class _PrecheckingEngine(FakeEngine):
+    """overload = shed, refusing at the cheap check before the prompt is tokenized."""
+
+    def check_overload(self) -> None:
+        raise Overloaded("the server is overloaded: first token predicted in 900 ms", retry_after=2)
+
+
+def test_a_refusal_before_tokenizing_is_a_429_too():
+    engine = _PrecheckingEngine()
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    with serving(engine) as lv:
+        r = httpx.post(lv.url + "/v1/chat/completions", content=orjson.dumps(body), timeout=10)
+        assert r.status_code == 429 and r.headers["retry-after"] == "2"
+        bad = httpx.post(lv.url + "/v1/chat/completions", content=orjson.dumps({**body, "max_tokens": 0}), timeout=10)
+        assert bad.status_code == 400        # a malformed request is still told what is wrong with it
+        assert value(scrape(lv.url), "vsc_requests_rejected_total", reason="ttft_slo") == 1
+    assert engine.requests == {}             # the engine never saw either

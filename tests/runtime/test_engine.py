@@ -488,11 +488,30 @@ def test_shed_refuses_a_request_predicted_to_miss_the_objective(make_engine):
     assert isinstance(second, Overloaded) and second.status == 429 and second.reason == "ttft_slo"
     assert second.retry_after >= 1 and "1 ms objective" in str(second)
     assert engine.stats()["shed_requests"] == 1 and engine.stats()["waiting"] == 0
+    engine.check_overload()             # idle: even measured, an empty prompt has nothing ahead of it
+    runner = engine.runner
+    runner.gate, runner.entered = threading.Event(), threading.Event()
+
+    async def busy():
+        engine.config.ttft_slo_ms = 60_000.0    # admit c ...
+        running = asyncio.create_task(collect(engine, req("c", prompt(2, 5), max_tokens=2)))
+        while not runner.entered.is_set():       # ... which then holds the only row
+            await asyncio.sleep(0.005)
+        engine.config.ttft_slo_ms = 1.0
+        try:
+            with pytest.raises(Overloaded):     # the check before a prompt is tokenized
+                engine.check_overload()
+        finally:
+            runner.gate.set()
+        return await running
+
+    assert asyncio.run(asyncio.wait_for(busy(), 30))[-1].finish_reason == "length"
 
 
 def test_queue_admits_the_same_request(make_engine):
     engine, (first, second) = _overloaded(make_engine, "queue")
     assert second[-1].finish_reason == "length" and engine.stats()["shed_requests"] == 0
+    engine.check_overload()             # queue: never refuses by prediction
 
 
 def test_shed_admits_what_fits_the_objective(make_engine):
