@@ -11,6 +11,7 @@ from pathlib import Path
 
 from vsc import __version__
 from vsc.errors import VscError
+from vsc.runtime.enums import OVERLOAD_POLICIES
 
 
 def load_input(path: str):
@@ -113,6 +114,9 @@ def cmd_serve(args) -> int:
         extra += ["--port", str(args.port)]
     if args.no_integrity_check:
         extra += ["--no-integrity-check"]
+    for flag, value in (("--shutdown-grace", args.shutdown_grace), ("--overload", args.overload)):
+        if value is not None:
+            extra += [flag, str(value)]
     return launch(Path(args.server), extra + args.options)
 
 
@@ -193,6 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-integrity-check", action="store_true",
                    help="serve without checking the folder's files against the manifest's hashes (for a folder "
                         "edited on purpose; the log says so)")
+    p.add_argument("--shutdown-grace", type=float, metavar="SECONDS",
+                   help="on SIGTERM/Ctrl-C, how long requests in flight may run on (default 10)")
+    p.add_argument("--overload", choices=OVERLOAD_POLICIES,
+                   help="override the plan's overload policy (vsc search measures plans with queue)")
     p.add_argument("options", nargs=argparse.REMAINDER,
                    help="server options after the folder: --api-key, --allowed-hosts, --max-body-size, "
                         "--no-integrity-check, ... (see `vsc serve FOLDER --help`)")

@@ -6,6 +6,7 @@ import httpx2 as httpx
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
+from vsc.runtime.api import Overloaded
 from vsc.runtime.http import build_app
 from vsc.runtime.metrics import ServerMetrics
 
@@ -96,3 +97,48 @@ def test_a_failing_stats_call_does_not_break_the_scrape():
     body, _ = m.render()
     names = {f.name for f in text_string_to_metric_families(body.decode())}
     assert "vsc_time_to_first_token_seconds" in names and "vsc_requests_running" in names
+
+
+class _SheddingEngine(FakeEngine):
+    """Refuses every request as predicted to miss the TTFT objective (overload = shed)."""
+
+    async def generate(self, request):
+        raise Overloaded("the server is overloaded: first token predicted in 9000 ms", retry_after=9)
+        yield  # an async generator, like the real engine's
+
+
+def test_refused_requests_are_counted_by_reason_with_retry_after():
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
+    with serving(_SheddingEngine()) as lv:
+        assert value(scrape(lv.url), "vsc_requests_rejected_total", reason="ttft_slo") == 0
+        for _ in range(3):
+            r = httpx.post(lv.url + "/v1/completions", content=orjson.dumps(body), timeout=10)
+            assert r.status_code == 429 and r.headers["retry-after"] == "9"
+            assert r.json()["error"]["code"] == "rate_limit_exceeded" and "overloaded" in r.json()["error"]["message"]
+        m = scrape(lv.url)
+        assert value(m, "vsc_requests_rejected_total", reason="ttft_slo") == 3
+        assert value(m, "vsc_requests_rejected_total", reason="queue_full") == 0
+        assert value(m, "vsc_time_to_first_token_seconds_count") == 0     # no first token was served
+    with serving(FakeEngine(capacity=0)) as lv:
+        r = httpx.post(lv.url + "/v1/completions", content=orjson.dumps(body), timeout=10)
+        assert r.status_code == 429 and r.headers["retry-after"] == "1"
+        assert value(scrape(lv.url), "vsc_requests_rejected_total", reason="queue_full") == 1
+
+
+class _PrecheckingEngine(FakeEngine):
+    """overload = shed, refusing at the cheap check before the prompt is tokenized."""
+
+    def check_overload(self) -> None:
+        raise Overloaded("the server is overloaded: first token predicted in 900 ms", retry_after=2)
+
+
+def test_a_refusal_before_tokenizing_is_a_429_too():
+    engine = _PrecheckingEngine()
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    with serving(engine) as lv:
+        r = httpx.post(lv.url + "/v1/chat/completions", content=orjson.dumps(body), timeout=10)
+        assert r.status_code == 429 and r.headers["retry-after"] == "2"
+        bad = httpx.post(lv.url + "/v1/chat/completions", content=orjson.dumps({**body, "max_tokens": 0}), timeout=10)
+        assert bad.status_code == 400        # a malformed request is still told what is wrong with it
+        assert value(scrape(lv.url), "vsc_requests_rejected_total", reason="ttft_slo") == 1
+    assert engine.requests == {}             # the engine never saw either

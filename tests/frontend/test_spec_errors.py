@@ -82,6 +82,8 @@ CASES = [
     ("unknown-section", "  slo {", "  slos {", 9, 3, "unknown section 'slos' in deployment (did you mean 'slo'?)"),
     ("unknown-key", "threads = 2", "thread = 2", 3, 16, "unknown key 'thread' in target cpu (did you mean 'threads'?)"),
     ("unknown-key-no-suggestion", "port = 8000", "banana = 8000", 14, 11, "unknown key 'banana' in serve"),
+    ("unknown-overload-policy", "port = 8000", "overload = drop", 14, 22,
+     "unknown overload policy 'drop' (one of: queue, shed)"),
     ("duplicate-key", "port = 8000,", "port = 8000, port = 9000,", 14, 24,
      "duplicate key 'port' in serve (first given on line 14)"),
     ("duplicate-section", "  workload {", "  target cpu\n  workload {", 4, 3,
@@ -149,6 +151,16 @@ def test_bad_spec(tmp_path: Path, old: str, new: str, line: int, column: int, me
     assert (err.location.line, err.location.column) == (line, column), err.render()
     assert message in err.message, err.render()
     assert str(err).startswith(f"{tmp_path / 'demo.vs'}:{line}:{column}: error: ")
+
+
+def test_shedding_needs_a_ttft_objective(tmp_path: Path):
+    make_model(tmp_path)
+    text = edit("ttft p99 <= 200 ms", "tpot p99 <= 20 ms").replace("port = 8000", "overload = shed")
+    err = spec_error(text, tmp_path)
+    assert (err.location.line, err.location.column) == (14, 22), err.render()
+    assert "overload = shed sheds requests that would miss the TTFT objective; the slo block has none" in err.message
+    queued = parse_spec_text(text.replace("overload = shed", "overload = queue"), tmp_path / "demo.vs")
+    assert queued.serve.overload == "queue"     # queueing needs no objective
 
 
 MODEL_CASES = [

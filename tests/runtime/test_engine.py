@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from vsc.models.tiny import make_tiny
-from vsc.runtime.api import CacheConfig, EngineConfig, GenerateRequest, InvalidRequest, QueueFull, SamplingParams
+from vsc.runtime.api import (CacheConfig, EngineConfig, GenerateRequest, InvalidRequest, Overloaded, QueueFull,
+                             SamplingParams)
 from vsc.runtime.engine import LLMEngine
 from vsc.runtime.tokenizer import Tokenizer
 
@@ -487,3 +488,70 @@ def test_a_failing_on_token_hook_is_disabled_not_fatal(make_engine, caplog):
         (events,) = run_all(engine, [req("h", prompt(4, 5), max_tokens=6)])
     assert tokens_of(events) == reference(prompt(4, 5), 6)
     assert engine.on_token is None and "on_token hook failed" in caplog.text
+
+
+# --- overload = shed: admission by the TTFT objective (vsc.runtime.admission)
+
+def _overloaded(make_engine, overload: str):
+    """A 1-row engine whose steps take >= 50 ms with a 1 ms TTFT objective: once a step is
+    measured, any request is predicted to miss it. Returns the exception (or None) of a
+    request submitted after a first one ran, and the first one's events."""
+    engine = make_engine(max_batch=1, step_delay=0.05, overload=overload, ttft_slo_ms=1.0)
+
+    async def main():
+        first = await collect(engine, req("a", prompt(0, 20), max_tokens=2))   # nothing measured: admitted
+        try:
+            events = await collect(engine, req("b", prompt(1, 20), max_tokens=2))
+        except QueueFull as e:
+            return first, e
+        return first, events
+
+    return engine, asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_shed_refuses_a_request_predicted_to_miss_the_objective(make_engine):
+    engine, (first, second) = _overloaded(make_engine, "shed")
+    assert first[-1].finish_reason == "length"
+    assert isinstance(second, Overloaded) and second.status == 429 and second.reason == "ttft_slo"
+    assert second.retry_after >= 1 and "1 ms objective" in str(second)
+    assert engine.stats()["shed_requests"] == 1 and engine.stats()["waiting"] == 0
+    engine.check_overload()             # idle: even measured, an empty prompt has nothing ahead of it
+    runner = engine.runner
+    runner.gate, runner.entered = threading.Event(), threading.Event()
+
+    async def busy():
+        engine.config.ttft_slo_ms = 60_000.0    # admit c ...
+        running = asyncio.create_task(collect(engine, req("c", prompt(2, 5), max_tokens=2)))
+        while not runner.entered.is_set():       # ... which then holds the only row
+            await asyncio.sleep(0.005)
+        engine.config.ttft_slo_ms = 1.0
+        try:
+            with pytest.raises(Overloaded):     # the check before a prompt is tokenized
+                engine.check_overload()
+        finally:
+            runner.gate.set()
+        return await running
+
+    assert asyncio.run(asyncio.wait_for(busy(), 30))[-1].finish_reason == "length"
+
+
+def test_queue_admits_the_same_request(make_engine):
+    engine, (first, second) = _overloaded(make_engine, "queue")
+    assert second[-1].finish_reason == "length" and engine.stats()["shed_requests"] == 0
+    engine.check_overload()             # queue: never refuses by prediction
+
+
+def test_shed_admits_what_fits_the_objective(make_engine):
+    engine = make_engine(max_batch=1, step_delay=0.05, overload="shed", ttft_slo_ms=60_000.0)
+
+    async def main():
+        return [await collect(engine, req(f"r{i}", prompt(i, 20), max_tokens=2)) for i in range(3)]
+
+    assert [e[-1].finish_reason for e in asyncio.run(asyncio.wait_for(main(), 30))] == ["length"] * 3
+
+
+def test_engine_refuses_unknown_overload_policies(make_engine):
+    with pytest.raises(ValueError, match="unknown overload policy"):
+        make_engine(overload="drop")
+    with pytest.raises(ValueError, match="ttft_slo_ms"):
+        make_engine(overload="shed")

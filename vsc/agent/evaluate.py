@@ -177,7 +177,9 @@ def benchmark(server_dir: Path, deployment: dict[str, Any], objectives: list[Obj
     n = request_count(deployment, settings)
     slos = list(deployment.get("slos") or [])
     runs = []
-    with ServerProcess(server_dir) as server:
+    # overload = queue: a search measures what a plan sustains; shedding would turn a slow
+    # candidate's late requests into failures instead of measured latencies
+    with ServerProcess(server_dir, serve_args=("--overload", "queue")) as server:
         if settings.warmup:
             warm = search_workload(deployment, model_dir, settings.warmup, settings.seed + WARMUP_SEED, max_context)
             warm.arrival = closed(settings.warmup)

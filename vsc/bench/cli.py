@@ -51,18 +51,19 @@ class ServerProcess:
     """
 
     def __init__(self, server_dir: str | Path, port: int | None = None, health_timeout: float = HEALTH_TIMEOUT_S,
-                 stop_timeout: float = 30.0):
+                 stop_timeout: float = 30.0, serve_args: tuple[str, ...] = ()):
         self.server_dir = Path(server_dir)
         self.port = port or free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.health_timeout, self.stop_timeout = health_timeout, stop_timeout
+        self.serve_args = tuple(serve_args)      # more `vsc serve` flags, e.g. ("--overload", "queue")
         self.proc: subprocess.Popen | None = None
         self._log = None
 
     def __enter__(self) -> "ServerProcess":
         self._log = tempfile.TemporaryFile(mode="w+b")
         cmd = [sys.executable, "-m", "vsc", "serve", str(self.server_dir), "--host", "127.0.0.1",
-               "--port", str(self.port)]
+               "--port", str(self.port), *self.serve_args]
         # dies_with_parent: a SIGKILLed `vsc bench`/`vsc search` must not leave its server running
         self.proc = subprocess.Popen(dies_with_parent(cmd), stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         try:

@@ -81,7 +81,7 @@ def lower_spec(spec: DeploymentSpec, source_text: str | None = None) -> ServingM
     requests = RequestGraph()
     serve_origin = spec_origin(spec.serve.loc or spec.loc)
     for name in REQUEST_STAGES:
-        requests.add_stage(Stage(name, {}, serve_origin))
+        requests.add_stage(Stage(name, admission_attrs(spec) if name == "admit" else {}, serve_origin))
     for src, dst in zip(REQUEST_STAGES, REQUEST_STAGES[1:]):
         requests.add_edge(src, dst)
 
@@ -91,11 +91,26 @@ def lower_spec(spec: DeploymentSpec, source_text: str | None = None) -> ServingM
         "workload": _plain(spec.workload),
         "slos": _plain(spec.slos),
         "accuracy": _plain(spec.accuracy),
-        "serve": _plain(spec.serve),
+        "serve": {k: v for k, v in _plain(spec.serve).items() if k != "overload"},   # on the admit stage
         "optimize": _plain(spec.optimize),
     }
     return ServingModule(symbol_name(spec.name), deployment, target, model, Schedule({"graph": "eager"}, spec_origin(spec.loc)),
                          cache, batching, requests, spec_origin(spec.loc))
+
+
+def ttft_objective_ms(slos) -> float | None:
+    """The tightest `ttft <=` bound of the spec's slo block, in ms (None without one)."""
+    bounds = [s.value * 1000.0 for s in slos if s.metric == "ttft" and s.op in ("<=", "<")]
+    return round(min(bounds), 3) if bounds else None
+
+
+def admission_attrs(spec: DeploymentSpec) -> dict:
+    """The `admit` stage's overload policy: the spec's `serve { overload = ... }`, by default "shed"
+    when the slo block bounds TTFT (a deployment that states a TTFT objective wants a fast 429 over
+    a reply that comes too late) and "queue" otherwise; "shed" carries the bound as ttft_slo_ms."""
+    target = ttft_objective_ms(spec.slos)
+    policy = spec.serve.overload or ("shed" if target is not None else "queue")
+    return {"overload": policy, "ttft_slo_ms": target} if policy == "shed" else {"overload": policy}
 
 
 def _quantized_kernels_for_target(model, target: str, cache_dtype: str) -> None:

@@ -44,6 +44,7 @@ from vsc.frontend.spec import (
 )
 from vsc.ir.gguf_import import is_gguf_path, read_gguf_model
 from vsc.ir.hf_import import SUPPORTED_MODEL_TYPES
+from vsc.runtime.enums import OVERLOAD_POLICIES
 
 GRAMMAR_PATH = Path(__file__).resolve().parents[2] / "grammar" / "vs.lark"
 
@@ -558,6 +559,7 @@ _SERVE_KEYS = {
     "port": _Field(_Assign, "port = 8000"),
     "max_context": _Field(_Assign, "max_context = 2048"),
     "api": _Field(_Assign, "api = openai"),
+    "overload": _Field(_Assign, "overload = shed"),
 }
 _APIS = ("openai",)
 
@@ -738,7 +740,7 @@ class _Checker:
         if "accuracy" in sections:
             spec.accuracy = self.accuracy(sections["accuracy"])
         if "serve" in sections:
-            spec.serve = self.serve(sections["serve"])
+            spec.serve = self.serve(sections["serve"], spec.slos)
         if "optimize" in sections:
             spec.optimize = self.optimize(sections["optimize"])
         return spec
@@ -988,7 +990,7 @@ class _Checker:
 
     # -- serve -----------------------------------------------------------------
 
-    def serve(self, sec: _Section) -> ServeSpec:
+    def serve(self, sec: _Section, slos: list[SLOSpec]) -> ServeSpec:
         body = self.block_only(sec, _DEPLOYMENT_SECTIONS["serve"].usage)
         keys = self.fields(body, "serve", _SERVE_KEYS)
         spec = ServeSpec(loc=sec.loc)
@@ -1017,6 +1019,15 @@ class _Checker:
             if api not in _APIS:
                 raise self.error(f"unknown api '{api}' (vsc serves: {', '.join(_APIS)})", v.loc)
             spec.api = api
+        if "overload" in keys:
+            v = keys["overload"].value
+            policy = self.word(v, "overload")
+            if policy not in OVERLOAD_POLICIES:
+                raise self.error(f"unknown overload policy '{policy}' (one of: {', '.join(OVERLOAD_POLICIES)})", v.loc)
+            if policy == "shed" and not any(s.metric == "ttft" and s.op in ("<=", "<") for s in slos):
+                raise self.error("overload = shed sheds requests that would miss the TTFT objective; the slo block "
+                                 "has none (add e.g. 'ttft p99 <= 200 ms')", v.loc)
+            spec.overload = policy
         return spec
 
     # -- optimize --------------------------------------------------------------

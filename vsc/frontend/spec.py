@@ -92,6 +92,9 @@ class ServeSpec:
     port: int = 8000
     max_context: int | None = None  # None: the model's max_position_embeddings
     api: str = "openai"
+    # what to do when a request would miss the TTFT objective (vsc.runtime.enums.OVERLOAD_POLICIES);
+    # None: not written, so lowering picks "shed" when the slo block has a `ttft <=` bound, else "queue"
+    overload: str | None = None
     loc: SourceLocation | None = None
 
 

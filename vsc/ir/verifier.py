@@ -17,7 +17,7 @@ from vsc.errors import VerificationError
 from vsc.ir.kernels import GRAPH_FORMS, KERNELS, decode_step_blockers
 from vsc.ir.module import Op, ServingModule, Weight, is_weight, walk_ops
 from vsc.ir.ops import OPS, TypeRuleError, infer, operand_arity_ok
-from vsc.runtime.enums import SPECULATIVE_METHODS
+from vsc.runtime.enums import OVERLOAD_POLICIES, SPECULATIVE_METHODS
 from vsc.ir.sizes import CACHE_DTYPES, kv_bytes_per_token
 from vsc.ir.types import FLOAT_DTYPES, KNOWN_DTYPES, QUANT_DTYPES, Origin, TensorType
 from vsc.ir.weight_inits import WEIGHT_INIT_RULES
@@ -47,7 +47,8 @@ INVARIANTS = {
     "requests": "the request graph is acyclic and connected, runs from `ingress` to `stream`, uses known stage kinds, "
                 "and prefill comes before decode; a constrain stage lies between decode and sample and carries "
                 "its grammar (a JSON Schema object as JSON text, with that text's sha256); draft and verify stages "
-                "(speculative decoding) come together after decode, on a paged cache, verify checking k + 1 tokens",
+                "(speculative decoding) come together after decode, on a paged cache, verify checking k + 1 tokens; "
+                "the admit stage's overload policy, when set, is queue or shed, and shed carries a positive ttft_slo_ms",
 }
 
 KNOWN_STAGES = {"ingress", "tokenize", "prefix_lookup", "admit", "prefill", "decode", "draft", "verify",
@@ -428,6 +429,10 @@ class _Checker:
         if constrain is not None:
             for problem in _constrain_problems(constrain.attrs, g):
                 self.add("requests", "stage constrain", problem, constrain.origin)
+        admit = self.m.requests.stage("admit")
+        if admit is not None:
+            for problem in _admission_problems(admit.attrs):
+                self.add("requests", "stage admit", problem, admit.origin)
         draft, verify_stage = self.m.requests.stage("draft"), self.m.requests.stage("verify")
         if draft is not None or verify_stage is not None:
             for problem in _speculative_problems(draft, verify_stage, g, self.m.cache.layout):
@@ -442,6 +447,19 @@ class _Checker:
         self.check_batching()
         self.check_requests()
         return self.diags
+
+
+def _admission_problems(attrs: dict) -> list[str]:
+    """What is wrong with the `admit` stage's overload policy (absent: queue, as before it existed)."""
+    policy = attrs.get("overload")
+    if policy is None:
+        return []
+    if policy not in OVERLOAD_POLICIES:
+        return [f"overload must be one of {', '.join(OVERLOAD_POLICIES)}, got {policy!r}"]
+    target = attrs.get("ttft_slo_ms")
+    if policy == "shed" and (isinstance(target, bool) or not isinstance(target, (int, float)) or not target > 0):
+        return [f"overload = shed needs ttft_slo_ms, a positive number of ms (the TTFT objective), got {target!r}"]
+    return []
 
 
 def _constrain_problems(attrs: dict, g: nx.DiGraph) -> list[str]:

@@ -28,10 +28,21 @@ class InvalidRequest(RuntimeError_):
 
 
 class QueueFull(RuntimeError_):
-    """The waiting queue is at its bound: retry later (HTTP 429)."""
+    """The waiting queue is at its bound: retry later (HTTP 429, Retry-After: `retry_after` s)."""
 
     status = 429
     code = "rate_limit_exceeded"
+    reason = "queue_full"          # the /metrics label of the rejection
+
+    def __init__(self, message: str = "", retry_after: int = 1):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Overloaded(QueueFull):
+    """Admission predicts the request would miss the TTFT objective (overload = shed): HTTP 429."""
+
+    reason = "ttft_slo"
 
 
 @dataclass
@@ -175,6 +186,10 @@ class EngineConfig:
     order: str = "fcfs"          # "fcfs" | "shortest-first"
     preemption: str = "recompute"
     max_waiting: int = 256       # bound of the waiting queue; beyond it generate() raises QueueFull
+    # vsc.runtime.enums.OVERLOAD_POLICIES: "queue" admits while the waiting queue has room; "shed"
+    # also refuses (Overloaded) a request whose predicted TTFT exceeds ttft_slo_ms (vsc.runtime.admission)
+    overload: str = "queue"
+    ttft_slo_ms: float = 0.0
     prefix_cache: str = "none"   # "none" | "radix" (the prefix-cache pass): reuse cached KV of shared prefixes
     prefix_cache_capacity: int = 0   # most cached blocks kept that no request holds (0: any free block)
     json_schema: str | None = None   # json mode (the json-mode pass): every response is JSON matching this

@@ -51,9 +51,12 @@ from typing import Any, AsyncIterator, Callable
 
 import torch
 
-from vsc.runtime.api import EngineConfig, GenerateRequest, InvalidRequest, ModelRunner, QueueFull, TokenEvent
+from vsc.runtime.admission import TTFTPredictor, retry_after_s
+from vsc.runtime.api import (EngineConfig, GenerateRequest, InvalidRequest, ModelRunner, Overloaded, QueueFull,
+                             TokenEvent)
 from vsc.runtime.block_manager import BlockManager
 from vsc.runtime.constrain import GrammarFailure, apply_constraints, compiler_for, make_constraint
+from vsc.runtime.enums import OVERLOAD_POLICIES
 from vsc.runtime.sampler import Sampler
 from vsc.runtime.scheduler import ScheduledStep, Scheduler
 from vsc.runtime.sequence import Sequence
@@ -104,6 +107,14 @@ class LLMEngine:
         self.spec_draft_tokens = 0          # drafts verified
         self.spec_accepted_tokens = 0       # of those, accepted
         self.jump_forward_tokens = 0        # of those, grammar-forced tokens of json-mode requests
+        # admission by the TTFT objective (overload = shed, vsc.runtime.admission): measured always,
+        # consulted at submission only when shedding
+        if config.overload not in OVERLOAD_POLICIES:
+            raise ValueError(f"unknown overload policy {config.overload!r} (one of: {', '.join(OVERLOAD_POLICIES)})")
+        if config.overload == "shed" and not config.ttft_slo_ms > 0:
+            raise ValueError("overload = shed needs a positive ttft_slo_ms")
+        self.ttft = TTFTPredictor()
+        self.shed_requests = 0              # refused as predicted to miss the TTFT objective
 
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -211,6 +222,8 @@ class LLMEngine:
             "spec_draft_tokens": self.spec_draft_tokens,
             "spec_accepted_tokens": self.spec_accepted_tokens,
             "jump_forward_tokens": self.jump_forward_tokens,
+            # admission by the TTFT objective (overload = shed): requests refused
+            "shed_requests": self.shed_requests,
         }
 
     # --- submission (caller's thread) ------------------------------------------------
@@ -247,9 +260,32 @@ class LLMEngine:
                 raise InvalidRequest(f"request id {seq.request_id!r} is already in use")
             if len(self.scheduler.waiting) + len(self._inbox) >= self.config.max_waiting:
                 raise QueueFull(f"the waiting queue is full ({self.config.max_waiting} requests); retry later")
+            if self.config.overload == "shed":
+                self._admit_by_ttft(seq.num_prompt_tokens)
             self._live[seq.request_id] = seq
             self._inbox.append(seq)
             self._wake.notify()
+
+    def check_overload(self) -> None:
+        """Raise Overloaded when even a request with an empty prompt would miss the TTFT objective
+        (overload = shed): the HTTP layer asks before it renders and tokenizes a prompt, so that a
+        burst's refusals cost little of the event loop the admitted requests' tokens go through."""
+        if self.config.overload == "shed":
+            with self._wake:
+                self._admit_by_ttft(0)
+
+    def _admit_by_ttft(self, prompt_len: int) -> None:
+        """Raise Overloaded when a request's predicted TTFT exceeds the objective (called under the
+        lock; the lists are copied in one C call each, their sequences' counters read as they are)."""
+        cfg = self.config
+        predicted = self.ttft.predict(list(self.scheduler.running), list(self.scheduler.waiting) + self._inbox,
+                                      prompt_len, cfg.max_batch, cfg.order == "shortest-first")
+        target = cfg.ttft_slo_ms / 1000.0
+        if predicted is not None and predicted > target:
+            self.shed_requests += 1
+            raise Overloaded(f"the server is overloaded: this request's first token is predicted in "
+                             f"{predicted * 1000:.0f} ms, over the {cfg.ttft_slo_ms:g} ms objective; retry later",
+                             retry_after=retry_after_s(predicted, target))
 
     # --- the engine thread -----------------------------------------------------------
 
@@ -295,9 +331,11 @@ class LLMEngine:
         try:
             t0 = time.perf_counter()
             tokens0 = self.generated_tokens
+            prompt_tokens = 0 if step.num_drafts else sum(n for n in step.num_new if n > 1)
             self._run_step(step)
             seconds = time.perf_counter() - t0
             self.scheduler.observe(step, seconds)
+            self.ttft.observe_step(prompt_tokens, seconds)
             if step.batch.is_decode or step.num_drafts:     # prompt work would blur the comparison
                 guessed = any(d and s.constraint is None for s, d in zip(step.seqs, step.num_drafts))
                 if guessed or not step.num_drafts:
@@ -337,6 +375,7 @@ class LLMEngine:
             if event.finish_reason is not None:
                 finished.append(seq)
         self.scheduler.finish(finished)
+        self.ttft.observe_finished(finished)
         for seq in finished:
             self._live.pop(seq.request_id, None)
         self._deliver(events)
@@ -471,6 +510,7 @@ class LLMEngine:
             if seq.finish_reason is None:
                 self.scheduler.release_unused_blocks(seq)
         self.scheduler.finish(finished)
+        self.ttft.observe_finished(finished)
         for seq in finished:
             self._live.pop(seq.request_id, None)
         self._deliver(events)

@@ -7,3 +7,9 @@ from __future__ import annotations
 #: Where speculative decoding's drafts come from (the `draft` stage's `method`, EngineConfig's
 #: speculative_method; vsc.runtime.speculative implements each).
 SPECULATIVE_METHODS = ("ngram", "prompt-lookup", "draft", "prediction")
+
+#: What a server does with a request it cannot start in time (the spec's `serve { overload = ... }`,
+#: the IR's `admit` stage attribute `overload`, EngineConfig's overload): "queue" admits it while
+#: the waiting queue has room (EngineConfig.max_waiting); "shed" also answers 429 with Retry-After
+#: when the request's predicted time to first token exceeds the TTFT objective (vsc.runtime.admission).
+OVERLOAD_POLICIES = ("queue", "shed")

@@ -273,7 +273,7 @@ class _Req:
     """The state of one request the engine has accepted (shared by handler, stream and watcher)."""
 
     __slots__ = ("rid", "chat", "created", "arrival", "prompt_len", "include_usage", "counted", "finished",
-                 "aborted", "client_gone", "guarded", "task", "watcher", "predicted")
+                 "aborted", "client_gone", "guarded", "task", "watcher", "predicted", "shutdown")
 
     def __init__(self, rid: str, chat: bool, arrival: float, prompt_len: int, include_usage: bool,
                  predicted: bool = False):
@@ -286,6 +286,7 @@ class _Req:
         self.aborted = False
         self.client_gone = False
         self.guarded = False        # the watcher may cancel `task` on disconnect
+        self.shutdown = False       # aborted because the server is shutting down
         self.task: asyncio.Task | None = None
         self.watcher: asyncio.Task | None = None
 
@@ -299,6 +300,34 @@ class _App:
         bound = getattr(tokenizer, "chars_per_token", None)
         self.chars_per_token = bound if type(bound) is int and bound > 0 else None
         self.model_created = int(time.time())
+        self.live: set[_Req] = set()      # accepted requests not finished yet (ended at shutdown)
+        self.draining = False             # a shutdown signal came: new requests get 503
+        check = getattr(engine, "check_overload", None)   # overload = shed (vsc.runtime.engine)
+        self._check_overload = check if callable(check) else None
+
+    # ----------------------------------------------------------------- shutdown
+    def begin_shutdown(self, grace_s: float) -> None:
+        """The server got SIGTERM/SIGINT and waits up to `grace_s` for requests in flight: let them
+        run, and end those still running a little before that time is up (a stream then gets its
+        last chunk with finish_reason "abort" and [DONE], a non-streaming request a 503)."""
+        if self.draining:
+            return
+        self.draining = True
+        margin = min(1.0, grace_s / 4)
+        log.info("shutting down: %d request(s) in flight get %.1f s to finish", len(self.live), grace_s - margin)
+        asyncio.get_running_loop().call_later(max(0.0, grace_s - margin), self._end_in_flight)
+
+    def _end_in_flight(self) -> None:
+        for r in list(self.live):
+            if not (r.finished or r.aborted):
+                r.shutdown = True
+                try:
+                    self.engine.abort(r.rid)      # the engine ends its stream with an "abort" event
+                except Exception:
+                    log.exception("engine.abort(%s) failed", r.rid)
+
+    def _log_shutdown_abort(self, r: _Req) -> None:
+        log.warning("request %s aborted by shutdown after %d completion token(s)", r.rid, r.counted)
 
     # ----------------------------------------------------------------- helpers
     async def _json(self, request: Request) -> dict:
@@ -364,7 +393,14 @@ class _App:
         if r.guarded and r.task is not None:
             r.task.cancel()
 
+    def _refused(self, e: QueueFull) -> Response:
+        """429 for a request the engine will not take now, counted in /metrics by reason."""
+        self.metrics.rejected.labels(reason=e.reason).inc()
+        return ApiError(e.status, str(e) or "the server is at capacity; retry later", code=e.code,
+                        headers={"retry-after": str(e.retry_after)}).response()
+
     def _unguard(self, r: _Req) -> None:
+        self.live.discard(r)
         r.guarded = False
         if r.watcher is not None:
             r.watcher.cancel()
@@ -378,6 +414,8 @@ class _App:
             reason = final.finish_reason
             prompt = final.prompt_tokens or r.prompt_len
             completion = final.completion_tokens or r.counted
+        if reason == "abort" and r.shutdown:
+            self._log_shutdown_abort(r)
         self.metrics.request_finished(reason, prompt, completion, time.monotonic() - r.arrival)
         usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
         if r.predicted:       # as OpenAI reports predicted outputs
@@ -404,6 +442,8 @@ class _App:
             body = await self._json(request)
             params, stream, include_usage = _common(body, chat=chat)
             predicted = _prediction(body.get("prediction"))
+            if self._check_overload is not None:     # overload = shed: refuse before tokenizing
+                self._check_overload()
             # tokenizing (and the chat template) off the event loop: a long prompt delays only itself
             ids = await asyncio.to_thread(prompt_of, body, params)
             if predicted is not None:
@@ -412,6 +452,8 @@ class _App:
             await self._admit_schema(params.json_schema)
         except ApiError as e:
             return e.response()
+        except QueueFull as e:
+            return self._refused(e)
         except ClientDisconnect:
             return Response(b"", status_code=499)
         except Exception:
@@ -470,7 +512,11 @@ class _App:
 
     async def _serve(self, request: Request, prefix: str, chat: bool, ids: list[int], params: SamplingParams,
                      stream: bool, include_usage: bool, arrival: float) -> Response:
+        if self.draining:
+            return ApiError(503, "the server is shutting down; retry on another instance", code="server_shutdown",
+                            headers={"connection": "close"}).response()
         r = _Req(prefix + uuid.uuid4().hex, chat, arrival, len(ids), include_usage, bool(params.prediction))
+        self.live.add(r)
         engine = self.engine
         started = False
         r.task = asyncio.current_task()
@@ -497,12 +543,15 @@ class _App:
             if r.client_gone:
                 r.task.uncancel()
                 return Response(b"", status_code=499)          # nobody reads it
+            if self.draining:           # the shutdown grace ran out (uvicorn cancels what is left)
+                r.task.uncancel()
+                self._log_shutdown_abort(r)
+                return _shutdown_error().response()
             raise
         except QueueFull as e:
             self._unguard(r)
             r.finished = True
-            return ApiError(e.status, str(e) or "the server is at capacity; retry later", code=e.code,
-                            headers={"retry-after": "1"}).response()
+            return self._refused(e)
         except RuntimeError_ as e:
             self._unguard(r)
             r.finished = True
@@ -539,6 +588,8 @@ class _App:
         await _close(it)
         if reason == "error":               # the engine failed the request (a model step raised, a grammar failed)
             return _failed(ev).response()
+        if reason == "abort" and r.shutdown:
+            return _shutdown_error().response()
         text = "".join(parts)
         if r.chat:
             obj = {"id": r.rid, "object": "chat.completion", "created": r.created, "model": self.name,
@@ -580,6 +631,10 @@ class _App:
     async def metrics_endpoint(self, request: Request) -> Response:
         body, content_type = self.metrics.render(request.headers.get("accept"))
         return Response(body, headers={"content-type": content_type})
+
+
+def _shutdown_error() -> ApiError:
+    return ApiError(503, "the server shut down before the request finished; retry it", code="server_shutdown")
 
 
 async def _close(it) -> None:
@@ -639,10 +694,26 @@ class _EventStream(Response):
             if r.client_gone:           # cancelled by our watcher: the client left, nothing more to do
                 r.task.uncancel()
                 return
+            if app.draining:            # the shutdown grace ran out (uvicorn cancels what is left)
+                r.task.uncancel()
+                if not r.finished:
+                    app._log_shutdown_abort(r)
+                    await self._send_last(send, "abort")
+                return
             raise
         finally:
             app._unguard(r)
             app._abort(r)               # no-op when the request finished
+
+    async def _send_last(self, send, reason: str) -> None:
+        """A stream's last chunk (finish_reason `reason`) and [DONE], if the connection takes it."""
+        r = self.r
+        usage = {"prompt_tokens": r.prompt_len, "completion_tokens": r.counted,
+                 "total_tokens": r.prompt_len + r.counted}
+        try:
+            await send({"type": _BODY, "body": self._final("", reason, usage), "more_body": False})
+        except Exception:   # the client or the connection is gone
+            pass
 
     async def _stream(self, send) -> None:
         r, app, it = self.r, self.app, self.it

@@ -18,6 +18,7 @@ from pathlib import Path
 from vsc import __version__
 from vsc.errors import VscError
 from vsc.runtime import integrity
+from vsc.runtime.enums import OVERLOAD_POLICIES
 
 log = logging.getLogger("vsc.runtime.launch")
 
@@ -107,9 +108,10 @@ def check_integrity(folder: Path, manifest: dict, enabled: bool = True) -> None:
              folder, time.perf_counter() - start)
 
 
-def build_server(folder: Path, security=None, integrity_check: bool = True):
+def build_server(folder: Path, security=None, integrity_check: bool = True, overload: str | None = None):
     """(app, engine, manifest) for a server folder; the engine is not started yet.
-    `security`: a vsc.runtime.guard.Security, or a function of max_context returning one.
+    `security`: a vsc.runtime.guard.Security, or a function of max_context returning one. `overload`:
+    queue | shed in place of the plan's policy (shed needs the plan's TTFT objective).
 
     First the folder's files, the manifest and the model files are checked against the
     manifest's hashes (`integrity_check` False skips that: --no-integrity-check); any file
@@ -118,13 +120,13 @@ def build_server(folder: Path, security=None, integrity_check: bool = True):
     manifest = read_manifest(folder)
     check_integrity(folder, manifest, integrity_check)
     try:
-        return _build(folder, manifest, integrity_check, security)
+        return _build(folder, manifest, integrity_check, security, overload)
     except KeyError as e:
         raise ServerFolderError(f"{folder / 'manifest.json'}: error: the manifest lacks {e}; recompile the server") \
             from None
 
 
-def _build(folder: Path, manifest: dict, integrity_check: bool, security):
+def _build(folder: Path, manifest: dict, integrity_check: bool, security, overload: str | None):
     from vsc.runtime.api import EngineConfig
     from vsc.runtime.constrain import SchemaError
     from vsc.runtime.engine import LLMEngine
@@ -153,7 +155,16 @@ def _build(folder: Path, manifest: dict, integrity_check: bool, security):
         torch.set_num_threads(threads)
     files = ((manifest.get("integrity") or {}).get("files") or {}) if integrity_check else {}
     generated = import_runner_module(folder, digest=files.get("model.py"))
-    config = load_step("the engine settings", folder / "manifest.json", EngineConfig, **manifest["engine"])
+    engine_fields = dict(manifest["engine"])
+    if overload is not None:
+        if overload not in OVERLOAD_POLICIES:
+            raise ServerFolderError(f"--overload: error: unknown overload policy '{overload}' "
+                                    f"(one of: {', '.join(OVERLOAD_POLICIES)})")
+        if overload == "shed" and not engine_fields.get("ttft_slo_ms"):
+            raise ServerFolderError("--overload: error: shed needs a TTFT objective and the plan has none "
+                                    "(add e.g. 'ttft p99 <= 200 ms' to the spec's slo block and recompile)")
+        engine_fields["overload"] = overload
+    config = load_step("the engine settings", folder / "manifest.json", EngineConfig, **engine_fields)
     runner_context = getattr(generated, "MAX_CONTEXT", None)
     if isinstance(runner_context, int) and config.max_context > runner_context:
         raise ServerFolderError(f"{folder / 'manifest.json'}: error: engine max_context {config.max_context} exceeds "
@@ -234,6 +245,16 @@ def _guard_from_args(args, host: str):
 
 
 def main(folder: Path, argv: list[str]) -> int:
+    from vsc.runtime.serve import SignalLatch
+
+    latch = SignalLatch().install()   # first: a SIGTERM/Ctrl-C while the model loads is not lost
+    try:
+        return _main(folder, argv, latch)
+    finally:
+        latch.uninstall()
+
+
+def _main(folder: Path, argv: list[str], latch) -> int:
     from vsc.runtime.serve import bind_socket, run_server
 
     ap = argparse.ArgumentParser(prog=f"python -m {Path(folder).name}", description="serve a vsc-compiled plan")
@@ -244,15 +265,23 @@ def main(folder: Path, argv: list[str]) -> int:
     ap.add_argument("--no-integrity-check", action="store_true",
                     help="serve the folder without checking its files against the manifest's hashes "
                          "(for a folder edited on purpose; the log says so)")
+    ap.add_argument("--shutdown-grace", type=float, default=10.0, metavar="SECONDS",
+                    help="on SIGTERM/Ctrl-C, how long requests in flight may run on before they are ended "
+                         "(streams get finish_reason \"abort\"; default 10)")
+    ap.add_argument("--overload", choices=OVERLOAD_POLICIES,
+                    help="override the plan's overload policy (default: the spec's serve { overload })")
     _add_guard_args(ap)
     args = ap.parse_args(argv)
+    if not 0 <= args.shutdown_grace < float("inf"):
+        ap.error(f"--shutdown-grace must be a number of seconds >= 0, got {args.shutdown_grace}")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         serve = read_manifest(Path(folder))["serve"]
         host = args.host or serve["host"]
         port = args.port if args.port is not None else _port(str(serve["port"]))
         security, limits = _guard_from_args(args, host)
-        app, engine, manifest = build_server(Path(folder), security, integrity_check=not args.no_integrity_check)
+        app, engine, manifest = build_server(Path(folder), security, integrity_check=not args.no_integrity_check,
+                                             overload=args.overload)
         try:
             sock = bind_socket(host, port)
         except OSError as e:
@@ -267,12 +296,19 @@ def main(folder: Path, argv: list[str]) -> int:
         print(e.render(), file=sys.stderr)
         return e.exit_code
     engine.start()
+    if latch.received:
+        print(f"vsc server stopped by signal {latch.received[0]} before serving", file=sys.stderr, flush=True)
+        sock.close()
+        engine.shutdown()
+        return 0
     bound = sock.getsockname()[1]
     auth = "API key required" if args.api_key else "no API key"
     print(f"vsc server for {manifest['model']['name']} on http://{host}:{bound}/v1 "
           f"(pipeline: {manifest['pipeline'] or 'none'}; {auth})", file=sys.stderr, flush=True)
     try:
-        run_server(app, host=host, port=bound, log_level=args.log_level, sock=sock, limits=limits)
+        run_server(app, host=host, port=bound, log_level=args.log_level, sock=sock, limits=limits,
+                   graceful_timeout=args.shutdown_grace, latch=latch,
+                   on_signal=lambda: app.state.vsc.begin_shutdown(args.shutdown_grace))
     finally:
         engine.shutdown()
     return 0

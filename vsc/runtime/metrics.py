@@ -78,7 +78,8 @@ class ServerMetrics:
     """The server's metrics, in a dedicated registry.
 
     Attributes the HTTP layer uses on the hot path: `ttft`, `itl`, `e2e` (histograms),
-    `generated_tokens`, `prompt_tokens` (counters), `requests` (counter, label finish_reason).
+    `generated_tokens`, `prompt_tokens` (counters), `requests` (counter, label finish_reason),
+    `rejected` (counter, label reason: queue_full | ttft_slo).
     """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
@@ -96,6 +97,12 @@ class ServerMetrics:
         self.generated_tokens = Counter("vsc_generated_tokens", "Completion tokens returned to clients.", registry=r)
         self.prompt_tokens = Counter("vsc_prompt_tokens", "Prompt tokens of finished requests.", registry=r)
         self.requests = Counter("vsc_requests", "Finished requests by finish reason.", ["finish_reason"], registry=r)
+        self.rejected = Counter("vsc_requests_rejected",
+                                "Requests refused with 429 before any work: reason queue_full (the waiting queue "
+                                "is at its bound) or ttft_slo (overload = shed: predicted to miss the TTFT objective).",
+                                ["reason"], registry=r)
+        for reason in ("queue_full", "ttft_slo"):     # exposed at 0 before the first refusal
+            self.rejected.labels(reason=reason)
         self._by_reason: dict[str, Counter] = {}
         self._engine = _EngineStatsCollector()
         r.register(self._engine)

@@ -6,6 +6,7 @@ so a caller can report a busy port as one line and announce the server only once
 """
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import logging
 import signal
@@ -53,36 +54,81 @@ def bind_socket(host: str, port: int, backlog: int = 1024) -> socket.socket:
     return sock
 
 
+class SignalLatch:
+    """Remembers SIGINT/SIGTERM from the moment it is installed (a server's first line), so a
+    signal that comes while the model loads or before uvicorn takes the signals over is not lost:
+    the launcher checks `received` before serving and `run_server` replays it to uvicorn. After
+    uvicorn's shutdown it also takes the signal uvicorn re-raises, quietly."""
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> "SignalLatch":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        self.received.append(signum)
+        log.info("server stopping on signal %d", signum)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server that (1) takes a signal the latch caught before it installed its own
+    handlers and (2) tells the app when the first signal comes (`on_signal`, on the event loop)."""
+
+    def __init__(self, config: uvicorn.Config, latch: SignalLatch | None, on_signal) -> None:
+        super().__init__(config)
+        self.latch, self.on_signal = latch, on_signal
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def handle_exit(self, sig: int, frame) -> None:
+        first = not self.should_exit
+        super().handle_exit(sig, frame)
+        if first and self.on_signal is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(self.on_signal)
+
+    async def serve(self, sockets=None) -> None:
+        self._loop = asyncio.get_running_loop()
+        with self.capture_signals():
+            if self.latch is not None and self.latch.received:    # came before capture_signals
+                self.handle_exit(self.latch.received[0], None)
+            await self._serve(sockets)
+
+
 def run_server(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning",
                graceful_timeout: float = 10.0, sock: socket.socket | None = None,
-               limits: ConnLimits | None = None) -> None:
+               limits: ConnLimits | None = None, latch: SignalLatch | None = None, on_signal=None) -> None:
     """Serve `app` until SIGINT/SIGTERM, then shut down gracefully.
 
     On a signal uvicorn stops accepting connections and lets in-flight requests finish for
-    up to `graceful_timeout` seconds; what is still running after that is cancelled (the
-    HTTP layer then aborts those requests in the engine). `sock`: an already bound socket
+    up to `graceful_timeout` seconds; `on_signal()` is called on the event loop at the first
+    signal (the HTTP app then ends what still runs before that time is up, vsc.runtime.http);
+    what is still running after it is cancelled. `latch`: signals caught since the process
+    started (a new one is installed when None). `sock`: an already bound socket
     (`bind_socket`) to serve on instead of binding host:port.
     """
-    server = uvicorn.Server(_config(app, host, port, log_level, graceful_timeout, limits))
+    own = latch is None
+    latch = latch or SignalLatch().install()
+    server = _Server(_config(app, host, port, log_level, graceful_timeout, limits), latch, on_signal)
     # uvicorn handles SIGINT/SIGTERM itself (stop accepting, drain, shut down) and afterwards
-    # re-raises the signal to whatever handler was installed before. Install quiet handlers so
-    # that re-raise neither kills the process nor raises KeyboardInterrupt: run_server returns
+    # re-raises the signal to whatever handler was installed before: the latch's, so that
+    # re-raise neither kills the process nor raises KeyboardInterrupt: run_server returns
     # and the caller can stop its engine.
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, _after_shutdown)
     try:
         server.run(sockets=[sock] if sock is not None else None)
     except KeyboardInterrupt:
         pass
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def _after_shutdown(signum, frame) -> None:
-    log.info("server stopped on signal %d", signum)
+        if own:
+            latch.uninstall()
 
 
 def start_in_thread(app, host: str = "127.0.0.1", port: int = 0, timeout: float = 10.0,

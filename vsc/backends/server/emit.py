@@ -97,7 +97,7 @@ def build_manifest(module: ServingModule, pipeline: str, spec_path: Path | None,
                   "files": model_file_checksums(model_dir)},
         "serve": {"host": serve.get("host") or "127.0.0.1", "port": serve.get("port") or 8000,
                   "max_context": module.deployment["max_context"], "api": serve.get("api") or "openai"},
-        "engine": {**engine_config(module), **json_mode_config(module)},
+        "engine": {**engine_config(module), **admission_engine_config(module), **json_mode_config(module)},
         "verification": [v.to_json() for v in verifications],
     }
 
@@ -128,6 +128,19 @@ def engine_config(module: ServingModule) -> dict:
         **speculative_engine_config(module),   # speculative_* and draft_model (speculative pass); {} if none
         **chunked_prefill_engine_config(module),   # prefill_tpot_ms (chunked-prefill{slo=true}); {} if none
     }
+
+
+def admission_engine_config(module: ServingModule) -> dict:
+    """The admit stage's overload policy as EngineConfig fields: {"overload": "queue"}, or "shed"
+    with its TTFT objective; {} for a plan from before the stage carried one (the engine queues).
+    Kept out of `engine_config`: the accuracy check's engine run must serve every probe."""
+    admit = module.requests.stage("admit")
+    policy = admit.attrs.get("overload") if admit is not None else None
+    if policy is None:
+        return {}
+    if policy == "shed":
+        return {"overload": policy, "ttft_slo_ms": float(admit.attrs["ttft_slo_ms"])}
+    return {"overload": policy}
 
 
 def json_mode_config(module: ServingModule) -> dict:
