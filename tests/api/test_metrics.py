@@ -112,7 +112,7 @@ def test_refused_requests_are_counted_by_reason_with_retry_after():
     with serving(_SheddingEngine()) as lv:
         assert value(scrape(lv.url), "vsc_requests_rejected_total", reason="ttft_slo") == 0
         for _ in range(3):
-            r = httpx.post(lv.url + "/v1/completions", content=orjson.dumps(body), timeout=10)
+            r = httpx.post(lv.url + "/v1/completions", json=body, timeout=10)
             assert r.status_code == 429 and r.headers["retry-after"] == "9"
             assert r.json()["error"]["code"] == "rate_limit_exceeded" and "overloaded" in r.json()["error"]["message"]
         m = scrape(lv.url)
@@ -120,7 +120,7 @@ def test_refused_requests_are_counted_by_reason_with_retry_after():
         assert value(m, "vsc_requests_rejected_total", reason="queue_full") == 0
         assert value(m, "vsc_time_to_first_token_seconds_count") == 0     # no first token was served
     with serving(FakeEngine(capacity=0)) as lv:
-        r = httpx.post(lv.url + "/v1/completions", content=orjson.dumps(body), timeout=10)
+        r = httpx.post(lv.url + "/v1/completions", json=body, timeout=10)
         assert r.status_code == 429 and r.headers["retry-after"] == "1"
         assert value(scrape(lv.url), "vsc_requests_rejected_total", reason="queue_full") == 1
 
@@ -136,9 +136,9 @@ def test_a_refusal_before_tokenizing_is_a_429_too():
     engine = _PrecheckingEngine()
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     with serving(engine) as lv:
-        r = httpx.post(lv.url + "/v1/chat/completions", content=orjson.dumps(body), timeout=10)
+        r = httpx.post(lv.url + "/v1/chat/completions", json=body, timeout=10)
         assert r.status_code == 429 and r.headers["retry-after"] == "2"
-        bad = httpx.post(lv.url + "/v1/chat/completions", content=orjson.dumps({**body, "max_tokens": 0}), timeout=10)
+        bad = httpx.post(lv.url + "/v1/chat/completions", json={**body, "max_tokens": 0}, timeout=10)
         assert bad.status_code == 400        # a malformed request is still told what is wrong with it
         assert value(scrape(lv.url), "vsc_requests_rejected_total", reason="ttft_slo") == 1
     assert engine.requests == {}             # the engine never saw either

@@ -10,6 +10,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from vsc.cli import main as vsc_main
+from vsc.runtime.integrity import seal
 from vsc.runtime.launch import ServerFolderError, build_server
 
 from live_server import Live
@@ -34,7 +35,7 @@ def test_shed_answers_429_with_retry_after_once_measured(built, tmp_path):
     shutil.copytree(built, folder)
     # an objective no request can meet (1 us): every request after the first measured steps is shed
     manifest["engine"].update(overload="shed", ttft_slo_ms=0.001)
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    (folder / "manifest.json").write_text(json.dumps(seal(folder, manifest)))     # edited on purpose: resealed
     server = Live(folder)
     try:
         body = {"model": server.model, "prompt": list(range(3, 40)), "max_tokens": 4, "temperature": 0}
@@ -56,7 +57,7 @@ def test_the_policy_can_be_overridden_at_start(built, tmp_path, capsys):
     shutil.copytree(built, folder)
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["engine"].update(overload="shed", ttft_slo_ms=200.0)
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    (folder / "manifest.json").write_text(json.dumps(seal(folder, manifest)))     # edited on purpose: resealed
     _, engine, _ = build_server(folder, overload="queue")          # what `vsc search` measures with
     assert engine.config.overload == "queue"
     assert build_server(folder)[1].config.overload == "shed"

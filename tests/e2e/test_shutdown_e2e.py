@@ -122,6 +122,8 @@ def test_a_signal_right_after_start_up_stops_the_server(built):
     proc = spawn(built, port)
     try:
         banner = proc.stderr.readline()       # printed just before the HTTP server takes the signals over
+        while banner and "vsc server for" not in banner:      # (log lines before it: the integrity check's)
+            banner = proc.stderr.readline()
         assert f"on http://127.0.0.1:{port}/v1" in banner
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)

@@ -56,7 +56,8 @@ def reference(prompt: list[int], max_tokens: int, ignore_eos: bool = False) -> l
 class ToyRunner:
     """A ModelRunner whose 'KV cache' stores (token, position) per slot, and checks batches."""
 
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int, step_cost: float = 0.0):
+        self.step_cost = step_cost           # seconds each forward takes (what admission measures)
         self.cache_config = CacheConfig(layers=1, kv_heads=1, head_dim=1, block_size=block_size,
                                         num_blocks=num_blocks)
         self.vocab_size = VOCAB
@@ -80,6 +81,8 @@ class ToyRunner:
         self.entered.set()
         if self.gate is not None:
             assert self.gate.wait(10)
+        if self.step_cost:
+            time.sleep(self.step_cost)
         bs = self.cache_config.block_size
         tokens = batch.tokens.tolist()
         positions = batch.positions.tolist()
@@ -141,9 +144,9 @@ def tokenizer(tmp_path_factory):
 def make_engine(tokenizer):
     engines = []
 
-    def make(num_blocks=64, block_size=4, on_token=None, **cfg):
+    def make(num_blocks=64, block_size=4, on_token=None, step_cost=0.0, **cfg):
         cfg.setdefault("max_context", 128)
-        runner = ToyRunner(num_blocks, block_size)
+        runner = ToyRunner(num_blocks, block_size, step_cost)
         engine = LLMEngine(runner, tokenizer, EngineConfig(**cfg), "toy", on_token=on_token)
         engine.start()
         engines.append(engine)
@@ -496,7 +499,7 @@ def _overloaded(make_engine, overload: str):
     """A 1-row engine whose steps take >= 50 ms with a 1 ms TTFT objective: once a step is
     measured, any request is predicted to miss it. Returns the exception (or None) of a
     request submitted after a first one ran, and the first one's events."""
-    engine = make_engine(max_batch=1, step_delay=0.05, overload=overload, ttft_slo_ms=1.0)
+    engine = make_engine(max_batch=1, step_cost=0.05, overload=overload, ttft_slo_ms=1.0)
 
     async def main():
         first = await collect(engine, req("a", prompt(0, 20), max_tokens=2))   # nothing measured: admitted
@@ -542,7 +545,7 @@ def test_queue_admits_the_same_request(make_engine):
 
 
 def test_shed_admits_what_fits_the_objective(make_engine):
-    engine = make_engine(max_batch=1, step_delay=0.05, overload="shed", ttft_slo_ms=60_000.0)
+    engine = make_engine(max_batch=1, step_cost=0.05, overload="shed", ttft_slo_ms=60_000.0)
 
     async def main():
         return [await collect(engine, req(f"r{i}", prompt(i, 20), max_tokens=2)) for i in range(3)]
