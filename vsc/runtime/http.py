@@ -3,6 +3,7 @@
     POST /v1/completions, POST /v1/chat/completions   (streamed as SSE or not)
     GET  /v1/models, /v1/models/{id}, /health, /metrics, /version
     POST /tokenize, /detokenize                       (vLLM's request and response bodies)
+    POST /v1/responses      (plain text, streamed or not: served as a chat completion, vsc.runtime.responses)
 
 Every request the engine accepted is logged at INFO when it ends, one line (its id, finish
 reason, token counts, time to first token, duration), and every refused one (status, code),
@@ -41,6 +42,7 @@ from vsc.runtime.api import GenerateRequest, QueueFull, RuntimeError_, SamplingP
 from vsc.runtime.constrain import ANY_JSON_OBJECT, SchemaError, check_schema
 from vsc.runtime.guard import HttpGuard, Security, default_max_body
 from vsc.runtime.metrics import ServerMetrics
+from vsc.runtime.responses import ResponsesInputError, StreamTranslator, chat_body, response_object
 
 log = logging.getLogger("vsc.runtime.http")
 
@@ -466,8 +468,25 @@ class _App:
     async def chat_completions(self, request: Request) -> Response:
         return await self._handle(request, self._chat_prompt, "chatcmpl-", chat=True)
 
-    async def _handle(self, request: Request, prompt_of, prefix: str, chat: bool) -> Response:
-        """Parse and check a request (`prompt_of(body, params) -> ids`), then serve it.
+    async def responses(self, request: Request) -> Response:
+        """OpenAI's Responses API, plain text: the request served as a chat completion, its answer
+        (or stream) translated back (vsc.runtime.responses)."""
+        original: dict = {}
+
+        def translate(body: dict) -> dict:
+            original.update(body)
+            return chat_body(body)
+        answer = await self._handle(request, self._chat_prompt, "resp_", chat=True, translate=translate)
+        if answer.status_code != 200:
+            return answer
+        if isinstance(answer, _EventStream):
+            return _ResponsesStream(answer, StreamTranslator(original, self.name))
+        return Response(orjson.dumps(response_object(original, self.name, orjson.loads(answer.body))),
+                        media_type=JSON)
+
+    async def _handle(self, request: Request, prompt_of, prefix: str, chat: bool, translate=None) -> Response:
+        """Parse and check a request (`prompt_of(body, params) -> ids`), then serve it
+        (`translate`: turns the body into a chat completions body first, /v1/responses).
 
         Every way parsing can fail ends here as one response: a 400 for the caller's
         mistakes, 499 for a client gone mid-upload, 500 (logged) for our own.
@@ -475,6 +494,11 @@ class _App:
         arrival = time.monotonic()
         try:
             body = await self._json(request)
+            if translate is not None:
+                try:
+                    body = translate(body)
+                except ResponsesInputError as e:
+                    raise _bad(e.param, str(e)) from None
             params, stream, include_usage = _common(body, chat=chat)
             predicted = _prediction(body.get("prediction"))
             if self._check_overload is not None:     # overload = shed: refuse before tokenizing
@@ -860,6 +884,26 @@ class _EventStream(Response):
         await _close(it)
 
 
+class _ResponsesStream(Response):
+    """A chat completions event stream re-encoded as Responses API events (vsc.runtime.responses)."""
+
+    def __init__(self, inner: _EventStream, translator: StreamTranslator):
+        self.inner, self.translator = inner, translator
+        self.status_code, self.background, self.raw_headers = 200, None, inner.raw_headers
+
+    async def __call__(self, scope, receive, send) -> None:
+        feed = self.translator.feed
+
+        async def translated(message) -> None:
+            if message["type"] == _BODY:
+                body, more = feed(message.get("body", b"")), message.get("more_body", False)
+                if body or not more:
+                    await send({"type": _BODY, "body": body, "more_body": more})
+                return
+            await send(message)
+        await self.inner(scope, receive, translated)
+
+
 # --------------------------------------------------------------------------- the app
 
 def build_app(engine, tokenizer, metrics: ServerMetrics, served_model_name: str,
@@ -877,6 +921,7 @@ def build_app(engine, tokenizer, metrics: ServerMetrics, served_model_name: str,
     routes = [
         Route("/v1/completions", a.completions, methods=["POST"]),
         Route("/v1/chat/completions", a.chat_completions, methods=["POST"]),
+        Route("/v1/responses", a.responses, methods=["POST"]),
         Route("/v1/models", a.models, methods=["GET"]),
         Route("/v1/models/{model_id:path}", a.model, methods=["GET"]),
         Route("/health", a.health, methods=["GET"]),
