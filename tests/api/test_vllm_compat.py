@@ -73,7 +73,9 @@ def test_vllm_request_families_count_what_vsc_counts():
                        ("vllm:request_queue_time_seconds", "histogram"), ("vllm:prompt_tokens", "counter"),
                        ("vllm:generation_tokens", "counter"), ("vllm:request_success", "counter"),
                        ("vllm:num_requests_running", "gauge"), ("vllm:num_requests_waiting", "gauge"),
-                       ("vllm:kv_cache_usage_perc", "gauge"), ("vllm:prefix_cache_queries", "counter"),
+                       ("vllm:kv_cache_usage_perc", "gauge"), ("vllm:gpu_cache_usage_perc", "gauge"),
+                       ("vllm:request_prompt_tokens", "histogram"), ("vllm:request_generation_tokens", "histogram"),
+                       ("vllm:prefix_cache_queries", "counter"),
                        ("vllm:prefix_cache_hits", "counter"), ("vllm:spec_decode_num_draft_tokens", "counter"),
                        ("vllm:spec_decode_num_accepted_tokens", "counter")]:
         assert f[name].type == kind, name
@@ -81,6 +83,11 @@ def test_vllm_request_families_count_what_vsc_counts():
     assert buckets(f, "vllm:time_per_output_token_seconds", **LABELS) == VLLM_TPOT
     assert buckets(f, "vllm:e2e_request_latency_seconds", **LABELS) == VLLM_LATENCY
     assert buckets(f, "vllm:request_queue_time_seconds", **LABELS) == VLLM_LATENCY
+    # vLLM's 1-2-5 token buckets up to the context (the fake's: 256)
+    assert buckets(f, "vllm:request_prompt_tokens", **LABELS) == [1, 2, 5, 10, 20, 50, 100, 200]
+    assert sample(f, "vllm:request_generation_tokens", "vllm:request_generation_tokens_sum", **LABELS) == \
+        sample(f, "vllm:generation_tokens", "vllm:generation_tokens_total", **LABELS)
+    assert sample(f, "vllm:request_prompt_tokens", "vllm:request_prompt_tokens_count", **LABELS) == 3
     # the same measurements as vsc's families
     for vllm, vsc in [("vllm:time_to_first_token_seconds", "vsc_time_to_first_token_seconds"),
                       ("vllm:time_per_output_token_seconds", "vsc_inter_token_latency_seconds"),
@@ -108,6 +115,7 @@ def test_vllm_engine_families_read_the_same_stats_as_vsc():
     assert sample(f, "vllm:num_requests_running", **labels) == s["running"] == sample(f, "vsc_requests_running")
     assert sample(f, "vllm:num_requests_waiting", **labels) == s["waiting"] == sample(f, "vsc_requests_waiting")
     assert sample(f, "vllm:kv_cache_usage_perc", **labels) == 0.25      # 25 of 100 blocks, as a fraction
+    assert sample(f, "vllm:gpu_cache_usage_perc", **labels) == 0.25     # vLLM's older name, the same value
     assert sample(f, "vllm:prefix_cache_queries", "vllm:prefix_cache_queries_total", **labels) == 40 == \
         sample(f, "vsc_prefix_cache_query_tokens", "vsc_prefix_cache_query_tokens_total")
     assert sample(f, "vllm:prefix_cache_hits", "vllm:prefix_cache_hits_total", **labels) == 16

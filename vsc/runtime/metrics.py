@@ -75,7 +75,11 @@ VLLM_ENGINE = (
     ("vllm:num_requests_waiting", GaugeMetricFamily, "Number of requests waiting to be processed.",
      lambda s: s.get("waiting", 0.0)),
     ("vllm:kv_cache_usage_perc", GaugeMetricFamily, "KV-cache usage. 1 means 100 percent usage.",
-     lambda s: s.get("kv_blocks_used", 0.0) / s["kv_blocks_total"] if s.get("kv_blocks_total") else 0.0),
+     lambda s: _kv_usage(s)),
+    # vLLM's name before 0.9, still what older gateway endpoint pickers read: the same value
+    ("vllm:gpu_cache_usage_perc", GaugeMetricFamily,
+     "GPU KV-cache usage. 1 means 100 percent usage. DEPRECATED: Use vllm:kv_cache_usage_perc instead.",
+     lambda s: _kv_usage(s)),
     ("vllm:prefix_cache_queries", CounterMetricFamily,
      "Prefix cache queries, in terms of number of queried tokens.", lambda s: s.get("prefix_query_tokens", 0.0)),
     ("vllm:prefix_cache_hits", CounterMetricFamily,
@@ -87,6 +91,22 @@ VLLM_ENGINE = (
     ("vllm:spec_decode_num_accepted_tokens", CounterMetricFamily, "Number of accepted tokens.",
      lambda s: s.get("spec_accepted_tokens", 0.0)),
 )
+
+
+def _kv_usage(stats: Mapping[str, float]) -> float:
+    total = stats.get("kv_blocks_total")
+    return stats.get("kv_blocks_used", 0.0) / total if total else 0.0
+
+
+def build_1_2_5_buckets(max_value: int) -> tuple[int, ...]:
+    """1, 2, 5, 10, 20, 50, ... up to `max_value` (vLLM's token-count buckets)."""
+    out, scale = [], 1
+    while True:
+        for m in (1, 2, 5):
+            if m * scale > max_value:
+                return tuple(out)
+            out.append(m * scale)
+        scale *= 10
 
 
 class _Both:
@@ -185,6 +205,7 @@ class ServerMetrics:
         self._vllm_success = Counter("vllm:request_success", "Count of successfully processed requests.",
                                      (*VLLM_LABELS, "finished_reason"), registry=r)
         self._vllm: dict[str, object] | None = None      # the bound children
+        self._vllm_request_tokens: tuple[Histogram, Histogram] | None = None     # buckets need the context
         self._vllm_by_reason: dict[str, Counter] = {}
         self._engine = _EngineStatsCollector()
         r.register(self._engine)
@@ -200,6 +221,17 @@ class ServerMetrics:
         self._vllm = {"e2e": self._vllm_e2e.labels(*labels), "queue": self._vllm_queue.labels(*labels),
                       "prompt": self._vllm_prompt.labels(*labels),
                       "generation": self._vllm_generation.labels(*labels)}
+        context = getattr(engine, "max_context", None)
+        if self._vllm_request_tokens is None and isinstance(context, int) and context > 0:
+            buckets = build_1_2_5_buckets(context)
+            self._vllm_request_tokens = (
+                Histogram("vllm:request_prompt_tokens", "Number of prefill tokens processed.", VLLM_LABELS,
+                          buckets=buckets, registry=self.registry),
+                Histogram("vllm:request_generation_tokens", "Number of generation tokens processed.", VLLM_LABELS,
+                          buckets=buckets, registry=self.registry))
+        if self._vllm_request_tokens is not None:
+            self._vllm["request_prompt"] = self._vllm_request_tokens[0].labels(*labels)
+            self._vllm["request_generation"] = self._vllm_request_tokens[1].labels(*labels)
         self._vllm_by_reason = {reason: self._vllm_success.labels(*labels, reason)
                                 for reason in VLLM_FINISHED_REASONS}
 
@@ -227,6 +259,9 @@ class ServerMetrics:
         if completion_tokens:
             v["generation"].inc(completion_tokens)
         v["e2e"].observe(e2e_seconds)
+        if "request_prompt" in v:
+            v["request_prompt"].observe(prompt_tokens)
+            v["request_generation"].observe(completion_tokens)
         if queue_seconds is not None:
             v["queue"].observe(max(0.0, queue_seconds))
 
