@@ -201,7 +201,7 @@ def test_tokenize_refuses_what_it_cannot_honour(body, status, param):
         assert r.status_code == status and r.json()["error"]["param"] == param
 
 
-@pytest.mark.parametrize("tokens", ["abc", [1, "2"], [-1], None])
+@pytest.mark.parametrize("tokens", ["abc", [1, "2"], [-1], None, [FakeTokenizer.vocab_size]])
 def test_detokenize_refuses_what_is_not_token_ids(tokens):
     with serving() as lv:
         r = post(lv, "/detokenize", {"tokens": tokens})

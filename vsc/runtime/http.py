@@ -716,6 +716,9 @@ class _App:
             return e.response()
         except ClientDisconnect:
             return Response(b"", status_code=499)
+        except Exception:
+            log.exception("failed to tokenize")
+            return _internal("tokenizing").response()
         return Response(orjson.dumps({"count": len(ids), "max_model_len": int(self.engine.max_context),
                                       "tokens": ids, "token_strs": strs}), media_type=JSON)
 
@@ -741,6 +744,9 @@ class _App:
             return e.response()
         except ClientDisconnect:
             return Response(b"", status_code=499)
+        except Exception:
+            log.exception("failed to detokenize")
+            return _internal("detokenizing").response()
         return Response(orjson.dumps({"prompt": text}), media_type=JSON)
 
     async def health(self, request: Request) -> Response:
