@@ -499,7 +499,7 @@ class LLMEngine:
                 event = TokenEvent(seq.request_id, emitted, "".join(text), event.finish_reason,
                                    event.prompt_tokens, event.completion_tokens,
                                    seq.prediction_accepted, seq.prediction_rejected, event.error,
-                                   event.queue_seconds)
+                                   queue_seconds=event.queue_seconds)
             self.generated_tokens += len(emitted)
             events.append((seq, event))
         self.scheduler.advance(step)
@@ -560,7 +560,7 @@ class LLMEngine:
                 self.on_token = None
         return TokenEvent(seq.request_id, [token], text, reason, seq.num_prompt_tokens, seq.num_output_tokens,
                           seq.prediction_accepted, seq.prediction_rejected, _grammar_failure(seq, reason),
-                          _queue_seconds(seq) if reason is not None else None)
+                          queue_seconds=_queue_seconds(seq) if reason is not None else None)
 
     def _finish_now(self, seqs: list[Sequence], reason: str) -> None:
         """End `seqs` outside the normal token path (abort, error, shutdown): free and notify."""
