@@ -31,8 +31,12 @@ class FakeTokenizer:
         ids = [ord(c) for c in text]
         return [BOS] + ids if add_special_tokens else ids
 
-    def decode(self, ids: list[int]) -> str:
-        return "".join(chr(i) for i in ids if i > EOS)
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join("<s>" if i == BOS else "</s>" if i == EOS else chr(i) for i in ids
+                       if i > EOS or not skip_special_tokens)
+
+    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
+        return ["<s>" if i == BOS else "</s>" if i == EOS else chr(i) for i in ids]
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         text = "".join(f"<|{m['role']}|>{m['content']}\n" for m in messages)
@@ -122,28 +126,30 @@ class FakeEngine:
         rid, p, plen = req.request_id, req.params, len(req.prompt_ids)
         hold = max((len(s) for s in p.stop), default=1) - 1
         text, emitted = "", 0
+        # "scheduled" now: the last event reports the wait, as the real engine does
+        q = max(0.0, time.monotonic() - req.arrival_time) if req.arrival_time else None
         try:
             for n in range(1, p.max_tokens + 1):
                 await asyncio.sleep(self.delay)
                 with self._lock:
                     if rid in self._abort_flags:
-                        queue.put_nowait(TokenEvent(rid, [], "", "abort", plen, n - 1))
+                        queue.put_nowait(TokenEvent(rid, [], "", "abort", plen, n - 1, queue_seconds=q))
                         return
                     self.generated += 1
                     self._blocks[rid] = math.ceil((plen + n) / self.block_size)
                 if fail_after is not None and n > fail_after:
                     queue.put_nowait(RuntimeError("the fake engine broke mid-stream") if "BANG" in prompt
-                                     else TokenEvent(rid, [], "", "error", plen, n - 1))
+                                     else TokenEvent(rid, [], "", "error", plen, n - 1, queue_seconds=q))
                     return
                 ch = OUTPUT[(n - 1) % len(OUTPUT)]
                 text += ch
                 cut = min((i for i in (text.find(s) for s in p.stop) if i >= 0), default=-1)
                 if cut >= 0:
-                    queue.put_nowait(TokenEvent(rid, [ord(ch)], text[emitted:cut], "stop", plen, n))
+                    queue.put_nowait(TokenEvent(rid, [ord(ch)], text[emitted:cut], "stop", plen, n, queue_seconds=q))
                     return
                 if n == p.max_tokens:
                     queue.put_nowait(TokenEvent(rid, [ord(ch)], text[emitted:], "length", plen, n,
-                                                *_prediction_counts(p.prediction, text)))
+                                                *_prediction_counts(p.prediction, text), queue_seconds=q))
                     return
                 safe = max(emitted, len(text) - hold)
                 queue.put_nowait(TokenEvent(rid, [ord(ch)], text[emitted:safe], None, plen, n))

@@ -152,6 +152,36 @@ def test_metrics_parse_and_count(live):
     assert "vsc_kv_blocks_used" in families and "vsc_requests_running" in families
 
 
+def test_vllm_surface_of_a_compiled_server(live):
+    """vLLM's metric families from the real engine, /tokenize and /detokenize through its tokenizer,
+    and /v1/responses, on a compiled server."""
+    before = {f.name: f for f in text_string_to_metric_families(httpx.get(live.base + "/metrics").text)}
+    labels = {"model_name": live.model, "engine": "0"}
+
+    def value(fams, family, name, **extra):
+        (v,) = [s.value for s in fams[family].samples if s.name == name and s.labels == {**labels, **extra}]
+        return v
+    r = live.client.completions.create(model=live.model, prompt="hello there", max_tokens=5, temperature=0)
+    fams = {f.name: f for f in text_string_to_metric_families(httpx.get(live.base + "/metrics").text)}
+    for family, name in [("vllm:request_queue_time_seconds", "vllm:request_queue_time_seconds_count"),
+                         ("vllm:time_to_first_token_seconds", "vllm:time_to_first_token_seconds_count"),
+                         ("vllm:e2e_request_latency_seconds", "vllm:e2e_request_latency_seconds_count")]:
+        assert value(fams, family, name) == value(before, family, name) + 1, name
+    assert value(fams, "vllm:generation_tokens", "vllm:generation_tokens_total") - \
+        value(before, "vllm:generation_tokens", "vllm:generation_tokens_total") == r.usage.completion_tokens
+    assert value(fams, "vllm:prompt_tokens", "vllm:prompt_tokens_total") - \
+        value(before, "vllm:prompt_tokens", "vllm:prompt_tokens_total") == r.usage.prompt_tokens
+    assert value(fams, "vllm:kv_cache_usage_perc", "vllm:kv_cache_usage_perc") == 0.0     # idle: every block free
+    tok = httpx.post(live.base + "/tokenize", json={"prompt": "hello there"}).json()
+    assert tok["count"] == r.usage.prompt_tokens and tok["max_model_len"] == 256     # the prompt the engine saw
+    back = httpx.post(live.base + "/detokenize", json={"tokens": tok["tokens"]}).json()["prompt"]
+    assert back.endswith("hello there")
+    resp = live.client.responses.create(model=live.model, input="hello", max_output_tokens=4, temperature=0)
+    chat = live.client.chat.completions.create(model=live.model, messages=[{"role": "user", "content": "hello"}],
+                                               max_tokens=4, temperature=0)
+    assert resp.output_text == chat.choices[0].message.content and resp.usage.output_tokens == 4
+
+
 def test_queue_full_is_429(built, tmp_path):
     folder = tmp_path / "server"
     shutil.copytree(built, folder)

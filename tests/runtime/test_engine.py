@@ -559,3 +559,15 @@ def test_engine_refuses_unknown_overload_policies(make_engine):
         make_engine(overload="drop")
     with pytest.raises(ValueError, match="ttft_slo_ms"):
         make_engine(overload="shed")
+
+
+def test_the_last_event_reports_the_time_waited_before_scheduling(make_engine):
+    # one sequence at a time: the second request waits in the queue while the first runs its 5 steps
+    engine = make_engine(mode="static", max_batch=1, step_cost=0.01)
+    first, second = req("q0", prompt(0, 4), max_tokens=5), req("q1", prompt(1, 4), max_tokens=5)
+    a, b = run_all(engine, [first, second])
+    assert all(e.queue_seconds is None for e in a[:-1] + b[:-1])     # only the last event carries it
+    assert a[-1].queue_seconds is not None and b[-1].queue_seconds is not None
+    assert 0.0 <= a[-1].queue_seconds
+    assert b[-1].queue_seconds >= 5 * 0.01     # waited for the first one's 5 steps
+    assert b[-1].queue_seconds > a[-1].queue_seconds

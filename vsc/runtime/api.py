@@ -98,6 +98,10 @@ class TokenEvent:
     # finish_reason "error" with a cause the client may see (json mode: its grammar failed);
     # None when a step raised (an internal error)
     error: RuntimeError_ | None = None
+    # set on the last event: seconds from the request's arrival to its first scheduling (its
+    # time in the waiting queue; vllm:request_queue_time_seconds); None: never scheduled. A timing,
+    # not part of the output: events compare equal whatever it is
+    queue_seconds: float | None = field(default=None, compare=False)
 
 
 @dataclass

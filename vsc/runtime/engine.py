@@ -498,7 +498,8 @@ class LLMEngine:
                 step.num_new[r] = len(emitted)     # the last token and the kept drafts hold valid KV
                 event = TokenEvent(seq.request_id, emitted, "".join(text), event.finish_reason,
                                    event.prompt_tokens, event.completion_tokens,
-                                   seq.prediction_accepted, seq.prediction_rejected, event.error)
+                                   seq.prediction_accepted, seq.prediction_rejected, event.error,
+                                   queue_seconds=event.queue_seconds)
             self.generated_tokens += len(emitted)
             events.append((seq, event))
         self.scheduler.advance(step)
@@ -558,7 +559,8 @@ class LLMEngine:
                 log.exception("on_token hook failed; disabling it")
                 self.on_token = None
         return TokenEvent(seq.request_id, [token], text, reason, seq.num_prompt_tokens, seq.num_output_tokens,
-                          seq.prediction_accepted, seq.prediction_rejected, _grammar_failure(seq, reason))
+                          seq.prediction_accepted, seq.prediction_rejected, _grammar_failure(seq, reason),
+                          queue_seconds=_queue_seconds(seq) if reason is not None else None)
 
     def _finish_now(self, seqs: list[Sequence], reason: str) -> None:
         """End `seqs` outside the normal token path (abort, error, shutdown): free and notify."""
@@ -571,7 +573,7 @@ class LLMEngine:
             seq.finish_reason = reason
             self._live.pop(seq.request_id, None)
             events.append((seq, TokenEvent(seq.request_id, [], "", reason, seq.num_prompt_tokens,
-                                           seq.num_output_tokens)))
+                                           seq.num_output_tokens, queue_seconds=_queue_seconds(seq))))
         self._deliver(events)
 
     @staticmethod
@@ -586,6 +588,14 @@ class LLMEngine:
                 loop.call_soon_threadsafe(_put_all, items)
             except RuntimeError:   # that event loop is closed: nobody is listening any more
                 pass
+
+
+def _queue_seconds(seq: Sequence) -> float | None:
+    """Seconds `seq` waited from its arrival to its first scheduling (None: never scheduled,
+    or no arrival time was given)."""
+    if seq.scheduled_time is None or not seq.arrival_time:
+        return None
+    return max(0.0, seq.scheduled_time - seq.arrival_time)
 
 
 def _grammar_failure(seq: Sequence, reason: str | None) -> GrammarFailure | None:

@@ -4,8 +4,11 @@ Checked in this order, before any route runs and before a byte of a request body
 
   Host          the Host header must name this server (`allowed_hosts`; against DNS
                 rebinding, a page on evil.example resolving its name to 127.0.0.1)  -> 400
-  API key       /v1/* (and /metrics with `protect_metrics`) need
-                `Authorization: Bearer KEY`, compared in constant time             -> 401
+  API key       /v1/*, /tokenize and /detokenize (and /metrics with `protect_metrics`)
+                need `Authorization: Bearer KEY`, compared in constant time        -> 401
+                (vLLM guards /v1 only; the tokenizer endpoints are work done for the
+                caller, so a keyed server asks for the key there too. /health and
+                /version stay open, as in vLLM.)
   Content-Type  a POST must say application/json, so a web page cannot send one
                 as a CORS "simple request" (form or text/plain) without a preflight -> 415
   body size     a Content-Length over `max_body_bytes` is refused unread; a chunked
@@ -28,6 +31,9 @@ import orjson
 #: (a token of text is ~4 bytes; JSON escapes, token-id lists and a prediction fit in 64).
 MIN_BODY_BYTES = 1 << 20
 BODY_BYTES_PER_TOKEN = 64
+
+#: Paths outside /v1 that need the API key when the server has one.
+KEYED_PATHS = frozenset({"/tokenize", "/detokenize"})
 
 #: Host names a server bound to loopback answers to by default.
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
@@ -162,7 +168,7 @@ class HttpGuard:
             return _error(400, f"the Host header {host.decode('latin-1')!r} does not name this server; "
                                "start it with --allowed-hosts to answer to other names", "invalid_host")
         path = scope["path"]
-        if self.key is not None and (path.startswith("/v1/") or path == "/v1"
+        if self.key is not None and (path.startswith("/v1/") or path == "/v1" or path in KEYED_PATHS
                                      or (s.protect_metrics and path == "/metrics")):
             scheme, _, token = (auth or b"").partition(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):

@@ -1,7 +1,13 @@
 """The OpenAI-compatible HTTP API of a generated server (Starlette on asyncio).
 
     POST /v1/completions, POST /v1/chat/completions   (streamed as SSE or not)
-    GET  /v1/models, /v1/models/{id}, /health, /metrics
+    GET  /v1/models, /v1/models/{id}, /health, /metrics, /version
+    POST /tokenize, /detokenize                       (vLLM's request and response bodies)
+    POST /v1/responses      (plain text, streamed or not: served as a chat completion, vsc.runtime.responses)
+
+Every request the engine accepted is logged at INFO when it ends, one line (its id, finish
+reason, token counts, time to first token, duration), and every refused one (status, code),
+never the prompt or the output.
 
 The app drives an `Engine` (vsc.runtime.api): it validates and tokenizes a request, calls
 `engine.generate()`, waits for the first event (QueueFull / InvalidRequest surface there,
@@ -31,10 +37,12 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from vsc import __version__
 from vsc.runtime.api import GenerateRequest, QueueFull, RuntimeError_, SamplingParams, TokenEvent
 from vsc.runtime.constrain import ANY_JSON_OBJECT, SchemaError, check_schema
 from vsc.runtime.guard import HttpGuard, Security, default_max_body
 from vsc.runtime.metrics import ServerMetrics
+from vsc.runtime.responses import ResponsesInputError, StreamTranslator, chat_body, response_object
 
 log = logging.getLogger("vsc.runtime.http")
 
@@ -267,13 +275,27 @@ def _messages(body: dict) -> list[dict[str, str]]:
     return out
 
 
+# vLLM's /tokenize (its completion and chat forms) and /detokenize fields; others are logged and
+# ignored, as vLLM does. Those of them vsc cannot honour are refused unless at their no-op value.
+_TOKENIZE_FIELDS = frozenset({"model", "prompt", "messages", "add_special_tokens", "return_token_strs",
+                              "add_generation_prompt", "continue_final_message", "chat_template",
+                              "chat_template_kwargs", "mm_processor_kwargs", "tools", "media_io_kwargs"})
+_DETOKENIZE_FIELDS = frozenset({"model", "tokens"})
+
+
+def _ignore_unknown(body: dict, known: frozenset, endpoint: str) -> None:
+    extra = sorted(k for k in body if k not in known)
+    if extra:
+        log.warning("%s: the following fields were present in the request but ignored: %s", endpoint, extra)
+
+
 # --------------------------------------------------------------------------- one request in flight
 
 class _Req:
     """The state of one request the engine has accepted (shared by handler, stream and watcher)."""
 
     __slots__ = ("rid", "chat", "created", "arrival", "prompt_len", "include_usage", "counted", "finished",
-                 "aborted", "client_gone", "guarded", "task", "watcher", "predicted", "shutdown")
+                 "aborted", "client_gone", "guarded", "task", "watcher", "predicted", "shutdown", "ttft")
 
     def __init__(self, rid: str, chat: bool, arrival: float, prompt_len: int, include_usage: bool,
                  predicted: bool = False):
@@ -289,6 +311,7 @@ class _Req:
         self.shutdown = False       # aborted because the server is shutting down
         self.task: asyncio.Task | None = None
         self.watcher: asyncio.Task | None = None
+        self.ttft: float | None = None  # seconds from arrival to the first event (the request log line)
 
 
 class _App:
@@ -378,7 +401,7 @@ class _App:
             self.engine.abort(r.rid)
         except Exception:
             log.exception("engine.abort(%s) failed", r.rid)
-        self.metrics.request_finished("abort", r.prompt_len, r.counted, time.monotonic() - r.arrival)
+        self._ended(r, "abort", r.prompt_len, r.counted, None)
 
     async def _watch(self, receive, r: _Req) -> None:
         try:
@@ -393,11 +416,25 @@ class _App:
         if r.guarded and r.task is not None:
             r.task.cancel()
 
-    def _refused(self, e: QueueFull) -> Response:
+    def _ended(self, r: _Req, reason: str, prompt: int, completion: int, queue_seconds: float | None) -> None:
+        """Record an accepted request that ended (any reason): /metrics and its log line."""
+        duration = time.monotonic() - r.arrival
+        self.metrics.request_finished(reason, prompt, completion, duration, queue_seconds)
+        log.info("request %s: finish_reason=%s prompt_tokens=%d completion_tokens=%d ttft=%s duration=%.3fs",
+                 r.rid, reason, prompt, completion, "-" if r.ttft is None else f"{r.ttft:.3f}s", duration)
+
+    @staticmethod
+    def _log_refusal(e: ApiError, arrival: float) -> None:
+        log.info("request refused: status=%d code=%s param=%s duration=%.3fs", e.status, e.code, e.param,
+                 time.monotonic() - arrival)
+
+    def _refused(self, e: QueueFull, arrival: float) -> Response:
         """429 for a request the engine will not take now, counted in /metrics by reason."""
         self.metrics.rejected.labels(reason=e.reason).inc()
-        return ApiError(e.status, str(e) or "the server is at capacity; retry later", code=e.code,
-                        headers={"retry-after": str(e.retry_after)}).response()
+        err = ApiError(e.status, str(e) or "the server is at capacity; retry later", code=e.code,
+                       headers={"retry-after": str(e.retry_after)})
+        self._log_refusal(err, arrival)
+        return err.response()
 
     def _unguard(self, r: _Req) -> None:
         self.live.discard(r)
@@ -416,7 +453,7 @@ class _App:
             completion = final.completion_tokens or r.counted
         if reason == "abort" and r.shutdown:
             self._log_shutdown_abort(r)
-        self.metrics.request_finished(reason, prompt, completion, time.monotonic() - r.arrival)
+        self._ended(r, reason, prompt, completion, final.queue_seconds if final is not None else None)
         usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
         if r.predicted:       # as OpenAI reports predicted outputs
             usage["completion_tokens_details"] = {
@@ -431,8 +468,25 @@ class _App:
     async def chat_completions(self, request: Request) -> Response:
         return await self._handle(request, self._chat_prompt, "chatcmpl-", chat=True)
 
-    async def _handle(self, request: Request, prompt_of, prefix: str, chat: bool) -> Response:
-        """Parse and check a request (`prompt_of(body, params) -> ids`), then serve it.
+    async def responses(self, request: Request) -> Response:
+        """OpenAI's Responses API, plain text: the request served as a chat completion, its answer
+        (or stream) translated back (vsc.runtime.responses)."""
+        original: dict = {}
+
+        def translate(body: dict) -> dict:
+            original.update(body)
+            return chat_body(body)
+        answer = await self._handle(request, self._chat_prompt, "resp_", chat=True, translate=translate)
+        if answer.status_code != 200:
+            return answer
+        if isinstance(answer, _EventStream):
+            return _ResponsesStream(answer, StreamTranslator(original, self.name))
+        return Response(orjson.dumps(response_object(original, self.name, orjson.loads(answer.body))),
+                        media_type=JSON)
+
+    async def _handle(self, request: Request, prompt_of, prefix: str, chat: bool, translate=None) -> Response:
+        """Parse and check a request (`prompt_of(body, params) -> ids`), then serve it
+        (`translate`: turns the body into a chat completions body first, /v1/responses).
 
         Every way parsing can fail ends here as one response: a 400 for the caller's
         mistakes, 499 for a client gone mid-upload, 500 (logged) for our own.
@@ -440,6 +494,11 @@ class _App:
         arrival = time.monotonic()
         try:
             body = await self._json(request)
+            if translate is not None:
+                try:
+                    body = translate(body)
+                except ResponsesInputError as e:
+                    raise _bad(e.param, str(e)) from None
             params, stream, include_usage = _common(body, chat=chat)
             predicted = _prediction(body.get("prediction"))
             if self._check_overload is not None:     # overload = shed: refuse before tokenizing
@@ -451,9 +510,10 @@ class _App:
                                                                  add_special_tokens=False)) or None
             await self._admit_schema(params.json_schema)
         except ApiError as e:
+            self._log_refusal(e, arrival)
             return e.response()
         except QueueFull as e:
-            return self._refused(e)
+            return self._refused(e, arrival)
         except ClientDisconnect:
             return Response(b"", status_code=499)
         except Exception:
@@ -533,7 +593,8 @@ class _App:
             except StopAsyncIteration:
                 first = None
             now = time.monotonic()
-            self.metrics.ttft.observe(now - arrival)
+            r.ttft = now - arrival
+            self.metrics.ttft.observe(r.ttft)
             if stream:
                 return _EventStream(self, r, it, first, now)     # takes over r.guarded / r.watcher
             return await self._collect(r, it, first, now)
@@ -551,11 +612,13 @@ class _App:
         except QueueFull as e:
             self._unguard(r)
             r.finished = True
-            return self._refused(e)
+            return self._refused(e, arrival)
         except RuntimeError_ as e:
             self._unguard(r)
             r.finished = True
-            return ApiError(e.status, str(e), param=getattr(e, "param", None), code=e.code).response()
+            err = ApiError(e.status, str(e), param=getattr(e, "param", None), code=e.code)
+            self._log_refusal(err, arrival)
+            return err.response()
         except Exception:
             self._unguard(r)
             log.exception("engine failed on request %s", r.rid)
@@ -615,6 +678,76 @@ class _App:
     def _model_card(self) -> dict:
         return {"id": self.name, "object": "model", "created": self.model_created, "owned_by": "vsc",
                 "max_model_len": int(self.engine.max_context)}
+
+    async def version(self, request: Request) -> Response:
+        return Response(orjson.dumps({"version": __version__}), media_type=JSON)
+
+    async def tokenize(self, request: Request) -> Response:
+        """vLLM's POST /tokenize: {prompt} or {messages} -> {count, max_model_len, tokens, token_strs}."""
+        arrival = time.monotonic()
+        try:
+            body = await self._json(request)
+            _ignore_unknown(body, _TOKENIZE_FIELDS, "/tokenize")
+            chat = "messages" in body
+            if chat and "prompt" in body:
+                raise _bad("messages", "give either 'prompt' or 'messages', not both")
+            for key in ("chat_template", "chat_template_kwargs", "mm_processor_kwargs", "tools", "media_io_kwargs"):
+                _unsupported(body, key, lambda v: not v)
+            add_special = _bool(body, "add_special_tokens", not chat)     # vLLM's defaults
+            want_strs = _bool(body, "return_token_strs", False)
+            if want_strs and not callable(getattr(self.tokenizer, "convert_ids_to_tokens", None)):
+                raise _bad("return_token_strs", "this server's tokenizer cannot name its tokens")
+            if chat:
+                add_generation_prompt = _bool(body, "add_generation_prompt", True)
+                _unsupported(body, "continue_final_message", lambda v: v is False)
+                messages = _messages(body)
+                text = await asyncio.to_thread(self._render_chat, messages, add_generation_prompt)
+            else:
+                for key in ("add_generation_prompt", "continue_final_message"):
+                    if body.get(key) is not None:
+                        raise _bad(key, f"'{key}' applies to 'messages', not to 'prompt'")
+                text = body.get("prompt")
+                if not isinstance(text, str):
+                    raise _bad("prompt", "'prompt' must be a string (or send 'messages')")
+            ids = list(await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens=add_special))
+            strs = list(self.tokenizer.convert_ids_to_tokens(ids)) if want_strs else None
+        except ApiError as e:
+            self._log_refusal(e, arrival)
+            return e.response()
+        except ClientDisconnect:
+            return Response(b"", status_code=499)
+        except Exception:
+            log.exception("failed to tokenize")
+            return _internal("tokenizing").response()
+        return Response(orjson.dumps({"count": len(ids), "max_model_len": int(self.engine.max_context),
+                                      "tokens": ids, "token_strs": strs}), media_type=JSON)
+
+    def _render_chat(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        try:
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        except Exception as e:  # template errors (role order, ...) are the caller's
+            raise _bad("messages", f"the chat template rejected the messages: {e}") from None
+
+    async def detokenize(self, request: Request) -> Response:
+        """vLLM's POST /detokenize: {tokens} -> {prompt}, special tokens included (as vLLM decodes)."""
+        arrival = time.monotonic()
+        try:
+            body = await self._json(request)
+            _ignore_unknown(body, _DETOKENIZE_FIELDS, "/detokenize")
+            tokens = body.get("tokens")
+            if not isinstance(tokens, list):
+                raise _bad("tokens", "'tokens' must be a list of token ids")
+            ids = _token_list(tokens, "tokens", self.vocab)
+            text = await asyncio.to_thread(self.tokenizer.decode, ids, skip_special_tokens=False)
+        except ApiError as e:
+            self._log_refusal(e, arrival)
+            return e.response()
+        except ClientDisconnect:
+            return Response(b"", status_code=499)
+        except Exception:
+            log.exception("failed to detokenize")
+            return _internal("detokenizing").response()
+        return Response(orjson.dumps({"prompt": text}), media_type=JSON)
 
     async def health(self, request: Request) -> Response:
         alive = getattr(self.engine, "is_alive", None)
@@ -757,13 +890,33 @@ class _EventStream(Response):
         await _close(it)
 
 
+class _ResponsesStream(Response):
+    """A chat completions event stream re-encoded as Responses API events (vsc.runtime.responses)."""
+
+    def __init__(self, inner: _EventStream, translator: StreamTranslator):
+        self.inner, self.translator = inner, translator
+        self.status_code, self.background, self.raw_headers = 200, None, inner.raw_headers
+
+    async def __call__(self, scope, receive, send) -> None:
+        feed = self.translator.feed
+
+        async def translated(message) -> None:
+            if message["type"] == _BODY:
+                body, more = feed(message.get("body", b"")), message.get("more_body", False)
+                if body or not more:
+                    await send({"type": _BODY, "body": body, "more_body": more})
+                return
+            await send(message)
+        await self.inner(scope, receive, translated)
+
+
 # --------------------------------------------------------------------------- the app
 
 def build_app(engine, tokenizer, metrics: ServerMetrics, served_model_name: str,
               security: Security | None = None) -> Starlette:
     """The OpenAI-compatible app over `engine`; `metrics` also reads engine.stats() at each scrape.
     `security` (vsc.runtime.guard): API key, allowed hosts, body limit (default: from the context)."""
-    metrics.bind_engine(engine)
+    metrics.bind_engine(engine, served_model_name)
     a = _App(engine, tokenizer, metrics, served_model_name)
 
     async def not_found(request: Request, exc: HTTPException) -> Response:
@@ -774,9 +927,13 @@ def build_app(engine, tokenizer, metrics: ServerMetrics, served_model_name: str,
     routes = [
         Route("/v1/completions", a.completions, methods=["POST"]),
         Route("/v1/chat/completions", a.chat_completions, methods=["POST"]),
+        Route("/v1/responses", a.responses, methods=["POST"]),
         Route("/v1/models", a.models, methods=["GET"]),
         Route("/v1/models/{model_id:path}", a.model, methods=["GET"]),
         Route("/health", a.health, methods=["GET"]),
+        Route("/version", a.version, methods=["GET"]),
+        Route("/tokenize", a.tokenize, methods=["POST"]),
+        Route("/detokenize", a.detokenize, methods=["POST"]),
         Route("/metrics", a.metrics_endpoint, methods=["GET"]),
     ]
     security = security or Security(max_body_bytes=default_max_body(engine.max_context))

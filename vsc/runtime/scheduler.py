@@ -57,6 +57,7 @@ step's tensors.
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -244,6 +245,8 @@ class Scheduler:
                         self.prefix_hit_tokens += cached
                 bm.grow(seq.block_table, cached + n)
                 seq.status = SeqStatus.RUNNING
+                if seq.scheduled_time is None:
+                    seq.scheduled_time = time.monotonic()
                 running.append(seq)
                 seqs.append(seq)
                 num_new.append(n)

@@ -25,7 +25,7 @@ class Sequence:
     __slots__ = (
         "request_id", "token_ids", "num_prompt_tokens", "params", "arrival_time", "status",
         "block_table", "num_computed", "generator", "detokenizer", "queue", "loop",
-        "finish_reason", "first_token_time", "last_token_time", "num_preemptions",
+        "finish_reason", "first_token_time", "last_token_time", "num_preemptions", "scheduled_time",
         "constraint", "draft_ids", "spec", "prediction_accepted", "prediction_rejected",
     )
 
@@ -51,6 +51,7 @@ class Sequence:
         self.finish_reason: str | None = None
         self.first_token_time: float | None = None
         self.last_token_time: float | None = None
+        self.scheduled_time: float | None = None     # when the scheduler first took it from the waiting queue
         self.num_preemptions = 0
         # json mode: a vsc.runtime.constrain.Constraint (masks this row's logits, advanced by
         # each sampled token); None for unconstrained requests

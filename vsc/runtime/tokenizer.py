@@ -144,6 +144,11 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
+        """The vocabulary's string of each id (byte-level BPE shows a space as 'Ġ'), as transformers gives them."""
+        to_token = self.tokenizer.id_to_token
+        return [to_token(i) for i in ids]
+
     @property
     def bos_token(self) -> str | None:
         return self.special_tokens.get("bos_token")
