@@ -148,24 +148,3 @@ def test_a_draft_model_server(root):
         spec.close()
         plain.close()
     assert vsc_main(["verify", str(folder)]) == 0
-
-
-def test_a_compiled_decode_step_verifies_drafts_in_one_call(root):
-    """A plan whose decode step is one Relax function: verify steps (1 + drafts rows per sequence)
-    run through it too, a row per token, and greedy output is still plain decoding's."""
-    folder = compile_server(root, "fold-rope-tables,paged-kv{block=16},continuous-batching{max_batch=4,max_tokens=512},"
-                                  "select-kernels,compile-decode-step,speculative{method=ngram,k=4}", "relax-ngram")
-    spec, plain = Live(folder), Live(without_speculation(folder, root / "relax-plain"))
-    try:
-        runner = spec.engine.runner
-        rows, real = [], runner.step
-        runner.step = lambda batch, *a: (rows.append(batch.num_seqs), real(batch, *a))[1]
-        for prompt in PROMPTS:
-            assert spec.complete(prompt, max_tokens=48) == plain.complete(prompt, max_tokens=48), prompt
-        stats = spec.engine.stats()
-        assert stats["spec_draft_tokens"] > 0
-        # requests run one at a time: a step of several rows is a verify step (or a short prompt)
-        assert any(r > 1 for r in rows) and len(rows) < stats["generated_tokens"]
-    finally:
-        spec.close()
-        plain.close()

@@ -134,30 +134,6 @@ class StepBatch:
     def num_seqs(self) -> int:
         return int(self.context_lens.shape[0])
 
-    @property
-    def num_tokens(self) -> int:
-        return int(self.tokens.shape[0])
-
-    def rows_as_sequences(self) -> tuple["StepBatch", torch.Tensor]:
-        """This step as a decode step of one new token per row, and the rows whose logits the
-        step returns. Row t of sequence b (position p) becomes a sequence of context p + 1 with
-        b's block table: a decode step writes every row's K/V before any row attends, so each
-        row reads exactly the tokens before it and itself: causal attention within a chunk, as
-        prefill computes it. Lets a compiled decode step run short chunks and speculative
-        verify steps (1 + drafts rows) in one call."""
-        qlens = self.query_lens_host or (self.query_start[1:] - self.query_start[:-1]).tolist()
-        ctx = self.context_lens_host or self.context_lens.tolist()
-        owner = torch.repeat_interleave(torch.arange(len(qlens)), torch.tensor(qlens))
-        lens_host = [c - q + 1 + i for c, q in zip(ctx, qlens) for i in range(q)]
-        rows = self.num_tokens
-        decode = StepBatch(tokens=self.tokens, positions=self.positions,
-                           query_start=torch.arange(rows + 1, dtype=torch.int64),
-                           context_lens=torch.tensor(lens_host, dtype=torch.int64),
-                           block_tables=self.block_tables[owner].contiguous(), slot_mapping=self.slot_mapping,
-                           is_decode=True, query_lens_host=[1] * rows, context_lens_host=lens_host)
-        wanted = self.logits_rows if self.logits_rows is not None else self.query_start[1:] - 1
-        return decode, wanted
-
 
 @dataclass
 class CacheConfig:

@@ -419,11 +419,11 @@ class _RunnerWriter:
             c["TVM_KERNELS_BUILD"] = str(built)
             c["TVM_THREADS"] = int(self.module.target.attrs.get("threads") or 0)    # 0: every core
         if self.module.schedule.attrs.get("graph") == "relax":
-            from vsc.backends.tvm.decode_step import build_decode_step, step_max_rows
+            from vsc.backends.tvm.decode_step import build_decode_step
             built, filename = build_decode_step(self.module)   # cached on disk; the emitter ships a copy
             c["DECODE_STEP_FILE"] = filename
             c["DECODE_STEP_BUILD"] = str(built)
-            c["STEP_MAX_ROWS"] = step_max_rows(self.module)   # its memory is planned for this many rows
+            c["STEP_MAX_BATCH"] = int(self.module.batching.max_batch or 1)   # its memory is planned for this many rows
         return c
 
     def _attr(self, op: Op, key: str) -> str:
@@ -727,9 +727,6 @@ class _RunnerWriter:
             "    def prefill(self, batch: StepBatch) -> torch.Tensor:",
             '        """New tokens (whole prompts or chunks, any number per sequence) -> logits [B, VOCAB] of each last one,',
             '        or [R, VOCAB] of the rows batch.logits_rows names (speculative decoding verifies every draft)."""',
-            *(["        if batch.num_tokens <= STEP_MAX_ROWS:   # a short chunk or a verify step: the compiled step, a row per token",
-               "            rows, wanted = batch.rows_as_sequences()",
-               "            return self.step(rows, BLOCK_SIZE, KV_HEADS)[wanted]"] if "DECODE_STEP_FILE" in c else []),
             f"        meta = attention_metadata(batch, BLOCK_SIZE{cascade})",
             "        if batch.logits_rows is not None:",
             "            meta.last_index = batch.logits_rows",
@@ -738,7 +735,7 @@ class _RunnerWriter:
             "    @torch.inference_mode()",
             "    def decode(self, batch: StepBatch) -> torch.Tensor:",
             '        """One new token per sequence -> logits [B, VOCAB]."""',
-            *(["        if batch.logits_rows is None and batch.num_seqs <= STEP_MAX_ROWS:   # the compiled decode step: one call",
+            *(["        if batch.logits_rows is None and batch.num_seqs <= STEP_MAX_BATCH:   # the compiled decode step: one call",
                "            return self.step(batch, BLOCK_SIZE, KV_HEADS)"] if "DECODE_STEP_FILE" in c else []),
             f"        meta = attention_metadata(batch, BLOCK_SIZE{cascade})",
             "        return self.forward(batch, meta)",

@@ -7,18 +7,18 @@ and the generated runner use; `build_decode_step(module)` compiles (cached by co
 the kernel library) and returns the shared library a server folder ships in kernels/.
 
 The Relax function `decode(tokens, positions, slots, tables, lens, splits, caches, weights)`:
-  tokens / positions / slots / lens  int64 [n]       one new token per sequence (n <= step_max_rows)
+  tokens / positions / slots / lens  int64 [n]       one new token per sequence (n <= max_batch)
   tables                             int64 [n, w]    block tables
   splits                             Shape [p, chunk] split-K of the attention (see tvm_ops.split_plan)
   caches                             tuple of 2 x layers f32 [slots, kv_heads, head_dim] (K, V per layer)
   weights                            tuple, `step_arguments` order (a block-quantized weight is its
                                      planar parts qs, d, m — d again where the format has no m)
 returns the logits f32 [n, vocab]. `decode_wide` (WIDE_FUNCTION; built when the plan's quantized
-linears take int8 activations) is the same step with those
+linears take int8 activations and max_batch >= GEMM_MIN_ROWS) is the same step with those
 linears on the GEMM kernel (vsc.backends.tvm.quant_gemm), which the runner calls from
 GEMM_MIN_ROWS rows on. Every kernel is the TIR kernel the eager plan calls (one
 source: quant_linear.py, elementwise.py, attention.py), called with `call_tir`; the K/V writes
-are `call_tir_inplace` on the cache tensors; splits, adds and multiplies are Relax ops legalized to TIR. Intermediates are planned statically for n <= step_max_rows (one arena, no
+are `call_tir_inplace` on the cache tensors; splits, adds and multiplies are Relax ops legalized to TIR. Intermediates are planned statically for n <= max_batch (one arena, no
 per-step allocation besides the returned logits).
 """
 from __future__ import annotations
@@ -35,15 +35,6 @@ from vsc.ir.types import QUANT_DTYPES
 from vsc.runtime.kernels.tvm_ops import GEMM_MIN_ROWS, SPLIT_MAX, WIDE_FUNCTION
 
 LIB_PREFIX = "vsc_step_"
-#: Rows a compiled step is planned for even when max_batch is smaller: a speculative verify step
-#: (1 + drafts rows per sequence; the engine fills a step with drafts up to 16 rows) or a short
-#: prefill chunk runs as one call too (StepBatch.rows_as_sequences).
-STEP_ROWS = 32
-
-
-def step_max_rows(module: ServingModule) -> int:
-    """The most rows one call of the plan's compiled step takes (its static memory plan)."""
-    return max(int(module.batching.max_batch or 1), STEP_ROWS)
 _HERE = Path(__file__).resolve().parent
 
 
@@ -132,7 +123,7 @@ def make_relax_module(module: ServingModule, vnni: bool):
     caches = relax.Var("caches", relax.TupleType([cache_t] * (2 * layers)))
     weights = relax.Var("weights", relax.TupleType(weight_types))
     params = [tokens, positions, slots, tables, lens, splits, caches, weights]
-    bound = {"n": step_max_rows(module), "p": SPLIT_MAX}     # static memory plan
+    bound = {"n": int(module.batching.max_batch or 1), "p": SPLIT_MAX}     # static memory plan
 
     bb = relax.BlockBuilder()
     gvars: dict[str, object] = {}
@@ -297,7 +288,7 @@ def make_relax_module(module: ServingModule, vnni: bool):
             bb.emit_func_output(out)
 
     emit("decode", wide=False)
-    if vnni and step_max_rows(module) >= GEMM_MIN_ROWS and any(
+    if vnni and int(module.batching.max_batch or 1) >= GEMM_MIN_ROWS and any(
             op.kernel is not None and op.kernel.name == "tvm.quant_linear" and op.kernel.config.get("activations") == "q8_0"
             for op in walk_ops(module.model.func.body)):
         emit(WIDE_FUNCTION, wide=True)
