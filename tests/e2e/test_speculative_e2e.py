@@ -148,3 +148,19 @@ def test_a_draft_model_server(root):
         spec.close()
         plain.close()
     assert vsc_main(["verify", str(folder)]) == 0
+
+
+def test_drafts_on_a_compiled_decode_step_plan_are_plain_decodings(root):
+    """A plan whose decode step is one Relax function verifies drafts on its eager path: greedy
+    output is still plain decoding's (the compiled step's logits and the eager verify's agree)."""
+    folder = compile_server(root, "fold-rope-tables,paged-kv{block=16},continuous-batching{max_batch=4,max_tokens=512},"
+                                  "select-kernels,compile-decode-step,speculative{method=ngram,k=4}", "relax-ngram")
+    spec, plain = Live(folder), Live(without_speculation(folder, root / "relax-plain"))
+    try:
+        for prompt in PROMPTS:
+            assert spec.complete(prompt, max_tokens=48) == plain.complete(prompt, max_tokens=48), prompt
+        stats = spec.engine.stats()
+        assert stats["spec_accepted_tokens"] > 0
+    finally:
+        spec.close()
+        plain.close()
