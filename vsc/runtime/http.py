@@ -593,7 +593,8 @@ class _App:
             if predicted is not None:
                 params.prediction = list(await asyncio.to_thread(self.tokenizer.encode, predicted,
                                                                  add_special_tokens=False)) or None
-            await self._admit_schema(params.json_schema)
+            await self._admit_schema(params.json_schema,
+                                     "response_format" if body.get("structured_outputs") is None else "structured_outputs")
         except ApiError as e:
             return e.response()
         except QueueFull as e:
@@ -608,7 +609,7 @@ class _App:
             log.warning("ignored request field(s) this server does not know: %s", ", ".join(map(repr, unknown)))
         return await self._serve(request, prefix, chat, ids, params, stream, include_usage, arrival, reply)
 
-    async def _admit_schema(self, schema: str | None) -> None:
+    async def _admit_schema(self, schema: str | None, param: str = "response_format") -> None:
         """json mode: compile the request's schema for the engine's tokenizer (off the event loop;
         cached) so one the grammar engine refuses is a 400 here, never a failure mid-generation."""
         if schema is None:
@@ -616,7 +617,8 @@ class _App:
         try:
             await asyncio.to_thread(self.engine.admit_schema, schema)
         except SchemaError as e:
-            raise _bad("response_format", f"'response_format.json_schema.schema': {e}") from None
+            where = "'response_format.json_schema.schema'" if param == "response_format" else f"'{param}.json'"
+            raise _bad(param, f"{where}: {e}") from None
 
     def _completion_prompt(self, body: dict, params: SamplingParams) -> list[int]:
         prompt = body.get("prompt")
