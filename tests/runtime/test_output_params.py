@@ -183,3 +183,22 @@ def test_response_format_text_turns_a_json_mode_deployment_off_per_request(engin
     assert text_of(json_ev).startswith("{")                              # the deployment's schema applies
     assert [t for e in text_ev for t in e.token_ids] == [t for e in free for t in e.token_ids]
     assert text_of(text_ev) == text_of(free) and not text_of(free).startswith("{")
+
+
+def test_penalties_stay_exact_under_jump_forward(engine_of):
+    """A json-mode request's grammar-forced tokens are verified as drafts: each row's penalties count
+    the forced tokens before it, so the output is token-by-token decoding's."""
+    schema = ('{"type":"object","properties":{"name":{"type":"string","maxLength":8},'
+              '"tags":{"type":"array","items":{"enum":["alpha","beta"]},"maxItems":3}},'
+              '"required":["name","tags"],"additionalProperties":false}')
+    prompt = [5, 6, 7, 8]
+    penalty = dict(repetition_penalty=1.3, frequency_penalty=0.4, presence_penalty=0.2, max_tokens=40)
+    jumping = engine_of(json_schema=schema, jump_forward=True)
+    plain = engine_of(json_schema=schema, jump_forward=False)
+    reqs = [req(f"r{i}", prompt + [9 + i], **penalty) for i in range(3)]
+    got = run(jumping, *reqs)
+    want = run(plain, *reqs)
+    assert [[t for e in ev for t in e.token_ids] for ev in got] == [[t for e in ev for t in e.token_ids] for ev in want]
+    assert jumping.stats()["jump_forward_tokens"] > 0
+    unpenalized = run(plain, *[req(f"u{i}", prompt + [9 + i], max_tokens=40) for i in range(3)])
+    assert [text_of(e) for e in unpenalized] != [text_of(e) for e in want]      # the penalties did act
