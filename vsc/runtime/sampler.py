@@ -71,8 +71,8 @@ def _mask_min_p(logits: torch.Tensor, min_p: list[float]) -> torch.Tensor:
     min_p 0 keep everything): p_i < min_p * p_max, i.e. l_i - l_max < log(min_p), on the
     temperature-scaled logits. min_p 1 keeps only the most likely token(s)."""
     floor = torch.tensor(min_p, dtype=logits.dtype, device=logits.device).log().unsqueeze(1)   # log 0 = -inf
-    top = logits.max(dim=-1, keepdim=True).values
-    return logits.masked_fill(logits - top < floor, float("-inf"))
+    threshold = logits.max(dim=-1, keepdim=True).values + floor
+    return logits.masked_fill(logits < threshold, float("-inf"))
 
 
 #: Top-p first looks for the nucleus among this many most likely tokens (a partial top-k
