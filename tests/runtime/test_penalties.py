@@ -303,3 +303,10 @@ def test_seeded_sampling_with_penalties_is_identical_with_and_without_speculatio
     assert run(spec_engine, *reqs) == plain
     s = spec_engine.stats()
     assert s["spec_accepted_tokens"] > 0, s
+
+
+def test_min_tokens_with_a_stop_token_id_past_the_vocabulary_masks_the_rest():
+    logits = torch.zeros(1, 10)
+    p = SamplingParams(min_tokens=2, stop_token_ids=[4, 99])
+    out = adjust_logits(logits, [p], [None], [0], None, (2,))
+    assert out[0].isinf().nonzero().flatten().tolist() == [2, 4]

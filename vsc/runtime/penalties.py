@@ -72,7 +72,7 @@ def adjust_logits(logits: torch.Tensor, params: Seq[SamplingParams], counts: Seq
     if not rows:
         return logits
     out = logits.float().clone()
-    device = out.device
+    device, vocab = out.device, out.shape[1]
     eos = tuple(stop_ids)
     n_before = (lambda i: len(before[i])) if before is not None else (lambda i: 0)
 
@@ -82,7 +82,7 @@ def adjust_logits(logits: torch.Tensor, params: Seq[SamplingParams], counts: Seq
     for i in rows:
         p = params[i]
         if num_output[i] + n_before(i) < p.min_tokens:
-            ids = set(eos).union(p.stop_token_ids)
+            ids = {t for t in set(eos).union(p.stop_token_ids) if 0 <= t < vocab}   # an id past it never comes
             mask_r += [i] * len(ids)
             mask_c += ids
     if mask_r:
