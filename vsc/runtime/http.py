@@ -605,8 +605,9 @@ class _App:
             log.exception("failed to parse a %s request", "chat completion" if chat else "completion")
             return _internal("reading the request").response()
         unknown = _unknown_fields(body, chat)
-        if unknown:     # as vLLM: logged and ignored
-            log.warning("ignored request field(s) this server does not know: %s", ", ".join(map(repr, unknown)))
+        if unknown:     # as vLLM: logged and ignored (names cut short: they are the client's text)
+            names = ", ".join(repr(k[:40]) for k in unknown[:8]) + (f" and {len(unknown) - 8} more" if len(unknown) > 8 else "")
+            log.warning("ignored request field(s) this server does not know: %s", names)
         return await self._serve(request, prefix, chat, ids, params, stream, include_usage, arrival, reply)
 
     async def _admit_schema(self, schema: str | None, param: str = "response_format") -> None:
