@@ -143,7 +143,7 @@ def _logit_bias(v: Any, vocab: int | None) -> dict[int, float] | None:
             raise _bad("logit_bias", f"'logit_bias' keys must be token ids, got {key!r}") from None
         if token < 0 or (vocab and token >= vocab):
             raise _bad("logit_bias", f"'logit_bias' names token {token}, outside the vocabulary [0, {vocab})")
-        if type(bias) is not int and type(bias) is not float or not -100 <= bias <= 100:
+        if type(bias) not in (int, float) or not -100 <= bias <= 100:
             raise _bad("logit_bias", f"'logit_bias' values must be numbers in [-100, 100], got {bias!r} for {key!r}")
         out[token] = float(bias)
     return out or None
