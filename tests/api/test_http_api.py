@@ -135,7 +135,7 @@ def test_chat_completion(live, client):
 def test_chat_default_max_tokens_is_rest_of_context(live, client):
     messages = [{"role": "user", "content": [{"type": "text", "text": "part one, "}, {"type": "text", "text": "two"}]}]
     out = client.chat.completions.create(model=MODEL, messages=messages)
-    prompt_len = len(FakeTokenizer().apply_chat_template([{"role": "user", "content": "part one, two"}]))
+    prompt_len = len(FakeTokenizer().apply_chat_template([{"role": "user", "content": "part one, \ntwo"}]))  # joined as vLLM does
     assert out.usage.prompt_tokens == prompt_len
     assert live.engine.requests[out.id].params.max_tokens == live.engine.max_context - prompt_len
     assert out.usage.completion_tokens == live.engine.max_context - prompt_len

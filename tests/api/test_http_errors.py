@@ -45,8 +45,12 @@ def test_invalid_json_body_is_400(live, path, raw):
     ("max_tokens", "10"), ("max_tokens", 2.5), ("top_p", 2), ("top_p", 0), ("top_k", "x"), ("seed", 1.5),
     ("stream", "yes"), ("stop", 5), ("stop", ["ok", 3]), ("ignore_eos", 1), ("n", "1"), ("model", 3),
     ("stream_options", {"include_usage": True}), ("prompt", None), ("prompt", 5), ("prompt", []),
-    ("prompt", [1, "a"]), ("prompt", ["a", "b"]), ("prompt", [-1]), ("presence_penalty", 0.5), ("echo", True),
-    ("logprobs", 2),
+    ("prompt", [1, "a"]), ("prompt", ["a", "b"]), ("prompt", [-1]), ("presence_penalty", 2.5), ("echo", True),
+    ("logprobs", 2), ("frequency_penalty", "x"), ("min_p", 1.5), ("repetition_penalty", 0), ("min_tokens", -1),
+    ("min_tokens", 5), ("logit_bias", {"x": 1}), ("logit_bias", {"5": 101}), ("logit_bias", [1]),
+    ("include_stop_str_in_output", "yes"), ("truncate_prompt_tokens", -2), ("truncate_prompt_tokens", 10**6),
+    ("truncation_side", "middle"), ("prompt_logprobs", 1), ("structured_outputs", {"regex": "a+"}),
+    ("structured_outputs", {"json": "{"}), ("structured_outputs", {}),
 ])
 def test_wrong_completion_parameters_are_400(live, field, value):
     body = {"model": MODEL, "prompt": "hello", "max_tokens": 4, field: value}

@@ -188,3 +188,16 @@ def test_a_server_folder_whose_schema_cannot_be_served_fails_to_start_in_one_lin
     (folder / "manifest.json").write_text(json.dumps(seal(folder, manifest)))     # edited on purpose: resealed
     with pytest.raises(ServerFolderError, match="the deployment's json-mode schema: the schema admits no JSON value"):
         build_server(folder)
+
+
+def test_response_format_text_gets_free_text_from_a_json_mode_server(live):
+    """A json-mode deployment's schema is the default, not a must: {"type": "text"} turns it off for the
+    request (as vLLM, which has no deployment schema, answers it)."""
+    c = live.client
+    messages = [{"role": "user", "content": "Ada Lovelace was 36. Extract her."}]
+    forced = c.chat.completions.create(model=live.model, temperature=0, max_tokens=24, messages=messages)
+    free = c.chat.completions.create(model=live.model, temperature=0, max_tokens=24, messages=messages,
+                                     response_format={"type": "text"})
+    assert_person(forced.choices[0].message.content)
+    assert free.choices[0].message.content != forced.choices[0].message.content
+    assert not free.choices[0].message.content.startswith("{")

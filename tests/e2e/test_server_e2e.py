@@ -15,7 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from vsc.cli import main as vsc_main
-from vsc.models.tiny import make_tiny
+from vsc.models.tiny import EOS_ID, make_tiny
 
 from live_server import Live
 
@@ -88,6 +88,28 @@ def test_completion_and_chat_plain_and_streamed(live):
     chunks = list(c.chat.completions.create(model=live.model, messages=[{"role": "user", "content": "Hello"}],
                                             max_tokens=6, temperature=0, stream=True))
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == chat.choices[0].message.content
+
+
+def test_sampling_parameters_act_on_a_compiled_server(live):
+    """vLLM's sampling fields through the compiled runner: min_p 1 makes temperature 1.5 greedy, a
+    -100 logit_bias bans a token, a repetition penalty changes greedy text, min_tokens holds EOS."""
+    c = live.client
+    kw = dict(model=live.model, prompt="def main():", max_tokens=16)
+    greedy = c.completions.create(temperature=0, **kw).choices[0].text
+    for seed in range(3):
+        assert c.completions.create(temperature=1.5, seed=seed, extra_body={"min_p": 1.0}, **kw).choices[0].text \
+            == greedy
+    assert {c.completions.create(temperature=1.5, seed=s, **kw).choices[0].text for s in range(3)} != {greedy}
+    penalized = c.completions.create(temperature=0, extra_body={"repetition_penalty": 5.0}, **kw).choices[0].text
+    assert penalized != greedy
+    biased = c.completions.create(temperature=0, frequency_penalty=2.0, presence_penalty=2.0, **kw).choices[0].text
+    assert biased != greedy
+    eos = {str(EOS_ID): 100}                              # +100: the model ends at once ...
+    ended = c.completions.create(temperature=0, logit_bias=eos, **kw)
+    assert ended.usage.completion_tokens == 1 and ended.choices[0].finish_reason == "stop"
+    held = c.completions.create(temperature=0, logit_bias=eos, extra_body={"min_tokens": 5}, **kw)
+    assert held.usage.completion_tokens == 6 and held.choices[0].finish_reason == "stop"   # ... after 5 tokens
+    assert held.choices[0].text == greedy[:len(held.choices[0].text)] != ""
 
 
 def test_sixteen_concurrent_requests_match_each_alone(live):

@@ -61,10 +61,36 @@ class SamplingParams:
     #                                      text); None: the deployment's schema, if it has one
     prediction: list[int] | None = None  # predicted output (OpenAI `prediction`), token ids: drafts for
     #                                      speculative decoding; the output is the same without it
+    text_only: bool = False              # response_format {"type": "text"}: free text even where the
+    #                                      deployment has a json-mode schema
+    # Logits adjustments (vLLM's definitions; vsc.runtime.penalties), applied before temperature, so
+    # greedy requests see them too: min_tokens masks EOS and stop_token_ids while fewer tokens were
+    # generated (and stop strings are not looked for in their text); logit_bias adds to a token's logit;
+    # repetition_penalty divides a positive logit (multiplies a negative one) of every token in the
+    # prompt or the output; frequency_penalty subtracts per occurrence in the output, presence_penalty
+    # once per token present in it. min_p (after temperature) drops tokens below min_p x the top one's
+    # probability.
+    min_p: float = 0.0
+    min_tokens: int = 0
+    logit_bias: dict[int, float] | None = None
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    include_stop_str_in_output: bool = False   # keep the stop string (or stop token's text) in the text
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        """Needs per-token counts of its output (and prompt): any of the three penalties is on."""
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Has a logits adjustment before sampling (vsc.runtime.penalties.adjust_logits)."""
+        return self.penalized or self.min_tokens > 0 or bool(self.logit_bias)
 
 
 @dataclass

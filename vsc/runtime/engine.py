@@ -57,6 +57,7 @@ from vsc.runtime.api import (EngineConfig, GenerateRequest, InvalidRequest, Mode
 from vsc.runtime.block_manager import BlockManager
 from vsc.runtime.constrain import GrammarFailure, apply_constraints, compiler_for, make_constraint
 from vsc.runtime.enums import OVERLOAD_POLICIES
+from vsc.runtime.penalties import TokenCounts, adjust_logits
 from vsc.runtime.sampler import Sampler
 from vsc.runtime.scheduler import ScheduledStep, Scheduler
 from vsc.runtime.sequence import Sequence
@@ -237,17 +238,31 @@ class LLMEngine:
             raise InvalidRequest(f"top_p must be in (0, 1], got {p.top_p}")
         if p.top_k < 0:
             raise InvalidRequest(f"top_k must be >= 0, got {p.top_k}")
+        if not 0.0 <= p.min_p <= 1.0:
+            raise InvalidRequest(f"min_p must be in [0, 1], got {p.min_p}")
+        if not 0 <= p.min_tokens <= p.max_tokens:
+            raise InvalidRequest(f"min_tokens must be in [0, max_tokens={p.max_tokens}], got {p.min_tokens}")
+        if not p.repetition_penalty > 0.0 or p.repetition_penalty == float("inf"):
+            raise InvalidRequest(f"repetition_penalty must be a finite number > 0, got {p.repetition_penalty}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not -2.0 <= getattr(p, name) <= 2.0:
+                raise InvalidRequest(f"{name} must be in [-2, 2], got {getattr(p, name)}")
         vocab = self.vocab_size
         ids = request.prompt_ids
         if min(ids) < 0 or max(ids) >= vocab:
             raise InvalidRequest(f"prompt token ids must be in [0, {vocab})")
         if p.prediction and (min(p.prediction) < 0 or max(p.prediction) >= vocab):
             raise InvalidRequest(f"prediction token ids must be in [0, {vocab})")
+        if p.logit_bias and (min(p.logit_bias) < 0 or max(p.logit_bias) >= vocab):
+            raise InvalidRequest(f"logit_bias token ids must be in [0, {vocab})")
         detok = None
         if self.tokenizer is not None:
-            detok = IncrementalDetokenizer(self.tokenizer, request.prompt_ids, p.stop)
+            detok = IncrementalDetokenizer(self.tokenizer, request.prompt_ids, p.stop, min_tokens=p.min_tokens,
+                                           include_stop=p.include_stop_str_in_output)
         seq = Sequence(request, detok, self.device)
-        schema = p.json_schema or self.config.json_schema     # json mode: the request's, else the deployment's
+        seq.counts = TokenCounts.of(p, request.prompt_ids, vocab, self.device)
+        # json mode: the request's schema, else the deployment's (unless the request asked for text)
+        schema = None if p.text_only else (p.json_schema or self.config.json_schema)
         if schema is not None:
             seq.constraint = make_constraint(self.tokenizer, self.vocab_size, schema)  # bad schema: InvalidRequest
         return seq
@@ -364,6 +379,7 @@ class LLMEngine:
             self._observe_logits(seqs, logits)
         if any(s.constraint is not None for s in seqs):   # json mode: -inf where the grammar forbids
             logits = apply_constraints(logits, [s.constraint for s in seqs])
+        logits = self._adjust(logits, seqs, None)
         token_ids = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs])
         now = time.monotonic()
         self.generated_tokens += len(token_ids)
@@ -379,6 +395,14 @@ class LLMEngine:
         for seq in finished:
             self._live.pop(seq.request_id, None)
         self._deliver(events)
+
+    def _adjust(self, logits: torch.Tensor, row_seqs: list[Sequence], before: list[list[int]] | None) -> torch.Tensor:
+        """The logits-adjustment stage (vsc.runtime.penalties): min_tokens, logit_bias, penalties per row;
+        `logits` itself when no row's request uses any."""
+        if not any(s.params.adjusts_logits for s in row_seqs):
+            return logits
+        return adjust_logits(logits, [s.params for s in row_seqs], [s.counts for s in row_seqs],
+                             [s.num_output_tokens for s in row_seqs], before, self.eos_token_ids)
 
     def _observe_logits(self, row_seqs: list[Sequence], logits: torch.Tensor) -> None:
         """Hand the model's raw logits to `logits_hook(request_id, position, row)`: row i
@@ -461,6 +485,10 @@ class LLMEngine:
                 after = c.after(seqs[r].draft_ids[:drafted[r]]) if c is not None and drafted[r] else []
                 masks += [c] + after + [c] * (drafted[r] - len(after))
             logits = apply_constraints(logits, masks)
+        if any(s.params.adjusts_logits for s in row_seqs):
+            # each row adjusted as plain decoding would at its position: after the drafts before it
+            before = [seqs[r].draft_ids[:j] for r in rows for j in range(1 + drafted[r])]
+            logits = self._adjust(logits, row_seqs, before)
         states = {r: seqs[r].generator.get_state() for r in rows if drafted[r] and seqs[r].generator is not None}
         picks = self.sampler(logits, [s.params for s in row_seqs], [s.generator for s in row_seqs])
         now = time.monotonic()
@@ -523,6 +551,8 @@ class LLMEngine:
             seq.first_token_time = now
         seq.last_token_time = now
         seq.token_ids.append(token)
+        if seq.counts is not None:
+            seq.counts.add(token)
         p = seq.params
         detok = seq.detokenizer
         reason = None
@@ -536,7 +566,9 @@ class LLMEngine:
         elif (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
             reason = "stop"
             if detok is not None:
-                text = detok.flush()
+                if p.include_stop_str_in_output:     # the stop token's own text (special tokens decode to "")
+                    text = detok.add(token)
+                text += detok.flush()
         else:
             if detok is not None:
                 text = detok.add(token)

@@ -137,6 +137,62 @@ def _token_list(v: Any, key: str, vocab: int | None) -> list[int]:
     return v
 
 
+def _logit_bias(v: Any, vocab: int | None) -> dict[int, float] | None:
+    """OpenAI `logit_bias` ({"token id": bias in [-100, 100]}) -> {token id: bias} (None: absent or empty)."""
+    if v is None:
+        return None
+    if not isinstance(v, dict):
+        raise _bad("logit_bias", "'logit_bias' must be an object mapping token ids to biases, e.g. {\"50256\": -100}")
+    out: dict[int, float] = {}
+    for key, bias in v.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise _bad("logit_bias", f"'logit_bias' keys must be token ids, got {key!r}") from None
+        if token < 0 or (vocab and token >= vocab):
+            raise _bad("logit_bias", f"'logit_bias' names token {token}, outside the vocabulary [0, {vocab})")
+        if type(bias) not in (int, float) or not -100 <= bias <= 100:
+            raise _bad("logit_bias", f"'logit_bias' values must be numbers in [-100, 100], got {bias!r} for {key!r}")
+        out[token] = float(bias)
+    return out or None
+
+
+def _structured_outputs(v: Any) -> str | None:
+    """vLLM's `structured_outputs` -> the JSON Schema text of json mode (None: absent). Its `json`
+    (a schema, as an object or as JSON text) and `json_object` use json mode; regex, choice, grammar
+    and structural_tag are refused."""
+    if v is None:
+        return None
+    key = "structured_outputs"
+    if not isinstance(v, dict):
+        raise _bad(key, f"'{key}' must be an object, e.g. {{\"json\": {{...schema...}}}}")
+    kinds = [k for k in ("json", "regex", "choice", "grammar", "json_object", "structural_tag") if v.get(k) is not None]
+    if len(kinds) != 1:
+        raise _bad(key, f"'{key}' must give exactly one of json, regex, choice, grammar, json_object, "
+                        f"structural_tag; got {', '.join(kinds) or 'none'}")
+    if kinds[0] not in ("json", "json_object"):
+        raise _bad(key, f"'{key}.{kinds[0]}' is not supported by this server (only json and json_object: "
+                        "it constrains output with JSON Schemas)")
+    if v.get("disable_additional_properties") or v.get("whitespace_pattern") is not None:
+        raise _bad(key, f"'{key}': disable_additional_properties and whitespace_pattern are not supported")
+    if kinds[0] == "json_object":
+        if v["json_object"] is not True:
+            raise _bad(key, f"'{key}.json_object' must be true")
+        return ANY_JSON_OBJECT
+    schema = v["json"]
+    if isinstance(schema, str):
+        try:
+            schema = orjson.loads(schema)
+        except orjson.JSONDecodeError as e:
+            raise _bad(key, f"'{key}.json' is not valid JSON: {e}") from None
+    if not isinstance(schema, dict):
+        raise _bad(key, f"'{key}.json' must be a JSON Schema object")
+    try:
+        return check_schema(schema)
+    except SchemaError as e:
+        raise _bad(key, f"'{key}.json': {e}") from None
+
+
 def _unsupported(body: dict, key: str, default_ok) -> None:
     """A known OpenAI field this server does not implement: accepted only at its no-op value."""
     v = body.get(key)
@@ -144,15 +200,31 @@ def _unsupported(body: dict, key: str, default_ok) -> None:
         raise _bad(key, f"'{key}'={v!r} is not supported by this server")
 
 
-def _common(body: dict, chat: bool) -> tuple[SamplingParams, bool, bool]:
+#: The request fields each endpoint knows: each has its effect or is refused. Any other field is
+#: ignored and named in one warning per request, as vLLM does (`user`, an end user's id for abuse
+#: tracking that changes no output, is known and has no effect, as in vLLM).
+_COMMON_FIELDS = frozenset((
+    "model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids",
+    "ignore_eos", "stream", "stream_options", "response_format", "structured_outputs", "prediction", "n", "best_of",
+    "logprobs", "prompt_logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias",
+    "min_tokens", "include_stop_str_in_output", "truncate_prompt_tokens", "truncation_side", "user"))
+_CHAT_FIELDS = _COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "tools", "echo",
+                                 "add_generation_prompt", "continue_final_message"}
+_COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "echo", "suffix"}
+
+
+def _unknown_fields(body: dict, chat: bool) -> list[str]:
+    known = _CHAT_FIELDS if chat else _COMPLETION_FIELDS
+    return [k for k in body if k not in known]
+
+
+def _common(body: dict, chat: bool, vocab: int | None = None) -> tuple[SamplingParams, bool, bool]:
     """Sampling parameters (max_tokens left at its request value or None), stream, include_usage."""
     n = _int(body, "n", 1)
     if n != 1:
         raise _bad("n", f"only n=1 is supported, got n={n}")
     _unsupported(body, "best_of", lambda v: v == 1)
-    _unsupported(body, "presence_penalty", lambda v: type(v) in (int, float) and v == 0)
-    _unsupported(body, "frequency_penalty", lambda v: type(v) in (int, float) and v == 0)
-    _unsupported(body, "logit_bias", lambda v: v == {})
+    _unsupported(body, "prompt_logprobs", lambda v: False)
     if chat:
         _unsupported(body, "logprobs", lambda v: v is False)
         _unsupported(body, "top_logprobs", lambda v: v == 0)
@@ -170,6 +242,17 @@ def _common(body: dict, chat: bool) -> tuple[SamplingParams, bool, bool]:
     top_k = _int(body, "top_k", 0, lo=-1)
     seed = _int(body, "seed", None, lo=_SEED_MIN, hi=_SEED_MAX)
     ignore_eos = _bool(body, "ignore_eos", False)
+    min_p = _number(body, "min_p", 0.0, 0.0, 1.0)
+    presence = _number(body, "presence_penalty", 0.0, -2.0, 2.0)
+    frequency = _number(body, "frequency_penalty", 0.0, -2.0, 2.0)
+    repetition = _number(body, "repetition_penalty", 1.0, 0.0, float("inf"), lo_open=True)
+    if repetition == float("inf"):
+        raise _bad("repetition_penalty", "'repetition_penalty' must be a finite number > 0")
+    min_tokens = _int(body, "min_tokens", 0, lo=0)
+    if max_tokens is not None and min_tokens > max_tokens:
+        raise _bad("min_tokens", f"'min_tokens' must be at most max_tokens={max_tokens}, got {min_tokens}")
+    include_stop = _bool(body, "include_stop_str_in_output", False)
+    logit_bias = _logit_bias(body.get("logit_bias"), vocab)
 
     stop = body.get("stop")
     if stop is None:
@@ -198,10 +281,20 @@ def _common(body: dict, chat: bool) -> tuple[SamplingParams, bool, bool]:
             raise _bad("stream_options", "'stream_options' is only allowed when 'stream' is true")
         include_usage = _bool(opts, "include_usage", False)
 
+    response_format = body.get("response_format")
+    schema = _response_format(response_format)
+    structured = _structured_outputs(body.get("structured_outputs"))
+    if structured is not None:
+        if schema is not None:
+            raise _bad("structured_outputs", "give 'structured_outputs' or a json 'response_format', not both")
+        schema = structured
+    text_only = isinstance(response_format, dict) and response_format.get("type") == "text" and structured is None
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                             top_k=0 if top_k == -1 else top_k, seed=seed, stop=stops,
                             stop_token_ids=list(stop_ids), ignore_eos=ignore_eos,
-                            json_schema=_response_format(body.get("response_format")))
+                            json_schema=schema, text_only=text_only, min_p=min_p, min_tokens=min_tokens,
+                            logit_bias=logit_bias, repetition_penalty=repetition, frequency_penalty=frequency,
+                            presence_penalty=presence, include_stop_str_in_output=include_stop)
     return params, stream, include_usage
 
 
@@ -259,7 +352,7 @@ def _message_text(content: Any, i: int) -> str:
                 raise _bad("messages", f"messages[{i}].content: only text parts ({{'type': 'text', 'text': ...}}) "
                                        "are supported")
             texts.append(part["text"])
-        return "".join(texts)
+        return "\n".join(texts)        # as vLLM joins text parts
     raise _bad("messages", f"messages[{i}].content must be a string or a list of text parts")
 
 
@@ -289,13 +382,43 @@ def _ignore_unknown(body: dict, known: frozenset, endpoint: str) -> None:
         log.warning("%s: the following fields were present in the request but ignored: %s", endpoint, extra)
 
 
+def _chat_continuation(body: dict) -> tuple[bool, bool]:
+    """(add_generation_prompt, continue_final_message), as vLLM takes them (not both)."""
+    add = _bool(body, "add_generation_prompt", True)
+    cont = _bool(body, "continue_final_message", False)
+    if add and cont:
+        raise _bad("continue_final_message", "'continue_final_message' continues the last message: it needs "
+                                             "'add_generation_prompt': false")
+    return add, cont
+
+
+def _chat_reply(body: dict) -> tuple[str, str]:
+    """(role, echo) of a chat reply, as vLLM gives them: the role is "assistant", or the last message's
+    without a generation prompt; with `echo`, the reply starts with the last message's text when that
+    message has the reply's role (e.g. the start of an answer the model continues)."""
+    add, _ = _chat_continuation(body)
+    echo = _bool(body, "echo", False)
+    last = _messages(body)[-1]
+    role = "assistant" if add else last["role"]
+    return role, (last["content"] if echo and last["role"] == role else "")
+
+
+def _truncate(ids: list[int], keep: tuple[int, str] | None) -> list[int]:
+    """The prompt cut to `keep` = (k tokens, side) (None: as it is)."""
+    if keep is None or len(ids) <= keep[0]:
+        return ids
+    k, side = keep
+    return ids[len(ids) - k:] if side == "left" else ids[:k]
+
+
 # --------------------------------------------------------------------------- one request in flight
 
 class _Req:
     """The state of one request the engine has accepted (shared by handler, stream and watcher)."""
 
     __slots__ = ("rid", "chat", "created", "arrival", "prompt_len", "include_usage", "counted", "finished",
-                 "aborted", "client_gone", "guarded", "task", "watcher", "predicted", "shutdown", "ttft")
+                 "aborted", "client_gone", "guarded", "task", "watcher", "predicted", "shutdown", "ttft", "role",
+                 "echo")
 
     def __init__(self, rid: str, chat: bool, arrival: float, prompt_len: int, include_usage: bool,
                  predicted: bool = False):
@@ -312,6 +435,8 @@ class _Req:
         self.task: asyncio.Task | None = None
         self.watcher: asyncio.Task | None = None
         self.ttft: float | None = None  # seconds from arrival to the first event (the request log line)
+        self.role = "assistant"     # chat: the reply's role (the last message's without a generation prompt)
+        self.echo = ""              # chat echo: the last message's text, put before the reply
 
 
 class _App:
@@ -384,14 +509,30 @@ class _App:
                                      f"{max_tokens})", code="context_length_exceeded")
         return max_tokens
 
-    def _encode(self, text: str, add_special_tokens: bool, param: str) -> list[int]:
+    def _encode(self, text: str, add_special_tokens: bool, param: str, bounded: bool = True) -> list[int]:
         """Tokenize a prompt; one that cannot fit the context whatever its tokens (more characters
-        than the tokenizer's chars_per_token bound allows) is refused without tokenizing it."""
+        than the tokenizer's chars_per_token bound allows) is refused without tokenizing it, unless
+        not `bounded` (it will be truncated: truncate_prompt_tokens)."""
         bound, ctx = self.chars_per_token, int(self.engine.max_context)
-        if bound is not None and len(text) > bound * ctx:
+        if bounded and bound is not None and len(text) > bound * ctx:
             raise _bad(param, f"The prompt of {len(text)} characters is at least {len(text) // bound} tokens, more "
                               f"than the model's context of {ctx} tokens", code="context_length_exceeded")
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def _truncation(self, body: dict) -> tuple[int, str] | None:
+        """vLLM's truncate_prompt_tokens (k, or -1: the context length) and truncation_side ("left"
+        keeps the last k prompt tokens, the default; "right" the first k): (k, side), or None."""
+        ctx = int(self.engine.max_context)
+        k = _int(body, "truncate_prompt_tokens", None, lo=-1)
+        side = body.get("truncation_side")
+        if side is not None and side not in ("left", "right"):
+            raise _bad("truncation_side", f"'truncation_side' must be 'left' or 'right', got {side!r}")
+        if k is None:
+            return None
+        if k > ctx:
+            raise _bad("truncate_prompt_tokens", f"'truncate_prompt_tokens'={k} is more than the model's context "
+                                                 f"of {ctx} tokens")
+        return (ctx if k == -1 else k), side or "left"
 
     def _abort(self, r: _Req) -> None:
         if r.finished or r.aborted:
@@ -499,16 +640,21 @@ class _App:
                     body = translate(body)
                 except ResponsesInputError as e:
                     raise _bad(e.param, str(e)) from None
-            params, stream, include_usage = _common(body, chat=chat)
+            params, stream, include_usage = _common(body, chat=chat, vocab=self.vocab)
             predicted = _prediction(body.get("prediction"))
+            reply = _chat_reply(body) if chat else None
             if self._check_overload is not None:     # overload = shed: refuse before tokenizing
                 self._check_overload()
             # tokenizing (and the chat template) off the event loop: a long prompt delays only itself
             ids = await asyncio.to_thread(prompt_of, body, params)
+            if params.min_tokens > params.max_tokens:
+                raise _bad("min_tokens", f"'min_tokens' must be at most max_tokens={params.max_tokens}, "
+                                         f"got {params.min_tokens}")
             if predicted is not None:
                 params.prediction = list(await asyncio.to_thread(self.tokenizer.encode, predicted,
                                                                  add_special_tokens=False)) or None
-            await self._admit_schema(params.json_schema)
+            await self._admit_schema(params.json_schema,
+                                     "response_format" if body.get("structured_outputs") is None else "structured_outputs")
         except ApiError as e:
             self._log_refusal(e, arrival)
             return e.response()
@@ -519,9 +665,13 @@ class _App:
         except Exception:
             log.exception("failed to parse a %s request", "chat completion" if chat else "completion")
             return _internal("reading the request").response()
-        return await self._serve(request, prefix, chat, ids, params, stream, include_usage, arrival)
+        unknown = _unknown_fields(body, chat)
+        if unknown:     # as vLLM: logged and ignored (names cut short: they are the client's text)
+            names = ", ".join(repr(k[:40]) for k in unknown[:8]) + (f" and {len(unknown) - 8} more" if len(unknown) > 8 else "")
+            log.warning("ignored request field(s) this server does not know: %s", names)
+        return await self._serve(request, prefix, chat, ids, params, stream, include_usage, arrival, reply)
 
-    async def _admit_schema(self, schema: str | None) -> None:
+    async def _admit_schema(self, schema: str | None, param: str = "response_format") -> None:
         """json mode: compile the request's schema for the engine's tokenizer (off the event loop;
         cached) so one the grammar engine refuses is a 400 here, never a failure mid-generation."""
         if schema is None:
@@ -529,12 +679,14 @@ class _App:
         try:
             await asyncio.to_thread(self.engine.admit_schema, schema)
         except SchemaError as e:
-            raise _bad("response_format", f"'response_format.json_schema.schema': {e}") from None
+            where = "'response_format.json_schema.schema'" if param == "response_format" else f"'{param}.json'"
+            raise _bad(param, f"{where}: {e}") from None
 
     def _completion_prompt(self, body: dict, params: SamplingParams) -> list[int]:
         prompt = body.get("prompt")
+        keep = self._truncation(body)
         if isinstance(prompt, str):
-            ids = self._encode(prompt, True, "prompt")
+            ids = self._encode(prompt, True, "prompt", keep is None)
         elif isinstance(prompt, list) and prompt:
             first = prompt[0]
             if type(first) is int:
@@ -542,14 +694,14 @@ class _App:
             elif len(prompt) > 1:
                 raise _bad("prompt", "batched prompts are not supported: send one prompt per request")
             elif isinstance(first, str):
-                ids = self._encode(first, True, "prompt")
+                ids = self._encode(first, True, "prompt", keep is None)
             elif isinstance(first, list) and first:
                 ids = _token_list(first, "prompt", self.vocab)
             else:
                 raise _bad("prompt", "'prompt' must be a string, a list of token ids, or a list with one of those")
         else:
             raise _bad("prompt", "'prompt' must be a string, a list of token ids, or a list with one of those")
-        ids = list(ids)
+        ids = _truncate(list(ids), keep)
         if not ids:
             raise _bad("prompt", "the prompt is empty")
         if params.max_tokens is None:     # OpenAI's default of 16, clamped to the room left in the context
@@ -560,22 +712,28 @@ class _App:
 
     def _chat_prompt(self, body: dict, params: SamplingParams) -> list[int]:
         messages = _messages(body)
+        keep = self._truncation(body)
+        add_generation_prompt, continue_final = _chat_continuation(body)
         try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                      **({"continue_final_message": True} if continue_final else {}))
         except Exception as e:  # template errors (role order, ...) are the caller's
             raise _bad("messages", f"the chat template rejected the messages: {e}") from None
-        ids = list(self._encode(text, False, "messages"))
+        ids = _truncate(list(self._encode(text, False, "messages", keep is None)), keep)
         if not ids:
             raise _bad("messages", "the prompt is empty")
         params.max_tokens = self._fit(len(ids), params.max_tokens, "messages")
         return ids
 
     async def _serve(self, request: Request, prefix: str, chat: bool, ids: list[int], params: SamplingParams,
-                     stream: bool, include_usage: bool, arrival: float) -> Response:
+                     stream: bool, include_usage: bool, arrival: float,
+                     reply: tuple[str, str] | None = None) -> Response:
         if self.draining:
             return ApiError(503, "the server is shutting down; retry on another instance", code="server_shutdown",
                             headers={"connection": "close"}).response()
         r = _Req(prefix + uuid.uuid4().hex, chat, arrival, len(ids), include_usage, bool(params.prediction))
+        if reply is not None:
+            r.role, r.echo = reply
         self.live.add(r)
         engine = self.engine
         started = False
@@ -656,7 +814,7 @@ class _App:
         text = "".join(parts)
         if r.chat:
             obj = {"id": r.rid, "object": "chat.completion", "created": r.created, "model": self.name,
-                   "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                   "choices": [{"index": 0, "message": {"role": r.role, "content": r.echo + text},
                                 "logprobs": None, "finish_reason": reason}], "usage": usage}
         else:
             obj = {"id": r.rid, "object": "text_completion", "created": r.created, "model": self.name,
@@ -796,8 +954,10 @@ class _EventStream(Response):
             b'","created":' + str(r.created).encode() + b',"model":' + name + b',"choices":[{"index":0,'
         tail = b',"logprobs":null,"finish_reason":null}]' + (b',"usage":null' if r.include_usage else b"") + b"}\n\n"
         if r.chat:
-            return head + b'"delta":{"role":"assistant","content":""}' + tail, head + b'"delta":{"content":', \
-                b"}" + tail
+            first = head + b'"delta":{"role":' + orjson.dumps(r.role) + b',"content":""}' + tail
+            if r.echo:          # chat echo: the last message's text, in the chunk after the role's
+                first += head + b'"delta":{"content":' + orjson.dumps(r.echo) + b"}" + tail
+            return first, head + b'"delta":{"content":', b"}" + tail
         return b"", head + b'"text":', tail
 
     def _final(self, text: str, reason: str, usage: dict) -> bytes:

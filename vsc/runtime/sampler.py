@@ -1,4 +1,9 @@
-"""Batched next-token sampling: greedy, temperature, top-k, top-p, per-request seeds.
+"""Batched next-token sampling: greedy, temperature, min-p, top-k, top-p, per-request seeds.
+
+The logits it gets are final: json mode's grammar mask and the logits adjustments (min_tokens,
+logit_bias, penalties: vsc.runtime.penalties) are applied before, by the engine. Then, as in
+vLLM: greedy rows take the argmax; the others are divided by their temperature, min-p drops the
+tokens less likely than min_p times the most likely one, then top-k and top-p, then the draw.
 
 All work is on [B, V] tensors; the only Python loop is over seeded rows (to draw each
 one's noise from its own generator). Sampling uses the exponential race: with
@@ -34,6 +39,9 @@ class Sampler:
         logits = logits.float()
         scaled = logits / torch.tensor([t if t > 0.0 else 1.0 for t in temps], device=device).unsqueeze(1)
 
+        min_p = [p.min_p for p in params]
+        if any(m > 0.0 for m in min_p):
+            scaled = _mask_min_p(scaled, min_p)
         top_k = [p.top_k for p in params]
         top_p = [p.top_p for p in params]
         if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
@@ -56,6 +64,15 @@ class Sampler:
             mask = torch.tensor(greedy, device=device)
             sampled = torch.where(mask, logits.argmax(dim=-1), sampled)
         return sampled
+
+
+def _mask_min_p(logits: torch.Tensor, min_p: list[float]) -> torch.Tensor:
+    """Set to -inf every logit whose probability is below min_p times its row's largest (rows with
+    min_p 0 keep everything): p_i < min_p * p_max, i.e. l_i - l_max < log(min_p), on the
+    temperature-scaled logits. min_p 1 keeps only the most likely token(s)."""
+    floor = torch.tensor(min_p, dtype=logits.dtype, device=logits.device).log().unsqueeze(1)   # log 0 = -inf
+    threshold = logits.max(dim=-1, keepdim=True).values + floor
+    return logits.masked_fill(logits < threshold, float("-inf"))
 
 
 #: Top-p first looks for the nucleus among this many most likely tokens (a partial top-k

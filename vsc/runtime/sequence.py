@@ -26,7 +26,7 @@ class Sequence:
         "request_id", "token_ids", "num_prompt_tokens", "params", "arrival_time", "status",
         "block_table", "num_computed", "generator", "detokenizer", "queue", "loop",
         "finish_reason", "first_token_time", "last_token_time", "num_preemptions", "scheduled_time",
-        "constraint", "draft_ids", "spec", "prediction_accepted", "prediction_rejected",
+        "constraint", "draft_ids", "spec", "prediction_accepted", "prediction_rejected", "counts",
     )
 
     def __init__(self, request: GenerateRequest, detokenizer: Any = None, device: str | torch.device = "cpu"):
@@ -63,6 +63,9 @@ class Sequence:
         # predicted outputs: drafts from the request's prediction accepted / rejected
         self.prediction_accepted = 0
         self.prediction_rejected = 0
+        # penalties (vsc.runtime.penalties.TokenCounts): output-token counts as a tensor, set by the
+        # engine for a request that uses a penalty; None otherwise
+        self.counts: Any = None
 
     @property
     def num_tokens(self) -> int:

@@ -160,23 +160,40 @@ class Tokenizer:
     # --- chat ------------------------------------------------------------------------
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                            **kwargs: Any) -> str:
+                            continue_final_message: bool = False, **kwargs: Any) -> str:
         """The prompt text for `messages`, as transformers renders it with tokenize=False.
 
         Keys whose value is None are dropped from each message (as transformers does:
         OpenAI clients send `content: null` for tool calls). Extra keyword arguments
-        (e.g. `tools`) are passed to the template.
+        (e.g. `tools`) are passed to the template. `continue_final_message`: the text ends
+        right after the last message's content (no end-of-turn), so the model continues that
+        message; found as transformers finds it, by a tag appended to the content.
         """
         if self.chat_template is None:
             raise ValueError("this model has no chat template")
         if self._template is None:
             self._template = _compile_template(self.chat_template)
         messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
+        if continue_final_message:
+            if not messages or not isinstance(messages[-1].get("content"), str):
+                raise ValueError("continue_final_message needs a final message with text content")
+            messages[-1]["content"] += _CONTINUE_TAG
         variables = {**self.special_tokens, **kwargs}
         variables.setdefault("tools", None)
         variables.setdefault("documents", None)
-        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+        text = self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                      **variables)
+        if continue_final_message:
+            at = text.rfind(_CONTINUE_TAG.strip())
+            if at == -1:
+                raise ValueError("continue_final_message: the chat template dropped the final message's text")
+            # a template that trims the message also trimmed its trailing space: trim it here too
+            text = text[:at] if text.startswith(_CONTINUE_TAG, at) else text[:at].rstrip()
+        return text
+
+
+#: Marks the end of the final message's content while rendering for continue_final_message.
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
 
 
 def _compile_template(source: str) -> jinja2.Template:
@@ -243,12 +260,16 @@ class IncrementalDetokenizer:
     starts with a few prompt tokens for the same reason. Text is released only when it
     does not end in U+FFFD (an incomplete UTF-8 sequence) and is not a possible start of
     a stop string.
+
+    As in vLLM, `min_tokens`: no stop string is looked for in the text of the first min_tokens
+    tokens (one that ends after it still counts); `include_stop`: the text keeps the stop string
+    (include_stop_str_in_output).
     """
 
     CONTEXT_TOKENS = 5
 
     def __init__(self, tokenizer: Any, prompt_ids: list[int] = (), stop: Iterable[str] = (),
-                 skip_special_tokens: bool = True):
+                 skip_special_tokens: bool = True, min_tokens: int = 0, include_stop: bool = False):
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.ids: list[int] = list(prompt_ids[-self.CONTEXT_TOKENS:])
@@ -261,6 +282,9 @@ class IncrementalDetokenizer:
         self._max_stop = max((len(s) for s in self.stop), default=0)
         self._checked = 0         # `text` up to here holds no stop string
         self.stopped = False      # a stop string was found: output is complete
+        self.min_tokens = min_tokens
+        self.include_stop = include_stop
+        self.added = 0            # tokens fed by add()
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
@@ -270,6 +294,7 @@ class IncrementalDetokenizer:
         if self.stopped:
             return ""
         self.ids.append(token_id)
+        self.added += 1
         full = self._decode(self.ids[self.prefix_offset:])
         if len(full) > len(self._prefix_text) and not full.endswith("\ufffd"):
             self.text += full[len(self._prefix_text):]
@@ -293,21 +318,24 @@ class IncrementalDetokenizer:
         text = self.text
         start = self.emitted
         end = len(text)
-        if self.stop:
+        if self.stop and self.added <= self.min_tokens:
+            self._checked = end       # min_tokens: this text cannot end a stop string
+            if not final:
+                end -= _held_back(text, self.stop)
+        elif self.stop:
             # The stop string that completes first wins (on a tie, the longer one), as if
             # text arrived one character at a time: the result does not depend on how
-            # the text is split into tokens.
-            search_from = max(0, self._checked - self._max_stop + 1)
+            # the text is split into tokens. Only a match ending past `_checked` is new.
             found, found_end = -1, end + 1
             for s in self.stop:
-                j = text.find(s, search_from)
+                j = text.find(s, max(0, self._checked - len(s) + 1))
                 if j != -1 and (j + len(s) < found_end or (j + len(s) == found_end and j < found)):
                     found, found_end = j, j + len(s)
             self._checked = end
             if found != -1:
                 self.stopped = True
-                self.text = text[:found]
-                end = found
+                end = found_end if self.include_stop else found
+                self.text = text[:end]
             elif not final:
                 end -= _held_back(text, self.stop)
         if end <= start:
