@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Protocol
+from typing import Any, AsyncIterator, NamedTuple, Protocol
 
 import torch
 
@@ -61,6 +61,13 @@ class SamplingParams:
     #                                      text); None: the deployment's schema, if it has one
     prediction: list[int] | None = None  # predicted output (OpenAI `prediction`), token ids: drafts for
     #                                      speculative decoding; the output is the same without it
+    # log-probabilities (vsc.runtime.logprobs), of the raw model logits (vLLM's default logprobs_mode,
+    # "raw_logprobs": before temperature, penalties, masks): None off, else each sampled token's and
+    # this many most likely tokens' (TokenEvent.logprobs); prompt_logprobs: the same for every prompt
+    # token after the first (TokenEvent.prompt_logprobs, on the first event; the prompt is computed
+    # whole, never taken from the prefix cache)
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -98,6 +105,20 @@ class TokenEvent:
     # finish_reason "error" with a cause the client may see (json mode: its grammar failed);
     # None when a step raised (an internal error)
     error: RuntimeError_ | None = None
+    # SamplingParams.logprobs: one TokenLogprobs per token of token_ids; prompt_logprobs (first
+    # event only): one per prompt token, None for the first (nothing predicts it)
+    logprobs: list[TokenLogprobs] | None = None
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+
+
+class TokenLogprobs(NamedTuple):
+    """A token's log-probability under the model (log-softmax of its raw logits), its rank (1: the
+    most likely), and the `k` most likely tokens of that position as (token id, logprob), best first."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top: list[tuple[int, float]]
 
 
 @dataclass

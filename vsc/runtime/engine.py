@@ -53,8 +53,9 @@ import torch
 
 from vsc.runtime.admission import TTFTPredictor, retry_after_s
 from vsc.runtime.api import (EngineConfig, GenerateRequest, InvalidRequest, ModelRunner, Overloaded, QueueFull,
-                             TokenEvent)
+                             TokenEvent, TokenLogprobs)
 from vsc.runtime.block_manager import BlockManager
+from vsc.runtime.logprobs import MAX_LOGPROBS, token_logprobs
 from vsc.runtime.constrain import GrammarFailure, apply_constraints, compiler_for, make_constraint
 from vsc.runtime.enums import OVERLOAD_POLICIES
 from vsc.runtime.sampler import Sampler
@@ -237,6 +238,10 @@ class LLMEngine:
             raise InvalidRequest(f"top_p must be in (0, 1], got {p.top_p}")
         if p.top_k < 0:
             raise InvalidRequest(f"top_k must be >= 0, got {p.top_k}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(p, name)
+            if k is not None and not 0 <= k <= MAX_LOGPROBS:
+                raise InvalidRequest(f"{name} must be between 0 and {MAX_LOGPROBS}, got {k}")
         vocab = self.vocab_size
         ids = request.prompt_ids
         if min(ids) < 0 or max(ids) >= vocab:
@@ -351,6 +356,8 @@ class LLMEngine:
             return
         batch = step.batch
         logits = self.runner.decode(batch) if batch.is_decode else self.runner.prefill(batch)
+        if step.prompt_rows:
+            logits = self._take_prompt_logprobs(step, logits)
         self.scheduler.advance(step)
         self.num_steps += 1
         rows = step.sample_rows
@@ -362,15 +369,19 @@ class LLMEngine:
             seqs = [seqs[r] for r in rows]
         if self.logits_hook is not None:
             self._observe_logits(seqs, logits)
+        raw = logits
         if any(s.constraint is not None for s in seqs):   # json mode: -inf where the grammar forbids
             logits = apply_constraints(logits, [s.constraint for s in seqs])
         token_ids = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        scored = _score(raw, seqs, token_ids, range(len(seqs)))
         now = time.monotonic()
         self.generated_tokens += len(token_ids)
         events: list[tuple[Sequence, TokenEvent]] = []
         finished: list[Sequence] = []
-        for seq, token in zip(seqs, token_ids):
+        for i, (seq, token) in enumerate(zip(seqs, token_ids)):
             event = self._append_token(seq, token, now)
+            if i in scored:
+                event.logprobs = [scored[i]]
             events.append((seq, event))
             if event.finish_reason is not None:
                 finished.append(seq)
@@ -379,6 +390,34 @@ class LLMEngine:
         for seq in finished:
             self._live.pop(seq.request_id, None)
         self._deliver(events)
+
+    def _take_prompt_logprobs(self, step: ScheduledStep, logits: torch.Tensor) -> torch.Tensor:
+        """Prompt logprobs: score the prompt rows the step returned (ScheduledStep.prompt_rows) into
+        their sequences' `prompt_lp`; returns the logits of the other rows (the step's usual rows)."""
+        drafting = bool(step.num_drafts)
+        sampled = set(step.sample_rows)
+        kept: list[int] = []
+        index: list[int] = []
+        tokens: list[int] = []
+        ks: list[int] = []
+        targets: list[tuple[Sequence, int]] = []
+        at = 0
+        for row, (seq, m) in enumerate(zip(step.seqs, step.prompt_rows)):
+            start = seq.num_computed
+            for j in range(m):            # row of position p predicts token p + 1
+                index.append(at + j)
+                tokens.append(seq.token_ids[start + j + 1])
+                ks.append(seq.params.prompt_logprobs or 0)
+                targets.append((seq, start + j + 1))
+            at += m
+            n = 1 if not drafting else (1 + step.num_drafts[row] if row in sampled else 0)
+            kept.extend(range(at, at + n))
+            at += n
+        if index:
+            for (seq, i), lp in zip(targets, token_logprobs(logits[torch.tensor(index, device=logits.device)],
+                                                             tokens, ks)):
+                seq.prompt_lp[i] = lp
+        return logits[torch.tensor(kept, device=logits.device)]
 
     def _observe_logits(self, row_seqs: list[Sequence], logits: torch.Tensor) -> None:
         """Hand the model's raw logits to `logits_hook(request_id, position, row)`: row i
@@ -411,7 +450,7 @@ class LLMEngine:
         share = {id(s): room // len(guessed) + (i < room % len(guessed)) for i, s in enumerate(guessed)} \
             if room is not None and guessed else {}
         for seq in running:
-            if not wants_drafts(seq):
+            if not wants_drafts(seq) or seq.params.logprobs is not None:   # logprobs: one token a step
                 if seq.draft_ids:
                     seq.draft_ids = []
             elif seq.constraint is not None:      # jump-forward: the tokens the grammar forces
@@ -446,6 +485,8 @@ class LLMEngine:
                                  for s, d in zip(seqs, drafted)])
             self.scheduler.rebuild(step)
         logits = self.runner.prefill(step.batch)     # [R, V]: the last token and each draft of every sample row
+        if step.prompt_rows:
+            logits = self._take_prompt_logprobs(step, logits)
         self.num_steps += 1
         if not rows:
             self.scheduler.advance(step)
@@ -453,6 +494,7 @@ class LLMEngine:
         row_seqs = [seqs[r] for r in rows for _ in range(1 + drafted[r])]
         if self.logits_hook is not None:
             self._observe_logits(row_seqs, logits)
+        raw_rows = logits
         if any(s.constraint is not None for s in row_seqs):
             # json mode: each row masked by the grammar state after the drafts before it
             masks = []
@@ -463,6 +505,8 @@ class LLMEngine:
             logits = apply_constraints(logits, masks)
         states = {r: seqs[r].generator.get_state() for r in rows if drafted[r] and seqs[r].generator is not None}
         picks = self.sampler(logits, [s.params for s in row_seqs], [s.generator for s in row_seqs])
+        # logprobs: of undrafted rows (a request with logprobs is never drafted)
+        scored = _score(raw_rows, row_seqs, picks, [i for i, s in enumerate(row_seqs) if s.params.logprobs is not None])
         now = time.monotonic()
         events: list[tuple[Sequence, TokenEvent]] = []
         finished: list[Sequence] = []
@@ -471,6 +515,7 @@ class LLMEngine:
         for r in rows:
             seq, d = seqs[r], drafted[r]
             own = picks[at:at + 1 + d]
+            scored_row = scored.get(at)
             at += 1 + d
             tokens = own
             if d:
@@ -494,6 +539,8 @@ class LLMEngine:
                 if event.finish_reason is not None:
                     finished.append(seq)
                     break
+            if scored_row is not None and not d:
+                event.logprobs = [scored_row]
             if d:
                 step.num_new[r] = len(emitted)     # the last token and the kept drafts hold valid KV
                 event = TokenEvent(seq.request_id, emitted, "".join(text), event.finish_reason,
@@ -558,7 +605,8 @@ class LLMEngine:
                 log.exception("on_token hook failed; disabling it")
                 self.on_token = None
         return TokenEvent(seq.request_id, [token], text, reason, seq.num_prompt_tokens, seq.num_output_tokens,
-                          seq.prediction_accepted, seq.prediction_rejected, _grammar_failure(seq, reason))
+                          seq.prediction_accepted, seq.prediction_rejected, _grammar_failure(seq, reason),
+                          prompt_logprobs=seq.prompt_lp if is_first else None)
 
     def _finish_now(self, seqs: list[Sequence], reason: str) -> None:
         """End `seqs` outside the normal token path (abort, error, shutdown): free and notify."""
@@ -586,6 +634,17 @@ class LLMEngine:
                 loop.call_soon_threadsafe(_put_all, items)
             except RuntimeError:   # that event loop is closed: nobody is listening any more
                 pass
+
+
+def _score(logits: torch.Tensor, seqs: list[Sequence], token_ids: list[int], rows) -> dict[int, TokenLogprobs]:
+    """Logprobs of the sampled tokens of the `rows` of `logits` whose sequences asked for them
+    (raw model logits: before constraints, temperature and the rest), by row."""
+    want = [i for i in rows if seqs[i].params.logprobs is not None]
+    if not want:
+        return {}
+    index = torch.tensor(want, device=logits.device)
+    lps = token_logprobs(logits[index], [token_ids[i] for i in want], [seqs[i].params.logprobs for i in want])
+    return dict(zip(want, lps))
 
 
 def _grammar_failure(seq: Sequence, reason: str | None) -> GrammarFailure | None:

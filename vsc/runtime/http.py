@@ -17,6 +17,7 @@ per-request prefix + orjson.dumps(text) + a precomputed suffix, sent as one ASGI
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import logging
 import time
@@ -32,8 +33,10 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from vsc.runtime.api import GenerateRequest, QueueFull, RuntimeError_, SamplingParams, TokenEvent
+from vsc.runtime.choices import Choice, TokenText
 from vsc.runtime.constrain import ANY_JSON_OBJECT, SchemaError, check_schema
 from vsc.runtime.guard import HttpGuard, Security, default_max_body
+from vsc.runtime.logprobs import MAX_LOGPROBS
 from vsc.runtime.metrics import ServerMetrics
 
 log = logging.getLogger("vsc.runtime.http")
@@ -44,6 +47,7 @@ _SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache
 _DONE = b"data: [DONE]\n\n"
 _BODY = "http.response.body"
 _SEED_MIN, _SEED_MAX = -(1 << 63), (1 << 64) - 1
+MAX_N = 64          # most choices (n, best_of) one request may ask for
 _ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 429: "rate_limit_error",
                 500: "server_error", 503: "server_error"}
 
@@ -138,23 +142,16 @@ def _unsupported(body: dict, key: str, default_ok) -> None:
 
 def _common(body: dict, chat: bool) -> tuple[SamplingParams, bool, bool]:
     """Sampling parameters (max_tokens left at its request value or None), stream, include_usage."""
-    n = _int(body, "n", 1)
-    if n != 1:
-        raise _bad("n", f"only n=1 is supported, got n={n}")
-    _unsupported(body, "best_of", lambda v: v == 1)
     _unsupported(body, "presence_penalty", lambda v: type(v) in (int, float) and v == 0)
     _unsupported(body, "frequency_penalty", lambda v: type(v) in (int, float) and v == 0)
     _unsupported(body, "logit_bias", lambda v: v == {})
     if chat:
-        _unsupported(body, "logprobs", lambda v: v is False)
-        _unsupported(body, "top_logprobs", lambda v: v == 0)
         _unsupported(body, "tools", lambda v: v == [])
     else:
-        _unsupported(body, "logprobs", lambda v: False)
-        _unsupported(body, "echo", lambda v: v is False)
         _unsupported(body, "suffix", lambda v: v == "")
 
-    max_tokens = _int(body, "max_tokens", None, lo=1)
+    # max_tokens 0 with echo (completions): the prompt and its logprobs alone, as vLLM (lm-eval's scoring)
+    max_tokens = _int(body, "max_tokens", None, lo=0 if not chat and body.get("echo") is True else 1)
     if chat:
         max_tokens = _int(body, "max_completion_tokens", max_tokens, lo=1)
     temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
@@ -195,6 +192,29 @@ def _common(body: dict, chat: bool) -> tuple[SamplingParams, bool, bool]:
                             stop_token_ids=list(stop_ids), ignore_eos=ignore_eos,
                             json_schema=_response_format(body.get("response_format")))
     return params, stream, include_usage
+
+
+def _scoring(body: dict, chat: bool, params: SamplingParams) -> tuple[int, int, bool]:
+    """n, best_of, echo; sets params.logprobs / prompt_logprobs (vsc.runtime.choices shapes them)."""
+    n = _int(body, "n", 1, lo=1, hi=MAX_N)
+    best_of = n
+    if chat:
+        _unsupported(body, "best_of", lambda v: v == 1)
+        if _bool(body, "logprobs", False):
+            params.logprobs = _int(body, "top_logprobs", 0, lo=0, hi=MAX_LOGPROBS)
+        elif body.get("top_logprobs") is not None:
+            raise _bad("top_logprobs", "'top_logprobs' needs 'logprobs': true")
+        echo = False
+    else:
+        best_of = _int(body, "best_of", n, lo=1, hi=MAX_N)
+        if best_of < n:
+            raise _bad("best_of", f"'best_of' ({best_of}) must be >= 'n' ({n})")
+        params.logprobs = _int(body, "logprobs", None, lo=0, hi=MAX_LOGPROBS)
+        echo = _bool(body, "echo", False)
+    params.prompt_logprobs = _int(body, "prompt_logprobs", None, lo=0, hi=MAX_LOGPROBS)
+    if echo and params.prompt_logprobs is None and params.logprobs is not None:
+        params.prompt_logprobs = params.logprobs         # echoed prompt tokens carry logprobs too
+    return n, best_of, echo
 
 
 def _response_format(v: Any) -> str | None:
@@ -273,7 +293,7 @@ class _Req:
     """The state of one request the engine has accepted (shared by handler, stream and watcher)."""
 
     __slots__ = ("rid", "chat", "created", "arrival", "prompt_len", "include_usage", "counted", "finished",
-                 "aborted", "client_gone", "guarded", "task", "watcher", "predicted", "shutdown")
+                 "aborted", "client_gone", "guarded", "task", "watcher", "predicted", "shutdown", "out")
 
     def __init__(self, rid: str, chat: bool, arrival: float, prompt_len: int, include_usage: bool,
                  predicted: bool = False):
@@ -289,12 +309,14 @@ class _Req:
         self.shutdown = False       # aborted because the server is shutting down
         self.task: asyncio.Task | None = None
         self.watcher: asyncio.Task | None = None
+        self.out: Choice | None = None   # logprobs / echo shaping (vsc.runtime.choices)
 
 
 class _App:
     def __init__(self, engine, tokenizer, metrics: ServerMetrics, served_model_name: str):
         self.engine, self.tokenizer, self.metrics, self.name = engine, tokenizer, metrics, served_model_name
         self.name_json = orjson.dumps(served_model_name)
+        self.token_text = TokenText(tokenizer)      # logprobs: each token's text alone
         vocab = getattr(tokenizer, "vocab_size", None)
         self.vocab = vocab if type(vocab) is int and vocab > 0 else None
         bound = getattr(tokenizer, "chars_per_token", None)
@@ -441,15 +463,23 @@ class _App:
         try:
             body = await self._json(request)
             params, stream, include_usage = _common(body, chat=chat)
+            n, best_of, echo = _scoring(body, chat, params)
             predicted = _prediction(body.get("prediction"))
             if self._check_overload is not None:     # overload = shed: refuse before tokenizing
                 self._check_overload()
             # tokenizing (and the chat template) off the event loop: a long prompt delays only itself
-            ids = await asyncio.to_thread(prompt_of, body, params)
+            prompts = await asyncio.to_thread(prompt_of, body, params)
+            echo_only = echo and params.max_tokens == 0       # vLLM runs one token and shows only the prompt
+            if echo_only:
+                params.max_tokens = 1
+            if stream and (len(prompts) > 1 or best_of > 1):
+                raise _bad("stream", "streaming is supported for one prompt with n = 1 (and best_of = 1); "
+                                     "send 'stream': false to get several choices")
             if predicted is not None:
                 params.prediction = list(await asyncio.to_thread(self.tokenizer.encode, predicted,
                                                                  add_special_tokens=False)) or None
             await self._admit_schema(params.json_schema)
+            jobs = await asyncio.to_thread(self._jobs, prompts, params, chat, n, best_of, echo, echo_only)
         except ApiError as e:
             return e.response()
         except QueueFull as e:
@@ -459,7 +489,32 @@ class _App:
         except Exception:
             log.exception("failed to parse a %s request", "chat completion" if chat else "completion")
             return _internal("reading the request").response()
-        return await self._serve(request, prefix, chat, ids, params, stream, include_usage, arrival)
+        if len(jobs) > 1:
+            return await self._serve_many(request, prefix, chat, jobs, n, include_usage, arrival)
+        ids, params, choice = jobs[0]
+        return await self._serve(request, prefix, chat, ids, params, stream, include_usage, arrival, choice)
+
+    def _jobs(self, prompts: list[tuple[list[int], str | None]], params: SamplingParams, chat: bool, n: int,
+              best_of: int, echo: bool, echo_only: bool) -> list[tuple[list[int], SamplingParams, Choice]]:
+        """One engine request per choice: `best_of` copies of each prompt (the best `n` by cumulative
+        logprob are returned). A seeded copy j samples with seed + j (vLLM's children); only the first
+        copy computes prompt logprobs, the others find the prompt in the prefix cache."""
+        jobs = []
+        for p, (ids, text) in enumerate(prompts):
+            if echo and text is None:
+                text = self.tokenizer.decode(ids, skip_special_tokens=False)
+            for j in range(best_of):
+                copy = dataclasses.replace(params)
+                if j:
+                    copy.prompt_logprobs = None
+                    if params.seed is not None:
+                        copy.seed = (params.seed + j) % (1 << 64)
+                if best_of > n and copy.logprobs is None:
+                    copy.logprobs = 0          # best_of ranks the copies by their tokens' logprobs
+                choice = Choice(p, chat, params.logprobs, echo, echo_only, text or "", ids,
+                                params.prompt_logprobs)
+                jobs.append((ids, copy, choice))
+        return jobs
 
     async def _admit_schema(self, schema: str | None) -> None:
         """json mode: compile the request's schema for the engine's tokenizer (off the event loop;
@@ -471,32 +526,36 @@ class _App:
         except SchemaError as e:
             raise _bad("response_format", f"'response_format.json_schema.schema': {e}") from None
 
-    def _completion_prompt(self, body: dict, params: SamplingParams) -> list[int]:
+    def _completion_prompt(self, body: dict, params: SamplingParams) -> list[tuple[list[int], str | None]]:
+        """The prompt(s) as (token ids, text or None when given as ids): a string, a list of token ids,
+        or a list of those (several prompts in one request: their choices in order)."""
         prompt = body.get("prompt")
+        usage = "'prompt' must be a string, a list of token ids, or a list of strings or of token id lists"
         if isinstance(prompt, str):
-            ids = self._encode(prompt, True, "prompt")
+            items: list = [prompt]
+        elif isinstance(prompt, list) and prompt and type(prompt[0]) is int:
+            items = [prompt]
         elif isinstance(prompt, list) and prompt:
-            first = prompt[0]
-            if type(first) is int:
-                ids = _token_list(prompt, "prompt", self.vocab)
-            elif len(prompt) > 1:
-                raise _bad("prompt", "batched prompts are not supported: send one prompt per request")
-            elif isinstance(first, str):
-                ids = self._encode(first, True, "prompt")
-            elif isinstance(first, list) and first:
-                ids = _token_list(first, "prompt", self.vocab)
+            items = prompt
+        else:
+            raise _bad("prompt", usage)
+        out = []
+        for item in items:
+            if isinstance(item, str):
+                ids, text = list(self._encode(item, True, "prompt")), item
+            elif isinstance(item, list) and item:
+                ids, text = list(_token_list(item, "prompt", self.vocab)), None
             else:
-                raise _bad("prompt", "'prompt' must be a string, a list of token ids, or a list with one of those")
-        else:
-            raise _bad("prompt", "'prompt' must be a string, a list of token ids, or a list with one of those")
-        ids = list(ids)
-        if not ids:
-            raise _bad("prompt", "the prompt is empty")
+                raise _bad("prompt", usage)
+            if not ids:
+                raise _bad("prompt", "the prompt is empty")
+            out.append((ids, text))
+        longest = max(len(ids) for ids, _ in out)
         if params.max_tokens is None:     # OpenAI's default of 16, clamped to the room left in the context
-            params.max_tokens = min(16, self._fit(len(ids), None, "prompt"))
+            params.max_tokens = min(16, self._fit(longest, None, "prompt"))
         else:
-            self._fit(len(ids), params.max_tokens)
-        return ids
+            self._fit(longest, max(params.max_tokens, 1))
+        return out
 
     def _chat_prompt(self, body: dict, params: SamplingParams) -> list[int]:
         messages = _messages(body)
@@ -508,14 +567,15 @@ class _App:
         if not ids:
             raise _bad("messages", "the prompt is empty")
         params.max_tokens = self._fit(len(ids), params.max_tokens, "messages")
-        return ids
+        return [(ids, text)]
 
     async def _serve(self, request: Request, prefix: str, chat: bool, ids: list[int], params: SamplingParams,
-                     stream: bool, include_usage: bool, arrival: float) -> Response:
+                     stream: bool, include_usage: bool, arrival: float, choice: Choice | None = None) -> Response:
         if self.draining:
             return ApiError(503, "the server is shutting down; retry on another instance", code="server_shutdown",
                             headers={"connection": "close"}).response()
         r = _Req(prefix + uuid.uuid4().hex, chat, arrival, len(ids), include_usage, bool(params.prediction))
+        r.out = choice or Choice(0, chat, None, False, False, "", ids, None)
         self.live.add(r)
         engine = self.engine
         started = False
@@ -563,15 +623,125 @@ class _App:
                 self._abort(r)
             return _internal("generating").response()
 
+    async def _serve_many(self, request: Request, prefix: str, chat: bool, jobs: list, n: int,
+                          include_usage: bool, arrival: float) -> Response:
+        """Several choices (n, best_of, a list of prompts): one engine request each, submitted together
+        (the scheduler admits the copies of a prompt after the first has computed it, so they find it
+        in the prefix cache), collected concurrently; best_of keeps each prompt's best n copies."""
+        if self.draining:
+            return ApiError(503, "the server is shutting down; retry on another instance", code="server_shutdown",
+                            headers={"connection": "close"}).response()
+        rid = prefix + uuid.uuid4().hex
+        reqs = []
+        for i, (ids, params, choice) in enumerate(jobs):
+            r = _Req(f"{rid}-{i}", chat, arrival, len(ids), False, bool(params.prediction))
+            r.out = choice
+            reqs.append(r)
+            self.live.add(r)
+        task = asyncio.current_task()
+        gone = asyncio.Event()
+
+        async def watch() -> None:
+            try:
+                while (await request.receive())["type"] != "http.disconnect":
+                    pass
+            except Exception:  # a broken receive channel means the client is gone too
+                pass
+            gone.set()
+            for r in reqs:
+                self._abort(r)
+            task.cancel()
+
+        watcher = asyncio.get_running_loop().create_task(watch())
+        started: list[_Req] = []
+
+        async def one(r: _Req, ids: list[int], params: SamplingParams):
+            it = self.engine.generate(GenerateRequest(r.rid, ids, params, arrival))
+            if inspect.isawaitable(it):
+                it = await it
+            it = it.__aiter__()
+            started.append(r)
+            try:
+                first = await it.__anext__()
+            except StopAsyncIteration:
+                first = None
+            return await self._gather(r, it, first, time.monotonic())
+
+        try:
+            results = await asyncio.gather(*(one(r, ids, params) for r, (ids, params, _) in zip(reqs, jobs)))
+        except asyncio.CancelledError:
+            for r in reqs:
+                self._unguard(r)
+                self._abort(r)
+            if gone.is_set():
+                task.uncancel()
+                return Response(b"", status_code=499)
+            raise
+        except RuntimeError_ as e:      # refused (QueueFull, InvalidRequest): the others are aborted
+            for r in reqs:
+                self._unguard(r)
+                self._abort(r)
+            if isinstance(e, QueueFull):
+                return self._refused(e)
+            return ApiError(e.status, str(e), param=getattr(e, "param", None), code=e.code).response()
+        except Exception:
+            for r in reqs:
+                self._unguard(r)
+                self._abort(r)
+            log.exception("engine failed on request %s", rid)
+            return _internal("generating").response()
+        finally:
+            watcher.cancel()
+        for (reason, _, ev) in results:
+            if reason == "error":
+                return _failed(ev).response()
+            if reason == "abort":
+                return _shutdown_error().response()
+        # each prompt's copies: the first computed the prompt's logprobs, the others share them
+        by_prompt: dict[int, list[Choice]] = {}
+        for c in (r.out for r in reqs):
+            by_prompt.setdefault(c.index, []).append(c)     # (index: the prompt's, until numbered here)
+        choices, prompt_tokens, completion_tokens = [], 0, 0
+        for p in sorted(by_prompt):
+            copies = by_prompt[p]
+            first = copies[0]
+            for c in copies[1:]:
+                c.prompt_lps = first.prompt_lps
+                if c.echo and first.prompt_lps is not None:
+                    c.lps[:len(c.prompt_ids)] = first.prompt_lps
+            kept = sorted(copies, key=lambda c: -c.cumulative)[:n] if len(copies) > n else copies
+            prompt_tokens += len(first.prompt_ids)
+            for j, c in enumerate(kept):
+                c.index = p * n + j
+                completion_tokens += c.completion_tokens
+                choices.append(self._choice(c, c.finish_reason))
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                 "total_tokens": prompt_tokens + completion_tokens}
+        first = reqs[0].out
+        return Response(orjson.dumps(self._body(rid, reqs[0].created, chat, choices, usage,
+                                                first.prompt_logprobs_json(self.token_text) if chat else None)),
+                        media_type=JSON)
+
     async def _collect(self, r: _Req, it, ev: TokenEvent | None, last: float) -> Response:
-        parts: list[str] = []
+        reason, usage, ev = await self._gather(r, it, ev, last)
+        if reason == "error":               # the engine failed the request (a model step raised, a grammar failed)
+            return _failed(ev).response()
+        if reason == "abort" and r.shutdown:
+            return _shutdown_error().response()
+        c = r.out
+        obj = self._body(r.rid, r.created, r.chat, [self._choice(c, reason)], usage,
+                         c.prompt_logprobs_json(self.token_text) if c.chat else None)
+        return Response(orjson.dumps(obj), media_type=JSON)
+
+    async def _gather(self, r: _Req, it, ev: TokenEvent | None, last: float):
+        """Collect a request's events into r.out; (finish_reason, usage, last event)."""
+        out = r.out
         observe = self.metrics.itl.observe
         anext_ = it.__anext__
         try:
             while ev is not None and ev.finish_reason is None:
                 r.counted += len(ev.token_ids)
-                if ev.text:
-                    parts.append(ev.text)
+                out.add(ev.token_ids, ev.text, ev.logprobs, ev.prompt_logprobs)
                 try:
                     ev = await anext_()
                 except StopAsyncIteration:
@@ -581,25 +751,37 @@ class _App:
                 last = now
             if ev is not None:
                 r.counted += len(ev.token_ids)
-                parts.append(ev.text)
+                out.add(ev.token_ids, ev.text, ev.logprobs, ev.prompt_logprobs)
             reason, usage = self._finish(r, ev)
+            out.finish_reason = reason
         finally:
             self._unguard(r)
         await _close(it)
-        if reason == "error":               # the engine failed the request (a model step raised, a grammar failed)
-            return _failed(ev).response()
-        if reason == "abort" and r.shutdown:
-            return _shutdown_error().response()
-        text = "".join(parts)
-        if r.chat:
-            obj = {"id": r.rid, "object": "chat.completion", "created": r.created, "model": self.name,
-                   "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                "logprobs": None, "finish_reason": reason}], "usage": usage}
+        return reason, usage, ev
+
+    def _choice(self, c: Choice, reason: str) -> dict:
+        tok = self.token_text
+        text = "".join(c.parts)
+        logprobs = c.logprobs_json(tok, c.token_ids, c.lps)
+        if c.chat:
+            choice = {"index": c.index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                      "finish_reason": reason}
         else:
-            obj = {"id": r.rid, "object": "text_completion", "created": r.created, "model": self.name,
-                   "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}],
-                   "usage": usage}
-        return Response(orjson.dumps(obj), media_type=JSON)
+            choice = {"index": c.index, "text": text, "logprobs": logprobs, "finish_reason": reason}
+            if c.prompt_k is not None:
+                choice["prompt_logprobs"] = c.prompt_logprobs_json(tok)
+        return choice
+
+    def _body(self, rid: str, created: int, chat: bool, choices: list[dict], usage: dict,
+              prompt_logprobs: list | None = None) -> dict:
+        if chat:
+            obj = {"id": rid, "object": "chat.completion", "created": created, "model": self.name,
+                   "choices": choices, "usage": usage}
+            if prompt_logprobs is not None:
+                obj["prompt_logprobs"] = prompt_logprobs
+            return obj
+        return {"id": rid, "object": "text_completion", "created": created, "model": self.name,
+                "choices": choices, "usage": usage}
 
     # ----------------------------------------------------------------- small endpoints
     async def models(self, request: Request) -> Response:
@@ -667,14 +849,31 @@ class _EventStream(Response):
                 b"}" + tail
         return b"", head + b'"text":', tail
 
-    def _final(self, text: str, reason: str, usage: dict) -> bytes:
+    def _choice(self, text: str, reason: str | None, logprobs: dict | None = None) -> dict:
+        if self.r.chat:
+            return {"index": 0, "delta": {"content": text} if text else {}, "logprobs": logprobs,
+                    "finish_reason": reason}
+        return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": reason}
+
+    def _detailed(self, ev: TokenEvent, reason: str | None) -> tuple[bytes, str, dict | None]:
+        """A chunk with logprobs / the echoed prompt (the slow path): (chunk or b"", text, logprobs)."""
+        r, out = self.r, self.r.out
+        text, ids, entries = out.add(ev.token_ids, ev.text, ev.logprobs, ev.prompt_logprobs)
+        logprobs = out.logprobs_json(self.app.token_text, ids, entries)
+        out.text_len += len(text)
+        if reason is not None or not (text or ids):
+            return b"", text, logprobs
+        obj = "chat.completion.chunk" if r.chat else "text_completion"
+        chunk: dict[str, Any] = {"id": r.rid, "object": obj, "created": r.created, "model": self.app.name,
+                                 "choices": [self._choice(text, None, logprobs)]}
+        if r.include_usage:
+            chunk["usage"] = None
+        return b"data: " + orjson.dumps(chunk) + b"\n\n", text, logprobs
+
+    def _final(self, text: str, reason: str, usage: dict, logprobs: dict | None = None) -> bytes:
         r = self.r
         obj = "chat.completion.chunk" if r.chat else "text_completion"
-        if r.chat:
-            choice = {"index": 0, "delta": {"content": text} if text else {}, "logprobs": None,
-                      "finish_reason": reason}
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+        choice = self._choice(text, reason, logprobs)
         chunk: dict[str, Any] = {"id": r.rid, "object": obj, "created": r.created, "model": self.app.name,
                                  "choices": [choice]}
         out = [b"data: ", orjson.dumps(chunk), b"\n\n"]
@@ -721,10 +920,16 @@ class _EventStream(Response):
         pending, prefix, suffix = self._chunk_parts()
         dumps, observe, anext_ = orjson.dumps, app.metrics.itl.observe, it.__anext__
         ev, last = self.first, self.t_first
+        detailed = r.out is not None and r.out.detailed
         try:
             while ev is not None and ev.finish_reason is None:
                 r.counted += len(ev.token_ids)
-                if ev.text:
+                if detailed:
+                    chunk = self._detailed(ev, None)[0]
+                    if chunk:
+                        await send({"type": _BODY, "body": pending + chunk, "more_body": True})
+                        pending = b""
+                elif ev.text:
                     await send({"type": _BODY, "body": pending + prefix + dumps(ev.text) + suffix,
                                 "more_body": True})
                     pending = b""
@@ -743,16 +948,19 @@ class _EventStream(Response):
             await send({"type": _BODY, "body": pending + b"data: " + orjson.dumps(err) + b"\n\n" + _DONE,
                         "more_body": False})
             return
-        text = ""
+        text, logprobs = "", None
         if ev is not None:
             r.counted += len(ev.token_ids)
-            text = ev.text
+            if detailed:
+                _, text, logprobs = self._detailed(ev, ev.finish_reason)
+            else:
+                text = ev.text
         reason, usage = app._finish(r, ev)
         app._unguard(r)                 # finished: a disconnect from here on changes nothing
         if reason == "error":           # the engine failed the request (a model step raised, a grammar failed)
             out = pending + b"data: " + orjson.dumps(_failed(ev).body()) + b"\n\n" + _DONE
         else:
-            out = pending + self._final(text, reason, usage)
+            out = pending + self._final(text, reason, usage, logprobs)
         await send({"type": _BODY, "body": out, "more_body": False})
         await _close(it)
 

@@ -120,6 +120,10 @@ class ScheduledStep:
     # speculative decoding: drafted tokens per row (after its last token); [] when the step
     # has none. Then the step's logits are batch.logits_rows: 1 + drafts rows per sample row.
     num_drafts: list[int] = field(default_factory=list)
+    # prompt logprobs: per row, how many of its prompt rows' logits the step also returns (first
+    # positions of its chunk, each predicting the next prompt token); [] when no row asks. Then
+    # batch.logits_rows holds, per row, those rows and then the rows the step returns without them.
+    prompt_rows: list[int] = field(default_factory=list)
 
 
 class Scheduler:
@@ -222,7 +226,8 @@ class Scheduler:
             computing: set[tuple] = set()       # (last cached block, next block's tokens) admitted this step
             while waiting and len(running) < cfg.max_batch and budget > 0 and prompt_left > 0:
                 seq = self._next_waiting()
-                hit, cached = self._cached_prefix(seq) if prefix_caching else ((), 0)
+                # prompt logprobs need every prompt row's logits: computed, not taken from the cache
+                hit, cached = self._cached_prefix(seq) if prefix_caching and not seq.needs_prompt_rows else ((), 0)
                 if prefix_caching and seq.num_tokens - cached > self.block_size:
                     # the block after its cached prefix: if a sequence admitted this step computes
                     # the same one, wait a step and find it cached (rather than compute it twice)
@@ -391,6 +396,7 @@ class Scheduler:
         copies it into its own padded buffer.
         """
         bs = self.block_size
+        num_seqs = len(seqs)
         tokens: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -398,6 +404,7 @@ class Scheduler:
         context_lens: list[int] = []
         sample_rows: list[int] = []
         num_drafts: list[int] = []
+        prompt_rows: list[int] = []
         width = 0
         for row, (seq, n) in enumerate(zip(seqs, num_new)):
             start = seq.num_computed
@@ -423,6 +430,8 @@ class Scheduler:
                     shift = (table[index] - index) * bs     # position -> slot within this block
                     slots.extend(range(pos + shift, stop + shift))
                     pos = stop
+            # prompt logprobs: rows of positions start.. predict prompt tokens start+1..
+            prompt_rows.append(max(0, min(end, seq.num_prompt_tokens - 1) - start) if seq.needs_prompt_rows else 0)
             query_start.append(query_start[-1] + n)
             context_lens.append(end)
             if end >= seq.num_tokens:
@@ -430,7 +439,6 @@ class Scheduler:
             if len(table) > width:
                 width = len(table)
 
-        num_seqs = len(seqs)
         tables: list[int] = []
         for seq in seqs:
             table = seq.block_table
@@ -439,11 +447,23 @@ class Scheduler:
                 tables.extend([0] * (width - len(table)))
         # speculative decoding: logits at the last token and every draft of each sample row
         logits_rows: list[int] = []
-        if any(num_drafts):
-            for row in sample_rows:
-                stop = query_start[row + 1]
-                logits_rows.extend(range(stop - 1 - num_drafts[row], stop))
+        drafting = any(num_drafts)
+        if any(prompt_rows):
+            sampled = set(sample_rows)
+            for row in range(num_seqs):
+                start, stop = query_start[row], query_start[row + 1]
+                logits_rows.extend(range(start, start + prompt_rows[row]))
+                if not drafting:
+                    logits_rows.append(stop - 1)
+                elif row in sampled:
+                    logits_rows.extend(range(stop - 1 - num_drafts[row], stop))
         else:
+            prompt_rows = []
+            if drafting:
+                for row in sample_rows:
+                    stop = query_start[row + 1]
+                    logits_rows.extend(range(stop - 1 - num_drafts[row], stop))
+        if not drafting:
             num_drafts = []
 
         flat = torch.tensor(tokens + positions + slots + query_start + context_lens + tables + logits_rows,
@@ -465,7 +485,7 @@ class Scheduler:
             context_lens_host=context_lens,
             logits_rows=flat[tables_end:] if logits_rows else None,
         )
-        return ScheduledStep(seqs, num_new, batch, sample_rows, num_drafts)
+        return ScheduledStep(seqs, num_new, batch, sample_rows, num_drafts, prompt_rows)
 
 
 def _waiting_len(seq: Sequence) -> int:
