@@ -72,11 +72,11 @@ def test_wrong_chat_types_are_400(live):
         assert r.status_code == 400 and error_of(r)["param"] == field, (field, r.text)
 
 
-def test_streaming_several_choices_is_400(live):
-    r = post(live, "/v1/completions", {"model": MODEL, "prompt": "x", "n": 2, "stream": True})
-    assert r.status_code == 400 and error_of(r)["param"] == "stream"
+def test_streaming_best_of_more_than_n_is_400(live):
+    r = post(live, "/v1/completions", {"model": MODEL, "prompt": "x", "n": 1, "best_of": 2, "stream": True})
+    assert r.status_code == 400 and error_of(r)["param"] == "best_of"
     with live.client() as c, pytest.raises(openai.BadRequestError):
-        c.chat.completions.create(model=MODEL, messages=CHAT, n=2, stream=True)
+        c.chat.completions.create(model=MODEL, messages=CHAT, stream=True, extra_body={"prompt_logprobs": 1})
 
 
 def test_unknown_model_is_404(live):

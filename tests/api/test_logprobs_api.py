@@ -197,7 +197,8 @@ def test_batched_prompts_and_best_of(live):
 
 @pytest.mark.parametrize("body, param", [
     ({"n": 0}, "n"), ({"n": 2, "best_of": 1}, "best_of"), ({"logprobs": 21}, "logprobs"),
-    ({"max_tokens": 0}, "max_tokens"), ({"n": 2, "stream": True}, "stream"), ({"prompt_logprobs": -1}, "prompt_logprobs"),
+    ({"max_tokens": 0}, "max_tokens"), ({"best_of": 2, "stream": True}, "best_of"), ({"prompt_logprobs": -1}, "prompt_logprobs"),
+    ({"prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
 ])
 def test_bad_scoring_parameters_are_refused(live, body, param):
     import httpx2 as httpx
@@ -211,3 +212,39 @@ def test_chat_top_logprobs_needs_logprobs(live):
     resp = httpx.post(live.base + "/v1/chat/completions",
                       json={"model": live.model, "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2})
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "top_logprobs"
+
+
+def test_streamed_n_and_batched_prompts_give_the_collected_choices(live):
+    kwargs = dict(model=live.model, prompt=["Once upon a time", "The weather today"], max_tokens=5, n=2,
+                  temperature=0.9, seed=21, logprobs=1)
+    whole = live.client.completions.create(**kwargs)
+    chunks = list(live.client.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    texts: dict[int, str] = {}
+    tokens: dict[int, list[str]] = {}
+    reasons: dict[int, str] = {}
+    for chunk in chunks:
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+            if c.logprobs:
+                tokens.setdefault(c.index, []).extend(c.logprobs.tokens)
+            if c.finish_reason:
+                reasons[c.index] = c.finish_reason
+    assert texts == {c.index: c.text for c in whole.choices}
+    assert tokens == {c.index: c.logprobs.tokens for c in whole.choices}
+    assert reasons == {c.index: "length" for c in whole.choices}
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens == 20
+    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+
+
+def test_streamed_chat_with_n(live):
+    messages = [{"role": "user", "content": "Say something."}]
+    whole = live.client.chat.completions.create(model=live.model, messages=messages, max_tokens=4, n=3, seed=2,
+                                                temperature=1.0)
+    streamed = live.client.chat.completions.create(model=live.model, messages=messages, max_tokens=4, n=3, seed=2,
+                                                   temperature=1.0, stream=True)
+    texts: dict[int, str] = {}
+    for chunk in streamed:
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + (c.delta.content or "")
+    assert texts == {c.index: c.message.content for c in whole.choices}
+    assert len(whole.choices) == 3

@@ -194,8 +194,9 @@ def _common(body: dict, chat: bool) -> tuple[SamplingParams, bool, bool]:
     return params, stream, include_usage
 
 
-def _scoring(body: dict, chat: bool, params: SamplingParams) -> tuple[int, int, bool]:
-    """n, best_of, echo; sets params.logprobs / prompt_logprobs (vsc.runtime.choices shapes them)."""
+def _scoring(body: dict, chat: bool, params: SamplingParams) -> tuple[int, int, bool, int | None]:
+    """n, best_of, echo, prompt_logprobs as asked; sets params.logprobs / prompt_logprobs (the engine's:
+    also for the echoed prompt's logprobs). vsc.runtime.choices shapes them."""
     n = _int(body, "n", 1, lo=1, hi=MAX_N)
     best_of = n
     if chat:
@@ -211,10 +212,10 @@ def _scoring(body: dict, chat: bool, params: SamplingParams) -> tuple[int, int, 
             raise _bad("best_of", f"'best_of' ({best_of}) must be >= 'n' ({n})")
         params.logprobs = _int(body, "logprobs", None, lo=0, hi=MAX_LOGPROBS)
         echo = _bool(body, "echo", False)
-    params.prompt_logprobs = _int(body, "prompt_logprobs", None, lo=0, hi=MAX_LOGPROBS)
+    asked = params.prompt_logprobs = _int(body, "prompt_logprobs", None, lo=0, hi=MAX_LOGPROBS)
     if echo and params.prompt_logprobs is None and params.logprobs is not None:
         params.prompt_logprobs = params.logprobs         # echoed prompt tokens carry logprobs too
-    return n, best_of, echo
+    return n, best_of, echo, asked
 
 
 def _response_format(v: Any) -> str | None:
@@ -463,7 +464,7 @@ class _App:
         try:
             body = await self._json(request)
             params, stream, include_usage = _common(body, chat=chat)
-            n, best_of, echo = _scoring(body, chat, params)
+            n, best_of, echo, prompt_k = _scoring(body, chat, params)
             predicted = _prediction(body.get("prediction"))
             if self._check_overload is not None:     # overload = shed: refuse before tokenizing
                 self._check_overload()
@@ -472,14 +473,17 @@ class _App:
             echo_only = echo and params.max_tokens == 0       # vLLM runs one token and shows only the prompt
             if echo_only:
                 params.max_tokens = 1
-            if stream and (len(prompts) > 1 or best_of > 1):
-                raise _bad("stream", "streaming is supported for one prompt with n = 1 (and best_of = 1); "
-                                     "send 'stream': false to get several choices")
+            if stream and best_of > n:
+                raise _bad("best_of", "'best_of' > 'n' is not streamed (the best copies are known at the end); "
+                                      "send 'stream': false")
+            if stream and prompt_k is not None:
+                raise _bad("prompt_logprobs", "'prompt_logprobs' are not available when 'stream' is true")
             if predicted is not None:
                 params.prediction = list(await asyncio.to_thread(self.tokenizer.encode, predicted,
                                                                  add_special_tokens=False)) or None
             await self._admit_schema(params.json_schema)
-            jobs = await asyncio.to_thread(self._jobs, prompts, params, chat, n, best_of, echo, echo_only)
+            jobs = await asyncio.to_thread(self._jobs, prompts, params, chat, n, best_of, echo, echo_only, stream,
+                                           prompt_k)
         except ApiError as e:
             return e.response()
         except QueueFull as e:
@@ -490,29 +494,30 @@ class _App:
             log.exception("failed to parse a %s request", "chat completion" if chat else "completion")
             return _internal("reading the request").response()
         if len(jobs) > 1:
-            return await self._serve_many(request, prefix, chat, jobs, n, include_usage, arrival)
+            return await self._serve_many(request, prefix, chat, jobs, n, stream, include_usage, arrival)
         ids, params, choice = jobs[0]
         return await self._serve(request, prefix, chat, ids, params, stream, include_usage, arrival, choice)
 
     def _jobs(self, prompts: list[tuple[list[int], str | None]], params: SamplingParams, chat: bool, n: int,
-              best_of: int, echo: bool, echo_only: bool) -> list[tuple[list[int], SamplingParams, Choice]]:
+              best_of: int, echo: bool, echo_only: bool, stream: bool = False, prompt_k: int | None = None
+              ) -> list[tuple[list[int], SamplingParams, Choice]]:
         """One engine request per choice: `best_of` copies of each prompt (the best `n` by cumulative
         logprob are returned). A seeded copy j samples with seed + j (vLLM's children); only the first
-        copy computes prompt logprobs, the others find the prompt in the prefix cache."""
+        copy computes prompt logprobs, the others find the prompt in the prefix cache (streamed with
+        echo, each copy's first chunk needs them: each computes its own)."""
         jobs = []
         for p, (ids, text) in enumerate(prompts):
             if echo and text is None:
                 text = self.tokenizer.decode(ids, skip_special_tokens=False)
             for j in range(best_of):
                 copy = dataclasses.replace(params)
-                if j:
+                if j and not (stream and echo):
                     copy.prompt_logprobs = None
                     if params.seed is not None:
                         copy.seed = (params.seed + j) % (1 << 64)
                 if best_of > n and copy.logprobs is None:
                     copy.logprobs = 0          # best_of ranks the copies by their tokens' logprobs
-                choice = Choice(p, chat, params.logprobs, echo, echo_only, text or "", ids,
-                                params.prompt_logprobs)
+                choice = Choice(p, chat, params.logprobs, echo, echo_only, text or "", ids, prompt_k)
                 jobs.append((ids, copy, choice))
         return jobs
 
@@ -623,11 +628,12 @@ class _App:
                 self._abort(r)
             return _internal("generating").response()
 
-    async def _serve_many(self, request: Request, prefix: str, chat: bool, jobs: list, n: int,
+    async def _serve_many(self, request: Request, prefix: str, chat: bool, jobs: list, n: int, stream: bool,
                           include_usage: bool, arrival: float) -> Response:
         """Several choices (n, best_of, a list of prompts): one engine request each, submitted together
         (the scheduler admits the copies of a prompt after the first has computed it, so they find it
-        in the prefix cache), collected concurrently; best_of keeps each prompt's best n copies."""
+        in the prefix cache), streamed or collected concurrently; best_of keeps each prompt's best n
+        copies (not streamed)."""
         if self.draining:
             return ApiError(503, "the server is shutting down; retry on another instance", code="server_shutdown",
                             headers={"connection": "close"}).response()
@@ -655,7 +661,7 @@ class _App:
         watcher = asyncio.get_running_loop().create_task(watch())
         started: list[_Req] = []
 
-        async def one(r: _Req, ids: list[int], params: SamplingParams):
+        async def start(r: _Req, ids: list[int], params: SamplingParams):
             it = self.engine.generate(GenerateRequest(r.rid, ids, params, arrival))
             if inspect.isawaitable(it):
                 it = await it
@@ -665,10 +671,18 @@ class _App:
                 first = await it.__anext__()
             except StopAsyncIteration:
                 first = None
-            return await self._gather(r, it, first, time.monotonic())
+            self.metrics.ttft.observe(time.monotonic() - arrival)
+            return it, first
 
         try:
-            results = await asyncio.gather(*(one(r, ids, params) for r, (ids, params, _) in zip(reqs, jobs)))
+            firsts = await asyncio.gather(*(start(r, ids, params) for r, (ids, params, _) in zip(reqs, jobs)))
+            if stream:
+                watcher.cancel()
+                for r in reqs:
+                    self._unguard(r)
+                return _ManyStream(self, rid, chat, reqs, firsts, include_usage)
+            results = await asyncio.gather(*(self._gather(r, it, first, time.monotonic())
+                                             for r, (it, first) in zip(reqs, firsts)))
         except asyncio.CancelledError:
             for r in reqs:
                 self._unguard(r)
@@ -963,6 +977,125 @@ class _EventStream(Response):
             out = pending + self._final(text, reason, usage, logprobs)
         await send({"type": _BODY, "body": out, "more_body": False})
         await _close(it)
+
+
+class _ManyStream(Response):
+    """Server-sent events of several choices (n > 1, a list of prompts), as vLLM streams them: each
+    chunk carries one choice, named by its index; usage (stream_options.include_usage) sums them.
+    Every chunk goes through orjson (no fast path: these streams are the rare case)."""
+
+    def __init__(self, app: _App, rid: str, chat: bool, reqs: list[_Req], firsts: list, include_usage: bool):
+        self.app, self.rid, self.chat, self.reqs, self.firsts = app, rid, chat, reqs, firsts
+        self.include_usage = include_usage
+        self.status_code = 200
+        self.background = None
+        self.raw_headers = _SSE_HEADERS
+        self.prompt_tokens = sum({r.out.index: len(r.out.prompt_ids) for r in reqs}.values())
+        for i, r in enumerate(reqs):      # jobs are in prompt order, then copy order: the choice index
+            r.out.index = i
+
+    def _chunk(self, c: Choice, text: str, reason: str | None, logprobs: dict | None) -> bytes:
+        if self.chat:
+            choice = {"index": c.index, "delta": {"content": text} if text else {}, "logprobs": logprobs,
+                      "finish_reason": reason}
+        else:
+            choice = {"index": c.index, "text": text, "logprobs": logprobs, "finish_reason": reason}
+        return self._data([choice])
+
+    def _data(self, choices: list, usage: dict | None = None) -> bytes:
+        obj: dict[str, Any] = {"id": self.rid, "object": "chat.completion.chunk" if self.chat else "text_completion",
+                               "created": self.reqs[0].created, "model": self.app.name, "choices": choices}
+        if self.include_usage:
+            obj["usage"] = usage
+        return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+    async def __call__(self, scope, receive, send) -> None:
+        app, reqs = self.app, self.reqs
+        task = asyncio.current_task()
+        queue: asyncio.Queue = asyncio.Queue()
+        gone = False
+
+        async def pump(i: int, it, ev) -> None:
+            try:
+                while ev is not None:
+                    queue.put_nowait((i, ev))
+                    if ev.finish_reason is not None:
+                        return
+                    try:
+                        ev = await it.__anext__()
+                    except StopAsyncIteration:
+                        ev = None
+            except Exception:
+                log.exception("engine failed while streaming request %s", reqs[i].rid)
+            queue.put_nowait((i, None))
+
+        async def watch() -> None:
+            nonlocal gone
+            try:
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+            except Exception:  # a broken receive channel means the client is gone too
+                pass
+            gone = True
+            for r in reqs:
+                app._abort(r)
+            task.cancel()
+
+        loop = asyncio.get_running_loop()
+        pumps = [loop.create_task(pump(i, it, first)) for i, (it, first) in enumerate(self.firsts)]
+        watcher = loop.create_task(watch())
+        completion = 0
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            if self.chat:
+                await send({"type": _BODY, "more_body": True, "body": b"".join(
+                    self._data([{"index": r.out.index, "delta": {"role": "assistant", "content": ""},
+                                 "logprobs": None, "finish_reason": None}]) for r in reqs)})
+            left = len(reqs)
+            while left:
+                i, ev = await queue.get()
+                r = reqs[i]
+                c = r.out
+                if r.finished:
+                    continue
+                text, entries, ids = "", [], []
+                if ev is not None:
+                    r.counted += len(ev.token_ids)
+                    text, ids, entries = c.add(ev.token_ids, ev.text, ev.logprobs, ev.prompt_logprobs)
+                logprobs = c.logprobs_json(app.token_text, ids, entries) if ids or text else None
+                c.text_len += len(text)
+                if ev is not None and ev.finish_reason is None:
+                    if text or ids:
+                        await send({"type": _BODY, "body": self._chunk(c, text, None, logprobs), "more_body": True})
+                    continue
+                reason, _ = app._finish(r, ev)
+                left -= 1
+                if reason == "error" or ev is None:      # one choice failed: the stream ends with the error
+                    err = _failed(ev).body() if ev is not None else _internal("generating").body()
+                    await send({"type": _BODY, "body": b"data: " + orjson.dumps(err) + b"\n\n" + _DONE,
+                                "more_body": False})
+                    return
+                completion += c.completion_tokens
+                await send({"type": _BODY, "body": self._chunk(c, text, reason, logprobs), "more_body": True})
+            tail = b""
+            if self.include_usage:
+                tail = self._data([], {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
+                                       "total_tokens": self.prompt_tokens + completion})
+            await send({"type": _BODY, "body": tail + _DONE, "more_body": False})
+        except asyncio.CancelledError:
+            if gone:
+                task.uncancel()
+                return
+            raise
+        finally:
+            watcher.cancel()
+            for r in reqs:
+                app._abort(r)              # no-op for the finished ones
+            for p in pumps:
+                p.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+            for it, _ in self.firsts:
+                await _close(it)
 
 
 # --------------------------------------------------------------------------- the app
