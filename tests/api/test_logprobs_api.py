@@ -101,6 +101,9 @@ def test_echo_with_max_tokens_0_returns_the_prompt_and_its_logprobs(live, refere
     for i in range(1, len(prompt)):
         assert lp.token_logprobs[i] == pytest.approx(float(ref[i - 1, prompt[i]]), abs=ATOL)
         assert token_text(live, prompt[i]) in lp.top_logprobs[i]
+    # as vLLM: the prompt logprobs echo computed are also in the choice's prompt_logprobs
+    extra = choice.model_extra["prompt_logprobs"]
+    assert extra[0] is None and extra[1][str(prompt[1])]["logprob"] == lp.token_logprobs[1]
     # served again, the prompt is in the prefix cache: its logprobs are computed all the same
     again = live.client.completions.create(model=live.model, prompt=PROMPT, max_tokens=0, echo=True, logprobs=1)
     assert again.choices[0].logprobs.token_logprobs[1:] == pytest.approx(lp.token_logprobs[1:], abs=ATOL)

@@ -482,8 +482,7 @@ class _App:
                 params.prediction = list(await asyncio.to_thread(self.tokenizer.encode, predicted,
                                                                  add_special_tokens=False)) or None
             await self._admit_schema(params.json_schema)
-            jobs = await asyncio.to_thread(self._jobs, prompts, params, chat, n, best_of, echo, echo_only, stream,
-                                           prompt_k)
+            jobs = await asyncio.to_thread(self._jobs, prompts, params, chat, n, best_of, echo, echo_only, stream)
         except ApiError as e:
             return e.response()
         except QueueFull as e:
@@ -499,7 +498,7 @@ class _App:
         return await self._serve(request, prefix, chat, ids, params, stream, include_usage, arrival, choice)
 
     def _jobs(self, prompts: list[tuple[list[int], str | None]], params: SamplingParams, chat: bool, n: int,
-              best_of: int, echo: bool, echo_only: bool, stream: bool = False, prompt_k: int | None = None
+              best_of: int, echo: bool, echo_only: bool, stream: bool = False
               ) -> list[tuple[list[int], SamplingParams, Choice]]:
         """One engine request per choice: `best_of` copies of each prompt (the best `n` by cumulative
         logprob are returned). A seeded copy j samples with seed + j (vLLM's children); only the first
@@ -517,7 +516,8 @@ class _App:
                         copy.seed = (params.seed + j) % (1 << 64)
                 if best_of > n and copy.logprobs is None:
                     copy.logprobs = 0          # best_of ranks the copies by their tokens' logprobs
-                choice = Choice(p, chat, params.logprobs, echo, echo_only, text or "", ids, prompt_k)
+                # prompt_logprobs in the response whenever they were computed (echo with logprobs too), as vLLM
+                choice = Choice(p, chat, params.logprobs, echo, echo_only, text or "", ids, params.prompt_logprobs)
                 jobs.append((ids, copy, choice))
         return jobs
 
