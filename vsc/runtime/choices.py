@@ -84,6 +84,14 @@ class Choice:
             prompt_lps: list[TokenLogprobs | None] | None) -> tuple[str, list[int], list[Any]]:
         """Record one event; returns what this event shows: (text, token ids, logprobs entries),
         the echoed prompt included on the first."""
+        if not (lps or prompt_lps or self.echo):     # plain text (most requests)
+            self.completion_tokens += len(token_ids)
+            self.parts.append(text)
+            entries = [None] * len(token_ids)
+            if self.logprobs is not None:           # asked for, but this engine reports none
+                self.token_ids.extend(token_ids)
+                self.lps.extend(entries)
+            return text, token_ids, entries
         if prompt_lps is not None:
             self.prompt_lps = prompt_lps
         if lps:
