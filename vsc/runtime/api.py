@@ -80,6 +80,9 @@ class GenerateRequest:
     prompt_ids: list[int]
     params: SamplingParams
     arrival_time: float = 0.0            # time.monotonic() when the server received it
+    # a copy of a request submitted just before with the same prompt (n > 1, best_of): it shares
+    # that request's computed prompt blocks (fork) instead of computing the prompt again
+    fork_of: str | None = None
 
 
 @dataclass

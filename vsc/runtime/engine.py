@@ -175,7 +175,7 @@ class LLMEngine:
         seq = self._make_sequence(request)
         seq.loop = asyncio.get_running_loop()
         seq.queue = asyncio.Queue()
-        self._submit(seq)
+        self._submit(seq, request.fork_of)
         finished = False
         try:
             while True:
@@ -219,6 +219,8 @@ class LLMEngine:
             "prefix_hit_tokens": self.scheduler.prefix_hit_tokens,
             "prefix_cached_blocks": bm.num_cached,
             "prefix_evictions": bm.num_evicted,
+            # n > 1: prompt tokens a request's copies shared from the first (fork), not computed
+            "forked_tokens": self.scheduler.forked_tokens,
             # speculative decoding (0 without it): draft tokens verified, and accepted
             "spec_draft_tokens": self.spec_draft_tokens,
             "spec_accepted_tokens": self.spec_accepted_tokens,
@@ -257,12 +259,15 @@ class LLMEngine:
             seq.constraint = make_constraint(self.tokenizer, self.vocab_size, schema)  # bad schema: InvalidRequest
         return seq
 
-    def _submit(self, seq: Sequence) -> None:
+    def _submit(self, seq: Sequence, fork_of: str | None = None) -> None:
         with self._wake:
             if self._thread is None or self._stopping:
                 raise RuntimeError("the engine is not running (call start() first)")
             if seq.request_id in self._live:
                 raise InvalidRequest(f"request id {seq.request_id!r} is already in use")
+            parent = self._live.get(fork_of) if fork_of is not None else None
+            if parent is not None and parent.prompt_ids == seq.token_ids:
+                seq.parent = parent             # shares its prompt blocks once computed (scheduler)
             if len(self.scheduler.waiting) + len(self._inbox) >= self.config.max_waiting:
                 raise QueueFull(f"the waiting queue is full ({self.config.max_waiting} requests); retry later")
             if self.config.overload == "shed":

@@ -644,6 +644,9 @@ class _App:
             r.out = choice
             reqs.append(r)
             self.live.add(r)
+        # the copies of a prompt fork the first: they share its computed prompt blocks (vsc.runtime.scheduler)
+        first_of: dict[int, str] = {}
+        forks = [first_of.setdefault(r.out.index, r.rid) for r in reqs]
         task = asyncio.current_task()
         gone = asyncio.Event()
 
@@ -661,8 +664,9 @@ class _App:
         watcher = asyncio.get_running_loop().create_task(watch())
         started: list[_Req] = []
 
-        async def start(r: _Req, ids: list[int], params: SamplingParams):
-            it = self.engine.generate(GenerateRequest(r.rid, ids, params, arrival))
+        async def start(r: _Req, ids: list[int], params: SamplingParams, parent: str):
+            fork_of = parent if parent != r.rid else None
+            it = self.engine.generate(GenerateRequest(r.rid, ids, params, arrival, fork_of=fork_of))
             if inspect.isawaitable(it):
                 it = await it
             it = it.__aiter__()
@@ -675,7 +679,8 @@ class _App:
             return it, first
 
         try:
-            firsts = await asyncio.gather(*(start(r, ids, params) for r, (ids, params, _) in zip(reqs, jobs)))
+            firsts = await asyncio.gather(*(start(r, ids, params, parent)
+                                            for r, (ids, params, _), parent in zip(reqs, jobs, forks)))
             if stream:
                 watcher.cancel()
                 for r in reqs:

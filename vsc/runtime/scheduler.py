@@ -36,6 +36,12 @@ block is one that a sequence admitted in this step is computing, and it is admit
 step with that block cached (a burst of 16 prompts behind a 768-token system prompt
 computes the prefix once instead of twice or more).
 
+Copies (n > 1, best_of: a Sequence whose `parent` is set, a request with the same prompt
+submitted just before it) fork their parent: a copy is admitted once its parent has computed
+the prompt's full blocks (until then admission stops at it, first come first served), and its
+table starts with those blocks, held, not recomputed (`forked_tokens` counts them), as a prefix
+hit would; with a prefix cache the hit is the same blocks and counts as a hit.
+
 Speculative decoding (vsc.runtime.speculative). A decoding sequence whose `draft_ids`
 the engine filled gets its last token plus up to that many drafts in one step, within the
 budget left after one token for each running sequence behind it, and only if their blocks
@@ -149,6 +155,7 @@ class Scheduler:
         self.prefix_query_tokens = 0     # tokens of admitted sequences looked up in the prefix cache
         self.prefix_hit_tokens = 0       # of those, tokens found cached (not recomputed)
         self.prefix_deferrals = 0        # admissions put off a step to find a block another one computes
+        self.forked_tokens = 0           # prompt tokens copies (n > 1) shared from their parent, not computed
         self.costs = StepCosts() if config.prefill_tpot_ms > 0 else None
 
     # --- admission control -----------------------------------------------------------
@@ -228,6 +235,13 @@ class Scheduler:
                 seq = self._next_waiting()
                 # prompt logprobs need every prompt row's logits: computed, not taken from the cache
                 hit, cached = self._cached_prefix(seq) if prefix_caching and not seq.needs_prompt_rows else ((), 0)
+                forked = False
+                if seq.parent is not None and not seq.needs_prompt_rows:   # a copy (n > 1): share the prompt
+                    shared = self._forked_prefix(seq)
+                    if shared is None:           # its prompt is still being computed: next step
+                        break
+                    if len(shared) * self.block_size > cached:
+                        hit, cached, forked = shared, len(shared) * self.block_size, True
                 if prefix_caching and seq.num_tokens - cached > self.block_size:
                     # the block after its cached prefix: if a sequence admitted this step computes
                     # the same one, wait a step and find it cached (rather than compute it twice)
@@ -241,11 +255,15 @@ class Scheduler:
                     break
                 prompt_left -= n
                 self._remove_waiting(seq)
+                seq.parent = None
                 if prefix_caching:
                     self.prefix_query_tokens += seq.num_tokens
-                    if hit:
-                        seq.block_table.extend(bm.acquire(hit))
-                        seq.num_computed = cached
+                if hit:
+                    seq.block_table.extend(bm.acquire(hit))
+                    seq.num_computed = cached
+                    if forked:
+                        self.forked_tokens += cached
+                    else:
                         self.prefix_hit_tokens += cached
                 bm.grow(seq.block_table, cached + n)
                 seq.status = SeqStatus.RUNNING
@@ -316,6 +334,18 @@ class Scheduler:
         one token to compute."""
         hit = self.block_manager.match_prefix(seq.token_ids, (seq.num_tokens - 1) // self.block_size)
         return hit, len(hit) * self.block_size
+
+    def _forked_prefix(self, seq: Sequence) -> list[int] | None:
+        """The full prompt blocks `seq` shares with its parent (same prompt, submitted just before it:
+        n > 1), leaving at least one token to compute; None while the parent is still computing them
+        (admit `seq` later), [] when there is nothing to share (a short prompt, the parent gone)."""
+        parent = seq.parent
+        k = (seq.num_tokens - 1) // self.block_size
+        if k == 0 or parent.status is SeqStatus.FINISHED:
+            return []
+        if parent.num_computed < k * self.block_size:
+            return None
+        return parent.block_table[:k]
 
     def _next_waiting(self) -> Sequence:
         waiting = self.waiting

@@ -27,7 +27,7 @@ class Sequence:
         "block_table", "num_computed", "generator", "detokenizer", "queue", "loop",
         "finish_reason", "first_token_time", "last_token_time", "num_preemptions",
         "constraint", "draft_ids", "spec", "prediction_accepted", "prediction_rejected",
-        "prompt_lp",
+        "prompt_lp", "parent",
     )
 
     def __init__(self, request: GenerateRequest, detokenizer: Any = None, device: str | torch.device = "cpu"):
@@ -68,6 +68,9 @@ class Sequence:
         self.prompt_lp: list[Any] | None = None
         if request.params.prompt_logprobs is not None:
             self.prompt_lp = [None] * self.num_prompt_tokens
+        # GenerateRequest.fork_of: the live sequence with the same prompt whose computed prompt
+        # blocks this one shares at admission (then None)
+        self.parent: Sequence | None = None
 
     @property
     def needs_prompt_rows(self) -> bool:
