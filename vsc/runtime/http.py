@@ -502,8 +502,8 @@ class _App:
               ) -> list[tuple[list[int], SamplingParams, Choice]]:
         """One engine request per choice: `best_of` copies of each prompt (the best `n` by cumulative
         logprob are returned). A seeded copy j samples with seed + j (vLLM's children); only the first
-        copy computes prompt logprobs, the others find the prompt in the prefix cache (streamed with
-        echo, each copy's first chunk needs them: each computes its own)."""
+        copy computes prompt logprobs, the others share its prompt blocks (streamed with echo, each
+        copy's first chunk needs them: each computes its own)."""
         jobs = []
         for p, (ids, text) in enumerate(prompts):
             if echo and text is None:
@@ -631,9 +631,9 @@ class _App:
     async def _serve_many(self, request: Request, prefix: str, chat: bool, jobs: list, n: int, stream: bool,
                           include_usage: bool, arrival: float) -> Response:
         """Several choices (n, best_of, a list of prompts): one engine request each, submitted together
-        (the scheduler admits the copies of a prompt after the first has computed it, so they find it
-        in the prefix cache), streamed or collected concurrently; best_of keeps each prompt's best n
-        copies (not streamed)."""
+        (the copies of a prompt fork the first: admitted once it has computed the prompt, they share its
+        blocks), streamed or collected concurrently; best_of keeps each prompt's best n copies (not
+        streamed)."""
         if self.draining:
             return ApiError(503, "the server is shutting down; retry on another instance", code="server_shutdown",
                             headers={"connection": "close"}).response()
