@@ -251,3 +251,24 @@ def test_streamed_chat_with_n(live):
             texts[c.index] = texts.get(c.index, "") + (c.delta.content or "")
     assert texts == {c.index: c.message.content for c in whole.choices}
     assert len(whole.choices) == 3
+
+
+def test_lm_eval_style_batched_token_prompts_with_echo(live, reference):
+    """lm-eval's local-completions loglikelihood request: token-id prompts in one batch, echo,
+    max_tokens 1, logprobs 1; it reads token_logprobs[ctxlen:-1] of each choice, by index."""
+    contexts = [encode(live, "The sky is"), encode(live, "Two plus two is")]
+    conts = [list(live.engine.tokenizer.encode(" blue")), list(live.engine.tokenizer.encode(" four"))]
+    prompts = [c + x for c, x in zip(contexts, conts)]
+    r = live.client.completions.create(model=live.model, prompt=prompts, echo=True, max_tokens=1, logprobs=1,
+                                       temperature=0, seed=1234)
+    assert [c.index for c in r.choices] == [0, 1]
+    for choice, ids, ctx in zip(r.choices, prompts, contexts):
+        lp = choice.logprobs
+        assert len(lp.token_logprobs) == len(ids) + 1 and lp.token_logprobs[0] is None
+        ref = reference(ids)
+        got = lp.token_logprobs[len(ctx):-1]
+        want = [float(ref[i - 1, ids[i]]) for i in range(len(ctx), len(ids))]
+        assert got == pytest.approx(want, abs=ATOL)
+        for i, top in zip(range(len(ctx), len(ids)), lp.top_logprobs[len(ctx):-1]):
+            greedy = int(ref[i - 1].argmax()) == ids[i]
+            assert (lp.token_logprobs[i] == max(top.values())) == greedy     # lm-eval's is_greedy
