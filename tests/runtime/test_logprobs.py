@@ -105,3 +105,23 @@ def test_too_many_top_logprobs_are_refused(engines, field):
     engine = engines("none")
     with pytest.raises(InvalidRequest, match=field):
         run_all(engine, [req("x", [ALPHABET[0], ALPHABET[1]], **{field: 21})])
+
+
+def test_a_long_prompt_with_prompt_logprobs_is_computed_a_bounded_chunk_a_step(engines, monkeypatch):
+    from vsc.runtime import scheduler
+    monkeypatch.setattr(scheduler, "PROMPT_ROWS_PER_STEP", 6)
+    engine = engines("none")                       # no chunked prefill: the cap alone splits it
+    rows: list[int] = []
+    prefill = engine.runner.prefill
+
+    def spy(batch):
+        rows.append(batch.num_tokens)
+        return prefill(batch)
+    engine.runner.prefill = spy
+    p = [ALPHABET[(3 * i) % len(ALPHABET)] for i in range(20)]
+    (events,) = run_all(engine, [req("long", p, max_tokens=3, prompt_logprobs=1)])
+    assert rows[:4] == [6, 6, 6, 2]
+    plps = events[0].prompt_logprobs
+    for i in range(1, len(p)):
+        check(plps[i], p[:i], p[i], 1)
+    assert tokens_of(events) == reference(p, 3)

@@ -74,6 +74,10 @@ from vsc.runtime.sequence import Sequence, SeqStatus
 
 log = logging.getLogger("vsc.runtime.scheduler")
 
+#: A prompt whose logprobs are asked for is computed at most this many tokens a step: its logits
+#: rows ([rows, vocab] floats) stay bounded whatever the prompt's length.
+PROMPT_ROWS_PER_STEP = 512
+
 
 class StepCosts:
     """What a step costs, learned from the steps run so far (exponential moving averages):
@@ -206,6 +210,8 @@ class Scheduler:
             seq = running[i]
             remaining = seq.num_tokens - seq.num_computed
             n = self._chunk(remaining, budget if remaining == 1 else min(budget, prompt_left), True)
+            if remaining > 1 and seq.needs_prompt_rows:
+                n = min(n, PROMPT_ROWS_PER_STEP)
             if n == 0:
                 i += 1
                 continue
@@ -251,6 +257,8 @@ class Scheduler:
                         break
                     computing.add(key)
                 n = self._chunk(seq.num_tokens - cached, min(budget, prompt_left), False)
+                if seq.needs_prompt_rows:
+                    n = min(n, PROMPT_ROWS_PER_STEP)
                 if n == 0 or not bm.can_allocate(cached + n, hit):
                     break
                 prompt_left -= n
