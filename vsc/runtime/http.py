@@ -13,6 +13,9 @@ aborted in the engine (which frees its KV blocks) and the handler is cancelled.
 
 The per-token path is kept to a few allocations: a streamed chunk is a precomputed
 per-request prefix + orjson.dumps(text) + a precomputed suffix, sent as one ASGI message.
+Requests with logprobs or echo (vsc.runtime.choices shapes those fields as vLLM does), and
+several choices in one request (n, best_of, a list of prompts: one engine request each, the
+copies of a prompt forking the first), take a slower path that builds each chunk with orjson.
 """
 from __future__ import annotations
 
@@ -482,7 +485,10 @@ class _App:
                 params.prediction = list(await asyncio.to_thread(self.tokenizer.encode, predicted,
                                                                  add_special_tokens=False)) or None
             await self._admit_schema(params.json_schema)
-            jobs = await asyncio.to_thread(self._jobs, prompts, params, chat, n, best_of, echo, echo_only, stream)
+            if echo and any(text is None for _, text in prompts):     # echoed token ids: decode off the loop
+                jobs = await asyncio.to_thread(self._jobs, prompts, params, chat, n, best_of, echo, echo_only, stream)
+            else:
+                jobs = self._jobs(prompts, params, chat, n, best_of, echo, echo_only, stream)
         except ApiError as e:
             return e.response()
         except QueueFull as e:
