@@ -272,3 +272,25 @@ def test_lm_eval_style_batched_token_prompts_with_echo(live, reference):
         for i, top in zip(range(len(ctx), len(ids)), lp.top_logprobs[len(ctx):-1]):
             greedy = int(ref[i - 1].argmax()) == ids[i]
             assert (lp.token_logprobs[i] == max(top.values())) == greedy     # lm-eval's is_greedy
+
+
+def test_json_mode_logprobs_are_of_the_masked_logits(live, reference):
+    """As vLLM (its structured-output bitmask applies before the sampler's raw logprobs): in json mode
+    a token's logprob is the log-softmax of the model's logits with the grammar's forbidden tokens at -inf."""
+    from vsc.runtime.constrain import ANY_JSON_OBJECT, apply_constraints, make_constraint
+    messages = [{"role": "user", "content": "Give me a JSON object."}]
+    r = live.client.chat.completions.create(model=live.model, messages=messages, max_tokens=5, temperature=0,
+                                            logprobs=True, top_logprobs=2, response_format={"type": "json_object"})
+    content = r.choices[0].logprobs.content
+    constraint = make_constraint(live.engine.tokenizer, live.engine.vocab_size, ANY_JSON_OBJECT)
+    ids = list(live.engine.tokenizer.encode(live.engine.tokenizer.apply_chat_template(messages)))
+    for item in content:
+        raw = reference(ids)[-1]
+        masked = torch.log_softmax(apply_constraints(raw[None], [constraint])[0], dim=-1)
+        best = int(masked.argmax())
+        assert item.token == token_text(live, best)
+        assert item.logprob == pytest.approx(float(masked[best]), abs=ATOL)
+        assert item.logprob > float(raw[best]) + 1e-3        # the allowed tokens share the mass
+        ids.append(best)
+        if constraint.advance(best) is not None:
+            break

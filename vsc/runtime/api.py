@@ -62,7 +62,7 @@ class SamplingParams:
     prediction: list[int] | None = None  # predicted output (OpenAI `prediction`), token ids: drafts for
     #                                      speculative decoding; the output is the same without it
     # log-probabilities (vsc.runtime.logprobs), of the raw model logits (vLLM's default logprobs_mode,
-    # "raw_logprobs": before temperature, penalties, masks): None off, else each sampled token's and
+    # "raw_logprobs": before temperature, penalties; after a json-mode mask): None off, else each sampled token's and
     # this many most likely tokens' (TokenEvent.logprobs); prompt_logprobs: the same for every prompt
     # token after the first (TokenEvent.prompt_logprobs, on the first event; the prompt is computed
     # whole, never taken from the prefix cache)

@@ -374,11 +374,10 @@ class LLMEngine:
             seqs = [seqs[r] for r in rows]
         if self.logits_hook is not None:
             self._observe_logits(seqs, logits)
-        raw = logits
         if any(s.constraint is not None for s in seqs):   # json mode: -inf where the grammar forbids
             logits = apply_constraints(logits, [s.constraint for s in seqs])
         token_ids = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs])
-        scored = _score(raw, seqs, token_ids, range(len(seqs)))
+        scored = _score(logits, seqs, token_ids, range(len(seqs)))
         now = time.monotonic()
         self.generated_tokens += len(token_ids)
         events: list[tuple[Sequence, TokenEvent]] = []
@@ -499,7 +498,6 @@ class LLMEngine:
         row_seqs = [seqs[r] for r in rows for _ in range(1 + drafted[r])]
         if self.logits_hook is not None:
             self._observe_logits(row_seqs, logits)
-        raw_rows = logits
         if any(s.constraint is not None for s in row_seqs):
             # json mode: each row masked by the grammar state after the drafts before it
             masks = []
@@ -511,7 +509,7 @@ class LLMEngine:
         states = {r: seqs[r].generator.get_state() for r in rows if drafted[r] and seqs[r].generator is not None}
         picks = self.sampler(logits, [s.params for s in row_seqs], [s.generator for s in row_seqs])
         # logprobs: of undrafted rows (a request with logprobs is never drafted)
-        scored = _score(raw_rows, row_seqs, picks, [i for i, s in enumerate(row_seqs) if s.params.logprobs is not None])
+        scored = _score(logits, row_seqs, picks, [i for i, s in enumerate(row_seqs) if s.params.logprobs is not None])
         now = time.monotonic()
         events: list[tuple[Sequence, TokenEvent]] = []
         finished: list[Sequence] = []
@@ -643,7 +641,7 @@ class LLMEngine:
 
 def _score(logits: torch.Tensor, seqs: list[Sequence], token_ids: list[int], rows) -> dict[int, TokenLogprobs]:
     """Logprobs of the sampled tokens of the `rows` of `logits` whose sequences asked for them
-    (raw model logits: before constraints, temperature and the rest), by row."""
+    (the model's logits, json-mode masked: before temperature and the rest), by row."""
     want = [i for i in rows if seqs[i].params.logprobs is not None]
     if not want:
         return {}

@@ -1,8 +1,10 @@
 """Log-probabilities of chosen tokens, as the OpenAI `logprobs` fields report them.
 
 Of the raw model logits (vLLM's default `logprobs_mode`, "raw_logprobs"): the log-softmax
-of the logits the model computed, before temperature, top-k/top-p, penalties, logit bias
-or a json-mode mask change what is sampled. One batched pass over the rows that want them:
+of the logits the model computed, before temperature, top-k/top-p, penalties or logit bias
+change what is sampled. A json-mode grammar mask does apply (vLLM applies the structured-output
+bitmask to the logits before its sampler computes raw logprobs): a forbidden token is -inf,
+the allowed ones share the probability. One batched pass over the rows that want them:
 log-softmax, the chosen token's value and rank (1 + how many tokens are more likely), and
 the top k of each row (k the most any row asks; each row keeps its own).
 """
