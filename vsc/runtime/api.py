@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Protocol
+from typing import Any, AsyncIterator, NamedTuple, Protocol
 
 import torch
 
@@ -77,6 +77,13 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     include_stop_str_in_output: bool = False   # keep the stop string (or stop token's text) in the text
+    # log-probabilities (vsc.runtime.logprobs), of the raw model logits (vLLM's default logprobs_mode,
+    # "raw_logprobs": before temperature, penalties; after a json-mode mask): None off, else each sampled token's and
+    # this many most likely tokens' (TokenEvent.logprobs); prompt_logprobs: the same for every prompt
+    # token after the first (TokenEvent.prompt_logprobs, on the first event; the prompt is computed
+    # whole, never taken from the prefix cache)
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -99,6 +106,9 @@ class GenerateRequest:
     prompt_ids: list[int]
     params: SamplingParams
     arrival_time: float = 0.0            # time.monotonic() when the server received it
+    # a copy of a request submitted just before with the same prompt (n > 1, best_of): it shares
+    # that request's computed prompt blocks (fork) instead of computing the prompt again
+    fork_of: str | None = None
 
 
 @dataclass
@@ -128,6 +138,20 @@ class TokenEvent:
     # time in the waiting queue; vllm:request_queue_time_seconds); None: never scheduled. A timing,
     # not part of the output: events compare equal whatever it is
     queue_seconds: float | None = field(default=None, compare=False)
+    # SamplingParams.logprobs: one TokenLogprobs per token of token_ids; prompt_logprobs (first
+    # event only): one per prompt token, None for the first (nothing predicts it)
+    logprobs: list[TokenLogprobs] | None = None
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+
+
+class TokenLogprobs(NamedTuple):
+    """A token's log-probability under the model (log-softmax of its raw logits), its rank (1: the
+    most likely), and the `k` most likely tokens of that position as (token id, logprob), best first."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top: list[tuple[int, float]]
 
 
 @dataclass

@@ -53,8 +53,9 @@ import torch
 
 from vsc.runtime.admission import TTFTPredictor, retry_after_s
 from vsc.runtime.api import (EngineConfig, GenerateRequest, InvalidRequest, ModelRunner, Overloaded, QueueFull,
-                             TokenEvent)
+                             TokenEvent, TokenLogprobs)
 from vsc.runtime.block_manager import BlockManager
+from vsc.runtime.logprobs import MAX_LOGPROBS, token_logprobs
 from vsc.runtime.constrain import GrammarFailure, apply_constraints, compiler_for, make_constraint
 from vsc.runtime.enums import OVERLOAD_POLICIES
 from vsc.runtime.penalties import TokenCounts, adjust_logits
@@ -175,7 +176,7 @@ class LLMEngine:
         seq = self._make_sequence(request)
         seq.loop = asyncio.get_running_loop()
         seq.queue = asyncio.Queue()
-        self._submit(seq)
+        self._submit(seq, request.fork_of)
         finished = False
         try:
             while True:
@@ -219,6 +220,8 @@ class LLMEngine:
             "prefix_hit_tokens": self.scheduler.prefix_hit_tokens,
             "prefix_cached_blocks": bm.num_cached,
             "prefix_evictions": bm.num_evicted,
+            # n > 1: prompt tokens a request's copies shared from the first (fork), not computed
+            "forked_tokens": self.scheduler.forked_tokens,
             # speculative decoding (0 without it): draft tokens verified, and accepted
             "spec_draft_tokens": self.spec_draft_tokens,
             "spec_accepted_tokens": self.spec_accepted_tokens,
@@ -247,6 +250,10 @@ class LLMEngine:
         for name in ("frequency_penalty", "presence_penalty"):
             if not -2.0 <= getattr(p, name) <= 2.0:
                 raise InvalidRequest(f"{name} must be in [-2, 2], got {getattr(p, name)}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(p, name)
+            if k is not None and not 0 <= k <= MAX_LOGPROBS:
+                raise InvalidRequest(f"{name} must be between 0 and {MAX_LOGPROBS}, got {k}")
         vocab = self.vocab_size
         ids = request.prompt_ids
         if min(ids) < 0 or max(ids) >= vocab:
@@ -267,12 +274,15 @@ class LLMEngine:
             seq.constraint = make_constraint(self.tokenizer, self.vocab_size, schema)  # bad schema: InvalidRequest
         return seq
 
-    def _submit(self, seq: Sequence) -> None:
+    def _submit(self, seq: Sequence, fork_of: str | None = None) -> None:
         with self._wake:
             if self._thread is None or self._stopping:
                 raise RuntimeError("the engine is not running (call start() first)")
             if seq.request_id in self._live:
                 raise InvalidRequest(f"request id {seq.request_id!r} is already in use")
+            parent = self._live.get(fork_of) if fork_of is not None else None
+            if parent is not None and parent.prompt_ids == seq.token_ids:
+                seq.parent = parent             # shares its prompt blocks once computed (scheduler)
             if len(self.scheduler.waiting) + len(self._inbox) >= self.config.max_waiting:
                 raise QueueFull(f"the waiting queue is full ({self.config.max_waiting} requests); retry later")
             if self.config.overload == "shed":
@@ -366,6 +376,8 @@ class LLMEngine:
             return
         batch = step.batch
         logits = self.runner.decode(batch) if batch.is_decode else self.runner.prefill(batch)
+        if step.prompt_rows:
+            logits = self._take_prompt_logprobs(step, logits)
         self.scheduler.advance(step)
         self.num_steps += 1
         rows = step.sample_rows
@@ -379,14 +391,19 @@ class LLMEngine:
             self._observe_logits(seqs, logits)
         if any(s.constraint is not None for s in seqs):   # json mode: -inf where the grammar forbids
             logits = apply_constraints(logits, [s.constraint for s in seqs])
-        logits = self._adjust(logits, seqs, None)
-        token_ids = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        # penalties, logit_bias, min_tokens shape what is sampled; logprobs stay the model's (vLLM's
+        # default logprobs_mode, raw: after a json-mode mask, before every other adjustment)
+        adjusted = self._adjust(logits, seqs, None)
+        token_ids = self.sampler(adjusted, [s.params for s in seqs], [s.generator for s in seqs])
+        scored = _score(logits, seqs, token_ids, range(len(seqs)))
         now = time.monotonic()
         self.generated_tokens += len(token_ids)
         events: list[tuple[Sequence, TokenEvent]] = []
         finished: list[Sequence] = []
-        for seq, token in zip(seqs, token_ids):
+        for i, (seq, token) in enumerate(zip(seqs, token_ids)):
             event = self._append_token(seq, token, now)
+            if i in scored:
+                event.logprobs = [scored[i]]
             events.append((seq, event))
             if event.finish_reason is not None:
                 finished.append(seq)
@@ -403,6 +420,35 @@ class LLMEngine:
             return logits
         return adjust_logits(logits, [s.params for s in row_seqs], [s.counts for s in row_seqs],
                              [s.num_output_tokens for s in row_seqs], before, self.eos_token_ids)
+
+
+    def _take_prompt_logprobs(self, step: ScheduledStep, logits: torch.Tensor) -> torch.Tensor:
+        """Prompt logprobs: score the prompt rows the step returned (ScheduledStep.prompt_rows) into
+        their sequences' `prompt_lp`; returns the logits of the other rows (the step's usual rows)."""
+        drafting = bool(step.num_drafts)
+        sampled = set(step.sample_rows)
+        kept: list[int] = []
+        index: list[int] = []
+        tokens: list[int] = []
+        ks: list[int] = []
+        targets: list[tuple[Sequence, int]] = []
+        at = 0
+        for row, (seq, m) in enumerate(zip(step.seqs, step.prompt_rows)):
+            start = seq.num_computed
+            for j in range(m):            # row of position p predicts token p + 1
+                index.append(at + j)
+                tokens.append(seq.token_ids[start + j + 1])
+                ks.append(seq.params.prompt_logprobs or 0)
+                targets.append((seq, start + j + 1))
+            at += m
+            n = 1 if not drafting else (1 + step.num_drafts[row] if row in sampled else 0)
+            kept.extend(range(at, at + n))
+            at += n
+        if index:
+            for (seq, i), lp in zip(targets, token_logprobs(logits[torch.tensor(index, device=logits.device)],
+                                                             tokens, ks)):
+                seq.prompt_lp[i] = lp
+        return logits[torch.tensor(kept, device=logits.device)]
 
     def _observe_logits(self, row_seqs: list[Sequence], logits: torch.Tensor) -> None:
         """Hand the model's raw logits to `logits_hook(request_id, position, row)`: row i
@@ -435,7 +481,7 @@ class LLMEngine:
         share = {id(s): room // len(guessed) + (i < room % len(guessed)) for i, s in enumerate(guessed)} \
             if room is not None and guessed else {}
         for seq in running:
-            if not wants_drafts(seq):
+            if not wants_drafts(seq) or seq.params.logprobs is not None:   # logprobs: one token a step
                 if seq.draft_ids:
                     seq.draft_ids = []
             elif seq.constraint is not None:      # jump-forward: the tokens the grammar forces
@@ -470,6 +516,8 @@ class LLMEngine:
                                  for s, d in zip(seqs, drafted)])
             self.scheduler.rebuild(step)
         logits = self.runner.prefill(step.batch)     # [R, V]: the last token and each draft of every sample row
+        if step.prompt_rows:
+            logits = self._take_prompt_logprobs(step, logits)
         self.num_steps += 1
         if not rows:
             self.scheduler.advance(step)
@@ -485,12 +533,15 @@ class LLMEngine:
                 after = c.after(seqs[r].draft_ids[:drafted[r]]) if c is not None and drafted[r] else []
                 masks += [c] + after + [c] * (drafted[r] - len(after))
             logits = apply_constraints(logits, masks)
+        adjusted = logits
         if any(s.params.adjusts_logits for s in row_seqs):
             # each row adjusted as plain decoding would at its position: after the drafts before it
             before = [seqs[r].draft_ids[:j] for r in rows for j in range(1 + drafted[r])]
-            logits = self._adjust(logits, row_seqs, before)
+            adjusted = self._adjust(logits, row_seqs, before)
         states = {r: seqs[r].generator.get_state() for r in rows if drafted[r] and seqs[r].generator is not None}
-        picks = self.sampler(logits, [s.params for s in row_seqs], [s.generator for s in row_seqs])
+        picks = self.sampler(adjusted, [s.params for s in row_seqs], [s.generator for s in row_seqs])
+        # logprobs: of undrafted rows (a request with logprobs is never drafted)
+        scored = _score(logits, row_seqs, picks, [i for i, s in enumerate(row_seqs) if s.params.logprobs is not None])
         now = time.monotonic()
         events: list[tuple[Sequence, TokenEvent]] = []
         finished: list[Sequence] = []
@@ -499,6 +550,7 @@ class LLMEngine:
         for r in rows:
             seq, d = seqs[r], drafted[r]
             own = picks[at:at + 1 + d]
+            scored_row = scored.get(at)
             at += 1 + d
             tokens = own
             if d:
@@ -522,6 +574,8 @@ class LLMEngine:
                 if event.finish_reason is not None:
                     finished.append(seq)
                     break
+            if scored_row is not None and not d:
+                event.logprobs = [scored_row]
             if d:
                 step.num_new[r] = len(emitted)     # the last token and the kept drafts hold valid KV
                 event = TokenEvent(seq.request_id, emitted, "".join(text), event.finish_reason,
@@ -592,7 +646,8 @@ class LLMEngine:
                 self.on_token = None
         return TokenEvent(seq.request_id, [token], text, reason, seq.num_prompt_tokens, seq.num_output_tokens,
                           seq.prediction_accepted, seq.prediction_rejected, _grammar_failure(seq, reason),
-                          queue_seconds=_queue_seconds(seq) if reason is not None else None)
+                          queue_seconds=_queue_seconds(seq) if reason is not None else None,
+                          prompt_logprobs=seq.prompt_lp if is_first else None)
 
     def _finish_now(self, seqs: list[Sequence], reason: str) -> None:
         """End `seqs` outside the normal token path (abort, error, shutdown): free and notify."""
@@ -628,6 +683,17 @@ def _queue_seconds(seq: Sequence) -> float | None:
     if seq.scheduled_time is None or not seq.arrival_time:
         return None
     return max(0.0, seq.scheduled_time - seq.arrival_time)
+
+
+def _score(logits: torch.Tensor, seqs: list[Sequence], token_ids: list[int], rows) -> dict[int, TokenLogprobs]:
+    """Logprobs of the sampled tokens of the `rows` of `logits` whose sequences asked for them
+    (the model's logits, json-mode masked: before temperature and the rest), by row."""
+    want = [i for i in rows if seqs[i].params.logprobs is not None]
+    if not want:
+        return {}
+    index = torch.tensor(want, device=logits.device)
+    lps = token_logprobs(logits[index], [token_ids[i] for i in want], [seqs[i].params.logprobs for i in want])
+    return dict(zip(want, lps))
 
 
 def _grammar_failure(seq: Sequence, reason: str | None) -> GrammarFailure | None:

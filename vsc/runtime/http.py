@@ -19,10 +19,14 @@ aborted in the engine (which frees its KV blocks) and the handler is cancelled.
 
 The per-token path is kept to a few allocations: a streamed chunk is a precomputed
 per-request prefix + orjson.dumps(text) + a precomputed suffix, sent as one ASGI message.
+Requests with logprobs or echo (vsc.runtime.choices shapes those fields as vLLM does), and
+several choices in one request (n, best_of, a list of prompts: one engine request each, the
+copies of a prompt forking the first), take a slower path that builds each chunk with orjson.
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import logging
 import time
@@ -39,8 +43,10 @@ from starlette.routing import Route
 
 from vsc import __version__
 from vsc.runtime.api import GenerateRequest, QueueFull, RuntimeError_, SamplingParams, TokenEvent
+from vsc.runtime.choices import Choice, TokenText
 from vsc.runtime.constrain import ANY_JSON_OBJECT, SchemaError, check_schema
 from vsc.runtime.guard import HttpGuard, Security, default_max_body
+from vsc.runtime.logprobs import MAX_LOGPROBS
 from vsc.runtime.metrics import ServerMetrics
 from vsc.runtime.responses import ResponsesInputError, StreamTranslator, chat_body, response_object
 
@@ -52,6 +58,7 @@ _SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache
 _DONE = b"data: [DONE]\n\n"
 _BODY = "http.response.body"
 _SEED_MIN, _SEED_MAX = -(1 << 63), (1 << 64) - 1
+MAX_N = 64          # most choices (n, best_of) one request may ask for
 _ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 429: "rate_limit_error",
                 500: "server_error", 503: "server_error"}
 
@@ -220,21 +227,13 @@ def _unknown_fields(body: dict, chat: bool) -> list[str]:
 
 def _common(body: dict, chat: bool, vocab: int | None = None) -> tuple[SamplingParams, bool, bool]:
     """Sampling parameters (max_tokens left at its request value or None), stream, include_usage."""
-    n = _int(body, "n", 1)
-    if n != 1:
-        raise _bad("n", f"only n=1 is supported, got n={n}")
-    _unsupported(body, "best_of", lambda v: v == 1)
-    _unsupported(body, "prompt_logprobs", lambda v: False)
     if chat:
-        _unsupported(body, "logprobs", lambda v: v is False)
-        _unsupported(body, "top_logprobs", lambda v: v == 0)
         _unsupported(body, "tools", lambda v: v == [])
     else:
-        _unsupported(body, "logprobs", lambda v: False)
-        _unsupported(body, "echo", lambda v: v is False)
         _unsupported(body, "suffix", lambda v: v == "")
 
-    max_tokens = _int(body, "max_tokens", None, lo=1)
+    # max_tokens 0 with echo (completions): the prompt and its logprobs alone, as vLLM (lm-eval's scoring)
+    max_tokens = _int(body, "max_tokens", None, lo=0 if not chat and body.get("echo") is True else 1)
     if chat:
         max_tokens = _int(body, "max_completion_tokens", max_tokens, lo=1)
     temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
@@ -296,6 +295,30 @@ def _common(body: dict, chat: bool, vocab: int | None = None) -> tuple[SamplingP
                             logit_bias=logit_bias, repetition_penalty=repetition, frequency_penalty=frequency,
                             presence_penalty=presence, include_stop_str_in_output=include_stop)
     return params, stream, include_usage
+
+
+def _scoring(body: dict, chat: bool, params: SamplingParams) -> tuple[int, int, bool, int | None]:
+    """n, best_of, echo, prompt_logprobs as asked; sets params.logprobs / prompt_logprobs (the engine's:
+    also for the echoed prompt's logprobs). vsc.runtime.choices shapes them."""
+    n = _int(body, "n", 1, lo=1, hi=MAX_N)
+    best_of = n
+    if chat:
+        _unsupported(body, "best_of", lambda v: v == 1)
+        if _bool(body, "logprobs", False):
+            params.logprobs = _int(body, "top_logprobs", 0, lo=0, hi=MAX_LOGPROBS)
+        elif body.get("top_logprobs") is not None:
+            raise _bad("top_logprobs", "'top_logprobs' needs 'logprobs': true")
+        echo = False
+    else:
+        best_of = _int(body, "best_of", n, lo=1, hi=MAX_N)
+        if best_of < n:
+            raise _bad("best_of", f"'best_of' ({best_of}) must be >= 'n' ({n})")
+        params.logprobs = _int(body, "logprobs", None, lo=0, hi=MAX_LOGPROBS)
+        echo = _bool(body, "echo", False)
+    asked = params.prompt_logprobs = _int(body, "prompt_logprobs", None, lo=0, hi=MAX_LOGPROBS)
+    if echo and params.prompt_logprobs is None and params.logprobs is not None:
+        params.prompt_logprobs = params.logprobs         # echoed prompt tokens carry logprobs too
+    return n, best_of, echo, asked
 
 
 def _response_format(v: Any) -> str | None:
@@ -418,7 +441,7 @@ class _Req:
 
     __slots__ = ("rid", "chat", "created", "arrival", "prompt_len", "include_usage", "counted", "finished",
                  "aborted", "client_gone", "guarded", "task", "watcher", "predicted", "shutdown", "ttft", "role",
-                 "echo")
+                 "echo", "out")
 
     def __init__(self, rid: str, chat: bool, arrival: float, prompt_len: int, include_usage: bool,
                  predicted: bool = False):
@@ -437,12 +460,14 @@ class _Req:
         self.ttft: float | None = None  # seconds from arrival to the first event (the request log line)
         self.role = "assistant"     # chat: the reply's role (the last message's without a generation prompt)
         self.echo = ""              # chat echo: the last message's text, put before the reply
+        self.out: Choice | None = None   # logprobs / echo shaping (vsc.runtime.choices)
 
 
 class _App:
     def __init__(self, engine, tokenizer, metrics: ServerMetrics, served_model_name: str):
         self.engine, self.tokenizer, self.metrics, self.name = engine, tokenizer, metrics, served_model_name
         self.name_json = orjson.dumps(served_model_name)
+        self.token_text = TokenText(tokenizer)      # logprobs: each token's text alone
         vocab = getattr(tokenizer, "vocab_size", None)
         self.vocab = vocab if type(vocab) is int and vocab > 0 else None
         bound = getattr(tokenizer, "chars_per_token", None)
@@ -641,20 +666,35 @@ class _App:
                 except ResponsesInputError as e:
                     raise _bad(e.param, str(e)) from None
             params, stream, include_usage = _common(body, chat=chat, vocab=self.vocab)
+            n, best_of, echo, prompt_k = _scoring(body, chat, params)
             predicted = _prediction(body.get("prediction"))
             reply = _chat_reply(body) if chat else None
             if self._check_overload is not None:     # overload = shed: refuse before tokenizing
                 self._check_overload()
             # tokenizing (and the chat template) off the event loop: a long prompt delays only itself
-            ids = await asyncio.to_thread(prompt_of, body, params)
+            prompts = await asyncio.to_thread(prompt_of, body, params)
             if params.min_tokens > params.max_tokens:
                 raise _bad("min_tokens", f"'min_tokens' must be at most max_tokens={params.max_tokens}, "
                                          f"got {params.min_tokens}")
+            echo_only = echo and params.max_tokens == 0       # vLLM runs one token and shows only the prompt
+            if echo_only:
+                params.max_tokens = 1
+            if stream and best_of > n:
+                raise _bad("best_of", "'best_of' > 'n' is not streamed (the best copies are known at the end); "
+                                      "send 'stream': false")
+            if stream and prompt_k is not None:
+                raise _bad("prompt_logprobs", "'prompt_logprobs' are not available when 'stream' is true")
+            if reply is not None and reply != ("assistant", "") and (n > 1 or len(prompts) > 1):
+                raise _bad("n", "chat 'echo' and 'add_generation_prompt': false are served with n = 1 only")
             if predicted is not None:
                 params.prediction = list(await asyncio.to_thread(self.tokenizer.encode, predicted,
                                                                  add_special_tokens=False)) or None
             await self._admit_schema(params.json_schema,
                                      "response_format" if body.get("structured_outputs") is None else "structured_outputs")
+            if echo and any(text is None for _, text in prompts):     # echoed token ids: decode off the loop
+                jobs = await asyncio.to_thread(self._jobs, prompts, params, chat, n, best_of, echo, echo_only, stream)
+            else:
+                jobs = self._jobs(prompts, params, chat, n, best_of, echo, echo_only, stream)
         except ApiError as e:
             self._log_refusal(e, arrival)
             return e.response()
@@ -669,7 +709,34 @@ class _App:
         if unknown:     # as vLLM: logged and ignored (names cut short: they are the client's text)
             names = ", ".join(repr(k[:40]) for k in unknown[:8]) + (f" and {len(unknown) - 8} more" if len(unknown) > 8 else "")
             log.warning("ignored request field(s) this server does not know: %s", names)
-        return await self._serve(request, prefix, chat, ids, params, stream, include_usage, arrival, reply)
+        if len(jobs) > 1:
+            return await self._serve_many(request, prefix, chat, jobs, n, stream, include_usage, arrival)
+        ids, params, choice = jobs[0]
+        return await self._serve(request, prefix, chat, ids, params, stream, include_usage, arrival, choice, reply)
+
+    def _jobs(self, prompts: list[tuple[list[int], str | None]], params: SamplingParams, chat: bool, n: int,
+              best_of: int, echo: bool, echo_only: bool, stream: bool = False
+              ) -> list[tuple[list[int], SamplingParams, Choice]]:
+        """One engine request per choice: `best_of` copies of each prompt (the best `n` by cumulative
+        logprob are returned). A seeded copy j samples with seed + j (vLLM's children); only the first
+        copy computes prompt logprobs, the others share its prompt blocks (streamed with echo, each
+        copy's first chunk needs them: each computes its own)."""
+        jobs = []
+        for p, (ids, text) in enumerate(prompts):
+            if echo and text is None:
+                text = self.tokenizer.decode(ids, skip_special_tokens=False)
+            for j in range(best_of):
+                copy = dataclasses.replace(params)
+                if j and not (stream and echo):
+                    copy.prompt_logprobs = None
+                    if params.seed is not None:
+                        copy.seed = (params.seed + j) % (1 << 64)
+                if best_of > n and copy.logprobs is None:
+                    copy.logprobs = 0          # best_of ranks the copies by their tokens' logprobs
+                # prompt_logprobs in the response whenever they were computed (echo with logprobs too), as vLLM
+                choice = Choice(p, chat, params.logprobs, echo, echo_only, text or "", ids, params.prompt_logprobs)
+                jobs.append((ids, copy, choice))
+        return jobs
 
     async def _admit_schema(self, schema: str | None, param: str = "response_format") -> None:
         """json mode: compile the request's schema for the engine's tokenizer (off the event loop;
@@ -682,33 +749,40 @@ class _App:
             where = "'response_format.json_schema.schema'" if param == "response_format" else f"'{param}.json'"
             raise _bad(param, f"{where}: {e}") from None
 
-    def _completion_prompt(self, body: dict, params: SamplingParams) -> list[int]:
+    def _completion_prompt(self, body: dict, params: SamplingParams) -> list[tuple[list[int], str | None]]:
+        """The prompt(s) as (token ids, text or None when given as ids): a string, a list of token ids,
+        or a list of those (several prompts in one request: their choices in order)."""
         prompt = body.get("prompt")
         keep = self._truncation(body)
+        usage = "'prompt' must be a string, a list of token ids, or a list of strings or of token id lists"
         if isinstance(prompt, str):
-            ids = self._encode(prompt, True, "prompt", keep is None)
+            items: list = [prompt]
+        elif isinstance(prompt, list) and prompt and type(prompt[0]) is int:
+            items = [prompt]
         elif isinstance(prompt, list) and prompt:
-            first = prompt[0]
-            if type(first) is int:
-                ids = _token_list(prompt, "prompt", self.vocab)
-            elif len(prompt) > 1:
-                raise _bad("prompt", "batched prompts are not supported: send one prompt per request")
-            elif isinstance(first, str):
-                ids = self._encode(first, True, "prompt", keep is None)
-            elif isinstance(first, list) and first:
-                ids = _token_list(first, "prompt", self.vocab)
+            items = prompt
+        else:
+            raise _bad("prompt", usage)
+        out = []
+        for item in items:
+            if isinstance(item, str):
+                ids, text = list(self._encode(item, True, "prompt", keep is None)), item
+            elif isinstance(item, list) and item:
+                ids, text = list(_token_list(item, "prompt", self.vocab)), None
             else:
-                raise _bad("prompt", "'prompt' must be a string, a list of token ids, or a list with one of those")
-        else:
-            raise _bad("prompt", "'prompt' must be a string, a list of token ids, or a list with one of those")
-        ids = _truncate(list(ids), keep)
-        if not ids:
-            raise _bad("prompt", "the prompt is empty")
+                raise _bad("prompt", usage)
+            cut = _truncate(ids, keep)
+            if len(cut) != len(ids):          # truncated: an echo shows the tokens kept
+                ids, text = cut, None
+            if not ids:
+                raise _bad("prompt", "the prompt is empty")
+            out.append((ids, text))
+        longest = max(len(ids) for ids, _ in out)
         if params.max_tokens is None:     # OpenAI's default of 16, clamped to the room left in the context
-            params.max_tokens = min(16, self._fit(len(ids), None, "prompt"))
+            params.max_tokens = min(16, self._fit(longest, None, "prompt"))
         else:
-            self._fit(len(ids), params.max_tokens)
-        return ids
+            self._fit(longest, max(params.max_tokens, 1))
+        return out
 
     def _chat_prompt(self, body: dict, params: SamplingParams) -> list[int]:
         messages = _messages(body)
@@ -723,15 +797,16 @@ class _App:
         if not ids:
             raise _bad("messages", "the prompt is empty")
         params.max_tokens = self._fit(len(ids), params.max_tokens, "messages")
-        return ids
+        return [(ids, text)]
 
     async def _serve(self, request: Request, prefix: str, chat: bool, ids: list[int], params: SamplingParams,
-                     stream: bool, include_usage: bool, arrival: float,
+                     stream: bool, include_usage: bool, arrival: float, choice: Choice | None = None,
                      reply: tuple[str, str] | None = None) -> Response:
         if self.draining:
             return ApiError(503, "the server is shutting down; retry on another instance", code="server_shutdown",
                             headers={"connection": "close"}).response()
         r = _Req(prefix + uuid.uuid4().hex, chat, arrival, len(ids), include_usage, bool(params.prediction))
+        r.out = choice or Choice(0, chat, None, False, False, "", ids, None)
         if reply is not None:
             r.role, r.echo = reply
         self.live.add(r)
@@ -784,15 +859,139 @@ class _App:
                 self._abort(r)
             return _internal("generating").response()
 
+    async def _serve_many(self, request: Request, prefix: str, chat: bool, jobs: list, n: int, stream: bool,
+                          include_usage: bool, arrival: float) -> Response:
+        """Several choices (n, best_of, a list of prompts): one engine request each, submitted together
+        (the copies of a prompt fork the first: admitted once it has computed the prompt, they share its
+        blocks), streamed or collected concurrently; best_of keeps each prompt's best n copies (not
+        streamed)."""
+        if self.draining:
+            return ApiError(503, "the server is shutting down; retry on another instance", code="server_shutdown",
+                            headers={"connection": "close"}).response()
+        rid = prefix + uuid.uuid4().hex
+        reqs = []
+        for i, (ids, params, choice) in enumerate(jobs):
+            r = _Req(f"{rid}-{i}", chat, arrival, len(ids), False, bool(params.prediction))
+            r.out = choice
+            reqs.append(r)
+            self.live.add(r)
+        # the copies of a prompt fork the first: they share its computed prompt blocks (vsc.runtime.scheduler)
+        first_of: dict[int, str] = {}
+        forks = [first_of.setdefault(r.out.index, r.rid) for r in reqs]
+        task = asyncio.current_task()
+        gone = asyncio.Event()
+
+        async def watch() -> None:
+            try:
+                while (await request.receive())["type"] != "http.disconnect":
+                    pass
+            except Exception:  # a broken receive channel means the client is gone too
+                pass
+            gone.set()
+            for r in reqs:
+                self._abort(r)
+            task.cancel()
+
+        watcher = asyncio.get_running_loop().create_task(watch())
+        started: list[_Req] = []
+
+        async def start(r: _Req, ids: list[int], params: SamplingParams, parent: str):
+            fork_of = parent if parent != r.rid else None
+            it = self.engine.generate(GenerateRequest(r.rid, ids, params, arrival, fork_of=fork_of))
+            if inspect.isawaitable(it):
+                it = await it
+            it = it.__aiter__()
+            started.append(r)
+            try:
+                first = await it.__anext__()
+            except StopAsyncIteration:
+                first = None
+            self.metrics.ttft.observe(time.monotonic() - arrival)
+            return it, first
+
+        try:
+            firsts = await asyncio.gather(*(start(r, ids, params, parent)
+                                            for r, (ids, params, _), parent in zip(reqs, jobs, forks)))
+            if stream:
+                watcher.cancel()
+                for r in reqs:
+                    self._unguard(r)
+                return _ManyStream(self, rid, chat, reqs, firsts, include_usage)
+            results = await asyncio.gather(*(self._gather(r, it, first, time.monotonic())
+                                             for r, (it, first) in zip(reqs, firsts)))
+        except asyncio.CancelledError:
+            for r in reqs:
+                self._unguard(r)
+                self._abort(r)
+            if gone.is_set():
+                task.uncancel()
+                return Response(b"", status_code=499)
+            raise
+        except RuntimeError_ as e:      # refused (QueueFull, InvalidRequest): the others are aborted
+            for r in reqs:
+                self._unguard(r)
+                self._abort(r)
+            if isinstance(e, QueueFull):
+                return self._refused(e)
+            return ApiError(e.status, str(e), param=getattr(e, "param", None), code=e.code).response()
+        except Exception:
+            for r in reqs:
+                self._unguard(r)
+                self._abort(r)
+            log.exception("engine failed on request %s", rid)
+            return _internal("generating").response()
+        finally:
+            watcher.cancel()
+        for (reason, _, ev) in results:
+            if reason == "error":
+                return _failed(ev).response()
+            if reason == "abort":
+                return _shutdown_error().response()
+        # each prompt's copies: the first computed the prompt's logprobs, the others share them
+        by_prompt: dict[int, list[Choice]] = {}
+        for c in (r.out for r in reqs):
+            by_prompt.setdefault(c.index, []).append(c)     # (index: the prompt's, until numbered here)
+        choices, prompt_tokens, completion_tokens = [], 0, 0
+        for p in sorted(by_prompt):
+            copies = by_prompt[p]
+            first = copies[0]
+            for c in copies[1:]:
+                c.prompt_lps = first.prompt_lps
+                if c.echo and first.prompt_lps is not None:
+                    c.lps[:len(c.prompt_ids)] = first.prompt_lps
+            kept = sorted(copies, key=lambda c: -c.cumulative)[:n] if len(copies) > n else copies
+            prompt_tokens += len(first.prompt_ids)
+            for j, c in enumerate(kept):
+                c.index = p * n + j
+                completion_tokens += c.completion_tokens
+                choices.append(self._choice(c, c.finish_reason))
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                 "total_tokens": prompt_tokens + completion_tokens}
+        first = reqs[0].out
+        return Response(orjson.dumps(self._body(rid, reqs[0].created, chat, choices, usage,
+                                                first.prompt_logprobs_json(self.token_text) if chat else None)),
+                        media_type=JSON)
+
     async def _collect(self, r: _Req, it, ev: TokenEvent | None, last: float) -> Response:
-        parts: list[str] = []
+        reason, usage, ev = await self._gather(r, it, ev, last)
+        if reason == "error":               # the engine failed the request (a model step raised, a grammar failed)
+            return _failed(ev).response()
+        if reason == "abort" and r.shutdown:
+            return _shutdown_error().response()
+        c = r.out
+        obj = self._body(r.rid, r.created, r.chat, [self._choice(c, reason, r.role, r.echo)], usage,
+                         c.prompt_logprobs_json(self.token_text) if c.chat else None)
+        return Response(orjson.dumps(obj), media_type=JSON)
+
+    async def _gather(self, r: _Req, it, ev: TokenEvent | None, last: float):
+        """Collect a request's events into r.out; (finish_reason, usage, last event)."""
+        out = r.out
         observe = self.metrics.itl.observe
         anext_ = it.__anext__
         try:
             while ev is not None and ev.finish_reason is None:
                 r.counted += len(ev.token_ids)
-                if ev.text:
-                    parts.append(ev.text)
+                out.add(ev.token_ids, ev.text, ev.logprobs, ev.prompt_logprobs)
                 try:
                     ev = await anext_()
                 except StopAsyncIteration:
@@ -802,25 +1001,38 @@ class _App:
                 last = now
             if ev is not None:
                 r.counted += len(ev.token_ids)
-                parts.append(ev.text)
+                out.add(ev.token_ids, ev.text, ev.logprobs, ev.prompt_logprobs)
             reason, usage = self._finish(r, ev)
+            out.finish_reason = reason
         finally:
             self._unguard(r)
         await _close(it)
-        if reason == "error":               # the engine failed the request (a model step raised, a grammar failed)
-            return _failed(ev).response()
-        if reason == "abort" and r.shutdown:
-            return _shutdown_error().response()
-        text = "".join(parts)
-        if r.chat:
-            obj = {"id": r.rid, "object": "chat.completion", "created": r.created, "model": self.name,
-                   "choices": [{"index": 0, "message": {"role": r.role, "content": r.echo + text},
-                                "logprobs": None, "finish_reason": reason}], "usage": usage}
+        return reason, usage, ev
+
+    def _choice(self, c: Choice, reason: str, role: str = "assistant", echo: str = "") -> dict:
+        """One choice of a response; chat: the reply's `role` and the `echo`ed text before it."""
+        tok = self.token_text
+        text = "".join(c.parts)
+        logprobs = c.logprobs_json(tok, c.token_ids, c.lps)
+        if c.chat:
+            choice = {"index": c.index, "message": {"role": role, "content": echo + text}, "logprobs": logprobs,
+                      "finish_reason": reason}
         else:
-            obj = {"id": r.rid, "object": "text_completion", "created": r.created, "model": self.name,
-                   "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}],
-                   "usage": usage}
-        return Response(orjson.dumps(obj), media_type=JSON)
+            choice = {"index": c.index, "text": text, "logprobs": logprobs, "finish_reason": reason}
+            if c.prompt_k is not None:
+                choice["prompt_logprobs"] = c.prompt_logprobs_json(tok)
+        return choice
+
+    def _body(self, rid: str, created: int, chat: bool, choices: list[dict], usage: dict,
+              prompt_logprobs: list | None = None) -> dict:
+        if chat:
+            obj = {"id": rid, "object": "chat.completion", "created": created, "model": self.name,
+                   "choices": choices, "usage": usage}
+            if prompt_logprobs is not None:
+                obj["prompt_logprobs"] = prompt_logprobs
+            return obj
+        return {"id": rid, "object": "text_completion", "created": created, "model": self.name,
+                "choices": choices, "usage": usage}
 
     # ----------------------------------------------------------------- small endpoints
     async def models(self, request: Request) -> Response:
@@ -960,14 +1172,31 @@ class _EventStream(Response):
             return first, head + b'"delta":{"content":', b"}" + tail
         return b"", head + b'"text":', tail
 
-    def _final(self, text: str, reason: str, usage: dict) -> bytes:
+    def _choice(self, text: str, reason: str | None, logprobs: dict | None = None) -> dict:
+        if self.r.chat:
+            return {"index": 0, "delta": {"content": text} if text else {}, "logprobs": logprobs,
+                    "finish_reason": reason}
+        return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": reason}
+
+    def _detailed(self, ev: TokenEvent, reason: str | None) -> tuple[bytes, str, dict | None]:
+        """A chunk with logprobs / the echoed prompt (the slow path): (chunk or b"", text, logprobs)."""
+        r, out = self.r, self.r.out
+        text, ids, entries = out.add(ev.token_ids, ev.text, ev.logprobs, ev.prompt_logprobs)
+        logprobs = out.logprobs_json(self.app.token_text, ids, entries)
+        out.text_len += len(text)
+        if reason is not None or not (text or ids):
+            return b"", text, logprobs
+        obj = "chat.completion.chunk" if r.chat else "text_completion"
+        chunk: dict[str, Any] = {"id": r.rid, "object": obj, "created": r.created, "model": self.app.name,
+                                 "choices": [self._choice(text, None, logprobs)]}
+        if r.include_usage:
+            chunk["usage"] = None
+        return b"data: " + orjson.dumps(chunk) + b"\n\n", text, logprobs
+
+    def _final(self, text: str, reason: str, usage: dict, logprobs: dict | None = None) -> bytes:
         r = self.r
         obj = "chat.completion.chunk" if r.chat else "text_completion"
-        if r.chat:
-            choice = {"index": 0, "delta": {"content": text} if text else {}, "logprobs": None,
-                      "finish_reason": reason}
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+        choice = self._choice(text, reason, logprobs)
         chunk: dict[str, Any] = {"id": r.rid, "object": obj, "created": r.created, "model": self.app.name,
                                  "choices": [choice]}
         out = [b"data: ", orjson.dumps(chunk), b"\n\n"]
@@ -1014,10 +1243,16 @@ class _EventStream(Response):
         pending, prefix, suffix = self._chunk_parts()
         dumps, observe, anext_ = orjson.dumps, app.metrics.itl.observe, it.__anext__
         ev, last = self.first, self.t_first
+        detailed = r.out is not None and r.out.detailed
         try:
             while ev is not None and ev.finish_reason is None:
                 r.counted += len(ev.token_ids)
-                if ev.text:
+                if detailed:
+                    chunk = self._detailed(ev, None)[0]
+                    if chunk:
+                        await send({"type": _BODY, "body": pending + chunk, "more_body": True})
+                        pending = b""
+                elif ev.text:
                     await send({"type": _BODY, "body": pending + prefix + dumps(ev.text) + suffix,
                                 "more_body": True})
                     pending = b""
@@ -1036,16 +1271,19 @@ class _EventStream(Response):
             await send({"type": _BODY, "body": pending + b"data: " + orjson.dumps(err) + b"\n\n" + _DONE,
                         "more_body": False})
             return
-        text = ""
+        text, logprobs = "", None
         if ev is not None:
             r.counted += len(ev.token_ids)
-            text = ev.text
+            if detailed:
+                _, text, logprobs = self._detailed(ev, ev.finish_reason)
+            else:
+                text = ev.text
         reason, usage = app._finish(r, ev)
         app._unguard(r)                 # finished: a disconnect from here on changes nothing
         if reason == "error":           # the engine failed the request (a model step raised, a grammar failed)
             out = pending + b"data: " + orjson.dumps(_failed(ev).body()) + b"\n\n" + _DONE
         else:
-            out = pending + self._final(text, reason, usage)
+            out = pending + self._final(text, reason, usage, logprobs)
         await send({"type": _BODY, "body": out, "more_body": False})
         await _close(it)
 
@@ -1068,6 +1306,125 @@ class _ResponsesStream(Response):
                 return
             await send(message)
         await self.inner(scope, receive, translated)
+
+
+class _ManyStream(Response):
+    """Server-sent events of several choices (n > 1, a list of prompts), as vLLM streams them: each
+    chunk carries one choice, named by its index; usage (stream_options.include_usage) sums them.
+    Every chunk goes through orjson (no fast path: these streams are the rare case)."""
+
+    def __init__(self, app: _App, rid: str, chat: bool, reqs: list[_Req], firsts: list, include_usage: bool):
+        self.app, self.rid, self.chat, self.reqs, self.firsts = app, rid, chat, reqs, firsts
+        self.include_usage = include_usage
+        self.status_code = 200
+        self.background = None
+        self.raw_headers = _SSE_HEADERS
+        self.prompt_tokens = sum({r.out.index: len(r.out.prompt_ids) for r in reqs}.values())
+        for i, r in enumerate(reqs):      # jobs are in prompt order, then copy order: the choice index
+            r.out.index = i
+
+    def _chunk(self, c: Choice, text: str, reason: str | None, logprobs: dict | None) -> bytes:
+        if self.chat:
+            choice = {"index": c.index, "delta": {"content": text} if text else {}, "logprobs": logprobs,
+                      "finish_reason": reason}
+        else:
+            choice = {"index": c.index, "text": text, "logprobs": logprobs, "finish_reason": reason}
+        return self._data([choice])
+
+    def _data(self, choices: list, usage: dict | None = None) -> bytes:
+        obj: dict[str, Any] = {"id": self.rid, "object": "chat.completion.chunk" if self.chat else "text_completion",
+                               "created": self.reqs[0].created, "model": self.app.name, "choices": choices}
+        if self.include_usage:
+            obj["usage"] = usage
+        return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+    async def __call__(self, scope, receive, send) -> None:
+        app, reqs = self.app, self.reqs
+        task = asyncio.current_task()
+        queue: asyncio.Queue = asyncio.Queue()
+        gone = False
+
+        async def pump(i: int, it, ev) -> None:
+            try:
+                while ev is not None:
+                    queue.put_nowait((i, ev))
+                    if ev.finish_reason is not None:
+                        return
+                    try:
+                        ev = await it.__anext__()
+                    except StopAsyncIteration:
+                        ev = None
+            except Exception:
+                log.exception("engine failed while streaming request %s", reqs[i].rid)
+            queue.put_nowait((i, None))
+
+        async def watch() -> None:
+            nonlocal gone
+            try:
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+            except Exception:  # a broken receive channel means the client is gone too
+                pass
+            gone = True
+            for r in reqs:
+                app._abort(r)
+            task.cancel()
+
+        loop = asyncio.get_running_loop()
+        pumps = [loop.create_task(pump(i, it, first)) for i, (it, first) in enumerate(self.firsts)]
+        watcher = loop.create_task(watch())
+        completion = 0
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            if self.chat:
+                await send({"type": _BODY, "more_body": True, "body": b"".join(
+                    self._data([{"index": r.out.index, "delta": {"role": "assistant", "content": ""},
+                                 "logprobs": None, "finish_reason": None}]) for r in reqs)})
+            left = len(reqs)
+            while left:
+                i, ev = await queue.get()
+                r = reqs[i]
+                c = r.out
+                if r.finished:
+                    continue
+                text, entries, ids = "", [], []
+                if ev is not None:
+                    r.counted += len(ev.token_ids)
+                    text, ids, entries = c.add(ev.token_ids, ev.text, ev.logprobs, ev.prompt_logprobs)
+                logprobs = c.logprobs_json(app.token_text, ids, entries) if ids or text else None
+                c.text_len += len(text)
+                if ev is not None and ev.finish_reason is None:
+                    if text or ids:
+                        await send({"type": _BODY, "body": self._chunk(c, text, None, logprobs), "more_body": True})
+                    continue
+                reason, _ = app._finish(r, ev)
+                left -= 1
+                if reason == "error" or ev is None:      # one choice failed: the stream ends with the error
+                    err = _failed(ev).body() if ev is not None else _internal("generating").body()
+                    await send({"type": _BODY, "body": b"data: " + orjson.dumps(err) + b"\n\n" + _DONE,
+                                "more_body": False})
+                    return
+                completion += c.completion_tokens
+                await send({"type": _BODY, "body": self._chunk(c, text, reason, logprobs), "more_body": True})
+            tail = b""
+            if self.include_usage:
+                tail = self._data([], {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
+                                       "total_tokens": self.prompt_tokens + completion})
+            await send({"type": _BODY, "body": tail + _DONE, "more_body": False})
+        except asyncio.CancelledError:
+            if gone:
+                task.uncancel()
+                return
+            raise
+        finally:
+            watcher.cancel()
+            for r in reqs:
+                app._abort(r)              # no-op for the finished ones
+            for p in pumps:
+                p.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+            for it, _ in self.firsts:
+                await _close(it)
 
 
 # --------------------------------------------------------------------------- the app

@@ -36,6 +36,12 @@ block is one that a sequence admitted in this step is computing, and it is admit
 step with that block cached (a burst of 16 prompts behind a 768-token system prompt
 computes the prefix once instead of twice or more).
 
+Copies (n > 1, best_of: a Sequence whose `parent` is set, a request with the same prompt
+submitted just before it) fork their parent: a copy is admitted once its parent has computed
+the prompt's full blocks (until then admission stops at it, first come first served), and its
+table starts with those blocks, held, not recomputed (`forked_tokens` counts them), as a prefix
+hit would; with a prefix cache the hit is the same blocks and counts as a hit.
+
 Speculative decoding (vsc.runtime.speculative). A decoding sequence whose `draft_ids`
 the engine filled gets its last token plus up to that many drafts in one step, within the
 budget left after one token for each running sequence behind it, and only if their blocks
@@ -68,6 +74,10 @@ from vsc.runtime.block_manager import BlockManager
 from vsc.runtime.sequence import Sequence, SeqStatus
 
 log = logging.getLogger("vsc.runtime.scheduler")
+
+#: A prompt whose logprobs are asked for is computed at most this many tokens a step: its logits
+#: rows ([rows, vocab] floats) stay bounded whatever the prompt's length.
+PROMPT_ROWS_PER_STEP = 512
 
 
 class StepCosts:
@@ -121,6 +131,10 @@ class ScheduledStep:
     # speculative decoding: drafted tokens per row (after its last token); [] when the step
     # has none. Then the step's logits are batch.logits_rows: 1 + drafts rows per sample row.
     num_drafts: list[int] = field(default_factory=list)
+    # prompt logprobs: per row, how many of its prompt rows' logits the step also returns (first
+    # positions of its chunk, each predicting the next prompt token); [] when no row asks. Then
+    # batch.logits_rows holds, per row, those rows and then the rows the step returns without them.
+    prompt_rows: list[int] = field(default_factory=list)
 
 
 class Scheduler:
@@ -146,6 +160,7 @@ class Scheduler:
         self.prefix_query_tokens = 0     # tokens of admitted sequences looked up in the prefix cache
         self.prefix_hit_tokens = 0       # of those, tokens found cached (not recomputed)
         self.prefix_deferrals = 0        # admissions put off a step to find a block another one computes
+        self.forked_tokens = 0           # prompt tokens copies (n > 1) shared from their parent, not computed
         self.costs = StepCosts() if config.prefill_tpot_ms > 0 else None
 
     # --- admission control -----------------------------------------------------------
@@ -196,6 +211,8 @@ class Scheduler:
             seq = running[i]
             remaining = seq.num_tokens - seq.num_computed
             n = self._chunk(remaining, budget if remaining == 1 else min(budget, prompt_left), True)
+            if remaining > 1 and seq.needs_prompt_rows:
+                n = min(n, PROMPT_ROWS_PER_STEP)
             if n == 0:
                 i += 1
                 continue
@@ -223,7 +240,15 @@ class Scheduler:
             computing: set[tuple] = set()       # (last cached block, next block's tokens) admitted this step
             while waiting and len(running) < cfg.max_batch and budget > 0 and prompt_left > 0:
                 seq = self._next_waiting()
-                hit, cached = self._cached_prefix(seq) if prefix_caching else ((), 0)
+                # prompt logprobs need every prompt row's logits: computed, not taken from the cache
+                hit, cached = self._cached_prefix(seq) if prefix_caching and not seq.needs_prompt_rows else ((), 0)
+                forked = False
+                if seq.parent is not None and not seq.needs_prompt_rows:   # a copy (n > 1): share the prompt
+                    shared = self._forked_prefix(seq)
+                    if shared is None:           # its prompt is still being computed: next step
+                        break
+                    if len(shared) * self.block_size > cached:
+                        hit, cached, forked = shared, len(shared) * self.block_size, True
                 if prefix_caching and seq.num_tokens - cached > self.block_size:
                     # the block after its cached prefix: if a sequence admitted this step computes
                     # the same one, wait a step and find it cached (rather than compute it twice)
@@ -233,15 +258,21 @@ class Scheduler:
                         break
                     computing.add(key)
                 n = self._chunk(seq.num_tokens - cached, min(budget, prompt_left), False)
+                if seq.needs_prompt_rows:
+                    n = min(n, PROMPT_ROWS_PER_STEP)
                 if n == 0 or not bm.can_allocate(cached + n, hit):
                     break
                 prompt_left -= n
                 self._remove_waiting(seq)
+                seq.parent = None
                 if prefix_caching:
                     self.prefix_query_tokens += seq.num_tokens
-                    if hit:
-                        seq.block_table.extend(bm.acquire(hit))
-                        seq.num_computed = cached
+                if hit:
+                    seq.block_table.extend(bm.acquire(hit))
+                    seq.num_computed = cached
+                    if forked:
+                        self.forked_tokens += cached
+                    else:
                         self.prefix_hit_tokens += cached
                 bm.grow(seq.block_table, cached + n)
                 seq.status = SeqStatus.RUNNING
@@ -314,6 +345,18 @@ class Scheduler:
         one token to compute."""
         hit = self.block_manager.match_prefix(seq.token_ids, (seq.num_tokens - 1) // self.block_size)
         return hit, len(hit) * self.block_size
+
+    def _forked_prefix(self, seq: Sequence) -> list[int] | None:
+        """The full prompt blocks `seq` shares with its parent (same prompt, submitted just before it:
+        n > 1), leaving at least one token to compute; None while the parent is still computing them
+        (admit `seq` later), [] when there is nothing to share (a short prompt, the parent gone)."""
+        parent = seq.parent
+        k = (seq.num_tokens - 1) // self.block_size
+        if k == 0 or parent.status is SeqStatus.FINISHED:
+            return []
+        if parent.num_computed < k * self.block_size:
+            return None
+        return parent.block_table[:k]
 
     def _next_waiting(self) -> Sequence:
         waiting = self.waiting
@@ -394,6 +437,7 @@ class Scheduler:
         copies it into its own padded buffer.
         """
         bs = self.block_size
+        num_seqs = len(seqs)
         tokens: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -401,6 +445,7 @@ class Scheduler:
         context_lens: list[int] = []
         sample_rows: list[int] = []
         num_drafts: list[int] = []
+        prompt_rows: list[int] = []
         width = 0
         for row, (seq, n) in enumerate(zip(seqs, num_new)):
             start = seq.num_computed
@@ -426,6 +471,8 @@ class Scheduler:
                     shift = (table[index] - index) * bs     # position -> slot within this block
                     slots.extend(range(pos + shift, stop + shift))
                     pos = stop
+            # prompt logprobs: rows of positions start.. predict prompt tokens start+1..
+            prompt_rows.append(max(0, min(end, seq.num_prompt_tokens - 1) - start) if seq.needs_prompt_rows else 0)
             query_start.append(query_start[-1] + n)
             context_lens.append(end)
             if end >= seq.num_tokens:
@@ -433,7 +480,6 @@ class Scheduler:
             if len(table) > width:
                 width = len(table)
 
-        num_seqs = len(seqs)
         tables: list[int] = []
         for seq in seqs:
             table = seq.block_table
@@ -442,11 +488,23 @@ class Scheduler:
                 tables.extend([0] * (width - len(table)))
         # speculative decoding: logits at the last token and every draft of each sample row
         logits_rows: list[int] = []
-        if any(num_drafts):
-            for row in sample_rows:
-                stop = query_start[row + 1]
-                logits_rows.extend(range(stop - 1 - num_drafts[row], stop))
+        drafting = any(num_drafts)
+        if any(prompt_rows):
+            sampled = set(sample_rows)
+            for row in range(num_seqs):
+                start, stop = query_start[row], query_start[row + 1]
+                logits_rows.extend(range(start, start + prompt_rows[row]))
+                if not drafting:
+                    logits_rows.append(stop - 1)
+                elif row in sampled:
+                    logits_rows.extend(range(stop - 1 - num_drafts[row], stop))
         else:
+            prompt_rows = []
+            if drafting:
+                for row in sample_rows:
+                    stop = query_start[row + 1]
+                    logits_rows.extend(range(stop - 1 - num_drafts[row], stop))
+        if not drafting:
             num_drafts = []
 
         flat = torch.tensor(tokens + positions + slots + query_start + context_lens + tables + logits_rows,
@@ -468,7 +526,7 @@ class Scheduler:
             context_lens_host=context_lens,
             logits_rows=flat[tables_end:] if logits_rows else None,
         )
-        return ScheduledStep(seqs, num_new, batch, sample_rows, num_drafts)
+        return ScheduledStep(seqs, num_new, batch, sample_rows, num_drafts, prompt_rows)
 
 
 def _waiting_len(seq: Sequence) -> int:

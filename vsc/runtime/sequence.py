@@ -27,6 +27,7 @@ class Sequence:
         "block_table", "num_computed", "generator", "detokenizer", "queue", "loop",
         "finish_reason", "first_token_time", "last_token_time", "num_preemptions", "scheduled_time",
         "constraint", "draft_ids", "spec", "prediction_accepted", "prediction_rejected", "counts",
+        "prompt_lp", "parent",
     )
 
     def __init__(self, request: GenerateRequest, detokenizer: Any = None, device: str | torch.device = "cpu"):
@@ -66,6 +67,20 @@ class Sequence:
         # penalties (vsc.runtime.penalties.TokenCounts): output-token counts as a tensor, set by the
         # engine for a request that uses a penalty; None otherwise
         self.counts: Any = None
+        # prompt logprobs (SamplingParams.prompt_logprobs): entry i scores prompt token i (None for
+        # the first, and until the step that computes its row); None when not asked for
+        self.prompt_lp: list[Any] | None = None
+        if request.params.prompt_logprobs is not None:
+            self.prompt_lp = [None] * self.num_prompt_tokens
+        # GenerateRequest.fork_of: the live sequence with the same prompt whose computed prompt
+        # blocks this one shares at admission (then None)
+        self.parent: Sequence | None = None
+
+    @property
+    def needs_prompt_rows(self) -> bool:
+        """The prompt's logits rows are still wanted (prompt logprobs asked for, prefill not done):
+        each prompt row must be computed, not taken from the prefix cache."""
+        return self.prompt_lp is not None and len(self.token_ids) == self.num_prompt_tokens
 
     @property
     def num_tokens(self) -> int:
