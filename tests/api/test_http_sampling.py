@@ -12,7 +12,6 @@ import logging
 import time
 
 import httpx2 as httpx
-import orjson
 import pytest
 import torch
 
@@ -174,12 +173,6 @@ def test_unknown_fields_are_logged_once_and_ignored_known_ones_never(fake, caplo
         client.completions.create(model=MODEL, prompt="x", max_tokens=4, presence_penalty=1.0, user="u",
                                   extra_body={"min_p": 0.1, "truncate_prompt_tokens": 3, "min_tokens": 1})
     assert not [r for r in caplog.records if "ignored request field" in r.getMessage()]
-
-
-def test_prompt_logprobs_is_refused_not_ignored(fake):
-    r = httpx.post(fake.url + "/v1/completions", content=orjson.dumps({"prompt": "x", "prompt_logprobs": 0}),
-                   headers={"content-type": "application/json"}, timeout=10)
-    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_logprobs"
 
 
 # --- effects on a real engine ----------------------------------------------------------------------

@@ -184,6 +184,10 @@ class StepBatch:
     def num_seqs(self) -> int:
         return int(self.context_lens.shape[0])
 
+    @property
+    def num_tokens(self) -> int:
+        return int(self.tokens.shape[0])
+
 
 @dataclass
 class CacheConfig:
