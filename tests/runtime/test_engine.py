@@ -298,8 +298,8 @@ def test_a_consumer_that_goes_away_aborts_its_request(make_engine):
 
     assert asyncio.run(main())
     assert engine.stats()["running"] == 0
-    # step 2 was in flight when the consumer left (its token may or may not be counted); no step after it
-    assert len(engine.runner.steps) == 2 and engine.stats()["generated_tokens"] in (1, 2)
+    # the abort lands before step 2 starts or while it is held in flight: no step after that one
+    assert len(engine.runner.steps) <= 2 and engine.stats()["generated_tokens"] in (1, 2)
 
 
 def test_queue_full_beyond_max_waiting(make_engine):
