@@ -1,0 +1,99 @@
+"""lm-eval against a compiled server and against lm-eval's own HF backend, on the same model folder.
+
+A tiny multiple-choice task (tests/e2e/lm_eval_task: a YAML config and its JSONL, nothing fetched)
+is scored twice with `lm_eval.simple_evaluate`: by `local-completions` pointed at a compiled tiny
+server (token-id prompts, several per request, echo + logprobs: the way lm-eval scores any
+OpenAI-compatible server) and by `hf` loading the model folder the server was compiled from.
+The accuracies must be equal and each choice's loglikelihood and is-greedy flag must agree.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"          # lm-eval and datasets must not reach the network
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+from pathlib import Path  # noqa: E402
+
+import lm_eval  # noqa: E402  (a dev dependency, pinned in pyproject)
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+
+from vsc.cli import main as vsc_main  # noqa: E402
+from vsc.models.tiny import make_tiny  # noqa: E402
+
+from live_server import Live  # noqa: E402
+
+TASK_DIR = Path(__file__).parent / "lm_eval_task"
+MAX_CONTEXT = 256
+SPEC = """
+deployment lmeval {{
+  model "{model}" {{ dtype = f32 }}
+  target cpu {{ threads = 1, memory = 256 MiB }}
+  workload {{
+    arrivals = closed(4)
+    prompt_tokens = uniform(8, 32)
+    output_tokens = fixed(4)
+  }}
+  accuracy {{ greedy_exact(probes = 2) }}
+  serve {{ max_context = {ctx} }}
+  optimize "fuse-qkv,paged-kv{{block=16}},continuous-batching{{max_batch=8,max_tokens=512}},prefix-cache{{policy=radix}}"
+}}
+"""
+LL_TOL = 1e-3     # f32 on both sides; summed over a choice's few tokens
+
+
+def task_config() -> dict:
+    cfg = yaml.safe_load((TASK_DIR / "tiny_mc.yaml").read_text())
+    files = cfg["dataset_kwargs"]["data_files"]
+    cfg["dataset_kwargs"]["data_files"] = {split: str(TASK_DIR / name) for split, name in files.items()}
+    return cfg
+
+
+def evaluate(model: str, model_args: dict) -> dict:
+    return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=[task_config()],
+                                   bootstrap_iters=0, log_samples=True, random_seed=0)
+
+
+def per_choice(results: dict) -> dict[tuple[int, int], tuple[float, bool]]:
+    """(doc id, choice index) -> (loglikelihood, is greedy) as lm-eval logged them."""
+    out = {}
+    for sample in results["samples"]["vsc_tiny_mc"]:
+        for i, resp in enumerate(sample["resps"]):
+            ll, greedy = resp[0]
+            out[sample["doc_id"], i] = (float(ll), bool(greedy))
+    return out
+
+
+def metrics(results: dict) -> dict[str, float]:
+    row = results["results"]["vsc_tiny_mc"]
+    return {name: row[f"{name},none"] for name in ("acc", "acc_norm")}
+
+
+@pytest.fixture(scope="module")
+def model_and_server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lmeval")
+    model = make_tiny(tmp / "tiny-llama", arch="llama")
+    spec = tmp / "lmeval.vs"
+    spec.write_text(SPEC.format(model=model, ctx=MAX_CONTEXT))
+    assert vsc_main(["compile", str(spec), "-o", str(tmp / "server")]) == 0
+    live = Live(tmp / "server")
+    yield model, live
+    live.close()
+
+
+def test_lm_eval_local_completions_matches_hf_backend(model_and_server):
+    model, live = model_and_server
+    served = evaluate("local-completions", {
+        "model": live.model, "base_url": live.base + "/v1/completions", "tokenizer": str(model),
+        "tokenizer_backend": "huggingface", "tokenized_requests": True, "batch_size": 4,
+        "max_length": MAX_CONTEXT, "max_retries": 1, "timeout": 60})
+    reference = evaluate("hf", {"pretrained": str(model), "dtype": "float32", "device": "cpu", "batch_size": 4})
+
+    got, want = per_choice(served), per_choice(reference)
+    assert got.keys() == want.keys() and len(got) == sum(len(s["doc"]["choices"])
+                                                        for s in reference["samples"]["vsc_tiny_mc"])
+    for key in want:
+        assert got[key][0] == pytest.approx(want[key][0], abs=LL_TOL), key
+        assert got[key][1] == want[key][1], key
+    assert metrics(served) == metrics(reference)
