@@ -8,6 +8,7 @@ The accuracies must be equal and each choice's loglikelihood and is-greedy flag 
 """
 from __future__ import annotations
 
+import json
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"          # lm-eval and datasets must not reach the network
@@ -17,7 +18,11 @@ from pathlib import Path  # noqa: E402
 
 import lm_eval  # noqa: E402  (a dev dependency, pinned in pyproject)
 import pytest  # noqa: E402
+import torch  # noqa: E402
 import yaml  # noqa: E402
+from lm_eval.api.instance import Instance  # noqa: E402
+from lm_eval.api.model import LM  # noqa: E402
+from lm_eval.api.registry import get_model  # noqa: E402
 
 from vsc.cli import main as vsc_main  # noqa: E402
 from vsc.models.tiny import make_tiny  # noqa: E402
@@ -50,9 +55,8 @@ def task_config() -> dict:
     return cfg
 
 
-def evaluate(model: str, model_args: dict) -> dict:
-    return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=[task_config()],
-                                   bootstrap_iters=0, log_samples=True, random_seed=0)
+def evaluate(lm: LM) -> dict:
+    return lm_eval.simple_evaluate(model=lm, tasks=[task_config()], bootstrap_iters=0, log_samples=True)
 
 
 def per_choice(results: dict) -> dict[tuple[int, int], tuple[float, bool]]:
@@ -82,18 +86,63 @@ def model_and_server(tmp_path_factory):
     live.close()
 
 
-def test_lm_eval_local_completions_matches_hf_backend(model_and_server):
-    model, live = model_and_server
-    served = evaluate("local-completions", {
-        "model": live.model, "base_url": live.base + "/v1/completions", "tokenizer": str(model),
-        "tokenizer_backend": "huggingface", "tokenized_requests": True, "batch_size": 4,
-        "max_length": MAX_CONTEXT, "max_retries": 1, "timeout": 60})
-    reference = evaluate("hf", {"pretrained": str(model), "dtype": "float32", "device": "cpu", "batch_size": 4})
+@pytest.fixture(scope="module")
+def hf_lm(model_and_server):
+    model, _ = model_and_server
+    return get_model("hf")(pretrained=str(model), dtype="float32", device="cpu", batch_size=4)
 
+
+@pytest.fixture(scope="module")
+def reference(hf_lm):
+    return evaluate(hf_lm)
+
+
+def served_lm(model: Path, live: Live, **options) -> LM:
+    return get_model("local-completions")(
+        model=live.model, base_url=live.base + "/v1/completions", tokenizer=str(model),
+        tokenizer_backend="huggingface", max_length=MAX_CONTEXT, max_retries=1, timeout=60, **options)
+
+
+def assert_same(got: list[tuple[float, bool]], want: list[tuple[float, bool]], what) -> None:
+    assert len(got) == len(want)
+    for i, ((ll, greedy), (ll_ref, greedy_ref)) in enumerate(zip(got, want)):
+        assert ll == pytest.approx(ll_ref, abs=LL_TOL), (what, i)
+        assert greedy == greedy_ref, (what, i)
+
+
+# token-id prompts, 4 per request (lm-eval's default for local-completions); text prompts, 4 per
+# request (the server tokenizes them); requests in flight at once (lm-eval's async client)
+@pytest.mark.parametrize("options", [
+    {"tokenized_requests": True, "batch_size": 4},
+    {"tokenized_requests": False, "batch_size": 4},
+    {"tokenized_requests": True, "batch_size": 2, "num_concurrent": 3},
+], ids=["token-ids", "text", "concurrent"])
+def test_lm_eval_local_completions_matches_hf_backend(model_and_server, reference, options):
+    model, live = model_and_server
+    served = evaluate(served_lm(model, live, **options))
     got, want = per_choice(served), per_choice(reference)
     assert got.keys() == want.keys() and len(got) == sum(len(s["doc"]["choices"])
                                                         for s in reference["samples"]["vsc_tiny_mc"])
-    for key in want:
-        assert got[key][0] == pytest.approx(want[key][0], abs=LL_TOL), key
-        assert got[key][1] == want[key][1], key
+    keys = sorted(want)
+    assert_same([got[k] for k in keys], [want[k] for k in keys], options)
     assert metrics(served) == metrics(reference)
+
+
+def test_greedy_continuations_are_flagged_greedy_by_both(model_and_server, hf_lm):
+    """The task's choices are nowhere near what a random tiny model predicts (all flags False);
+    here each question is continued by the HF model's own greedy tokens, so lm-eval's is-greedy
+    test (each token's logprob equals the best of its top_logprobs) must come out True."""
+    model, live = model_and_server
+    tok = hf_lm.tokenizer
+    contexts = [f"Question: {json.loads(line)['question']}\nAnswer:"
+                for line in (TASK_DIR / "tiny_mc.jsonl").read_text().splitlines()]
+    requests = []
+    for ctx in contexts:
+        ids = torch.tensor([tok(ctx, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            out = hf_lm.model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id)
+        requests.append(Instance("loglikelihood", {}, (ctx, tok.decode(out[0, ids.shape[1]:])), 0))
+    want = hf_lm.loglikelihood(requests, disable_tqdm=True)
+    assert sum(greedy for _, greedy in want) >= len(want) // 2      # the round trip through text kept most
+    got = served_lm(model, live, tokenized_requests=True, batch_size=4).loglikelihood(requests, disable_tqdm=True)
+    assert_same(got, want, "greedy")
