@@ -98,9 +98,10 @@ def reference(hf_lm):
 
 
 def served_lm(model: Path, live: Live, **options) -> LM:
-    return get_model("local-completions")(
-        model=live.model, base_url=live.base + "/v1/completions", tokenizer=str(model),
-        tokenizer_backend="huggingface", max_length=MAX_CONTEXT, max_retries=1, timeout=60, **options)
+    """lm-eval's client of `live`; by default it tokenizes with the model folder's tokenizer."""
+    options = {"tokenizer": str(model), "tokenizer_backend": "huggingface", **options}
+    return get_model("local-completions")(model=live.model, base_url=live.base + "/v1/completions",
+                                          max_length=MAX_CONTEXT, max_retries=1, timeout=60, **options)
 
 
 def assert_same(got: list[tuple[float, bool]], want: list[tuple[float, bool]], what) -> None:
@@ -111,12 +112,14 @@ def assert_same(got: list[tuple[float, bool]], want: list[tuple[float, bool]], w
 
 
 # token-id prompts, 4 per request (lm-eval's default for local-completions); text prompts, 4 per
-# request (the server tokenizes them); requests in flight at once (lm-eval's async client)
+# request (the server tokenizes them); requests in flight at once (lm-eval's async client);
+# lm-eval's defaults, no tokenizer given: it finds /tokenizer_info and tokenizes through the server
 @pytest.mark.parametrize("options", [
     {"tokenized_requests": True, "batch_size": 4},
     {"tokenized_requests": False, "batch_size": 4},
     {"tokenized_requests": True, "batch_size": 2, "num_concurrent": 3},
-], ids=["token-ids", "text", "concurrent"])
+    {"tokenizer": None, "tokenizer_backend": "auto"},
+], ids=["token-ids", "text", "concurrent", "server-tokenizer"])
 def test_lm_eval_local_completions_matches_hf_backend(model_and_server, reference, options):
     model, live = model_and_server
     served = evaluate(served_lm(model, live, **options))
