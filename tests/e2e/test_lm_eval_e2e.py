@@ -10,24 +10,23 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
-os.environ["HF_HUB_OFFLINE"] = "1"          # lm-eval and datasets must not reach the network
-os.environ["HF_DATASETS_OFFLINE"] = "1"
+import lm_eval  # a dev dependency, pinned in pyproject
+import pytest
+import torch
+import yaml
+from lm_eval.api.instance import Instance
+from lm_eval.api.model import LM
+from lm_eval.api.registry import get_model
 
-from pathlib import Path  # noqa: E402
+from vsc.cli import main as vsc_main
+from vsc.models.tiny import make_tiny
 
-import lm_eval  # noqa: E402  (a dev dependency, pinned in pyproject)
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import yaml  # noqa: E402
-from lm_eval.api.instance import Instance  # noqa: E402
-from lm_eval.api.model import LM  # noqa: E402
-from lm_eval.api.registry import get_model  # noqa: E402
+from live_server import Live
 
-from vsc.cli import main as vsc_main  # noqa: E402
-from vsc.models.tiny import make_tiny  # noqa: E402
-
-from live_server import Live  # noqa: E402
+# nothing here reaches the network: tests/conftest.py turns the Hub off before anything imports it
+assert os.environ.get("HF_HUB_OFFLINE") == "1" and os.environ.get("HF_DATASETS_OFFLINE") == "1"
 
 TASK_DIR = Path(__file__).parent / "lm_eval_task"
 MAX_CONTEXT = 256
@@ -149,3 +148,24 @@ def test_greedy_continuations_are_flagged_greedy_by_both(model_and_server, hf_lm
     assert sum(greedy for _, greedy in want) >= len(want) // 2      # the round trip through text kept most
     got = served_lm(model, live, tokenized_requests=True, batch_size=4).loglikelihood(requests, disable_tqdm=True)
     assert_same(got, want, "greedy")
+
+
+def test_rolling_loglikelihood_and_empty_context_match(model_and_server, hf_lm):
+    """Perplexity-style scoring (loglikelihood_rolling): a text of ~1000 tokens cut into four windows
+    that fill the server's whole context (lm-eval sends max_length - 1 tokens with max_tokens 1),
+    and a continuation with an empty context (lm-eval puts the BOS token before it)."""
+    model, live = model_and_server
+    text = " ".join(f"word{i} is number {i}, and the next one follows." for i in range(60))
+    assert len(hf_lm.tok_encode(text)) > 3 * MAX_CONTEXT
+    rolling = [Instance("loglikelihood_rolling", {}, (text,), 0),
+               Instance("loglikelihood_rolling", {}, ("a short text",), 1)]
+    # the same windows on both sides: the API client cuts them at max_length - 2 tokens
+    # (one kept for the generated token, one for the window's context), the HF backend at max_length
+    windowed = get_model("hf")(pretrained=str(model), dtype="float32", device="cpu", batch_size=4,
+                               max_length=MAX_CONTEXT - 2)
+    want = windowed.loglikelihood_rolling(rolling, disable_tqdm=True)
+    client = served_lm(model, live, tokenized_requests=True, batch_size=4)
+    got = client.loglikelihood_rolling(rolling, disable_tqdm=True)
+    assert got == pytest.approx(want, abs=1e-2)     # summed over ~1000 tokens
+    empty = [Instance("loglikelihood", {}, ("", " hello world"), 0)]
+    assert_same(client.loglikelihood(empty, disable_tqdm=True), hf_lm.loglikelihood(empty, disable_tqdm=True), "empty")
