@@ -4,7 +4,9 @@ A tiny multiple-choice task (tests/e2e/lm_eval_task: a YAML config and its JSONL
 is scored twice with `lm_eval.simple_evaluate`: by `local-completions` pointed at a compiled tiny
 server (token-id prompts, several per request, echo + logprobs: the way lm-eval scores any
 OpenAI-compatible server) and by `hf` loading the model folder the server was compiled from.
-The accuracies must be equal and each choice's loglikelihood and is-greedy flag must agree.
+The accuracies must be equal and each choice's loglikelihood and is-greedy flag must agree; so must
+rolling (perplexity) loglikelihoods and greedy generate_until text. With no tokenizer given, lm-eval
+tokenizes through the server (/tokenizer_info, /tokenize, /detokenize).
 """
 from __future__ import annotations
 
@@ -169,3 +171,19 @@ def test_rolling_loglikelihood_and_empty_context_match(model_and_server, hf_lm):
     assert got == pytest.approx(want, abs=1e-2)     # summed over ~1000 tokens
     empty = [Instance("loglikelihood", {}, ("", " hello world"), 0)]
     assert_same(client.loglikelihood(empty, disable_tqdm=True), hf_lm.loglikelihood(empty, disable_tqdm=True), "empty")
+
+
+@pytest.mark.parametrize("options", [
+    {"tokenized_requests": False, "batch_size": 1},
+    {"tokenizer": None, "tokenizer_backend": "auto"},
+], ids=["text", "server-tokenizer"])
+def test_generate_until_gives_the_hf_backends_text(model_and_server, hf_lm, options):
+    """Greedy generation with lm-eval's stop strings and token budget (its generate_until tasks):
+    the same text as the HF backend's, token for token."""
+    model, live = model_and_server
+    requests = [Instance("generate_until", {}, (f"Question: what is {i} + {i}?\nAnswer:",
+                                                {"until": ["\n", "."], "max_gen_toks": 24, "do_sample": False}), i)
+                for i in range(4)]
+    want = hf_lm.generate_until(requests, disable_tqdm=True)
+    assert any(want)
+    assert served_lm(model, live, **options).generate_until(requests, disable_tqdm=True) == want
