@@ -14,6 +14,9 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# No test reaches the Hugging Face Hub (lm-eval, datasets and transformers read these at import).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import json  # noqa: E402
 from pathlib import Path  # noqa: E402

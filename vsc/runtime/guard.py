@@ -4,7 +4,7 @@ Checked in this order, before any route runs and before a byte of a request body
 
   Host          the Host header must name this server (`allowed_hosts`; against DNS
                 rebinding, a page on evil.example resolving its name to 127.0.0.1)  -> 400
-  API key       /v1/*, /tokenize and /detokenize (and /metrics with `protect_metrics`)
+  API key       /v1/*, /tokenize, /detokenize, /tokenizer_info (and /metrics with `protect_metrics`)
                 need `Authorization: Bearer KEY`, compared in constant time        -> 401
                 (vLLM guards /v1 only; the tokenizer endpoints are work done for the
                 caller, so a keyed server asks for the key there too. /health and
@@ -33,7 +33,7 @@ MIN_BODY_BYTES = 1 << 20
 BODY_BYTES_PER_TOKEN = 64
 
 #: Paths outside /v1 that need the API key when the server has one.
-KEYED_PATHS = frozenset({"/tokenize", "/detokenize"})
+KEYED_PATHS = frozenset({"/tokenize", "/detokenize", "/tokenizer_info"})
 
 #: Host names a server bound to loopback answers to by default.
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")

@@ -3,6 +3,7 @@
     POST /v1/completions, POST /v1/chat/completions   (streamed as SSE or not)
     GET  /v1/models, /v1/models/{id}, /health, /metrics, /version
     POST /tokenize, /detokenize                       (vLLM's request and response bodies)
+    GET  /tokenizer_info    (vLLM's, behind its --enable-tokenizer-info-endpoint: lm-eval's remote tokenizer)
     POST /v1/responses      (plain text, streamed or not: served as a chat completion, vsc.runtime.responses)
 
 Every request the engine accepted is logged at INFO when it ends, one line (its id, finish
@@ -1052,6 +1053,17 @@ class _App:
     async def version(self, request: Request) -> Response:
         return Response(orjson.dumps({"version": __version__}), media_type=JSON)
 
+    async def tokenizer_info(self, request: Request) -> Response:
+        """vLLM's GET /tokenizer_info: the tokenizer's class, special tokens, context and chat template.
+        lm-eval's `local-completions` (tokenizer_backend auto or remote) tokenizes through this server
+        when it answers here and at /tokenize, so the client needs no copy of the tokenizer."""
+        info = {"tokenizer_class": type(self.tokenizer).__name__,
+                **getattr(self.tokenizer, "special_tokens", {}), "model_max_length": int(self.engine.max_context)}
+        template = getattr(self.tokenizer, "chat_template", None)
+        if template:
+            info["chat_template"] = template
+        return Response(orjson.dumps(info), media_type=JSON)
+
     async def tokenize(self, request: Request) -> Response:
         """vLLM's POST /tokenize: {prompt} or {messages} -> {count, max_model_len, tokens, token_strs}."""
         arrival = time.monotonic()
@@ -1450,6 +1462,7 @@ def build_app(engine, tokenizer, metrics: ServerMetrics, served_model_name: str,
         Route("/health", a.health, methods=["GET"]),
         Route("/version", a.version, methods=["GET"]),
         Route("/tokenize", a.tokenize, methods=["POST"]),
+        Route("/tokenizer_info", a.tokenizer_info, methods=["GET"]),
         Route("/detokenize", a.detokenize, methods=["POST"]),
         Route("/metrics", a.metrics_endpoint, methods=["GET"]),
     ]
