@@ -49,6 +49,7 @@ from vsc.runtime.guard import HttpGuard, Security, default_max_body
 from vsc.runtime.logprobs import MAX_LOGPROBS
 from vsc.runtime.metrics import ServerMetrics
 from vsc.runtime.responses import ResponsesInputError, StreamTranslator, chat_body, response_object
+from vsc.runtime import tools as tooling
 
 log = logging.getLogger("vsc.runtime.http")
 
@@ -216,7 +217,8 @@ _COMMON_FIELDS = frozenset((
     "logprobs", "prompt_logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias",
     "min_tokens", "include_stop_str_in_output", "truncate_prompt_tokens", "truncation_side", "user"))
 _CHAT_FIELDS = _COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "tools", "echo",
-                                 "add_generation_prompt", "continue_final_message"}
+                                 "add_generation_prompt", "continue_final_message", "tool_choice",
+                                 "parallel_tool_calls"}
 _COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "echo", "suffix"}
 
 
@@ -227,9 +229,7 @@ def _unknown_fields(body: dict, chat: bool) -> list[str]:
 
 def _common(body: dict, chat: bool, vocab: int | None = None) -> tuple[SamplingParams, bool, bool]:
     """Sampling parameters (max_tokens left at its request value or None), stream, include_usage."""
-    if chat:
-        _unsupported(body, "tools", lambda v: v == [])
-    else:
+    if not chat:
         _unsupported(body, "suffix", lambda v: v == "")
 
     # max_tokens 0 with echo (completions): the prompt and its logprobs alone, as vLLM (lm-eval's scoring)
@@ -387,8 +387,39 @@ def _messages(body: dict) -> list[dict[str, str]]:
     for i, m in enumerate(msgs):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise _bad("messages", f"messages[{i}] must be an object with a string 'role'")
-        out.append({"role": m["role"], "content": _message_text(m.get("content"), i)})
+        msg = {"role": m["role"], "content": _message_text(m.get("content"), i)}
+        try:
+            calls = tooling.check_message_calls(m, i)
+        except tooling.ToolsError as e:
+            raise _bad(e.param, str(e)) from None
+        if calls is not None:
+            msg["tool_calls"] = calls
+        for key in ("tool_call_id", "name"):     # a tool result's call id; a message author's name
+            if isinstance(m.get(key), str):
+                msg[key] = m[key]
+        out.append(msg)
     return out
+
+
+def _tool_plan(body: dict, params: SamplingParams) -> tooling.ToolPlan | None:
+    """The request's tools (vsc.runtime.tools); with tool_choice required or a named function, the
+    reply's schema goes to json mode (params.json_schema)."""
+    try:
+        plan = tooling.parse(body)
+        if plan is None or not plan.constrained:
+            return plan
+        if params.json_schema is not None:
+            raise tooling.ToolsError("tool_choice", "'tool_choice' required or a named function constrains the "
+                                                    "reply to a tool call: it cannot be combined with a json "
+                                                    "'response_format' or 'structured_outputs'")
+        try:
+            params.json_schema = check_schema(tooling.call_schema(plan))
+        except SchemaError as e:
+            raise tooling.ToolsError("tools", f"'tools': the tool call's schema: {e}") from None
+    except tooling.ToolsError as e:
+        raise _bad(e.param, str(e)) from None
+    params.text_only = False
+    return plan
 
 
 # vLLM's /tokenize (its completion and chat forms) and /detokenize fields; others are logged and
@@ -441,7 +472,7 @@ class _Req:
 
     __slots__ = ("rid", "chat", "created", "arrival", "prompt_len", "include_usage", "counted", "finished",
                  "aborted", "client_gone", "guarded", "task", "watcher", "predicted", "shutdown", "ttft", "role",
-                 "echo", "out")
+                 "echo", "out", "tools")
 
     def __init__(self, rid: str, chat: bool, arrival: float, prompt_len: int, include_usage: bool,
                  predicted: bool = False):
@@ -461,6 +492,7 @@ class _Req:
         self.role = "assistant"     # chat: the reply's role (the last message's without a generation prompt)
         self.echo = ""              # chat echo: the last message's text, put before the reply
         self.out: Choice | None = None   # logprobs / echo shaping (vsc.runtime.choices)
+        self.tools: tooling.ToolPlan | None = None   # chat: the reply is read for tool calls
 
 
 class _App:
@@ -669,6 +701,9 @@ class _App:
             n, best_of, echo, prompt_k = _scoring(body, chat, params)
             predicted = _prediction(body.get("prediction"))
             reply = _chat_reply(body) if chat else None
+            plan = _tool_plan(body, params) if chat else None
+            if plan is not None and plan.parses and n > 1:
+                raise _bad("n", "requests with 'tools' (tool_choice other than none) are served with n = 1 only")
             if self._check_overload is not None:     # overload = shed: refuse before tokenizing
                 self._check_overload()
             # tokenizing (and the chat template) off the event loop: a long prompt delays only itself
@@ -689,7 +724,7 @@ class _App:
             if predicted is not None:
                 params.prediction = list(await asyncio.to_thread(self.tokenizer.encode, predicted,
                                                                  add_special_tokens=False)) or None
-            await self._admit_schema(params.json_schema,
+            await self._admit_schema(params.json_schema, "tools" if plan is not None and plan.constrained else
                                      "response_format" if body.get("structured_outputs") is None else "structured_outputs")
             if echo and any(text is None for _, text in prompts):     # echoed token ids: decode off the loop
                 jobs = await asyncio.to_thread(self._jobs, prompts, params, chat, n, best_of, echo, echo_only, stream)
@@ -712,7 +747,8 @@ class _App:
         if len(jobs) > 1:
             return await self._serve_many(request, prefix, chat, jobs, n, stream, include_usage, arrival)
         ids, params, choice = jobs[0]
-        return await self._serve(request, prefix, chat, ids, params, stream, include_usage, arrival, choice, reply)
+        return await self._serve(request, prefix, chat, ids, params, stream, include_usage, arrival, choice, reply,
+                                 plan if plan is not None and plan.parses else None)
 
     def _jobs(self, prompts: list[tuple[list[int], str | None]], params: SamplingParams, chat: bool, n: int,
               best_of: int, echo: bool, echo_only: bool, stream: bool = False
@@ -746,7 +782,8 @@ class _App:
         try:
             await asyncio.to_thread(self.engine.admit_schema, schema)
         except SchemaError as e:
-            where = "'response_format.json_schema.schema'" if param == "response_format" else f"'{param}.json'"
+            where = {"response_format": "'response_format.json_schema.schema'",
+                     "tools": "'tools': the tool call's schema"}.get(param, f"'{param}.json'")
             raise _bad(param, f"{where}: {e}") from None
 
     def _completion_prompt(self, body: dict, params: SamplingParams) -> list[tuple[list[int], str | None]]:
@@ -785,12 +822,14 @@ class _App:
         return out
 
     def _chat_prompt(self, body: dict, params: SamplingParams) -> list[int]:
-        messages = _messages(body)
         keep = self._truncation(body)
         add_generation_prompt, continue_final = _chat_continuation(body)
+        messages, extra = tooling.template_messages(_messages(body), tooling.parse(body),
+                                                    getattr(self.tokenizer, "supports_tools", False) is True)
+        if continue_final:
+            extra["continue_final_message"] = True
         try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                      **({"continue_final_message": True} if continue_final else {}))
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **extra)
         except Exception as e:  # template errors (role order, ...) are the caller's
             raise _bad("messages", f"the chat template rejected the messages: {e}") from None
         ids = _truncate(list(self._encode(text, False, "messages", keep is None)), keep)
@@ -801,7 +840,7 @@ class _App:
 
     async def _serve(self, request: Request, prefix: str, chat: bool, ids: list[int], params: SamplingParams,
                      stream: bool, include_usage: bool, arrival: float, choice: Choice | None = None,
-                     reply: tuple[str, str] | None = None) -> Response:
+                     reply: tuple[str, str] | None = None, plan: tooling.ToolPlan | None = None) -> Response:
         if self.draining:
             return ApiError(503, "the server is shutting down; retry on another instance", code="server_shutdown",
                             headers={"connection": "close"}).response()
@@ -809,6 +848,7 @@ class _App:
         r.out = choice or Choice(0, chat, None, False, False, "", ids, None)
         if reply is not None:
             r.role, r.echo = reply
+        r.tools = plan
         self.live.add(r)
         engine = self.engine
         started = False
@@ -828,6 +868,8 @@ class _App:
             now = time.monotonic()
             r.ttft = now - arrival
             self.metrics.ttft.observe(r.ttft)
+            if stream and plan is not None:     # tool calls are known once the reply is: sent then
+                return await self._collect(r, it, first, now, stream=True)
             if stream:
                 return _EventStream(self, r, it, first, now)     # takes over r.guarded / r.watcher
             return await self._collect(r, it, first, now)
@@ -972,16 +1014,48 @@ class _App:
                                                 first.prompt_logprobs_json(self.token_text) if chat else None)),
                         media_type=JSON)
 
-    async def _collect(self, r: _Req, it, ev: TokenEvent | None, last: float) -> Response:
+    async def _collect(self, r: _Req, it, ev: TokenEvent | None, last: float, stream: bool = False) -> Response:
         reason, usage, ev = await self._gather(r, it, ev, last)
         if reason == "error":               # the engine failed the request (a model step raised, a grammar failed)
+            if stream:
+                return _sse([_failed(ev).body()])
             return _failed(ev).response()
-        if reason == "abort" and r.shutdown:
+        if reason == "abort" and r.shutdown and not stream:
             return _shutdown_error().response()
         c = r.out
-        obj = self._body(r.rid, r.created, r.chat, [self._choice(c, reason, r.role, r.echo)], usage,
+        choice = self._choice(c, reason, r.role, r.echo)
+        if r.tools is not None:
+            content, calls = tooling.extract(r.tools, "".join(c.parts))
+            if calls:
+                choice["message"]["content"] = (r.echo + content) if content or r.echo else None
+                choice["message"]["tool_calls"] = calls
+                if choice["finish_reason"] == "stop":
+                    choice["finish_reason"] = "tool_calls"
+        if stream:
+            return self._tool_stream(r, choice, usage)
+        obj = self._body(r.rid, r.created, r.chat, [choice], usage,
                          c.prompt_logprobs_json(self.token_text) if c.chat else None)
         return Response(orjson.dumps(obj), media_type=JSON)
+
+    def _tool_stream(self, r: _Req, choice: dict, usage: dict) -> Response:
+        """A finished reply of a request with tools as OpenAI streams it: the role, the content,
+        each call (`delta.tool_calls`, numbered by `index`), the finish reason, the usage."""
+        message = choice["message"]
+        head = {"id": r.rid, "object": "chat.completion.chunk", "created": r.created, "model": self.name}
+        extra = {"usage": None} if r.include_usage else {}
+
+        def chunk(delta: dict, reason: str | None = None, logprobs: dict | None = None) -> dict:
+            return {**head, "choices": [{"index": 0, "delta": delta, "logprobs": logprobs,
+                                         "finish_reason": reason}], **extra}
+        events = [chunk({"role": message["role"], "content": ""})]
+        if message.get("content"):
+            events.append(chunk({"content": message["content"]}, None, choice["logprobs"]))
+        for i, call in enumerate(message.get("tool_calls") or []):
+            events.append(chunk({"tool_calls": [{"index": i, **call}]}))
+        events.append(chunk({}, choice["finish_reason"]))
+        if r.include_usage:
+            events.append({**head, "choices": [], "usage": usage})
+        return _sse(events)
 
     async def _gather(self, r: _Req, it, ev: TokenEvent | None, last: float):
         """Collect a request's events into r.out; (finish_reason, usage, last event)."""
@@ -1134,6 +1208,13 @@ class _App:
     async def metrics_endpoint(self, request: Request) -> Response:
         body, content_type = self.metrics.render(request.headers.get("accept"))
         return Response(body, headers={"content-type": content_type})
+
+
+def _sse(events: list[dict]) -> Response:
+    """A whole event stream at once (each event a JSON object), ended by [DONE]."""
+    return Response(b"".join(b"data: " + orjson.dumps(e) + b"\n\n" for e in events) + _DONE,
+                    headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+                    media_type="text/event-stream")
 
 
 def _shutdown_error() -> ApiError:
