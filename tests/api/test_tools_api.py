@@ -5,13 +5,14 @@ end against a compiled tiny model in tests/e2e/test_tools_e2e.py."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import openai
 import pytest
 
 from http_fakes import FakeEngine, FakeTokenizer, serving
 from vsc.runtime import tools as tooling
-from vsc.runtime.constrain import canonical_schema, check_schema
+from vsc.runtime.constrain import LARK_PREFIX, canonical_schema, check_schema
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city",
@@ -80,7 +81,9 @@ def test_auto_parses_tool_call_blocks_and_leaves_text_alone(live):
     c = live.client()
     say(live, 'Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>')
     r = c.chat.completions.create(model="fake-model", messages=ASK, tools=TOOLS)
-    assert sent(live, r.id)[0].params.json_schema is None        # auto: free text, read for calls
+    grammar = sent(live, r.id)[0].params.json_schema             # auto: text or schema-valid calls (a grammar)
+    assert grammar == tooling.auto_grammar(tooling.parse({"tools": TOOLS})) and grammar.startswith(LARK_PREFIX)
+    assert '"const": "get_weather"' in grammar and "call+" in grammar
     m = r.choices[0].message
     assert r.choices[0].finish_reason == "tool_calls" and m.content == "Let me look."
     assert m.tool_calls[0].function.name == "get_weather" and json.loads(m.tool_calls[0].function.arguments) == {
@@ -148,6 +151,8 @@ def test_streaming_sends_delta_tool_calls(live):
     ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice",
      "'tool_choice' required or a named function constrains the reply"),
     ({"tools": TOOLS, "n": 2}, "n", "requests with 'tools'"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "objekt"}}}]}, "tools",
+     "'tools': the tool call's schema: invalid JSON Schema"),
 ])
 def test_bad_tool_fields_are_400s_naming_the_field(live, fields, param, message):
     before = len(live.engine.requests)
@@ -163,6 +168,27 @@ def test_assistant_tool_calls_must_be_well_formed(live):
     with pytest.raises(openai.BadRequestError) as e:
         live.client().chat.completions.create(model="fake-model", messages=bad)
     assert e.value.body["param"] == "messages" and "messages[1].tool_calls[0]" in e.value.body["message"]
+
+
+def test_auto_grammar_admits_text_or_schema_valid_calls_only():
+    """Checked on the tiny model's tokenizer: llguidance refuses a call to an unknown tool or with bad
+    arguments, and text that starts like a call; it accepts text, and calls (several unless
+    parallel_tool_calls is false)."""
+    from vsc.runtime.constrain import GrammarCompiler
+    from vsc.runtime.tokenizer import Tokenizer
+    tok = Tokenizer.from_model_dir(Path(__file__).resolve().parents[2] / "models" / "tiny-llama")
+    compiler = GrammarCompiler.from_tokenizer(tok, tok.vocab_size)
+    call = '<tool_call>\n{"name":"get_weather","arguments":{"city":"Rome"}}\n</tool_call>\n'
+
+    def accepts(text: str, parallel: bool = True) -> bool:
+        plan = tooling.parse({"tools": TOOLS, "parallel_tool_calls": parallel})
+        m = compiler.matcher(check_schema(tooling.auto_grammar(plan)))
+        return bool(m.consume_tokens(tok.encode(text))) and not m.is_error() and m.is_accepting()
+    assert accepts("It is sunny.") and accepts("<tools> are fine") and accepts("") and accepts(call)
+    assert accepts(call + call) and not accepts(call + call, parallel=False)
+    assert not accepts('<tool_call>\n{"name":"launch","arguments":{}}\n</tool_call>')
+    assert not accepts('<tool_call>\n{"name":"get_weather","arguments":{"town":"Rome"}}\n</tool_call>')
+    assert not accepts("<tool_call> sorry, just text")
 
 
 def test_parameter_defs_move_to_the_top_so_refs_resolve():

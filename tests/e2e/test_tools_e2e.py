@@ -121,3 +121,20 @@ def test_instructor_tools_mode_gets_a_validated_model(live):
                                              max_retries=0, messages=ASK)
     assert isinstance(weather, GetWeather)
     assert_weather(weather.model_dump())
+
+
+def test_auto_replies_are_text_or_schema_valid_calls(live):
+    """tool_choice auto: the grammar lets the model write text (never text that starts like a call)
+    or calls, each schema-valid. This random model writes text; which calls the grammar admits is
+    checked on the same tokenizer in tests/api/test_tools_api.py."""
+    for seed in (1, 2, 3):
+        reply = live.client.chat.completions.create(model=live.model, messages=ASK, tools=[WEATHER], max_tokens=24,
+                                                    temperature=1.0, seed=seed)
+        m = reply.choices[0].message
+        if m.tool_calls:
+            assert reply.choices[0].finish_reason == "tool_calls"
+            for call in m.tool_calls:
+                assert call.function.name == "get_weather"
+                assert_weather(json.loads(call.function.arguments))
+        else:
+            assert not (m.content or "").startswith("<tool_call>"), m.content

@@ -406,14 +406,17 @@ def _tool_plan(body: dict, params: SamplingParams) -> tooling.ToolPlan | None:
     reply's schema goes to json mode (params.json_schema)."""
     try:
         plan = tooling.parse(body)
-        if plan is None or not plan.constrained:
+        if plan is None or plan.choice == tooling.NONE:
             return plan
         if params.json_schema is not None:
+            if plan.choice == tooling.AUTO:     # the request's json format wins; its reply is still read for calls
+                return plan
             raise tooling.ToolsError("tool_choice", "'tool_choice' required or a named function constrains the "
                                                     "reply to a tool call: it cannot be combined with a json "
                                                     "'response_format' or 'structured_outputs'")
         try:
-            params.json_schema = check_schema(tooling.call_schema(plan))
+            params.json_schema = check_schema(tooling.call_schema(plan) if plan.constrained
+                                              else tooling.auto_grammar(plan))
         except SchemaError as e:
             raise tooling.ToolsError("tools", f"'tools': the tool call's schema: {e}") from None
     except tooling.ToolsError as e:
@@ -701,7 +704,9 @@ class _App:
             n, best_of, echo, prompt_k = _scoring(body, chat, params)
             predicted = _prediction(body.get("prediction"))
             reply = _chat_reply(body) if chat else None
+            asked_schema = params.json_schema
             plan = _tool_plan(body, params) if chat else None
+            by_tools = params.json_schema is not asked_schema      # the tools' grammar constrains the reply
             if plan is not None and plan.parses and n > 1:
                 raise _bad("n", "requests with 'tools' (tool_choice other than none) are served with n = 1 only")
             if self._check_overload is not None:     # overload = shed: refuse before tokenizing
@@ -724,7 +729,7 @@ class _App:
             if predicted is not None:
                 params.prediction = list(await asyncio.to_thread(self.tokenizer.encode, predicted,
                                                                  add_special_tokens=False)) or None
-            await self._admit_schema(params.json_schema, "tools" if plan is not None and plan.constrained else
+            await self._admit_schema(params.json_schema, "tools" if by_tools else
                                      "response_format" if body.get("structured_outputs") is None else "structured_outputs")
             if echo and any(text is None for _, text in prompts):     # echoed token ids: decode off the loop
                 jobs = await asyncio.to_thread(self._jobs, prompts, params, chat, n, best_of, echo, echo_only, stream)

@@ -15,10 +15,13 @@ Output, by `tool_choice`:
   to the call's JSON: `{"name": <a tool's name>, "arguments": <its parameters schema>}`, or an
   array of at least one such call when `parallel_tool_calls` (the default) allows several and the
   choice is not a named function. Every finished reply is a parseable, schema-valid call.
-- "auto" (the default with tools): the reply is free text, parsed for `<tool_call>...</tool_call>`
-  blocks (the fallback's format, and Hermes / Qwen2.5 / SmolLM's); a block that is not JSON naming a
-  given tool leaves the whole reply as text. With `parallel_tool_calls: false` only the first call
-  is kept. (A grammar letting the model choose text or a schema-valid call is a next step.)
+- "auto" (the default with tools): a grammar (`auto_grammar`, llguidance Lark) lets the model choose:
+  free text that does not start with `<tool_call>`, or calls, each `<tool_call>\n<call JSON,
+  schema-constrained as above>\n</tool_call>` (the fallback's format, and Hermes / Qwen2.5 /
+  SmolLM's); one call when `parallel_tool_calls` is false. The reply is then parsed for those blocks
+  (a block later in free text counts too if it is JSON naming a given tool, as vLLM's Hermes parser
+  reads it; else the whole reply is text). With a json `response_format` the grammar gives way to
+  it (the reply is parsed the same way).
 
 A reply with calls has `message.tool_calls` (ids `call_...`, arguments as JSON text), the text
 before the first call as `content` (null when none) and finish_reason "tool_calls".
@@ -30,6 +33,8 @@ import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
+
+from vsc.runtime.constrain import LARK_PREFIX
 
 #: OpenAI's rule for a function's name.
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -171,6 +176,16 @@ def _rewrite_refs(node: Any, moved: dict[tuple[str, str], str]) -> Any:
     if isinstance(node, list):
         return [_rewrite_refs(v, moved) for v in node]
     return node
+
+
+def auto_grammar(plan: ToolPlan) -> str:
+    """The Lark grammar of tool_choice auto: text not starting with `<tool_call>`, or one or more
+    (one: parallel_tool_calls false) `<tool_call>` blocks of a schema-valid call."""
+    one = call_schema(ToolPlan(plan.tools, REQUIRED, None, parallel=False))
+    calls = "call+" if plan.parallel else "call"
+    return (f"{LARK_PREFIX}start: (TEXT | calls)?\ncalls: {calls}\n"
+            f"call: \"<tool_call>\\n\" %json {json.dumps(one, ensure_ascii=False)} \"\\n</tool_call>\" \"\\n\"?\n"
+            "TEXT: /(.|\\n)+/ & ~/<tool_call>(.|\\n)*/\n")
 
 
 # --------------------------------------------------------------------------- the prompt
