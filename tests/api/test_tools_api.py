@@ -221,3 +221,16 @@ def test_a_template_with_tool_support_receives_tools_and_argument_objects():
     messages, extra = tooling.template_messages(history, tooling.parse({"tools": TOOLS}), native=True)
     text = tok.apply_chat_template(messages, add_generation_prompt=False, **extra)
     assert text == "TOOLS=get_weather,get_time\nuser:Weather in Paris?\nassistant:[get_weather Paris]\ntool:sunny\n"
+
+
+def test_tokenize_renders_tools_and_tool_messages_as_chat_does(live):
+    import httpx2 as httpx
+    history = [*ASK, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "noon"}]
+    say(live, "Noon.")
+    r = live.client().chat.completions.create(model="fake-model", messages=history, tools=TOOLS, tool_choice="none")
+    tokens = httpx.post(live.url + "/tokenize", json={"messages": history, "tools": TOOLS}, timeout=10).json()["tokens"]
+    assert tokens == live.engine.requests[r.id].prompt_ids
+    bad = httpx.post(live.url + "/tokenize", json={"messages": ASK, "tools": [{"type": "x"}]}, timeout=10)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tools"

@@ -1140,7 +1140,7 @@ class _App:
             chat = "messages" in body
             if chat and "prompt" in body:
                 raise _bad("messages", "give either 'prompt' or 'messages', not both")
-            for key in ("chat_template", "chat_template_kwargs", "mm_processor_kwargs", "tools", "media_io_kwargs"):
+            for key in ("chat_template", "chat_template_kwargs", "mm_processor_kwargs", "media_io_kwargs"):
                 _unsupported(body, key, lambda v: not v)
             add_special = _bool(body, "add_special_tokens", not chat)     # vLLM's defaults
             want_strs = _bool(body, "return_token_strs", False)
@@ -1150,11 +1150,17 @@ class _App:
                 add_generation_prompt = _bool(body, "add_generation_prompt", True)
                 _unsupported(body, "continue_final_message", lambda v: v is False)
                 messages = _messages(body)
-                text = await asyncio.to_thread(self._render_chat, messages, add_generation_prompt)
+                try:
+                    plan = tooling.parse({"tools": body.get("tools")})
+                except tooling.ToolsError as e:
+                    raise _bad(e.param, str(e)) from None
+                text = await asyncio.to_thread(self._render_chat, messages, add_generation_prompt, plan)
             else:
                 for key in ("add_generation_prompt", "continue_final_message"):
                     if body.get(key) is not None:
                         raise _bad(key, f"'{key}' applies to 'messages', not to 'prompt'")
+                if body.get("tools"):
+                    raise _bad("tools", "'tools' applies to 'messages', not to 'prompt'")
                 text = body.get("prompt")
                 if not isinstance(text, str):
                     raise _bad("prompt", "'prompt' must be a string (or send 'messages')")
@@ -1171,9 +1177,12 @@ class _App:
         return Response(orjson.dumps({"count": len(ids), "max_model_len": int(self.engine.max_context),
                                       "tokens": ids, "token_strs": strs}), media_type=JSON)
 
-    def _render_chat(self, messages: list[dict], add_generation_prompt: bool) -> str:
+    def _render_chat(self, messages: list[dict], add_generation_prompt: bool,
+                     plan: tooling.ToolPlan | None = None) -> str:
+        messages, extra = tooling.template_messages(messages, plan,
+                                                    getattr(self.tokenizer, "supports_tools", False) is True)
         try:
-            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **extra)
         except Exception as e:  # template errors (role order, ...) are the caller's
             raise _bad("messages", f"the chat template rejected the messages: {e}") from None
 
