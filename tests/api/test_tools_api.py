@@ -79,15 +79,19 @@ def test_a_named_function_or_no_parallel_calls_constrain_to_one_call(live):
 
 def test_auto_parses_tool_call_blocks_and_leaves_text_alone(live):
     c = live.client()
-    say(live, 'Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>')
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>'
+    say(live, call)
     r = c.chat.completions.create(model="fake-model", messages=ASK, tools=TOOLS)
     grammar = sent(live, r.id)[0].params.json_schema             # auto: text or schema-valid calls (a grammar)
     assert grammar == tooling.auto_grammar(tooling.parse({"tools": TOOLS})) and grammar.startswith(LARK_PREFIX)
     assert '"const": "get_weather"' in grammar and "call+" in grammar
     m = r.choices[0].message
-    assert r.choices[0].finish_reason == "tool_calls" and m.content == "Let me look."
+    assert r.choices[0].finish_reason == "tool_calls" and m.content is None
     assert m.tool_calls[0].function.name == "get_weather" and json.loads(m.tool_calls[0].function.arguments) == {
         "city": "Rome"}
+    say(live, "Let me look.\n" + call)        # a call only opens a reply (the grammar's text branch is text)
+    r = c.chat.completions.create(model="fake-model", messages=ASK, tools=TOOLS)
+    assert r.choices[0].message.tool_calls is None and r.choices[0].message.content == "Let me look.\n" + call
     say(live, "It is sunny.")
     r = c.chat.completions.create(model="fake-model", messages=ASK, tools=TOOLS, tool_choice="auto")
     assert r.choices[0].message.content == "It is sunny." and r.choices[0].message.tool_calls is None
@@ -234,3 +238,20 @@ def test_tokenize_renders_tools_and_tool_messages_as_chat_does(live):
     assert tokens == live.engine.requests[r.id].prompt_ids
     bad = httpx.post(live.url + "/tokenize", json={"messages": ASK, "tools": [{"type": "x"}]}, timeout=10)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tools"
+
+
+def test_auto_streams_text_as_it_comes_and_calls_when_complete(live):
+    c = live.client()
+    say(live, "<tools> are fine, the weather is sunny.")
+    chunks = [ch for ch in c.chat.completions.create(model="fake-model", messages=ASK, tools=TOOLS, stream=True)
+              if ch.choices]
+    contents = [ch.choices[0].delta.content for ch in chunks if ch.choices[0].delta.content]
+    assert "".join(contents) == "<tools> are fine, the weather is sunny." and len(contents) > 2   # not one lump
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    say(live, '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>')
+    chunks = [ch for ch in c.chat.completions.create(model="fake-model", messages=ASK, tools=TOOLS, stream=True)
+              if ch.choices]
+    calls = [tc for ch in chunks for tc in (ch.choices[0].delta.tool_calls or [])]
+    assert [(tc.function.name, tc.function.arguments) for tc in calls] == [("get_time", "{}")]
+    assert not any(ch.choices[0].delta.content for ch in chunks)
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"

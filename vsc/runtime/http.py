@@ -873,6 +873,11 @@ class _App:
             now = time.monotonic()
             r.ttft = now - arrival
             self.metrics.ttft.observe(r.ttft)
+            if stream and plan is not None and plan.choice == tooling.AUTO and params.logprobs is None:
+                first = await _peek_call(it, first)     # text (streamed as it comes) or calls?
+                if first is not None and first.finish_reason is None and not first.text.startswith(tooling.CALL_TAG):
+                    r.tools = None
+                    return _EventStream(self, r, it, first, now)
             if stream and plan is not None:     # tool calls are known once the reply is: sent then
                 return await self._collect(r, it, first, now, stream=True)
             if stream:
@@ -1222,6 +1227,25 @@ class _App:
     async def metrics_endpoint(self, request: Request) -> Response:
         body, content_type = self.metrics.render(request.headers.get("accept"))
         return Response(body, headers={"content-type": content_type})
+
+
+async def _peek_call(it, first: TokenEvent | None) -> TokenEvent | None:
+    """tool_choice auto, streamed: the events up to where the text differs from `<tool_call>` (text:
+    streamed from there), starts with it (calls) or ends, merged into one event."""
+    events, text, tag = [first], first.text if first is not None else "", tooling.CALL_TAG
+    while events[-1] is not None and events[-1].finish_reason is None and len(text) < len(tag) and tag.startswith(text):
+        try:
+            ev = await it.__anext__()
+        except StopAsyncIteration:
+            ev = None
+        events.append(ev)
+        text += ev.text if ev is not None else ""
+    got = [e for e in events if e is not None]
+    if len(events) == 1 or not got:
+        return first
+    last = got[-1]
+    return dataclasses.replace(last, token_ids=[t for e in got for t in e.token_ids], text=text,
+                               completion_tokens=last.completion_tokens if last.finish_reason else 0)
 
 
 def _sse(events: list[dict]) -> Response:

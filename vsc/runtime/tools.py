@@ -18,13 +18,14 @@ Output, by `tool_choice`:
 - "auto" (the default with tools): a grammar (`auto_grammar`, llguidance Lark) lets the model choose:
   free text that does not start with `<tool_call>`, or calls, each `<tool_call>\n<call JSON,
   schema-constrained as above>\n</tool_call>` (the fallback's format, and Hermes / Qwen2.5 /
-  SmolLM's); one call when `parallel_tool_calls` is false. The reply is then parsed for those blocks
-  (a block later in free text counts too if it is JSON naming a given tool, as vLLM's Hermes parser
-  reads it; else the whole reply is text). With a json `response_format` the grammar gives way to
-  it (the reply is parsed the same way).
+  SmolLM's); one call when `parallel_tool_calls` is false. A reply that starts with `<tool_call>`
+  is read as calls (if a block is not JSON naming a given tool, possible only where the grammar did
+  not apply, the whole reply is text); any other reply is text, so a stream can send it as it comes
+  once its start differs from `<tool_call>`. With a json `response_format` the grammar gives way
+  to it (the reply is read the same way).
 
-A reply with calls has `message.tool_calls` (ids `call_...`, arguments as JSON text), the text
-before the first call as `content` (null when none) and finish_reason "tool_calls".
+A reply with calls has `message.tool_calls` (ids `call_...`, arguments as JSON text), `content`
+null and finish_reason "tool_calls".
 """
 from __future__ import annotations
 
@@ -38,6 +39,8 @@ from vsc.runtime.constrain import LARK_PREFIX
 
 #: OpenAI's rule for a function's name.
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+#: How a call starts under tool_choice auto (the text before it decides: text or calls).
+CALL_TAG = "<tool_call>"
 _CALL_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
 
 NONE, AUTO, REQUIRED, NAMED = "none", "auto", "required", "named"
@@ -286,11 +289,10 @@ def extract(plan: ToolPlan, text: str) -> tuple[str | None, list[dict]]:
         if not all(isinstance(v, dict) and v.get("name") in plan.names and "arguments" in v for v in items):
             return text, []
         return None, [_call(v["name"], v["arguments"]) for v in items]
-    at = text.find("<tool_call>")
-    if at == -1:
+    if not text.startswith(CALL_TAG):
         return text, []
     calls = []
-    for block in _CALL_BLOCK.findall(text[at:]):
+    for block in _CALL_BLOCK.findall(text):
         try:
             value = json.loads(block)
         except ValueError:
@@ -303,5 +305,4 @@ def extract(plan: ToolPlan, text: str) -> tuple[str | None, list[dict]]:
         return text, []
     if not plan.parallel:
         calls = calls[:1]
-    content = text[:at].strip()
-    return content or None, calls
+    return None, calls
