@@ -64,6 +64,7 @@ class FakeEngine:
         self.max_context, self.model_name = max_context, MODEL
         self.delay, self.capacity, self.block_size, self.kv_blocks_total = delay, capacity, block_size, kv_blocks_total
         self.alive = True
+        self.output = OUTPUT      # what it says (repeated): a test may script it
         self.requests: dict[str, GenerateRequest] = {}
         self.aborted: list[str] = []
         self.admitted: list[str] = []
@@ -141,7 +142,7 @@ class FakeEngine:
                     queue.put_nowait(RuntimeError("the fake engine broke mid-stream") if "BANG" in prompt
                                      else TokenEvent(rid, [], "", "error", plen, n - 1, queue_seconds=q))
                     return
-                ch = OUTPUT[(n - 1) % len(OUTPUT)]
+                ch = self.output[(n - 1) % len(self.output)]
                 text += ch
                 cut = min((i for i in (text.find(s) for s in p.stop) if i >= 0), default=-1)
                 if cut >= 0:

@@ -61,6 +61,12 @@ SCHEMA_CACHE = 64
 #: The largest schema accepted, as compact JSON text (bytes of UTF-8).
 SCHEMA_MAX_BYTES = 64 * 1024
 
+#: A constraint text starting with this is an llguidance Lark grammar, not a JSON Schema (the
+#: prefix SGLang and llama.cpp use for llguidance grammars): vsc.runtime.tools builds one for
+#: tool_choice auto (free text or schema-valid tool calls). Clients cannot send one: the HTTP
+#: layer only passes JSON Schemas it parsed itself.
+LARK_PREFIX = "%llguidance {}\n"
+
 #: llguidance's resource limits for compiling and running a grammar (see `parser_limits`):
 #: Earley items per mask step and per row, lexer fuel to build (initial) and to step, lexer
 #: states (1-2 kB each) and grammar symbols. Going past one is a one-line grammar error.
@@ -112,8 +118,12 @@ def canonical_schema(schema: str | dict) -> str:
     """The schema as compact JSON text (its identity for caching and hashing).
 
     Raises SchemaError if `schema` is not JSON, not a JSON object, nested too deep for Python's
-    JSON codec or longer than SCHEMA_MAX_BYTES.
+    JSON codec or longer than SCHEMA_MAX_BYTES. A Lark grammar (LARK_PREFIX) is its own identity.
     """
+    if isinstance(schema, str) and schema.startswith(LARK_PREFIX):
+        if len(schema.encode()) > 4 * SCHEMA_MAX_BYTES:
+            raise SchemaError(f"the grammar is longer than {4 * SCHEMA_MAX_BYTES} bytes")
+        return schema
     try:
         if isinstance(schema, str):
             try:
@@ -134,9 +144,11 @@ def canonical_schema(schema: str | dict) -> str:
 
 
 def grammar_of(schema_text: str) -> str:
-    """The llguidance grammar for a (canonical) schema text."""
+    """The llguidance grammar for a (canonical) schema text, or a Lark grammar (LARK_PREFIX)."""
     llg = _llguidance()
     try:
+        if schema_text.startswith(LARK_PREFIX):
+            return llg.LLMatcher.grammar_from_lark(schema_text)
         return llg.LLMatcher.grammar_from_json_schema(schema_text, defaults=dict(JSON_DEFAULTS))
     except (ValueError, TypeError) as e:
         raise SchemaError(f"invalid JSON Schema: {_one_line(e)}") from None

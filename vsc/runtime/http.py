@@ -50,6 +50,7 @@ from vsc.runtime.guard import HttpGuard, Security, default_max_body
 from vsc.runtime.logprobs import MAX_LOGPROBS
 from vsc.runtime.metrics import ServerMetrics
 from vsc.runtime.responses import ResponsesInputError, StreamTranslator, chat_body, response_object
+from vsc.runtime import tools as tooling
 
 log = logging.getLogger("vsc.runtime.http")
 
@@ -217,7 +218,8 @@ _COMMON_FIELDS = frozenset((
     "logprobs", "prompt_logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias",
     "min_tokens", "include_stop_str_in_output", "truncate_prompt_tokens", "truncation_side", "user"))
 _CHAT_FIELDS = _COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "tools", "echo",
-                                 "add_generation_prompt", "continue_final_message"}
+                                 "add_generation_prompt", "continue_final_message", "tool_choice",
+                                 "parallel_tool_calls"}
 _COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "echo", "suffix"}
 
 
@@ -228,9 +230,7 @@ def _unknown_fields(body: dict, chat: bool) -> list[str]:
 
 def _common(body: dict, chat: bool, vocab: int | None = None) -> tuple[SamplingParams, bool, bool]:
     """Sampling parameters (max_tokens left at its request value or None), stream, include_usage."""
-    if chat:
-        _unsupported(body, "tools", lambda v: v == [])
-    else:
+    if not chat:
         _unsupported(body, "suffix", lambda v: v == "")
 
     # max_tokens 0 with echo (completions): the prompt and its logprobs alone, as vLLM (lm-eval's scoring)
@@ -388,8 +388,42 @@ def _messages(body: dict) -> list[dict[str, str]]:
     for i, m in enumerate(msgs):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise _bad("messages", f"messages[{i}] must be an object with a string 'role'")
-        out.append({"role": m["role"], "content": _message_text(m.get("content"), i)})
+        msg = {"role": m["role"], "content": _message_text(m.get("content"), i)}
+        try:
+            calls = tooling.check_message_calls(m, i)
+        except tooling.ToolsError as e:
+            raise _bad(e.param, str(e)) from None
+        if calls is not None:
+            msg["tool_calls"] = calls
+        for key in ("tool_call_id", "name"):     # a tool result's call id; a message author's name
+            if isinstance(m.get(key), str):
+                msg[key] = m[key]
+        out.append(msg)
     return out
+
+
+def _tool_plan(body: dict, params: SamplingParams) -> tooling.ToolPlan | None:
+    """The request's tools (vsc.runtime.tools); with tool_choice required or a named function, the
+    reply's schema goes to json mode (params.json_schema)."""
+    try:
+        plan = tooling.parse(body)
+        if plan is None or plan.choice == tooling.NONE:
+            return plan
+        if params.json_schema is not None:
+            if plan.choice == tooling.AUTO:     # the request's json format wins; its reply is still read for calls
+                return plan
+            raise tooling.ToolsError("tool_choice", "'tool_choice' required or a named function constrains the "
+                                                    "reply to a tool call: it cannot be combined with a json "
+                                                    "'response_format' or 'structured_outputs'")
+        try:
+            params.json_schema = check_schema(tooling.call_schema(plan) if plan.constrained
+                                              else tooling.auto_grammar(plan))
+        except SchemaError as e:
+            raise tooling.ToolsError("tools", f"'tools': the tool call's schema: {e}") from None
+    except tooling.ToolsError as e:
+        raise _bad(e.param, str(e)) from None
+    params.text_only = False
+    return plan
 
 
 # vLLM's /tokenize (its completion and chat forms) and /detokenize fields; others are logged and
@@ -442,7 +476,7 @@ class _Req:
 
     __slots__ = ("rid", "chat", "created", "arrival", "prompt_len", "include_usage", "counted", "finished",
                  "aborted", "client_gone", "guarded", "task", "watcher", "predicted", "shutdown", "ttft", "role",
-                 "echo", "out")
+                 "echo", "out", "tools")
 
     def __init__(self, rid: str, chat: bool, arrival: float, prompt_len: int, include_usage: bool,
                  predicted: bool = False):
@@ -462,6 +496,7 @@ class _Req:
         self.role = "assistant"     # chat: the reply's role (the last message's without a generation prompt)
         self.echo = ""              # chat echo: the last message's text, put before the reply
         self.out: Choice | None = None   # logprobs / echo shaping (vsc.runtime.choices)
+        self.tools: tooling.ToolPlan | None = None   # chat: the reply is read for tool calls
 
 
 class _App:
@@ -670,6 +705,11 @@ class _App:
             n, best_of, echo, prompt_k = _scoring(body, chat, params)
             predicted = _prediction(body.get("prediction"))
             reply = _chat_reply(body) if chat else None
+            asked_schema = params.json_schema
+            plan = _tool_plan(body, params) if chat else None
+            by_tools = params.json_schema is not asked_schema      # the tools' grammar constrains the reply
+            if plan is not None and plan.parses and n > 1:
+                raise _bad("n", "requests with 'tools' (tool_choice other than none) are served with n = 1 only")
             if self._check_overload is not None:     # overload = shed: refuse before tokenizing
                 self._check_overload()
             # tokenizing (and the chat template) off the event loop: a long prompt delays only itself
@@ -690,7 +730,7 @@ class _App:
             if predicted is not None:
                 params.prediction = list(await asyncio.to_thread(self.tokenizer.encode, predicted,
                                                                  add_special_tokens=False)) or None
-            await self._admit_schema(params.json_schema,
+            await self._admit_schema(params.json_schema, "tools" if by_tools else
                                      "response_format" if body.get("structured_outputs") is None else "structured_outputs")
             if echo and any(text is None for _, text in prompts):     # echoed token ids: decode off the loop
                 jobs = await asyncio.to_thread(self._jobs, prompts, params, chat, n, best_of, echo, echo_only, stream)
@@ -713,7 +753,8 @@ class _App:
         if len(jobs) > 1:
             return await self._serve_many(request, prefix, chat, jobs, n, stream, include_usage, arrival)
         ids, params, choice = jobs[0]
-        return await self._serve(request, prefix, chat, ids, params, stream, include_usage, arrival, choice, reply)
+        return await self._serve(request, prefix, chat, ids, params, stream, include_usage, arrival, choice, reply,
+                                 plan if plan is not None and plan.parses else None)
 
     def _jobs(self, prompts: list[tuple[list[int], str | None]], params: SamplingParams, chat: bool, n: int,
               best_of: int, echo: bool, echo_only: bool, stream: bool = False
@@ -747,7 +788,8 @@ class _App:
         try:
             await asyncio.to_thread(self.engine.admit_schema, schema)
         except SchemaError as e:
-            where = "'response_format.json_schema.schema'" if param == "response_format" else f"'{param}.json'"
+            where = {"response_format": "'response_format.json_schema.schema'",
+                     "tools": "'tools': the tool call's schema"}.get(param, f"'{param}.json'")
             raise _bad(param, f"{where}: {e}") from None
 
     def _completion_prompt(self, body: dict, params: SamplingParams) -> list[tuple[list[int], str | None]]:
@@ -786,12 +828,14 @@ class _App:
         return out
 
     def _chat_prompt(self, body: dict, params: SamplingParams) -> list[int]:
-        messages = _messages(body)
         keep = self._truncation(body)
         add_generation_prompt, continue_final = _chat_continuation(body)
+        messages, extra = tooling.template_messages(_messages(body), tooling.parse(body),
+                                                    getattr(self.tokenizer, "supports_tools", False) is True)
+        if continue_final:
+            extra["continue_final_message"] = True
         try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                      **({"continue_final_message": True} if continue_final else {}))
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **extra)
         except Exception as e:  # template errors (role order, ...) are the caller's
             raise _bad("messages", f"the chat template rejected the messages: {e}") from None
         ids = _truncate(list(self._encode(text, False, "messages", keep is None)), keep)
@@ -802,7 +846,7 @@ class _App:
 
     async def _serve(self, request: Request, prefix: str, chat: bool, ids: list[int], params: SamplingParams,
                      stream: bool, include_usage: bool, arrival: float, choice: Choice | None = None,
-                     reply: tuple[str, str] | None = None) -> Response:
+                     reply: tuple[str, str] | None = None, plan: tooling.ToolPlan | None = None) -> Response:
         if self.draining:
             return ApiError(503, "the server is shutting down; retry on another instance", code="server_shutdown",
                             headers={"connection": "close"}).response()
@@ -810,6 +854,7 @@ class _App:
         r.out = choice or Choice(0, chat, None, False, False, "", ids, None)
         if reply is not None:
             r.role, r.echo = reply
+        r.tools = plan
         self.live.add(r)
         engine = self.engine
         started = False
@@ -829,6 +874,13 @@ class _App:
             now = time.monotonic()
             r.ttft = now - arrival
             self.metrics.ttft.observe(r.ttft)
+            if stream and plan is not None and plan.choice == tooling.AUTO and params.logprobs is None:
+                first = await _peek_call(it, first)     # text (streamed as it comes) or calls?
+                if first is not None and first.finish_reason is None and not first.text.startswith(tooling.CALL_TAG):
+                    r.tools = None
+                    return _EventStream(self, r, it, first, now)
+            if stream and plan is not None:     # tool calls are known once the reply is: sent then
+                return await self._collect(r, it, first, now, stream=True)
             if stream:
                 return _EventStream(self, r, it, first, now)     # takes over r.guarded / r.watcher
             return await self._collect(r, it, first, now)
@@ -973,16 +1025,48 @@ class _App:
                                                 first.prompt_logprobs_json(self.token_text) if chat else None)),
                         media_type=JSON)
 
-    async def _collect(self, r: _Req, it, ev: TokenEvent | None, last: float) -> Response:
+    async def _collect(self, r: _Req, it, ev: TokenEvent | None, last: float, stream: bool = False) -> Response:
         reason, usage, ev = await self._gather(r, it, ev, last)
         if reason == "error":               # the engine failed the request (a model step raised, a grammar failed)
+            if stream:
+                return _sse([_failed(ev).body()])
             return _failed(ev).response()
-        if reason == "abort" and r.shutdown:
+        if reason == "abort" and r.shutdown and not stream:
             return _shutdown_error().response()
         c = r.out
-        obj = self._body(r.rid, r.created, r.chat, [self._choice(c, reason, r.role, r.echo)], usage,
+        choice = self._choice(c, reason, r.role, r.echo)
+        if r.tools is not None:
+            content, calls = tooling.extract(r.tools, "".join(c.parts))
+            if calls:
+                choice["message"]["content"] = (r.echo + content) if content or r.echo else None
+                choice["message"]["tool_calls"] = calls
+                if choice["finish_reason"] == "stop":
+                    choice["finish_reason"] = "tool_calls"
+        if stream:
+            return self._tool_stream(r, choice, usage)
+        obj = self._body(r.rid, r.created, r.chat, [choice], usage,
                          c.prompt_logprobs_json(self.token_text) if c.chat else None)
         return Response(orjson.dumps(obj), media_type=JSON)
+
+    def _tool_stream(self, r: _Req, choice: dict, usage: dict) -> Response:
+        """A finished reply of a request with tools as OpenAI streams it: the role, the content,
+        each call (`delta.tool_calls`, numbered by `index`), the finish reason, the usage."""
+        message = choice["message"]
+        head = {"id": r.rid, "object": "chat.completion.chunk", "created": r.created, "model": self.name}
+        extra = {"usage": None} if r.include_usage else {}
+
+        def chunk(delta: dict, reason: str | None = None, logprobs: dict | None = None) -> dict:
+            return {**head, "choices": [{"index": 0, "delta": delta, "logprobs": logprobs,
+                                         "finish_reason": reason}], **extra}
+        events = [chunk({"role": message["role"], "content": ""})]
+        if message.get("content"):
+            events.append(chunk({"content": message["content"]}, None, choice["logprobs"]))
+        for i, call in enumerate(message.get("tool_calls") or []):
+            events.append(chunk({"tool_calls": [{"index": i, **call}]}))
+        events.append(chunk({}, choice["finish_reason"]))
+        if r.include_usage:
+            events.append({**head, "choices": [], "usage": usage})
+        return _sse(events)
 
     async def _gather(self, r: _Req, it, ev: TokenEvent | None, last: float):
         """Collect a request's events into r.out; (finish_reason, usage, last event)."""
@@ -1073,7 +1157,7 @@ class _App:
             chat = "messages" in body
             if chat and "prompt" in body:
                 raise _bad("messages", "give either 'prompt' or 'messages', not both")
-            for key in ("chat_template", "chat_template_kwargs", "mm_processor_kwargs", "tools", "media_io_kwargs"):
+            for key in ("chat_template", "chat_template_kwargs", "mm_processor_kwargs", "media_io_kwargs"):
                 _unsupported(body, key, lambda v: not v)
             add_special = _bool(body, "add_special_tokens", not chat)     # vLLM's defaults
             want_strs = _bool(body, "return_token_strs", False)
@@ -1083,11 +1167,17 @@ class _App:
                 add_generation_prompt = _bool(body, "add_generation_prompt", True)
                 _unsupported(body, "continue_final_message", lambda v: v is False)
                 messages = _messages(body)
-                text = await asyncio.to_thread(self._render_chat, messages, add_generation_prompt)
+                try:
+                    plan = tooling.parse({"tools": body.get("tools")})
+                except tooling.ToolsError as e:
+                    raise _bad(e.param, str(e)) from None
+                text = await asyncio.to_thread(self._render_chat, messages, add_generation_prompt, plan)
             else:
                 for key in ("add_generation_prompt", "continue_final_message"):
                     if body.get(key) is not None:
                         raise _bad(key, f"'{key}' applies to 'messages', not to 'prompt'")
+                if body.get("tools"):
+                    raise _bad("tools", "'tools' applies to 'messages', not to 'prompt'")
                 text = body.get("prompt")
                 if not isinstance(text, str):
                     raise _bad("prompt", "'prompt' must be a string (or send 'messages')")
@@ -1104,9 +1194,12 @@ class _App:
         return Response(orjson.dumps({"count": len(ids), "max_model_len": int(self.engine.max_context),
                                       "tokens": ids, "token_strs": strs}), media_type=JSON)
 
-    def _render_chat(self, messages: list[dict], add_generation_prompt: bool) -> str:
+    def _render_chat(self, messages: list[dict], add_generation_prompt: bool,
+                     plan: tooling.ToolPlan | None = None) -> str:
+        messages, extra = tooling.template_messages(messages, plan,
+                                                    getattr(self.tokenizer, "supports_tools", False) is True)
         try:
-            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **extra)
         except Exception as e:  # template errors (role order, ...) are the caller's
             raise _bad("messages", f"the chat template rejected the messages: {e}") from None
 
@@ -1146,6 +1239,32 @@ class _App:
     async def metrics_endpoint(self, request: Request) -> Response:
         body, content_type = self.metrics.render(request.headers.get("accept"))
         return Response(body, headers={"content-type": content_type})
+
+
+async def _peek_call(it, first: TokenEvent | None) -> TokenEvent | None:
+    """tool_choice auto, streamed: the events up to where the text differs from `<tool_call>` (text:
+    streamed from there), starts with it (calls) or ends, merged into one event."""
+    events, text, tag = [first], first.text if first is not None else "", tooling.CALL_TAG
+    while events[-1] is not None and events[-1].finish_reason is None and len(text) < len(tag) and tag.startswith(text):
+        try:
+            ev = await it.__anext__()
+        except StopAsyncIteration:
+            ev = None
+        events.append(ev)
+        text += ev.text if ev is not None else ""
+    got = [e for e in events if e is not None]
+    if len(events) == 1 or not got:
+        return first
+    last = got[-1]
+    return dataclasses.replace(last, token_ids=[t for e in got for t in e.token_ids], text=text,
+                               completion_tokens=last.completion_tokens if last.finish_reason else 0)
+
+
+def _sse(events: list[dict]) -> Response:
+    """A whole event stream at once (each event a JSON object), ended by [DONE]."""
+    return Response(b"".join(b"data: " + orjson.dumps(e) + b"\n\n" for e in events) + _DONE,
+                    headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+                    media_type="text/event-stream")
 
 
 def _shutdown_error() -> ApiError:

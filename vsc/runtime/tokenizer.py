@@ -13,6 +13,7 @@ the start of a stop string, is held until it is settled.
 """
 from __future__ import annotations
 
+import functools
 import json
 from datetime import datetime
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any, Iterable
 
 import jinja2
 import jinja2.ext
+import jinja2.meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -158,6 +160,17 @@ class Tokenizer:
         return self.special_tokens.get("eos_token")
 
     # --- chat ------------------------------------------------------------------------
+
+    @functools.cached_property
+    def supports_tools(self) -> bool:
+        """The chat template renders a `tools` variable (else vsc.runtime.tools' fallback renders them)."""
+        if self.chat_template is None:
+            return False
+        env = ImmutableSandboxedEnvironment(extensions=[jinja2.ext.loopcontrols])
+        try:
+            return "tools" in jinja2.meta.find_undeclared_variables(env.parse(self.chat_template))
+        except jinja2.TemplateSyntaxError:
+            return False
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                             continue_final_message: bool = False, **kwargs: Any) -> str:
