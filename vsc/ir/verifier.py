@@ -17,10 +17,12 @@ from vsc.errors import VerificationError
 from vsc.ir.kernels import GRAPH_FORMS, KERNELS, decode_step_blockers
 from vsc.ir.module import Op, ServingModule, Weight, is_weight, walk_ops
 from vsc.ir.ops import OPS, TypeRuleError, infer, operand_arity_ok
-from vsc.runtime.enums import OVERLOAD_POLICIES, SPECULATIVE_METHODS
 from vsc.ir.sizes import CACHE_DTYPES, kv_bytes_per_token
 from vsc.ir.types import FLOAT_DTYPES, KNOWN_DTYPES, QUANT_DTYPES, Origin, TensorType
 from vsc.ir.weight_inits import WEIGHT_INIT_RULES
+from vsc.runtime.enums import (BATCHING_MODES, EVICTION_POLICIES, KV_CACHE_LAYOUTS, OVERLOAD_POLICIES,
+                               PREEMPTION_POLICIES, PREFIX_CACHE_POLICIES, SCHEDULING_ORDERS, SPECULATIVE_METHODS,
+                               TARGET_KINDS)
 
 # name -> what it guarantees. Tests and `vsc verify --list` read this table.
 INVARIANTS = {
@@ -305,8 +307,8 @@ class _Checker:
     def check_target(self) -> None:
         t = self.m.target
         node = f"target {t.kind}"
-        if t.kind not in ("cpu", "cuda"):
-            self.add("target", node, "target kind must be cpu or cuda", t.origin)
+        if t.kind not in TARGET_KINDS:
+            self.add("target", node, f"target kind must be one of {', '.join(TARGET_KINDS)}", t.origin)
         if t.kind == "cuda" and not re.fullmatch(r"sm_\d{2,3}a?", str(t.attrs.get("arch", ""))):
             self.add("target", node, f"cuda arch {t.attrs.get('arch')!r} is not of the form sm_NN", t.origin)
         threads = t.attrs.get("threads", 0)
@@ -346,8 +348,8 @@ class _Checker:
         c, a = self.m.cache, self.m.model.attrs
         node = "cache"
         max_context = self.max_context()
-        if c.layout not in ("contiguous", "paged"):
-            self.add("cache", node, f"layout must be contiguous or paged, got {c.layout!r}", c.origin)
+        if c.layout not in KV_CACHE_LAYOUTS:
+            self.add("cache", node, f"layout must be one of {', '.join(KV_CACHE_LAYOUTS)}, got {c.layout!r}", c.origin)
         if c.dtype not in CACHE_DTYPES:
             self.add("cache", node, f"unknown cache dtype {c.dtype!r} (known: {', '.join(sorted(CACHE_DTYPES))})", c.origin)
             return
@@ -367,19 +369,20 @@ class _Checker:
         if c.capacity_tokens < need:
             self.add("cache", node, f"capacity {c.capacity_tokens} tokens cannot hold {need} "
                                     f"({'max_batch x ' if c.layout == 'contiguous' else ''}max_context)", c.origin)
-        if c.prefix_sharing not in ("none", "hash", "radix"):
-            self.add("cache", node, f"prefix_sharing must be none, hash or radix, got {c.prefix_sharing!r}", c.origin)
+        if c.prefix_sharing not in PREFIX_CACHE_POLICIES:
+            self.add("cache", node, f"prefix_sharing must be one of {', '.join(PREFIX_CACHE_POLICIES)}, "
+                                    f"got {c.prefix_sharing!r}", c.origin)
         elif c.prefix_sharing != "none" and c.layout != "paged":
             self.add("cache", node, "prefix sharing needs a paged cache", c.origin)
-        if c.eviction not in ("none", "lru"):
-            self.add("cache", node, f"eviction must be none or lru, got {c.eviction!r}", c.origin)
+        if c.eviction not in EVICTION_POLICIES:
+            self.add("cache", node, f"eviction must be one of {', '.join(EVICTION_POLICIES)}, got {c.eviction!r}", c.origin)
 
     def check_batching(self) -> None:
         b = self.m.batching
         node = "batching"
         max_context = self.max_context() or 0
-        for field_name, allowed in (("mode", ("static", "continuous")), ("order", ("fcfs", "shortest-first")),
-                                    ("preemption", ("none", "recompute"))):
+        for field_name, allowed in (("mode", BATCHING_MODES), ("order", SCHEDULING_ORDERS),
+                                    ("preemption", PREEMPTION_POLICIES)):
             if getattr(b, field_name) not in allowed:
                 self.add("batching", node, f"{field_name} must be one of {', '.join(allowed)}, got {getattr(b, field_name)!r}", b.origin)
         if b.max_batch < 1:
