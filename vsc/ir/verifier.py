@@ -20,9 +20,9 @@ from vsc.ir.ops import OPS, TypeRuleError, infer, operand_arity_ok
 from vsc.ir.sizes import CACHE_DTYPES, kv_bytes_per_token
 from vsc.ir.types import FLOAT_DTYPES, KNOWN_DTYPES, QUANT_DTYPES, Origin, TensorType
 from vsc.ir.weight_inits import WEIGHT_INIT_RULES
-from vsc.runtime.enums import (BATCHING_MODES, EVICTION_POLICIES, KV_CACHE_LAYOUTS, OVERLOAD_POLICIES,
-                               PREEMPTION_POLICIES, PREFIX_CACHE_POLICIES, SCHEDULING_ORDERS, SPECULATIVE_METHODS,
-                               TARGET_KINDS)
+from vsc.runtime.enums import (BATCHING_MODES, CONSTRAIN_GRAMMARS, EVICTION_POLICIES, KV_CACHE_LAYOUTS,
+                               NGRAM_SPECULATIVE_METHODS, OVERLOAD_POLICIES, PREEMPTION_POLICIES, PREFIX_CACHE_POLICIES,
+                               SCHEDULING_ORDERS, SPECULATIVE_METHODS, TARGET_KINDS)
 
 # name -> what it guarantees. Tests and `vsc verify --list` read this table.
 INVARIANTS = {
@@ -578,8 +578,9 @@ def _constrain_problems(attrs: dict, g: nx.DiGraph) -> list[tuple[str, str]]:
         problems.append(("requests.constrain-placement", f"must feed exactly the sample stage, feeds {sorted(g.successors('constrain'))}"))
     if "decode" in g and not nx.has_path(g, "decode", "constrain"):
         problems.append(("requests.constrain-placement", "is not reachable from decode"))
-    if attrs.get("grammar") != "json_schema":
-        problems.append(("requests.constrain-grammar", f"grammar must be \"json_schema\", got {attrs.get('grammar')!r}"))
+    if attrs.get("grammar") not in CONSTRAIN_GRAMMARS:
+        problems.append(("requests.constrain-grammar", f"grammar must be {' or '.join(map(json.dumps, CONSTRAIN_GRAMMARS))}, "
+                                                       f"got {attrs.get('grammar')!r}"))
     schema = attrs.get("schema")
     try:
         parsed = json.loads(schema) if isinstance(schema, str) else None
@@ -612,7 +613,7 @@ def _speculative_problems(draft, verify_stage, g: nx.DiGraph, layout: str) -> li
         problems.append(("requests.speculative-args", f"k must be an integer >= 1, got {k!r}"))
     elif verify_stage.attrs.get("tokens") != k + 1:
         problems.append(("requests.speculative-args", f"verify must check k + 1 = {k + 1} tokens, says {verify_stage.attrs.get('tokens')!r}"))
-    if method in ("ngram", "prompt-lookup") and not (isinstance(a.get("ngram"), int) and a["ngram"] >= 1):
+    if method in NGRAM_SPECULATIVE_METHODS and not (isinstance(a.get("ngram"), int) and a["ngram"] >= 1):
         problems.append(("requests.speculative-args", f"ngram must be an integer >= 1, got {a.get('ngram')!r}"))
     if method == "draft" and not (isinstance(a.get("model"), str) and a["model"]):
         problems.append(("requests.speculative-args", "method draft needs the draft model's folder (model)"))

@@ -8,6 +8,14 @@ from __future__ import annotations
 #: speculative_method; vsc.runtime.speculative implements each).
 SPECULATIVE_METHODS = ("ngram", "prompt-lookup", "draft", "prediction")
 
+#: The speculative methods whose drafts come from n-gram matches (the draft stage carries `ngram`,
+#: the longest n-gram looked up: EngineConfig.speculative_ngram).
+NGRAM_SPECULATIVE_METHODS = ("ngram", "prompt-lookup")
+
+#: The grammar kinds a `constrain` stage can carry (the json-mode pass writes "json_schema": the
+#: stage's `schema` is a JSON Schema as JSON text; vsc.runtime.constrain compiles it).
+CONSTRAIN_GRAMMARS = ("json_schema",)
+
 #: What a server does with a request it cannot start in time (the spec's `serve { overload = ... }`,
 #: the IR's `admit` stage attribute `overload`, EngineConfig's overload): "queue" admits it while
 #: the waiting queue has room (EngineConfig.max_waiting); "shed" also answers 429 with Retry-After
