@@ -141,7 +141,7 @@ def cmd_verify(args) -> int:
         return 0 if ok else 1
     module = load_input(args.input)
     verify_or_raise(module)
-    print(f"{args.input}: ok ({len(INVARIANTS)} invariant groups hold)")
+    print(f"{args.input}: ok ({len(RULES)} rules in {len(INVARIANTS)} groups hold)")
     return 0
 
 

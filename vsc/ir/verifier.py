@@ -170,7 +170,7 @@ class Diagnostic:
     rule: str = ""      # the RULES entry it breaks; `check` is its group
 
     def __str__(self) -> str:
-        return f"[{self.check}] {self.node}: {self.message} (from {self.origin.describe()})"
+        return f"[{self.rule or self.check}] {self.node}: {self.message} (from {self.origin.describe()})"
 
 
 class _Checker:
