@@ -9,12 +9,10 @@ verifier that skipped a rule's check would leave that rule's negative test faili
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import small_config
 from vsc.cli import main
 from vsc.ir.hf_import import build_model_graph
 from vsc.ir.parser import parse_module
@@ -183,13 +181,10 @@ def build(make_module, tmp_path, base: str):
     else the small llama module after the pipeline `base`."""
     if base.startswith("golden:"):
         return parse_module((GOLDEN_DIR / f"{base[7:]}.vsir").read_text().split("// EXPECTED:\n")[1])
-    if base == "bf16":      # the small llama computing in bf16
+    if base == "bf16":      # the small llama computing in bf16 (make_module wrote its folder under tmp_path)
         m = make_module()
-        cfg = tmp_path / "bf16"
-        cfg.mkdir()
-        (cfg / "config.json").write_text(json.dumps(small_config()))
-        m.model = build_model_graph(cfg, dtype="bf16")
-        m.model.attrs["path"] = "models/bf16"
+        m.model = build_model_graph(tmp_path / "small-llama", dtype="bf16")
+        m.model.attrs["path"] = "models/small-llama"
         return m
     m = make_module("mixtral" if base == "mixtral" else "llama")
     if base and base != "mixtral":
