@@ -9,6 +9,9 @@ verifier that skipped a rule's check would leave that rule's negative test faili
 from __future__ import annotations
 
 import copy
+import re
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,7 @@ from vsc.ir.hf_import import build_model_graph
 from vsc.ir.parser import parse_module
 from vsc.ir.module import KernelRef, Stage, Weight, layer_region, walk_ops
 from vsc.ir.types import Origin, TensorType, pass_origin
+from vsc.ir import verifier
 from vsc.ir.verifier import RULES, verify
 from vsc.passes.manager import PassManager
 
@@ -165,13 +169,22 @@ RULE_CASES = {
     "requests.prefill-before-decode": ("", lambda m: (m.requests.graph.remove_edge("prefill", "decode"), m.requests.graph.remove_edge("decode", "sample"), m.requests.add_edge("admit", "decode"), m.requests.add_edge("decode", "prefill"), m.requests.add_edge("prefill", "sample"))),
     "requests.tpot-slo": (CONTINUOUS + ",chunked-prefill{tokens=64}", lambda m: stage(m, "prefill").attrs.__setitem__("tpot_slo_ms", -1)),
     "requests.tpot-needs-chunking": ("", lambda m: stage(m, "prefill").attrs.__setitem__("tpot_slo_ms", 50)),
-    "requests.constrain-placement": (JSON, lambda m: (m.requests.graph.remove_edge("constrain", "sample"), m.requests.graph.remove_edge("decode", "constrain"), m.requests.add_edge("decode", "sample"), m.requests.add_edge("sample", "constrain"), m.requests.add_edge("constrain", "detokenize"), m.requests.graph.remove_edge("sample", "detokenize"))),
-    "requests.constrain-grammar": (JSON, lambda m: stage(m, "constrain").attrs.__setitem__("sha256", "0" * 64)),
+    "requests.constrain-feeds-sample": (JSON, lambda m: m.requests.add_edge("constrain", "detokenize")),
+    "requests.constrain-after-decode": (JSON, lambda m: (m.requests.graph.remove_edge("decode", "constrain"), m.requests.add_edge("decode", "sample"), m.requests.add_edge("prefill", "constrain"))),
+    "requests.constrain-grammar": (JSON, lambda m: stage(m, "constrain").attrs.__setitem__("grammar", "regex")),
+    "requests.constrain-schema": (JSON, lambda m: stage(m, "constrain").attrs.__setitem__("schema", "[1]")),
+    "requests.constrain-sha256": (JSON, lambda m: stage(m, "constrain").attrs.__setitem__("sha256", "0" * 64)),
     "requests.overload-policy": ("", lambda m: stage(m, "admit").attrs.__setitem__("overload", "drop")),
     "requests.shed-slo": ("", lambda m: stage(m, "admit").attrs.__setitem__("overload", "shed")),
     "requests.speculative-pair": (SPECULATIVE, lambda m: (m.requests.graph.remove_edge("draft", "verify"), m.requests.add_edge("draft", [s for s in m.requests.graph.successors("verify")][0]), m.requests.graph.remove_node("verify"))),
-    "requests.speculative-placement": (SPECULATIVE, lambda m: m.requests.add_edge("draft", "sample")),
-    "requests.speculative-args": (SPECULATIVE, lambda m: stage(m, "verify").attrs.__setitem__("tokens", 7)),
+    "requests.draft-feeds-verify": (SPECULATIVE, lambda m: m.requests.add_edge("draft", "sample")),
+    "requests.draft-after-decode": (SPECULATIVE, lambda m: (m.requests.graph.remove_edge("decode", "draft"), m.requests.add_edge("prefill", "draft"), m.requests.add_edge("decode", "verify"))),
+    "requests.verify-to-sample": (SPECULATIVE, lambda m: (m.requests.graph.remove_edge("verify", "sample"), m.requests.add_edge("verify", "detokenize"), m.requests.add_edge("decode", "sample"))),
+    "requests.draft-method": (SPECULATIVE, lambda m: stage(m, "draft").attrs.__setitem__("method", "beam")),
+    "requests.draft-k": (SPECULATIVE, lambda m: stage(m, "draft").attrs.__setitem__("k", 0)),
+    "requests.verify-tokens": (SPECULATIVE, lambda m: stage(m, "verify").attrs.__setitem__("tokens", 7)),
+    "requests.draft-ngram": (SPECULATIVE, lambda m: stage(m, "draft").attrs.__setitem__("ngram", 0)),
+    "requests.draft-model": (SPECULATIVE, lambda m: stage(m, "draft").attrs.update(method="draft")),
     "requests.speculative-paged": ("", speculate_on_contiguous_cache),
 }
 
@@ -215,3 +228,55 @@ def test_every_listed_rule_has_a_failing_case(capsys):
     assert listed == list(RULES)
     assert sorted(set(listed) - set(RULE_CASES)) == []
     assert sorted(set(RULE_CASES) - set(listed)) == []
+
+
+GUARD = re.compile(r"^(\s*(?:if|elif) ).*:\s*$")
+REPORT = re.compile(r'self\.add\((f?)"([a-z]+\.[a-z0-9-]*)|problems\.append\(\("([a-z0-9.-]+)"|return \[\("([a-z0-9.-]+)"')
+
+
+def reports(lines: list[str]):
+    """(index of the if/elif directly guarding a report, or None, the rules that report can name)."""
+    for i, line in enumerate(lines):
+        hit = REPORT.search(line)
+        if hit is None:
+            continue
+        indent = len(line) - len(line.lstrip())
+        above = next(j for j in range(i - 1, -1, -1) if lines[j].strip() and
+                     len(lines[j]) - len(lines[j].lstrip()) < indent)
+        guard = above if GUARD.match(lines[above]) else None    # else in a loop or an except: the case covers it
+        if hit.group(1):        # f"batching.{field_name}": any rule of that group
+            rules = [r for r in RULES if r.startswith(hit.group(2))]
+        else:
+            rules = [hit.group(2) or hit.group(3) or hit.group(4)]
+        yield guard, rules
+
+
+def test_skipping_any_rule_check_fails_that_rules_case(make_module, tmp_path, monkeypatch):
+    """Mutants: each if/elif guarding a report in vsc/ir/verifier.py, made `if False:`, changes
+    what the verifier says about the case of the rule it reports (so no rule's check can be
+    dropped with its tests still passing)."""
+    cases = {}
+    for rule, (base, mutate, *_) in RULE_CASES.items():
+        m = build(make_module, tmp_path, base)
+        mutate(m)
+        cases[rule] = m
+    expected = {rule: {d.rule for d in verify(m)} for rule, m in cases.items()}
+    lines = Path(verifier.__file__).read_text().split("\n")
+    sites = list(reports(lines))
+    assert {r for _, rules in sites for r in rules} == set(RULES)     # every rule's report is found
+    survivors = []
+    for guard, rules in sites:
+        if guard is None:
+            continue
+        mutant = list(lines)
+        mutant[guard] = GUARD.sub(r"\1False:", lines[guard])
+        module = types.ModuleType("verifier_mutant")
+        monkeypatch.setitem(sys.modules, module.__name__, module)    # its dataclass looks itself up
+        exec(compile("\n".join(mutant), verifier.__file__, "exec"), module.__dict__)
+        try:
+            said = {r: {d.rule for d in module.verify(cases[r])} for r in rules}
+        except Exception:       # the unguarded path crashes on the case: killed
+            continue
+        if all(said[r] == expected[r] for r in rules):
+            survivors.append(f"line {guard + 1}: {lines[guard].strip()} ({', '.join(rules)})")
+    assert survivors == [], "\n".join(survivors)

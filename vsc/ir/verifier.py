@@ -134,15 +134,22 @@ RULES = {
     "requests.prefill-before-decode": "decode is reachable from prefill",
     "requests.tpot-slo": "the prefill stage's tpot_slo_ms, when set, is a positive number of ms",
     "requests.tpot-needs-chunking": "tpot_slo_ms needs chunked prefill",
-    "requests.constrain-placement": "a constrain stage lies between decode and sample (feeding exactly sample)",
-    "requests.constrain-grammar": "a constrain stage carries grammar json_schema, a JSON Schema object as JSON text "
-                                  "and that text's sha256",
+    "requests.constrain-feeds-sample": "a constrain stage feeds exactly the sample stage",
+    "requests.constrain-after-decode": "a constrain stage is reachable from decode",
+    "requests.constrain-grammar": "a constrain stage's grammar is known (vsc.runtime.enums.CONSTRAIN_GRAMMARS)",
+    "requests.constrain-schema": "a constrain stage's schema is a JSON Schema object as JSON text",
+    "requests.constrain-sha256": "a constrain stage's sha256 is its schema text's",
     "requests.overload-policy": "the admit stage's overload policy, when set, is queue or shed",
     "requests.shed-slo": "overload = shed carries a positive ttft_slo_ms",
     "requests.speculative-pair": "draft and verify stages (speculative decoding) come together",
-    "requests.speculative-placement": "draft comes after decode and feeds exactly verify, which leads to sample",
-    "requests.speculative-args": "draft has a known method, k >= 1, the method's ngram or model; verify checks "
-                                 "k + 1 tokens",
+    "requests.draft-feeds-verify": "the draft stage feeds exactly the verify stage",
+    "requests.draft-after-decode": "the draft stage is reachable from decode",
+    "requests.verify-to-sample": "the verify stage leads to sample",
+    "requests.draft-method": "the draft method is known (vsc.runtime.enums.SPECULATIVE_METHODS)",
+    "requests.draft-k": "the draft stage's k is an integer >= 1",
+    "requests.verify-tokens": "the verify stage checks k + 1 tokens",
+    "requests.draft-ngram": "an n-gram draft method carries ngram, an integer >= 1",
+    "requests.draft-model": "method draft carries the draft model's folder (model)",
     "requests.speculative-paged": "speculative decoding needs a paged KV cache",
 }
 assert {r.split(".")[0] for r in RULES} == set(INVARIANTS)
@@ -575,9 +582,9 @@ def _constrain_problems(attrs: dict, g: nx.DiGraph) -> list[tuple[str, str]]:
     """What is wrong with a `constrain` stage (json-mode): where it sits and what it carries."""
     problems = []
     if sorted(g.successors("constrain")) != ["sample"]:
-        problems.append(("requests.constrain-placement", f"must feed exactly the sample stage, feeds {sorted(g.successors('constrain'))}"))
+        problems.append(("requests.constrain-feeds-sample", f"must feed exactly the sample stage, feeds {sorted(g.successors('constrain'))}"))
     if "decode" in g and not nx.has_path(g, "decode", "constrain"):
-        problems.append(("requests.constrain-placement", "is not reachable from decode"))
+        problems.append(("requests.constrain-after-decode", "is not reachable from decode"))
     if attrs.get("grammar") not in CONSTRAIN_GRAMMARS:
         problems.append(("requests.constrain-grammar", f"grammar must be {' or '.join(map(json.dumps, CONSTRAIN_GRAMMARS))}, "
                                                        f"got {attrs.get('grammar')!r}"))
@@ -587,9 +594,9 @@ def _constrain_problems(attrs: dict, g: nx.DiGraph) -> list[tuple[str, str]]:
     except ValueError:
         parsed = None
     if not isinstance(parsed, dict):
-        problems.append(("requests.constrain-grammar", "schema must be the text of a JSON object (a JSON Schema)"))
+        problems.append(("requests.constrain-schema", "schema must be the text of a JSON object (a JSON Schema)"))
     elif attrs.get("sha256") != hashlib.sha256(schema.encode("utf-8", "surrogatepass")).hexdigest():
-        problems.append(("requests.constrain-grammar", "sha256 does not match the schema text"))
+        problems.append(("requests.constrain-sha256", "sha256 does not match the schema text"))
     return problems
 
 
@@ -600,23 +607,23 @@ def _speculative_problems(draft, verify_stage, g: nx.DiGraph, layout: str) -> li
         return [("requests.speculative-pair", "draft and verify stages come together (speculative decoding)")]
     problems = []
     if sorted(g.successors("draft")) != ["verify"]:
-        problems.append(("requests.speculative-placement", f"must feed exactly the verify stage, feeds {sorted(g.successors('draft'))}"))
+        problems.append(("requests.draft-feeds-verify", f"must feed exactly the verify stage, feeds {sorted(g.successors('draft'))}"))
     if "decode" in g and not nx.has_path(g, "decode", "draft"):
-        problems.append(("requests.speculative-placement", "is not reachable from decode"))
+        problems.append(("requests.draft-after-decode", "is not reachable from decode"))
     if "sample" in g and not nx.has_path(g, "verify", "sample"):
-        problems.append(("requests.speculative-placement", "verify does not lead to sample"))
+        problems.append(("requests.verify-to-sample", "verify does not lead to sample"))
     a = draft.attrs
     method, k = a.get("method"), a.get("k")
     if method not in SPECULATIVE_METHODS:
-        problems.append(("requests.speculative-args", f"method must be one of {', '.join(SPECULATIVE_METHODS)}, got {method!r}"))
+        problems.append(("requests.draft-method", f"method must be one of {', '.join(SPECULATIVE_METHODS)}, got {method!r}"))
     if not isinstance(k, int) or k < 1:
-        problems.append(("requests.speculative-args", f"k must be an integer >= 1, got {k!r}"))
+        problems.append(("requests.draft-k", f"k must be an integer >= 1, got {k!r}"))
     elif verify_stage.attrs.get("tokens") != k + 1:
-        problems.append(("requests.speculative-args", f"verify must check k + 1 = {k + 1} tokens, says {verify_stage.attrs.get('tokens')!r}"))
+        problems.append(("requests.verify-tokens", f"verify must check k + 1 = {k + 1} tokens, says {verify_stage.attrs.get('tokens')!r}"))
     if method in NGRAM_SPECULATIVE_METHODS and not (isinstance(a.get("ngram"), int) and a["ngram"] >= 1):
-        problems.append(("requests.speculative-args", f"ngram must be an integer >= 1, got {a.get('ngram')!r}"))
+        problems.append(("requests.draft-ngram", f"ngram must be an integer >= 1, got {a.get('ngram')!r}"))
     if method == "draft" and not (isinstance(a.get("model"), str) and a["model"]):
-        problems.append(("requests.speculative-args", "method draft needs the draft model's folder (model)"))
+        problems.append(("requests.draft-model", "method draft needs the draft model's folder (model)"))
     if layout != "paged":
         problems.append(("requests.speculative-paged", "speculative decoding needs a paged KV cache"))
     return problems
