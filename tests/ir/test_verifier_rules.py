@@ -1,11 +1,13 @@
 """Every verifier rule (`vsc verify --list`) has an IR that only it refuses.
 
-RULE_CASES maps each rule to (base, mutate[, implied]): `base` is a pipeline run on the small llama module
-(or "mixtral"), which verifies clean (the rule's positive test); `mutate` breaks it so that this
-rule, and no other, refuses the result (its negative test); `implied`, where given, names the
-rules that cannot hold when this one breaks (a part cut off the request graph has its own entry). The meta-test fails when a rule
-listed by `vsc verify --list` has no case, so a new rule arrives with its failing IR, and a
-verifier that skipped a rule's check would leave that rule's negative test failing."""
+RULE_CASES maps each rule to (base, mutate[, implied]): `base` is a pipeline run on the small
+llama module (or a pass golden file's output, or the module computing in bf16), which verifies
+clean (the rule's positive test); `mutate` breaks it so that this rule, and no other, refuses
+the result (its negative test); `implied`, where given, names the rules that cannot hold when
+this one breaks (a part cut off the request graph has an entry and an exit of its own).
+The meta-test fails when a rule listed by `vsc verify --list` has no case, so a new rule
+arrives with its failing IR; the mutant test makes each check's condition False in turn and
+requires its rule's case to notice."""
 from __future__ import annotations
 
 import copy
@@ -79,8 +81,18 @@ def two_entries(m):
     m.requests.add_edge("prefix_lookup", "admit")
 
 
-def loaded(name, init="load", args=None, shape=(32, 32)):
-    return Weight(name, TensorType("f32", shape), init, list(args or [name[1:]]), {}, SPEC)
+def loaded(name, shape=(32, 32)):
+    return Weight(name, TensorType("f32", shape), "load", [name[1:]], {}, SPEC)
+
+
+def derived(m, fn=None):
+    """The first weight derived by `fn` (any derivation but concat when None)."""
+    return next(w for w in m.model.weights if (w.init_fn == fn if fn else w.init_fn not in ("load", "concat")))
+
+
+def copy_of_packed(m):
+    packed = derived(m, "onednn_pack")
+    m.model.weights.append(Weight("@copy", packed.type, "concat", [packed.name], {"axis": 0}, SPEC))
 
 
 def speculate_on_contiguous_cache(m):
@@ -97,13 +109,13 @@ RULE_CASES = {
     "ssa.yields-defined": ("", lambda m: setattr(layer_region(m), "yields", ["%nowhere"])),
     "weights.declared-once": ("", lambda m: m.model.weights.append(copy.deepcopy(weight(m)))),
     "weights.load-args": ("", lambda m: setattr(weight(m), "init_args", ["a", "b"])),
-    "weights.derived-from-declared": ("fuse-qkv", lambda m: next(w for w in m.model.weights if w.init_fn == "concat").init_args.__setitem__(0, "@missing")),
-    "weights.concat-shape": ("fuse-qkv", lambda m: next(w for w in m.model.weights if w.init_fn == "concat").init_attrs.__setitem__("axis", 1)),
-    "weights.derived-type": (QUANT, lambda m: set_attr(next(w for w in m.model.weights if w.init_fn not in ("load", "concat")), type=TensorType("q8_0", next(w for w in m.model.weights if w.init_fn not in ("load", "concat")).type.shape))),
-    "weights.known-init": ("fuse-qkv", lambda m: set_attr(next(w for w in m.model.weights if w.init_fn == "concat"), init_fn="glue")),
-    "weights.packed-not-derived": (PACKED, lambda m: m.model.weights.append(Weight("@copy", next(w for w in m.model.weights if w.init_fn == "onednn_pack").type, "concat", [next(w for w in m.model.weights if w.init_fn == "onednn_pack").name], {"axis": 0}, SPEC))),
+    "weights.derived-from-declared": ("fuse-qkv", lambda m: derived(m, "concat").init_args.__setitem__(0, "@missing")),
+    "weights.concat-shape": ("fuse-qkv", lambda m: derived(m, "concat").init_attrs.__setitem__("axis", 1)),
+    "weights.derived-type": (QUANT, lambda m: set_attr(derived(m), type=TensorType("q8_0", derived(m).type.shape))),
+    "weights.known-init": ("fuse-qkv", lambda m: set_attr(derived(m, "concat"), init_fn="glue")),
+    "weights.packed-not-derived": (PACKED, copy_of_packed),
     "weights.packed-onednn-only": (PACKED, lambda m: set_attr(next(o for o in walk_ops(m.model.func.body) if o.kernel is not None and o.kernel.name == "torch.linear_onednn"), kernel=KernelRef("torch.linear"))),
-    "weights.operands-declared": ("", lambda m: op(m, "linear").operands.__setitem__(1, "@missing.weight") or m.model.weights.append(loaded("@unused"))),
+    "weights.operands-declared": ("", lambda m: op(m, "linear").operands.__setitem__(1, "@missing.weight")),
     "weights.layer-in-region": ("", lambda m: op(m, "rmsnorm", region=False).operands.__setitem__(1, "@model.layers.{i}.input_layernorm.weight")),
     "weights.expert-in-moe": ("", lambda m: (m.model.weights.append(loaded("@model.layers.{i}.experts.{e}.w", shape=(32, 32))), op(m, "linear").operands.__setitem__(1, "@model.layers.{i}.experts.{e}.w"))),
     "types.weight-type": ("", lambda m: m.model.weights.append(loaded("@bad", shape=(32, 0)))),
