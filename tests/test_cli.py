@@ -79,7 +79,7 @@ def test_verify_reports_violations_with_exit_1(workspace, capsys, tmp_path):
     bad.write_text(out.replace("max_batch = 8", "max_batch = 0"))
     code, out, err = run(capsys, "verify", bad)
     assert code == 1
-    assert err.startswith("verify: error: [batching] batching: max_batch must be >= 1")
+    assert err.startswith("verify: error: [batching.max-batch] batching: max_batch must be >= 1")
     assert "spec" in err  # the diagnostic names where the node came from
 
 

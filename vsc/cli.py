@@ -121,11 +121,13 @@ def cmd_serve(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from vsc.ir.verifier import INVARIANTS, verify_or_raise
+    from vsc.ir.verifier import INVARIANTS, RULES, rules_by_group, verify_or_raise
 
     if args.list:
-        for name, doc in INVARIANTS.items():
-            print(f"{name:<9} {doc}")
+        for name, rules in rules_by_group().items():
+            print(f"{name:<9} {INVARIANTS[name]}")
+            for rule in rules:
+                print(f"  {rule:<31} {RULES[rule]}")
         return 0
     if not args.input:
         raise VscError("verify: error: give an IR file (.vsir), a spec (.vs) or a server folder, or --list")
@@ -139,7 +141,7 @@ def cmd_verify(args) -> int:
         return 0 if ok else 1
     module = load_input(args.input)
     verify_or_raise(module)
-    print(f"{args.input}: ok ({len(INVARIANTS)} invariant groups hold)")
+    print(f"{args.input}: ok ({len(RULES)} rules in {len(INVARIANTS)} groups hold)")
     return 0
 
 

@@ -51,14 +51,14 @@ def test_a_symbolic_dim_in_a_concatenated_weight_is_a_diagnostic():
     text = edit(expected("fuse-qkv"), r"weight @model\.layers\.\{i\}\.self_attn\.q_proj\.weight :", "f32[32, 32]",
                 "f32[T, 32]")
     assert diagnostics(text) == [
-        "[types] weight @model.layers.{i}.self_attn.q_proj.weight: weight type f32[T, 32] must have a known dtype "
+        "[types.weight-type] weight @model.layers.{i}.self_attn.q_proj.weight: weight type f32[T, 32] must have a known dtype "
         "and static positive dims (from import qwen2)"]
 
 
 def test_a_max_context_that_is_not_an_int_is_a_diagnostic():
     """Was: TypeError comparing the cache capacity with the string (verifier.py:316)."""
     text = edit(expected("fuse-qkv"), r"^  deployment ", "max_context = 256", 'max_context = "x"')
-    assert diagnostics(text) == ["[cache] deployment: max_context must be a positive int, got 'x' (from spec test.vs:1:1)"]
+    assert diagnostics(text) == ["[cache.max-context] deployment: max_context must be a positive int, got 'x' (from spec test.vs:1:1)"]
 
 
 def test_a_symbolic_dim_in_a_quantized_weight_source_is_a_diagnostic():
@@ -66,7 +66,7 @@ def test_a_symbolic_dim_in_a_quantized_weight_source_is_a_diagnostic():
     text = edit(expected("weight-int8"), r"weight @model\.layers\.\{i\}\.self_attn\.o_proj\.weight :", "f32[32, 32]",
                 "f32[32, T]")
     assert diagnostics(text) == [
-        "[types] weight @model.layers.{i}.self_attn.o_proj.weight: weight type f32[32, T] must have a known dtype "
+        "[types.weight-type] weight @model.layers.{i}.self_attn.o_proj.weight: weight type f32[32, T] must have a known dtype "
         "and static positive dims (from import llama)"]
 
 

@@ -50,7 +50,7 @@ class RefusesPolitely(Pass):
 
 @pytest.mark.parametrize("cls,needle", [
     (MutatesInput, "mutated its input"),
-    (BreaksTypes, "produced invalid IR: [types]"),
+    (BreaksTypes, "produced invalid IR: [types."),
     (Crashes, "ZeroDivisionError: oops"),
     (RefusesPolitely, "cannot apply to this module"),
 ])

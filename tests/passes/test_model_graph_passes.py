@@ -179,7 +179,7 @@ def test_verifier_checks_the_table_weights(models):
     module = run(lowered(models["llama"]), "fold-rope-tables")
     module.model.weight("@rope.cos").init_attrs["head_dim"] = 16
     diags = [str(d) for d in verify(module)]
-    assert any("[weights] weight @rope.cos: rope_cos(): a RoPE table must be float [max_position, 16]" in d for d in diags)
+    assert any("[weights.derived-type] weight @rope.cos: rope_cos(): a RoPE table must be float [max_position, 16]" in d for d in diags)
 
 
 # --- weight-int8 ------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from vsc.ir.module import Op, ServingModule
+from vsc.ir.types import QUANT_DTYPES
 
 ROUNDS, CALLS = 5, 20
 # The torch kernel each measured op kind is timed with (the TVM side: `_tvm_library`).
@@ -146,7 +147,7 @@ def _candidate(module: ServingModule, op: Op, name: str, rows: tuple[int, ...]):
         if lib is None:
             return None
     else:
-        quant = op.kind == "linear" and str(types[1].dtype) in ("q8_0", "q4_0", "q4_1")
+        quant = op.kind == "linear" and str(types[1].dtype) in QUANT_DTYPES
         kind = "linear_f32" if op.kind == "linear" and not quant else op.kind
         if _TORCH_MEASURED.get(kind) != name:
             return None
@@ -171,7 +172,7 @@ def _candidate(module: ServingModule, op: Op, name: str, rows: tuple[int, ...]):
             cos, sin = torch_ops.rope_cos_sin(torch.arange(m), 10000.0, d)
             calls.append((lambda q=q, k=k, c=cos, s=sin: tvm_ops.rope(lib, q, k, c, s)) if lib else
                          (lambda q=q, k=k, c=cos, s=sin: torch_ops.rope(q, k, c, s, d)))
-        elif op.kind == "linear" and str(types[1].dtype) in ("q8_0", "q4_0", "q4_1"):
+        elif op.kind == "linear" and str(types[1].dtype) in QUANT_DTYPES:
             n, k = (int(d) for d in types[1].shape)
             weight = QuantTensor.quantize(rand(n, k) * 0.05, types[1].dtype)
             x = rand(m, k)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from vsc.ir.sizes import CACHE_DTYPES, FLOAT_CACHE_DTYPES
 from vsc.ir.types import FLOAT_DTYPES, QUANT_DTYPES
+from vsc.runtime.enums import KV_CACHE_LAYOUTS, TARGET_KINDS
 
 # Element types of an op's main weight (operand 1: a linear's W, an embedding table, a norm's
 # scale) a kernel reads unless it says otherwise: float, and int8 (weight-int8's values);
@@ -27,14 +28,14 @@ class KernelInfo:
     name: str
     ops: frozenset[str]
     targets: frozenset[str]
-    cache_layouts: frozenset[str] = frozenset({"contiguous", "paged"})
+    cache_layouts: frozenset[str] = frozenset(KV_CACHE_LAYOUTS)
     doc: str = ""
     cache_dtypes: frozenset[str] = CACHE_DTYPES
     weight_dtypes: frozenset[str] = PLAIN_WEIGHT_DTYPES
     dtypes: frozenset[str] = FLOAT_DTYPES       # element types of the float values it computes
 
 
-def _k(name, ops, targets=("cpu", "cuda"), layouts=("contiguous", "paged"), doc="", cache_dtypes=CACHE_DTYPES,
+def _k(name, ops, targets=TARGET_KINDS, layouts=KV_CACHE_LAYOUTS, doc="", cache_dtypes=CACHE_DTYPES,
        weight_dtypes=PLAIN_WEIGHT_DTYPES, dtypes=FLOAT_DTYPES):
     return KernelInfo(name, frozenset(ops), frozenset(targets), frozenset(layouts), doc, frozenset(cache_dtypes),
                       frozenset(weight_dtypes), frozenset(dtypes))

@@ -153,8 +153,8 @@ class CacheLayout:
     dtype: str = "f32"
     capacity_tokens: int = 0
     budget_bytes: int = 0
-    prefix_sharing: str = "none"      # none | hash | radix
-    eviction: str = "none"            # none | lru
+    prefix_sharing: str = "none"      # vsc.runtime.enums.PREFIX_CACHE_POLICIES
+    eviction: str = "none"            # vsc.runtime.enums.EVICTION_POLICIES
     origin: Origin = UNKNOWN
 
 
@@ -173,7 +173,7 @@ class BatchingPolicy:
     max_tokens: int = 2048
     chunked_prefill: int = 0
     order: str = "fcfs"               # fcfs | shortest-first
-    preemption: str = "none"          # none | recompute
+    preemption: str = "none"          # vsc.runtime.enums.PREEMPTION_POLICIES
     origin: Origin = UNKNOWN
 
 

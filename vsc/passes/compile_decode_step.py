@@ -23,7 +23,7 @@ no cascade-attention, no weight packed for oneDNN). A moved op may round differe
 from __future__ import annotations
 
 from vsc.errors import VscError
-from vsc.ir.kernels import COMPILED_STEP_KERNELS, decode_step_blockers, op_fitting_kernels
+from vsc.ir.kernels import COMPILED_STEP_KERNELS, GRAPH_FORMS, decode_step_blockers, op_fitting_kernels
 from vsc.ir.module import KernelRef, ServingModule, walk_ops
 from vsc.ir.ops import OPS
 from vsc.ir.types import pass_origin
@@ -35,7 +35,7 @@ class CompileDecodeStep(Pass):
     name = "compile-decode-step"
     summary = "the whole decode forward as one TVM Relax function: one VM call per step (schedule graph = relax)"
     options = (Option("form", str, "relax", "relax: one compiled function; eager: one Python call per op",
-                      choices=("relax", "eager")),)
+                      choices=GRAPH_FORMS),)
 
     may_change_outputs = True
 

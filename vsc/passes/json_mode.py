@@ -40,9 +40,10 @@ from vsc.errors import VscError
 from vsc.ir.module import ServingModule, Stage
 from vsc.ir.types import pass_origin
 from vsc.passes.base import Option, Pass, register_pass
+from vsc.runtime.enums import CONSTRAIN_GRAMMARS
 
 #: The `constrain` stage's grammar kind for JSON Schema (the only one so far).
-GRAMMAR_KIND = "json_schema"
+GRAMMAR_KIND = CONSTRAIN_GRAMMARS[0]
 
 
 def schema_sha256(text: str) -> str:

@@ -30,6 +30,7 @@ from vsc.errors import VscError
 from vsc.ir.module import ServingModule, Stage
 from vsc.ir.types import pass_origin
 from vsc.passes.base import Option, Pass, register_pass
+from vsc.runtime.enums import PREFIX_CACHE_POLICIES
 
 #: The request-graph stage this pass adds.
 STAGE = "prefix_lookup"
@@ -49,7 +50,8 @@ class PrefixCache(Pass):
     name = "prefix-cache"
     summary = "reuse cached KV blocks of shared prompt prefixes (radix tree, refcounted, LRU eviction)"
     options = (
-        Option("policy", str, "radix", "how cached blocks are found", choices=("radix",)),
+        Option("policy", str, "radix", "how cached blocks are found", 
+               choices=tuple(p for p in PREFIX_CACHE_POLICIES if p != "none")),
         Option("capacity", int, 0, "most cached blocks kept that no request holds (0: any free block)", minimum=0),
     )
     requires = ("paged-kv",)

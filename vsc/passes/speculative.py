@@ -46,6 +46,7 @@ from vsc.errors import VscError
 from vsc.ir.module import ServingModule, Stage
 from vsc.ir.types import pass_origin
 from vsc.passes.base import Option, Pass, register_pass
+from vsc.runtime.enums import NGRAM_SPECULATIVE_METHODS
 from vsc.runtime.enums import SPECULATIVE_METHODS as METHODS
 
 
@@ -126,7 +127,7 @@ class Speculative(Pass):
             raise VscError("speculative: method=draft needs model=<draft model folder>")
         if self.method != "draft" and "model" in self.given:
             raise VscError(f"speculative: option model is for method=draft, not method={self.method}")
-        if self.method in ("draft", "prediction") and "ngram" in self.given:
+        if self.method not in NGRAM_SPECULATIVE_METHODS and "ngram" in self.given:
             raise VscError(f"speculative: option ngram is for method=ngram or prompt-lookup, not method={self.method}")
         requests = module.requests
         if requests.stage("draft") is not None or requests.stage("verify") is not None:

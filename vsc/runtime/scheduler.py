@@ -71,6 +71,7 @@ import torch
 
 from vsc.runtime.api import EngineConfig, InvalidRequest, StepBatch
 from vsc.runtime.block_manager import BlockManager
+from vsc.runtime.enums import BATCHING_MODES, PREFIX_CACHE_POLICIES, SCHEDULING_ORDERS
 from vsc.runtime.sequence import Sequence, SeqStatus
 
 log = logging.getLogger("vsc.runtime.scheduler")
@@ -139,9 +140,9 @@ class ScheduledStep:
 
 class Scheduler:
     def __init__(self, config: EngineConfig, block_manager: BlockManager, device: str | torch.device = "cpu"):
-        if config.mode not in ("continuous", "static"):
+        if config.mode not in BATCHING_MODES:
             raise ValueError(f"unknown batching mode {config.mode!r}")
-        if config.order not in ("fcfs", "shortest-first"):
+        if config.order not in SCHEDULING_ORDERS:
             raise ValueError(f"unknown scheduling order {config.order!r}")
         if config.max_batch < 1 or config.max_tokens < 1:
             raise ValueError("max_batch and max_tokens must be >= 1")
@@ -152,7 +153,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
-        if config.prefix_cache not in ("none", "radix"):
+        if config.prefix_cache not in PREFIX_CACHE_POLICIES:
             raise ValueError(f"unknown prefix cache policy {config.prefix_cache!r}")
         self.prefix_caching = config.prefix_cache != "none"
         if self.prefix_caching:

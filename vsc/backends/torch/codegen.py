@@ -66,6 +66,7 @@ from vsc.ir.module import Op, ServingModule, is_value, walk_ops
 from vsc.ir.printer import print_module
 from vsc.ir.rewrite import users
 from vsc.ir.types import QUANT_DTYPES, Origin
+from vsc.runtime.enums import KV_CACHE_LAYOUTS
 from vsc.runtime.kernels import TORCH_KERNELS
 from vsc.runtime.weights import DERIVED_INITS
 
@@ -382,7 +383,7 @@ class _RunnerWriter:
     def _constants(self) -> dict[str, object]:
         a, cache = self.attrs, self.module.cache
         max_context = int(self.module.deployment.get("max_context") or a.get("max_position", 2048))
-        if cache.layout in ("paged", "contiguous"):
+        if cache.layout in KV_CACHE_LAYOUTS:
             block_size = cache.block_size  # contiguous: max_context, one block per batch slot
         else:
             raise LoweringError(f"cache layout '{cache.layout}' has no torch lowering", cache.origin)
