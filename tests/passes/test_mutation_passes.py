@@ -66,10 +66,11 @@ def compile_mutant(module, tmp_path, pipeline_before: str, apply):
 
 def caught_by(err) -> str:
     """The check that refused the plan, as the error names it: the invariants the structural
-    verifier reported after the pass ("types", "cache", ...; sorted, comma-joined), or
+    verifier reported after the pass (their groups, "types", "cache", ...; sorted, comma-joined), or
     "accuracy" for the check after lowering (naming the probe and position that diverged)."""
     if isinstance(err, PassFailure) and err.message.startswith("produced invalid IR: "):
-        return ",".join(sorted(set(re.findall(r"\[([\w-]+)\] ", err.message))))
+        # diagnostics name "[group.rule]": the group is the invariant
+        return ",".join(sorted(set(re.findall(r"\[([\w-]+)(?:\.[\w.-]+)?\] ", err.message))))
     text = str(err)
     # a different greedy token ("diverged at position") or logits beyond the tolerance
     if isinstance(err, CompileError) and "accuracy check failed" in text and re.search(r"probe \d+.*position \d+", text):
