@@ -17,10 +17,11 @@ import torch
 
 from http_fakes import EOS, MODEL, FakeEngine, FakeTokenizer, expected, serving
 from vsc.models.tiny import make_tiny
-from vsc.runtime.api import CacheConfig, EngineConfig, GenerateRequest, SamplingParams
+from vsc.runtime.api import EngineConfig, GenerateRequest, SamplingParams
 from vsc.runtime.constrain import ANY_JSON_OBJECT, canonical_schema
 from vsc.runtime.engine import LLMEngine
 from vsc.runtime.tokenizer import Tokenizer
+from toy_runner import ContextRunner
 
 torch.set_num_threads(1)
 
@@ -180,37 +181,8 @@ def test_unknown_fields_are_logged_once_and_ignored_known_ones_never(fake, caplo
 VOCAB = 2048
 
 
-class Runner:
-    """A toy model: logits a pure function of each row's context (read back through the KV slots)."""
-
-    def __init__(self, logits_of, num_blocks=128, block_size=16):
-        self.logits_of = logits_of
-        self.cache_config = CacheConfig(layers=1, kv_heads=1, head_dim=1, block_size=block_size, num_blocks=num_blocks)
-        self.vocab_size = VOCAB
-        self.kv: dict[int, int] = {}
-
-    def create_kv_cache(self, num_blocks=None):
-        self.kv = {}
-        return self.kv
-
-    def decode(self, batch):
-        return self.prefill(batch)
-
-    def prefill(self, batch):
-        bs = self.cache_config.block_size
-        tokens, slots = batch.tokens.tolist(), batch.slot_mapping.tolist()
-        qs, ctx_lens, tables = batch.query_start.tolist(), batch.context_lens.tolist(), batch.block_tables.tolist()
-        contexts = []
-        for b in range(batch.num_seqs):
-            n, ctx = qs[b + 1] - qs[b], ctx_lens[b]
-            context = [self.kv[tables[b][pos // bs] * bs + pos % bs] for pos in range(ctx - n)]
-            for t in range(qs[b], qs[b + 1]):
-                self.kv[slots[t]] = tokens[t]
-                context.append(tokens[t])
-                contexts.append(tuple(context))
-        rows = [qs[b + 1] - 1 for b in range(batch.num_seqs)] if batch.logits_rows is None \
-            else batch.logits_rows.tolist()
-        return torch.stack([self.logits_of(contexts[t]) for t in rows])
+def Runner(logits_of, num_blocks=128, block_size=16):
+    return ContextRunner(logits_of, VOCAB, num_blocks, block_size)
 
 
 def repeating(context):

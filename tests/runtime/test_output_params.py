@@ -15,6 +15,7 @@ from vsc.runtime.api import EngineConfig, GenerateRequest, SamplingParams
 from vsc.runtime.constrain import ANY_JSON_OBJECT
 from vsc.runtime.engine import LLMEngine
 from vsc.runtime.tokenizer import IncrementalDetokenizer, Tokenizer
+from toy_runner import ContextRunner
 
 torch.set_num_threads(1)
 
@@ -82,37 +83,8 @@ def test_continue_final_message_renders_as_transformers(tok, tiny_dir, last):
 VOCAB = 2048
 
 
-class Runner:
-    """Logits a pure function of each row's context (read back through the KV slots)."""
-
-    def __init__(self, num_blocks=64, block_size=16):
-        from vsc.runtime.api import CacheConfig
-        self.cache_config = CacheConfig(layers=1, kv_heads=1, head_dim=1, block_size=block_size, num_blocks=num_blocks)
-        self.vocab_size = VOCAB
-        self.kv: dict[int, int] = {}
-
-    def create_kv_cache(self, num_blocks=None):
-        self.kv = {}
-        return self.kv
-
-    def decode(self, batch):
-        return self.prefill(batch)
-
-    def prefill(self, batch):
-        bs = self.cache_config.block_size
-        tokens, slots = batch.tokens.tolist(), batch.slot_mapping.tolist()
-        qs, ctx_lens, tables = batch.query_start.tolist(), batch.context_lens.tolist(), batch.block_tables.tolist()
-        contexts = []
-        for b in range(batch.num_seqs):
-            n, ctx = qs[b + 1] - qs[b], ctx_lens[b]
-            context = [self.kv[tables[b][pos // bs] * bs + pos % bs] for pos in range(ctx - n)]
-            for t in range(qs[b], qs[b + 1]):
-                self.kv[slots[t]] = tokens[t]
-                context.append(tokens[t])
-                contexts.append(tuple(context))
-        rows = [qs[b + 1] - 1 for b in range(batch.num_seqs)] if batch.logits_rows is None \
-            else batch.logits_rows.tolist()
-        return torch.stack([toy_logits(contexts[t]) for t in rows])
+def Runner(num_blocks=64, block_size=16):
+    return ContextRunner(toy_logits, VOCAB, num_blocks, block_size)
 
 
 def toy_logits(context):

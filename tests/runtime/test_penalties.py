@@ -10,10 +10,11 @@ import time
 import pytest
 import torch
 
-from vsc.runtime.api import CacheConfig, EngineConfig, GenerateRequest, InvalidRequest, SamplingParams
+from vsc.runtime.api import EngineConfig, GenerateRequest, InvalidRequest, SamplingParams
 from vsc.runtime.engine import LLMEngine
 from vsc.runtime.penalties import TokenCounts, adjust_logits
 from vsc.runtime.sampler import Sampler
+from toy_runner import ContextRunner
 
 torch.set_num_threads(1)
 
@@ -147,36 +148,8 @@ def greedy_reference(prompt: list[int], p: SamplingParams) -> list[int]:
     return out
 
 
-class Runner:
-    """KV store of (token, position) per slot; logits of each requested row from its context."""
-
-    def __init__(self, num_blocks=64, block_size=4):
-        self.cache_config = CacheConfig(layers=1, kv_heads=1, head_dim=1, block_size=block_size, num_blocks=num_blocks)
-        self.vocab_size = VOCAB
-        self.kv: dict[int, int] = {}
-
-    def create_kv_cache(self, num_blocks=None):
-        self.kv = {}
-        return self.kv
-
-    def decode(self, batch):
-        return self.prefill(batch)
-
-    def prefill(self, batch):
-        bs = self.cache_config.block_size
-        tokens, slots = batch.tokens.tolist(), batch.slot_mapping.tolist()
-        qs, ctx_lens, tables = batch.query_start.tolist(), batch.context_lens.tolist(), batch.block_tables.tolist()
-        contexts = []
-        for b in range(batch.num_seqs):
-            n, ctx = qs[b + 1] - qs[b], ctx_lens[b]
-            context = [self.kv[tables[b][pos // bs] * bs + pos % bs] for pos in range(ctx - n)]
-            for t in range(qs[b], qs[b + 1]):
-                self.kv[slots[t]] = tokens[t]
-                context.append(tokens[t])
-                contexts.append(tuple(context))
-        rows = [qs[b + 1] - 1 for b in range(batch.num_seqs)] if batch.logits_rows is None \
-            else batch.logits_rows.tolist()
-        return torch.stack([toy_logits(contexts[t]) for t in rows])
+def Runner(num_blocks=64, block_size=4):
+    return ContextRunner(toy_logits, VOCAB, num_blocks, block_size)
 
 
 @pytest.fixture
