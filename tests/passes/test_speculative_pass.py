@@ -131,7 +131,7 @@ def test_draft_model_is_resolved_against_the_spec_and_shares_the_kv_budget(root)
 
 def test_draft_plan_is_the_draft_models_default_ir_on_the_target_cache(root):
     from vsc.backends.torch.draft import draft_runner_source
-    from vsc.passes.speculative import draft_plan
+    from vsc.ir.plan import draft_plan
     m = run(root, BASE + ",speculative{method=draft,model=drafts/other-llama}")
     draft = draft_plan(m)
     assert draft.cache.layout == "paged" and draft.cache.block_size == 16

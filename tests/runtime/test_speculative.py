@@ -488,7 +488,7 @@ BASE_PIPELINE = "fuse-qkv,paged-kv{block=16},continuous-batching{max_batch=16,ma
 def tiny(tmp_path_factory):
     """(plan compiler, prompts): the tiny llama, a second tiny llama of another seed (a draft
     model that mostly misses), and the accuracy probes' prompts."""
-    from vsc.backends.torch.accuracy import tokenize_probes
+    from vsc.backends.torch.reference import tokenize_probes
     from vsc.backends.torch.codegen import generate_runner_source, load_runner_class
     from vsc.backends.torch.draft import attach_draft_runner
     from vsc.frontend.lower import lower_spec

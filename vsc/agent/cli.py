@@ -72,7 +72,7 @@ def _references(items: list[str]) -> list[str]:
     out = []
     for item in items:
         if item.endswith(".vs"):
-            from vsc.cli import load_input, spec_pipeline
+            from vsc.driver import load_input, spec_pipeline
             out.append(spec_pipeline(load_input(item)))
         else:
             out.append(item)

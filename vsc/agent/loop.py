@@ -71,12 +71,12 @@ REFERENCE_BASE = 1000
 
 
 def load_spec(spec_path: Path):
-    from vsc.cli import load_input
+    from vsc.driver import load_input
     return load_input(str(spec_path))
 
 
 def spec_pipeline_of(module) -> str:
-    from vsc.cli import spec_pipeline
+    from vsc.driver import spec_pipeline
     return spec_pipeline(module)
 
 

@@ -12,15 +12,14 @@ from vsc.errors import ModelError, SpecError
 from vsc.frontend.spec import DeploymentSpec
 from vsc.ir.hf_import import build_model_graph
 from vsc.ir.kernels import best_kernel
-from vsc.ir.module import (BatchingPolicy, CacheLayout, KernelRef, RequestGraph, Schedule, ServingModule, Stage, Target,
-                           symbol_name, walk_ops)
+from vsc.ir.module import (REQUEST_STAGES, BatchingPolicy, CacheLayout, KernelRef, RequestGraph, Schedule, ServingModule,
+                           Stage, Target, symbol_name, walk_ops)
 from vsc.ir.sizes import kv_bytes_per_token, weight_bytes
 from vsc.ir.types import FLOAT_DTYPES, QUANT_DTYPES, spec_origin
 
 DEFAULT_CPU_MEMORY = 2 << 30          # what a CPU deployment may use when the spec does not say
 ACTIVATION_RESERVE = 0.10             # share of the memory budget kept for activations and the runtime
 DEFAULT_MAX_BATCH = 8
-REQUEST_STAGES = ("ingress", "tokenize", "admit", "prefill", "decode", "sample", "detokenize", "stream")
 
 
 def _plain(obj):

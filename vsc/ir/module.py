@@ -186,6 +186,10 @@ class Stage:
     origin: Origin = UNKNOWN
 
 
+#: The request graph a spec lowers to (and a draft model's plan starts from): one chain of stages.
+REQUEST_STAGES = ("ingress", "tokenize", "admit", "prefill", "decode", "sample", "detokenize", "stream")
+
+
 class RequestGraph:
     """The stages of a request as a networkx DiGraph; nodes keep insertion order."""
 

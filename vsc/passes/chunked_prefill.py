@@ -54,11 +54,3 @@ def tpot_objective_ms(module: ServingModule) -> float | None:
     bounds = [float(s["value"]) * 1000.0 for s in module.deployment.get("slos") or []
               if s.get("metric") == "tpot" and s.get("op", "<=") == "<="]
     return round(min(bounds), 3) if bounds else None
-
-
-def chunked_prefill_engine_config(module: ServingModule) -> dict:
-    """The engine's prefill_tpot_ms when the plan's prefill stage carries a TPOT objective
-    (chunked-prefill{slo=true}), else {}."""
-    prefill = module.requests.stage("prefill")
-    target = prefill.attrs.get("tpot_slo_ms") if prefill is not None else None
-    return {"prefill_tpot_ms": float(target)} if target else {}

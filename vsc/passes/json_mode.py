@@ -14,7 +14,8 @@ the schema text (`json_schema`) and nothing reads the spec's folder at run time.
 may still send their own `response_format` per request; the plan's schema applies to
 requests that give none.
 
-Library: llguidance (pinned in pyproject.toml), through vsc.runtime.constrain. Checked on
+Library: llguidance (pinned in pyproject.toml), through vsc.runtime.json_schema (the file is
+read and checked by vsc.ir.inputs.load_schema). Checked on
 this machine (Python 3.11, x86_64, CPU only) with `pip download --no-deps`: llguidance
 1.9.1, xgrammar 0.2.8 and outlines-core 0.2.14 all ship CPU wheels. llguidance was chosen
 because its wheel (abi3) declares no Python dependencies at all and builds its tokenizer
@@ -34,9 +35,9 @@ requires finished outputs to parse as JSON that the schema accepts.
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 from vsc.errors import VscError
+from vsc.ir.inputs import load_schema
 from vsc.ir.module import ServingModule, Stage
 from vsc.ir.types import pass_origin
 from vsc.passes.base import Option, Pass, register_pass
@@ -48,36 +49,6 @@ GRAMMAR_KIND = CONSTRAIN_GRAMMARS[0]
 
 def schema_sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def plan_json_schema(module: ServingModule) -> str | None:
-    """The schema text of the plan's `constrain` stage (None: the plan is unconstrained)."""
-    stage = module.requests.stage("constrain")
-    if stage is None:
-        return None
-    return stage.attrs.get("schema")
-
-
-def load_schema(option: str, spec_file: str | None) -> str:
-    """The canonical schema text for the pass option: `any`, or a file resolved against the
-    spec's folder. Raises VscError with one line naming the file."""
-    from vsc.runtime.constrain import ANY_JSON_OBJECT, SchemaError, check_schema
-
-    if option == "any":
-        return ANY_JSON_OBJECT
-    path = Path(option).expanduser()
-    if not path.is_absolute():
-        path = (Path(spec_file).parent if spec_file else Path.cwd()) / path
-    if not path.is_file():
-        raise VscError(f"json-mode schema file {path} not found")
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise VscError(f"cannot read the json-mode schema file {path}: {e}") from None
-    try:
-        return check_schema(raw)
-    except SchemaError as e:
-        raise VscError(f"json-mode schema {path}: {e}") from None
 
 
 @register_pass

@@ -28,22 +28,10 @@ from __future__ import annotations
 
 from vsc.errors import VscError
 from vsc.ir.module import ServingModule, Stage
+from vsc.ir.plan import PREFIX_LOOKUP_STAGE as STAGE
 from vsc.ir.types import pass_origin
 from vsc.passes.base import Option, Pass, register_pass
 from vsc.runtime.enums import PREFIX_CACHE_POLICIES
-
-#: The request-graph stage this pass adds.
-STAGE = "prefix_lookup"
-
-
-def plan_prefix_cache(module: ServingModule) -> dict:
-    """The runtime EngineConfig fields of a plan's prefix cache: {} without one."""
-    if module.cache.prefix_sharing == "none":
-        return {}
-    stage = module.requests.stage(STAGE)
-    capacity = int(stage.attrs.get("capacity", 0)) if stage is not None else 0
-    return {"prefix_cache": module.cache.prefix_sharing, "prefix_cache_capacity": capacity}
-
 
 @register_pass
 class PrefixCache(Pass):

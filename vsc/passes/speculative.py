@@ -43,70 +43,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from vsc.errors import VscError
+from vsc.ir.hf_import import read_hf_config
+from vsc.ir.inputs import spec_relative_path
 from vsc.ir.module import ServingModule, Stage
+from vsc.ir.plan import draft_plan
+from vsc.ir.sizes import kv_bytes_per_token, weight_bytes
 from vsc.ir.types import pass_origin
 from vsc.passes.base import Option, Pass, register_pass
 from vsc.runtime.enums import NGRAM_SPECULATIVE_METHODS
 from vsc.runtime.enums import SPECULATIVE_METHODS as METHODS
-
-
-
-def resolve_draft_model(option: str, spec_file: str | None) -> Path:
-    """The draft model folder: `option` as written, relative to the spec's folder (as the
-    model path is), absolute."""
-    path = Path(option).expanduser()
-    if not path.is_absolute():
-        path = (Path(spec_file).parent if spec_file else Path.cwd()) / path
-    return path.resolve()
-
-
-def plan_speculation(module: ServingModule) -> dict | None:
-    """The `draft` stage's attributes (method, k, ngram or model), or None without speculation."""
-    stage = module.requests.stage("draft")
-    return None if stage is None else dict(stage.attrs)
-
-
-def speculative_engine_config(module: ServingModule) -> dict:
-    """The runtime EngineConfig fields of the plan's speculation ({} without any)."""
-    spec = plan_speculation(module)
-    if spec is None:
-        return {}
-    out = {"speculative_method": spec["method"], "speculative_k": spec["k"]}
-    if "ngram" in spec:
-        out["speculative_ngram"] = spec["ngram"]
-    if spec["method"] == "draft":
-        out["draft_model"] = spec["model"]
-    return out
-
-
-def draft_plan(module: ServingModule) -> ServingModule | None:
-    """The draft model's own plan (its default IR on the target's paged cache geometry), for
-    the backend to lower into the draft runner; None unless the plan drafts with a model."""
-    from vsc.frontend.lower import REQUEST_STAGES
-    from vsc.ir.hf_import import build_model_graph
-    from vsc.ir.kernels import default_kernel
-    from vsc.ir.module import CacheLayout, KernelRef, RequestGraph, Schedule, symbol_name, walk_ops
-    from vsc.ir.sizes import kv_bytes_per_token
-
-    spec = plan_speculation(module)
-    if spec is None or spec.get("method") != "draft":
-        return None
-    origin = pass_origin("speculative")
-    dtype = module.model.attrs.get("dtype", "f32")
-    graph = build_model_graph(Path(spec["model"]), dtype, origin)
-    for op in walk_ops(graph.func.body):
-        if op.kind == "attention":
-            op.kernel = KernelRef(default_kernel("attention", "paged", dtype))
-    c = module.cache
-    cache = CacheLayout(layout="paged", block_size=c.block_size, dtype=dtype, capacity_tokens=c.capacity_tokens,
-                        budget_bytes=c.capacity_tokens * kv_bytes_per_token(graph.attrs, dtype), origin=origin)
-    requests = RequestGraph()
-    for name in REQUEST_STAGES:
-        requests.add_stage(Stage(name, {}, origin))
-    for src, dst in zip(REQUEST_STAGES, REQUEST_STAGES[1:]):
-        requests.add_edge(src, dst)
-    return ServingModule(symbol_name(f"{module.name}_draft"), dict(module.deployment), module.target,
-                         graph, Schedule({"graph": "eager"}, origin), cache, module.batching, requests, origin)
 
 
 @register_pass
@@ -147,7 +92,7 @@ class Speculative(Pass):
 
         attrs: dict = {"method": self.method, "k": self.k}
         if self.method == "draft":
-            path = resolve_draft_model(self.model, module.deployment.get("spec"))
+            path = spec_relative_path(self.model, module.deployment.get("spec")).resolve()
             attrs["model"] = str(path)
             self._check_draft_model(module, path)
         elif self.method != "prediction":
@@ -160,8 +105,6 @@ class Speculative(Pass):
 
     @staticmethod
     def _check_draft_model(module: ServingModule, path: Path) -> None:
-        from vsc.ir.hf_import import read_hf_config
-
         cfg = read_hf_config(path)                    # a ModelError naming the folder if it is not a model
         vocab, target_vocab = cfg.get("vocab_size"), module.model.attrs["vocab"]
         if vocab != target_vocab:
@@ -175,8 +118,6 @@ class Speculative(Pass):
     @staticmethod
     def _make_room_for_draft(module: ServingModule) -> None:
         """The draft's weights and its KV (one slot per target slot) come out of the KV budget."""
-        from vsc.ir.sizes import kv_bytes_per_token, weight_bytes
-
         draft = draft_plan(module)
         c = module.cache
         per_token = kv_bytes_per_token(module.model.attrs, c.dtype) + kv_bytes_per_token(draft.model.attrs, draft.cache.dtype)

@@ -33,6 +33,7 @@ from vsc.errors import VscError
 from vsc.backends.tvm.plan import needs_tvm_kernels
 from vsc.ir.gguf_import import is_gguf_path
 from vsc.ir.module import ServingModule, walk_ops
+from vsc.ir.plan import admission_engine_config, engine_config, json_mode_config
 from vsc.ir.printer import print_module
 from vsc.runtime.integrity import model_file_checksums, seal, sha256_file
 from vsc.runtime.tokenizer import MODEL_META_DIR
@@ -106,52 +107,6 @@ def intra_op_threads(module: ServingModule) -> dict:
     """The intra-op-threads pass's choice, as the torch thread count the server sets at start."""
     chosen = module.schedule.attrs.get("intra_op_threads")
     return {} if chosen is None else {"threads": chosen, "cores": module.target.attrs.get("threads", 0)}
-
-
-def engine_config(module: ServingModule) -> dict:
-    """The runtime EngineConfig fields for a plan (the manifest's "engine" entry); the
-    accuracy check builds its engine from the same dict, so it runs what the server runs."""
-    from vsc.passes.chunked_prefill import chunked_prefill_engine_config
-    from vsc.passes.prefix_cache import plan_prefix_cache
-    from vsc.passes.speculative import speculative_engine_config
-
-    return {
-        "max_context": module.deployment["max_context"],
-        "mode": module.batching.mode,
-        "max_batch": module.batching.max_batch,
-        "max_tokens": module.batching.max_tokens,
-        "chunked_prefill": module.batching.chunked_prefill,
-        "order": module.batching.order,
-        "preemption": "recompute" if module.batching.preemption == "none" else module.batching.preemption,
-        "max_waiting": max(64, 16 * module.batching.max_batch),
-        **plan_prefix_cache(module),     # prefix_cache, prefix_cache_capacity (prefix-cache pass); {} if none
-        **speculative_engine_config(module),   # speculative_* and draft_model (speculative pass); {} if none
-        **chunked_prefill_engine_config(module),   # prefill_tpot_ms (chunked-prefill{slo=true}); {} if none
-    }
-
-
-def admission_engine_config(module: ServingModule) -> dict:
-    """The admit stage's overload policy as EngineConfig fields: {"overload": "queue"}, or "shed"
-    with its TTFT objective; {} for a plan from before the stage carried one (the engine queues).
-    Kept out of `engine_config`: the accuracy check's engine run must serve every probe."""
-    admit = module.requests.stage("admit")
-    policy = admit.attrs.get("overload") if admit is not None else None
-    if policy is None:
-        return {}
-    if policy == "shed":
-        return {"overload": policy, "ttft_slo_ms": float(admit.attrs["ttft_slo_ms"])}
-    return {"overload": policy}
-
-
-def json_mode_config(module: ServingModule) -> dict:
-    """The manifest engine entry's json mode: {"json_schema": text} when the plan has a
-    constrain stage (the json-mode pass), else {}. Kept out of `engine_config`, whose
-    unconstrained engine run the accuracy check compares with the unmasked reference;
-    vsc.backends.torch.constrained_check runs the constrained one."""
-    from vsc.passes.json_mode import plan_json_schema
-
-    schema = plan_json_schema(module)
-    return {} if schema is None else {"json_schema": schema}
 
 
 def plan_triton_kernels(module: ServingModule) -> list[str]:

@@ -82,9 +82,9 @@ def check_constrained(module: ServingModule, runner, probes: int = 4, tolerance:
 def constrained_report(module: ServingModule, runner, probes: int = 4, tolerance: float | None = None,
                        max_new_tokens: int = 48) -> ConstrainedReport | None:
     """The check's full report (None for a plan without a constrain stage)."""
-    from vsc.backends.torch.accuracy import DEFAULT_TOLERANCE, reference_logits, reference_model, tokenize_probes
+    from vsc.backends.torch.reference import DEFAULT_TOLERANCE, reference_logits, reference_model, tokenize_probes
     from vsc.errors import VscError
-    from vsc.passes.json_mode import plan_json_schema
+    from vsc.ir.plan import plan_json_schema
     from vsc.runtime.constrain import SchemaError, compiler_for
     from vsc.runtime.tokenizer import Tokenizer
 
@@ -124,7 +124,7 @@ def _engine_generate(module: ServingModule, runner, tokenizer, schema: str, prom
                      max_new_tokens: int) -> list[tuple[list[int], str | None]]:
     """Greedy outputs of every prompt, all at once, from an LLMEngine configured as the
     compiled server's (engine entry + json_schema), on a KV cache just big enough."""
-    from vsc.backends.server.emit import engine_config, json_mode_config
+    from vsc.ir.plan import engine_config, json_mode_config
     from vsc.runtime.api import EngineConfig, GenerateRequest, SamplingParams
     from vsc.runtime.engine import LLMEngine
 

@@ -1,7 +1,7 @@
 """The draft model's runner for `speculative{method=draft}`: same codegen, the draft's own plan.
 
 The speculative pass names a draft model; `draft_runner_source` lowers its default IR on
-the target's paged cache geometry (vsc.passes.speculative.draft_plan) with the torch
+the target's paged cache geometry (vsc.ir.plan.draft_plan) with the torch
 codegen, exactly as the target's runner is lowered. The server folder holds it as
 `draft_model.py` (vsc.runtime.launch loads it next to `model.py`); the accuracy check and
 `vsc verify` attach an instance to the target runner as `runner.draft_runner`, where the
@@ -18,7 +18,7 @@ DRAFT_RUNNER_FILE = "draft_model.py"
 def draft_runner_source(module: ServingModule) -> str | None:
     """Python source of the draft model's Runner, or None when the plan does not draft with a model."""
     from vsc.backends.torch.codegen import generate_runner_source
-    from vsc.passes.speculative import draft_plan
+    from vsc.ir.plan import draft_plan
 
     draft = draft_plan(module)
     if draft is None:
@@ -33,7 +33,7 @@ def attach_draft_runner(module: ServingModule, runner, source: str | None = None
     None generates it from the plan.
     """
     from vsc.backends.torch.codegen import load_runner_class
-    from vsc.passes.speculative import plan_speculation
+    from vsc.ir.plan import plan_speculation
 
     spec = plan_speculation(module)
     if spec is None or spec.get("method") != "draft":
