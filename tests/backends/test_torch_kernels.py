@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import math
-import subprocess
 import zlib
-import sys
 
 import pytest
 import torch
@@ -274,13 +272,6 @@ def test_allocate_kv_cache_is_zeroed_per_layer():
     cache = K.allocate_kv_cache(3, 32, 2, 8)
     assert len(cache) == 3 and all(kc.shape == (32, 2, 8) and not kc.any() and not vc.any() for kc, vc in cache)
     assert cache[0][0].data_ptr() != cache[1][0].data_ptr()
-
-
-def test_runtime_never_imports_the_compiler():
-    code = ("import sys, vsc.runtime.kernels.torch_ops, vsc.runtime.weights, vsc.runtime.kernels; "
-            "bad = [m for m in sys.modules if m.split('.')[:2] in (['vsc','ir'], ['vsc','passes'], ['vsc','frontend'], ['vsc','backends'])]; "
-            "assert not bad, bad")
-    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_attention_scale_is_used(gen):
