@@ -45,7 +45,7 @@ wheels: install
 # test's skip for a missing input into a failure.
 test: install wheels models/tiny-llama/config.json
 	$(VENV)/bin/ruff check vsc tests scripts bench
-	$(VENV)/bin/lint-imports
+	PYTHONPATH=. $(VENV)/bin/lint-imports
 	VSC_REQUIRE_TEST_INPUTS=1 $(PY) -m pytest
 
 # Fuzz the IR reader and verifier with 20k mutated golden modules (issue 15): nothing but
