@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from vsc.errors import VscError
-from vsc.runtime.json_schema import ANY_JSON_OBJECT, SchemaError, check_schema
 
 
 def spec_relative_path(option: str, spec_file: str | None) -> Path:
@@ -25,6 +24,8 @@ def spec_relative_path(option: str, spec_file: str | None) -> Path:
 def load_schema(option: str, spec_file: str | None) -> str:
     """The canonical schema text for the json-mode pass's `schema` option: `any`, or a file
     resolved against the spec's folder. Raises VscError with one line naming the file."""
+    from vsc.runtime.json_schema import ANY_JSON_OBJECT, SchemaError, check_schema   # torch, via runtime.api: on use
+
     if option == "any":
         return ANY_JSON_OBJECT
     path = spec_relative_path(option, spec_file)

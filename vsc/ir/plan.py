@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vsc.ir.hf_import import build_model_graph
 from vsc.ir.kernels import default_kernel
 from vsc.ir.module import (REQUEST_STAGES, CacheLayout, KernelRef, RequestGraph, Schedule, ServingModule, Stage,
                            symbol_name, walk_ops)
@@ -68,6 +67,8 @@ def speculative_engine_config(module: ServingModule) -> dict:
 def draft_plan(module: ServingModule) -> ServingModule | None:
     """The draft model's own plan (its default IR on the target's paged cache geometry), for
     the backend to lower into the draft runner; None unless the plan drafts with a model."""
+    from vsc.ir.hf_import import build_model_graph     # the importer, only for plans that draft with a model
+
     spec = plan_speculation(module)
     if spec is None or spec.get("method") != "draft":
         return None

@@ -43,7 +43,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from vsc.errors import VscError
-from vsc.ir.hf_import import read_hf_config
 from vsc.ir.inputs import spec_relative_path
 from vsc.ir.module import ServingModule, Stage
 from vsc.ir.plan import draft_plan
@@ -105,6 +104,8 @@ class Speculative(Pass):
 
     @staticmethod
     def _check_draft_model(module: ServingModule, path: Path) -> None:
+        from vsc.ir.hf_import import read_hf_config
+
         cfg = read_hf_config(path)                    # a ModelError naming the folder if it is not a model
         vocab, target_vocab = cfg.get("vocab_size"), module.model.attrs["vocab"]
         if vocab != target_vocab:
