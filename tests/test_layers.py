@@ -68,7 +68,7 @@ def tree(tmp_path_factory):
      "vsc.passes is not allowed to import vsc.runtime"),
     ("ir/kernels.py", "import vsc.runtime.engine", "vsc.ir is not allowed to import vsc.runtime"),
     # ... nor through a declaration module that grew an import of the machinery
-    ("runtime/enums.py", "import vsc.runtime.scheduler", "vsc.runtime.enums is not allowed to import vsc.runtime"),
+    ("runtime/enums.py", "import vsc.runtime.scheduler", "vsc.runtime.enums is not allowed to import vsc.runtime.scheduler"),
     # stages importing sideways or upwards
     ("passes/speculative.py", "from vsc.frontend.lower import lower_spec", "vsc.passes is not allowed to import vsc.frontend"),
     ("agent/loop.py", "from vsc.cli import main", "vsc.agent is not allowed to import vsc.cli"),
