@@ -14,8 +14,8 @@ the schema text (`json_schema`) and nothing reads the spec's folder at run time.
 may still send their own `response_format` per request; the plan's schema applies to
 requests that give none.
 
-Library: llguidance (pinned in pyproject.toml), through vsc.runtime.json_schema (the file is
-read and checked by vsc.ir.inputs.load_schema). Checked on
+Library: llguidance (pinned in pyproject.toml); the schema file is read and checked by
+vsc.ir.inputs.load_schema with the server's rule (vsc.runtime.json_schema). Checked on
 this machine (Python 3.11, x86_64, CPU only) with `pip download --no-deps`: llguidance
 1.9.1, xgrammar 0.2.8 and outlines-core 0.2.14 all ship CPU wheels. llguidance was chosen
 because its wheel (abi3) declares no Python dependencies at all and builds its tokenizer
