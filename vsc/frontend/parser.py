@@ -528,7 +528,7 @@ _WORKLOAD_KEYS = {
 # What the requests are like, beyond their lengths: `vsc search` and `vsc bench` build
 # that kind of request set, and `optimize auto` picks passes that pay on it (predicted_edit:
 # requests carry their expected answer as OpenAI's `prediction`, so speculation drafts from
-# it; vsc.passes.pipeline.auto_pipeline).
+# it; vsc.passes.auto.auto_pipeline).
 WORKLOAD_KINDS = ("chat", "shared_prefix", "code_edit", "json", "predicted_edit")
 _REQUIRED_WORKLOAD = ("arrivals", "prompt_tokens", "output_tokens")
 _SHARED_PREFIX_KEYS = {
