@@ -109,7 +109,6 @@ def _char_label(ch: str) -> str:
     return f"'{ch}'" if ch.isprintable() else f"U+{ord(ch):04X}"
 
 
-
 def syntax_error(e: UnexpectedInput, text: str, file: str) -> SpecError:
     """The SpecError for lark's syntax error `e` in spec `text` (named `file` in locations)."""
     if isinstance(e, UnexpectedCharacters):

@@ -84,7 +84,6 @@ def describe_value(v: Value) -> str:
     return f"call '{v.name}(...)'"
 
 
-
 class Checker:
     """Checks the items of one spec against the schema and builds the AST."""
 

@@ -114,6 +114,7 @@ def engine_config(module: ServingModule) -> dict:
     from vsc.passes.chunked_prefill import chunked_prefill_engine_config
     from vsc.passes.prefix_cache import plan_prefix_cache
     from vsc.passes.speculative import speculative_engine_config
+    from vsc.runtime.admission import queue_bound
 
     return {
         "max_context": module.deployment["max_context"],
@@ -123,7 +124,7 @@ def engine_config(module: ServingModule) -> dict:
         "chunked_prefill": module.batching.chunked_prefill,
         "order": module.batching.order,
         "preemption": "recompute" if module.batching.preemption == "none" else module.batching.preemption,
-        "max_waiting": max(64, 16 * module.batching.max_batch),
+        "max_waiting": queue_bound(module.batching.max_batch),   # the admission policy's (vsc.runtime.admission)
         **plan_prefix_cache(module),     # prefix_cache, prefix_cache_capacity (prefix-cache pass); {} if none
         **speculative_engine_config(module),   # speculative_* and draft_model (speculative pass); {} if none
         **chunked_prefill_engine_config(module),   # prefill_tpot_ms (chunked-prefill{slo=true}); {} if none
