@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from vsc.cli import main
-from vsc.ir.parser import parse_module, read_pipeline_header
+from vsc.ir.parser import parse_module
 from vsc.models.tiny import make_tiny
+from ir_queries import read_pipeline_header
 
 REPO = Path(__file__).resolve().parents[1]
 

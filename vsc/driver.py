@@ -46,8 +46,8 @@ def load_input(path: str):
 
 def spec_pipeline(module) -> str:
     """The pipeline the spec's `optimize` line asks for (`auto`: the default pipeline and what the
-    workload kind pays for, vsc.passes.pipeline.auto_pipeline)."""
-    from vsc.passes.pipeline import auto_pipeline
+    workload kind pays for, vsc.passes.auto.auto_pipeline)."""
+    from vsc.passes.auto import auto_pipeline
 
     optimize = module.deployment.get("optimize") or {}
     if optimize.get("auto"):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from bench.peers.base import REPO_ROOT, Peer, PeerUnavailable, dir_content_hash, install_lock, pip_version, run_logged
 from bench.peers.gguf_file import check_gguf, file_content_hash, gguf_dtype
-from vsc.passes.pipeline import WORKLOAD_PASSES
+from vsc.passes.auto import WORKLOAD_PASSES
 
 # Exact passes only (no int8): the same numbers as the peers' fp32. prefix-cache costs a
 # tree lookup per admission and pays on any workload whose prompts share a prefix.
@@ -95,7 +95,7 @@ class VscPeer(Peer):
     name = "vsc"
     start_timeout = 180.0
     # A variant adds to the plan what `optimize auto` adds for a spec whose workload is described
-    # so (vsc.passes.pipeline.auto_pipeline): drafts from the requests' predictions for
+    # so (vsc.passes.auto.auto_pipeline): drafts from the requests' predictions for
     # `workload { kind = predicted_edit }`, cascade attention behind a 2048+-token shared prefix.
     VARIANTS = {"default": [], "prediction": [WORKLOAD_PASSES["predicted_edit"]], "cascade": ["cascade-attention"]}
     WORKLOAD_VARIANTS = {"predicted-edit": ("default", "prediction"), "long-prefix": ("default", "cascade")}

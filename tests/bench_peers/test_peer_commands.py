@@ -355,7 +355,7 @@ def test_llamacpp_runs_its_ngram_speculation_where_outputs_copy_the_prompt(tmp_p
 
 
 def test_vsc_variants_add_what_optimize_auto_adds_for_the_workload(tmp_path):
-    from vsc.passes.pipeline import DEFAULT_PIPELINE, auto_pipeline
+    from vsc.passes.auto import DEFAULT_PIPELINE, auto_pipeline
 
     peer = VscPeer(cache_dir=tmp_path)
     assert peer.variants_for("chat") == ("default",)

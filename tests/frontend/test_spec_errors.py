@@ -84,6 +84,8 @@ CASES = [
     ("unknown-key-no-suggestion", "port = 8000", "banana = 8000", 14, 11, "unknown key 'banana' in serve"),
     ("unknown-overload-policy", "port = 8000", "overload = drop", 14, 22,
      "unknown overload policy 'drop' (one of: queue, shed)"),
+    ("unknown-api", "port = 8000", "api = grpc", 14, 17, "unknown api 'grpc' (vsc serves: openai)"),
+    ("api-not-a-name", "port = 8000", "api = 1", 14, 17, "api must be a name, got '1'"),
     ("duplicate-key", "port = 8000,", "port = 8000, port = 9000,", 14, 24,
      "duplicate key 'port' in serve (first given on line 14)"),
     ("duplicate-section", "  workload {", "  target cpu\n  workload {", 4, 3,

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from vsc.ir.module import KernelRef, layer_region
+from vsc.ir.module import KernelRef
 from vsc.ir.verifier import verify
 from vsc.runtime import enums
 from vsc.runtime.api import EngineConfig
 from vsc.runtime.block_manager import BlockManager
 from vsc.runtime.scheduler import Scheduler
+from ir_queries import layer_region
 
 CANDIDATES = sorted({v for name in dir(enums) if name.isupper() for v in getattr(enums, name)}
                     | {"hash", "bogus", ""})

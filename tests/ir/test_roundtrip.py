@@ -15,9 +15,10 @@ from hypothesis import HealthCheck, given, settings
 
 from vsc.ir.hf_import import build_model_graph
 from vsc.ir.module import Op, Region, RequestGraph, Stage, walk_ops
-from vsc.ir.parser import parse_module, parse_module_file, read_pipeline_header
+from vsc.ir.parser import parse_module, parse_module_file
 from vsc.ir.printer import print_module
 from vsc.ir.types import Origin, TensorType
+from ir_queries import read_pipeline_header
 
 from .strategies import KEYWORDS, serving_module_around, serving_modules
 

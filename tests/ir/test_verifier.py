@@ -4,9 +4,10 @@ from __future__ import annotations
 import pytest
 
 from vsc.errors import VerificationError
-from vsc.ir.module import KernelRef, Stage, layer_region
+from vsc.ir.module import KernelRef, Stage
 from vsc.ir.types import Origin, TensorType, pass_origin
 from vsc.ir.verifier import INVARIANTS, verify, verify_or_raise
+from ir_queries import layer_region
 
 
 def find(ops, kind, nth=0):

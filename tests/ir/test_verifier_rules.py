@@ -21,11 +21,12 @@ import pytest
 from vsc.cli import main
 from vsc.ir.hf_import import build_model_graph
 from vsc.ir.parser import parse_module
-from vsc.ir.module import KernelRef, Stage, Weight, layer_region, walk_ops
+from vsc.ir.module import KernelRef, Stage, Weight, walk_ops
 from vsc.ir.types import Origin, TensorType, pass_origin
 from vsc.ir import verifier
 from vsc.ir.verifier import RULES, verify
 from vsc.passes.manager import PassManager
+from ir_queries import layer_region
 
 GOLDEN_DIR = Path(__file__).resolve().parent / "golden_passes"
 SPEC = Origin("spec", "test.vs", 1, 1)

@@ -8,13 +8,13 @@ from types import SimpleNamespace
 import pytest
 
 from vsc.errors import PassFailure, PipelineError, VscError
-from vsc.ir.module import layer_region
-from vsc.ir.parser import parse_module, read_pipeline_header
+from vsc.ir.parser import parse_module
 from vsc.ir.types import TensorType
 from vsc.passes.base import PASSES, Pass, load_pass_file, register_pass
 from vsc.passes.instruments import DumpIR, PassTiming, PrintIR
 from vsc.passes import manager
 from vsc.passes.manager import PassManager
+from ir_queries import layer_region, read_pipeline_header
 
 EXAMPLE_PASS = Path(__file__).resolve().parents[2] / "examples" / "passes" / "shortest_first.py"
 

@@ -11,7 +11,7 @@ from vsc.driver import CompileError, compile_to_server
 from vsc.errors import PassFailure, PipelineError
 from vsc.frontend.lower import lower_spec
 from vsc.frontend.parser import parse_spec_text
-from vsc.ir.module import ServingModule, layer_region, walk_ops
+from vsc.ir.module import ServingModule, walk_ops
 from vsc.ir.ops import TypeRuleError, infer
 from vsc.ir.parser import parse_module
 from vsc.ir.printer import print_module
@@ -24,6 +24,7 @@ from vsc.passes.manager import PassManager
 from vsc.runtime.api import StepBatch
 from vsc.runtime.kernels import torch_ops
 from vsc.runtime.weights import WeightSpec, load_weights, quantize_int8_groups
+from ir_queries import layer_region
 
 torch.set_num_threads(1)
 

@@ -15,10 +15,11 @@ from vsc.driver import CompileError, compile_to_server
 from vsc.errors import PassFailure
 from vsc.frontend.lower import lower_spec
 from vsc.frontend.parser import parse_spec_text
-from vsc.ir.module import ServingModule, layer_region, walk_ops
+from vsc.ir.module import ServingModule, walk_ops
 from vsc.ir.types import pass_origin
 from vsc.models.tiny import make_tiny
 from vsc.passes.base import PASSES, Pass
+from ir_queries import layer_region
 
 SPEC = """
 deployment mutants {{

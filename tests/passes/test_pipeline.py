@@ -46,6 +46,13 @@ def test_round_trip_property(items):
     ("paged-kv{block=16,block=32}", 19, "given twice"),
     ("fuse-qkv paged-kv", 10, "expected ',' between passes"),
     ("fuse-qkv,", 10, "expected a pass name after ','"),
+    ("{block=16}", 1, "expected a pass name, found '{'"),
+    ("paged-kv{=16}", 10, "expected an option name"),
+    ("paged-kv{block=}", 16, "expected a value for option 'block'"),
+    ("paged-kv{block=@}", 16, "expected a value for option 'block'"),
+    ('my-pass{path="a b}', 14, "expected a value for option 'path'"),
+    ("paged-kv{block=16 @", 19, "expected ',' or '}' in the options of paged-kv"),
+    ("paged-kv{block=16}}", 19, "expected ',' between passes, found '}'"),
 ])
 def test_syntax_errors_have_columns(text, column, needle):
     with pytest.raises(PipelineError) as e:
@@ -69,3 +76,24 @@ def test_semantic_errors(text, needle):
 def test_options_are_typed():
     (p,) = build_pipeline("paged-kv{block=32}")
     assert p.block == 32 and p.tokens == 0 and str(p.spec) == "paged-kv{block=32}"
+
+
+@given(st.text(st.sampled_from('ab-_1.{}=,"\\ @/\n'), max_size=16))
+def test_malformed_text_is_a_pipeline_error_with_a_column(text):
+    """Any text parses or fails with a PipelineError whose column lies within the text (or just after it)."""
+    try:
+        specs = parse_pipeline(text)
+    except PipelineError as e:
+        assert e.column is not None and 1 <= e.column <= len(text) + 1
+    else:
+        canonical = format_pipeline(specs)
+        assert format_pipeline(parse_pipeline(canonical)) == canonical
+
+
+def test_columns_count_from_the_start_of_the_text():
+    """A pipeline written over several lines: the column is the offset in the whole text."""
+    text = "fuse-qkv,\n  paged-kv{block 16}"
+    with pytest.raises(PipelineError) as e:
+        parse_pipeline(text)
+    assert e.value.column == text.index("16") + 1 and "expected '=' after option 'block'" in str(e.value)
+    assert [s.column for s in parse_pipeline("fuse-qkv,\n  paged-kv")] == [1, 13]

@@ -63,7 +63,7 @@ def test_prompt_lookup_adds_draft_and_verify_stages_and_engine_fields(root):
 
 
 def test_prediction_drafts_from_each_requests_prediction_and_auto_picks_it(root):
-    from vsc.passes.pipeline import DEFAULT_PIPELINE, auto_pipeline
+    from vsc.passes.auto import DEFAULT_PIPELINE, auto_pipeline
     m = run(root, BASE + ",speculative{method=prediction,k=16}")
     assert m.requests.stage("draft").attrs == {"method": "prediction", "k": 16}
     cfg = engine_config(m)

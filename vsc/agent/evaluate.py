@@ -41,12 +41,17 @@ from vsc.ir.printer import print_module
 
 #: The warm-up's request set (seed offset): disjoint from the measured runs' sets (offsets 0, 1, ...).
 WARMUP_SEED = 1000
+#: Requests per measured run when the settings give none: WAVES_PER_RUN times a closed loop's
+#: concurrency, so that it runs several waves and not one burst, and never fewer than
+#: MIN_RUN_REQUESTS (what an open loop, poisson arrivals, gets).
+WAVES_PER_RUN = 4
+MIN_RUN_REQUESTS = 16
 
 
 @dataclass
 class BenchSettings:
-    requests: int | None = None  # requests per measured run (None: 4 x the closed-loop concurrency, at least 16;
-    #                              16 for poisson arrivals)
+    requests: int | None = None  # requests per measured run (None: request_count's WAVES_PER_RUN x the
+    #                              closed-loop concurrency, at least MIN_RUN_REQUESTS)
     repeats: int = 2            # measured runs per candidate (the baseline gets one more)
     warmup: int = 4             # requests before measuring (compiles torch kernels, fills caches)
     seed: int = 0
@@ -158,7 +163,7 @@ def request_count(deployment: dict[str, Any], settings: BenchSettings) -> int:
     if settings.requests:
         return settings.requests
     arr = (deployment.get("workload") or {}).get("arrivals") or {}
-    return max(16, 4 * int(arr.get("concurrency") or 0))
+    return max(MIN_RUN_REQUESTS, WAVES_PER_RUN * int(arr.get("concurrency") or 0))
 
 
 def benchmark(server_dir: Path, deployment: dict[str, Any], objectives: list[Objective], settings: BenchSettings,

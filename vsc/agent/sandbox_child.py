@@ -73,8 +73,10 @@ def _run(root: str, state: dict) -> tuple[str | None, str]:
     from vsc.ir.printer import print_module
     from vsc.passes.base import load_builtin_passes, load_pass_file
     from vsc.passes.manager import PassManager
+    from vsc.passes.pipeline import parse_pipeline
 
     load_builtin_passes()
+    parse_pipeline("")  # reads grammar/pipeline.lark now: once confined, the project folder is not readable
     with open("input.vsir") as f:
         module = parse_module(f.read(), "input.vsir")
     with open("pipeline.txt") as f:

@@ -254,14 +254,6 @@ def walk_ops(ops: list[Op]) -> Iterator[Op]:
             yield from walk_ops(op.region.ops)
 
 
-def layer_region(module: ServingModule) -> Region | None:
-    """The region of the (first) `repeat` op: the decoder layer body."""
-    for op in module.model.func.body:
-        if op.kind == "repeat" and op.region is not None:
-            return op.region
-    return None
-
-
 class NameAllocator:
     """Fresh SSA names that do not clash with any name already in a function."""
 

@@ -19,18 +19,11 @@ from vsc.ir.module import (
 from vsc.ir.types import UNKNOWN, Origin, TensorType
 
 GRAMMAR_PATH = Path(__file__).resolve().parents[2] / "grammar" / "vsir.lark"
-_PIPELINE_HEADER = re.compile(r"^//\s*pipeline:\s*(.*)$", re.MULTILINE)
 
 
 @functools.lru_cache(maxsize=1)
 def _lark() -> Lark:
     return Lark(GRAMMAR_PATH.read_text(), parser="lalr", propagate_positions=True, maybe_placeholders=True)
-
-
-def read_pipeline_header(text: str) -> str | None:
-    """The `// pipeline: ...` header line of a dump, if present."""
-    m = _PIPELINE_HEADER.search(text)
-    return m.group(1).strip() if m else None
 
 
 def parse_module_file(path: str | Path) -> ServingModule:

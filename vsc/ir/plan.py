@@ -15,6 +15,7 @@ from vsc.ir.module import (REQUEST_STAGES, CacheLayout, KernelRef, RequestGraph,
                            symbol_name, walk_ops)
 from vsc.ir.sizes import kv_bytes_per_token
 from vsc.ir.types import pass_origin
+from vsc.runtime.policy import queue_bound
 
 #: The request-graph stage the prefix-cache pass adds.
 PREFIX_LOOKUP_STAGE = "prefix_lookup"
@@ -101,7 +102,7 @@ def engine_config(module: ServingModule) -> dict:
         "chunked_prefill": module.batching.chunked_prefill,
         "order": module.batching.order,
         "preemption": "recompute" if module.batching.preemption == "none" else module.batching.preemption,
-        "max_waiting": max(64, 16 * module.batching.max_batch),
+        "max_waiting": queue_bound(module.batching.max_batch),   # the admission policy's (vsc.runtime.policy)
         **plan_prefix_cache(module),     # prefix_cache, prefix_cache_capacity (prefix-cache pass); {} if none
         **speculative_engine_config(module),   # speculative_* and draft_model (speculative pass); {} if none
         **chunked_prefill_engine_config(module),   # prefill_tpot_ms (chunked-prefill{slo=true}); {} if none

@@ -15,9 +15,6 @@ QUANT_DTYPES = frozenset(QUANT_FORMATS)
 KNOWN_DTYPES = frozenset(DTYPE_BYTES) | QUANT_DTYPES
 
 
-def is_quantized(dtype: str) -> bool:
-    return dtype in QUANT_DTYPES
-
 # Symbolic dimensions of one forward step: T = tokens in the step (all sequences
 # together), B = sequences in the step. Anything else must be a positive int.
 STEP_SYMBOLS = ("T", "B")

@@ -1,53 +1,33 @@
 """Pass pipelines as text: `fuse-qkv,paged-kv{block=16},continuous-batching{max_batch=32}`.
 
+The syntax is `grammar/pipeline.lark`; lark parses it (LALR, contextual lexer) and its
+syntax errors become PipelineErrors naming the 1-based column of the problem.
 `parse_pipeline` and `format_pipeline` are exact inverses on canonical text (no spaces,
 options in the order written), so a pipeline string can head every IR dump and be
-pasted back into `vsc opt --passes`.
+pasted back into `vsc opt --passes`. Which passes and options exist is checked by
+`vsc.passes.base.build_pipeline`; what `optimize auto` runs is `vsc.passes.auto`.
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from lark import Lark, Token, Tree
+from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken
 
 from vsc.errors import PipelineError
 
-# What `optimize auto` runs until `vsc search` chooses per deployment: the exact rewrites
-# every plan benefits from (prefix-cache costs a lookup per admission when nothing is shared).
-# select-kernels gives a cpu plan TVM's paged attention (reads the cache in place), which beats
-# cascade-attention's torch path even behind a shared prefix (SmolLM2, 16 sequences, 768-token
-# prefix: decode step 103 -> 80 ms, bench/RESULTS.md), so cascade-attention is no longer here.
-# silu-mul and add-rmsnorm fused: one pass over a prompt's activations instead of three (SmolLM2
-# code-edit, 16 concurrent: 4-7% less wall time, bench/RESULTS.md).
-DEFAULT_PIPELINE = ("fuse-qkv,fuse-gate-up,fold-rope-tables,paged-kv{block=16},continuous-batching{max_batch=16,max_tokens=2048},"
-                    "prefix-cache{policy=radix},pack-linear-weights,intra-op-threads,fuse-silu-mul,fuse-add-rmsnorm,"
-                    "select-kernels")
+GRAMMAR_PATH = Path(__file__).resolve().parents[2] / "grammar" / "pipeline.lark"
 
-#: What `optimize auto` adds for a workload kind (the spec's `workload { kind = ... }`), after
-#: prefix-cache: the mechanisms that pay only when requests are like that. predicted_edit:
-#: requests carry their expected answer (OpenAI `prediction`), drafted from in runs of up to 16.
-WORKLOAD_PASSES = {"predicted_edit": "speculative{method=prediction,k=16}"}
-#: A shared prefix at least this long (`workload { shared_prefix { tokens = N } }`) gets cascade
-#: attention: SmolLM2 fp32, 16 sequences behind 4096 shared tokens, decode step 131-137 -> 93-100 ms
-#: (bench/RESULTS.md); behind 768 tokens it measured within noise, so shorter prefixes go without.
-CASCADE_PREFIX_TOKENS = 2048
+_BARE_VALUE = re.compile(r"[A-Za-z0-9_.+\-/]+")  # the grammar's BARE: values written without quotes
+_ESCAPE = re.compile(r"\\(.)")
 
 
-def auto_pipeline(deployment: dict) -> str:
-    """The pipeline `optimize auto` means for a deployment: DEFAULT_PIPELINE, plus what its
-    workload pays for (WORKLOAD_PASSES by kind; cascade-attention behind a long shared prefix)."""
-    workload = (deployment or {}).get("workload") or {}
-    extra = [WORKLOAD_PASSES[workload["kind"]]] if workload.get("kind") in WORKLOAD_PASSES else []
-    if int((workload.get("shared_prefix") or {}).get("tokens") or 0) >= CASCADE_PREFIX_TOKENS:
-        extra.insert(0, "cascade-attention")
-    if not extra:
-        return DEFAULT_PIPELINE
-    anchor = "prefix-cache{policy=radix}"
-    return DEFAULT_PIPELINE.replace(anchor, ",".join([anchor, *extra]), 1)
-
-
-_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
-_BARE_VALUE = re.compile(r"[A-Za-z0-9_.+\-/]+")
-_QUOTED = re.compile(r'"((?:[^"\\]|\\.)*)"')
+@functools.lru_cache(maxsize=1)
+def _lark() -> Lark:
+    return Lark(GRAMMAR_PATH.read_text(encoding="utf-8"), parser="lalr", lexer="contextual")
 
 
 @dataclass
@@ -76,67 +56,56 @@ def format_pipeline(specs: list[PassSpec]) -> str:
 
 def parse_pipeline(text: str) -> list[PassSpec]:
     """Parse pipeline text; errors carry the 1-based column of the problem."""
-    specs: list[PassSpec] = []
-    pos, n = 0, len(text)
+    try:
+        tree = _lark().parse(text)
+    except UnexpectedInput as e:
+        raise _syntax_error(text, e) from None
+    return [_pass_spec(text, node) for node in tree.children]
 
-    def skip_ws():
-        nonlocal pos
-        while pos < n and text[pos].isspace():
-            pos += 1
 
-    def fail(msg: str, at: int):
-        raise PipelineError(msg, text, at + 1)
+def _pass_spec(text: str, node: Tree) -> PassSpec:
+    name_tok, *rest = node.children
+    spec = PassSpec(str(name_tok), {}, name_tok.start_pos + 1)
+    for option in rest[0].children if rest else ():
+        key, value = option.children
+        if str(key) in spec.options:
+            raise PipelineError(f"option '{key}' given twice for {spec.name}", text, key.start_pos + 1)
+        raw = str(value)
+        spec.options[str(key)] = _ESCAPE.sub(r"\1", raw[1:-1]) if value.type == "QUOTED" else raw
+    return spec
 
-    skip_ws()
-    if pos == n:
-        return specs
-    while True:
-        skip_ws()
-        m = _NAME.match(text, pos)
-        if not m:
-            fail(f"expected a pass name, found {text[pos]!r}" if pos < n else "expected a pass name after ','", pos)
-        spec = PassSpec(m.group(0), {}, pos + 1)
-        pos = m.end()
-        skip_ws()
-        if pos < n and text[pos] == "{":
-            pos += 1
-            while True:
-                skip_ws()
-                km = _NAME.match(text, pos)
-                if not km:
-                    fail("expected an option name", pos)
-                key = km.group(0)
-                if key in spec.options:
-                    fail(f"option '{key}' given twice for {spec.name}", pos)
-                pos = km.end()
-                skip_ws()
-                if pos >= n or text[pos] != "=":
-                    fail(f"expected '=' after option '{key}'", pos)
-                pos += 1
-                skip_ws()
-                qm = _QUOTED.match(text, pos)
-                vm = _BARE_VALUE.match(text, pos)
-                if qm:
-                    value = re.sub(r"\\(.)", r"\1", qm.group(1))
-                    pos = qm.end()
-                elif vm:
-                    value = vm.group(0)
-                    pos = vm.end()
-                else:
-                    fail(f"expected a value for option '{key}'", pos)
-                spec.options[key] = value
-                skip_ws()
-                if pos < n and text[pos] == ",":
-                    pos += 1
-                    continue
-                if pos < n and text[pos] == "}":
-                    pos += 1
-                    break
-                fail(f"expected ',' or '}}' in the options of {spec.name}", pos)
-        specs.append(spec)
-        skip_ws()
-        if pos == n:
-            return specs
-        if text[pos] != ",":
-            fail(f"expected ',' between passes, found {text[pos]!r}", pos)
-        pos += 1
+
+def _syntax_error(text: str, e: UnexpectedInput) -> PipelineError:
+    """A lark syntax error as a PipelineError: what was expected there, and at which column."""
+    if isinstance(e, UnexpectedToken):
+        pos = len(text) if e.token.type == "$END" or e.token.start_pos is None else e.token.start_pos
+        accepts = set(e.accepts or e.expected)
+    elif isinstance(e, UnexpectedCharacters):
+        pos = e.pos_in_stream
+        accepts = set(e.allowed or ())
+    else:  # no other lark error is raised by an LALR parse; kept so that none escapes untyped
+        return PipelineError("syntax error", text, (getattr(e, "pos_in_stream", None) or 0) + 1)
+    parser = getattr(e, "interactive_parser", None)
+    stack = [t for t in (parser.parser_state.value_stack if parser else ()) if isinstance(t, Token)]
+    found = f", found {text[pos]!r}" if pos < len(text) else ""
+    in_options = any(t.type == "LBRACE" for t in stack)
+    if "NAME" in accepts and in_options:
+        message = "expected an option name"
+    elif "NAME" in accepts:
+        message = f"expected a pass name{found}" if found else "expected a pass name after ','"
+    elif "EQUAL" in accepts:
+        message = f"expected '=' after option '{_last(stack, 'NAME')}'"
+    elif "BARE" in accepts or "QUOTED" in accepts:
+        names = [t for t in stack if t.type == "NAME"]
+        message = f"expected a value for option '{names[-1] if names else ''}'"
+    elif "RBRACE" in accepts:
+        braces = [i for i, t in enumerate(stack) if t.type == "LBRACE"]
+        name = stack[braces[-1] - 1] if braces and braces[-1] > 0 else ""
+        message = f"expected ',' or '}}' in the options of {name}"
+    else:
+        message = f"expected ',' between passes{found}"
+    return PipelineError(message, text, pos + 1)
+
+
+def _last(tokens: list[Token], kind: str) -> str:
+    return next((str(t) for t in reversed(tokens) if t.type == kind), "")

@@ -29,6 +29,7 @@ import heapq
 import math
 from typing import Iterable
 
+from vsc.runtime.policy import MIN_QUEUE, QUEUE_PER_BATCH_ROW, queue_bound  # noqa: F401  (re-exported)
 from vsc.runtime.sequence import Sequence
 
 

@@ -9,7 +9,6 @@ engine (scheduler, KV blocks, sampler, detokenizer) and the HTTP app are generic
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, NamedTuple, Protocol
 
@@ -283,7 +282,3 @@ class Engine(Protocol):
     def admit_schema(self, schema: str) -> None:
         """Compile a request's JSON Schema (json mode) or raise InvalidRequest naming the problem;
         called off the event loop before generate()."""
-
-
-def as_dict(obj) -> dict:
-    return dataclasses.asdict(obj)

@@ -37,7 +37,7 @@ before it.
 
 Finishing. "stop": EOS (unless ignore_eos), a stop_token_id, or a stop string (the text
 ends before it), or in json mode (vsc.runtime.constrain) a complete JSON document;
-"length": max_tokens or max_context; "abort": `abort()` or shutdown;
+"length": max_tokens (admission keeps prompt + max_tokens within max_context); "abort": `abort()` or shutdown;
 "error": the step that carried the request raised (the error is logged, the request's
 blocks are freed, and the engine keeps serving everyone else).
 """
@@ -503,8 +503,8 @@ class LLMEngine:
         """A step carrying drafts: one forward pass returns logits at every drafted position,
         the sampler picks the model's token at each, and each sequence keeps its drafts up to
         the first the model disagrees with plus the model's token there (`verify`). Tokens
-        are appended one by one, so a stop (token, string, json end), max_tokens or
-        max_context ends the run exactly where plain decoding would; one TokenEvent carries
+        are appended one by one, so a stop (token, string, json end) or max_tokens
+        ends the run exactly where plain decoding would; one TokenEvent carries
         all of a sequence's tokens of the step. Only kept tokens count as computed: the
         rejected drafts' KV slots are overwritten later, and blocks grown only for them are
         freed."""
@@ -633,7 +633,9 @@ class LLMEngine:
                 reason = seq.constraint.advance(token)
                 if reason is not None and detok is not None:
                     text += detok.flush()
-            if reason is None and (seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_context):
+            # max_context needs no test here: admission (Scheduler.check_request) holds prompt + max_tokens
+            # within it, so max_tokens always ends a sequence first.
+            if reason is None and seq.num_output_tokens >= p.max_tokens:
                 reason = "length"
                 if detok is not None:
                     text += detok.flush()

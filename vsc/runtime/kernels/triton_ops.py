@@ -117,11 +117,6 @@ class KernelSpec:
         return list(self.tuned.configs)
 
     @property
-    def python_fn(self) -> Callable:
-        """The undecorated kernel function (same object under JIT or interpreter)."""
-        return self.tuned.fn.fn
-
-    @property
     def arg_names(self) -> list[str]:
         return list(self.tuned.arg_names)
 
