@@ -57,8 +57,25 @@ def cmd_parse(args) -> int:
     return 0
 
 
+def _pass_instruments(args, manager_passes) -> tuple[list, object | None]:
+    """The instruments `--disable-pass` and `--pass-statistics` ask for (opt and compile share
+    them); the statistics instrument is returned too, to print its report after the run."""
+    from vsc.passes.instruments import DisablePasses, PassStatistics
+
+    instruments: list = []
+    if args.disable_pass:
+        disable = DisablePasses(tuple(args.disable_pass))
+        disable.check(manager_passes)
+        instruments.append(disable)
+    stats = PassStatistics() if args.pass_statistics else None
+    if stats is not None:
+        instruments.append(stats)
+    return instruments, stats
+
+
 def cmd_opt(args) -> int:
     from vsc.ir.printer import print_module
+    from vsc.passes.base import build_pipeline
     from vsc.passes.instruments import DumpIR, PassTiming, PrintIR
     from vsc.passes.manager import PassManager
 
@@ -67,33 +84,39 @@ def cmd_opt(args) -> int:
     pipeline = args.passes
     if pipeline is None:
         pipeline = spec_pipeline(module)
+    passes = build_pipeline(pipeline)
     printer = PrintIR(before=args.print_ir_before_all, after=args.print_ir_after_all,
                       after_change=args.print_ir_after_change, after_failure_=args.print_ir_after_failure)
     timing = PassTiming()
-    instruments = [printer, timing]
+    extra, stats = _pass_instruments(args, passes)
+    instruments = [*extra, printer, timing]
     if args.dump_dir:
         instruments.append(DumpIR(Path(args.dump_dir)))
-    manager = PassManager(pipeline, instruments, verify_each=not args.no_verify,
+    manager = PassManager(passes, instruments, verify_each=not args.no_verify,
                           reproducer_dir=args.dump_dir)
     result = manager.run(module)
     text = print_module(result, pipeline=manager.pipeline_text)
     if args.output:
         Path(args.output).write_text(text)
-    elif not (args.print_ir_after_all or args.quiet):
+    elif not args.quiet:          # the --print-ir-* flags add to stderr; the final IR always goes here
         sys.stdout.write(text)
     if args.time_passes:
         print(timing.report(), file=sys.stderr)
+    if stats is not None:
+        print(stats.report(), file=sys.stderr)
     return 0
 
 
 def cmd_compile(args) -> int:
     from vsc.driver import compile_to_server
+    from vsc.passes.base import build_pipeline
     from vsc.passes.instruments import DumpIR, PrintIR
 
     _load_passes(args)
     module = load_input(args.input)
     pipeline = args.passes if args.passes is not None else spec_pipeline(module)
-    instruments = [PrintIR(after_change=args.print_ir_after_change)]
+    extra, stats = _pass_instruments(args, build_pipeline(pipeline))
+    instruments = [*extra, PrintIR(after_change=args.print_ir_after_change)]
     if args.dump_dir:
         instruments.append(DumpIR(Path(args.dump_dir)))
     spec_path = Path(args.input).resolve() if Path(args.input).suffix == ".vs" else None
@@ -101,6 +124,8 @@ def cmd_compile(args) -> int:
     print(f"wrote {result.out_dir}/ (pipeline: {result.pipeline or 'none'})")
     print(f"accuracy: {result.accuracy_summary}")
     print("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in result.seconds.items()))
+    if stats is not None:
+        print(stats.report(), file=sys.stderr)
     return 0
 
 
@@ -159,6 +184,13 @@ def cmd_passes(args) -> int:
     return 0
 
 
+def _add_pass_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--disable-pass", action="append", metavar="NAME",
+                   help="skip every occurrence of this pass in the pipeline (repeatable)")
+    p.add_argument("--pass-statistics", action="store_true",
+                   help="print what each pass did (fused 30 qkv, packed 211 weights) to stderr")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="vsc", description="compile LLM serving stacks from deployment specs")
     ap.add_argument("--version", action="version", version=f"vsc {__version__}")
@@ -181,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true", help="skip the verifier after each pass (debugging only)")
     p.add_argument("--load-pass", action="append", metavar="FILE", help="load a user pass from a Python file")
     p.add_argument("-q", "--quiet", action="store_true", help="do not print the final IR")
+    _add_pass_flags(p)
     p.set_defaults(func=cmd_opt)
 
     p = sub.add_parser("compile", help="optimize, verify and lower a spec to a runnable server folder")
@@ -190,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-ir-after-change", action="store_true")
     p.add_argument("--dump-dir", help="numbered IR dumps (and any reproducer) go here")
     p.add_argument("--load-pass", action="append", metavar="FILE")
+    _add_pass_flags(p)
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("serve", help="run a compiled server folder")

@@ -113,7 +113,7 @@ class _RecordVerifications(Instrument):
         self.pending_accuracy = report
         return None if report.ok is not False else report.summary()
 
-    def after_pass(self, p, index, module_text, changed, seconds, pipeline_so_far):
+    def after_pass(self, p, index, ir, changed, seconds):
         self.entries.append(self._cls("structural", str(p.spec), True, "all invariants hold",
                                       {"changed": changed, "seconds": round(seconds, 6)}))
         if self.pending_accuracy is not None:

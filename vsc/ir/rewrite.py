@@ -19,6 +19,20 @@ def op_lists(module: ServingModule) -> Iterator[tuple[list[Op], str]]:
     yield from walk(module.model.func.body, "step")
 
 
+def times_run(module: ServingModule) -> dict[int, int]:
+    """id(op) -> how many times one step runs it (a region's ops: its `repeat` count, nested
+    counts multiplied): what a pass's statistics count (`fused 30 qkv` for 30 layers)."""
+    out: dict[int, int] = {}
+
+    def walk(ops: list[Op], times: int):
+        for op in ops:
+            out[id(op)] = times
+            if op.region is not None:
+                walk(op.region.ops, times * int(op.attrs.get("count", 1)))
+    walk(module.model.func.body, 1)
+    return out
+
+
 def producers(ops: list[Op]) -> dict[str, Op]:
     """Result name -> the op in `ops` that defines it."""
     return {r: op for op in ops for r in op.results}

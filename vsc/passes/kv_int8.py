@@ -77,8 +77,10 @@ class KVInt8(Pass):
             raise VscError(f"the KV budget ({cache.budget_bytes} B) holds no {cache.block_size}-token int8 block")
         cache.dtype, cache.capacity_tokens = INT8, capacity
         cache.origin = pass_origin(self.name)
+        self.stat("sized", capacity, "int8 cache tokens")
         for op in walk_ops(module.model.func.body):
             info = KERNELS.get(op.kernel.name) if op.kernel is not None else None
             if op.kind == "attention" and (info is None or INT8 not in info.cache_dtypes):
                 op.kernel = KernelRef(kernel)
                 op.origin = pass_origin(self.name)
+                self.stat("moved", 1, f"attentions to {kernel}")
