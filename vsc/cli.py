@@ -41,6 +41,38 @@ def spec_pipeline(module) -> str:
     return optimize.get("pipeline") or ""
 
 
+def _at_optimize_line(err, input_path: str, pipeline: str):
+    """A pass of the spec's own pipeline failed: point the error at the spec's `optimize` line
+    (the caret under the pass, or under `auto`)."""
+    from vsc.errors import SourceLocation
+    from vsc.frontend.parser import parse_spec_file
+    from vsc.passes.pipeline import parse_pipeline
+
+    path = Path(input_path)
+    optimize = parse_spec_file(path).optimize
+    loc = optimize.loc
+    if loc is None:
+        return err
+    column = loc.column
+    if not optimize.auto and err.index is not None:
+        specs = parse_pipeline(pipeline)
+        if 1 <= err.index <= len(specs):
+            column = loc.column + specs[err.index - 1].column      # past the opening quote
+    return err.locate(SourceLocation(loc.file, loc.line, column), path.read_text())
+
+
+def _run_pipeline(args, pipeline: str, run):
+    """run(), with a failing pass of the spec's own pipeline pointed at the spec's optimize line."""
+    from vsc.errors import PassFailure
+
+    try:
+        return run()
+    except PassFailure as e:
+        if args.passes is None and Path(args.input).suffix == ".vs":
+            raise _at_optimize_line(e, args.input, pipeline) from None
+        raise
+
+
 def _load_passes(args) -> None:
     from vsc.passes.base import load_builtin_passes, load_pass_file
 
@@ -94,7 +126,7 @@ def cmd_opt(args) -> int:
         instruments.append(DumpIR(Path(args.dump_dir)))
     manager = PassManager(passes, instruments, verify_each=not args.no_verify,
                           reproducer_dir=args.dump_dir)
-    result = manager.run(module)
+    result = _run_pipeline(args, pipeline, lambda: manager.run(module))
     text = print_module(result, pipeline=manager.pipeline_text)
     if args.output:
         Path(args.output).write_text(text)
@@ -120,7 +152,8 @@ def cmd_compile(args) -> int:
     if args.dump_dir:
         instruments.append(DumpIR(Path(args.dump_dir)))
     spec_path = Path(args.input).resolve() if Path(args.input).suffix == ".vs" else None
-    result = compile_to_server(module, pipeline, Path(args.output), spec_path, instruments, args.dump_dir)
+    result = _run_pipeline(args, pipeline, lambda: compile_to_server(module, pipeline, Path(args.output), spec_path,
+                                                                      instruments, args.dump_dir))
     print(f"wrote {result.out_dir}/ (pipeline: {result.pipeline or 'none'})")
     print(f"accuracy: {result.accuracy_summary}")
     print("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in result.seconds.items()))

@@ -5,7 +5,7 @@ from typing import Iterator
 
 from vsc.errors import VscError
 from vsc.ir.module import ModelGraph, Op, ServingModule, Weight
-from vsc.ir.sizes import kv_bytes_per_token, weight_bytes
+from vsc.ir.sizes import format_bytes, kv_bytes_per_token, weight_bytes
 from vsc.ir.types import TensorType
 
 
@@ -104,6 +104,7 @@ def credit_freed_weight_bytes(module: ServingModule, before: int, origin) -> Non
     fits = max(0, cache.budget_bytes) // per_token // block * block
     longest = int(module.deployment.get("max_context") or 0)
     if cache.layout != "paged" or fits < max(block, longest):
-        raise VscError(f"the rewritten weights need {-saved} B more than before, and the KV cache "
-                       f"({cache.capacity_tokens * per_token} B) no longer fits its budget ({cache.budget_bytes} B)")
+        raise VscError(f"the rewritten weights need {format_bytes(-saved)} more than before, and the KV cache "
+                       f"({format_bytes(cache.capacity_tokens * per_token)}) no longer fits its budget "
+                       f"({format_bytes(cache.budget_bytes)})")
     cache.capacity_tokens = fits

@@ -104,7 +104,7 @@ class PassManager:
         for inst in self.instruments:
             inst.after_failure(p, index, input_ir, output_ir, error)
         repro = self._write_reproducer(p, input_ir.text, error, trace)
-        raise PassFailure(str(p.spec), error, str(repro))
+        raise PassFailure(str(p.spec), error, str(repro), index)
 
     def _write_reproducer(self, p: Pass, input_text: str, error: str, trace: str | None) -> Path:
         directory = self.reproducer_dir or _fresh_reproducer_dir()

@@ -78,7 +78,12 @@ class PackLinearWeights(Pass):
             op.origin = origin
             self.stat("moved", times[id(op)], f"linears to {KERNEL}")
         if not packed:
-            raise VscError("pack-linear-weights found no f32 linear weight to pack")
+            dtypes = sorted({w.type.dtype for op in walk_ops(func.body) if op.kind == "linear"
+                             for w in [model.weight(op.operands[1])] if w is not None})
+            stored = f"the linear weights are {', '.join(dtypes)}" if dtypes else "the plan has no linear op"
+            raise VscError(f"found no f32 linear weight to pack ({stored}; oneDNN packing here is for f32): "
+                           f"take pack-linear-weights out of the pipeline (or --disable-pass pack-linear-weights), "
+                           f"or load the model with `dtype = f32`")
         credit_freed_weight_bytes(module, before, origin)     # a tied head's copy is charged to the cache
 
     @staticmethod
