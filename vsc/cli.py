@@ -144,16 +144,21 @@ def cmd_compile(args) -> int:
     from vsc.passes.base import build_pipeline
     from vsc.passes.instruments import DumpIR, PrintIR
 
+    from vsc.progress import Activity, PassProgress
+
     _load_passes(args)
-    module = load_input(args.input)
-    pipeline = args.passes if args.passes is not None else spec_pipeline(module)
-    extra, stats = _pass_instruments(args, build_pipeline(pipeline))
-    instruments = [*extra, PrintIR(after_change=args.print_ir_after_change)]
-    if args.dump_dir:
-        instruments.append(DumpIR(Path(args.dump_dir)))
-    spec_path = Path(args.input).resolve() if Path(args.input).suffix == ".vs" else None
-    result = _run_pipeline(args, pipeline, lambda: compile_to_server(module, pipeline, Path(args.output), spec_path,
-                                                                      instruments, args.dump_dir))
+    with Activity(f"compiling {args.input}") as activity:       # a spinner on stderr, on a terminal only
+        activity.update("reading the spec and the model")
+        module = load_input(args.input)
+        pipeline = args.passes if args.passes is not None else spec_pipeline(module)
+        passes = build_pipeline(pipeline)
+        extra, stats = _pass_instruments(args, passes)
+        instruments = [*extra, PrintIR(after_change=args.print_ir_after_change), PassProgress(activity, len(passes))]
+        if args.dump_dir:
+            instruments.append(DumpIR(Path(args.dump_dir)))
+        spec_path = Path(args.input).resolve() if Path(args.input).suffix == ".vs" else None
+        result = _run_pipeline(args, pipeline, lambda: compile_to_server(
+            module, pipeline, Path(args.output), spec_path, instruments, args.dump_dir, progress=activity.update))
     print(f"wrote {result.out_dir}/ (pipeline: {result.pipeline or 'none'})")
     print(f"accuracy: {result.accuracy_summary}")
     print("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in result.seconds.items()))
@@ -180,6 +185,7 @@ def cmd_serve(args) -> int:
 
 def cmd_verify(args) -> int:
     from vsc.ir.verifier import INVARIANTS, RULES, rules_by_group, verify_or_raise
+    from vsc.progress import Activity      # a spinner on stderr, on a terminal only
 
     if args.list:
         for name, rules in rules_by_group().items():
@@ -192,13 +198,17 @@ def cmd_verify(args) -> int:
     if Path(args.input).is_dir():
         from vsc.driver import verify_server
 
-        ok, lines = verify_server(Path(args.input))
+        with Activity(f"verifying {args.input}") as activity:
+            ok, lines = verify_server(Path(args.input), progress=activity.update)
         for line in lines:
             print(line)
         print(f"{args.input}: {'ok' if ok else 'FAILED'}")
         return 0 if ok else 1
-    module = load_input(args.input)
-    verify_or_raise(module)
+    with Activity(f"verifying {args.input}") as activity:
+        activity.update("reading the input")
+        module = load_input(args.input)
+        activity.update(f"checking {len(RULES)} rules")
+        verify_or_raise(module)
     print(f"{args.input}: ok ({len(RULES)} rules in {len(INVARIANTS)} groups hold)")
     return 0
 
