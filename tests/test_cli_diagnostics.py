@@ -1,6 +1,7 @@
 """What `vsc` says when a spec asks for something it cannot do: where, in which unit, and the fix."""
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -88,3 +89,15 @@ def test_a_pipeline_given_with_passes_is_not_pinned_on_the_spec(workspace, capsy
     spec = spec_variant(workspace, "bf16-cli", ("dtype = f32", "dtype = bf16"))
     code, _, err = run(capsys, "opt", spec, "--passes", "pack-linear-weights")
     assert code == 2 and err.startswith("pass pack-linear-weights: error: found no f32 linear weight")
+
+
+def test_compile_takes_the_pass_flags_and_keeps_a_pipe_free_of_progress(workspace, capsys, tmp_path):
+    spec = workspace / "examples" / "chat.vs"
+    code, out, err = run(capsys, "compile", spec, "-o", tmp_path / "srv", "--pass-statistics",
+                         "--disable-pass", "pack-linear-weights")
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "srv" / "manifest.json").read_text())
+    assert "pack-linear-weights" not in manifest["pipeline"] and "fuse-qkv" in manifest["pipeline"]
+    assert err.startswith("pass statistics:\n  fuse-qkv\n    fused 4 qkv\n")
+    assert "\x1b" not in err and "\r" not in err           # stderr is no terminal: no spinner
+    assert out.startswith(f"wrote {tmp_path / 'srv'}/")
