@@ -67,11 +67,31 @@ def test_opt_on_vsir_input_and_output_file(workspace, capsys, tmp_path):
     assert code == 0 and "ok" in out
 
 
-def test_print_ir_after_all_goes_to_stderr(workspace, capsys):
-    code, out, err = run(capsys, "opt", workspace / "examples" / "chat.vs", "--passes", "fuse-qkv,fuse-qkv",
-                         "--print-ir-after-all")
-    assert code == 0 and out == ""
-    assert "IR after fuse-qkv (#1)" in err and "IR after fuse-qkv (#2) (no change)" in err
+@pytest.mark.parametrize("flag", ["--print-ir-before-all", "--print-ir-after-all", "--print-ir-after-change"])
+def test_print_ir_flags_add_to_stderr_and_the_final_ir_always_goes_to_stdout(workspace, capsys, flag):
+    code, out, err = run(capsys, "opt", workspace / "examples" / "chat.vs", "--passes", "fuse-qkv,fuse-qkv", flag)
+    assert code == 0, err
+    assert read_pipeline_header(out) == "fuse-qkv,fuse-qkv" and parse_module(out).model.func.body
+    if flag == "--print-ir-after-all":
+        assert "IR after fuse-qkv (#1)" in err and "IR after fuse-qkv (#2) (no change)" in err
+    elif flag == "--print-ir-before-all":
+        assert err.count("IR before fuse-qkv") == 2
+    else:
+        assert "IR after fuse-qkv (#1)" in err and "(#2)" not in err
+
+
+def test_pass_statistics_and_disable_pass(workspace, capsys):
+    spec = workspace / "examples" / "chat.vs"
+    code, out, err = run(capsys, "opt", spec, "-q", "--pass-statistics", "--disable-pass", "fuse-gate-up")
+    assert code == 0 and out == "", err
+    lines = err.splitlines()
+    assert lines[0] == "pass statistics:" and "  fuse-qkv" in lines and "    fused 4 qkv" in lines
+    assert "  fuse-gate-up" not in lines
+    code, out, err = run(capsys, "opt", spec, "--disable-pass", "fuse-gate-up")
+    assert code == 0 and "fuse-gate-up" not in read_pipeline_header(out)
+    code, out, err = run(capsys, "opt", spec, "--disable-pass", "fuse-gateup")
+    assert code == 2 and out == ""
+    assert err == "--disable-pass fuse-gateup: error: no pass is named 'fuse-gateup' (did you mean 'fuse-gate-up'?)\n"
 
 
 def test_verify_reports_violations_with_exit_1(workspace, capsys, tmp_path):

@@ -28,6 +28,38 @@ def spec_pipeline(module) -> str:
     return pipeline(module)
 
 
+def _at_optimize_line(err, input_path: str, pipeline: str):
+    """A pass of the spec's own pipeline failed: point the error at the spec's `optimize` line
+    (the caret under the pass, or under `auto`)."""
+    from vsc.errors import SourceLocation
+    from vsc.frontend.parser import parse_spec_file
+    from vsc.passes.pipeline import parse_pipeline
+
+    path = Path(input_path)
+    optimize = parse_spec_file(path).optimize
+    loc = optimize.loc
+    if loc is None:
+        return err
+    column = loc.column
+    if not optimize.auto and err.index is not None:
+        specs = parse_pipeline(pipeline)
+        if 1 <= err.index <= len(specs):
+            column = loc.column + specs[err.index - 1].column      # past the opening quote
+    return err.locate(SourceLocation(loc.file, loc.line, column), path.read_text())
+
+
+def _run_pipeline(args, pipeline: str, run):
+    """run(), with a failing pass of the spec's own pipeline pointed at the spec's optimize line."""
+    from vsc.errors import PassFailure
+
+    try:
+        return run()
+    except PassFailure as e:
+        if args.passes is None and Path(args.input).suffix == ".vs":
+            raise _at_optimize_line(e, args.input, pipeline) from None
+        raise
+
+
 def _load_passes(args) -> None:
     from vsc.passes.base import load_builtin_passes, load_pass_file
 
@@ -44,8 +76,25 @@ def cmd_parse(args) -> int:
     return 0
 
 
+def _pass_instruments(args, manager_passes) -> tuple[list, object | None]:
+    """The instruments `--disable-pass` and `--pass-statistics` ask for (opt and compile share
+    them); the statistics instrument is returned too, to print its report after the run."""
+    from vsc.passes.instruments import DisablePasses, PassStatistics
+
+    instruments: list = []
+    if args.disable_pass:
+        disable = DisablePasses(tuple(args.disable_pass))
+        disable.check(manager_passes)
+        instruments.append(disable)
+    stats = PassStatistics() if args.pass_statistics else None
+    if stats is not None:
+        instruments.append(stats)
+    return instruments, stats
+
+
 def cmd_opt(args) -> int:
     from vsc.ir.printer import print_module
+    from vsc.passes.base import build_pipeline
     from vsc.passes.instruments import DumpIR, PassTiming, PrintIR
     from vsc.passes.manager import PassManager
 
@@ -54,40 +103,54 @@ def cmd_opt(args) -> int:
     pipeline = args.passes
     if pipeline is None:
         pipeline = spec_pipeline(module)
+    passes = build_pipeline(pipeline)
     printer = PrintIR(before=args.print_ir_before_all, after=args.print_ir_after_all,
                       after_change=args.print_ir_after_change, after_failure_=args.print_ir_after_failure)
     timing = PassTiming()
-    instruments = [printer, timing]
+    extra, stats = _pass_instruments(args, passes)
+    instruments = [*extra, printer, timing]
     if args.dump_dir:
         instruments.append(DumpIR(Path(args.dump_dir)))
-    manager = PassManager(pipeline, instruments, verify_each=not args.no_verify,
+    manager = PassManager(passes, instruments, verify_each=not args.no_verify,
                           reproducer_dir=args.dump_dir)
-    result = manager.run(module)
+    result = _run_pipeline(args, pipeline, lambda: manager.run(module))
     text = print_module(result, pipeline=manager.pipeline_text)
     if args.output:
         Path(args.output).write_text(text)
-    elif not (args.print_ir_after_all or args.quiet):
+    elif not args.quiet:          # the --print-ir-* flags add to stderr; the final IR always goes here
         sys.stdout.write(text)
     if args.time_passes:
         print(timing.report(), file=sys.stderr)
+    if stats is not None:
+        print(stats.report(), file=sys.stderr)
     return 0
 
 
 def cmd_compile(args) -> int:
     from vsc.driver import compile_to_server
+    from vsc.passes.base import build_pipeline
     from vsc.passes.instruments import DumpIR, PrintIR
 
+    from vsc.progress import Activity, PassProgress
+
     _load_passes(args)
-    module = load_input(args.input)
-    pipeline = args.passes if args.passes is not None else spec_pipeline(module)
-    instruments = [PrintIR(after_change=args.print_ir_after_change)]
-    if args.dump_dir:
-        instruments.append(DumpIR(Path(args.dump_dir)))
-    spec_path = Path(args.input).resolve() if Path(args.input).suffix == ".vs" else None
-    result = compile_to_server(module, pipeline, Path(args.output), spec_path, instruments, args.dump_dir)
+    with Activity(f"compiling {args.input}") as activity:       # a spinner on stderr, on a terminal only
+        activity.update("reading the spec and the model")
+        module = load_input(args.input)
+        pipeline = args.passes if args.passes is not None else spec_pipeline(module)
+        passes = build_pipeline(pipeline)
+        extra, stats = _pass_instruments(args, passes)
+        instruments = [*extra, PrintIR(after_change=args.print_ir_after_change), PassProgress(activity, len(passes))]
+        if args.dump_dir:
+            instruments.append(DumpIR(Path(args.dump_dir)))
+        spec_path = Path(args.input).resolve() if Path(args.input).suffix == ".vs" else None
+        result = _run_pipeline(args, pipeline, lambda: compile_to_server(
+            module, pipeline, Path(args.output), spec_path, instruments, args.dump_dir, progress=activity.update))
     print(f"wrote {result.out_dir}/ (pipeline: {result.pipeline or 'none'})")
     print(f"accuracy: {result.accuracy_summary}")
     print("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in result.seconds.items()))
+    if stats is not None:
+        print(stats.report(), file=sys.stderr)
     return 0
 
 
@@ -109,6 +172,7 @@ def cmd_serve(args) -> int:
 
 def cmd_verify(args) -> int:
     from vsc.ir.verifier import INVARIANTS, RULES, rules_by_group, verify_or_raise
+    from vsc.progress import Activity      # a spinner on stderr, on a terminal only
 
     if args.list:
         for name, rules in rules_by_group().items():
@@ -121,13 +185,17 @@ def cmd_verify(args) -> int:
     if Path(args.input).is_dir():
         from vsc.driver import verify_server
 
-        ok, lines = verify_server(Path(args.input))
+        with Activity(f"verifying {args.input}") as activity:
+            ok, lines = verify_server(Path(args.input), progress=activity.update)
         for line in lines:
             print(line)
         print(f"{args.input}: {'ok' if ok else 'FAILED'}")
         return 0 if ok else 1
-    module = load_input(args.input)
-    verify_or_raise(module)
+    with Activity(f"verifying {args.input}") as activity:
+        activity.update("reading the input")
+        module = load_input(args.input)
+        activity.update(f"checking {len(RULES)} rules")
+        verify_or_raise(module)
     print(f"{args.input}: ok ({len(RULES)} rules in {len(INVARIANTS)} groups hold)")
     return 0
 
@@ -144,6 +212,13 @@ def cmd_passes(args) -> int:
         for opt in cls.options:
             print(f"    {opt.describe()}")
     return 0
+
+
+def _add_pass_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--disable-pass", action="append", metavar="NAME",
+                   help="skip every occurrence of this pass in the pipeline (repeatable)")
+    p.add_argument("--pass-statistics", action="store_true",
+                   help="print what each pass did (fused 30 qkv, packed 211 weights) to stderr")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true", help="skip the verifier after each pass (debugging only)")
     p.add_argument("--load-pass", action="append", metavar="FILE", help="load a user pass from a Python file")
     p.add_argument("-q", "--quiet", action="store_true", help="do not print the final IR")
+    _add_pass_flags(p)
     p.set_defaults(func=cmd_opt)
 
     p = sub.add_parser("compile", help="optimize, verify and lower a spec to a runnable server folder")
@@ -177,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-ir-after-change", action="store_true")
     p.add_argument("--dump-dir", help="numbered IR dumps (and any reproducer) go here")
     p.add_argument("--load-pass", action="append", metavar="FILE")
+    _add_pass_flags(p)
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("serve", help="run a compiled server folder")

@@ -138,7 +138,7 @@ class _RecordVerifications(Instrument):
         self.pending_accuracy = report
         return None if report.ok is not False else report.summary()
 
-    def after_pass(self, p, index, module_text, changed, seconds, pipeline_so_far):
+    def after_pass(self, p, index, ir, changed, seconds):
         self.entries.append(self._cls("structural", str(p.spec), True, "all invariants hold",
                                       {"changed": changed, "seconds": round(seconds, 6)}))
         if self.pending_accuracy is not None:
@@ -156,7 +156,9 @@ class CompileResult:
 
 
 def compile_to_server(module: ServingModule, pipeline: str, out_dir: Path, spec_path: Path | None,
-                      instruments: list[Instrument] | None = None, reproducer_dir: Path | None = None) -> CompileResult:
+                      instruments: list[Instrument] | None = None, reproducer_dir: Path | None = None,
+                      progress=None) -> CompileResult:
+    """`progress(step)`, where given, hears each step after the passes (vsc.progress.Activity.update)."""
     from vsc.backends.server.emit import Verification, build_manifest, write_server
 
     times: dict[str, float] = {}
@@ -170,6 +172,8 @@ def compile_to_server(module: ServingModule, pipeline: str, out_dir: Path, spec_
     times["passes"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
+    if progress is not None:
+        progress("lowering the plan and checking its accuracy")
     source, report = lower_and_check(final)
     times["lower+accuracy" if report.ok is not None else "lower"] = time.perf_counter() - t1
     if report.ok is False:
@@ -181,12 +185,14 @@ def compile_to_server(module: ServingModule, pipeline: str, out_dir: Path, spec_
     model_path = Path(final.model.attrs["path"])
     served_name = model_path.stem if model_path.suffix == ".gguf" else model_path.name
     manifest = build_manifest(final, manager.pipeline_text, spec_path, plan_text, source, verifications, served_name)
+    if progress is not None:
+        progress("writing the server folder")
     write_server(out_dir, final, manager.pipeline_text, source, manifest, seconds=times)
     times["total"] = time.perf_counter() - t0
     return CompileResult(Path(out_dir), final, manager.pipeline_text, report.summary(), times)
 
 
-def verify_server(server_dir: Path) -> tuple[bool, list[str]]:
+def verify_server(server_dir: Path, progress=None) -> tuple[bool, list[str]]:
     """Re-check a built server, in an order that runs nothing unproven:
 
     1. integrity: the digest of every file in the folder, of every model file it loads and of
@@ -197,7 +203,10 @@ def verify_server(server_dir: Path) -> tuple[bool, list[str]]:
        generates from plan.vsir now (the compiler is deterministic, so the code that runs is
        the plan's code and nothing else);
     4. accuracy: the runner, on the manifest's model, still meets the plan's accuracy bar.
+
+    `progress(step)`, where given, hears each step as it starts (vsc.progress.Activity.update).
     """
+    progress = progress or (lambda step: None)
     from vsc.backends.torch.accuracy import check_accuracy
     from vsc.backends.torch.codegen import generate_runner_source
     from vsc.backends.torch.draft import DRAFT_RUNNER_FILE, attach_draft_runner, draft_runner_source
@@ -205,6 +214,7 @@ def verify_server(server_dir: Path) -> tuple[bool, list[str]]:
     from vsc.runtime.launch import compile_runner, import_runner_module, load_step, read_manifest
 
     server_dir = Path(server_dir)
+    progress("integrity: hashing the folder's and the model's files")
     manifest = read_manifest(server_dir)
     problems = integrity.check(server_dir, manifest)
     missing = [p for p in problems if p.what == "missing"]
@@ -217,11 +227,13 @@ def verify_server(server_dir: Path) -> tuple[bool, list[str]]:
     files = manifest["integrity"]["files"]
     lines = [f"integrity: ok ({len(files)} files, {len(manifest['integrity']['model_files'])} model files and the "
              f"manifest's settings match their {manifest['integrity']['algorithm']} digests)"]
+    progress("structural: parsing and verifying plan.vsir")
     module = parse_module_file(server_dir / "plan.vsir")
     diags = verify(module)
     lines.append(f"structural: {'ok' if not diags else '; '.join(map(str, diags))}")
     if diags:
         return False, lines
+    progress("runner: regenerating model.py from plan.vsir")
     regenerated = {"model.py": generate_runner_source(module)}
     draft_source = draft_runner_source(module)
     if draft_source is not None or DRAFT_RUNNER_FILE in files:
@@ -244,6 +256,7 @@ def verify_server(server_dir: Path) -> tuple[bool, list[str]]:
                      "run `vsc verify` on the GPU host")
         return False, lines
     model_dir = Path(manifest["model"]["path"])
+    progress("accuracy: loading the model and running the probes")
     settings = accuracy_settings(module)
     generated = import_runner_module(server_dir, digest=files["model.py"])
     runner = load_step("the model", model_dir, generated.Runner, str(model_dir), device=runner_device(module))

@@ -103,9 +103,24 @@ class VerificationError(VscError):
 class PassFailure(VscError):
     """A pass raised, produced invalid IR, or mutated its input."""
 
-    def __init__(self, pass_name: str, message: str, reproducer: str | None = None):
+    def __init__(self, pass_name: str, message: str, reproducer: str | None = None, index: int | None = None):
         tail = f" (reproducer: {reproducer})" if reproducer else ""
         super().__init__(f"pass {pass_name}: error: {message}{tail}")
         self.pass_name = pass_name
         self.message = message
         self.reproducer = reproducer
+        self.index = index                    # 1-based position of the pass in its pipeline
+        self.location: SourceLocation | None = None
+        self.source_text: str | None = None
+
+    def locate(self, location: SourceLocation, source_text: str | None = None) -> "PassFailure":
+        """Point the error at where the pipeline was written (a spec's `optimize` line)."""
+        tail = f" (reproducer: {self.reproducer})" if self.reproducer else ""
+        self.args = (f"{location}: error: pass {self.pass_name}: {self.message}{tail}",)
+        self.location, self.source_text = location, source_text
+        return self
+
+    def render(self) -> str:
+        if self.location is None:
+            return str(self)
+        return LocatedError.render(self)

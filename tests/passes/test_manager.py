@@ -11,7 +11,8 @@ from vsc.errors import PassFailure, PipelineError, VscError
 from vsc.ir.parser import parse_module
 from vsc.ir.types import TensorType
 from vsc.passes.base import PASSES, Pass, load_pass_file, register_pass
-from vsc.passes.instruments import DumpIR, PassTiming, PrintIR
+from vsc.passes import instruments as instruments_module
+from vsc.passes.instruments import DisablePasses, DumpIR, Instrument, PassStatistics, PassTiming, PrintIR
 from vsc.passes import manager
 from vsc.passes.manager import PassManager
 from ir_queries import layer_region, read_pipeline_header
@@ -195,3 +196,100 @@ def test_bad_user_pass_files(tmp_path):
     empty.write_text("x = 1\n")
     with pytest.raises(VscError, match="registered no pass"):
         load_pass_file(empty)
+
+
+class Recorder(Instrument):
+    """Records every hook call: (hook, pass name or None, the module it was given)."""
+
+    def __init__(self, skip: str | None = None):
+        self.calls: list[tuple] = []
+        self.skip = skip
+
+    def before_pipeline(self, ir):
+        self.calls.append(("before_pipeline", None, ir.module))
+
+    def should_run(self, p, index):
+        self.calls.append(("should_run", p.name, None))
+        return p.name != self.skip
+
+    def before_pass(self, p, index, ir):
+        self.calls.append(("before_pass", p.name, ir.module))
+
+    def after_pass(self, p, index, ir, changed, seconds):
+        self.calls.append(("after_pass", p.name, ir.module))
+
+    def after_pipeline(self, ir):
+        self.calls.append(("after_pipeline", None, ir.module))
+
+
+def test_instruments_get_the_module_and_no_text_is_printed_unless_asked(make_module, monkeypatch):
+    printed = []
+    real = instruments_module.print_module
+    monkeypatch.setattr(instruments_module, "print_module", lambda m, **kw: printed.append(1) or real(m, **kw))
+    rec = Recorder()
+    out = PassManager("fuse-qkv,paged-kv{block=16}", [rec]).run(make_module())
+    assert printed == []                       # nobody asked for the text: none printed
+    assert [(hook, name) for hook, name, _ in rec.calls] == [
+        ("before_pipeline", None), ("should_run", "fuse-qkv"), ("before_pass", "fuse-qkv"), ("after_pass", "fuse-qkv"),
+        ("should_run", "paged-kv"), ("before_pass", "paged-kv"), ("after_pass", "paged-kv"), ("after_pipeline", None)]
+    assert rec.calls[-1][2] is out             # after_pipeline sees the module the run returns
+    assert rec.calls[3][2].cache.layout == "contiguous" and rec.calls[6][2].cache.layout == "paged"
+    buf = io.StringIO()
+    PassManager("fuse-qkv", [PrintIR(after=True, stream=buf), Recorder()]).run(make_module())
+    assert len(printed) == 1 and "IR after fuse-qkv (#1)" in buf.getvalue()      # printed once, on demand
+
+
+def test_should_run_skips_a_pass_and_the_pipeline_text_leaves_it_out(make_module):
+    rec = Recorder(skip="fuse-qkv")
+    manager = PassManager("fuse-qkv,fuse-gate-up", [rec])
+    out = manager.run(make_module())
+    assert ("before_pass", "fuse-qkv") not in [(h, n) for h, n, _ in rec.calls]
+    assert manager.pipeline_text == "fuse-gate-up"
+    region = layer_region(out)
+    assert not any(op.kind == "split" and len(op.results) == 3 for op in region.ops)    # q, k, v not fused
+    assert any(op.kind == "split" and len(op.results) == 2 for op in region.ops)        # gate/up fused
+
+
+def test_disable_passes_skips_each_occurrence_and_refuses_what_it_cannot_disable(make_module):
+    disable = DisablePasses(("fuse-qkv",))
+    manager = PassManager("fuse-qkv,fuse-gate-up,fuse-qkv", [disable])
+    disable.check(manager.passes)
+    manager.run(make_module())
+    assert disable.skipped == ["fuse-qkv (#1)", "fuse-qkv (#3)"] and manager.pipeline_text == "fuse-gate-up"
+    with pytest.raises(VscError, match=r"^--disable-pass fuse-qkvv: error: no pass is named 'fuse-qkvv' "
+                                       r"\(did you mean 'fuse-qkv'\?\)$"):
+        DisablePasses(("fuse-qkvv",)).check(manager.passes)
+    with pytest.raises(VscError, match="the pipeline does not run paged-kv"):
+        DisablePasses(("paged-kv",)).check(manager.passes)
+    with pytest.raises(VscError, match="error: kv-int8 requires it earlier in the pipeline"):
+        DisablePasses(("paged-kv",)).check(PassManager("paged-kv,kv-int8").passes)
+
+
+def test_pass_statistics_count_what_each_pass_did(make_module):
+    stats = PassStatistics()
+    module = make_module()
+    layers = module.model.attrs["layers"]
+    PassManager("fuse-qkv,fuse-gate-up,paged-kv{block=16},pack-linear-weights,fuse-qkv", [stats]).run(module)
+    by_pass = dict((name, s) for name, s in stats.rows[:4])
+    assert by_pass["fuse-qkv"] == {("fused", "qkv"): layers}
+    assert by_pass["fuse-gate-up"] == {("fused", "gate/up"): layers}
+    assert by_pass["paged-kv{block=16}"] == {}
+    # per layer: qkv, o, gate/up, down (4 weights); plus the LM head
+    assert by_pass["pack-linear-weights"][("packed", "weights")] == 4 * layers + 1
+    assert stats.rows[4] == ("fuse-qkv", {})          # counters are per run: the second finds nothing
+    report = stats.report().splitlines()
+    assert report[:3] == ["pass statistics:", "  fuse-qkv", f"    fused {layers} qkv"]
+    assert "    (nothing counted)" in report
+
+
+def test_reproducers_without_a_folder_keep_only_the_newest(make_module, tmp_path, monkeypatch):
+    monkeypatch.setattr(manager, "REPRODUCER_ROOT", tmp_path / "repros")
+    monkeypatch.setattr(manager, "KEEP_REPRODUCERS", 3)
+    paths = []
+    for _ in range(5):
+        with pytest.raises(PassFailure) as e:
+            PassManager([RefusesPolitely()]).run(make_module())
+        paths.append(Path(e.value.reproducer))
+    assert all(p.parent.parent == tmp_path / "repros" for p in paths)
+    kept = sorted((tmp_path / "repros").iterdir())
+    assert len(kept) == 3 and paths[-1].is_file() and not paths[0].exists()

@@ -23,20 +23,31 @@ def make_proposer(name: str, model: str | None = None):
     raise VscError(f"unknown proposer {name!r} (use builtin or anthropic)")
 
 
-def _progress():
-    """A printer for the loop's progress lines (rich, on stderr)."""
-    from rich.console import Console
-    console = Console(stderr=True, highlight=False)
-    return lambda line: console.print(line, markup=False, soft_wrap=True)
-
-
 def cmd_search(args) -> int:
-    from vsc.agent.evaluate import BenchSettings
-    from vsc.agent.loop import Budget, Search, new_run_dir
+    from vsc.progress import Activity
 
     if args.target == "report":
         return cmd_report(args)
-    report = _progress()
+    # progress lines on stderr; on a terminal, a spinner under them says what runs between them
+    with Activity("vsc search") as activity:
+        outcome = _search(args, activity)
+    if isinstance(outcome, int):
+        return outcome
+    from vsc.agent.report import format_report, load, plot_report
+    state, run_dir = outcome
+    data = load(run_dir)
+    print(format_report(data))
+    png = plot_report(data, run_dir / "trajectory.png")
+    print(f"wrote {png}")
+    return 0 if state.incumbent is not None else 1
+
+
+def _search(args, activity):
+    """The search itself: (its final state, the run folder), or an exit code when interrupted."""
+    from vsc.agent.evaluate import BenchSettings
+    from vsc.agent.loop import Budget, Search, new_run_dir
+
+    report = activity.print
     if args.resume:
         from vsc.agent.journal import Journal
 
@@ -44,7 +55,8 @@ def cmd_search(args) -> int:
         if not (run_dir / "journal.jsonl").is_file():
             raise VscError(f"{run_dir}: error: no journal.jsonl here; nothing to resume")
         start = Journal(run_dir).read()[0]          # the proposer the search was started with
-        search = Search(run_dir, make_proposer(start.get("proposer", "builtin"), args.model), report=report)
+        search = Search(run_dir, make_proposer(start.get("proposer", "builtin"), args.model), report=report,
+                        progress=activity.update)
     else:
         if not args.target:
             raise VscError("vsc search: error: give a spec (vsc search deploy.vs) or --resume runs/<id>/")
@@ -54,17 +66,28 @@ def cmd_search(args) -> int:
         proposer = make_proposer(args.proposer, args.model)     # fails fast (no API key) before any work
         run_dir = new_run_dir(Path(args.runs), spec)
         report(f"run folder {run_dir}")
-        search = Search(run_dir, proposer, spec_path=spec,
-                        budget=Budget(args.budget, args.wall_time, args.max_api_tokens, args.patience),
-                        settings=BenchSettings(requests=args.requests, repeats=args.repeats, seed=args.seed),
-                        report=report, references=_references(args.reference or []))
-    state = search.run(Path(args.output) if args.output else None)
-    from vsc.agent.report import format_report, load, plot_report
-    data = load(search.run_dir)
-    print(format_report(data))
-    png = plot_report(data, search.run_dir / "trajectory.png")
-    print(f"wrote {png}")
-    return 0 if state.incumbent is not None else 1
+        try:
+            search = Search(run_dir, proposer, spec_path=spec,
+                            budget=Budget(args.budget, args.wall_time, args.max_api_tokens, args.patience),
+                            settings=BenchSettings(requests=args.requests, repeats=args.repeats, seed=args.seed),
+                            report=report, references=_references(args.reference or []), progress=activity.update)
+        except KeyboardInterrupt:
+            return _interrupted(run_dir)
+    try:
+        state = search.run(Path(args.output) if args.output else None)
+    except KeyboardInterrupt:
+        return _interrupted(run_dir)
+    return state, search.run_dir
+
+
+def _interrupted(run_dir: Path) -> int:
+    """Ctrl-C: the journal holds every finished candidate (the one cut off runs again)."""
+    if (run_dir / "journal.jsonl").is_file():
+        print(f"vsc search: interrupted; continue with: vsc search --resume {run_dir}", file=sys.stderr)
+    else:
+        print(f"vsc search: interrupted before the search started ({run_dir} holds nothing to resume)",
+              file=sys.stderr)
+    return 130
 
 
 def _references(items: list[str]) -> list[str]:

@@ -94,11 +94,12 @@ def new_run_dir(runs_root: Path, spec_path: Path) -> Path:
 class Search:
     def __init__(self, run_dir: Path, proposer: Proposer, *, spec_path: Path | None = None, budget: Budget | None = None,
                  settings: BenchSettings | None = None, report: Report | None = None, sandbox_limits=None,
-                 references: list[str] | None = None):
+                 references: list[str] | None = None, progress: Report | None = None):
         self.run_dir = Path(run_dir)
         self.journal = Journal(self.run_dir)
         self.proposer = proposer
         self.report = report or (lambda line: None)
+        self.progress = progress or (lambda step: None)    # what is running now (vsc.progress.Activity.update)
         self.sandbox_limits = sandbox_limits
         self.started = time.monotonic()
         if (self.run_dir / "journal.jsonl").is_file():
@@ -222,6 +223,7 @@ class Search:
         label = proposal.pipeline or "(no passes)"
         where = f"reference {cid - REFERENCE_BASE}" if reference else f"{cid + 1}/{self.budget.candidates}"
         self.report(f"[{where}] {label}" + (" + new pass code" if proposal.pass_source else ""))
+        self.progress(f"candidate {where}: building, verifying and benchmarking")
         outcome: Outcome = evaluate(self.module, proposal, self.run_dir / "candidates" / f"{cid:03d}",
                                     self.state.spec_path, self.state.objectives, self.settings,
                                     repeats=self.settings.repeats + (1 if cid == 0 else 0),
@@ -274,6 +276,7 @@ class Search:
             if pipeline not in done_refs:
                 self._evaluate(REFERENCE_BASE + i, Proposal(pipeline, rationale="reference"), None, reference=True)
         while (reason := self.stop_reason()) is None:
+            self.progress(f"asking the {self.proposer.name} proposer for candidate {len(st.records) + 1}")
             proposals = self.proposer.propose(self.context(), 1)
             if not proposals:
                 reason = "the proposer has nothing more to try"
@@ -281,8 +284,8 @@ class Search:
             parent = st.incumbent["id"] if st.incumbent else None
             self._evaluate(len(st.records), proposals[0], parent)
         st.stop_reason = reason
+        # the reason is printed once, by the report at the end (vsc.agent.report: `stopped: ...`)
         self.journal.append({"event": "stop", "reason": reason, "front": pareto_front(st.records, st.objectives)})
-        self.report(f"stopped: {reason}")
         if out_dir is not None and st.incumbent is not None:
             out_dir = Path(out_dir)
             if out_dir.exists():

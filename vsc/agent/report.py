@@ -101,9 +101,43 @@ def format_report(data: dict[str, Any], width: int = 72) -> str:
                      f"{verdict} (ratio {inc['score'] / best['score']:.3f}, noise threshold {data['noise']:.1%})")
     if len(objectives) > 1 and data["front"]:
         lines.append("Pareto front: " + ", ".join(f"#{i}" for i in data["front"]))
+        lines += why_incumbent(data)
     if data["stopped"]:
         lines.append(f"stopped: {data['stopped']}")
     return "\n".join(lines)
+
+
+def why_incumbent(data: dict[str, Any]) -> list[str]:
+    """Where the Pareto front holds more than the incumbent: why each other plan on it was not
+    chosen (fewer SLOs met, a lower score, or a higher one inside the noise threshold)."""
+    inc, noise, objectives = data["incumbent"], data["noise"], data["objectives"]
+    if inc is None:
+        return []
+    by_id = {r["id"]: r for r in data["records"]}
+    others = [by_id[i] for i in data["front"] if i != inc["id"] and i in by_id]
+    if not others:
+        return []
+    lines = [f"the incumbent #{inc['id']} is kept"
+             + ("" if inc["id"] in data["front"] else " though it is not on the front") + ":"]
+    for r in others:
+        wins = [o.name for o in objectives if _beats(o, r, inc)]
+        trade = f"better on {', '.join(wins)}" if wins else "no better on any objective"
+        if r.get("slos_met", 0) < inc.get("slos_met", 0):
+            why = f"meets {r.get('slos_met', 0)} SLOs, the incumbent {inc.get('slos_met', 0)}"
+        elif r.get("score", 0) <= inc.get("score", 0):
+            why = f"its score {r.get('score', 0):.3f} is below the incumbent's {inc.get('score', 0):.3f}"
+        else:
+            why = (f"its score {r.get('score', 0):.3f} beats the incumbent's {inc.get('score', 0):.3f} by less than "
+                   f"the {noise:.1%} noise threshold")
+        lines.append(f"  #{r['id']} is {trade}, but {why}")
+    return lines
+
+
+def _beats(o: Objective, a: dict[str, Any], b: dict[str, Any]) -> bool:
+    va, vb = (a.get("objectives") or {}).get(o.name), (b.get("objectives") or {}).get(o.name)
+    if va is None or vb is None:
+        return va is not None and vb is None
+    return va > vb if o.higher_is_better else va < vb
 
 
 def _table(headers: list[str], rows: list[list[Any]]) -> str:

@@ -14,7 +14,7 @@ from vsc.ir.hf_import import build_model_graph
 from vsc.ir.kernels import best_kernel
 from vsc.ir.module import (REQUEST_STAGES, BatchingPolicy, CacheLayout, KernelRef, RequestGraph, Schedule, ServingModule,
                            Stage, Target, symbol_name, walk_ops)
-from vsc.ir.sizes import kv_bytes_per_token, weight_bytes
+from vsc.ir.sizes import format_bytes, kv_bytes_per_token, weight_bytes
 from vsc.ir.types import FLOAT_DTYPES, QUANT_DTYPES, spec_origin
 
 DEFAULT_CPU_MEMORY = 2 << 30          # what a CPU deployment may use when the spec does not say
@@ -64,7 +64,7 @@ def lower_spec(spec: DeploymentSpec, source_text: str | None = None) -> ServingM
     weights = weight_bytes(model)
     budget = int(memory * (1 - ACTIVATION_RESERVE)) - weights
     if budget < per_token * max_context:
-        fail(f"memory {memory / 2**30:.2f} GiB cannot hold the weights ({weights / 2**30:.2f} GiB) "
+        fail(f"memory {format_bytes(memory)} cannot hold the weights ({format_bytes(weights)}) "
              f"plus one {max_context}-token sequence of KV cache", t.loc or spec.loc)
 
     arrivals = spec.workload.arrivals

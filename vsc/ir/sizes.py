@@ -12,6 +12,23 @@ CACHE_DTYPES = FLOAT_CACHE_DTYPES | {"i8"}
 KV_SCALE_BYTES = {"i8": 4}
 
 
+_BYTE_UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
+
+
+def format_bytes(n: int | float) -> str:
+    """A byte count in the unit that shows it: the largest binary unit it is at least one of,
+    with three significant digits (`1.00 MiB`, `113 MiB`, `2.50 GiB`, `512 B`), so a message
+    never says `0.00 GiB` about a megabyte."""
+    value, unit = float(n), 0
+    while abs(value) >= 1024 and unit < len(_BYTE_UNITS) - 1:
+        value /= 1024
+        unit += 1
+    if unit == 0:
+        return f"{int(n)} B"
+    digits = 2 if abs(value) < 10 else 1 if abs(value) < 100 else 0
+    return f"{value:.{digits}f} {_BYTE_UNITS[unit]}"
+
+
 def kv_bytes_per_token(model_attrs: dict, cache_dtype: str) -> int:
     """Bytes one token occupies in the KV cache across all layers (K and V), scales included."""
     per_head = model_attrs["head_dim"] * DTYPE_BYTES[cache_dtype] + KV_SCALE_BYTES.get(cache_dtype, 0)

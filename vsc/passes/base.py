@@ -65,6 +65,7 @@ class Pass:
     kernel_costs: Any = None
 
     def __init__(self, **values: Any):
+        self.statistics: dict[tuple[str, str], int] = {}
         known = {o.name: o for o in self.options}
         for key in values:
             if key not in known:
@@ -83,6 +84,12 @@ class Pass:
     def spec(self) -> PassSpec:
         """The pipeline text of this pass as the user wrote it (only the options given)."""
         return PassSpec(self.name, {k: _text(v) for k, v in self.given.items()})
+
+    def stat(self, verb: str, count: int = 1, what: str = "") -> None:
+        """Count something this run did, for `--pass-statistics`: `self.stat("fused", 1, "qkv")`
+        once per fusion prints `fused 30 qkv`. The PassManager clears the counters before each run."""
+        key = (verb, what)
+        self.statistics[key] = self.statistics.get(key, 0) + int(count)
 
     def run(self, module: ServingModule) -> ServingModule:
         out = module.clone()

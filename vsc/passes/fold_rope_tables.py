@@ -41,7 +41,7 @@ from vsc.errors import VscError
 from vsc.ir.kernels import KERNELS, default_kernel
 from vsc.ir.module import KernelRef, NameAllocator, Op, ServingModule, Weight, walk_ops
 from vsc.ir.ops import infer
-from vsc.ir.rewrite import unique_weight_name
+from vsc.ir.rewrite import times_run, unique_weight_name
 from vsc.ir.types import TensorType, pass_origin
 from vsc.passes.base import Option, Pass, register_pass
 
@@ -73,6 +73,7 @@ class FoldRopeTables(Pass):
         top_level = {name for name, _ in func.params} | {r for op in func.body for r in op.results}
         names = NameAllocator(func)
         lookups: dict[tuple, tuple[str, str]] = {}
+        times = times_run(module)
         for top in list(func.body):
             for op in walk_ops([top]):
                 if op.kind != "rope" or op.operands[2] not in top_level:
@@ -90,6 +91,9 @@ class FoldRopeTables(Pass):
                 if info is None or "rope_rotate" not in info.ops:     # triton.rope does both forms
                     op.kernel = KernelRef(default_kernel("rope_rotate"))
                 op.origin = origin
+                self.stat("folded", times[id(op)], "rope ops")
+        if lookups:
+            self.stat("added", len(lookups), "cos/sin table pairs")
 
     def _add_lookup(self, module: ServingModule, names: NameAllocator, before: Op, key: tuple, rows: int,
                     origin) -> tuple[str, str]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from vsc.ir.kernels import default_kernel
 from vsc.ir.module import KernelRef, Op, ServingModule
-from vsc.ir.rewrite import op_lists
+from vsc.ir.rewrite import op_lists, times_run
 from vsc.ir.types import pass_origin
 from vsc.passes.base import Pass, register_pass
 
@@ -25,6 +25,7 @@ class FuseAddRMSNorm(Pass):
 
     def apply(self, module: ServingModule) -> None:
         origin = pass_origin(self.name)
+        times = times_run(module)
         for ops, _ in list(op_lists(module)):
             for add in [op for op in ops if op.kind == "add"]:
                 norm = next((op for op in ops[ops.index(add) + 1:]
@@ -38,3 +39,4 @@ class FuseAddRMSNorm(Pass):
                            [norm.types[0], add.types[0]], {"eps": norm.attrs["eps"]}, kernel, origin)
                 ops[ops.index(add)] = fused
                 ops.remove(norm)
+                self.stat("fused", times[id(add)], "add+rmsnorm")

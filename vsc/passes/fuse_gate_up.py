@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from vsc.ir.kernels import default_kernel
 from vsc.ir.module import KernelRef, NameAllocator, Op, ServingModule
-from vsc.ir.rewrite import add_concat_weight, derived_name, op_lists, producers
+from vsc.ir.rewrite import add_concat_weight, derived_name, op_lists, producers, times_run
 from vsc.ir.types import pass_origin
 from vsc.passes.base import Pass, register_pass
 
@@ -22,6 +22,7 @@ class FuseGateUp(Pass):
     def apply(self, module: ServingModule) -> None:
         origin = pass_origin(self.name)
         names = NameAllocator(module.model.func)
+        times = times_run(module)
         for ops, _ in list(op_lists(module)):
             for mul in [op for op in ops if op.kind == "mul"]:
                 prod = producers(ops)
@@ -52,3 +53,4 @@ class FuseGateUp(Pass):
                 ops.remove(gate)
                 ops.remove(up)
                 ops[first:first] = new_ops
+                self.stat("fused", times[id(mul)], "gate/up")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from vsc.ir.kernels import default_kernel
 from vsc.ir.module import KernelRef, NameAllocator, Op, ServingModule
-from vsc.ir.rewrite import add_concat_weight, derived_name, op_lists, producers
+from vsc.ir.rewrite import add_concat_weight, derived_name, op_lists, producers, times_run
 from vsc.ir.types import pass_origin
 from vsc.passes.base import Pass, register_pass
 
@@ -41,6 +41,7 @@ class FuseQKV(Pass):
         origin = pass_origin(self.name)
         names = NameAllocator(module.model.func)
         model = module.model
+        times = times_run(module)
         for ops, _ in list(op_lists(module)):
             prod = producers(ops)
             for attn in [op for op in ops if op.kind == "attention"]:
@@ -68,3 +69,4 @@ class FuseQKV(Pass):
                     ops.remove(l)
                 ops[first:first] = new_ops
                 prod = producers(ops)
+                self.stat("fused", times[id(attn)], "qkv")

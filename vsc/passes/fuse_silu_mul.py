@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from vsc.ir.kernels import default_kernel
 from vsc.ir.module import KernelRef, Op, ServingModule
-from vsc.ir.rewrite import op_lists, producers, users
+from vsc.ir.rewrite import op_lists, producers, times_run, users
 from vsc.ir.types import pass_origin
 from vsc.passes.base import Pass, register_pass
 
@@ -24,6 +24,7 @@ class FuseSiluMul(Pass):
     def apply(self, module: ServingModule) -> None:
         origin = pass_origin(self.name)
         func = module.model.func
+        times = times_run(module)
         for ops, _ in list(op_lists(module)):
             for mul in [op for op in ops if op.kind == "mul"]:
                 prod = producers(ops)
@@ -45,3 +46,4 @@ class FuseSiluMul(Pass):
                 ops[ops.index(mul)] = fused
                 ops.remove(split)
                 ops.remove(act)
+                self.stat("fused", times[id(mul)], "silu+mul")

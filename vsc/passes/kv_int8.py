@@ -40,7 +40,7 @@ from __future__ import annotations
 from vsc.errors import VscError
 from vsc.ir.kernels import KERNELS, best_kernel
 from vsc.ir.module import KernelRef, ServingModule, walk_ops
-from vsc.ir.sizes import kv_bytes_per_token
+from vsc.ir.sizes import format_bytes, kv_bytes_per_token
 from vsc.ir.types import pass_origin
 from vsc.passes.base import Option, Pass, register_pass
 
@@ -71,14 +71,17 @@ class KVInt8(Pass):
         affordable = cache.budget_bytes // per_token
         wanted = self.tokens or affordable
         if wanted > affordable:
-            raise VscError(f"tokens={wanted} needs {wanted * per_token} B of int8 KV cache, the budget is {cache.budget_bytes} B")
+            raise VscError(f"tokens={wanted} needs {format_bytes(wanted * per_token)} of int8 KV cache, "
+                           f"the budget is {format_bytes(cache.budget_bytes)}")
         capacity = wanted // cache.block_size * cache.block_size
         if capacity == 0:
-            raise VscError(f"the KV budget ({cache.budget_bytes} B) holds no {cache.block_size}-token int8 block")
+            raise VscError(f"the KV budget ({format_bytes(cache.budget_bytes)}) holds no {cache.block_size}-token int8 block")
         cache.dtype, cache.capacity_tokens = INT8, capacity
         cache.origin = pass_origin(self.name)
+        self.stat("sized", capacity, "int8 cache tokens")
         for op in walk_ops(module.model.func.body):
             info = KERNELS.get(op.kernel.name) if op.kernel is not None else None
             if op.kind == "attention" and (info is None or INT8 not in info.cache_dtypes):
                 op.kernel = KernelRef(kernel)
                 op.origin = pass_origin(self.name)
+                self.stat("moved", 1, f"attentions to {kernel}")

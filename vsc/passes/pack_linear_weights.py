@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from vsc.errors import VscError
 from vsc.ir.module import KernelRef, ModelGraph, ServingModule, Weight, walk_ops
-from vsc.ir.rewrite import credit_freed_weight_bytes, unique_weight_name
+from vsc.ir.rewrite import credit_freed_weight_bytes, times_run, unique_weight_name
 from vsc.ir.sizes import weight_bytes
 from vsc.ir.types import pass_origin
 from vsc.passes.base import Option, Pass, register_pass
@@ -59,6 +59,7 @@ class PackLinearWeights(Pass):
         layer_ops = {id(op) for top in func.body if top.region is not None for op in walk_ops(top.region.ops)}
         packed: dict[str, str] = {}
         before = weight_bytes(model)
+        times = times_run(module)
         for op in walk_ops(func.body):
             if op.kind != "linear":
                 continue
@@ -71,11 +72,18 @@ class PackLinearWeights(Pass):
                 continue
             if weight not in packed:
                 packed[weight] = self._declare(model, source, batch, origin)
+                self.stat("packed", times[id(op)], "weights")
             op.operands = [op.operands[0], packed[weight], *op.operands[2:]]
             op.kernel = KernelRef(KERNEL)
             op.origin = origin
+            self.stat("moved", times[id(op)], f"linears to {KERNEL}")
         if not packed:
-            raise VscError("pack-linear-weights found no f32 linear weight to pack")
+            dtypes = sorted({w.type.dtype for op in walk_ops(func.body) if op.kind == "linear"
+                             for w in [model.weight(op.operands[1])] if w is not None})
+            stored = f"the linear weights are {', '.join(dtypes)}" if dtypes else "the plan has no linear op"
+            raise VscError(f"found no f32 linear weight to pack ({stored}; oneDNN packing here is for f32): "
+                           f"take pack-linear-weights out of the pipeline (or --disable-pass pack-linear-weights), "
+                           f"or load the model with `dtype = f32`")
         credit_freed_weight_bytes(module, before, origin)     # a tied head's copy is charged to the cache
 
     @staticmethod

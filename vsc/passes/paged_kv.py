@@ -11,7 +11,7 @@ from __future__ import annotations
 from vsc.errors import VscError
 from vsc.ir.kernels import KERNELS, PAGED_ATTENTION_KERNEL
 from vsc.ir.module import KernelRef, ServingModule, walk_ops
-from vsc.ir.sizes import kv_bytes_per_token
+from vsc.ir.sizes import format_bytes, kv_bytes_per_token
 from vsc.ir.types import pass_origin
 from vsc.passes.base import Option, Pass, register_pass
 
@@ -31,10 +31,11 @@ class PagedKV(Pass):
         affordable = cache.budget_bytes // per_token
         wanted = self.tokens or affordable
         if wanted > affordable:
-            raise VscError(f"tokens={wanted} needs {wanted * per_token} B of KV cache, the budget is {cache.budget_bytes} B")
+            raise VscError(f"tokens={wanted} needs {format_bytes(wanted * per_token)} of KV cache, "
+                           f"the budget is {format_bytes(cache.budget_bytes)}")
         capacity = wanted // self.block * self.block
         if capacity == 0:
-            raise VscError(f"the KV budget ({cache.budget_bytes} B) holds no {self.block}-token block")
+            raise VscError(f"the KV budget ({format_bytes(cache.budget_bytes)}) holds no {self.block}-token block")
         cache.layout, cache.block_size, cache.capacity_tokens = "paged", self.block, capacity
         cache.origin = pass_origin(self.name)
         for op in walk_ops(module.model.func.body):

@@ -29,7 +29,7 @@ from __future__ import annotations
 from vsc.errors import VscError
 from vsc.ir.kernels import best_kernel
 from vsc.ir.module import KernelRef, ModelGraph, ServingModule, Weight, walk_ops
-from vsc.ir.rewrite import credit_freed_weight_bytes, unique_weight_name
+from vsc.ir.rewrite import credit_freed_weight_bytes, times_run, unique_weight_name
 from vsc.ir.sizes import weight_bytes
 from vsc.ir.types import FLOAT_DTYPES, QUANT_DTYPES, TensorType, pass_origin
 from vsc.passes.base import Option, Pass, register_pass
@@ -58,6 +58,7 @@ class QuantizeWeights(Pass):
         embeds = [op for op in walk_ops(func.body) if op.kind == "embed"]
         layer_ops = {id(op) for top in func.body if top.region is not None for op in walk_ops(top.region.ops)}
         made: dict[str, str] = {}
+        times = times_run(module)
         for op in walk_ops(func.body):
             if op.kind != "linear":
                 continue
@@ -72,6 +73,7 @@ class QuantizeWeights(Pass):
                                f"the 32-element blocks of {self.format}")
             if weight not in made:
                 made[weight] = self._declare(model, source, origin)
+                self.stat("quantized", times[id(op)], f"weights to {self.format}")
             self._retarget(module, op, made[weight], origin)
         if not made:
             raise VscError("quantize-weights found no float linear weight to quantize")

@@ -17,6 +17,7 @@ from vsc.errors import VscError
 from vsc.ir.kernels import op_fitting_kernels
 from vsc.ir.module import KernelRef, ServingModule, walk_ops
 from vsc.ir.ops import OPS
+from vsc.ir.rewrite import times_run
 from vsc.ir.types import pass_origin
 from vsc.passes.base import Option, Pass, register_pass
 
@@ -40,6 +41,7 @@ class SelectKernels(Pass):
             bar = (module.deployment.get("accuracy") or {}).get("kind")
             activations = "q8_0" if bar == "logits_tol" else "f32"
         measured: dict[tuple, dict[str, float]] = {}
+        times = times_run(module)
         for op in walk_ops(module.model.func.body):
             if OPS[op.kind].structural:
                 continue
@@ -54,6 +56,7 @@ class SelectKernels(Pass):
             if op.kernel is None or op.kernel.name != choice or op.kernel.config != config:
                 op.kernel = KernelRef(choice, config)
                 op.origin = pass_origin(self.name)
+                self.stat("selected", times[id(op)], f"{op.kind} ops -> {choice}")
         if any(len(c) >= 2 for c in measured.values()):     # the cost table behind the choices, in the plan for whoever reads the dump
             module.schedule.attrs = {**module.schedule.attrs, "kernel_costs": [
                 {"op": kind, "shape": shape, "kernel": name, "us": round(us, 2)}

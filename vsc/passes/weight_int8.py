@@ -57,7 +57,7 @@ from __future__ import annotations
 from vsc.errors import VscError
 from vsc.ir.kernels import default_kernel
 from vsc.ir.module import KernelRef, ModelGraph, ServingModule, Weight, walk_ops
-from vsc.ir.rewrite import credit_freed_weight_bytes, unique_weight_name
+from vsc.ir.rewrite import credit_freed_weight_bytes, times_run, unique_weight_name
 from vsc.ir.sizes import weight_bytes
 from vsc.ir.types import TensorType, pass_origin
 from vsc.ir.weight_inits import int8_group_size
@@ -88,6 +88,7 @@ class WeightInt8(Pass):
         embedded = {op.operands[1] for op in walk_ops(func.body) if op.kind == "embed"}
         layer_ops = {id(op) for top in func.body if top.region is not None for op in walk_ops(top.region.ops)}
         quantized: dict[str, tuple[str, str]] = {}
+        times = times_run(module)
         for op in walk_ops(func.body):
             if op.kind != "linear":
                 continue
@@ -97,6 +98,7 @@ class WeightInt8(Pass):
                 continue
             if weight not in quantized:
                 quantized[weight] = self._declare(model, weight, origin)
+                self.stat("quantized", times[id(op)], "weights to int8")
             values, scales = quantized[weight]
             op.kind = "linear_int8"
             op.operands = [op.operands[0], values, scales, *op.operands[2:]]
