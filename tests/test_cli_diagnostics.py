@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from vsc.cli import main
-from vsc.ir.parser import read_pipeline_header
+from ir_queries import read_pipeline_header
 from vsc.ir.sizes import format_bytes
 from vsc.models.tiny import make_tiny
 
