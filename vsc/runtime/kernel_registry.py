@@ -74,7 +74,9 @@ class Kernel:
         return None if self.functions is None else self.functions[op_kind]
 
 
-def _k(name: str, ops: tuple[str, ...] | str, functions: str | Mapping[str, str] | None, **kw) -> Kernel:
+def declare(name: str, ops: tuple[str, ...] | str, functions: str | Mapping[str, str] | None, **kw) -> Kernel:
+    """A Kernel; `ops` one op kind or several, `functions` one function name for every op kind or
+    a mapping op kind -> function name (None: the engine runs it); the rest as Kernel's fields."""
     ops = (ops,) if isinstance(ops, str) else tuple(ops)
     if isinstance(functions, str):
         functions = {op: functions for op in ops}
@@ -82,64 +84,64 @@ def _k(name: str, ops: tuple[str, ...] | str, functions: str | Mapping[str, str]
 
 
 KERNELS: dict[str, Kernel] = {k.name: k for k in [
-    _k("torch.embedding", "embed", "embedding", compiled_step=True, doc="torch.nn.functional.embedding"),
-    _k("torch.rmsnorm", "rmsnorm", "rmsnorm", doc="x.pow(2).mean(-1) in fp32, rsqrt, scale"),
-    _k("torch.add", "add", "add", compiled_step=True),
-    _k("torch.add_rmsnorm", "add_rmsnorm", "add_rmsnorm", doc="residual add + RMSNorm in one call"),
-    _k("torch.mul", "mul", "mul", compiled_step=True),
-    _k("torch.silu", "silu", "silu", compiled_step=True),
-    _k("torch.silu_mul", "silu_mul", "silu_mul"),
-    _k("torch.linear", "linear", "linear", doc="torch.nn.functional.linear"),
-    _k("torch.linear_int8", "linear_int8", "linear_int8",
+    declare("torch.embedding", "embed", "embedding", compiled_step=True, doc="torch.nn.functional.embedding"),
+    declare("torch.rmsnorm", "rmsnorm", "rmsnorm", doc="x.pow(2).mean(-1) in fp32, rsqrt, scale"),
+    declare("torch.add", "add", "add", compiled_step=True),
+    declare("torch.add_rmsnorm", "add_rmsnorm", "add_rmsnorm", doc="residual add + RMSNorm in one call"),
+    declare("torch.mul", "mul", "mul", compiled_step=True),
+    declare("torch.silu", "silu", "silu", compiled_step=True),
+    declare("torch.silu_mul", "silu_mul", "silu_mul"),
+    declare("torch.linear", "linear", "linear", doc="torch.nn.functional.linear"),
+    declare("torch.linear_int8", "linear_int8", "linear_int8",
        doc="int8 weights dequantized into a reused scratch matrix, then F.linear (group 0: convert, then scale the "
            "output rows)"),
-    _k("torch.linear_onednn", "linear", "linear_onednn", targets=("cpu",), layout_bound=True,
+    declare("torch.linear_onednn", "linear", "linear_onednn", targets=("cpu",), layout_bound=True,
        doc="oneDNN inner product over a weight packed once at load (pack-linear-weights)"),
-    _k("torch.linear_quant", "linear", "linear_quant", weight_dtypes=QUANT,
+    declare("torch.linear_quant", "linear", "linear_quant", weight_dtypes=QUANT,
        doc="block-quantized weight (q8_0/q4_0/q4_1) dequantized whole every call, then F.linear (portable fallback)"),
-    _k("tvm.quant_linear", "linear", "linear", targets=("cpu",), weight_dtypes=QUANT, dtypes=("f32",),
+    declare("tvm.quant_linear", "linear", "linear", targets=("cpu",), weight_dtypes=QUANT, dtypes=("f32",),
        config={"activations": ("f32", "q8_0")}, compiled_step=True,
        doc="TVM kernel compiled by vsc compile for the host CPU: block-quantized weights unpacked in registers"),
-    _k("tvm.linear", "linear", "dense", targets=("cpu",), weight_dtypes=("f32",), dtypes=("f32",), compiled_step=True,
+    declare("tvm.linear", "linear", "dense", targets=("cpu",), weight_dtypes=("f32",), dtypes=("f32",), compiled_step=True,
        doc="TVM kernel for an f32 weight as the checkpoint stores it (R rows x MT inputs per tile, 16-lane FMAs) "
            "at decode sizes, torch's GEMM past 32 rows (prefill); what lets a float plan's decode step compile"),
-    _k("tvm.rmsnorm", ("rmsnorm", "add_rmsnorm"), {"rmsnorm": "rmsnorm", "add_rmsnorm": "add_rmsnorm"},
+    declare("tvm.rmsnorm", ("rmsnorm", "add_rmsnorm"), {"rmsnorm": "rmsnorm", "add_rmsnorm": "add_rmsnorm"},
        targets=("cpu",), dtypes=("f32",), compiled_step=True,
        doc="TVM kernel: one pass, the residual add fused when given (add_rmsnorm)"),
-    _k("tvm.silu_mul", "silu_mul", "silu_mul", targets=("cpu",), dtypes=("f32",), compiled_step=True,
+    declare("tvm.silu_mul", "silu_mul", "silu_mul", targets=("cpu",), dtypes=("f32",), compiled_step=True,
        doc="TVM kernel: silu(gate) * up in one pass"),
-    _k("tvm.rope", "rope_rotate", "rope", targets=("cpu",), dtypes=("f32",), compiled_step=True,
+    declare("tvm.rope", "rope_rotate", "rope", targets=("cpu",), dtypes=("f32",), compiled_step=True,
        doc="TVM kernel: q and k rotated by the step's cos/sin rows in one call"),
-    _k("tvm.paged_attention", "attention", "paged_attention", targets=("cpu",), cache_layouts=("paged",),
+    declare("tvm.paged_attention", "attention", "paged_attention", targets=("cpu",), cache_layouts=("paged",),
        cache_dtypes=("f32",), dtypes=("f32",), compiled_step=True,
        doc="TVM kernels: K/V written to their slots, decode attention read in place through the block table "
            "(GQA groups share each K/V row, split-K for few long contexts), prompt spans causal over the cache in place, "
            "a cascade's shared prefix read once for the group (cascade-attention)"),
-    _k("torch.embedding_quant", "embed", "embedding_quant", weight_dtypes=QUANT, compiled_step=True,
+    declare("torch.embedding_quant", "embed", "embedding_quant", weight_dtypes=QUANT, compiled_step=True,
        doc="gather rows of a block-quantized table, dequantize them"),
-    _k("torch.split", "split", "split", compiled_step=True, doc="views, no copy"),
-    _k("torch.rope", "rope", "rope_positions", doc="cos/sin computed from positions inside the op, every call"),
-    _k("torch.rope_lookup", "rope_lookup", "rope_lookup", compiled_step=True,
+    declare("torch.split", "split", "split", compiled_step=True, doc="views, no copy"),
+    declare("torch.rope", "rope", "rope_positions", doc="cos/sin computed from positions inside the op, every call"),
+    declare("torch.rope_lookup", "rope_lookup", "rope_lookup", compiled_step=True,
        doc="index the folded cos/sin tables by position"),
-    _k("torch.rope_rotate", "rope_rotate", "rope", doc="rotate by given cos/sin rows"),
-    _k("torch.sdpa", "attention", "sdpa", cache_layouts=("contiguous",), cache_dtypes=FLOAT,
+    declare("torch.rope_rotate", "rope_rotate", "rope", doc="rotate by given cos/sin rows"),
+    declare("torch.sdpa", "attention", "sdpa", cache_layouts=("contiguous",), cache_dtypes=FLOAT,
        doc="scaled_dot_product_attention over a contiguous cache slab"),
-    _k("torch.paged_attention", "attention", "paged_attention", cache_layouts=("paged",), cache_dtypes=FLOAT,
+    declare("torch.paged_attention", "attention", "paged_attention", cache_layouts=("paged",), cache_dtypes=FLOAT,
        doc="gather blocks by block table, then attention"),
-    _k("torch.paged_attention_int8", "attention", "paged_attention_int8", cache_layouts=("paged",),
+    declare("torch.paged_attention_int8", "attention", "paged_attention_int8", cache_layouts=("paged",),
        cache_dtypes=("i8",),
        doc="kv-int8: quantize K/V per (token, kv head) on write, dequantize the gathered blocks on read"),
-    _k("torch.moe", "moe", "moe", doc="loop over experts with index_add"),
-    _k("torch.last_token", "last_token", "last_token", compiled_step=True),
+    declare("torch.moe", "moe", "moe", doc="loop over experts with index_add"),
+    declare("torch.last_token", "last_token", "last_token", compiled_step=True),
     # Runners return logits; the engine's sampler (vsc.runtime.sampler) picks the tokens.
-    _k("torch.sample", "sample", None, compiled_step=True, doc="greedy / temperature / top-k / top-p on tensors"),
-    _k("triton.rmsnorm", ("rmsnorm", "add_rmsnorm"), {"rmsnorm": "rmsnorm", "add_rmsnorm": "add_rmsnorm"},
+    declare("torch.sample", "sample", None, compiled_step=True, doc="greedy / temperature / top-k / top-p on tensors"),
+    declare("triton.rmsnorm", ("rmsnorm", "add_rmsnorm"), {"rmsnorm": "rmsnorm", "add_rmsnorm": "add_rmsnorm"},
        targets=("cuda",), aot=("rmsnorm",), doc="one pass; fused residual add when given"),
-    _k("triton.rope", ("rope", "rope_rotate"), "rope", targets=("cuda",), aot=("rope",),
+    declare("triton.rope", ("rope", "rope_rotate"), "rope", targets=("cuda",), aot=("rope",),
        doc="in place; rope: cos/sin rows computed first"),
-    _k("triton.silu_mul", "silu_mul", "silu_mul", targets=("cuda",), aot=("silu_mul",)),
+    declare("triton.silu_mul", "silu_mul", "silu_mul", targets=("cuda",), aot=("silu_mul",)),
     # Decode steps only: the cache write, then paged decode attention; prefill and mixed steps fall back.
-    _k("triton.paged_attention", "attention", "paged_attention", targets=("cuda",), cache_layouts=("paged",),
+    declare("triton.paged_attention", "attention", "paged_attention", targets=("cuda",), cache_layouts=("paged",),
        cache_dtypes=FLOAT, fallback="paged_attention", aot=("kv_write", "paged_decode")),
 ]}
 
