@@ -4,10 +4,12 @@ name is declared, the Triton AOT signatures match the kernels' parameters, and o
 declaration reaches the catalog, the verifier, the code generator and the runtime."""
 from __future__ import annotations
 
+import ast
 import importlib
 import inspect
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -120,6 +122,34 @@ def test_every_declared_aot_kernel_has_variants_for_each_dtype():
             assert name in triton_ops.KERNELS, f"{k.name}: no triton_ops kernel {name!r}"
             for dt in ("fp32", "bf16"):
                 assert (name, f"*{dt}") in built, f"{k.name}: no {dt} variant of {name}"
+
+
+def _launched(module, fn_name: str, seen: set[str]) -> set[str]:
+    """The triton_ops kernels a wrapper launches (`_launch(SPEC, ...)`), following its calls to the
+    module's other functions."""
+    if fn_name in seen:
+        return set()
+    seen.add(fn_name)
+    out = set()
+    for node in ast.walk(ast.parse(textwrap.dedent(inspect.getsource(getattr(module, fn_name))))):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            callee = getattr(module, node.func.id, None)
+            if node.func.id == "_launch":
+                out.add(getattr(module, node.args[0].id).name)
+            elif inspect.isfunction(callee) and callee.__module__ == module.__name__:
+                out |= _launched(module, node.func.id, seen)
+    return out
+
+
+def test_the_aot_kernels_are_those_the_wrappers_launch():
+    # A cuda server ships the AOT kernels of its plan's IR kernels: one a wrapper launches but
+    # the declaration does not list would be missing from server/kernels/.
+    pytest.importorskip("triton")
+    from vsc.runtime.kernels import triton_ops
+
+    for k in registry.backend_kernels("triton"):
+        launched = set().union(*(_launched(triton_ops, fn, set()) for fn in k.functions.values()))
+        assert set(k.aot) == launched, f"{k.name}: declares aot {sorted(k.aot)}, its wrappers launch {sorted(launched)}"
 
 
 # --- adding a kernel: one declaration ---------------------------------------------------------------
