@@ -57,8 +57,11 @@ def test_every_kernel_the_ir_can_name_is_declared():
     for op, name in defaults:
         assert name in DECLARED and op in DECLARED[name].ops, f"the default kernel {name} of {op} is not declared for it"
     assert {b for order in catalog.BACKEND_PREFERENCE.values() for b in order} <= set(registry.BACKEND_MODULES)
+    from vsc.backends.kernel_costs import _TORCH_MEASURED
     from vsc.passes.pack_linear_weights import KERNEL as PACKED
     assert PACKED in catalog.LAYOUT_BOUND_KERNELS
+    for op, name in _TORCH_MEASURED.items():
+        assert name in DECLARED, f"kernel_costs measures {op} on undeclared {name}"
     # every op kind the IR defines has a kernel (structural ops such as `repeat` excepted)
     assert {kind for kind, d in OPS.items() if not d.structural} <= {op for k in DECLARED.values() for op in k.ops}
 
