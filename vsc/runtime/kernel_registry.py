@@ -69,10 +69,6 @@ class Kernel:
     def backend(self) -> str:
         return self.name.split(".", 1)[0]
 
-    def function(self, op_kind: str) -> str | None:
-        """The backend function that runs `op_kind` (None for an engine-run kernel)."""
-        return None if self.functions is None else self.functions[op_kind]
-
 
 def declare(name: str, ops: tuple[str, ...] | str, functions: str | Mapping[str, str] | None, **kw) -> Kernel:
     """A Kernel; `ops` one op kind or several, `functions` one function name for every op kind or
