@@ -2,7 +2,10 @@
 
 The verifier checks every op's `via` kernel against this table; `select-kernels`-style
 passes choose among the entries. Backends own the implementations; this table is the
-contract between them and the IR.
+contract between them and the IR. The kernels themselves are declared once, in
+`vsc.runtime.kernel_registry` (which the runtime reads too); this module derives the IR's
+view of them (element types resolved against the IR's type tables) and adds the IR-only
+choices: the default kernel of each op kind and the backend preference per target.
 """
 from __future__ import annotations
 
@@ -10,7 +13,9 @@ from dataclasses import dataclass
 
 from vsc.ir.sizes import CACHE_DTYPES, FLOAT_CACHE_DTYPES
 from vsc.ir.types import FLOAT_DTYPES, QUANT_DTYPES
-from vsc.runtime.enums import KV_CACHE_LAYOUTS, TARGET_KINDS
+from vsc.runtime.enums import KV_CACHE_LAYOUTS
+from vsc.runtime.kernel_registry import ANY, FLOAT, PLAIN, QUANT, Kernel
+from vsc.runtime.kernel_registry import KERNELS as DECLARED_KERNELS
 
 # Element types of an op's main weight (operand 1: a linear's W, an embedding table, a norm's
 # scale) a kernel reads unless it says otherwise: float, and int8 (weight-int8's values);
@@ -35,61 +40,25 @@ class KernelInfo:
     dtypes: frozenset[str] = FLOAT_DTYPES       # element types of the float values it computes
 
 
-def _k(name, ops, targets=TARGET_KINDS, layouts=KV_CACHE_LAYOUTS, doc="", cache_dtypes=CACHE_DTYPES,
-       weight_dtypes=PLAIN_WEIGHT_DTYPES, dtypes=FLOAT_DTYPES):
-    return KernelInfo(name, frozenset(ops), frozenset(targets), frozenset(layouts), doc, frozenset(cache_dtypes),
-                      frozenset(weight_dtypes), frozenset(dtypes))
+_DTYPE_SETS = {
+    "cache": {ANY: CACHE_DTYPES, FLOAT: FLOAT_CACHE_DTYPES},
+    "weight": {PLAIN: PLAIN_WEIGHT_DTYPES, QUANT: QUANT_WEIGHT_DTYPES},
+    "value": {FLOAT: FLOAT_DTYPES},
+}
 
 
-KERNELS: dict[str, KernelInfo] = {k.name: k for k in [
-    _k("torch.embedding", {"embed"}, doc="torch.nn.functional.embedding"),
-    _k("torch.rmsnorm", {"rmsnorm"}, doc="x.pow(2).mean(-1) in fp32, rsqrt, scale"),
-    _k("torch.add", {"add"}),
-    _k("torch.add_rmsnorm", {"add_rmsnorm"}, doc="residual add + RMSNorm in one call"),
-    _k("torch.mul", {"mul"}),
-    _k("torch.silu", {"silu"}),
-    _k("torch.silu_mul", {"silu_mul"}),
-    _k("torch.linear", {"linear"}, doc="torch.nn.functional.linear"),
-    _k("torch.linear_int8", {"linear_int8"}, doc="int8 weights dequantized into a reused scratch matrix, then "
-                                                 "F.linear (group 0: convert, then scale the output rows)"),
-    _k("torch.linear_onednn", {"linear"}, targets=("cpu",),
-       doc="oneDNN inner product over a weight packed once at load (pack-linear-weights)"),
-    _k("torch.linear_quant", {"linear"}, weight_dtypes=QUANT_WEIGHT_DTYPES,
-       doc="block-quantized weight (q8_0/q4_0/q4_1) dequantized whole every call, then F.linear (portable fallback)"),
-    _k("tvm.quant_linear", {"linear"}, targets=("cpu",), weight_dtypes=QUANT_WEIGHT_DTYPES, dtypes=("f32",),
-       doc="TVM kernel compiled by vsc compile for the host CPU: block-quantized weights unpacked in registers"),
-    _k("tvm.linear", {"linear"}, targets=("cpu",), weight_dtypes=("f32",), dtypes=("f32",),
-       doc="TVM kernel for an f32 weight as the checkpoint stores it (R rows x MT inputs per tile, 16-lane FMAs) "
-           "at decode sizes, torch's GEMM past 32 rows (prefill); what lets a float plan's decode step compile"),
-    _k("tvm.rmsnorm", {"rmsnorm", "add_rmsnorm"}, targets=("cpu",), dtypes=("f32",),
-       doc="TVM kernel: one pass, the residual add fused when given (add_rmsnorm)"),
-    _k("tvm.silu_mul", {"silu_mul"}, targets=("cpu",), dtypes=("f32",), doc="TVM kernel: silu(gate) * up in one pass"),
-    _k("tvm.rope", {"rope_rotate"}, targets=("cpu",), dtypes=("f32",),
-       doc="TVM kernel: q and k rotated by the step's cos/sin rows in one call"),
-    _k("tvm.paged_attention", {"attention"}, targets=("cpu",), layouts=("paged",), cache_dtypes=("f32",), dtypes=("f32",),
-       doc="TVM kernels: K/V written to their slots, decode attention read in place through the block table "
-           "(GQA groups share each K/V row, split-K for few long contexts), prompt spans causal over the cache in place, "
-           "a cascade's shared prefix read once for the group (cascade-attention)"),
-    _k("torch.embedding_quant", {"embed"}, weight_dtypes=QUANT_WEIGHT_DTYPES,
-       doc="gather rows of a block-quantized table, dequantize them"),
-    _k("torch.split", {"split"}, doc="views, no copy"),
-    _k("torch.rope", {"rope"}, doc="cos/sin computed from positions inside the op, every call"),
-    _k("torch.rope_lookup", {"rope_lookup"}, doc="index the folded cos/sin tables by position"),
-    _k("torch.rope_rotate", {"rope_rotate"}, doc="rotate by given cos/sin rows"),
-    _k("torch.sdpa", {"attention"}, layouts=("contiguous",), doc="scaled_dot_product_attention over a contiguous cache slab",
-       cache_dtypes=FLOAT_CACHE_DTYPES),
-    _k("torch.paged_attention", {"attention"}, layouts=("paged",), doc="gather blocks by block table, then attention",
-       cache_dtypes=FLOAT_CACHE_DTYPES),
-    _k("torch.paged_attention_int8", {"attention"}, layouts=("paged",), cache_dtypes=("i8",),
-       doc="kv-int8: quantize K/V per (token, kv head) on write, dequantize the gathered blocks on read"),
-    _k("torch.moe", {"moe"}, doc="loop over experts with index_add"),
-    _k("torch.last_token", {"last_token"}),
-    _k("torch.sample", {"sample"}, doc="greedy / temperature / top-k / top-p on tensors"),
-    _k("triton.rmsnorm", {"rmsnorm", "add_rmsnorm"}, targets=("cuda",), doc="one pass; fused residual add when given"),
-    _k("triton.rope", {"rope", "rope_rotate"}, targets=("cuda",), doc="in place; rope: cos/sin rows computed first"),
-    _k("triton.silu_mul", {"silu_mul"}, targets=("cuda",)),
-    _k("triton.paged_attention", {"attention"}, targets=("cuda",), layouts=("paged",), cache_dtypes=FLOAT_CACHE_DTYPES),
-]}
+def _dtypes(declared, sets: str) -> frozenset[str]:
+    """A declaration's element types: a named set (vsc.runtime.kernel_registry's FLOAT, ...) or a tuple."""
+    return frozenset(_DTYPE_SETS[sets][declared]) if isinstance(declared, str) else frozenset(declared)
+
+
+def _info(k: Kernel) -> KernelInfo:
+    return KernelInfo(k.name, frozenset(k.ops), frozenset(k.targets), frozenset(k.cache_layouts), k.doc,
+                      _dtypes(k.cache_dtypes, "cache"), _dtypes(k.weight_dtypes, "weight"), _dtypes(k.dtypes, "value"))
+
+
+# Derived from the declarations in vsc.runtime.kernel_registry (the one place a kernel is declared).
+KERNELS: dict[str, KernelInfo] = {k.name: _info(k) for k in DECLARED_KERNELS.values()}
 
 # The kernel each op kind gets when nothing better was chosen, by cache layout where it matters.
 DEFAULT_KERNELS: dict[str, str] = {
@@ -120,7 +89,7 @@ def default_kernel(op_kind: str, cache_layout: str = "contiguous", cache_dtype: 
 # Kernels that read a weight only in their own private layout (made by a pass: pack-linear-weights'
 # onednn_pack): never a choice for an op whose weight is not in it, and an op whose weight is
 # in it (LAYOUT_BOUND_INITS) keeps its kernel.
-LAYOUT_BOUND_KERNELS = frozenset({"torch.linear_onednn"})
+LAYOUT_BOUND_KERNELS = frozenset(k.name for k in DECLARED_KERNELS.values() if k.layout_bound)
 LAYOUT_BOUND_INITS = frozenset({"onednn_pack"})
 
 # On each target, which backends' kernels to prefer when several implement an op.
@@ -176,10 +145,7 @@ GRAPH_FORMS = ("eager", "relax")
 
 #: Kernels the compiled decode step has a translation for (vsc.backends.tvm.decode_step): the
 #: TVM kernels, and the torch ops it expresses as Relax ops (take, split, add, ...).
-COMPILED_STEP_KERNELS = frozenset({
-    "tvm.quant_linear", "tvm.linear", "tvm.rmsnorm", "tvm.rope", "tvm.silu_mul", "tvm.paged_attention",
-    "torch.embedding", "torch.embedding_quant", "torch.rope_lookup", "torch.split", "torch.add", "torch.mul",
-    "torch.silu", "torch.last_token", "torch.sample"})
+COMPILED_STEP_KERNELS = frozenset(k.name for k in DECLARED_KERNELS.values() if k.compiled_step)
 
 
 def decode_step_blockers(module) -> list[str]:

@@ -67,6 +67,8 @@ from vsc.ir.printer import print_module
 from vsc.ir.rewrite import users
 from vsc.ir.types import QUANT_DTYPES, Origin
 from vsc.runtime.enums import KV_CACHE_LAYOUTS
+from vsc.runtime.kernel_registry import KERNELS as DECLARED_KERNELS
+from vsc.runtime.kernel_registry import backend_kernels
 from vsc.runtime.kernels import TORCH_KERNELS
 from vsc.runtime.weights import DERIVED_INITS
 
@@ -83,10 +85,11 @@ class LoweringError(VscError):
         self.origin = origin
 
 
-# Op kinds the runner executes, and those it leaves to the engine.
-_LOWERED_OPS = {"embed", "rmsnorm", "add", "add_rmsnorm", "mul", "silu", "silu_mul", "linear", "split", "rope",
-                "attention", "moe", "last_token", "rope_lookup", "rope_rotate", "linear_int8"}
-_ENGINE_OPS = {"sample"}
+# Op kinds the runner executes (some declared kernel has a function for them), and those it
+# leaves to the engine (their kernels have none). The kernel tables below are all derived from
+# the declarations of vsc.runtime.kernel_registry.
+_LOWERED_OPS = {op for k in DECLARED_KERNELS.values() if k.functions is not None for op in k.ops}
+_ENGINE_OPS = {op for k in DECLARED_KERNELS.values() if k.functions is None for op in k.ops}
 
 # Op attributes that become named plan constants when they equal the model's value.
 _ATTR_CONSTANTS = {
@@ -109,12 +112,12 @@ _TORCH_DTYPES = {"f32": "torch.float32", "bf16": "torch.bfloat16", "f16": "torch
 # the block-quantized formats (QuantTensors: GGUF blocks as shipped, or quantize-weights').
 _WEIGHT_DTYPES = {**_TORCH_DTYPES, "i8": "torch.int8", **{q: "QuantTensor" for q in QUANT_DTYPES}}
 
-# TVM kernels of the catalog a cpu runner calls: IR kernel -> function of
+# TVM kernels of the catalog a cpu runner calls: (IR kernel, op kind) -> function of
 # vsc.runtime.kernels.tvm_ops (imported as tvm_<name>); the library is built by vsc compile.
-_TVM_KERNELS = {"tvm.quant_linear": "linear", "tvm.rmsnorm": "rmsnorm", "tvm.silu_mul": "silu_mul", "tvm.rope": "rope",
-                "tvm.paged_attention": "paged_attention", "tvm.linear": "dense"}
+_TVM_FUNCTIONS = {(k.name, op): fn for k in backend_kernels("tvm") for op, fn in k.functions.items()}
+_TVM_KERNELS = frozenset(name for name, _ in _TVM_FUNCTIONS)
 # The config each takes (`via tvm.quant_linear{activations = "q8_0"}`): key -> allowed values.
-_TVM_CONFIG = {"tvm.quant_linear": {"activations": ("f32", "q8_0")}}
+_TVM_CONFIG = {k.name: dict(k.config) for k in backend_kernels("tvm") if k.config}
 
 # Names the generated module defines or uses itself; SSA locals and weights avoid them.
 _RESERVED = set(keyword.kwlist) | {
@@ -123,20 +126,13 @@ _RESERVED = set(keyword.kwlist) | {
     "Runner", "WEIGHTS", "LAYER_WEIGHTS", "StepBatch", "CacheConfig", "WeightSpec", "load_weights",
     "AttentionMetadata", "RotaryTable", "attention_metadata", "allocate_kv_cache",
     "load_plan_kernels", "TVM_KERNELS",
-} | {"tvm_" + fn for fn in (*_TVM_KERNELS.values(), "add_rmsnorm")} | {fn.__name__ for fn in TORCH_KERNELS.values()}
+} | {"tvm_" + fn for fn in _TVM_FUNCTIONS.values()} | {fn.__name__ for fn in TORCH_KERNELS.values()}
 
 # Triton kernels of the catalog a cuda runner calls: (IR kernel, op kind) -> wrapper of
 # vsc.runtime.kernels.triton_ops. Named here, not imported: codegen never imports triton.
-_TRITON_WRAPPERS = {
-    ("triton.rmsnorm", "rmsnorm"): "rmsnorm",
-    ("triton.rmsnorm", "add_rmsnorm"): "add_rmsnorm",
-    ("triton.rope", "rope"): "rope",
-    ("triton.rope", "rope_rotate"): "rope",
-    ("triton.silu_mul", "silu_mul"): "silu_mul",
-    ("triton.paged_attention", "attention"): "paged_attention",
-}
+_TRITON_WRAPPERS = {(k.name, op): fn for k in backend_kernels("triton") for op, fn in k.functions.items()}
 # The torch_ops function a Triton kernel falls back to (steps the kernel does not cover).
-_TRITON_FALLBACKS = {"triton.paged_attention": "paged_attention"}
+_TRITON_FALLBACKS = {k.name: k.fallback for k in backend_kernels("triton") if k.fallback}
 # Names the wrappers are imported under in a cuda runner (`triton_rmsnorm`, ...).
 _TRITON_NAMES = {"triton_" + fn for fn in _TRITON_WRAPPERS.values()}
 # Op kinds whose torch and Triton implementations return a fresh tensor that the step owns
@@ -543,7 +539,7 @@ class _RunnerWriter:
         args = [self._operand(o, in_layer) for o in op.operands]
         if op.kernel.name in _TVM_KERNELS:
             results = ", ".join(self.locals[r] for r in op.results)
-            fn = "add_rmsnorm" if op.kind == "add_rmsnorm" else _TVM_KERNELS[op.kernel.name]
+            fn = _TVM_FUNCTIONS[op.kernel.name, op.kind]
             if op.kind in ("rmsnorm", "add_rmsnorm"):
                 args.append(self._attr(op, "eps"))
             elif op.kind == "attention":
@@ -620,7 +616,7 @@ class _RunnerWriter:
 
     def _tvm_functions(self) -> list[str]:
         """The tvm_ops wrappers the step calls."""
-        return sorted({"add_rmsnorm" if op.kind == "add_rmsnorm" else _TVM_KERNELS[op.kernel.name]
+        return sorted({_TVM_FUNCTIONS[op.kernel.name, op.kind]
                        for op in walk_ops(self.body) if op.kernel is not None and op.kernel.name in _TVM_KERNELS})
 
     def _triton_imports(self) -> list[str]:

@@ -93,15 +93,17 @@ class Variant:
 _TORCH_NAMES = {"fp32": "float32", "bf16": "bfloat16"}
 
 
-def _variant(kernel: str, label: str, types: dict[str, str], fixed: dict[str, Any], rep: dict[str, int],
+def _variant(kernel: str, label: str, dt: str, fixed: dict[str, Any], rep: dict[str, int],
              grid: str, notes: str = "", divisible: tuple[str, ...] = ()) -> Variant:
-    """Build a Variant: `types` for runtime parameters, `fixed` for constexprs (incl. unit
-    strides baked in), the kernel's default config (for representative values `rep`) for
-    the tuned meta-parameters. Pointers and the `divisible` ints whose representative value
-    is a multiple of 16 get the 16-divisibility hint."""
+    """Build a Variant: the kernel's declared signature (`KernelSpec.signature`, data pointers
+    to `dt`) for runtime parameters, `fixed` for constexprs (incl. unit strides baked in), the
+    kernel's default config (for representative values `rep`) for the tuned meta-parameters.
+    Pointers and the `divisible` ints whose representative value is a multiple of 16 get the
+    16-divisibility hint."""
     from vsc.runtime.kernels.triton_ops import KERNELS
 
     spec = KERNELS[kernel]
+    types = {name: t.format(dt=dt) for name, t in spec.signature.items()}
     cfg = spec.default_config({**rep, **fixed})
     constexprs = {**fixed, **cfg.kwargs}
     signature = {}
@@ -129,14 +131,10 @@ def variants(shapes: KernelShapes = LLAMA3_8B, dtypes: tuple[str, ...] = ("fp32"
     qkv_row = (s.heads + 2 * s.kv_heads) * s.head_dim
     group = s.heads // s.kv_heads
     for dt in dtypes:
-        p = f"*{dt}"
         # rmsnorm: plain and fused with the residual add.
         for residual in (False, True):
             out.append(_variant(
-                "rmsnorm", dt + (".residual" if residual else ""),
-                {"X": p, "W": p, "Out": p, "Res": p, "ResOut": p, "stride_x": "i32", "stride_out": "i32",
-                 "stride_res": "i32", "stride_res_out": "i32", "N": "i32", "eps": "fp32"},
-                {"HAS_RESIDUAL": residual},
+                "rmsnorm", dt + (".residual" if residual else ""), dt, {"HAS_RESIDUAL": residual},
                 {"N": s.hidden, "stride_x": s.hidden, "stride_out": s.hidden, "stride_res": s.hidden,
                  "stride_res_out": s.hidden},
                 "(rows,)", divisible=("stride_x", "stride_out", "stride_res", "stride_res_out", "N"),
@@ -144,31 +142,23 @@ def variants(shapes: KernelShapes = LLAMA3_8B, dtypes: tuple[str, ...] = ("fp32"
         # rope: cos/sin rows per token, or whole tables indexed by positions (int64).
         for table in (False, True):
             out.append(_variant(
-                "rope", dt + (".table" if table else ".rows"),
-                {"Q": p, "K": p, "Cos": p, "Sin": p, "Positions": "*i64", "stride_qt": "i32", "stride_kt": "i32",
-                 "stride_ct": "i32", "num_q_heads": "i32", "num_k_heads": "i32"},
+                "rope", dt + (".table" if table else ".rows"), dt,
                 {"HAS_POSITIONS": table, "HEAD_DIM": s.head_dim, "HALF_PAD": _pow2(s.head_dim // 2)},
                 {"num_q_heads": s.heads, "num_k_heads": s.kv_heads, "stride_qt": qkv_row, "stride_kt": qkv_row,
                  "stride_ct": s.head_dim},
                 "(T, cdiv(num_q_heads + num_k_heads, BLOCK_H))", divisible=("stride_qt", "stride_kt", "stride_ct"),
                 notes="in place on Q and K; strides shown for q/k as views of a fused qkv output"))
         out.append(_variant(
-            "silu_mul", dt, {"X": p, "Out": p, "stride_x": "i32", "stride_out": "i32", "F": "i32"}, {},
+            "silu_mul", dt, dt, {},
             {"F": s.intermediate, "stride_x": 2 * s.intermediate, "stride_out": s.intermediate},
             "(rows, cdiv(F, BLOCK_F))", divisible=("stride_x", "stride_out", "F")))
         out.append(_variant(
-            "kv_write", dt,
-            {"K": p, "V": p, "KCache": p, "VCache": p, "Slots": "*i64", "stride_kt": "i32", "stride_vt": "i32",
-             "stride_kc": "i32", "stride_vc": "i32"},
-            {"ROW": kv_row},
+            "kv_write", dt, dt, {"ROW": kv_row},
             {"ROW": kv_row, "stride_kt": qkv_row, "stride_vt": qkv_row, "stride_kc": kv_row, "stride_vc": kv_row},
             "(T, cdiv(ROW, BLOCK))", divisible=("stride_kt", "stride_vt", "stride_kc", "stride_vc"),
             notes="negative slots are skipped"))
         out.append(_variant(
-            "paged_decode", dt,
-            {"Q": p, "KCache": p, "VCache": p, "Out": p, "BlockTables": "*i64", "ContextLens": "*i64", "scale": "fp32",
-             "stride_qb": "i32", "stride_qh": "i32", "stride_kc": "i32", "stride_kh": "i32", "stride_vc": "i32",
-             "stride_vh": "i32", "stride_ob": "i32", "stride_oh": "i32", "stride_bt": "i32"},
+            "paged_decode", dt, dt,
             {"GROUP": group, "GROUP_PAD": max(16, _pow2(group)), "HEAD_DIM": s.head_dim,
              "BLOCK_D": max(16, _pow2(s.head_dim)), "BLOCK_SIZE": s.block_size, "UPCAST": dt == "fp32"},
             {"HEAD_DIM": s.head_dim, "stride_qb": s.heads * s.head_dim, "stride_qh": s.head_dim, "stride_kc": kv_row,
@@ -181,9 +171,7 @@ def variants(shapes: KernelShapes = LLAMA3_8B, dtypes: tuple[str, ...] = ("fp32"
     if "bf16" in dtypes:
         # linear: x [M, K] @ w[N, K]^T, row-major x, w and y: unit strides baked in.
         out.append(_variant(
-            "matmul", "bf16.linear",
-            {"A": "*bf16", "B": "*bf16", "C": "*bf16", "M": "i32", "N": "i32", "K": "i32", "stride_am": "i32",
-             "stride_bn": "i32", "stride_cm": "i32"},
+            "matmul", "bf16.linear", "bf16",
             {"stride_ak": 1, "stride_bk": 1, "stride_cn": 1, "UPCAST": False},
             {"M": s.batch, "N": s.hidden, "K": s.hidden, "stride_am": s.hidden, "stride_bn": s.hidden,
              "stride_cm": s.hidden},

@@ -33,9 +33,10 @@ Every wrapper also takes `config=` (a dict of the kernel's meta-parameters plus 
 `num_warps`/`num_stages`), which pins one config and skips autotuning — the form an IR
 kernel reference such as `triton.rmsnorm{BLOCK_N = 4096, num_warps = 8}` carries.
 
-`KERNELS` lists every kernel (`KernelSpec`): its name, IR kernel, autotune space, the
-pruning rule, and the raw Python function that `vsc.backends.triton.aot` compiles ahead
-of time.
+`KERNELS` lists every kernel (`KernelSpec`): its name, IR kernel (derived from the
+declarations' `aot` in vsc.runtime.kernel_registry), autotune space, the pruning rule, the
+type of each runtime parameter, and the raw Python function that `vsc.backends.triton.aot`
+compiles ahead of time.
 """
 from __future__ import annotations
 
@@ -50,6 +51,8 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
+
+from vsc.runtime.kernel_registry import aot_ir_kernel
 
 __all__ = [
     "INTERPRETED", "KERNELS", "KernelSpec", "add_rmsnorm", "autotune_enabled", "matmul", "paged_attention", "paged_decode_attention",
@@ -106,11 +109,14 @@ class KernelSpec:
     """
 
     name: str
-    ir_kernel: str | None
+    ir_kernel: str | None                        # the IR kernel it is compiled ahead of time for (its declaration's `aot`)
     tuned: Any                                   # triton.runtime.autotuner.Autotuner
     prune: Callable[[list, dict], list]
     doc: str = ""
     in_place: tuple[str, ...] = field(default=())  # arguments the kernel updates in place
+    # The type of every parameter not annotated tl.constexpr, as vsc.backends.triton.aot compiles it:
+    # "*{dt}" a pointer to the variant's element type, "*i64" an index pointer, "i32", "fp32".
+    signature: dict[str, str] = field(default_factory=dict)
 
     @property
     def configs(self) -> list[triton.Config]:
@@ -164,8 +170,12 @@ def _interpreted(name: str) -> InterpretedFunction:
     return fn if isinstance(fn, InterpretedFunction) else InterpretedFunction(fn.fn)
 
 
-def _register(name: str, ir_kernel: str | None, tuned, prune, doc: str, in_place: tuple[str, ...] = ()) -> KernelSpec:
-    spec = KernelSpec(name, ir_kernel, tuned, prune, doc, in_place)
+# A pointer to the element type of the data (the `{dt}` of an ahead-of-time variant: fp32, bf16).
+_DATA = "*{dt}"
+
+
+def _register(name: str, tuned, prune, doc: str, signature: dict[str, str], in_place: tuple[str, ...] = ()) -> KernelSpec:
+    spec = KernelSpec(name, aot_ir_kernel(name), tuned, prune, doc, in_place, signature)
     KERNELS[name] = spec
     return spec
 
@@ -254,8 +264,11 @@ def rmsnorm_kernel(X, W, Out, Res, ResOut, stride_x, stride_out, stride_res, str
         tl.store(o_row + offs, y.to(Out.dtype.element_ty), mask=mask)
 
 
-RMSNORM = _register("rmsnorm", "triton.rmsnorm", rmsnorm_kernel, _rmsnorm_prune,
-                    "RMSNorm over the last dim, optionally fused with the residual add", in_place=("ResOut",))
+RMSNORM = _register("rmsnorm", rmsnorm_kernel, _rmsnorm_prune,
+                    "RMSNorm over the last dim, optionally fused with the residual add",
+                    {"X": _DATA, "W": _DATA, "Out": _DATA, "Res": _DATA, "ResOut": _DATA, "stride_x": "i32",
+                     "stride_out": "i32", "stride_res": "i32", "stride_res_out": "i32", "N": "i32", "eps": "fp32"},
+                    in_place=("ResOut",))
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -372,8 +385,11 @@ def rope_kernel(Q, K, Cos, Sin, Positions, stride_qt, stride_kt, stride_ct, num_
     tl.store(ptr1 + half, o2.to(Q.dtype.element_ty), mask=mask)
 
 
-ROPE = _register("rope", "triton.rope", rope_kernel, _early_prune(_rope_fits),
-                 "rotate q and k in place by cos/sin rows (HF rotate_half convention)", in_place=("Q", "K"))
+ROPE = _register("rope", rope_kernel, _early_prune(_rope_fits),
+                 "rotate q and k in place by cos/sin rows (HF rotate_half convention)",
+                 {"Q": _DATA, "K": _DATA, "Cos": _DATA, "Sin": _DATA, "Positions": "*i64", "stride_qt": "i32",
+                  "stride_kt": "i32", "stride_ct": "i32", "num_q_heads": "i32", "num_k_heads": "i32"},
+                 in_place=("Q", "K"))
 
 
 def _token_rows(x: torch.Tensor, head_dim: int, what: str) -> torch.Tensor:
@@ -451,8 +467,9 @@ def silu_mul_kernel(X, Out, stride_x, stride_out, F, BLOCK_F: tl.constexpr):
     tl.store(Out + row * stride_out + cols, (s * u).to(Out.dtype.element_ty), mask=mask)
 
 
-SILU_MUL = _register("silu_mul", "triton.silu_mul", silu_mul_kernel, _early_prune(_silu_mul_fits),
-                     "silu(x[..., :F]) * x[..., F:] of a fused gate/up output")
+SILU_MUL = _register("silu_mul", silu_mul_kernel, _early_prune(_silu_mul_fits),
+                     "silu(x[..., :F]) * x[..., F:] of a fused gate/up output",
+                     {"X": _DATA, "Out": _DATA, "stride_x": "i32", "stride_out": "i32", "F": "i32"})
 
 
 def silu_mul(x: torch.Tensor, *, out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
@@ -507,8 +524,11 @@ def kv_write_kernel(K, V, KCache, VCache, Slots, stride_kt, stride_vt, stride_kc
         tl.store(VCache + slot * stride_vc + cols, v.to(VCache.dtype.element_ty), mask=mask)
 
 
-KV_WRITE = _register("kv_write", None, kv_write_kernel, _early_prune(_kv_write_fits),
-                     "scatter one step's new K/V rows into their cache slots", in_place=("KCache", "VCache"))
+KV_WRITE = _register("kv_write", kv_write_kernel, _early_prune(_kv_write_fits),
+                     "scatter one step's new K/V rows into their cache slots",
+                     {"K": _DATA, "V": _DATA, "KCache": _DATA, "VCache": _DATA, "Slots": "*i64", "stride_kt": "i32",
+                      "stride_vt": "i32", "stride_kc": "i32", "stride_vc": "i32"},
+                     in_place=("KCache", "VCache"))
 
 
 def _check_cache(cache: torch.Tensor, kv_heads: int, head_dim: int, what: str) -> None:
@@ -612,9 +632,13 @@ def paged_decode_kernel(Q, KCache, VCache, Out, BlockTables, ContextLens, scale,
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_mask[:, None] & dmask[None, :])
 
 
-PAGED_DECODE = _register("paged_decode", "triton.paged_attention", paged_decode_kernel,
+PAGED_DECODE = _register("paged_decode", paged_decode_kernel,
                          _early_prune(_paged_decode_fits),
-                         "one query token per sequence over its paged KV context, online softmax")
+                         "one query token per sequence over its paged KV context, online softmax",
+                         {"Q": _DATA, "KCache": _DATA, "VCache": _DATA, "Out": _DATA, "BlockTables": "*i64",
+                          "ContextLens": "*i64", "scale": "fp32", "stride_qb": "i32", "stride_qh": "i32",
+                          "stride_kc": "i32", "stride_kh": "i32", "stride_vc": "i32", "stride_vh": "i32",
+                          "stride_ob": "i32", "stride_oh": "i32", "stride_bt": "i32"})
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -719,8 +743,10 @@ def matmul_kernel(A, B, C, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, 
     tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-MATMUL = _register("matmul", None, matmul_kernel, _early_prune(_matmul_fits),
-                   "C = A @ B with fp32 accumulation (tensor-core tiles)")
+MATMUL = _register("matmul", matmul_kernel, _early_prune(_matmul_fits),
+                   "C = A @ B with fp32 accumulation (tensor-core tiles)",
+                   {"A": _DATA, "B": _DATA, "C": _DATA, "M": "i32", "N": "i32", "K": "i32", "stride_am": "i32",
+                    "stride_ak": "i32", "stride_bk": "i32", "stride_bn": "i32", "stride_cm": "i32", "stride_cn": "i32"})
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor, *, out_dtype: torch.dtype | None = None,

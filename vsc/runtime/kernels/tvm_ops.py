@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from vsc.runtime import kernel_registry
 from vsc.runtime.kernels import torch_ops
 from vsc.runtime.quant import BLOCK, get_format, parts_tuple, weight_shape
 
@@ -294,7 +295,8 @@ def _plan_file(module_file: str, filename: str, built: str, what: str) -> Path:
     return path
 
 
-ACTIVATIONS = ("f32", "q8_0")   # tvm.quant_linear{activations}: x as is, or quantized per 32-block (VNNI)
+# tvm.quant_linear{activations}: x as is, or quantized per 32-block (VNNI); declared in the registry.
+ACTIVATIONS = kernel_registry.KERNELS["tvm.quant_linear"].config["activations"]
 
 
 def linear(lib: TvmKernels, x: torch.Tensor, weight, bias: torch.Tensor | None = None,
