@@ -120,8 +120,9 @@ def _or(v, default):
 
 
 def _in_vocab(ids: list[int], key: str, vocab: int | None) -> list[int]:
-    if ids and vocab and max(ids) >= vocab:
-        raise _bad(key, f"'{key}' holds a token id outside the vocabulary [0, {vocab})")
+    """Token ids (declared integers) the model has."""
+    if ids and (min(ids) < 0 or (vocab and max(ids) >= vocab)):
+        raise _bad(key, f"'{key}' holds a token id outside the vocabulary [0, {vocab or 'vocab size'})")
     return ids
 
 

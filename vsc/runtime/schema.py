@@ -47,14 +47,27 @@ def _expect(what: str, whole: bool = True):
             return handler(v)
         except ValidationError as e:
             err = e.errors(include_url=False)[0]
-            if err["type"] == "vsc":         # a part with its own message: keep it, and where it is
-                ctx = err["ctx"]
+            if err["type"] in ("vsc", "vsc_union"):     # a part with its own message: keep it, and where it is
+                ctx = err["ctx"] if err["type"] == "vsc" else {"what": err["msg"], "at": ""}
                 raise PydanticCustomError("vsc", "{what}", {"what": ctx["what"],
                                                             "at": _path(err["loc"]) + ctx["at"]}) from None
             if not whole and err["loc"]:
                 raise PydanticCustomError("vsc", "{what}", {"what": _phrase(err), "at": _path(err["loc"])}) from None
             raise PydanticCustomError("vsc", "{what}", {"what": what, "at": ""}) from None
     return WrapValidator(validate)
+
+
+class _OneOf:
+    """A union refused with one message, "'<field>' `what`", whatever member failed (its several
+    errors as one line). Set on the union's own core schema: nothing runs in Python when it fits."""
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def __get_pydantic_core_schema__(self, source, handler):
+        core = handler(source)
+        assert core["type"] == "union", core["type"]
+        return {**core, "custom_error_type": "vsc_union", "custom_error_message": self.what}
 
 
 def _opt(default=None, **constraints) -> Any:
@@ -79,7 +92,7 @@ class TextPart(_Part):
 
 
 TEXT_PARTS = "a string or a list of text parts ({'type': 'text', 'text': ...})"
-Content = Annotated[str | list[TextPart], _expect(f"must be {TEXT_PARTS}")]
+Content = Annotated[str | list[TextPart], _OneOf(f"must be {TEXT_PARTS}")]
 
 
 class ChatMessage(_Part):
@@ -114,7 +127,7 @@ class NamedToolChoice(_Part):
 
 
 ToolChoice = Annotated[Literal["none", "auto", "required"] | NamedToolChoice,
-                       _expect('must be none, auto, required or {"type": "function", "function": {"name": ...}}')]
+                       _OneOf('must be none, auto, required or {"type": "function", "function": {"name": ...}}')]
 
 
 class StreamOptions(_Part):
@@ -153,13 +166,13 @@ class Prediction(_Part):
     """Predicted output: drafts for speculative decoding (the output is unchanged)."""
 
     type: Literal["content"]
-    content: Annotated[str | list[TextPart], _expect(f"must be a string or a list of text parts, as in {PREDICTION}")]
+    content: Annotated[str | list[TextPart], _OneOf(f"must be a string or a list of text parts, as in {PREDICTION}")]
 
 
 TokenIds = list[Annotated[int, Ge(0)]]
 Probability = Annotated[float, Field(allow_inf_nan=False)]
 
-_Stop = Annotated[str | list[str], _expect("must be a string or a list of strings")]
+_Stop = Annotated[str | list[str], _OneOf("must be a string or a list of strings")]
 _LogitBias = Annotated[dict[str, Annotated[float, Ge(-100), Le(100)]],
                        _expect("must be an object mapping token ids to biases in [-100, 100], e.g. {\"50256\": -100}")]
 
@@ -213,7 +226,7 @@ class ChatCompletionRequest(_Sampling):
     parallel_tool_calls: bool | None = None
 
 
-Prompt = Annotated[str | TokenIds | list[str] | list[TokenIds], _expect(
+Prompt = Annotated[str | list[int] | list[str] | list[list[int]], _OneOf(
     "must be a string, a list of token ids, or a list of strings or of token id lists")]
 
 
@@ -248,14 +261,14 @@ class DetokenizeRequest(_Body):
     """POST /detokenize (vLLM's)."""
 
     model: str | None = None
-    tokens: Annotated[TokenIds, _expect("must be a list of token ids")]
+    tokens: list[int]
 
 
 class ResponsesRequest(_Body):
     """POST /v1/responses, plain text (vsc.runtime.responses refuses what it cannot serve)."""
 
     model: str | None = None
-    input: Annotated[str | list[dict[str, Any]], _expect("must be a string or a non-empty list of messages")]
+    input: Annotated[str | list[dict[str, Any]], _OneOf("must be a string or a non-empty list of messages")]
     instructions: str | None = None
     max_output_tokens: int | None = _opt(ge=1)
     temperature: float | None = _opt(ge=0, le=2)
@@ -429,6 +442,8 @@ def _phrase(err: dict, bounds: tuple | None = None) -> str:
     kind, v = err["type"], err.get("input")
     if kind == "vsc":
         return err["ctx"]["what"]
+    if kind == "vsc_union":
+        return err["msg"]
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
         return _range(v, err.get("ctx") or {}, bounds)
     if kind == "finite_number":
