@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal, get_args
 from annotated_types import Ge, Gt, Le, Lt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WrapValidator
 from pydantic.json_schema import models_json_schema
-from pydantic_core import PydanticCustomError
+from pydantic_core import PydanticCustomError, core_schema
 
 from vsc.runtime.logprobs import MAX_LOGPROBS
 
@@ -58,16 +58,14 @@ def _expect(what: str, whole: bool = True):
 
 
 class _OneOf:
-    """A union refused with one message, "'<field>' `what`", whatever member failed (its several
-    errors as one line). Set on the union's own core schema: nothing runs in Python when it fits."""
+    """A value refused with one message, "'<field>' `what`", whatever part of it failed (a union's
+    several errors as one line). A core schema wrapper: nothing runs in Python when it fits."""
 
     def __init__(self, what: str):
         self.what = what
 
     def __get_pydantic_core_schema__(self, source, handler):
-        core = handler(source)
-        assert core["type"] == "union", core["type"]
-        return {**core, "custom_error_type": "vsc_union", "custom_error_message": self.what}
+        return core_schema.custom_error_schema(handler(source), "vsc_union", custom_error_message=self.what)
 
 
 def _opt(default=None, **constraints) -> Any:
@@ -81,9 +79,11 @@ class _Body(BaseModel):
 
 
 class _Part(BaseModel):
-    """A nested object: strict types; its other keys are kept (and passed on as sent)."""
+    """A nested object: strict types; other keys are allowed (the raw body keeps them: tools are
+    passed on as sent)."""
 
-    model_config = ConfigDict(strict=True, extra="allow", populate_by_name=True)
+    model_config = ConfigDict(strict=True, extra="ignore", populate_by_name=True,
+                              json_schema_extra={"additionalProperties": True})
 
 
 class TextPart(_Part):
@@ -221,7 +221,7 @@ class ChatCompletionRequest(_Sampling):
     echo: bool | None = None
     add_generation_prompt: bool | None = None
     continue_final_message: bool | None = None
-    tools: list[Annotated[Tool, _expect('must be {"type": "function", "function": {...}}')]] | None = None
+    tools: list[Annotated[Tool, _OneOf('must be {"type": "function", "function": {...}}')]] | None = None
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
 
@@ -250,7 +250,7 @@ class TokenizeRequest(_Body):
     return_token_strs: bool | None = None
     add_generation_prompt: bool | None = None
     continue_final_message: bool | None = None
-    tools: list[Annotated[Tool, _expect('must be {"type": "function", "function": {...}}')]] | None = None
+    tools: list[Annotated[Tool, _OneOf('must be {"type": "function", "function": {...}}')]] | None = None
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     mm_processor_kwargs: dict[str, Any] | None = None
