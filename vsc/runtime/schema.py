@@ -214,6 +214,7 @@ class ChatCompletionRequest(_Sampling):
     """POST /v1/chat/completions."""
 
     messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = _opt(ge=1, description="default: the rest of the context")
     max_completion_tokens: int | None = _opt(ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = _opt(ge=0, le=MAX_LOGPROBS)
