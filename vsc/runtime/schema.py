@@ -107,9 +107,10 @@ class ChatMessage(_Part):
 
 
 class FunctionDefinition(_Part):
-    name: str = Field(description="1 to 64 letters, digits, _ or -")
-    description: str | None = None
-    parameters: dict[str, Any] | None = Field(None, description="the arguments' JSON Schema")
+    name: Annotated[str, _OneOf("must be 1 to 64 letters, digits, _ or -")]
+    description: Annotated[str, _OneOf("must be a string")] | None = None
+    parameters: Annotated[dict[str, Any], _OneOf("must be a JSON Schema object")] | None = Field(
+        None, description="the arguments' JSON Schema")
 
 
 class Tool(_Part):
@@ -173,8 +174,9 @@ TokenIds = list[Annotated[int, Ge(0)]]
 Probability = Annotated[float, Field(allow_inf_nan=False)]
 
 _Stop = Annotated[str | list[str], _OneOf("must be a string or a list of strings")]
-_LogitBias = Annotated[dict[str, Annotated[float, Ge(-100), Le(100)]],
-                       _expect("must be an object mapping token ids to biases in [-100, 100], e.g. {\"50256\": -100}")]
+_LogitBias = Annotated[dict[str, Annotated[float, Ge(-100), Le(100), _OneOf("must be a number in [-100, 100]")]],
+                       _expect("must be an object mapping token ids to biases in [-100, 100], e.g. {\"50256\": -100}",
+                               whole=False)]
 
 
 class _Sampling(_Body):
@@ -222,7 +224,7 @@ class ChatCompletionRequest(_Sampling):
     echo: bool | None = None
     add_generation_prompt: bool | None = None
     continue_final_message: bool | None = None
-    tools: list[Annotated[Tool, _OneOf('must be {"type": "function", "function": {...}}')]] | None = None
+    tools: list[Annotated[Tool, _expect('must be {"type": "function", "function": {...}}')]] | None = None
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
 
@@ -251,7 +253,7 @@ class TokenizeRequest(_Body):
     return_token_strs: bool | None = None
     add_generation_prompt: bool | None = None
     continue_final_message: bool | None = None
-    tools: list[Annotated[Tool, _OneOf('must be {"type": "function", "function": {...}}')]] | None = None
+    tools: list[Annotated[Tool, _expect('must be {"type": "function", "function": {...}}')]] | None = None
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     mm_processor_kwargs: dict[str, Any] | None = None
