@@ -39,15 +39,16 @@ class RequestError(ValueError):
 # --------------------------------------------------------------------------- declaring
 
 def _expect(what: str, whole: bool = True):
-    """A field refused with one message, "'<field>' `what`", when it fails as a whole (`whole`: for
-    a union, whatever part failed: its several errors as one line); a part that failed with its
-    own message (a nested `_expect`, or not `whole`: any error below the top) keeps it."""
+    """A field refused with one message, "'<field>' `what`" (a Python wrap validator, for values whose
+    parts have messages of their own: those are kept, with their path). `whole`: whatever failed
+    (a union's several errors as one line); else only the value itself (not an object), while an
+    error below it keeps pydantic's kind of message ('<field>.<part>' must be ...)."""
     def validate(v, handler):
         try:
             return handler(v)
         except ValidationError as e:
             err = e.errors(include_url=False)[0]
-            if err["type"] in ("vsc", "vsc_union"):     # a part with its own message: keep it, and where it is
+            if err["type"] in ("vsc", "vsc_whole"):     # a part with its own message: keep it, and where it is
                 ctx = err["ctx"] if err["type"] == "vsc" else {"what": err["msg"], "at": ""}
                 raise PydanticCustomError("vsc", "{what}", {"what": ctx["what"],
                                                             "at": _path(err["loc"]) + ctx["at"]}) from None
@@ -65,24 +66,20 @@ class _OneOf:
         self.what = what
 
     def __get_pydantic_core_schema__(self, source, handler):
-        return core_schema.custom_error_schema(handler(source), "vsc_union", custom_error_message=self.what)
-
-
-def _opt(default=None, **constraints) -> Any:
-    return Field(default, **constraints)
+        return core_schema.custom_error_schema(handler(source), "vsc_whole", custom_error_message=self.what)
 
 
 class _Body(BaseModel):
     """A request body: strict types; fields it does not declare are kept in model_extra."""
 
-    model_config = ConfigDict(strict=True, extra="allow", populate_by_name=True)
+    model_config = ConfigDict(strict=True, extra="allow")
 
 
 class _Part(BaseModel):
     """A nested object: strict types; other keys are allowed (the raw body keeps them: tools are
     passed on as sent)."""
 
-    model_config = ConfigDict(strict=True, extra="ignore", populate_by_name=True,
+    model_config = ConfigDict(strict=True, extra="ignore",
                               json_schema_extra={"additionalProperties": True})
 
 
@@ -171,7 +168,7 @@ class Prediction(_Part):
 
 
 TokenIds = list[Annotated[int, Ge(0)]]
-Probability = Annotated[float, Field(allow_inf_nan=False)]
+Tools = list[Annotated[Tool, _expect('must be {"type": "function", "function": {...}}')]]
 
 _Stop = Annotated[str | list[str], _OneOf("must be a string or a list of strings")]
 _LogitBias = Annotated[dict[str, Annotated[float, Ge(-100), Le(100), _OneOf("must be a number in [-100, 100]")]],
@@ -183,12 +180,12 @@ class _Sampling(_Body):
     """The fields both generation endpoints take (vLLM's SamplingParams and OpenAI's)."""
 
     model: str | None = None
-    max_tokens: int | None = _opt(ge=0, description="completions: default 16; 0 only with echo")
-    temperature: float | None = _opt(ge=0, le=2)
-    top_p: float | None = _opt(gt=0, le=1)
-    top_k: int | None = _opt(ge=-1, description="-1 or 0: off")
-    min_p: float | None = _opt(ge=0, le=1)
-    seed: int | None = _opt(ge=SEED_MIN, le=SEED_MAX)
+    max_tokens: int | None = Field(None, ge=0, description="completions: default 16; 0 only with echo")
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1, description="-1 or 0: off")
+    min_p: float | None = Field(None, ge=0, le=1)
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stop: _Stop | None = None
     stop_token_ids: TokenIds | None = None
     ignore_eos: bool | None = None
@@ -199,15 +196,15 @@ class _Sampling(_Body):
         '{"schema": {...}}}', whole=False)] | None = None
     structured_outputs: StructuredOutputs | None = None
     prediction: Annotated[Prediction, _expect(f"must be {PREDICTION}")] | None = None
-    n: int | None = _opt(ge=1, le=MAX_N)
-    presence_penalty: float | None = _opt(ge=-2, le=2)
-    frequency_penalty: float | None = _opt(ge=-2, le=2)
-    repetition_penalty: float | None = _opt(gt=0, allow_inf_nan=False)
+    n: int | None = Field(None, ge=1, le=MAX_N)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(None, gt=0, allow_inf_nan=False)
     logit_bias: _LogitBias | None = None
-    min_tokens: int | None = _opt(ge=0)
+    min_tokens: int | None = Field(None, ge=0)
     include_stop_str_in_output: bool | None = None
-    prompt_logprobs: int | None = _opt(ge=0, le=MAX_LOGPROBS)
-    truncate_prompt_tokens: int | None = _opt(ge=-1, description="-1: the context length")
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    truncate_prompt_tokens: int | None = Field(None, ge=-1, description="-1: the context length")
     truncation_side: Literal["left", "right"] | None = None
     user: str | None = Field(None, description="an end user's id; changes no output")
 
@@ -216,15 +213,15 @@ class ChatCompletionRequest(_Sampling):
     """POST /v1/chat/completions."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = _opt(ge=1, description="default: the rest of the context")
-    max_completion_tokens: int | None = _opt(ge=1)
+    max_tokens: int | None = Field(None, ge=1, description="default: the rest of the context")
+    max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
-    top_logprobs: int | None = _opt(ge=0, le=MAX_LOGPROBS)
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     best_of: Literal[1] | None = Field(None, description="only 1 (chat)")
     echo: bool | None = None
     add_generation_prompt: bool | None = None
     continue_final_message: bool | None = None
-    tools: list[Annotated[Tool, _expect('must be {"type": "function", "function": {...}}')]] | None = None
+    tools: Tools | None = None
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
 
@@ -237,8 +234,8 @@ class CompletionRequest(_Sampling):
     """POST /v1/completions."""
 
     prompt: Prompt
-    best_of: int | None = _opt(ge=1, le=MAX_N)
-    logprobs: int | None = _opt(ge=0, le=MAX_LOGPROBS)
+    best_of: int | None = Field(None, ge=1, le=MAX_N)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool | None = None
     suffix: str | None = Field(None, description="only empty")
 
@@ -253,7 +250,7 @@ class TokenizeRequest(_Body):
     return_token_strs: bool | None = None
     add_generation_prompt: bool | None = None
     continue_final_message: bool | None = None
-    tools: list[Annotated[Tool, _expect('must be {"type": "function", "function": {...}}')]] | None = None
+    tools: Tools | None = None
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     mm_processor_kwargs: dict[str, Any] | None = None
@@ -273,25 +270,26 @@ class ResponsesRequest(_Body):
     model: str | None = None
     input: Annotated[str | list[dict[str, Any]], _OneOf("must be a string or a non-empty list of messages")]
     instructions: str | None = None
-    max_output_tokens: int | None = _opt(ge=1)
-    temperature: float | None = _opt(ge=0, le=2)
-    top_p: float | None = _opt(gt=0, le=1)
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
     stream: bool | None = None
-    text: dict[str, Any] | None = None
-    store: bool | None = None
+    text: dict[str, Any] | None = Field(None, description='{"format": {"type": "text" | "json_object" | '
+                                                          '"json_schema", ...}}')
+    store: bool | None = Field(None, description="false only: nothing is stored")
     metadata: dict[str, str] | None = None
-    previous_response_id: str | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    previous_response_id: str | None = Field(None, description="refused: nothing is stored")
+    tools: list[Any] | None = Field(None, description="[] only")
+    tool_choice: Any = Field(None, description="none or auto only")
     parallel_tool_calls: bool | None = None
-    reasoning: Any = None
-    truncation: str | None = None
-    include: list[Any] | None = None
-    top_logprobs: int | None = None
-    background: bool | None = None
+    reasoning: Any = Field(None, description="refused")
+    truncation: str | None = Field(None, description="disabled only")
+    include: list[Any] | None = Field(None, description="[] only")
+    top_logprobs: int | None = Field(None, description="0 only")
+    background: bool | None = Field(None, description="false only")
     user: str | None = None
     service_tier: str | None = None
-    stream_options: Any = None
+    stream_options: Any = Field(None, description="refused")
 
 
 # --------------------------------------------------------------------------- responses
@@ -445,7 +443,7 @@ def _phrase(err: dict, bounds: tuple | None = None) -> str:
     kind, v = err["type"], err.get("input")
     if kind == "vsc":
         return err["ctx"]["what"]
-    if kind == "vsc_union":
+    if kind == "vsc_whole":
         return err["msg"]
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
         return _range(v, err.get("ctx") or {}, bounds)
