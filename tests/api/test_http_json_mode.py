@@ -39,7 +39,7 @@ def test_response_format_reaches_the_engine_as_a_schema(live, path):
 @pytest.mark.parametrize("fmt,message", [
     ("json", "'response_format' must be an object"),
     ({"type": "xml"}, "'response_format.type' must be text, json_object or json_schema, got 'xml'"),
-    ({}, "'response_format.type' must be text, json_object or json_schema, got None"),
+    ({}, "'response_format.type' is required"),
     ({"type": "json_schema"}, "'response_format.json_schema.schema' must be a JSON Schema object"),
     ({"type": "json_schema", "json_schema": {"schema": "{}"}}, "'response_format.json_schema.schema' must be a JSON"),
     ({"type": "json_schema", "json_schema": {"schema": {"type": "objekt"}}},

@@ -2,6 +2,7 @@
 
     POST /v1/completions, POST /v1/chat/completions   (streamed as SSE or not)
     GET  /v1/models, /v1/models/{id}, /health, /metrics, /version
+    GET  /openapi.json      (OpenAPI 3.1, generated from the declared bodies: vsc.runtime.schema)
     POST /tokenize, /detokenize                       (vLLM's request and response bodies)
     GET  /tokenizer_info    (vLLM's, behind its --enable-tokenizer-info-endpoint: lm-eval's remote tokenizer)
     POST /v1/responses      (plain text, streamed or not: served as a chat completion, vsc.runtime.responses)
@@ -10,6 +11,8 @@ Every request the engine accepted is logged at INFO when it ends, one line (its 
 reason, token counts, time to first token, duration), and every refused one (status, code),
 never the prompt or the output.
 
+The request bodies are declared once (vsc.runtime.schema, pydantic): a body is checked against its
+declaration before anything else (a 400 naming the field), then turned into engine parameters here.
 The app drives an `Engine` (vsc.runtime.api): it validates and tokenizes a request, calls
 `engine.generate()`, waits for the first event (QueueFull / InvalidRequest surface there,
 before any byte is sent, as 429 / 400), then streams or collects the events. A request's
@@ -47,7 +50,7 @@ from vsc.runtime.api import GenerateRequest, QueueFull, RuntimeError_, SamplingP
 from vsc.runtime.choices import Choice, TokenText
 from vsc.runtime.constrain import ANY_JSON_OBJECT, SchemaError, check_schema
 from vsc.runtime.guard import HttpGuard, Security, default_max_body
-from vsc.runtime.logprobs import MAX_LOGPROBS
+from vsc.runtime import schema
 from vsc.runtime.metrics import ServerMetrics
 from vsc.runtime.responses import ResponsesInputError, StreamTranslator, chat_body, response_object
 from vsc.runtime import tools as tooling
@@ -59,8 +62,6 @@ _SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache
                 (b"x-accel-buffering", b"no")]
 _DONE = b"data: [DONE]\n\n"
 _BODY = "http.response.body"
-_SEED_MIN, _SEED_MAX = -(1 << 63), (1 << 64) - 1
-MAX_N = 64          # most choices (n, best_of) one request may ask for
 _ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 429: "rate_limit_error",
                 500: "server_error", 503: "server_error"}
 
@@ -102,302 +103,205 @@ def _failed(final: TokenEvent | None) -> ApiError:
 
 
 # --------------------------------------------------------------------------- request validation
+# The bodies are declared in vsc.runtime.schema (types, ranges: checked there, one 400 naming the
+# field); what follows turns a checked body into the engine's parameters, with the checks that need
+# more than the body's shape (the vocabulary, a JSON Schema, fields that depend on each other).
 
-def _int(body: dict, key: str, default, lo: int | None = None, hi: int | None = None):
-    v = body.get(key)
-    if v is None:
-        return default
-    if type(v) is not int:
-        raise _bad(key, f"'{key}' must be an integer, got {type(v).__name__} {v!r}")
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        bounds = f">= {lo}" if hi is None else f"between {lo} and {hi}"
-        raise _bad(key, f"'{key}' must be {bounds}, got {v}")
-    return v
-
-
-def _number(body: dict, key: str, default: float, lo: float, hi: float, lo_open: bool = False) -> float:
-    v = body.get(key)
-    if v is None:
-        return default
-    if type(v) is not int and type(v) is not float:
-        raise _bad(key, f"'{key}' must be a number, got {type(v).__name__} {v!r}")
-    if v > hi or v < lo or (lo_open and v == lo):
-        raise _bad(key, f"'{key}' must be in {'(' if lo_open else '['}{lo:g}, {hi:g}], got {v}")
-    return float(v)
+def _check(model, body: dict):
+    """`body` as the declared `model` (vsc.runtime.schema), or a 400 naming the field."""
+    try:
+        return schema.check(model, body)
+    except schema.RequestError as e:
+        raise _bad(e.param, str(e)) from None
 
 
-def _bool(body: dict, key: str, default: bool) -> bool:
-    v = body.get(key)
-    if v is None:
-        return default
-    if type(v) is not bool:
-        raise _bad(key, f"'{key}' must be a boolean, got {type(v).__name__} {v!r}")
-    return v
+def _or(v, default):
+    return default if v is None else v
 
 
-def _token_list(v: Any, key: str, vocab: int | None) -> list[int]:
-    for t in v:
-        if type(t) is not int:
-            raise _bad(key, f"'{key}' must hold integer token ids, got {type(t).__name__} {t!r}")
-    if v and vocab and (min(v) < 0 or max(v) >= vocab):
-        raise _bad(key, f"'{key}' holds a token id outside the vocabulary [0, {vocab})")
-    if not vocab and v and min(v) < 0:
-        raise _bad(key, f"'{key}' holds a negative token id")
-    return v
+def _in_vocab(ids: list[int], key: str, vocab: int | None) -> list[int]:
+    """Token ids (declared integers) the model has."""
+    if ids and (min(ids) < 0 or (vocab and max(ids) >= vocab)):
+        raise _bad(key, f"'{key}' holds a token id outside the vocabulary [0, {vocab or 'vocab size'})")
+    return ids
 
 
-def _logit_bias(v: Any, vocab: int | None) -> dict[int, float] | None:
+def _logit_bias(v: dict[str, float] | None, vocab: int | None) -> dict[int, float] | None:
     """OpenAI `logit_bias` ({"token id": bias in [-100, 100]}) -> {token id: bias} (None: absent or empty)."""
-    if v is None:
-        return None
-    if not isinstance(v, dict):
-        raise _bad("logit_bias", "'logit_bias' must be an object mapping token ids to biases, e.g. {\"50256\": -100}")
     out: dict[int, float] = {}
-    for key, bias in v.items():
+    for key, bias in (v or {}).items():
         try:
             token = int(key)
         except ValueError:
             raise _bad("logit_bias", f"'logit_bias' keys must be token ids, got {key!r}") from None
         if token < 0 or (vocab and token >= vocab):
             raise _bad("logit_bias", f"'logit_bias' names token {token}, outside the vocabulary [0, {vocab})")
-        if type(bias) not in (int, float) or not -100 <= bias <= 100:
-            raise _bad("logit_bias", f"'logit_bias' values must be numbers in [-100, 100], got {bias!r} for {key!r}")
-        out[token] = float(bias)
+        out[token] = bias
     return out or None
 
 
-def _structured_outputs(v: Any) -> str | None:
+def _structured_outputs(v: schema.StructuredOutputs | None) -> str | None:
     """vLLM's `structured_outputs` -> the JSON Schema text of json mode (None: absent). Its `json`
     (a schema, as an object or as JSON text) and `json_object` use json mode; regex, choice, grammar
     and structural_tag are refused."""
     if v is None:
         return None
     key = "structured_outputs"
-    if not isinstance(v, dict):
-        raise _bad(key, f"'{key}' must be an object, e.g. {{\"json\": {{...schema...}}}}")
-    kinds = [k for k in ("json", "regex", "choice", "grammar", "json_object", "structural_tag") if v.get(k) is not None]
+    given = {"json": v.json_, "regex": v.regex, "choice": v.choice, "grammar": v.grammar,
+             "json_object": v.json_object, "structural_tag": v.structural_tag}
+    kinds = [k for k, x in given.items() if x is not None]
     if len(kinds) != 1:
         raise _bad(key, f"'{key}' must give exactly one of json, regex, choice, grammar, json_object, "
                         f"structural_tag; got {', '.join(kinds) or 'none'}")
     if kinds[0] not in ("json", "json_object"):
         raise _bad(key, f"'{key}.{kinds[0]}' is not supported by this server (only json and json_object: "
                         "it constrains output with JSON Schemas)")
-    if v.get("disable_additional_properties") or v.get("whitespace_pattern") is not None:
+    if v.disable_additional_properties or v.whitespace_pattern is not None:
         raise _bad(key, f"'{key}': disable_additional_properties and whitespace_pattern are not supported")
     if kinds[0] == "json_object":
-        if v["json_object"] is not True:
+        if v.json_object is not True:
             raise _bad(key, f"'{key}.json_object' must be true")
         return ANY_JSON_OBJECT
-    schema = v["json"]
-    if isinstance(schema, str):
+    spec = v.json_
+    if isinstance(spec, str):
         try:
-            schema = orjson.loads(schema)
+            spec = orjson.loads(spec)
         except orjson.JSONDecodeError as e:
             raise _bad(key, f"'{key}.json' is not valid JSON: {e}") from None
-    if not isinstance(schema, dict):
+    if not isinstance(spec, dict):
         raise _bad(key, f"'{key}.json' must be a JSON Schema object")
     try:
-        return check_schema(schema)
+        return check_schema(spec)
     except SchemaError as e:
         raise _bad(key, f"'{key}.json': {e}") from None
 
 
-def _unsupported(body: dict, key: str, default_ok) -> None:
-    """A known OpenAI field this server does not implement: accepted only at its no-op value."""
-    v = body.get(key)
+def _unsupported(key: str, v, default_ok) -> None:
+    """A known field this server does not implement: accepted only at its no-op value."""
     if v is not None and not default_ok(v):
         raise _bad(key, f"'{key}'={v!r} is not supported by this server")
 
 
-#: The request fields each endpoint knows: each has its effect or is refused. Any other field is
-#: ignored and named in one warning per request, as vLLM does (`user`, an end user's id for abuse
-#: tracking that changes no output, is known and has no effect, as in vLLM).
-_COMMON_FIELDS = frozenset((
-    "model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids",
-    "ignore_eos", "stream", "stream_options", "response_format", "structured_outputs", "prediction", "n", "best_of",
-    "logprobs", "prompt_logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias",
-    "min_tokens", "include_stop_str_in_output", "truncate_prompt_tokens", "truncation_side", "user"))
-_CHAT_FIELDS = _COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "tools", "echo",
-                                 "add_generation_prompt", "continue_final_message", "tool_choice",
-                                 "parallel_tool_calls"}
-_COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "echo", "suffix"}
+def _unknown(q) -> None:
+    """Fields the request's declaration does not know: logged and ignored, as vLLM does (names cut
+    short: they are the client's text). `user` is declared: an end user's id, no effect (as in vLLM)."""
+    unknown = list(q.model_extra or ())
+    if unknown:
+        names = ", ".join(repr(k[:40]) for k in unknown[:8]) + (f" and {len(unknown) - 8} more"
+                                                                if len(unknown) > 8 else "")
+        log.warning("ignored request field(s) this server does not know: %s", names)
 
 
-def _unknown_fields(body: dict, chat: bool) -> list[str]:
-    known = _CHAT_FIELDS if chat else _COMPLETION_FIELDS
-    return [k for k in body if k not in known]
-
-
-def _common(body: dict, chat: bool, vocab: int | None = None) -> tuple[SamplingParams, bool, bool]:
+def _common(q, chat: bool, vocab: int | None = None) -> tuple[SamplingParams, bool, bool]:
     """Sampling parameters (max_tokens left at its request value or None), stream, include_usage."""
     if not chat:
-        _unsupported(body, "suffix", lambda v: v == "")
-
+        _unsupported("suffix", q.suffix, lambda v: v == "")
     # max_tokens 0 with echo (completions): the prompt and its logprobs alone, as vLLM (lm-eval's scoring)
-    max_tokens = _int(body, "max_tokens", None, lo=0 if not chat and body.get("echo") is True else 1)
+    max_tokens = q.max_tokens
+    if max_tokens == 0 and (chat or q.echo is not True):
+        raise _bad("max_tokens", "'max_tokens' must be >= 1, got 0")
     if chat:
-        max_tokens = _int(body, "max_completion_tokens", max_tokens, lo=1)
-    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
-    top_p = _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
-    top_k = _int(body, "top_k", 0, lo=-1)
-    seed = _int(body, "seed", None, lo=_SEED_MIN, hi=_SEED_MAX)
-    ignore_eos = _bool(body, "ignore_eos", False)
-    min_p = _number(body, "min_p", 0.0, 0.0, 1.0)
-    presence = _number(body, "presence_penalty", 0.0, -2.0, 2.0)
-    frequency = _number(body, "frequency_penalty", 0.0, -2.0, 2.0)
-    repetition = _number(body, "repetition_penalty", 1.0, 0.0, float("inf"), lo_open=True)
-    if repetition == float("inf"):
-        raise _bad("repetition_penalty", "'repetition_penalty' must be a finite number > 0")
-    min_tokens = _int(body, "min_tokens", 0, lo=0)
+        max_tokens = _or(q.max_completion_tokens, max_tokens)
+    min_tokens = _or(q.min_tokens, 0)
     if max_tokens is not None and min_tokens > max_tokens:
         raise _bad("min_tokens", f"'min_tokens' must be at most max_tokens={max_tokens}, got {min_tokens}")
-    include_stop = _bool(body, "include_stop_str_in_output", False)
-    logit_bias = _logit_bias(body.get("logit_bias"), vocab)
-
-    stop = body.get("stop")
-    if stop is None:
-        stops: list[str] = []
-    elif isinstance(stop, str):
-        stops = [stop] if stop else []
-    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
-        stops = [s for s in stop if s]
-    else:
-        raise _bad("stop", "'stop' must be a string or a list of strings")
-    stop_ids = body.get("stop_token_ids")
-    if stop_ids is None:
-        stop_ids = []
-    elif not isinstance(stop_ids, list):
-        raise _bad("stop_token_ids", "'stop_token_ids' must be a list of integers")
-    else:
-        _token_list(stop_ids, "stop_token_ids", None)
-
-    stream = _bool(body, "stream", False)
+    stop = q.stop
+    stops = ([stop] if stop else []) if isinstance(stop, str) else [s for s in stop or () if s]
+    stream = q.stream is True
     include_usage = False
-    opts = body.get("stream_options")
-    if opts is not None:
-        if not isinstance(opts, dict):
-            raise _bad("stream_options", "'stream_options' must be an object")
+    if q.stream_options is not None:
         if not stream:
             raise _bad("stream_options", "'stream_options' is only allowed when 'stream' is true")
-        include_usage = _bool(opts, "include_usage", False)
+        include_usage = q.stream_options.include_usage is True
 
-    response_format = body.get("response_format")
-    schema = _response_format(response_format)
-    structured = _structured_outputs(body.get("structured_outputs"))
+    response_format = q.response_format
+    json_schema = _response_format(response_format)
+    structured = _structured_outputs(q.structured_outputs)
     if structured is not None:
-        if schema is not None:
+        if json_schema is not None:
             raise _bad("structured_outputs", "give 'structured_outputs' or a json 'response_format', not both")
-        schema = structured
-    text_only = isinstance(response_format, dict) and response_format.get("type") == "text" and structured is None
-    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                            top_k=0 if top_k == -1 else top_k, seed=seed, stop=stops,
-                            stop_token_ids=list(stop_ids), ignore_eos=ignore_eos,
-                            json_schema=schema, text_only=text_only, min_p=min_p, min_tokens=min_tokens,
-                            logit_bias=logit_bias, repetition_penalty=repetition, frequency_penalty=frequency,
-                            presence_penalty=presence, include_stop_str_in_output=include_stop)
+        json_schema = structured
+    text_only = response_format is not None and response_format.type == "text" and structured is None
+    top_k = _or(q.top_k, 0)
+    params = SamplingParams(max_tokens=max_tokens, temperature=_or(q.temperature, 1.0), top_p=_or(q.top_p, 1.0),
+                            top_k=0 if top_k == -1 else top_k, seed=q.seed, stop=stops,
+                            stop_token_ids=list(q.stop_token_ids or ()), ignore_eos=q.ignore_eos is True,
+                            json_schema=json_schema, text_only=text_only, min_p=_or(q.min_p, 0.0),
+                            min_tokens=min_tokens, logit_bias=_logit_bias(q.logit_bias, vocab),
+                            repetition_penalty=_or(q.repetition_penalty, 1.0),
+                            frequency_penalty=_or(q.frequency_penalty, 0.0),
+                            presence_penalty=_or(q.presence_penalty, 0.0),
+                            include_stop_str_in_output=q.include_stop_str_in_output is True)
     return params, stream, include_usage
 
 
-def _scoring(body: dict, chat: bool, params: SamplingParams) -> tuple[int, int, bool, int | None]:
+def _scoring(q, chat: bool, params: SamplingParams) -> tuple[int, int, bool, int | None]:
     """n, best_of, echo, prompt_logprobs as asked; sets params.logprobs / prompt_logprobs (the engine's:
     also for the echoed prompt's logprobs). vsc.runtime.choices shapes them."""
-    n = _int(body, "n", 1, lo=1, hi=MAX_N)
+    n = _or(q.n, 1)
     best_of = n
     if chat:
-        _unsupported(body, "best_of", lambda v: v == 1)
-        if _bool(body, "logprobs", False):
-            params.logprobs = _int(body, "top_logprobs", 0, lo=0, hi=MAX_LOGPROBS)
-        elif body.get("top_logprobs") is not None:
+        if q.logprobs is True:
+            params.logprobs = _or(q.top_logprobs, 0)
+        elif q.top_logprobs is not None:
             raise _bad("top_logprobs", "'top_logprobs' needs 'logprobs': true")
         echo = False
     else:
-        best_of = _int(body, "best_of", n, lo=1, hi=MAX_N)
+        best_of = _or(q.best_of, n)
         if best_of < n:
             raise _bad("best_of", f"'best_of' ({best_of}) must be >= 'n' ({n})")
-        params.logprobs = _int(body, "logprobs", None, lo=0, hi=MAX_LOGPROBS)
-        echo = _bool(body, "echo", False)
-    asked = params.prompt_logprobs = _int(body, "prompt_logprobs", None, lo=0, hi=MAX_LOGPROBS)
+        params.logprobs = q.logprobs
+        echo = q.echo is True
+    asked = params.prompt_logprobs = q.prompt_logprobs
     if echo and params.prompt_logprobs is None and params.logprobs is not None:
         params.prompt_logprobs = params.logprobs         # echoed prompt tokens carry logprobs too
     return n, best_of, echo, asked
 
 
-def _response_format(v: Any) -> str | None:
+def _response_format(v: schema.ResponseFormat | None) -> str | None:
     """OpenAI `response_format` -> the JSON Schema text of json mode (None: free text, or the
     deployment's own schema when it was compiled with json-mode)."""
-    if v is None:
+    if v is None or v.type == "text":
         return None
-    usage = 'e.g. {"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": {...}}}'
-    if not isinstance(v, dict):
-        raise _bad("response_format", f"'response_format' must be an object, {usage}")
-    kind = v.get("type")
-    if kind == "text":
-        return None
-    if kind == "json_object":
+    if v.type == "json_object":
         return ANY_JSON_OBJECT
-    if kind != "json_schema":
-        raise _bad("response_format", f"'response_format.type' must be text, json_object or json_schema, got {kind!r}")
-    spec = v.get("json_schema")
-    schema = spec.get("schema") if isinstance(spec, dict) else None
-    if not isinstance(schema, dict):
-        raise _bad("response_format", f"'response_format.json_schema.schema' must be a JSON Schema object, {usage}")
+    spec = v.json_schema.schema_ if v.json_schema is not None else None
+    if spec is None:
+        raise _bad("response_format", "'response_format.json_schema.schema' must be a JSON Schema object, e.g. "
+                                      '{"type": "json_schema", "json_schema": {"schema": {...}}}')
     try:
-        return check_schema(schema)
+        return check_schema(spec)
     except SchemaError as e:
         raise _bad("response_format", f"'response_format.json_schema.schema': {e}") from None
 
 
-def _prediction(v: Any) -> str | None:
+def _prediction(v: schema.Prediction | None) -> str | None:
     """OpenAI `prediction` ({"type": "content", "content": text or text parts}) -> its text
     (None: absent or empty). The engine drafts the answer from it; the output is unchanged."""
     if v is None:
         return None
-    usage = '{"type": "content", "content": "..."}'
-    if not isinstance(v, dict) or v.get("type") != "content":
-        raise _bad("prediction", f"'prediction' must be {usage}")
-    content = v.get("content")
-    if isinstance(content, str):
-        return content or None
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
-                                         and isinstance(p.get("text"), str) for p in content):
-        return "".join(p["text"] for p in content) or None
-    raise _bad("prediction", f"'prediction.content' must be a string or a list of text parts, as in {usage}")
+    content = v.content
+    return (content if isinstance(content, str) else "".join(p.text for p in content)) or None
 
 
-def _message_text(content: Any, i: int) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise _bad("messages", f"messages[{i}].content: only text parts ({{'type': 'text', 'text': ...}}) "
-                                       "are supported")
-            texts.append(part["text"])
-        return "\n".join(texts)        # as vLLM joins text parts
-    raise _bad("messages", f"messages[{i}].content must be a string or a list of text parts")
-
-
-def _messages(body: dict) -> list[dict[str, str]]:
-    msgs = body.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise _bad("messages", "'messages' must be a non-empty list of {role, content} objects")
+def _messages(messages: list[schema.ChatMessage]) -> list[dict]:
+    """The conversation as the chat template takes it: text content (text parts joined with "\\n",
+    as vLLM joins them), an assistant's tool calls, a tool result's call id, an author's name."""
     out = []
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise _bad("messages", f"messages[{i}] must be an object with a string 'role'")
-        msg = {"role": m["role"], "content": _message_text(m.get("content"), i)}
+    for i, m in enumerate(messages):
+        content = m.content
+        text = content if isinstance(content, str) else "" if content is None else "\n".join(p.text for p in content)
+        msg: dict[str, Any] = {"role": m.role, "content": text}
         try:
-            calls = tooling.check_message_calls(m, i)
+            calls = tooling.check_message_calls({"role": m.role, "tool_calls": m.tool_calls}, i)
         except tooling.ToolsError as e:
             raise _bad(e.param, str(e)) from None
         if calls is not None:
             msg["tool_calls"] = calls
-        for key in ("tool_call_id", "name"):     # a tool result's call id; a message author's name
-            if isinstance(m.get(key), str):
-                msg[key] = m[key]
+        if m.tool_call_id is not None:
+            msg["tool_call_id"] = m.tool_call_id
+        if m.name is not None:
+            msg["name"] = m.name
         out.append(msg)
     return out
 
@@ -426,39 +330,30 @@ def _tool_plan(body: dict, params: SamplingParams) -> tooling.ToolPlan | None:
     return plan
 
 
-# vLLM's /tokenize (its completion and chat forms) and /detokenize fields; others are logged and
-# ignored, as vLLM does. Those of them vsc cannot honour are refused unless at their no-op value.
-_TOKENIZE_FIELDS = frozenset({"model", "prompt", "messages", "add_special_tokens", "return_token_strs",
-                              "add_generation_prompt", "continue_final_message", "chat_template",
-                              "chat_template_kwargs", "mm_processor_kwargs", "tools", "media_io_kwargs"})
-_DETOKENIZE_FIELDS = frozenset({"model", "tokens"})
-
-
-def _ignore_unknown(body: dict, known: frozenset, endpoint: str) -> None:
-    extra = sorted(k for k in body if k not in known)
+def _ignore_unknown(q, endpoint: str) -> None:
+    extra = sorted(q.model_extra or ())
     if extra:
         log.warning("%s: the following fields were present in the request but ignored: %s", endpoint, extra)
 
 
-def _chat_continuation(body: dict) -> tuple[bool, bool]:
+def _chat_continuation(q) -> tuple[bool, bool]:
     """(add_generation_prompt, continue_final_message), as vLLM takes them (not both)."""
-    add = _bool(body, "add_generation_prompt", True)
-    cont = _bool(body, "continue_final_message", False)
+    add = q.add_generation_prompt is not False
+    cont = q.continue_final_message is True
     if add and cont:
         raise _bad("continue_final_message", "'continue_final_message' continues the last message: it needs "
                                              "'add_generation_prompt': false")
     return add, cont
 
 
-def _chat_reply(body: dict) -> tuple[str, str]:
+def _chat_reply(q, messages: list[dict]) -> tuple[str, str]:
     """(role, echo) of a chat reply, as vLLM gives them: the role is "assistant", or the last message's
     without a generation prompt; with `echo`, the reply starts with the last message's text when that
     message has the reply's role (e.g. the start of an answer the model continues)."""
-    add, _ = _chat_continuation(body)
-    echo = _bool(body, "echo", False)
-    last = _messages(body)[-1]
+    add, _ = _chat_continuation(q)
+    last = messages[-1]
     role = "assistant" if add else last["role"]
-    return role, (last["content"] if echo and last["role"] == role else "")
+    return role, (last["content"] if q.echo is True and last["role"] == role else "")
 
 
 def _truncate(ids: list[int], keep: tuple[int, str] | None) -> list[int]:
@@ -580,14 +475,11 @@ class _App:
                               f"than the model's context of {ctx} tokens", code="context_length_exceeded")
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
-    def _truncation(self, body: dict) -> tuple[int, str] | None:
+    def _truncation(self, q) -> tuple[int, str] | None:
         """vLLM's truncate_prompt_tokens (k, or -1: the context length) and truncation_side ("left"
         keeps the last k prompt tokens, the default; "right" the first k): (k, side), or None."""
         ctx = int(self.engine.max_context)
-        k = _int(body, "truncate_prompt_tokens", None, lo=-1)
-        side = body.get("truncation_side")
-        if side is not None and side not in ("left", "right"):
-            raise _bad("truncation_side", f"'truncation_side' must be 'left' or 'right', got {side!r}")
+        k, side = q.truncate_prompt_tokens, q.truncation_side
         if k is None:
             return None
         if k > ctx:
@@ -697,14 +589,17 @@ class _App:
         try:
             body = await self._json(request)
             if translate is not None:
+                _check(schema.ResponsesRequest, body)
                 try:
                     body = translate(body)
                 except ResponsesInputError as e:
                     raise _bad(e.param, str(e)) from None
-            params, stream, include_usage = _common(body, chat=chat, vocab=self.vocab)
-            n, best_of, echo, prompt_k = _scoring(body, chat, params)
-            predicted = _prediction(body.get("prediction"))
-            reply = _chat_reply(body) if chat else None
+            q = _check(schema.ChatCompletionRequest if chat else schema.CompletionRequest, body)
+            params, stream, include_usage = _common(q, chat=chat, vocab=self.vocab)
+            n, best_of, echo, prompt_k = _scoring(q, chat, params)
+            predicted = _prediction(q.prediction)
+            messages = _messages(q.messages) if chat else None
+            reply = _chat_reply(q, messages) if chat else None
             asked_schema = params.json_schema
             plan = _tool_plan(body, params) if chat else None
             by_tools = params.json_schema is not asked_schema      # the tools' grammar constrains the reply
@@ -713,7 +608,7 @@ class _App:
             if self._check_overload is not None:     # overload = shed: refuse before tokenizing
                 self._check_overload()
             # tokenizing (and the chat template) off the event loop: a long prompt delays only itself
-            prompts = await asyncio.to_thread(prompt_of, body, params)
+            prompts = await asyncio.to_thread(prompt_of, q, params, messages, plan)
             if params.min_tokens > params.max_tokens:
                 raise _bad("min_tokens", f"'min_tokens' must be at most max_tokens={params.max_tokens}, "
                                          f"got {params.min_tokens}")
@@ -731,7 +626,7 @@ class _App:
                 params.prediction = list(await asyncio.to_thread(self.tokenizer.encode, predicted,
                                                                  add_special_tokens=False)) or None
             await self._admit_schema(params.json_schema, "tools" if by_tools else
-                                     "response_format" if body.get("structured_outputs") is None else "structured_outputs")
+                                     "response_format" if q.structured_outputs is None else "structured_outputs")
             if echo and any(text is None for _, text in prompts):     # echoed token ids: decode off the loop
                 jobs = await asyncio.to_thread(self._jobs, prompts, params, chat, n, best_of, echo, echo_only, stream)
             else:
@@ -746,10 +641,7 @@ class _App:
         except Exception:
             log.exception("failed to parse a %s request", "chat completion" if chat else "completion")
             return _internal("reading the request").response()
-        unknown = _unknown_fields(body, chat)
-        if unknown:     # as vLLM: logged and ignored (names cut short: they are the client's text)
-            names = ", ".join(repr(k[:40]) for k in unknown[:8]) + (f" and {len(unknown) - 8} more" if len(unknown) > 8 else "")
-            log.warning("ignored request field(s) this server does not know: %s", names)
+        _unknown(q)     # as vLLM: logged and ignored
         if len(jobs) > 1:
             return await self._serve_many(request, prefix, chat, jobs, n, stream, include_usage, arrival)
         ids, params, choice = jobs[0]
@@ -792,11 +684,12 @@ class _App:
                      "tools": "'tools': the tool call's schema"}.get(param, f"'{param}.json'")
             raise _bad(param, f"{where}: {e}") from None
 
-    def _completion_prompt(self, body: dict, params: SamplingParams) -> list[tuple[list[int], str | None]]:
+    def _completion_prompt(self, q: schema.CompletionRequest, params: SamplingParams, *_
+                           ) -> list[tuple[list[int], str | None]]:
         """The prompt(s) as (token ids, text or None when given as ids): a string, a list of token ids,
         or a list of those (several prompts in one request: their choices in order)."""
-        prompt = body.get("prompt")
-        keep = self._truncation(body)
+        prompt = q.prompt
+        keep = self._truncation(q)
         usage = "'prompt' must be a string, a list of token ids, or a list of strings or of token id lists"
         if isinstance(prompt, str):
             items: list = [prompt]
@@ -811,7 +704,7 @@ class _App:
             if isinstance(item, str):
                 ids, text = list(self._encode(item, True, "prompt", keep is None)), item
             elif isinstance(item, list) and item:
-                ids, text = list(_token_list(item, "prompt", self.vocab)), None
+                ids, text = list(_in_vocab(item, "prompt", self.vocab)), None
             else:
                 raise _bad("prompt", usage)
             cut = _truncate(ids, keep)
@@ -827,10 +720,11 @@ class _App:
             self._fit(longest, max(params.max_tokens, 1))
         return out
 
-    def _chat_prompt(self, body: dict, params: SamplingParams) -> list[int]:
-        keep = self._truncation(body)
-        add_generation_prompt, continue_final = _chat_continuation(body)
-        messages, extra = tooling.template_messages(_messages(body), tooling.parse(body),
+    def _chat_prompt(self, q: schema.ChatCompletionRequest, params: SamplingParams, messages: list[dict],
+                     plan: tooling.ToolPlan | None) -> list[tuple[list[int], str]]:
+        keep = self._truncation(q)
+        add_generation_prompt, continue_final = _chat_continuation(q)
+        messages, extra = tooling.template_messages(messages, plan,
                                                     getattr(self.tokenizer, "supports_tools", False) is True)
         if continue_final:
             extra["continue_final_message"] = True
@@ -1071,22 +965,13 @@ class _App:
     async def _gather(self, r: _Req, it, ev: TokenEvent | None, last: float):
         """Collect a request's events into r.out; (finish_reason, usage, last event)."""
         out = r.out
-        observe = self.metrics.itl.observe
-        anext_ = it.__anext__
+
+        def each(ev: TokenEvent) -> None:
+            out.add(ev.token_ids, ev.text, ev.logprobs, ev.prompt_logprobs)
         try:
-            while ev is not None and ev.finish_reason is None:
-                r.counted += len(ev.token_ids)
-                out.add(ev.token_ids, ev.text, ev.logprobs, ev.prompt_logprobs)
-                try:
-                    ev = await anext_()
-                except StopAsyncIteration:
-                    ev = None
-                now = time.monotonic()
-                observe(now - last)
-                last = now
+            ev = await _pump(r, it, ev, last, self.metrics.itl.observe, each)
             if ev is not None:
-                r.counted += len(ev.token_ids)
-                out.add(ev.token_ids, ev.text, ev.logprobs, ev.prompt_logprobs)
+                each(ev)
             reason, usage = self._finish(r, ev)
             out.finish_reason = reason
         finally:
@@ -1134,6 +1019,10 @@ class _App:
         return {"id": self.name, "object": "model", "created": self.model_created, "owned_by": "vsc",
                 "max_model_len": int(self.engine.max_context)}
 
+    async def openapi(self, request: Request) -> Response:
+        """The OpenAPI 3.1 document of this API, generated from its declarations (vsc.runtime.schema)."""
+        return Response(orjson.dumps(schema.openapi(__version__)), media_type=JSON)
+
     async def version(self, request: Request) -> Response:
         return Response(orjson.dumps({"version": __version__}), media_type=JSON)
 
@@ -1148,51 +1037,58 @@ class _App:
             info["chat_template"] = template
         return Response(orjson.dumps(info), media_type=JSON)
 
-    async def tokenize(self, request: Request) -> Response:
-        """vLLM's POST /tokenize: {prompt} or {messages} -> {count, max_model_len, tokens, token_strs}."""
+    async def _small(self, request: Request, what: str, answer) -> Response:
+        """A small POST endpoint: `await answer(body)` is the answer's JSON; refusals are answered as
+        the generation endpoints answer them (400 / 404, 499 for a client gone mid-upload, 500 logged)."""
         arrival = time.monotonic()
         try:
-            body = await self._json(request)
-            _ignore_unknown(body, _TOKENIZE_FIELDS, "/tokenize")
-            chat = "messages" in body
-            if chat and "prompt" in body:
-                raise _bad("messages", "give either 'prompt' or 'messages', not both")
-            for key in ("chat_template", "chat_template_kwargs", "mm_processor_kwargs", "media_io_kwargs"):
-                _unsupported(body, key, lambda v: not v)
-            add_special = _bool(body, "add_special_tokens", not chat)     # vLLM's defaults
-            want_strs = _bool(body, "return_token_strs", False)
-            if want_strs and not callable(getattr(self.tokenizer, "convert_ids_to_tokens", None)):
-                raise _bad("return_token_strs", "this server's tokenizer cannot name its tokens")
-            if chat:
-                add_generation_prompt = _bool(body, "add_generation_prompt", True)
-                _unsupported(body, "continue_final_message", lambda v: v is False)
-                messages = _messages(body)
-                try:
-                    plan = tooling.parse({"tools": body.get("tools")})
-                except tooling.ToolsError as e:
-                    raise _bad(e.param, str(e)) from None
-                text = await asyncio.to_thread(self._render_chat, messages, add_generation_prompt, plan)
-            else:
-                for key in ("add_generation_prompt", "continue_final_message"):
-                    if body.get(key) is not None:
-                        raise _bad(key, f"'{key}' applies to 'messages', not to 'prompt'")
-                if body.get("tools"):
-                    raise _bad("tools", "'tools' applies to 'messages', not to 'prompt'")
-                text = body.get("prompt")
-                if not isinstance(text, str):
-                    raise _bad("prompt", "'prompt' must be a string (or send 'messages')")
-            ids = list(await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens=add_special))
-            strs = list(self.tokenizer.convert_ids_to_tokens(ids)) if want_strs else None
+            out = await answer(await self._json(request))
         except ApiError as e:
             self._log_refusal(e, arrival)
             return e.response()
         except ClientDisconnect:
             return Response(b"", status_code=499)
         except Exception:
-            log.exception("failed to tokenize")
-            return _internal("tokenizing").response()
-        return Response(orjson.dumps({"count": len(ids), "max_model_len": int(self.engine.max_context),
-                                      "tokens": ids, "token_strs": strs}), media_type=JSON)
+            log.exception("failed while %s", what)
+            return _internal(what).response()
+        return Response(orjson.dumps(out), media_type=JSON)
+
+    async def tokenize(self, request: Request) -> Response:
+        """vLLM's POST /tokenize: {prompt} or {messages} -> {count, max_model_len, tokens, token_strs}."""
+        return await self._small(request, "tokenizing", self._tokenize)
+
+    async def _tokenize(self, body: dict) -> dict:
+        q = _check(schema.TokenizeRequest, body)
+        _ignore_unknown(q, "/tokenize")
+        chat = q.messages is not None
+        if chat and q.prompt is not None:
+            raise _bad("messages", "give either 'prompt' or 'messages', not both")
+        for key in ("chat_template", "chat_template_kwargs", "mm_processor_kwargs", "media_io_kwargs"):
+            _unsupported(key, getattr(q, key), lambda v: not v)
+        add_special = _or(q.add_special_tokens, not chat)     # vLLM's defaults
+        want_strs = q.return_token_strs is True
+        if want_strs and not callable(getattr(self.tokenizer, "convert_ids_to_tokens", None)):
+            raise _bad("return_token_strs", "this server's tokenizer cannot name its tokens")
+        if chat:
+            _unsupported("continue_final_message", q.continue_final_message, lambda v: v is False)
+            messages = _messages(q.messages)
+            try:
+                plan = tooling.parse({"tools": body.get("tools")})
+            except tooling.ToolsError as e:
+                raise _bad(e.param, str(e)) from None
+            text = await asyncio.to_thread(self._render_chat, messages, q.add_generation_prompt is not False, plan)
+        else:
+            for key in ("add_generation_prompt", "continue_final_message"):
+                if getattr(q, key) is not None:
+                    raise _bad(key, f"'{key}' applies to 'messages', not to 'prompt'")
+            if q.tools:
+                raise _bad("tools", "'tools' applies to 'messages', not to 'prompt'")
+            text = q.prompt
+            if text is None:
+                raise _bad("prompt", "'prompt' must be a string (or send 'messages')")
+        ids = list(await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens=add_special))
+        strs = list(self.tokenizer.convert_ids_to_tokens(ids)) if want_strs else None
+        return {"count": len(ids), "max_model_len": int(self.engine.max_context), "tokens": ids, "token_strs": strs}
 
     def _render_chat(self, messages: list[dict], add_generation_prompt: bool,
                      plan: tooling.ToolPlan | None = None) -> str:
@@ -1205,24 +1101,13 @@ class _App:
 
     async def detokenize(self, request: Request) -> Response:
         """vLLM's POST /detokenize: {tokens} -> {prompt}, special tokens included (as vLLM decodes)."""
-        arrival = time.monotonic()
-        try:
-            body = await self._json(request)
-            _ignore_unknown(body, _DETOKENIZE_FIELDS, "/detokenize")
-            tokens = body.get("tokens")
-            if not isinstance(tokens, list):
-                raise _bad("tokens", "'tokens' must be a list of token ids")
-            ids = _token_list(tokens, "tokens", self.vocab)
-            text = await asyncio.to_thread(self.tokenizer.decode, ids, skip_special_tokens=False)
-        except ApiError as e:
-            self._log_refusal(e, arrival)
-            return e.response()
-        except ClientDisconnect:
-            return Response(b"", status_code=499)
-        except Exception:
-            log.exception("failed to detokenize")
-            return _internal("detokenizing").response()
-        return Response(orjson.dumps({"prompt": text}), media_type=JSON)
+        return await self._small(request, "detokenizing", self._detokenize)
+
+    async def _detokenize(self, body: dict) -> dict:
+        q = _check(schema.DetokenizeRequest, body)
+        _ignore_unknown(q, "/detokenize")
+        ids = _in_vocab(q.tokens, "tokens", self.vocab)
+        return {"prompt": await asyncio.to_thread(self.tokenizer.decode, ids, skip_special_tokens=False)}
 
     async def health(self, request: Request) -> Response:
         alive = getattr(self.engine, "is_alive", None)
@@ -1258,6 +1143,30 @@ async def _peek_call(it, first: TokenEvent | None) -> TokenEvent | None:
     last = got[-1]
     return dataclasses.replace(last, token_ids=[t for e in got for t in e.token_ids], text=text,
                                completion_tokens=last.completion_tokens if last.finish_reason else 0)
+
+
+async def _pump(r: _Req, it, ev: TokenEvent | None, last: float, observe, each) -> TokenEvent | None:
+    """Drive one request's engine stream from its first event `ev` (at monotonic time `last`):
+    `each(event)` for every event before the final one (an awaitable it returns is awaited: a
+    chunk's send), completion tokens counted in r.counted and each inter-token latency observed.
+    Returns the final event (its tokens counted, not passed to `each`), or None when the stream
+    ended without one. The one loop of the collected, streamed and tool-call paths."""
+    anext_ = it.__anext__
+    while ev is not None and ev.finish_reason is None:
+        r.counted += len(ev.token_ids)
+        sending = each(ev)
+        if sending is not None:
+            await sending
+        try:
+            ev = await anext_()
+        except StopAsyncIteration:
+            ev = None
+        now = time.monotonic()
+        observe(now - last)
+        last = now
+    if ev is not None:
+        r.counted += len(ev.token_ids)
+    return ev
 
 
 def _sse(events: list[dict]) -> Response:
@@ -1372,28 +1281,25 @@ class _EventStream(Response):
         r, app, it = self.r, self.app, self.it
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
         pending, prefix, suffix = self._chunk_parts()
-        dumps, observe, anext_ = orjson.dumps, app.metrics.itl.observe, it.__anext__
-        ev, last = self.first, self.t_first
+        dumps = orjson.dumps
         detailed = r.out is not None and r.out.detailed
+
+        def each(ev: TokenEvent):
+            """A token event's chunk: the send to await (None: nothing to send yet)."""
+            nonlocal pending
+            if detailed:
+                chunk = self._detailed(ev, None)[0]
+                if not chunk:
+                    return None
+                body = pending + chunk
+            elif ev.text:
+                body = pending + prefix + dumps(ev.text) + suffix
+            else:
+                return None
+            pending = b""
+            return send({"type": _BODY, "body": body, "more_body": True})
         try:
-            while ev is not None and ev.finish_reason is None:
-                r.counted += len(ev.token_ids)
-                if detailed:
-                    chunk = self._detailed(ev, None)[0]
-                    if chunk:
-                        await send({"type": _BODY, "body": pending + chunk, "more_body": True})
-                        pending = b""
-                elif ev.text:
-                    await send({"type": _BODY, "body": pending + prefix + dumps(ev.text) + suffix,
-                                "more_body": True})
-                    pending = b""
-                try:
-                    ev = await anext_()
-                except StopAsyncIteration:
-                    ev = None
-                now = time.monotonic()
-                observe(now - last)
-                last = now
+            ev = await _pump(r, it, self.first, self.t_first, app.metrics.itl.observe, each)
         except Exception:               # (a cancellation is a BaseException and passes through)
             log.exception("engine failed while streaming request %s", r.rid)
             app._unguard(r)
@@ -1404,7 +1310,6 @@ class _EventStream(Response):
             return
         text, logprobs = "", None
         if ev is not None:
-            r.counted += len(ev.token_ids)
             if detailed:
                 _, text, logprobs = self._detailed(ev, ev.finish_reason)
             else:
@@ -1584,6 +1489,7 @@ def build_app(engine, tokenizer, metrics: ServerMetrics, served_model_name: str,
         Route("/tokenizer_info", a.tokenizer_info, methods=["GET"]),
         Route("/detokenize", a.detokenize, methods=["POST"]),
         Route("/metrics", a.metrics_endpoint, methods=["GET"]),
+        Route("/openapi.json", a.openapi, methods=["GET"]),
     ]
     security = security or Security(max_body_bytes=default_max_body(engine.max_context))
     app = Starlette(routes=routes, exception_handlers={HTTPException: not_found},

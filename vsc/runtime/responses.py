@@ -22,13 +22,13 @@ from typing import Any
 
 import orjson
 
+from vsc.runtime.schema import ResponsesRequest
+
 log = logging.getLogger("vsc.runtime.responses")
 
-#: Fields of a Responses request this server reads; others are logged and ignored (as vLLM does).
-FIELDS = frozenset({"model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "stream",
-                    "text", "store", "metadata", "previous_response_id", "tools", "tool_choice",
-                    "parallel_tool_calls", "reasoning", "truncation", "include", "top_logprobs", "background",
-                    "user", "service_tier", "stream_options"})
+#: Fields of a Responses request this server reads (declared in vsc.runtime.schema); others are
+#: logged and ignored (as vLLM does).
+FIELDS = frozenset(ResponsesRequest.model_fields)
 _ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
 _TEXT_PARTS = ("input_text", "output_text", "text")
 
