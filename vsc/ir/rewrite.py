@@ -72,6 +72,23 @@ def derived_name(weight: str, old: str, new: str, fallback_suffix: str) -> str:
     return weight + fallback_suffix
 
 
+def paged_kv_capacity(module: ServingModule, dtype: str, block: int, tokens: int, kind: str = "") -> int:
+    """Tokens a paged KV cache of `dtype` elements in `block`-token blocks holds: `tokens` (0: as
+    many as the cache's budget holds), rounded down to whole blocks. VscError when `tokens` needs
+    more than the budget or the budget holds no block; `kind` names the cache there ("int8")."""
+    budget = module.cache.budget_bytes
+    per_token = kv_bytes_per_token(module.model.attrs, dtype)
+    affordable = budget // per_token
+    wanted = tokens or affordable
+    what = f"{kind} " if kind else ""
+    if wanted > affordable:
+        raise VscError(f"tokens={wanted} needs {wanted * per_token} B of {what}KV cache, the budget is {budget} B")
+    capacity = wanted // block * block
+    if capacity == 0:
+        raise VscError(f"the KV budget ({budget} B) holds no {block}-token {what}block")
+    return capacity
+
+
 def credit_freed_weight_bytes(module: ServingModule, before: int, origin) -> None:
     """Give the bytes a weight rewrite freed (`before` = weight_bytes ahead of it) to the KV
     cache budget, or take what it added (a packed or quantized copy of a tied head): when the
