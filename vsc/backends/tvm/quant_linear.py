@@ -35,7 +35,7 @@ from __future__ import annotations
 import tvm  # noqa: F401  (TVMScript needs tvm initialised)
 from tvm.script import tirx as T
 
-from vsc.backends.tvm.vector_ir import ALIGN, dpbusd, i32, match_quant_linear, shuffle, vstore
+from vsc.backends.tvm.vector_ir import ALIGN, dpbusd, i32, match_quant_linear, match_quant_weight, shuffle, vstore
 from vsc.backends.tvm.vector_ir import lanes as _lanes
 from vsc.runtime.quant import BLOCK, get_format
 
@@ -89,8 +89,6 @@ def make_quant_linear(fmt: str, N: int, K: int, R: int = DEFAULT_R, MT: int = DE
         raise ValueError("accumulator tile must stay under TVM's 1 KiB stack-alloca limit (MT * R < 16)")
     NB = K // BLOCK
     NT = (N + R - 1) // R
-    QW = K if fmt == "q8_0" else K // 2
-    QDT = "int8" if fmt == "q8_0" else "uint8"
     name = kernel_name(fmt, N, K)
 
     @T.prim_func(s_tir=True)
@@ -98,9 +96,7 @@ def make_quant_linear(fmt: str, N: int, K: int, R: int = DEFAULT_R, MT: int = DE
         T.func_attr({"global_symbol": name, "tirx.noalias": True})
         M = T.int64()
         X = T.match_buffer(x_h, (M, K), "float32")
-        QS = T.match_buffer(qs_h, (N, QW), QDT)
-        D = T.match_buffer(d_h, (N, NB), "float16")
-        MN = T.match_buffer(m_h, (N, NB), "float16")
+        QS, D, MN = match_quant_weight(qs_h, d_h, m_h, fmt, N, K)
         Y = T.match_buffer(y_h, (M, N), "float32")
         for nt in T.parallel(NT):
             W = T.alloc_buffer((R, 32), "float32", scope="global")
@@ -153,16 +149,12 @@ def make_dequantize(fmt: str, N: int, K: int):
     """PrimFunc `dequantize_<fmt>_<N>x<K>(qs, d, m, w)`: w [N, K] f32 = dequant(parts)."""
     _check(fmt, N, K)
     NB = K // BLOCK
-    QW = K if fmt == "q8_0" else K // 2
-    QDT = "int8" if fmt == "q8_0" else "uint8"
     name = dequant_name(fmt, N, K)
 
     @T.prim_func(s_tir=True)
     def func(qs_h: T.handle, d_h: T.handle, m_h: T.handle, w_h: T.handle):
         T.func_attr({"global_symbol": name, "tirx.noalias": True})
-        QS = T.match_buffer(qs_h, (N, QW), QDT)
-        D = T.match_buffer(d_h, (N, NB), "float16")
-        MN = T.match_buffer(m_h, (N, NB), "float16")
+        QS, D, MN = match_quant_weight(qs_h, d_h, m_h, fmt, N, K)
         W = T.match_buffer(w_h, (N, K), "float32")
         for n in T.parallel(N):
             for b in range(NB):
@@ -182,8 +174,6 @@ def make_embed(fmt: str, N: int, K: int):
     the gather of a block-quantized embedding table (tokens int64 [M], M dynamic)."""
     _check(fmt, N, K)
     NB = K // BLOCK
-    QW = K if fmt == "q8_0" else K // 2
-    QDT = "int8" if fmt == "q8_0" else "uint8"
     name = embed_name(fmt, N, K)
 
     @T.prim_func(s_tir=True)
@@ -191,9 +181,7 @@ def make_embed(fmt: str, N: int, K: int):
         T.func_attr({"global_symbol": name, "tirx.noalias": True})
         M = T.int64()
         TOK = T.match_buffer(t_h, (M,), "int64", align=8)
-        QS = T.match_buffer(qs_h, (N, QW), QDT)
-        D = T.match_buffer(d_h, (N, NB), "float16")
-        MN = T.match_buffer(m_h, (N, NB), "float16")
+        QS, D, MN = match_quant_weight(qs_h, d_h, m_h, fmt, N, K)
         Y = T.match_buffer(y_h, (M, K), "float32")
         for m in range(M):
             for b in range(NB):
