@@ -65,6 +65,12 @@ def add_concat_weight(model: ModelGraph, wanted_name: str, parts: list[str], ori
     return name
 
 
+def variant_weight_name(weight: str, tag: str, part: str = "weight") -> str:
+    """The name of a weight made from another (packed, quantized): `@x.q_proj.weight` ->
+    `@x.q_proj_<tag>.<part>`."""
+    return f"{weight.removesuffix('.weight')}_{tag}.{part}"
+
+
 def derived_name(weight: str, old: str, new: str, fallback_suffix: str) -> str:
     """`@...q_proj.weight` -> `@...qkv_proj.weight`; names without `old` get a suffix."""
     if old in weight:
