@@ -28,7 +28,7 @@ from __future__ import annotations
 import tvm  # noqa: F401  (TVMScript needs tvm initialised)
 from tvm.script import tirx as T
 
-from vsc.backends.tvm.vector_ir import ALIGN, match_attention_inputs
+from vsc.backends.tvm.vector_ir import ALIGN, match_attention_inputs, vector_width
 
 LANES = 16
 KINDS = ("kv_write", "paged_attention")
@@ -47,15 +47,10 @@ def _check(hq: int, hk: int, d: int, bs: int = 1) -> None:
         raise ValueError(f"paged attention: heads {hq} must be a positive multiple of kv_heads {hk}")
 
 
-def _lanes(d: int) -> int:
-    """Vector width over head_dim: 16 (AVX-512) when it divides d, else the largest power of two that does."""
-    return next(lanes for lanes in (LANES, 8, 4, 2, 1) if d % lanes == 0)
-
-
 def make_kv_write(HK: int, D: int):
     _check(HK, HK, D)
     name = kv_write_name(HK, D)
-    NV = _lanes(D)
+    NV = vector_width(D)
 
     @T.prim_func(s_tir=True)
     def func(k_h: T.handle, v_h: T.handle, s_h: T.handle, kc_h: T.handle, vc_h: T.handle):
@@ -81,7 +76,7 @@ def make_kv_write(HK: int, D: int):
 def make_paged_attention(HQ: int, HK: int, D: int, BS: int):
     _check(HQ, HK, D, BS)
     G = HQ // HK
-    NV = _lanes(D)
+    NV = vector_width(D)
     DC = D // NV
     name = paged_attention_name(HQ, HK, D, BS)
     NEG = -3.0e38

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import tvm
 from tvm import tirx
+from tvm.script import tirx as T
 from tvm.tirx.script.builder import ir as B
 
 ALIGN = 4  # torch tensors (views, parts sliced from a file) need not be 64-byte aligned
@@ -13,6 +14,12 @@ ALIGN = 4  # torch tensors (views, parts sliced from a file) need not be 64-byte
 
 def lanes(e) -> int:
     return tvm.DataType(str(e.ty)).lanes
+
+
+def vector_width(n: int) -> int:
+    """The float vector width for rows of n: 16 (AVX-512) when it divides n, else the largest
+    power of two that does."""
+    return next(width for width in (16, 8, 4, 2, 1) if n % width == 0)
 
 
 def i32(v):
@@ -35,6 +42,21 @@ def dpbusd(acc, u8, s8):
     """AVX-512 VNNI: acc (int32 lanes) += dot of each 4 u8 x 4 s8 (LLVM wants i8 vector operands)."""
     n = lanes(acc)
     return B.call_llvm_pure_intrin(f"int32x{n}", f"llvm.x86.avx512.vpdpbusd.{n * 32}", acc, u8, s8)
+
+
+@T.macro
+def zero_row(acc, t, R, V):
+    # acc[t, r, :V] = 0 for the R accumulators of x row t of a GEMM tile (linear, quant_linear)
+    for r in T.unroll(R):
+        for l in T.vectorized(V):
+            acc[t, r, l] = T.float32(0)
+
+
+@T.macro
+def zero_tile(acc, MT, R, V):
+    # acc[t, r, :V] = 0 for the MT x R accumulators of a GEMM tile
+    for t in T.unroll(MT):
+        zero_row(acc, t, R, V)
 
 
 def match_quant_weight(qs_h, d_h, m_h, fmt: str, N: int, K: int, align: int = -1):
