@@ -12,6 +12,7 @@ import torch
 from vsc.backends.torch.accuracy import AccuracyReport, _compare, check_accuracy
 from vsc.backends.torch.codegen import generate_runner_source, load_runner_class
 from vsc.backends.torch.reference import DEFAULT_TOLERANCE, probe_texts, reference_model, tokenize_probes
+from vsc.errors import ModelError
 from vsc.frontend.lower import lower_spec
 from vsc.frontend.parser import parse_spec_text
 from vsc.ir.module import ServingModule
@@ -198,6 +199,14 @@ def test_probes_are_deterministic_and_vary_in_length(tiny_dirs):
     lengths = [len(p) for p in tokenize_probes(tiny_dirs["llama"], 8, limit=10_000)]
     assert min(lengths) < 16 < max(lengths) and max(lengths) > 64    # shorter and longer than a block
     assert all(len(p) <= 20 for p in tokenize_probes(tiny_dirs["llama"], 8, limit=20))
+
+
+def test_probes_need_a_readable_tokenizer_json(tmp_path):
+    with pytest.raises(ModelError, match=r"no tokenizer.json in the model folder \(the accuracy check tokenizes"):
+        tokenize_probes(tmp_path, 2, limit=16)
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ModelError, match="cannot read the tokenizer"):
+        tokenize_probes(tmp_path, 2, limit=16)
 
 
 def test_reference_model_is_loaded_once_per_folder(tiny_dirs):

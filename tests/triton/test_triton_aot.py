@@ -6,6 +6,8 @@ compiling process would take in-process.
 """
 from __future__ import annotations
 
+import ast
+import builtins
 import hashlib
 import json
 import re
@@ -90,6 +92,12 @@ def test_sources_are_standalone_kernels(sm90):
         text = (out / e["source"]["path"]).read_text()
         compile(text, e["source"]["path"], "exec")
         assert "@triton.jit\ndef " + e["entry"] + "(" in text
+        # every function it calls by a bare name is in the file (a @triton.jit helper) or a builtin
+        tree = ast.parse(text)
+        defined = {f.name for f in tree.body if isinstance(f, ast.FunctionDef)}
+        called = {c.func.id for c in ast.walk(tree) if isinstance(c, ast.Call) and isinstance(c.func, ast.Name)}
+        assert called - defined - set(dir(builtins)) == set(), e["source"]["path"]
+    assert "def _residual_chunk(" in (out / "rmsnorm.py").read_text()      # rmsnorm's helper came along
 
 
 def test_other_arch_and_model_shapes(tmp_path):

@@ -254,6 +254,12 @@ def walk_ops(ops: list[Op]) -> Iterator[Op]:
             yield from walk_ops(op.region.ops)
 
 
+def layer_op_ids(func: Function) -> set[int]:
+    """id() of every op inside the regions of `func`'s body (the decoder layers); the ops outside
+    them are the embedding and the head."""
+    return {id(op) for top in func.body if top.region is not None for op in walk_ops(top.region.ops)}
+
+
 class NameAllocator:
     """Fresh SSA names that do not clash with any name already in a function."""
 

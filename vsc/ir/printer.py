@@ -8,7 +8,6 @@ from dataclasses import fields
 from typing import Any
 
 from vsc.ir.module import Op, Region, ServingModule, Weight
-from vsc.ir.types import Origin
 
 IR_VERSION = 1
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -46,17 +45,6 @@ def format_attrs(attrs: dict, empty: str = "") -> str:
     return "{" + ", ".join(items) + "}"
 
 
-def format_origin(origin: Origin) -> str:
-    """`loc(...)` with the detail as a JSON string literal, so that control characters and
-    newlines in a file name or pass name are escaped (str(Origin) leaves them raw, which the
-    parser's JSON string reader rejects)."""
-    if origin.kind == "spec":
-        return f"loc({json.dumps(origin.detail)}:{origin.line}:{origin.column})"
-    if origin.kind == "unknown":
-        return "loc(unknown)"
-    return f"loc({origin.kind} {json.dumps(origin.detail)})"
-
-
 def _dataclass_attrs(obj) -> dict:
     """The fields of a policy dataclass (all but origin) as an attribute dict."""
     return {f.name: getattr(obj, f.name) for f in fields(obj) if f.name != "origin"}
@@ -75,7 +63,7 @@ def format_op(op: Op, indent: str) -> list[str]:
         text += f" via {op.kernel.name}"
         if op.kernel.config:
             text += format_attrs(op.kernel.config)
-    text += f" {format_origin(op.origin)}"
+    text += f" {op.origin}"
     if op.region is None:
         return [text]
     return [text + " {", *format_region(op.region, indent + _INDENT), indent + "}"]
@@ -95,7 +83,7 @@ def format_weight(w: Weight, indent: str) -> str:
     text = f"{indent}weight {w.name} : {w.type} = {w.init_fn}({args})"
     if w.init_attrs:
         text += " " + format_attrs(w.init_attrs)
-    return f"{text} {format_origin(w.origin)}"
+    return f"{text} {w.origin}"
 
 
 def print_module(module: ServingModule, pipeline: str | None = None) -> str:
@@ -103,14 +91,14 @@ def print_module(module: ServingModule, pipeline: str | None = None) -> str:
     out = [f"// vsc-ir {IR_VERSION}"]
     if pipeline is not None:
         out.append(f"// pipeline: {pipeline}")
-    out.append(f"module @{module.name} {format_origin(module.origin)} {{")
+    out.append(f"module @{module.name} {module.origin} {{")
     i1, i2, i3 = _INDENT, _INDENT * 2, _INDENT * 3
     out.append(f"{i1}deployment {format_attrs(module.deployment, empty='{}')}")
     t = module.target
-    out.append(f"{i1}target {t.kind} {format_attrs(t.attrs, empty='{}')} {format_origin(t.origin)}")
+    out.append(f"{i1}target {t.kind} {format_attrs(t.attrs, empty='{}')} {t.origin}")
 
     m = module.model
-    out.append(f"{i1}model @{m.name} {format_attrs(m.attrs, empty='{}')} {format_origin(m.origin)} {{")
+    out.append(f"{i1}model @{m.name} {format_attrs(m.attrs, empty='{}')} {m.origin} {{")
     for w in m.weights:
         out.append(format_weight(w, i2))
     f = m.func
@@ -124,11 +112,11 @@ def print_module(module: ServingModule, pipeline: str | None = None) -> str:
 
     for keyword, section in (("schedule", module.schedule), ("cache", module.cache), ("batching", module.batching)):
         attrs = section.attrs if keyword == "schedule" else _dataclass_attrs(section)
-        out.append(f"{i1}{keyword} {format_attrs(attrs, empty='{}')} {format_origin(section.origin)}")
+        out.append(f"{i1}{keyword} {format_attrs(attrs, empty='{}')} {section.origin}")
 
     out.append(f"{i1}requests {{")
     for stage in module.requests.stages():
-        out.append(f"{i2}stage {stage.name} {format_attrs(stage.attrs, empty='{}')} {format_origin(stage.origin)}")
+        out.append(f"{i2}stage {stage.name} {format_attrs(stage.attrs, empty='{}')} {stage.origin}")
     for src, dst in module.requests.edges():
         out.append(f"{i2}{src} -> {dst}")
     out.append(f"{i1}}}")

@@ -79,11 +79,35 @@ def add_concat_weight(model: ModelGraph, wanted_name: str, parts: list[str], ori
     return name
 
 
+def variant_weight_name(weight: str, tag: str, part: str = "weight") -> str:
+    """The name of a weight made from another (packed, quantized): `@x.q_proj.weight` ->
+    `@x.q_proj_<tag>.<part>`."""
+    return f"{weight.removesuffix('.weight')}_{tag}.{part}"
+
+
 def derived_name(weight: str, old: str, new: str, fallback_suffix: str) -> str:
     """`@...q_proj.weight` -> `@...qkv_proj.weight`; names without `old` get a suffix."""
     if old in weight:
         return weight.replace(old, new, 1)
     return weight + fallback_suffix
+
+
+def paged_kv_capacity(module: ServingModule, dtype: str, block: int, tokens: int, kind: str = "") -> int:
+    """Tokens a paged KV cache of `dtype` elements in `block`-token blocks holds: `tokens` (0: as
+    many as the cache's budget holds), rounded down to whole blocks. VscError when `tokens` needs
+    more than the budget or the budget holds no block; `kind` names the cache there ("int8")."""
+    budget = module.cache.budget_bytes
+    per_token = kv_bytes_per_token(module.model.attrs, dtype)
+    affordable = budget // per_token
+    wanted = tokens or affordable
+    what = f"{kind} " if kind else ""
+    if wanted > affordable:
+        raise VscError(f"tokens={wanted} needs {format_bytes(wanted * per_token)} of {what}KV cache, "
+                       f"the budget is {format_bytes(budget)}")
+    capacity = wanted // block * block
+    if capacity == 0:
+        raise VscError(f"the KV budget ({format_bytes(budget)}) holds no {block}-token {what}block")
+    return capacity
 
 
 def credit_freed_weight_bytes(module: ServingModule, before: int, origin) -> None:

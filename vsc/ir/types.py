@@ -1,6 +1,7 @@
 """Tensor types with symbolic shapes, and source origins: the leaves of the IR."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from vsc.runtime.quant_formats import FORMATS as QUANT_FORMATS
@@ -68,11 +69,13 @@ class Origin:
     column: int | None = None
 
     def __str__(self) -> str:
+        """The .vsir form, the detail as a JSON string literal (control characters and newlines in
+        a file or pass name escaped, as the parser's JSON string reader wants them)."""
         if self.kind == "spec":
-            return f'loc("{_escape(self.detail)}":{self.line}:{self.column})'
+            return f"loc({json.dumps(self.detail)}:{self.line}:{self.column})"
         if self.kind == "unknown":
             return "loc(unknown)"
-        return f'loc({self.kind} "{_escape(self.detail)}")'
+        return f"loc({self.kind} {json.dumps(self.detail)})"
 
     def describe(self) -> str:
         """Human wording for diagnostics: 'spec examples/chat.vs:3:3', 'pass fuse-qkv'."""
@@ -97,5 +100,3 @@ def pass_origin(pass_name: str) -> Origin:
     return Origin("pass", pass_name)
 
 
-def _escape(s: str) -> str:
-    return s.replace("\\", "\\\\").replace('"', '\\"')

@@ -20,7 +20,7 @@ same sums; the final accuracy check runs either way).
 from __future__ import annotations
 
 from vsc.errors import VscError
-from vsc.ir.module import ServingModule, walk_ops
+from vsc.ir.module import ServingModule, layer_op_ids, walk_ops
 from vsc.ir.types import pass_origin
 from vsc.passes.base import Option, Pass, register_pass
 
@@ -36,7 +36,7 @@ def decode_gemm_macs(module: ServingModule) -> list[int]:
     model = module.model
     batch = max(1, int(module.batching.max_batch or 1))
     layers = int(model.attrs.get("layers", 1))
-    layer_ops = {id(op) for top in model.func.body if top.region is not None for op in walk_ops(top.region.ops)}
+    layer_ops = layer_op_ids(model.func)
     macs: list[int] = []
     for op in walk_ops(model.func.body):
         if op.kind not in GEMM_KINDS:

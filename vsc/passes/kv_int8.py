@@ -40,7 +40,7 @@ from __future__ import annotations
 from vsc.errors import VscError
 from vsc.ir.kernels import KERNELS, best_kernel
 from vsc.ir.module import KernelRef, ServingModule, walk_ops
-from vsc.ir.sizes import format_bytes, kv_bytes_per_token
+from vsc.ir.rewrite import paged_kv_capacity
 from vsc.ir.types import pass_origin
 from vsc.passes.base import Option, Pass, register_pass
 
@@ -67,15 +67,7 @@ class KVInt8(Pass):
         kernel = best_kernel("attention", target, "paged", INT8)
         if kernel is None:
             raise VscError(f"kv-int8: no attention kernel reads an int8 paged KV cache on target {target}")
-        per_token = kv_bytes_per_token(module.model.attrs, INT8)
-        affordable = cache.budget_bytes // per_token
-        wanted = self.tokens or affordable
-        if wanted > affordable:
-            raise VscError(f"tokens={wanted} needs {format_bytes(wanted * per_token)} of int8 KV cache, "
-                           f"the budget is {format_bytes(cache.budget_bytes)}")
-        capacity = wanted // cache.block_size * cache.block_size
-        if capacity == 0:
-            raise VscError(f"the KV budget ({format_bytes(cache.budget_bytes)}) holds no {cache.block_size}-token int8 block")
+        capacity = paged_kv_capacity(module, INT8, cache.block_size, self.tokens, kind="int8")
         cache.dtype, cache.capacity_tokens = INT8, capacity
         cache.origin = pass_origin(self.name)
         self.stat("sized", capacity, "int8 cache tokens")

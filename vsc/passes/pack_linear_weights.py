@@ -25,19 +25,13 @@ another order than MKL: may_change_outputs=True, the accuracy check runs after i
 from __future__ import annotations
 
 from vsc.errors import VscError
-from vsc.ir.module import KernelRef, ModelGraph, ServingModule, Weight, walk_ops
-from vsc.ir.rewrite import credit_freed_weight_bytes, times_run, unique_weight_name
+from vsc.ir.module import KernelRef, ModelGraph, ServingModule, Weight, layer_op_ids, walk_ops
+from vsc.ir.rewrite import credit_freed_weight_bytes, times_run, unique_weight_name, variant_weight_name
 from vsc.ir.sizes import weight_bytes
 from vsc.ir.types import pass_origin
 from vsc.passes.base import Option, Pass, register_pass
 
 KERNEL = "torch.linear_onednn"
-
-
-def packed_name(weight: str) -> str:
-    """`@x.q_proj.weight` -> `@x.q_proj_packed.weight`."""
-    base = weight[:-len(".weight")] if weight.endswith(".weight") else weight
-    return f"{base}_packed.weight"
 
 
 @register_pass
@@ -56,7 +50,7 @@ class PackLinearWeights(Pass):
         origin = pass_origin(self.name)
         batch = max(1, int(module.batching.max_batch or 1))
         plain_readers = {op.operands[1] for op in walk_ops(func.body) if op.kind != "linear" and len(op.operands) > 1}
-        layer_ops = {id(op) for top in func.body if top.region is not None for op in walk_ops(top.region.ops)}
+        layer_ops = layer_op_ids(func)
         packed: dict[str, str] = {}
         before = weight_bytes(model)
         times = times_run(module)
@@ -88,7 +82,7 @@ class PackLinearWeights(Pass):
 
     @staticmethod
     def _declare(model: ModelGraph, source: Weight, batch: int, origin) -> str:
-        name = unique_weight_name(model, packed_name(source.name))
+        name = unique_weight_name(model, variant_weight_name(source.name, "packed"))
         at = model.weights.index(source) + 1
         model.weights.insert(at, Weight(name, source.type, "onednn_pack", [source.name], {"batch": batch}, origin))
         return name

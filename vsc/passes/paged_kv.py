@@ -8,10 +8,9 @@ whole blocks; attention ops move to a kernel that reads through a block table.
 """
 from __future__ import annotations
 
-from vsc.errors import VscError
 from vsc.ir.kernels import KERNELS, PAGED_ATTENTION_KERNEL
 from vsc.ir.module import KernelRef, ServingModule, walk_ops
-from vsc.ir.sizes import format_bytes, kv_bytes_per_token
+from vsc.ir.rewrite import paged_kv_capacity
 from vsc.ir.types import pass_origin
 from vsc.passes.base import Option, Pass, register_pass
 
@@ -27,15 +26,7 @@ class PagedKV(Pass):
 
     def apply(self, module: ServingModule) -> None:
         cache = module.cache
-        per_token = kv_bytes_per_token(module.model.attrs, module.cache.dtype)
-        affordable = cache.budget_bytes // per_token
-        wanted = self.tokens or affordable
-        if wanted > affordable:
-            raise VscError(f"tokens={wanted} needs {format_bytes(wanted * per_token)} of KV cache, "
-                           f"the budget is {format_bytes(cache.budget_bytes)}")
-        capacity = wanted // self.block * self.block
-        if capacity == 0:
-            raise VscError(f"the KV budget ({format_bytes(cache.budget_bytes)}) holds no {self.block}-token block")
+        capacity = paged_kv_capacity(module, cache.dtype, self.block, self.tokens)
         cache.layout, cache.block_size, cache.capacity_tokens = "paged", self.block, capacity
         cache.origin = pass_origin(self.name)
         for op in walk_ops(module.model.func.body):

@@ -28,17 +28,11 @@ from __future__ import annotations
 
 from vsc.errors import VscError
 from vsc.ir.kernels import best_kernel
-from vsc.ir.module import KernelRef, ModelGraph, ServingModule, Weight, walk_ops
-from vsc.ir.rewrite import credit_freed_weight_bytes, times_run, unique_weight_name
+from vsc.ir.module import KernelRef, ModelGraph, ServingModule, Weight, layer_op_ids, walk_ops
+from vsc.ir.rewrite import credit_freed_weight_bytes, times_run, unique_weight_name, variant_weight_name
 from vsc.ir.sizes import weight_bytes
 from vsc.ir.types import FLOAT_DTYPES, QUANT_DTYPES, TensorType, pass_origin
 from vsc.passes.base import Option, Pass, register_pass
-
-
-def quantized_name(weight: str, fmt: str) -> str:
-    """`@x.q_proj.weight` -> `@x.q_proj_q4_1.weight`."""
-    base = weight[:-len(".weight")] if weight.endswith(".weight") else weight
-    return f"{base}_{fmt}.weight"
 
 
 @register_pass
@@ -56,7 +50,7 @@ class QuantizeWeights(Pass):
         origin = pass_origin(self.name)
         before = weight_bytes(model)
         embeds = [op for op in walk_ops(func.body) if op.kind == "embed"]
-        layer_ops = {id(op) for top in func.body if top.region is not None for op in walk_ops(top.region.ops)}
+        layer_ops = layer_op_ids(func)
         made: dict[str, str] = {}
         times = times_run(module)
         for op in walk_ops(func.body):
@@ -93,7 +87,7 @@ class QuantizeWeights(Pass):
         op.origin = origin
 
     def _declare(self, model: ModelGraph, source: Weight, origin) -> str:
-        name = unique_weight_name(model, quantized_name(source.name, self.format))
+        name = unique_weight_name(model, variant_weight_name(source.name, self.format))
         at = model.weights.index(source) + 1
         model.weights.insert(at, Weight(name, TensorType(self.format, source.type.shape), "quantize", [source.name],
                                         {"format": self.format}, origin))

@@ -56,18 +56,12 @@ from __future__ import annotations
 
 from vsc.errors import VscError
 from vsc.ir.kernels import default_kernel
-from vsc.ir.module import KernelRef, ModelGraph, ServingModule, Weight, walk_ops
-from vsc.ir.rewrite import credit_freed_weight_bytes, times_run, unique_weight_name
+from vsc.ir.module import KernelRef, ModelGraph, ServingModule, Weight, layer_op_ids, walk_ops
+from vsc.ir.rewrite import credit_freed_weight_bytes, times_run, unique_weight_name, variant_weight_name
 from vsc.ir.sizes import weight_bytes
 from vsc.ir.types import TensorType, pass_origin
 from vsc.ir.weight_inits import int8_group_size
 from vsc.passes.base import Option, Pass, register_pass
-
-
-def quantized_names(weight: str) -> tuple[str, str]:
-    """`@x.q_proj.weight` -> (`@x.q_proj_i8.weight`, `@x.q_proj_i8.scales`)."""
-    base = weight[:-len(".weight")] if weight.endswith(".weight") else weight
-    return f"{base}_i8.weight", f"{base}_i8.scales"
 
 
 @register_pass
@@ -86,7 +80,7 @@ class WeightInt8(Pass):
         origin = pass_origin(self.name)
         before = weight_bytes(model)
         embedded = {op.operands[1] for op in walk_ops(func.body) if op.kind == "embed"}
-        layer_ops = {id(op) for top in func.body if top.region is not None for op in walk_ops(top.region.ops)}
+        layer_ops = layer_op_ids(func)
         quantized: dict[str, tuple[str, str]] = {}
         times = times_run(module)
         for op in walk_ops(func.body):
@@ -116,7 +110,8 @@ class WeightInt8(Pass):
                            f"(choose a divisor of {source.type.shape[1]}, or group=0 for one scale per output row)")
             raise VscError(problem)
         out, cols = source.type.shape
-        values_name, scales_name = (unique_weight_name(model, n) for n in quantized_names(weight))
+        values_name, scales_name = (unique_weight_name(model, variant_weight_name(weight, "i8", part))
+                                     for part in ("weight", "scales"))
         attrs = {"group": self.group}
         new = [Weight(values_name, TensorType("i8", (out, cols)), "quantize_int8", [weight], dict(attrs), origin),
                Weight(scales_name, TensorType("f32", (out, cols // size)), "int8_scales", [weight], dict(attrs), origin)]

@@ -90,6 +90,18 @@ def _flatten(stage: dict | None, key: str) -> list[dict]:
 MODEL_META_DIR = "tokenizer"
 
 
+def read_tokenizer_json(folder: str | Path, needed_for: str = "") -> HFTokenizer:
+    """The `tokenizers.Tokenizer` of a model folder's tokenizer.json; ModelError when the file is
+    missing (saying what it is `needed_for`, if given) or unreadable."""
+    tok_file = Path(folder) / "tokenizer.json"
+    if not tok_file.is_file():
+        raise ModelError(folder, "no tokenizer.json in the model folder" + (f" ({needed_for})" if needed_for else ""))
+    try:
+        return HFTokenizer.from_file(str(tok_file))
+    except Exception as err:  # noqa: BLE001 - the Rust side raises plain Exceptions
+        raise ModelError(tok_file, f"cannot read the tokenizer: {err}") from err
+
+
 class Tokenizer:
     def __init__(self, tokenizer: HFTokenizer, chat_template: str | None = None,
                  special_tokens: dict[str, str] | None = None, eos_token_ids: Iterable[int] = ()):
@@ -108,13 +120,7 @@ class Tokenizer:
         """Load tokenizer.json, tokenizer_config.json, chat_template.jinja, config.json and
         generation_config.json (all but tokenizer.json optional) from a model folder."""
         path = Path(path)
-        tok_file = path / "tokenizer.json"
-        if not tok_file.is_file():
-            raise ModelError(path, "no tokenizer.json in the model folder")
-        try:
-            tokenizer = HFTokenizer.from_file(str(tok_file))
-        except Exception as err:  # noqa: BLE001 - the Rust side raises plain Exceptions
-            raise ModelError(tok_file, f"cannot read the tokenizer: {err}") from err
+        tokenizer = read_tokenizer_json(path)
         tok_config = _read_json(path / "tokenizer_config.json")
         special = {}
         for name in SPECIAL_TOKEN_NAMES:

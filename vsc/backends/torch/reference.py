@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 
-from vsc.errors import ModelError
 from vsc.ir.gguf_import import is_gguf_path
 
 #: Default tolerance (when the plan's accuracy bar gives none), by plan dtype.
@@ -92,15 +91,9 @@ def reference_logits(model: torch.nn.Module, prompt: list[int], generated: list[
 
 def tokenize_probes(model_dir: str | Path, count: int, limit: int) -> list[list[int]]:
     """Token ids of the first `count` probe prompts, each cut to at most `limit` tokens."""
-    from tokenizers import Tokenizer
+    from vsc.runtime.tokenizer import read_tokenizer_json
     if is_gguf_path(model_dir):
         from vsc.models.gguf_import import companion_dir
         model_dir = companion_dir(Path(model_dir))
-    path = Path(model_dir) / "tokenizer.json"
-    if not path.is_file():
-        raise ModelError(model_dir, "model folder has no tokenizer.json (the accuracy check tokenizes probes with it)")
-    try:
-        tok = Tokenizer.from_file(str(path))
-    except Exception as e:  # noqa: BLE001 - the Rust side raises plain Exceptions
-        raise ModelError(path, f"cannot read the tokenizer: {e}") from None
+    tok = read_tokenizer_json(model_dir, needed_for="the accuracy check tokenizes probes with it")
     return [tok.encode(text).ids[:limit] or [0] for text in probe_texts(count)]

@@ -28,8 +28,9 @@ from __future__ import annotations
 import tvm  # noqa: F401  (TVMScript needs tvm initialised)
 from tvm.script import tirx as T
 
+from vsc.backends.tvm.vector_ir import ALIGN, match_attention_inputs, vector_width
+
 LANES = 16
-ALIGN = 4   # torch views (row slices, offsets into a step's flat index tensor) need not be 64-byte aligned
 KINDS = ("kv_write", "paged_attention")
 
 
@@ -46,15 +47,10 @@ def _check(hq: int, hk: int, d: int, bs: int = 1) -> None:
         raise ValueError(f"paged attention: heads {hq} must be a positive multiple of kv_heads {hk}")
 
 
-def _lanes(d: int) -> int:
-    """Vector width over head_dim: 16 (AVX-512) when it divides d, else the largest power of two that does."""
-    return next(lanes for lanes in (LANES, 8, 4, 2, 1) if d % lanes == 0)
-
-
 def make_kv_write(HK: int, D: int):
     _check(HK, HK, D)
     name = kv_write_name(HK, D)
-    NV = _lanes(D)
+    NV = vector_width(D)
 
     @T.prim_func(s_tir=True)
     def func(k_h: T.handle, v_h: T.handle, s_h: T.handle, kc_h: T.handle, vc_h: T.handle):
@@ -80,7 +76,7 @@ def make_kv_write(HK: int, D: int):
 def make_paged_attention(HQ: int, HK: int, D: int, BS: int):
     _check(HQ, HK, D, BS)
     G = HQ // HK
-    NV = _lanes(D)
+    NV = vector_width(D)
     DC = D // NV
     name = paged_attention_name(HQ, HK, D, BS)
     NEG = -3.0e38
@@ -90,13 +86,9 @@ def make_paged_attention(HQ: int, HK: int, D: int, BS: int):
              scale: T.float32, o_h: T.handle, po_h: T.handle, pm_h: T.handle, lse_h: T.handle):
         T.func_attr({"global_symbol": name, "tirx.noalias": True})
         R = T.int64()
-        S = T.int64()
         W = T.int64()
         P = T.int64()
-        qs = T.int64()
-        Q = T.match_buffer(q_h, (R, HQ * D), "float32", strides=(qs, 1), align=ALIGN)
-        KC = T.match_buffer(kc_h, (S, HK, D), "float32", align=ALIGN)
-        VC = T.match_buffer(vc_h, (S, HK, D), "float32", align=ALIGN)
+        Q, KC, VC = match_attention_inputs(q_h, kc_h, vc_h, R, HQ, HK, D)
         BT = T.match_buffer(bt_h, (R, W), "int64", align=8)
         L = T.match_buffer(len_h, (R,), "int64", align=8)
         O = T.match_buffer(o_h, (R, HQ * D), "float32", align=ALIGN)

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import tvm  # noqa: F401  (TVMScript needs tvm initialised)
 
-from vsc.backends.tvm.prefill_attention import QROWS, Vec16, flash_tile, prefill_supported
+from vsc.backends.tvm.prefill_attention import QROWS, Vec16, flash_tile, group_dims
+from vsc.backends.tvm.vector_ir import ALIGN, match_attention_inputs
 
 
 def cascade_attention_name(hq: int, hk: int, d: int, bs: int) -> str:
@@ -37,13 +38,8 @@ def make_cascade_attention(HQ: int, HK: int, D: int, BS: int):
     from tvm.script.ir_builder import IRBuilder
     from tvm.tirx.script.builder import ir as B
 
-    if not prefill_supported(HQ, HK, D, BS):
-        raise ValueError(f"cascade attention: heads {HQ} / kv heads {HK} / head_dim {D} / block {BS} are "
-                         f"not supported (see prefill_supported)")
-    G = HQ // HK
-    DC = D // 16
+    G, DC = group_dims("cascade", HQ, HK, D, BS)
     L = QROWS
-    ALIGN = 4
     v = Vec16()
 
     with IRBuilder() as ib:
@@ -54,15 +50,8 @@ def make_cascade_attention(HQ: int, HK: int, D: int, BS: int):
             chunk = B.arg("chunk", tirx.Var("chunk", "int64"))
             scale = B.arg("scale", tirx.Var("scale", "float32"))
             o_h, lse_h, po_h, pm_h = (B.arg(a, B.handle()) for a in ("out", "lse", "part_o", "part_ml"))
-            R = B.int64()
-            S = B.int64()
-            NB = B.int64()
-            M = B.int64()
-            P = B.int64()
-            qs = B.int64()
-            Q = B.match_buffer(q_h, (R, HQ * D), "float32", strides=(qs, 1), align=ALIGN)
-            KC = B.match_buffer(kc_h, (S, HK, D), "float32", align=ALIGN)
-            VC = B.match_buffer(vc_h, (S, HK, D), "float32", align=ALIGN)
+            R, NB, M, P = (B.int64() for _ in range(4))
+            Q, KC, VC = match_attention_inputs(q_h, kc_h, vc_h, R, HQ, HK, D)
             BL = B.match_buffer(bl_h, (NB,), "int64", align=8)
             MB = B.match_buffer(mb_h, (M,), "int64", align=8)
             O = B.match_buffer(o_h, (R, HQ * D), "float32", align=ALIGN)

@@ -23,6 +23,8 @@ from __future__ import annotations
 import tvm  # noqa: F401  (TVMScript needs tvm initialised)
 from tvm.script import tirx as T
 
+from vsc.backends.tvm.vector_ir import vector_width
+
 LANES = 16
 ALIGN = 4  # torch tensors (views, row slices) need not be 64-byte aligned: no aligned vector loads
 
@@ -44,11 +46,10 @@ def rope_name(hq: int, hk: int, d: int) -> str:
 
 
 def _lanes(n: int, what: str) -> int:
-    """The vector width for rows of n floats: 16 (AVX-512) when it divides n, else the
-    largest power of two that does."""
+    """vector_width(n), for a positive n (`what` names it in the error)."""
     if n <= 0:
         raise ValueError(f"{what} {n} is not positive")
-    return next(lanes for lanes in (LANES, 8, 4, 2, 1) if n % lanes == 0)
+    return vector_width(n)
 
 
 def make_rmsnorm(H: int, fused_add: bool):

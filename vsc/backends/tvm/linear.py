@@ -14,6 +14,8 @@ from __future__ import annotations
 import tvm  # noqa: F401  (TVMScript needs tvm initialised)
 from tvm.script import tirx as T
 
+from vsc.backends.tvm.vector_ir import vector_width, zero_row, zero_tile
+
 LANES = 16
 ALIGN = 4
 DEFAULT_R = 3
@@ -31,14 +33,10 @@ def linear_name(n: int, k: int) -> str:
     return f"linear_f32_{n}x{k}"
 
 
-def _lanes(k: int) -> int:
-    return next(lanes for lanes in (LANES, 8, 4, 2, 1) if k % lanes == 0)
-
-
 def make_linear(N: int, K: int, R: int = DEFAULT_R, MT: int = DEFAULT_MT, R1: int = GEMV_R):
     if N <= 0 or K <= 0:
         raise ValueError(f"linear: bad weight shape [{N}, {K}]")
-    V = _lanes(K)
+    V = vector_width(K)
     KB = K // V
     R = min(R, N)
     NT = -(-N // R)
@@ -95,10 +93,7 @@ def make_linear(N: int, K: int, R: int = DEFAULT_R, MT: int = DEFAULT_MT, R1: in
             acc = T.alloc_buffer((MT, R, LANES), "float32", scope="global")
             red = T.alloc_buffer((LANES,), "float32", scope="global")
             for mo in range(M // MT):
-                for t in T.unroll(MT):
-                    for r in T.unroll(R):
-                        for l in T.vectorized(V):
-                            acc[t, r, l] = T.float32(0)
+                zero_tile(acc, MT, R, V)
                 for kb in range(KB):
                     for t in T.unroll(MT):
                         for r in T.unroll(R):
@@ -108,9 +103,7 @@ def make_linear(N: int, K: int, R: int = DEFAULT_R, MT: int = DEFAULT_MT, R1: in
                     for r in T.unroll(R):
                         store_sum(acc, t, r, red, Y, mo * MT + t, T.min(nt * R + r, N - 1))
             for mr in range(M % MT):
-                for r in T.unroll(R):
-                    for l in T.vectorized(V):
-                        acc[0, r, l] = T.float32(0)
+                zero_row(acc, 0, R, V)
                 for kb in range(KB):
                     for r in T.unroll(R):
                         for l in T.vectorized(V):

@@ -28,7 +28,12 @@ Measured against torch SDPA (gather + mask) in bench/RESULTS.md.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Any, NamedTuple
+
 import tvm  # noqa: F401  (TVMScript needs tvm initialised)
+
+from vsc.backends.tvm.vector_ir import ALIGN, match_attention_inputs
 
 QROWS = 16       # query rows per tile (the vector lanes)
 KEYS = 4         # keys scored together (8: within noise)
@@ -184,66 +189,83 @@ def flash_tile(v: "Vec16", G: int, D: int, BS: int, j, query, nblocks, block_id,
     return Ob, Mv, Lv
 
 
-def _tile_arguments(HQ: int, HK: int, D: int):
-    """The arguments of the kernels that take a tile list (prefill, short): q, k_cache, v_cache,
-    tables, tiles, scale, out; returns their buffers, the scale and the tile count. Call inside a
-    prim_func."""
-    from tvm import tirx
-    from tvm.tirx.script.builder import ir as B
-
-    align = 4
-    q_h, kc_h, vc_h, bt_h, tl_h = (B.arg(a, B.handle()) for a in ("q", "k_cache", "v_cache", "tables", "tiles"))
-    scale = B.arg("scale", tirx.Var("scale", "float32"))
-    o_h = B.arg("out", B.handle())
-    T_, S, NS, W, NT, qs = (B.int64() for _ in range(6))
-    Q = B.match_buffer(q_h, (T_, HQ * D), "float32", strides=(qs, 1), align=align)
-    KC = B.match_buffer(kc_h, (S, HK, D), "float32", align=align)
-    VC = B.match_buffer(vc_h, (S, HK, D), "float32", align=align)
-    BT = B.match_buffer(bt_h, (NS, W), "int64", align=8)
-    TL = B.match_buffer(tl_h, (NT, 4), "int64", align=8)
-    O = B.match_buffer(o_h, (T_, HQ * D), "float32", align=align)
-    return Q, KC, VC, BT, TL, O, scale, NT
+def group_dims(kind: str, HQ: int, HK: int, D: int, BS: int) -> tuple[int, int]:
+    """(G, DC): the query heads per kv head and the 16-lane chunks of head_dim of a kernel built on
+    flash_tile; ValueError (naming the `kind` of attention) where prefill_supported says no."""
+    if not prefill_supported(HQ, HK, D, BS):
+        raise ValueError(f"{kind} attention: heads {HQ} / kv heads {HK} / head_dim {D} / block {BS} "
+                         f"need heads % kv_heads == 0, head_dim % 16 == 0 and block % {KEYS} == 0")
+    return HQ // HK, D // 16
 
 
-def make_prefill_attention(HQ: int, HK: int, D: int, BS: int):
+class TileTask(NamedTuple):
+    """One task of a kernel over a tile list: kv head `j` of a tile, whose rows row0 .. row0 + nrows
+    - 1 of q / out sit at positions pos0 .. pos0 + nrows - 1 of the sequence in table row `srow`."""
+    Q: Any
+    KC: Any
+    VC: Any
+    BT: Any
+    O: Any
+    scale: Any
+    j: Any
+    srow: Any
+    row0: Any
+    nrows: Any
+    pos0: Any
+
+    def flash(self, v: "Vec16", G: int, D: int, BS: int, query, visible):
+        """flash_tile over the blocks of the tile's context (positions 0 .. pos0 + nrows - 1)."""
+        return flash_tile(v, G, D, BS, self.j, query, (self.pos0 + self.nrows + BS - 1) // BS,
+                          lambda blk: self.BT[self.srow, blk], self.KC, self.VC, visible=visible)
+
+
+@contextmanager
+def tile_tasks(name: str, HQ: int, HK: int, D: int, v: "Vec16"):
+    """The frame of the kernels that take a tile list (prefill, short): a prim_func `name(q,
+    k_cache, v_cache, tables, tiles, scale, out)` and a `T.parallel` loop over (tile, kv head)
+    tasks. Yields (the IRBuilder, the loop body's TileTask); take the PrimFunc with ib.get() after
+    the `with`."""
     from tvm import tirx
     from tvm.script.ir_builder import IRBuilder
     from tvm.tirx.script.builder import ir as B
 
-    if not prefill_supported(HQ, HK, D, BS):
-        raise ValueError(f"prefill attention: heads {HQ} / kv heads {HK} / head_dim {D} / block {BS} "
-                         f"need heads % kv_heads == 0, head_dim % 16 == 0 and block % {KEYS} == 0")
-    G = HQ // HK
-    DC = D // 16
-    L = QROWS
-    v = Vec16()
-
     with IRBuilder() as ib:
         with B.prim_func(s_tir=True):
-            B.func_name(prefill_attention_name(HQ, HK, D, BS))
+            B.func_name(name)
             B.func_attr({"tirx.noalias": True})
-            Q, KC, VC, BT, TL, O, scale, NT = _tile_arguments(HQ, HK, D)
-
+            q_h, kc_h, vc_h, bt_h, tl_h = (B.arg(a, B.handle()) for a in ("q", "k_cache", "v_cache", "tables", "tiles"))
+            scale = B.arg("scale", tirx.Var("scale", "float32"))
+            o_h = B.arg("out", B.handle())
+            T_, NS, W, NT = (B.int64() for _ in range(4))
+            Q, KC, VC = match_attention_inputs(q_h, kc_h, vc_h, T_, HQ, HK, D)
+            BT = B.match_buffer(bt_h, (NS, W), "int64", align=8)
+            TL = B.match_buffer(tl_h, (NT, 4), "int64", align=8)
+            O = B.match_buffer(o_h, (T_, HQ * D), "float32", align=ALIGN)
             with B.parallel(v.i64(0), NT * HK) as task:
                 tile = task // HK
-                j = task % HK
-                srow = TL[tile, 0]
-                row0 = TL[tile, 1]
-                nrows = TL[tile, 2]
-                pos0 = TL[tile, 3]
-                lanes = tirx.Ramp(tirx.const(0, "int64"), tirx.const(1, "int64"), L)
-                # rows past the tile repeat its last; key position kp is visible to row i iff pos0 + i >= kp
-                Ob, Mv, Lv = flash_tile(
-                    v, G, D, BS, j,
-                    lambda h, d, i: Q[row0 + tirx.Min(i, nrows - 1), (j * G + h) * D + d] * scale,
-                    (pos0 + nrows + BS - 1) // BS, lambda blk: BT[srow, blk], KC, VC,
-                    visible=lambda kp: lanes >= v.bc(kp - pos0))
-                with v.loop(nrows) as i:
-                    for h in range(G):
-                        inv = B.bind(v.f32(1.0) / Lv[h * L + i])
-                        for c in range(DC):
-                            B.buffer_store(O, Ob.vload([(h * L + i) * D + c * 16], v.f32v) * v.bc(inv),
-                                           [row0 + i, tirx.Ramp((j * G + h) * D + c * 16, 1, L)])
+                yield ib, TileTask(Q, KC, VC, BT, O, scale, task % HK, TL[tile, 0], TL[tile, 1], TL[tile, 2],
+                                   TL[tile, 3])
+
+
+def make_prefill_attention(HQ: int, HK: int, D: int, BS: int):
+    from tvm import tirx
+    from tvm.tirx.script.builder import ir as B
+
+    G, DC = group_dims("prefill", HQ, HK, D, BS)
+    L = QROWS
+    v = Vec16()
+    with tile_tasks(prefill_attention_name(HQ, HK, D, BS), HQ, HK, D, v) as (ib, t):
+        Q, O, j, row0, nrows, pos0 = t.Q, t.O, t.j, t.row0, t.nrows, t.pos0
+        lanes = tirx.Ramp(tirx.const(0, "int64"), tirx.const(1, "int64"), L)
+        # rows past the tile repeat its last; key position kp is visible to row i iff pos0 + i >= kp
+        Ob, Mv, Lv = t.flash(v, G, D, BS, lambda h, d, i: Q[row0 + tirx.Min(i, nrows - 1), (j * G + h) * D + d] * t.scale,
+                             visible=lambda kp: lanes >= v.bc(kp - pos0))
+        with v.loop(nrows) as i:
+            for h in range(G):
+                inv = B.bind(v.f32(1.0) / Lv[h * L + i])
+                for c in range(DC):
+                    B.buffer_store(O, Ob.vload([(h * L + i) * D + c * 16], v.f32v) * v.bc(inv),
+                                   [row0 + i, tirx.Ramp((j * G + h) * D + c * 16, 1, L)])
     return ib.get()
 
 
@@ -255,42 +277,24 @@ def make_short_attention(HQ: int, HK: int, D: int, BS: int):
     the whole GQA group, so one flash tile serves the group: G times less work per span. Same
     tile list as the prefill kernel (rows <= short_rows)."""
     from tvm import tirx
-    from tvm.script.ir_builder import IRBuilder
     from tvm.tirx.script.builder import ir as B
 
-    if not prefill_supported(HQ, HK, D, BS):
-        raise ValueError(f"short attention: heads {HQ} / kv heads {HK} / head_dim {D} / block {BS} are not supported")
-    G = HQ // HK
-    DC = D // 16
+    G, DC = group_dims("short", HQ, HK, D, BS)
     L = QROWS
     v = Vec16()
-
-    with IRBuilder() as ib:
-        with B.prim_func(s_tir=True):
-            B.func_name(short_attention_name(HQ, HK, D, BS))
-            B.func_attr({"tirx.noalias": True})
-            Q, KC, VC, BT, TL, O, scale, NT = _tile_arguments(HQ, HK, D)
-
-            with B.parallel(v.i64(0), NT * HK) as task:
-                lpos = B.alloc_buffer((L,), "int64", scope="global")
-                tile = task // HK
-                j = task % HK
-                srow = TL[tile, 0]
-                row0 = TL[tile, 1]
-                nrows = TL[tile, 2]
-                pos0 = TL[tile, 3]
-                # lane = head * nrows + row; lanes past G * nrows repeat the last pair
-                with v.loop(L) as i:
-                    B.buffer_store(lpos, pos0 + tirx.Min(i, G * nrows - 1) % nrows, [i])
-                Ob, Mv, Lv = flash_tile(
-                    v, 1, D, BS, j,
-                    lambda h, d, i: Q[row0 + tirx.Min(i, G * nrows - 1) % nrows,
-                                      (j * G + tirx.Min(i, G * nrows - 1) // nrows) * D + d] * scale,
-                    (pos0 + nrows + BS - 1) // BS, lambda blk: BT[srow, blk], KC, VC,
-                    visible=lambda kp: lpos.vload([v.i64(0)], "int64x16") >= v.bc(kp))
-                with v.loop(G * nrows) as i:
-                    inv = B.bind(v.f32(1.0) / Lv[i])
-                    for c in range(DC):
-                        B.buffer_store(O, Ob.vload([i * D + c * 16], v.f32v) * v.bc(inv),
-                                       [row0 + i % nrows, tirx.Ramp((j * G + i // nrows) * D + c * 16, 1, L)])
+    with tile_tasks(short_attention_name(HQ, HK, D, BS), HQ, HK, D, v) as (ib, t):
+        Q, O, j, row0, nrows, pos0 = t.Q, t.O, t.j, t.row0, t.nrows, t.pos0
+        lpos = B.alloc_buffer((L,), "int64", scope="global")
+        # lane = head * nrows + row; lanes past G * nrows repeat the last pair
+        with v.loop(L) as i:
+            B.buffer_store(lpos, pos0 + tirx.Min(i, G * nrows - 1) % nrows, [i])
+        Ob, Mv, Lv = t.flash(v, 1, D, BS,
+                             lambda h, d, i: Q[row0 + tirx.Min(i, G * nrows - 1) % nrows,
+                                               (j * G + tirx.Min(i, G * nrows - 1) // nrows) * D + d] * t.scale,
+                             visible=lambda kp: lpos.vload([v.i64(0)], "int64x16") >= v.bc(kp))
+        with v.loop(G * nrows) as i:
+            inv = B.bind(v.f32(1.0) / Lv[i])
+            for c in range(DC):
+                B.buffer_store(O, Ob.vload([i * D + c * 16], v.f32v) * v.bc(inv),
+                               [row0 + i % nrows, tirx.Ramp((j * G + i // nrows) * D + c * 16, 1, L)])
     return ib.get()

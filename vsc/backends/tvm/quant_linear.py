@@ -35,7 +35,8 @@ from __future__ import annotations
 import tvm  # noqa: F401  (TVMScript needs tvm initialised)
 from tvm.script import tirx as T
 
-from vsc.backends.tvm.vector_ir import ALIGN, dpbusd, i32, match_quant_linear, shuffle, vstore
+from vsc.backends.tvm.vector_ir import (ALIGN, dpbusd, i32, match_quant_linear, match_quant_weight, shuffle, vstore,
+                                        zero_row, zero_tile)
 from vsc.backends.tvm.vector_ir import lanes as _lanes
 from vsc.runtime.quant import BLOCK, get_format
 
@@ -89,28 +90,32 @@ def make_quant_linear(fmt: str, N: int, K: int, R: int = DEFAULT_R, MT: int = DE
         raise ValueError("accumulator tile must stay under TVM's 1 KiB stack-alloca limit (MT * R < 16)")
     NB = K // BLOCK
     NT = (N + R - 1) // R
-    QW = K if fmt == "q8_0" else K // 2
-    QDT = "int8" if fmt == "q8_0" else "uint8"
     name = kernel_name(fmt, N, K)
+
+    @T.macro
+    def store_sum(acc, t, r, red, Y, m, n):
+        # Y[m, n] = the sum of accumulator (t, r)'s 16 lanes (a shuffle tree, its first step from acc)
+        for l in T.vectorized(8):
+            red[l] = acc[t, r, l] + acc[t, r, l + 8]
+        for l in T.vectorized(4):
+            red[l] = red[l] + red[l + 4]
+        for l in T.vectorized(2):
+            red[l] = red[l] + red[l + 2]
+        Y[m, n] = red[0] + red[1]
 
     @T.prim_func(s_tir=True)
     def func(x_h: T.handle, qs_h: T.handle, d_h: T.handle, m_h: T.handle, y_h: T.handle):
         T.func_attr({"global_symbol": name, "tirx.noalias": True})
         M = T.int64()
         X = T.match_buffer(x_h, (M, K), "float32")
-        QS = T.match_buffer(qs_h, (N, QW), QDT)
-        D = T.match_buffer(d_h, (N, NB), "float16")
-        MN = T.match_buffer(m_h, (N, NB), "float16")
+        QS, D, MN = match_quant_weight(qs_h, d_h, m_h, fmt, N, K)
         Y = T.match_buffer(y_h, (M, N), "float32")
         for nt in T.parallel(NT):
             W = T.alloc_buffer((R, 32), "float32", scope="global")
             acc = T.alloc_buffer((MT, R, LANES), "float32", scope="global")
             red = T.alloc_buffer((8,), "float32", scope="global")
             for mo in range(M // MT):
-                for t in T.unroll(MT):
-                    for r in T.unroll(R):
-                        for l in T.vectorized(LANES):
-                            acc[t, r, l] = T.float32(0)
+                zero_tile(acc, MT, R, LANES)
                 for b in range(NB):
                     for r in T.unroll(R):
                         for l in T.vectorized(LANES):
@@ -122,29 +127,15 @@ def make_quant_linear(fmt: str, N: int, K: int, R: int = DEFAULT_R, MT: int = DE
                                 acc[t, r, l] = acc[t, r, l] + W[r, l] * X[mo * MT + t, b * 32 + l] + W[r, 16 + l] * X[mo * MT + t, b * 32 + 16 + l]
                 for t in T.unroll(MT):
                     for r in T.unroll(R):
-                        for l in T.vectorized(8):
-                            red[l] = acc[t, r, l] + acc[t, r, l + 8]
-                        for l in T.vectorized(4):
-                            red[l] = red[l] + red[l + 4]
-                        for l in T.vectorized(2):
-                            red[l] = red[l] + red[l + 2]
-                        Y[mo * MT + t, T.min(nt * R + r, N - 1)] = red[0] + red[1]
+                        store_sum(acc, t, r, red, Y, mo * MT + t, T.min(nt * R + r, N - 1))
             for mr in range(M % MT):
-                for r in T.unroll(R):
-                    for l in T.vectorized(LANES):
-                        acc[0, r, l] = T.float32(0)
+                zero_row(acc, 0, R, LANES)
                 for b in range(NB):
                     for r in T.unroll(R):
                         for l in T.vectorized(LANES):
                             acc[0, r, l] = acc[0, r, l] + _lo(fmt, QS, D, MN, T.min(nt * R + r, N - 1), b, l) * X[M // MT * MT + mr, b * 32 + l] + _hi(fmt, QS, D, MN, T.min(nt * R + r, N - 1), b, l) * X[M // MT * MT + mr, b * 32 + 16 + l]
                 for r in T.unroll(R):
-                    for l in T.vectorized(8):
-                        red[l] = acc[0, r, l] + acc[0, r, l + 8]
-                    for l in T.vectorized(4):
-                        red[l] = red[l] + red[l + 4]
-                    for l in T.vectorized(2):
-                        red[l] = red[l] + red[l + 2]
-                    Y[M // MT * MT + mr, T.min(nt * R + r, N - 1)] = red[0] + red[1]
+                    store_sum(acc, 0, r, red, Y, M // MT * MT + mr, T.min(nt * R + r, N - 1))
 
     return func
 
@@ -153,16 +144,12 @@ def make_dequantize(fmt: str, N: int, K: int):
     """PrimFunc `dequantize_<fmt>_<N>x<K>(qs, d, m, w)`: w [N, K] f32 = dequant(parts)."""
     _check(fmt, N, K)
     NB = K // BLOCK
-    QW = K if fmt == "q8_0" else K // 2
-    QDT = "int8" if fmt == "q8_0" else "uint8"
     name = dequant_name(fmt, N, K)
 
     @T.prim_func(s_tir=True)
     def func(qs_h: T.handle, d_h: T.handle, m_h: T.handle, w_h: T.handle):
         T.func_attr({"global_symbol": name, "tirx.noalias": True})
-        QS = T.match_buffer(qs_h, (N, QW), QDT)
-        D = T.match_buffer(d_h, (N, NB), "float16")
-        MN = T.match_buffer(m_h, (N, NB), "float16")
+        QS, D, MN = match_quant_weight(qs_h, d_h, m_h, fmt, N, K)
         W = T.match_buffer(w_h, (N, K), "float32")
         for n in T.parallel(N):
             for b in range(NB):
@@ -182,8 +169,6 @@ def make_embed(fmt: str, N: int, K: int):
     the gather of a block-quantized embedding table (tokens int64 [M], M dynamic)."""
     _check(fmt, N, K)
     NB = K // BLOCK
-    QW = K if fmt == "q8_0" else K // 2
-    QDT = "int8" if fmt == "q8_0" else "uint8"
     name = embed_name(fmt, N, K)
 
     @T.prim_func(s_tir=True)
@@ -191,9 +176,7 @@ def make_embed(fmt: str, N: int, K: int):
         T.func_attr({"global_symbol": name, "tirx.noalias": True})
         M = T.int64()
         TOK = T.match_buffer(t_h, (M,), "int64", align=8)
-        QS = T.match_buffer(qs_h, (N, QW), QDT)
-        D = T.match_buffer(d_h, (N, NB), "float16")
-        MN = T.match_buffer(m_h, (N, NB), "float16")
+        QS, D, MN = match_quant_weight(qs_h, d_h, m_h, fmt, N, K)
         Y = T.match_buffer(y_h, (M, K), "float32")
         for m in range(M):
             for b in range(NB):

@@ -221,6 +221,17 @@ def _rmsnorm_prune(configs, nargs, **_):
     return kept or [configs[0]]
 
 
+@triton.jit
+def _residual_chunk(x_row, r_row, offs, mask, Res, HAS_RESIDUAL: tl.constexpr):
+    """Columns `offs` of the row: x, or with HAS_RESIDUAL x + res rounded to the residual
+    stream's dtype (as the unfused add would round it); masked-off lanes are 0."""
+    x = tl.load(x_row + offs, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        res = tl.load(r_row + offs, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + res.to(tl.float32)).to(Res.dtype.element_ty)
+    return x
+
+
 @triton.autotune(configs=RMSNORM_CONFIGS, key=["N", "HAS_RESIDUAL"],
                  prune_configs_by={"early_config_prune": _rmsnorm_prune}, restore_value=["Res"])
 @triton.jit
@@ -243,22 +254,16 @@ def rmsnorm_kernel(X, W, Out, Res, ResOut, stride_x, stride_out, stride_res, str
     sum_sq = tl.zeros([BLOCK_N], dtype=tl.float32)
     for start in range(0, N, BLOCK_N):
         offs = start + cols
-        mask = offs < N
-        x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_RESIDUAL:
-            res = tl.load(r_row + offs, mask=mask, other=0.0).to(tl.float32)
-            x = (x + res).to(Res.dtype.element_ty).to(tl.float32)
+        x = _residual_chunk(x_row, r_row, offs, offs < N, Res, HAS_RESIDUAL).to(tl.float32)
         sum_sq += x * x
     rstd = tl.rsqrt(tl.sum(sum_sq, axis=0) / N + eps)
     for start in range(0, N, BLOCK_N):
         offs = start + cols
         mask = offs < N
-        x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+        r = _residual_chunk(x_row, r_row, offs, mask, Res, HAS_RESIDUAL)
         if HAS_RESIDUAL:
-            res = tl.load(r_row + offs, mask=mask, other=0.0).to(tl.float32)
-            r = (x + res).to(Res.dtype.element_ty)
             tl.store(ro_row + offs, r, mask=mask)
-            x = r.to(tl.float32)
+        x = r.to(tl.float32)
         w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
         y = (x * rstd).to(Out.dtype.element_ty).to(tl.float32) * w
         tl.store(o_row + offs, y.to(Out.dtype.element_ty), mask=mask)
