@@ -215,6 +215,8 @@ def collect_completion(chunks: list[Completion]) -> Completion:
                     lp[key] += getattr(c.logprobs, key) or []
     assert chunks and usage is not None, "a stream with include_usage ends with a usage chunk"
     assert all(c["finish_reason"] for c in choices.values()), "every streamed choice ends with a finish reason"
-    return Completion.model_validate({"id": chunks[0].id, "object": "text_completion", "created": chunks[0].created,
+    # built as the SDK builds a response (no validation: OpenAI's own types have no null logprobs,
+    # which echo's first token carries, in vLLM's shape as in OpenAI's)
+    return Completion.construct(**{"id": chunks[0].id, "object": "text_completion", "created": chunks[0].created,
                                       "model": chunks[0].model, "usage": usage.model_dump(),
-                                      "choices": [choices[i] for i in sorted(choices)]})
+                                  "choices": [choices[i] for i in sorted(choices)]})
