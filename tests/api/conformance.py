@@ -9,7 +9,11 @@ is not unique, so that a token's text names its id) has logit -1e9; the others h
 pseudo-random logit in [1, 3) seeded by the last token, so greedy decoding walks a fixed chain and
 sampling is free. Two marker tokens in the context change it: " copy" makes the last token the
 most likely (logit 4: greedy repeats itself forever, which the penalties break), " return" makes
-EOS the most likely (logit 10: the model wants to stop at once, which min_tokens holds off).
+EOS the most likely (logit 10: the model wants to stop at once, which min_tokens holds off), " function"
+makes the model write `script` (a server's, e.g. a tool call) and then EOS: the next token is the
+longest one that continues the script after the longest end of the context's text that begins it
+(so it follows the script through any tokenization, and a grammar that forbids the script's next
+token makes it start over).
 `Toy.greedy` decodes greedily in plain Python with vLLM's logits adjustments, the reference the
 server's outputs are compared to."""
 from __future__ import annotations
@@ -37,7 +41,7 @@ MODEL = "toy"
 VOCAB = 2048
 MODES = ("sync", "async", "stream", "async-stream")
 STREAMED = ("stream", "async-stream")
-COPY, RETURN = " copy", " return"        # the marker words (one token each)
+COPY, RETURN, SCRIPT = " copy", " return", " function"        # the marker words (one token each)
 NEG = -1e9
 
 
@@ -47,15 +51,15 @@ def tokenizer() -> Tokenizer:
 
 
 class Toy:
-    def __init__(self, tok: Tokenizer):
-        self.tok = tok
+    def __init__(self, tok: Tokenizer, script: str = ""):
+        self.tok, self.script = tok, script
         strings = [tok.decode([i], skip_special_tokens=False) for i in range(VOCAB)]
         counts = Counter(strings)
         self.eos = min(tok.eos_token_ids)
         self.support = [i for i, s in enumerate(strings) if i > 2 and counts[s] == 1 and "\ufffd" not in s]
         self.id_of = {strings[i]: i for i in self.support}
         self.text_of = strings
-        self.copy, self.ret = (self.marker(w) for w in (COPY, RETURN))
+        self.copy, self.ret, self.scripted = (self.marker(w) for w in (COPY, RETURN, SCRIPT))
         self._off = torch.full((VOCAB,), NEG)
         self._off[self.support] = 0.0
         self._cache: dict[int, torch.Tensor] = {}
@@ -78,7 +82,17 @@ class Toy:
             logits[context[-1]] = 4.0
         if self.ret in context:
             logits[self.eos] = 10.0
+        if self.script and self.scripted in context:
+            logits[self._next_in_script(context)] = 20.0
         return logits
+
+    def _next_in_script(self, context) -> int:
+        tail = self.tok.decode(list(context[-4 * len(self.script):]), skip_special_tokens=False)
+        done = max(k for k in range(min(len(tail), len(self.script)) + 1) if tail.endswith(self.script[:k]))
+        rest = self.script[done:]
+        if not rest:
+            return self.eos
+        return max((i for i in self.support if rest.startswith(self.text_of[i])), key=lambda i: len(self.text_of[i]))
 
     def logprobs(self, context) -> torch.Tensor:
         return torch.log_softmax(self.logits(list(context)), dim=-1)
@@ -115,10 +129,10 @@ class Toy:
 
 
 @contextlib.contextmanager
-def toy_server(json_schema: str | None = None, max_context: int = 512):
-    """A live server (http_fakes.Live: .url, .engine) over a real engine running the toy model."""
+def toy_server(json_schema: str | None = None, max_context: int = 512, script: str = ""):
+    """A live server (http_fakes.Live: .url, .engine, .toy) over a real engine running the toy model."""
     tok = tokenizer()
-    toy = Toy(tok)
+    toy = Toy(tok, script)
     engine = LLMEngine(ContextRunner(toy.logits, VOCAB, num_blocks=256, block_size=16), tok,
                        EngineConfig(max_context=max_context, json_schema=json_schema), MODEL)
     engine.start()
