@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 
 import httpx2 as httpx
 import openai
@@ -182,3 +183,19 @@ def test_vllm_metric_families_count_the_requests_served(live):
         assert after[gauge].type == "gauge" and value(after, gauge, gauge) >= 0
     assert not [n for n in after if not n.startswith(("vllm:", "vsc_", "python_", "process_"))]
 
+
+
+@pytest.mark.parametrize("mode", ["sync", "stream"])
+def test_one_info_log_line_per_request_never_the_prompt(live, mode, caplog):
+    secret = "Zanzibar"
+    with caplog.at_level(logging.INFO, logger="vsc.runtime.http"):
+        out = Api(live.url, mode).complete(prompt="Once " + secret, max_tokens=3, temperature=0)
+        with pytest.raises(openai.BadRequestError):
+            Api(live.url, mode).complete(prompt=secret, max_tokens=3, temperature=9)
+    lines = [r.getMessage() for r in caplog.records if r.name == "vsc.runtime.http" and r.levelno == logging.INFO]
+    assert all(secret not in line for line in lines)
+    (done,) = [line for line in lines if "finish_reason" in line]
+    assert out.id in done and "finish_reason=length" in done and "completion_tokens=3" in done
+    assert f"prompt_tokens={out.usage.prompt_tokens}" in done and "ttft=" in done and "duration=" in done
+    (refused,) = [line for line in lines if "refused" in line]
+    assert "status=400" in refused and "param=temperature" in refused

@@ -161,6 +161,25 @@ def test_min_tokens_holds_off_eos(live, api, endpoint):
 
 
 @pytest.mark.parametrize("endpoint", ENDPOINTS)
+def test_min_tokens_defers_stop_strings_and_stop_token_ids(live, api, endpoint):
+    toy = live.toy
+    ids = prompt_ids(live, endpoint, WALK)
+    full = toy.greedy(ids, 12)
+    stop = toy.text_of[full[1]]
+    assert toy.decode(full).count(stop) == 1                        # said once, as the second token
+    text, reason, _ = ask(api, endpoint, WALK, max_tokens=12, temperature=0, stop=[stop])
+    assert (text, reason) == (toy.text_of[full[0]], "stop")
+    text, reason, _ = ask(api, endpoint, WALK, max_tokens=12, temperature=0, stop=[stop],
+                          extra_body={"min_tokens": 3})
+    assert (text, reason) == (toy.decode(full), "length")          # not looked for in the first 3 tokens
+    # a stop token id is masked until min_tokens, as EOS is: the model says something else
+    text, _, _ = ask(api, endpoint, WALK, max_tokens=12, temperature=0,
+                     extra_body={"min_tokens": 3, "stop_token_ids": [full[1]]})
+    want = toy.greedy(ids, 12, logit_bias={full[1]: float("-inf")}, stop_at_eos=True)[:2]
+    assert text.startswith(toy.decode(want)) and not text.startswith(toy.decode(full[:2]))
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
 def test_ignore_eos_generates_max_tokens(live, api, endpoint):
     _, reason, usage = ask(api, endpoint, STOPPING, max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
     assert reason == "length" and usage.completion_tokens == 6
@@ -204,6 +223,21 @@ def test_truncate_prompt_tokens_keeps_the_last_k_tokens(live, api, endpoint):
     assert text == live.toy.decode(live.toy.greedy(ids[-4:], 6))
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_truncation_side_right_keeps_the_first_k_tokens(live, mode):
+    api, toy = Api(live.url, mode), live.toy
+    ids = toy.tok.encode(WALK, add_special_tokens=True)
+    out = api.complete(prompt=WALK, max_tokens=4, temperature=0,
+                       extra_body={"truncate_prompt_tokens": 2, "truncation_side": "right"})
+    assert out.usage.prompt_tokens == 2 and out.choices[0].text == toy.decode(toy.greedy(ids[:2], 4))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_completions_max_tokens_defaults_to_16(live, mode):
+    out = Api(live.url, mode).complete(prompt=WALK, temperature=0)
+    assert out.usage.completion_tokens == 16 and out.choices[0].finish_reason == "length"
+
+
 # --- structured outputs -------------------------------------------------------------------------------
 
 PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 6},
@@ -228,12 +262,16 @@ def test_json_schema_outputs_are_schema_valid(live, api, endpoint, how):
 
 @pytest.mark.parametrize("endpoint", ENDPOINTS)
 def test_json_object_gives_a_json_object(live, api, endpoint):
-    kw = {"response_format": {"type": "json_object"}}
-    text, reason, _ = ask(api, endpoint, WALK, max_tokens=120, temperature=0, **kw)
-    if reason == "stop":
-        assert isinstance(json.loads(text), dict)
-    else:                  # an unbounded object may run out of tokens: it is still an object's start
-        assert reason == "length" and text.lstrip().startswith("{")
+    """The toy never ends a string on its own: a bias on '"' and '}' lets it finish an object (any
+    object: the grammar decides what is allowed, the bias only which allowed token wins)."""
+    toy = live.toy
+    bias = {str(toy.id_of['"']): 50, str(toy.id_of["}"]): 50}
+    for kw in ({"response_format": {"type": "json_object"}}, {"extra_body": {"structured_outputs": {"json_object": True}}}):
+        text, reason, _ = ask(api, endpoint, WALK, max_tokens=40, temperature=0, logit_bias=bias, **kw)
+        assert reason == "stop" and isinstance(json.loads(text), dict), text
+    text, _, _ = ask(api, endpoint, WALK, max_tokens=40, temperature=0, logit_bias=bias)      # free: not JSON
+    with pytest.raises(ValueError):
+        json.loads(text)
 
 
 # --- refused and unknown fields -------------------------------------------------------------------------
