@@ -153,12 +153,31 @@ class Api:
     def __init__(self, url: str, mode: str):
         self.base, self.mode = url + "/v1", mode
         self.streamed = mode in STREAMED
+        self._sync: openai.OpenAI | None = None
+        self._async: openai.AsyncOpenAI | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
+    # An SDK client takes ~0.1-0.2 s to build: each Api keeps one of each kind (the async one on
+    # its own event loop), until close().
     def sync_client(self) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.base, api_key="x", max_retries=0, timeout=60)
+        if self._sync is None:
+            self._sync = openai.OpenAI(base_url=self.base, api_key="x", max_retries=0, timeout=60)
+        return self._sync
 
-    def async_client(self) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(base_url=self.base, api_key="x", max_retries=0, timeout=60)
+    def run(self, make_coro):
+        """Runs `make_coro(async_client)` on this Api's event loop; its result."""
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+            self._async = openai.AsyncOpenAI(base_url=self.base, api_key="x", max_retries=0, timeout=60)
+        return self._loop.run_until_complete(make_coro(self._async))
+
+    def close(self) -> None:
+        if self._sync is not None:
+            self._sync.close()
+        if self._loop is not None:
+            self._loop.run_until_complete(self._async.close())
+            self._loop.close()
+        self._sync = self._async = self._loop = None
 
     def _opts(self, kw: dict) -> dict:
         kw.setdefault("model", MODEL)
@@ -169,38 +188,44 @@ class Api:
     def chat(self, **kw):
         kw = self._opts(kw)
         if self.mode == "sync":
-            with self.sync_client() as c:
-                return c.chat.completions.create(**kw)
+            return self.sync_client().chat.completions.create(**kw)
         if self.mode == "stream":
-            with self.sync_client() as c, c.chat.completions.stream(**kw) as s:
+            with self.sync_client().chat.completions.stream(**kw) as s:
                 return final(s.get_final_completion)
 
-        async def run():
-            async with self.async_client() as c:
-                if self.mode == "async":
-                    return await c.chat.completions.create(**kw)
-                async with c.chat.completions.stream(**kw) as s:
-                    try:
-                        return await s.get_final_completion()
-                    except openai.LengthFinishReasonError as e:   # the helper's parsing; the completion stands
-                        return e.completion
-        return asyncio.run(run())
+        async def run(c):
+            if self.mode == "async":
+                return await c.chat.completions.create(**kw)
+            async with c.chat.completions.stream(**kw) as s:
+                try:
+                    return await s.get_final_completion()
+                except openai.LengthFinishReasonError as e:   # the helper's parsing; the completion stands
+                    return e.completion
+        return self.run(run)
 
     def complete(self, **kw) -> Completion:
         kw = self._opts(kw)
         if self.mode == "sync":
-            with self.sync_client() as c:
-                return c.completions.create(**kw)
+            return self.sync_client().completions.create(**kw)
         if self.mode == "stream":
-            with self.sync_client() as c:
-                return collect_completion(list(c.completions.create(stream=True, **kw)))
+            return collect_completion(list(self.sync_client().completions.create(stream=True, **kw)))
 
-        async def run():
-            async with self.async_client() as c:
-                if self.mode == "async":
-                    return await c.completions.create(**kw)
-                return collect_completion([ch async for ch in await c.completions.create(stream=True, **kw)])
-        return asyncio.run(run())
+        async def run(c):
+            if self.mode == "async":
+                return await c.completions.create(**kw)
+            return collect_completion([ch async for ch in await c.completions.create(stream=True, **kw)])
+        return self.run(run)
+
+
+@contextlib.contextmanager
+def apis(url: str, modes=MODES):
+    """{mode: Api} for `modes`, closed on exit (a test module's fixture holds them)."""
+    out = {m: Api(url, m) for m in modes}
+    try:
+        yield out
+    finally:
+        for a in out.values():
+            a.close()
 
 
 def final(get):

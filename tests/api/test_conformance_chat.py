@@ -12,7 +12,7 @@ import jsonschema
 import openai
 import pytest
 
-from conformance import MODES, Api, toy_server
+from conformance import MODES, apis, toy_server
 
 TOL = 1e-4
 ASK = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Once upon a time"}]
@@ -26,9 +26,15 @@ def live():
         yield lv
 
 
+@pytest.fixture(scope="module")
+def clients(live):
+    with apis(live.url) as out:
+        yield out
+
+
 @pytest.fixture(params=MODES)
-def api(request, live):
-    return Api(live.url, request.param)
+def api(request, clients):
+    return clients[request.param]
 
 
 def rendered(live, messages, add_generation_prompt=True) -> list[int]:
@@ -108,13 +114,14 @@ def test_continue_final_message_and_echo_continue_the_assistants_text(live, api)
 
 @pytest.fixture(scope="module")
 def json_server():
-    with toy_server(json_schema=json.dumps(SCHEMA, separators=(",", ":"))) as lv:
+    with toy_server(json_schema=json.dumps(SCHEMA, separators=(",", ":"))) as lv, apis(lv.url) as clients:
+        lv.clients = clients
         yield lv
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_a_json_mode_deployment_answers_its_schema_unless_asked_for_text(json_server, mode):
-    api = Api(json_server.url, mode)
+    api = json_server.clients[mode]
     out = api.chat(messages=ASK, max_completion_tokens=40, temperature=0)
     assert out.choices[0].finish_reason == "stop"
     jsonschema.validate(json.loads(out.choices[0].message.content), SCHEMA)

@@ -9,7 +9,7 @@ import math
 import openai
 import pytest
 
-from conformance import MODES, Api, toy_server
+from conformance import MODES, apis, toy_server
 
 WALK = "Once upon a time"
 TOL = 1e-4
@@ -21,9 +21,15 @@ def live():
         yield lv
 
 
+@pytest.fixture(scope="module")
+def clients(live):
+    with apis(live.url) as out:
+        yield out
+
+
 @pytest.fixture(params=MODES)
-def api(request, live):
-    return Api(live.url, request.param)
+def api(request, clients):
+    return clients[request.param]
 
 
 def encode(live, text: str) -> list[int]:
@@ -156,11 +162,11 @@ def test_refused_fields_are_400s_naming_the_field(live, api, kw, param):
     assert e.value.body["param"] == param and param in e.value.message and "\n" not in e.value.message
 
 
-def test_a_stream_sends_each_token_as_it_comes(live):
+def test_a_stream_sends_each_token_as_it_comes(live, clients):
     """Streamed, the text arrives in several chunks (not one at the end), the usage last."""
-    with Api(live.url, "stream").sync_client() as c:
-        chunks = list(c.completions.create(model="toy", prompt=WALK, max_tokens=6, temperature=0, stream=True,
-                                           stream_options={"include_usage": True}))
+    c = clients["sync"].sync_client()
+    chunks = list(c.completions.create(model="toy", prompt=WALK, max_tokens=6, temperature=0, stream=True,
+                                       stream_options={"include_usage": True}))
     texts = [ch.choices[0].text for ch in chunks if ch.choices and ch.choices[0].text]
     assert len(texts) >= 3 and "".join(texts) == live.toy.decode(live.toy.greedy(encode(live, WALK), 6))
     assert chunks[-1].usage.completion_tokens == 6 and not chunks[-1].choices

@@ -4,7 +4,6 @@ clients; `client.get` / `client.post` for vLLM's own routes): /v1/models, /v1/mo
 helper), /tokenize and /detokenize, /version, /health and vLLM's metric names at /metrics."""
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 
@@ -13,7 +12,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conformance import MODEL, Api, toy_server
+from conformance import MODEL, Api, apis, toy_server
 from vsc import __version__
 
 ASK = "Once upon a time"
@@ -25,6 +24,22 @@ def live():
         yield lv
 
 
+@pytest.fixture(scope="module")
+def clients(live):
+    with apis(live.url, ("sync", "async", "stream")) as out:
+        yield out
+
+
+@pytest.fixture(scope="module")
+def root(live):
+    """SDK clients whose base is the server's root (vLLM's routes are not under /v1)."""
+    sync, async_ = openai.OpenAI(base_url=live.url, api_key="x", max_retries=0), Api(live.url, "async")
+    async_.base = live.url
+    yield sync, async_
+    sync.close()
+    async_.close()
+
+
 def greedy_chat(live, messages, n: int) -> str:
     tok = live.toy.tok
     return live.toy.decode(live.toy.greedy(tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True)),
@@ -32,40 +47,36 @@ def greedy_chat(live, messages, n: int) -> str:
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
-def test_models_list_and_retrieve(live, mode):
-    api = Api(live.url, mode)
+def test_models_list_and_retrieve(clients, mode):
     if mode == "sync":
-        with api.sync_client() as c:
-            models, one = c.models.list(), c.models.retrieve(MODEL)
-            with pytest.raises(openai.NotFoundError):
-                c.models.retrieve("no-such-model")
+        c = clients["sync"].sync_client()
+        models, one = c.models.list(), c.models.retrieve(MODEL)
+        with pytest.raises(openai.NotFoundError):
+            c.models.retrieve("no-such-model")
     else:
-        async def run():
-            async with api.async_client() as c:
-                with pytest.raises(openai.NotFoundError):
-                    await c.models.retrieve("no-such-model")
-                return await c.models.list(), await c.models.retrieve(MODEL)
-        models, one = asyncio.run(run())
+        async def run(c):
+            with pytest.raises(openai.NotFoundError):
+                await c.models.retrieve("no-such-model")
+            return await c.models.list(), await c.models.retrieve(MODEL)
+        models, one = clients["async"].run(run)
     assert [m.id for m in models.data] == [MODEL] and one.id == MODEL and one.object == "model"
 
 
 # --- /v1/responses ---------------------------------------------------------------------------------
 
-def test_responses_plain_and_streamed_give_the_chat_answer(live):
+def test_responses_plain_and_streamed_give_the_chat_answer(live, clients):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": ASK}]
     want = greedy_chat(live, messages, 6)
     kw = {"model": MODEL, "input": ASK, "instructions": "Be brief.", "max_output_tokens": 6, "temperature": 0}
-    api = Api(live.url, "sync")
-    with api.sync_client() as c:
-        r = c.responses.create(**kw)
-        events = list(c.responses.create(stream=True, **kw))
+    c = clients["sync"].sync_client()
+    r = c.responses.create(**kw)
+    events = list(c.responses.create(stream=True, **kw))
 
-    async def run():
-        async with api.async_client() as c:
-            return [e async for e in await c.responses.create(stream=True, **kw)]
+    async def run(c):
+        return [e async for e in await c.responses.create(stream=True, **kw)]
     assert r.output_text == want and r.status == "incomplete" and r.usage.output_tokens == 6
     assert r.incomplete_details.reason == "max_output_tokens"
-    for stream in (events, asyncio.run(run())):
+    for stream in (events, clients["async"].run(run)):
         deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
         assert "".join(deltas) == want and len(deltas) > 1
         assert [e.type for e in stream][:2] == ["response.created", "response.in_progress"]
@@ -77,22 +88,20 @@ def test_responses_plain_and_streamed_give_the_chat_answer(live):
 PET = {"type": "object", "properties": {"kind": {"enum": ["cat"]}}, "required": ["kind"], "additionalProperties": False}
 
 
-def test_responses_message_items_and_a_completed_answer_through_the_stream_helper(live):
+def test_responses_message_items_and_a_completed_answer_through_the_stream_helper(clients):
     input_ = [{"role": "developer", "content": "Be brief."},
               {"role": "user", "content": [{"type": "input_text", "text": ASK}]}]
     kw = {"model": MODEL, "input": input_, "max_output_tokens": 40, "temperature": 0,
           "text": {"format": {"type": "json_schema", "name": "pet", "strict": True, "schema": PET}}}
-    api = Api(live.url, "sync")
-    with api.sync_client() as c:
-        plain = c.responses.create(**kw)
-        with c.responses.stream(**kw) as s:
-            streamed = s.get_final_response()
+    c = clients["sync"].sync_client()
+    plain = c.responses.create(**kw)
+    with c.responses.stream(**kw) as s:
+        streamed = s.get_final_response()
 
-    async def run():
-        async with api.async_client() as c:
-            async with c.responses.stream(**kw) as s:
-                return await s.get_final_response()
-    for r in (plain, streamed, asyncio.run(run())):
+    async def run(c):
+        async with c.responses.stream(**kw) as s:
+            return await s.get_final_response()
+    for r in (plain, streamed, clients["async"].run(run)):
         assert r.status == "completed" and json.loads(r.output_text) == {"kind": "cat"}
         assert r.output[0].type == "message" and r.output[0].role == "assistant"
 
@@ -101,16 +110,16 @@ def test_responses_message_items_and_a_completed_answer_through_the_stream_helpe
                                       ({"store": True}, "store"),
                                       ({"tools": [{"type": "web_search"}]}, "tools"),
                                       ({"background": True}, "background")])
-def test_responses_refuses_what_it_cannot_honour(live, kw, param):
-    with Api(live.url, "sync").sync_client() as c, pytest.raises(openai.BadRequestError) as e:
-        c.responses.create(model=MODEL, input=ASK, max_output_tokens=4, **kw)
+def test_responses_refuses_what_it_cannot_honour(clients, kw, param):
+    with pytest.raises(openai.BadRequestError) as e:
+        clients["sync"].sync_client().responses.create(model=MODEL, input=ASK, max_output_tokens=4, **kw)
     assert e.value.body["param"] == param and "\n" not in e.value.message
 
 
 # --- vLLM's /tokenize, /detokenize, /version, /health ----------------------------------------------------
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
-def test_tokenize_and_detokenize_round_trip(live, mode):
+def test_tokenize_and_detokenize_round_trip(live, clients, root, mode):
     tok = live.toy.tok
     text = "Hello there, friend"
     messages = [{"role": "user", "content": ASK}]
@@ -120,24 +129,22 @@ def test_tokenize_and_detokenize_round_trip(live, mode):
 
     def post(c, path, body):
         return c.post(path, body=body, cast_to=httpx.Response)
+    sync, async_ = root
     if mode == "sync":
-        with openai.OpenAI(base_url=live.url, api_key="x", max_retries=0) as c:
-            out = [post(c, p, b).json() for p, b in calls]
-            back = post(c, "/detokenize", {"model": MODEL, "tokens": out[0]["tokens"]}).json()
+        out = [post(sync, p, b).json() for p, b in calls]
+        back = post(sync, "/detokenize", {"model": MODEL, "tokens": out[0]["tokens"]}).json()
     else:
-        async def run():
-            async with openai.AsyncOpenAI(base_url=live.url, api_key="x", max_retries=0) as c:
-                res = [(await post(c, p, b)).json() for p, b in calls]
-                return res, (await post(c, "/detokenize", {"model": MODEL, "tokens": res[0]["tokens"]})).json()
-        out, back = asyncio.run(run())
+        async def run(c):
+            res = [(await post(c, p, b)).json() for p, b in calls]
+            return res, (await post(c, "/detokenize", {"model": MODEL, "tokens": res[0]["tokens"]})).json()
+        out, back = async_.run(run)
     plain, strs, chat = out
     assert plain["tokens"] == tok.encode(text, add_special_tokens=True) and plain["count"] == len(plain["tokens"])
     assert plain["max_model_len"] == 512 and plain["token_strs"] is None
     assert strs["tokens"] == tok.encode(text) and len(strs["token_strs"]) == strs["count"]
     assert back == {"prompt": text}
     # the chat form counts what a chat completion's usage counts
-    with Api(live.url, "sync").sync_client() as c:
-        usage = c.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=1).usage
+    usage = clients["sync"].chat(messages=messages, max_completion_tokens=1).usage
     assert chat["count"] == usage.prompt_tokens
 
 
@@ -151,15 +158,15 @@ def test_tokenize_and_detokenize_refuse_bad_input(live):
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
 
 
-def test_version_and_health(live):
-    with openai.OpenAI(base_url=live.url, api_key="x", max_retries=0) as c:
-        assert c.get("/version", cast_to=httpx.Response).json() == {"version": __version__}
-        assert c.get("/health", cast_to=httpx.Response).status_code == 200
+def test_version_and_health(root):
+    c = root[0]
+    assert c.get("/version", cast_to=httpx.Response).json() == {"version": __version__}
+    assert c.get("/health", cast_to=httpx.Response).status_code == 200
 
 
 # --- metrics ---------------------------------------------------------------------------------------------
 
-def test_vllm_metric_families_count_the_requests_served(live):
+def test_vllm_metric_families_count_the_requests_served(live, clients):
     def families():
         return {f.name: f for f in text_string_to_metric_families(httpx.get(live.url + "/metrics", timeout=10).text)}
 
@@ -168,7 +175,7 @@ def test_vllm_metric_families_count_the_requests_served(live):
         (v,) = [s.value for s in fams[family].samples if s.name == sample and s.labels == labels]
         return v
     before = families()
-    api = Api(live.url, "sync")
+    api = clients["sync"]
     api.complete(prompt=ASK, max_tokens=5, temperature=0)
     api.chat(messages=[{"role": "user", "content": ASK}], max_completion_tokens=3, temperature=0)
     after = families()
@@ -186,12 +193,12 @@ def test_vllm_metric_families_count_the_requests_served(live):
 
 
 @pytest.mark.parametrize("mode", ["sync", "stream"])
-def test_one_info_log_line_per_request_never_the_prompt(live, mode, caplog):
+def test_one_info_log_line_per_request_never_the_prompt(clients, mode, caplog):
     secret = "Zanzibar"
     with caplog.at_level(logging.INFO, logger="vsc.runtime.http"):
-        out = Api(live.url, mode).complete(prompt="Once " + secret, max_tokens=3, temperature=0)
+        out = clients[mode].complete(prompt="Once " + secret, max_tokens=3, temperature=0)
         with pytest.raises(openai.BadRequestError):
-            Api(live.url, mode).complete(prompt=secret, max_tokens=3, temperature=9)
+            clients[mode].complete(prompt=secret, max_tokens=3, temperature=9)
     lines = [r.getMessage() for r in caplog.records if r.name == "vsc.runtime.http" and r.levelno == logging.INFO]
     assert all(secret not in line for line in lines)
     (done,) = [line for line in lines if "finish_reason" in line]

@@ -13,7 +13,7 @@ import jsonschema
 import openai
 import pytest
 
-from conformance import COPY, MODES, RETURN, Api, toy_server
+from conformance import COPY, MODES, RETURN, Api, apis, toy_server
 
 ENDPOINTS = ("completions", "chat")
 WALK = "Once upon a time"                 # greedy walks a chain of distinct tokens
@@ -27,9 +27,15 @@ def live():
         yield lv
 
 
+@pytest.fixture(scope="module")
+def clients(live):
+    with apis(live.url) as out:
+        yield out
+
+
 @pytest.fixture(params=MODES)
-def api(request, live):
-    return Api(live.url, request.param)
+def api(request, clients):
+    return clients[request.param]
 
 
 def ask(api: Api, endpoint: str, prompt: str, **kw):
@@ -86,10 +92,9 @@ def test_a_filter_keeping_only_the_top_token_is_greedy_even_at_temperature_1_5(l
         assert ask(api, endpoint, WALK, max_tokens=10, temperature=1.5, seed=seed, **kw)[0] == greedy   # ... not
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_top_k_and_min_p_keep_every_sampled_token_among_the_allowed(live, mode):
+def test_top_k_and_min_p_keep_every_sampled_token_among_the_allowed(live, api):
     """Each sampled token's rank under the toy's logits (read back through completions logprobs)."""
-    api, toy = Api(live.url, mode), live.toy
+    toy = live.toy
     prompt = toy.tok.encode(WALK, add_special_tokens=True)
 
     def ranks(**kw) -> list[int]:
@@ -223,18 +228,16 @@ def test_truncate_prompt_tokens_keeps_the_last_k_tokens(live, api, endpoint):
     assert text == live.toy.decode(live.toy.greedy(ids[-4:], 6))
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_truncation_side_right_keeps_the_first_k_tokens(live, mode):
-    api, toy = Api(live.url, mode), live.toy
+def test_truncation_side_right_keeps_the_first_k_tokens(live, api):
+    toy = live.toy
     ids = toy.tok.encode(WALK, add_special_tokens=True)
     out = api.complete(prompt=WALK, max_tokens=4, temperature=0,
                        extra_body={"truncate_prompt_tokens": 2, "truncation_side": "right"})
     assert out.usage.prompt_tokens == 2 and out.choices[0].text == toy.decode(toy.greedy(ids[:2], 4))
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_completions_max_tokens_defaults_to_16(live, mode):
-    out = Api(live.url, mode).complete(prompt=WALK, temperature=0)
+def test_completions_max_tokens_defaults_to_16(live, api):
+    out = api.complete(prompt=WALK, temperature=0)
     assert out.usage.completion_tokens == 16 and out.choices[0].finish_reason == "length"
 
 

@@ -14,7 +14,7 @@ import jsonschema
 import openai
 import pytest
 
-from conformance import MODES, SCRIPT, Api, toy_server
+from conformance import MODES, SCRIPT, apis, toy_server
 
 CITY = {"type": "string", "maxLength": 8}
 DAYS = {"type": "integer", "minimum": 1, "maximum": 7}
@@ -39,9 +39,15 @@ def live():
         yield lv
 
 
+@pytest.fixture(scope="module")
+def clients(live):
+    with apis(live.url) as out:
+        yield out
+
+
 @pytest.fixture(params=MODES)
-def api(request, live):
-    return Api(live.url, request.param)
+def api(request, clients):
+    return clients[request.param]
 
 
 def calls_of(out) -> list[tuple[str, dict]]:
