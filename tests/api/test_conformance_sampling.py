@@ -13,7 +13,7 @@ import jsonschema
 import openai
 import pytest
 
-from conformance import COPY, MODES, RETURN, Api, apis, toy_server
+from conformance import COPY, MODEL, MODES, RETURN, Api, apis, toy_server
 
 ENDPOINTS = ("completions", "chat")
 WALK = "Once upon a time"                 # greedy walks a chain of distinct tokens
@@ -300,6 +300,27 @@ def test_bad_values_are_400s_naming_the_field(live, api, endpoint, kw, param):
         ask(api, endpoint, WALK, max_tokens=4, **kw)
     assert e.value.status_code == 400 and param in e.value.message and "\n" not in e.value.message
     assert e.value.body["param"] == param
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+def test_stream_options(live, clients, endpoint):
+    """include_usage adds a last chunk with the usage (and only then); vLLM's continuous_usage_stats
+    (usage on every chunk) is refused, not ignored."""
+    c = clients["sync"].sync_client()
+
+    def stream(**opts):
+        kw = {"model": MODEL, "max_tokens": 3, "temperature": 0, "stream": True, **opts}
+        if endpoint == "chat":
+            return list(c.chat.completions.create(messages=[{"role": "user", "content": WALK}], **kw))
+        return list(c.completions.create(prompt=WALK, **kw))
+    assert all(ch.usage is None for ch in stream())
+    assert all(ch.usage is None for ch in stream(stream_options={"include_usage": False}))
+    chunks = stream(stream_options={"include_usage": True})
+    assert chunks[-1].usage.completion_tokens == 3 and not chunks[-1].choices
+    assert all(ch.usage is None for ch in chunks[:-1])
+    with pytest.raises(openai.BadRequestError) as e:
+        stream(stream_options={"include_usage": True, "continuous_usage_stats": True})
+    assert e.value.body["param"] == "stream_options" and "continuous_usage_stats" in e.value.message
 
 
 @pytest.mark.parametrize("endpoint", ENDPOINTS)

@@ -280,6 +280,8 @@ def _common(body: dict, chat: bool, vocab: int | None = None) -> tuple[SamplingP
         if not stream:
             raise _bad("stream_options", "'stream_options' is only allowed when 'stream' is true")
         include_usage = _bool(opts, "include_usage", False)
+        if opts.get("continuous_usage_stats"):       # vLLM's usage on every chunk: not implemented
+            raise _bad("stream_options", "'stream_options.continuous_usage_stats' is not supported by this server")
 
     response_format = body.get("response_format")
     schema = _response_format(response_format)
