@@ -144,3 +144,19 @@ def test_bad_tool_fields_are_400s_naming_the_field(live, api, kw, param):
         api.chat(**kw)
     assert e.value.body["param"] == param and "\n" not in e.value.message
     assert len(e.value.message) < 300                     # one line, not the tools array repeated
+
+
+def test_streamed_calls_are_openai_delta_tool_calls_chunks(live, clients):
+    """The raw chunks, as clients without the SDK's helper read them: the role, one
+    `delta.tool_calls` chunk per call (index, id, type, name, the whole arguments), the finish reason."""
+    live.toy.script = PARIS + "\n" + ALARM
+    chunks = list(clients["sync"].sync_client().chat.completions.create(
+        model="toy", messages=CALLER, tools=TOOLS, max_completion_tokens=300, temperature=0, stream=True))
+    deltas = [ch.choices[0].delta for ch in chunks if ch.choices]
+    assert deltas[0].role == "assistant"
+    calls = [tc for d in deltas for tc in (d.tool_calls or [])]
+    assert [tc.index for tc in calls] == [0, 1] and all(tc.id.startswith("call_") for tc in calls)
+    assert [(tc.type, tc.function.name, json.loads(tc.function.arguments)) for tc in calls] == \
+        [("function", "get_weather", {"city": "Paris", "days": 3}), ("function", "set_alert", {"level": "high"})]
+    assert not any(d.content for d in deltas)
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason] == ["tool_calls"]
