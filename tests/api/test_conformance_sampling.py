@@ -6,6 +6,7 @@ presence / frequency / repetition penalties, min_tokens, stop, stop_token_ids,
 include_stop_str_in_output, ignore_eos, truncate_prompt_tokens), and the 400s."""
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 
@@ -354,3 +355,27 @@ def test_vllm_fields_vsc_does_not_implement_are_refused(clients, endpoint, field
     with pytest.raises(openai.BadRequestError) as e:
         ask(clients["sync"], endpoint, WALK, max_tokens=4, temperature=0, extra_body={field: value})
     assert e.value.body["param"] == field
+
+
+def test_each_request_keeps_its_own_parameters_in_a_shared_batch(live, clients):
+    """Concurrent requests (the async client, gathered) share the engine's steps: each still gets
+    its own answer, seeded ones the same tokens as alone, penalized and biased ones the reference's."""
+    toy = live.toy
+    ids = {p: prompt_ids(live, "completions", p) for p in (WALK, REPEAT, STOPPING)}
+    cases = [({"prompt": WALK, "temperature": 1.0, "seed": s}, None) for s in (1, 2, 3)]
+    cases += [({"prompt": REPEAT, "temperature": 0, "presence_penalty": 2.0}, toy.greedy(ids[REPEAT], 10, presence=2.0)),
+              ({"prompt": REPEAT, "temperature": 0, "extra_body": {"repetition_penalty": 2.0}},
+               toy.greedy(ids[REPEAT], 10, repetition=2.0)),
+              ({"prompt": REPEAT, "temperature": 0}, toy.greedy(ids[REPEAT], 10)),
+              ({"prompt": STOPPING, "temperature": 0, "extra_body": {"min_tokens": 4}},
+               toy.greedy(ids[STOPPING], 10, min_tokens=4)),
+              ({"prompt": WALK, "temperature": 0, "logit_bias": {str(toy.id_of[" value"]): 100}}, [toy.id_of[" value"]] * 10)]
+    api = clients["async"]
+    alone = [api.complete(max_tokens=10, **kw).choices[0].text for kw, _ in cases[:3]]
+
+    async def together(c):
+        outs = await asyncio.gather(*[c.completions.create(model=MODEL, max_tokens=10, **kw) for kw, _ in cases * 2])
+        return [o.choices[0].text for o in outs]
+    texts = api.run(together)
+    for i, (kw, want) in enumerate(cases * 2):
+        assert texts[i] == (alone[i % len(cases)] if want is None else toy.decode(want)), kw
