@@ -13,6 +13,7 @@ import logging
 import jsonschema
 import openai
 import pytest
+import torch
 
 from conformance import COPY, MODEL, MODES, RETURN, Api, apis, toy_server
 
@@ -111,6 +112,13 @@ def test_top_k_and_min_p_keep_every_sampled_token_among_the_allowed(live, api):
     for i, t in enumerate(ids):
         logits = toy.logits(prompt + ids[:i])
         assert logits[t] >= logits.max() - 1.5 * 0.6931472 - 1e-4
+    # top_p 0.05 at temperature 1.5: the token is in the nucleus (the more likely tokens hold < 5%)
+    out = api.complete(prompt=WALK, max_tokens=24, temperature=1.5, seed=3, logprobs=0, top_p=0.05)
+    ids = toy.ids(out.choices[0].logprobs.tokens)
+    for i, t in enumerate(ids):
+        probs = torch.softmax(toy.logits(prompt + ids[:i]) / 1.5, dim=-1)
+        assert float(probs[probs > probs[t]].sum()) < 0.05
+    assert out.choices[0].text != api.complete(prompt=WALK, max_tokens=24, temperature=1.5, seed=3).choices[0].text
 
 
 # --- logit_bias and the penalties --------------------------------------------------------------------
