@@ -132,6 +132,12 @@ def test_a_json_mode_deployment_answers_its_schema_unless_asked_for_text(json_se
     out = api.chat(messages=ASK, max_completion_tokens=40, temperature=0,
                    response_format={"type": "json_schema", "json_schema": {"name": "other", "schema": other}})
     jsonschema.validate(json.loads(out.choices[0].message.content), other)
+    # completions too (response_format is a vLLM extension there)
+    out = api.complete(prompt="Once upon a time", max_tokens=40, temperature=0)
+    jsonschema.validate(json.loads(out.choices[0].text), SCHEMA)
+    out = api.complete(prompt="Once upon a time", max_tokens=6, temperature=0,
+                       extra_body={"response_format": {"type": "text"}})
+    assert out.choices[0].text == toy.decode(toy.greedy(toy.tok.encode("Once upon a time"), 6))
 
 
 @pytest.mark.parametrize("kw,param", [
