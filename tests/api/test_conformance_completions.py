@@ -115,6 +115,14 @@ def test_n_gives_n_distinct_choices_with_their_indices(live, api):
     assert out.usage.completion_tokens == 24 and out.usage.prompt_tokens == len(encode(live, WALK))
 
 
+def test_the_copies_of_a_prompt_share_its_prefill(live, api):
+    prompt = f"A prompt this suite sends once ({api.mode}), long enough to fill two blocks of sixteen tokens"
+    full_blocks = len(encode(live, prompt)) // 16 * 16
+    before = live.engine.stats()["prefix_hit_tokens"]
+    api.complete(prompt=prompt, max_tokens=3, temperature=1.0, seed=1, n=4)
+    assert full_blocks >= 32 and live.engine.stats()["prefix_hit_tokens"] - before == 3 * full_blocks
+
+
 def test_best_of_returns_the_most_likely_of_its_candidates(live, api):
     kw = {"prompt": WALK, "max_tokens": 4, "temperature": 1.0, "seed": 5, "logprobs": 0}
     if api.streamed:          # the best copies are known only at the end (vLLM refuses it too)
