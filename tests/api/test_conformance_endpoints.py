@@ -174,22 +174,27 @@ def test_vllm_metric_families_count_the_requests_served(live, clients):
         labels = {"model_name": MODEL, "engine": "0", **labels}
         (v,) = [s.value for s in fams[family].samples if s.name == sample and s.labels == labels]
         return v
-    before = families()
+    before, stats = families(), live.engine.stats()
     api = clients["sync"]
-    api.complete(prompt=ASK, max_tokens=5, temperature=0)
-    api.chat(messages=[{"role": "user", "content": ASK}], max_completion_tokens=3, temperature=0)
+    long = "A prompt for the metrics test, long enough to fill two blocks of sixteen tokens in the cache"
+    prompts = sum(api.complete(prompt=p, max_tokens=5, temperature=0).usage.prompt_tokens for p in (long, long))
+    prompts += api.chat(messages=[{"role": "user", "content": ASK}], max_completion_tokens=3,
+                        temperature=0).usage.prompt_tokens
     after = families()
-    for family, sample, delta in [("vllm:request_success", "vllm:request_success_total", 2),
-                                  ("vllm:generation_tokens", "vllm:generation_tokens_total", 8),
-                                  ("vllm:e2e_request_latency_seconds", "vllm:e2e_request_latency_seconds_count", 2),
-                                  ("vllm:time_to_first_token_seconds", "vllm:time_to_first_token_seconds_count", 2),
-                                  ("vllm:request_queue_time_seconds", "vllm:request_queue_time_seconds_count", 2)]:
+    hits = live.engine.stats()["prefix_hit_tokens"] - stats["prefix_hit_tokens"]
+    assert hits >= 32                                               # the second long prompt's two blocks
+    for family, sample, delta in [("vllm:request_success", "vllm:request_success_total", 3),
+                                  ("vllm:generation_tokens", "vllm:generation_tokens_total", 13),
+                                  ("vllm:prompt_tokens", "vllm:prompt_tokens_total", prompts),
+                                  ("vllm:prefix_cache_hits", "vllm:prefix_cache_hits_total", hits),
+                                  ("vllm:e2e_request_latency_seconds", "vllm:e2e_request_latency_seconds_count", 3),
+                                  ("vllm:time_to_first_token_seconds", "vllm:time_to_first_token_seconds_count", 3),
+                                  ("vllm:request_queue_time_seconds", "vllm:request_queue_time_seconds_count", 3)]:
         labels = {"finished_reason": "length"} if family == "vllm:request_success" else {}
         assert value(after, family, sample, **labels) - value(before, family, sample, **labels) == delta, family
     for gauge in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"):
         assert after[gauge].type == "gauge" and value(after, gauge, gauge) >= 0
     assert not [n for n in after if not n.startswith(("vllm:", "vsc_", "python_", "process_"))]
-
 
 
 @pytest.mark.parametrize("mode", ["sync", "stream"])
