@@ -115,6 +115,15 @@ def test_n_gives_n_distinct_choices_with_their_indices(live, api):
     assert out.usage.completion_tokens == 24 and out.usage.prompt_tokens == len(encode(live, WALK))
 
 
+def test_seeded_copies_are_reproducible_and_echo_only_adds_the_prompt(live, api):
+    """Copy j of a seeded request samples with seed + j (vLLM's children), streamed or not, echoed or not."""
+    kw = {"prompt": WALK, "max_tokens": 6, "temperature": 1.0, "seed": 2, "n": 3}
+    texts = [c.text for c in api.complete(**kw).choices]
+    assert len(set(texts)) == 3 and texts == [c.text for c in api.complete(**kw).choices]
+    assert [c.text for c in api.complete(echo=True, **kw).choices] == [WALK + t for t in texts]
+    assert texts[1] == api.complete(**{**kw, "n": 1, "seed": 3}).choices[0].text
+
+
 def test_the_copies_of_a_prompt_share_its_prefill(live, api):
     prompt = f"A prompt this suite sends once ({api.mode}), long enough to fill two blocks of sixteen tokens"
     full_blocks = len(encode(live, prompt)) // 16 * 16

@@ -773,8 +773,8 @@ class _App:
                 copy = dataclasses.replace(params)
                 if j and not (stream and echo):
                     copy.prompt_logprobs = None
-                    if params.seed is not None:
-                        copy.seed = (params.seed + j) % (1 << 64)
+                if j and params.seed is not None:
+                    copy.seed = (params.seed + j) % (1 << 64)
                 if best_of > n and copy.logprobs is None:
                     copy.logprobs = 0          # best_of ranks the copies by their tokens' logprobs
                 # prompt_logprobs in the response whenever they were computed (echo with logprobs too), as vLLM
