@@ -164,6 +164,22 @@ def test_a_list_of_prompts_gives_one_choice_per_prompt_in_order(live, api):
         assert c.text == live.toy.decode(live.toy.greedy(ids[c.index // 2], 3))
 
 
+def test_prompts_times_copies_with_echo_and_logprobs(live, api):
+    """lm-eval's and a sampler's request at once: two prompts, two copies each, echoed, with logprobs;
+    each choice's tokens spell its text and score as the model does."""
+    prompts = [WALK, "Hello there"]
+    out = api.complete(prompt=prompts, max_tokens=5, temperature=1.0, seed=4, n=2, logprobs=1, echo=True)
+    assert [c.index for c in out.choices] == [0, 1, 2, 3]
+    for c in out.choices:
+        prompt = encode(live, prompts[c.index // 2])
+        lp = c.logprobs
+        assert c.text.startswith(prompts[c.index // 2]) and "".join(lp.tokens) == c.text
+        ids = prompt + live.toy.ids(lp.tokens[len(prompt):])
+        assert len(ids) == len(prompt) + 5 and lp.token_logprobs[0] is None
+        for i in range(1, len(ids)):
+            check_position(live, ids[:i], ids[i], lp.token_logprobs[i], lp.top_logprobs[i], 1)
+
+
 @pytest.mark.parametrize("kw,param", [
     ({"suffix": "the end"}, "suffix"),
     ({"best_of": 1, "n": 2}, "best_of"),
