@@ -105,6 +105,11 @@ def test_auto_leaves_text_alone(live, api):
     out = api.chat(messages=ASK, tools=TOOLS, max_completion_tokens=8, temperature=0)
     choice = out.choices[0]
     assert choice.message.content and not choice.message.tool_calls and choice.finish_reason == "length"
+    # text that starts like a call (held while it could be one, streamed, then sent as text)
+    live.toy.script = "<tool_cal is no call"
+    out = api.chat(messages=CALLER, tools=TOOLS, max_completion_tokens=100, temperature=0)
+    choice = out.choices[0]
+    assert (choice.message.content, choice.message.tool_calls, choice.finish_reason) == (live.toy.script, None, "stop")
 
 
 def test_none_shows_the_tools_but_never_calls(live, api):
