@@ -129,13 +129,14 @@ class Toy:
 
 
 @contextlib.contextmanager
-def toy_server(json_schema: str | None = None, max_context: int = 512, script: str = ""):
+def toy_server(json_schema: str | None = None, max_context: int = 512, script: str = "", **config):
     """A live server (http_fakes.Live: .url, .engine, .toy) over a real engine running the toy model,
     with a prefix cache (the suite repeats its prompts: answers must not change when they are cached)."""
     tok = tokenizer()
     toy = Toy(tok, script)
     engine = LLMEngine(ContextRunner(toy.logits, VOCAB, num_blocks=256, block_size=16), tok,
-                       EngineConfig(max_context=max_context, json_schema=json_schema, prefix_cache="radix"), MODEL)
+                       EngineConfig(max_context=max_context, json_schema=json_schema,
+                                    **{"prefix_cache": "radix", **config}), MODEL)
     engine.start()
     try:
         with serving(engine, name=MODEL, tokenizer=tok) as live:

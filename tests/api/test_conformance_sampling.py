@@ -23,9 +23,14 @@ REPEAT = "Please" + COPY                  # greedy repeats the last token
 STOPPING = "Now" + RETURN                 # the model wants to stop at once
 
 
-@pytest.fixture(scope="module")
-def live():
-    with toy_server() as lv:
+#: The engine plain, and drafting with n-gram speculative decoding on every step (the output must
+#: not change: each verified row sees its drafts in its penalty counts and min_tokens position).
+ENGINES = {"plain": {}, "ngram": {"speculative_method": "ngram", "speculative_k": 4, "spec_gate": False}}
+
+
+@pytest.fixture(scope="module", params=list(ENGINES))
+def live(request):
+    with toy_server(**ENGINES[request.param]) as lv:
         yield lv
 
 
@@ -387,3 +392,23 @@ def test_each_request_keeps_its_own_parameters_in_a_shared_batch(live, clients):
     texts = api.run(together)
     for i, (kw, want) in enumerate(cases * 2):
         assert texts[i] == (alone[i % len(cases)] if want is None else toy.decode(want)), kw
+
+
+def test_drafted_steps_keep_every_adjustment_exact(live, clients):
+    """On the n-gram engine, a repeating answer is drafted (and, penalized, its drafts rejected):
+    the answers are still the reference's."""
+    stats = live.engine.stats()
+    toy, ids = live.toy, prompt_ids(live, "completions", REPEAT)
+    for kw, adjust in [({}, {}), ({"presence_penalty": 2.0}, {"presence": 2.0}),
+                       ({"frequency_penalty": -2.0}, {"frequency": -2.0}),
+                       ({"extra_body": {"repetition_penalty": 2.0}}, {"repetition": 2.0}),
+                       ({"logit_bias": {str(toy.id_of[" value"]): 100}}, {"logit_bias": {toy.id_of[" value"]: 100.0}})]:
+        out = clients["sync"].complete(prompt=REPEAT, max_tokens=12, temperature=0, **kw)
+        assert out.choices[0].text == toy.decode(toy.greedy(ids, 12, **adjust)), kw
+    after = live.engine.stats()
+    drafted = after["spec_draft_tokens"] - stats["spec_draft_tokens"]
+    accepted = after["spec_accepted_tokens"] - stats["spec_accepted_tokens"]
+    if live.engine.config.speculative_method == "ngram":
+        assert drafted > accepted > 0
+    else:
+        assert drafted == 0
