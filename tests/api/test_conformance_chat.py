@@ -140,6 +140,16 @@ def test_a_json_mode_deployment_answers_its_schema_unless_asked_for_text(json_se
     assert out.choices[0].text == toy.decode(toy.greedy(toy.tok.encode("Once upon a time"), 6))
 
 
+def test_a_json_mode_deployment_on_the_responses_api(json_server):
+    c, toy = json_server.clients["sync"].sync_client(), json_server.toy
+    r = c.responses.create(model="toy", input=ASK[1]["content"], max_output_tokens=40, temperature=0)
+    assert r.status == "completed"
+    jsonschema.validate(json.loads(r.output_text), SCHEMA)
+    r = c.responses.create(model="toy", input=ASK[1]["content"], max_output_tokens=5, temperature=0,
+                           text={"format": {"type": "text"}})
+    assert r.output_text == toy.decode(toy.greedy(rendered(json_server, ASK[1:]), 5))
+
+
 @pytest.mark.parametrize("kw,param", [
     ({"extra_body": {"best_of": 2}}, "best_of"),
     ({"top_logprobs": 2}, "top_logprobs"),                                    # without logprobs
