@@ -193,6 +193,9 @@ def test_auto_grammar_admits_text_or_schema_valid_calls_only():
     assert not accepts('<tool_call>\n{"name":"launch","arguments":{}}\n</tool_call>')
     assert not accepts('<tool_call>\n{"name":"get_weather","arguments":{"town":"Rome"}}\n</tool_call>')
     assert not accepts("<tool_call> sorry, just text")
+    # compact JSON, as json mode's: no free whitespace inside a call for a model to spend its tokens on
+    assert not accepts('<tool_call>\n{"name": "get_weather","arguments":{"city":"Rome"}}\n</tool_call>')
+    assert not accepts('<tool_call>\n{"name":"get_weather","arguments":{"city":"Rome"}   }\n</tool_call>')
 
 
 def test_parameter_defs_move_to_the_top_so_refs_resolve():

@@ -185,7 +185,7 @@ def _unsupported(key: str, v, default_ok) -> None:
 def _unknown(q) -> None:
     """Fields the request's declaration does not know: logged and ignored, as vLLM does (names cut
     short: they are the client's text). `user` is declared: an end user's id, no effect (as in vLLM)."""
-    unknown = list(q.model_extra or ())
+    unknown = [k for k in q.model_extra or () if k not in schema.VLLM_UNIMPLEMENTED]    # those: off, or refused
     if unknown:
         names = ", ".join(repr(k[:40]) for k in unknown[:8]) + (f" and {len(unknown) - 8} more"
                                                                 if len(unknown) > 8 else "")
@@ -213,6 +213,8 @@ def _common(q, chat: bool, vocab: int | None = None) -> tuple[SamplingParams, bo
         if not stream:
             raise _bad("stream_options", "'stream_options' is only allowed when 'stream' is true")
         include_usage = q.stream_options.include_usage is True
+        if q.stream_options.continuous_usage_stats:      # vLLM's usage on every chunk: not implemented
+            raise _bad("stream_options", "'stream_options.continuous_usage_stats' is not supported by this server")
 
     response_format = q.response_format
     json_schema = _response_format(response_format)
@@ -595,6 +597,9 @@ class _App:
                 except ResponsesInputError as e:
                     raise _bad(e.param, str(e)) from None
             q = _check(schema.ChatCompletionRequest if chat else schema.CompletionRequest, body)
+            refused = schema.unimplemented_vllm_field(q.model_extra, chat)
+            if refused is not None:
+                raise _bad(*refused)
             params, stream, include_usage = _common(q, chat=chat, vocab=self.vocab)
             n, best_of, echo, prompt_k = _scoring(q, chat, params)
             predicted = _prediction(q.prediction)
@@ -663,8 +668,8 @@ class _App:
                 copy = dataclasses.replace(params)
                 if j and not (stream and echo):
                     copy.prompt_logprobs = None
-                    if params.seed is not None:
-                        copy.seed = (params.seed + j) % (1 << 64)
+                if j and params.seed is not None:
+                    copy.seed = (params.seed + j) % (1 << 64)
                 if best_of > n and copy.logprobs is None:
                     copy.logprobs = 0          # best_of ranks the copies by their tokens' logprobs
                 # prompt_logprobs in the response whenever they were computed (echo with logprobs too), as vLLM

@@ -130,6 +130,7 @@ ToolChoice = Annotated[Literal["none", "auto", "required"] | NamedToolChoice,
 
 class StreamOptions(_Part):
     include_usage: bool | None = None
+    continuous_usage_stats: bool | None = Field(None, description="refused when true (usage on every chunk)")
 
 
 class JsonSchemaSpec(_Part):
@@ -207,6 +208,46 @@ class _Sampling(_Body):
     truncate_prompt_tokens: int | None = Field(None, ge=-1, description="-1: the context length")
     truncation_side: Literal["left", "right"] | None = None
     user: str | None = Field(None, description="an end user's id; changes no output")
+
+
+#: vLLM request fields that change its output and that vsc does not implement: a request may send
+#: each at the value that means "off" (vLLM's default; what vsc does anyway), any other value is
+#: refused with a 400 naming the field, never ignored. Per field: (is_off(value, chat), why).
+_NONE_OR_EMPTY = (lambda v, chat: v is None or v == [] or v == {})
+VLLM_UNIMPLEMENTED: dict[str, tuple[Any, str]] = {
+    "allowed_token_ids": (_NONE_OR_EMPTY, "restrict the vocabulary with 'logit_bias' instead"),
+    "bad_words": (_NONE_OR_EMPTY, "ban single tokens with 'logit_bias' (-100) instead"),
+    "skip_special_tokens": (lambda v, chat: v is None or v is True, "special tokens are always left out of the text"),
+    "spaces_between_special_tokens": (lambda v, chat: v is None or v is True, "special tokens are always left out"),
+    "use_beam_search": (lambda v, chat: v is None or v is False, "no beam search; use 'n' or 'best_of'"),
+    "length_penalty": (lambda v, chat: v is None or v == 1, "no beam search"),
+    "early_stopping": (lambda v, chat: v is None or v is False, "no beam search"),
+    "return_tokens_as_token_ids": (lambda v, chat: v is None or v is False, "logprobs name tokens by their text"),
+    "logits_processors": (_NONE_OR_EMPTY, "a server runs no client-named code"),
+    "add_special_tokens": (lambda v, chat: v is None or v is (not chat),
+                           "the prompt is tokenized as vLLM does by default (completions with, chat without)"),
+    "chat_template": (lambda v, chat: v is None, "the model's own chat template is compiled into the server"),
+    "chat_template_kwargs": (_NONE_OR_EMPTY, "the model's own chat template is compiled into the server"),
+    "documents": (_NONE_OR_EMPTY, "no retrieval documents in the chat template"),
+    "guided_json": (lambda v, chat: v is None, "send 'response_format' or 'structured_outputs': {\"json\": ...}"),
+    "guided_regex": (lambda v, chat: v is None, "regex constraints are not served"),
+    "guided_choice": (lambda v, chat: v is None, "choice constraints are not served"),
+    "guided_grammar": (lambda v, chat: v is None, "grammar constraints are not served"),
+    "guided_decoding_backend": (lambda v, chat: v is None, "one grammar engine (llguidance)"),
+    "priority": (lambda v, chat: v is None or v == 0, "requests are scheduled first come, first served"),
+    "prompt_embeds": (lambda v, chat: v is None, "prompts are text or token ids"),
+}
+
+
+def unimplemented_vllm_field(extra: dict | None, chat: bool) -> tuple[str, str] | None:
+    """(field, message) for the first vLLM-only field in `extra` set to something vsc would not do."""
+    for key, value in (extra or {}).items():
+        rule = VLLM_UNIMPLEMENTED.get(key)
+        if rule is not None and not rule[0](value, chat):
+            shown = repr(value)
+            shown = shown if len(shown) <= 40 else shown[:37] + "..."
+            return key, f"'{key}'={shown} is not supported by this server ({rule[1]})"
+    return None
 
 
 class ChatCompletionRequest(_Sampling):

@@ -35,7 +35,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from vsc.runtime.constrain import LARK_PREFIX
+from vsc.runtime.constrain import JSON_DEFAULTS, LARK_PREFIX
 
 #: OpenAI's rule for a function's name.
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -184,7 +184,9 @@ def _rewrite_refs(node: Any, moved: dict[tuple[str, str], str]) -> Any:
 def auto_grammar(plan: ToolPlan) -> str:
     """The Lark grammar of tool_choice auto: text not starting with `<tool_call>`, or one or more
     (one: parallel_tool_calls false) `<tool_call>` blocks of a schema-valid call."""
-    one = call_schema(ToolPlan(plan.tools, REQUIRED, None, parallel=False))
+    # compact JSON as json mode compiles it (a Lark %json is whitespace-flexible by default: a
+    # model could then spend max_tokens on spaces inside a call and leave it unfinished)
+    one = {**call_schema(ToolPlan(plan.tools, REQUIRED, None, parallel=False)), "x-guidance": dict(JSON_DEFAULTS)}
     calls = "call+" if plan.parallel else "call"
     return (f"{LARK_PREFIX}start: (TEXT | calls)?\ncalls: {calls}\n"
             f"call: \"<tool_call>\\n\" %json {json.dumps(one, ensure_ascii=False)} \"\\n</tool_call>\" \"\\n\"?\n"
