@@ -1482,20 +1482,7 @@ def build_app(engine, tokenizer, metrics: ServerMetrics, served_model_name: str,
         return ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code=code,
                         type_="invalid_request_error").response()
 
-    routes = [
-        Route("/v1/completions", a.completions, methods=["POST"]),
-        Route("/v1/chat/completions", a.chat_completions, methods=["POST"]),
-        Route("/v1/responses", a.responses, methods=["POST"]),
-        Route("/v1/models", a.models, methods=["GET"]),
-        Route("/v1/models/{model_id:path}", a.model, methods=["GET"]),
-        Route("/health", a.health, methods=["GET"]),
-        Route("/version", a.version, methods=["GET"]),
-        Route("/tokenize", a.tokenize, methods=["POST"]),
-        Route("/tokenizer_info", a.tokenizer_info, methods=["GET"]),
-        Route("/detokenize", a.detokenize, methods=["POST"]),
-        Route("/metrics", a.metrics_endpoint, methods=["GET"]),
-        Route("/openapi.json", a.openapi, methods=["GET"]),
-    ]
+    routes = [Route(e.route, getattr(a, e.handler), methods=[e.method]) for e in schema.ENDPOINTS]
     security = security or Security(max_body_bytes=default_max_body(engine.max_context))
     app = Starlette(routes=routes, exception_handlers={HTTPException: not_found},
                     middleware=[Middleware(HttpGuard, security=security)])

@@ -15,6 +15,8 @@ path never sees these models (bench/schema_overhead.py measures the cost per req
 """
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal, get_args
 
 from annotated_types import Ge, Gt, Le, Lt
@@ -559,6 +561,44 @@ _MODELS: tuple[type[BaseModel], ...] = (
 _document: dict | None = None
 
 
+@dataclass(frozen=True)
+class Endpoint:
+    """One route of the server, declared once: vsc.runtime.http serves `handler` (a method of its
+    app) at `route`; the OpenAPI document describes it from `doc` (path item minus parameters)."""
+
+    route: str                  # Starlette's path ("{model_id:path}" converters allowed)
+    method: str
+    handler: str
+    doc: dict
+
+    @property
+    def path(self) -> str:      # the OpenAPI path: converters dropped
+        return re.sub(r"\{(\w+):\w+\}", r"{\1}", self.route)
+
+
+_MODEL_ID = [{"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}]
+
+ENDPOINTS: tuple[Endpoint, ...] = (
+    Endpoint("/v1/completions", "POST", "completions",
+             _post("CompletionRequest", "Completion", "completion", True)),
+    Endpoint("/v1/chat/completions", "POST", "chat_completions",
+             _post("ChatCompletionRequest", "ChatCompletion", "chat completion", True)),
+    Endpoint("/v1/responses", "POST", "responses", _post("ResponsesRequest", None, "OpenAI Responses API, plain text", True)),
+    Endpoint("/v1/models", "GET", "models", _get("ModelList", "the served model", errors=(401,))),
+    Endpoint("/v1/models/{model_id:path}", "GET", "model",
+             {**_get("ModelCard", "one model", errors=(401, 404)), "parameters": _MODEL_ID}),
+    Endpoint("/health", "GET", "health", _get(None, "200 while the engine runs, else 503", errors=(503,))),
+    Endpoint("/version", "GET", "version", _get(None, "the vsc version")),
+    Endpoint("/tokenize", "POST", "tokenize", _post("TokenizeRequest", "TokenizeResponse", "token ids of a prompt or messages")),
+    Endpoint("/tokenizer_info", "GET", "tokenizer_info",
+             _get(None, "the tokenizer's class, special tokens and chat template", errors=(401,))),
+    Endpoint("/detokenize", "POST", "detokenize", _post("DetokenizeRequest", "DetokenizeResponse", "the text of token ids")),
+    Endpoint("/metrics", "GET", "metrics_endpoint",
+             _get(None, "Prometheus metrics (vLLM's names and vsc_ ones)", media="text/plain")),
+    Endpoint("/openapi.json", "GET", "openapi", _get(None, "this document")),
+)
+
+
 def openapi(version: str) -> dict:
     """The OpenAPI 3.1 document of the server's API (generated once, from the declarations above)."""
     global _document
@@ -569,23 +609,7 @@ def openapi(version: str) -> dict:
             "openapi": "3.1.0",
             "info": {"title": "vsc OpenAI-compatible server", "version": version,
                      "description": "A compiled vsc server's API: OpenAI's and vLLM's (docs/openai-api.md)."},
-            "paths": {
-                "/v1/chat/completions": _post("ChatCompletionRequest", "ChatCompletion", "chat completion", True),
-                "/v1/completions": _post("CompletionRequest", "Completion", "completion", True),
-                "/v1/responses": _post("ResponsesRequest", None, "OpenAI Responses API, plain text", True),
-                "/tokenize": _post("TokenizeRequest", "TokenizeResponse", "token ids of a prompt or messages"),
-                "/detokenize": _post("DetokenizeRequest", "DetokenizeResponse", "the text of token ids"),
-                "/v1/models": _get("ModelList", "the served model", errors=(401,)),
-                "/v1/models/{model_id}": {**_get("ModelCard", "one model", errors=(401, 404)),
-                                          "parameters": [{"name": "model_id", "in": "path", "required": True,
-                                                          "schema": {"type": "string"}}]},
-                "/health": _get(None, "200 while the engine runs, else 503", errors=(503,)),
-                "/version": _get(None, "the vsc version"),
-                "/tokenizer_info": _get(None, "the tokenizer's class, special tokens and chat template",
-                                        errors=(401,)),
-                "/metrics": _get(None, "Prometheus metrics (vLLM's names and vsc_ ones)", media="text/plain"),
-                "/openapi.json": _get(None, "this document"),
-            },
+            "paths": {e.path: e.doc for e in ENDPOINTS},
             "components": {"schemas": defs["$defs"]},
         }
     return _document
