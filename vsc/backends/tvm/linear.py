@@ -62,6 +62,21 @@ def make_linear(N: int, K: int, R: int = DEFAULT_R, MT: int = DEFAULT_MT, R1: in
                 red[0] = red[0] + red[l]
             Y[m, n] = red[0]
 
+    # The M > 1 schedule's two steps for row m of x, used by its MT-row tiles and by its M % MT
+    # tail (one row, no loop over rows)
+    @T.macro
+    def dot_row(acc, W, X, nt, kb, t, m):
+        # acc[t, r] += W's row r of tile nt times x's row m, lanewise, in K block kb (r < R)
+        for r in T.unroll(R):
+            for l in T.vectorized(V):
+                acc[t, r, l] = acc[t, r, l] + W[T.min(nt * R + r, N - 1), kb * V + l] * X[m, kb * V + l]
+
+    @T.macro
+    def store_row(acc, red, Y, nt, t, m):
+        # Y[m, the R rows of tile nt] = the sums of accumulators (t, 0 .. R - 1)
+        for r in T.unroll(R):
+            store_sum(acc, t, r, red, Y, m, T.min(nt * R + r, N - 1))
+
     @T.prim_func(s_tir=True)
     def func(x_h: T.handle, w_h: T.handle, y_h: T.handle):
         T.func_attr({"global_symbol": name, "tirx.noalias": True})
@@ -96,20 +111,14 @@ def make_linear(N: int, K: int, R: int = DEFAULT_R, MT: int = DEFAULT_MT, R1: in
                 zero_tile(acc, MT, R, V)
                 for kb in range(KB):
                     for t in T.unroll(MT):
-                        for r in T.unroll(R):
-                            for l in T.vectorized(V):
-                                acc[t, r, l] = acc[t, r, l] + W[T.min(nt * R + r, N - 1), kb * V + l] * X[mo * MT + t, kb * V + l]
+                        dot_row(acc, W, X, nt, kb, t, mo * MT + t)
                 for t in T.unroll(MT):
-                    for r in T.unroll(R):
-                        store_sum(acc, t, r, red, Y, mo * MT + t, T.min(nt * R + r, N - 1))
+                    store_row(acc, red, Y, nt, t, mo * MT + t)
             for mr in range(M % MT):
                 zero_row(acc, 0, R, V)
                 for kb in range(KB):
-                    for r in T.unroll(R):
-                        for l in T.vectorized(V):
-                            acc[0, r, l] = acc[0, r, l] + W[T.min(nt * R + r, N - 1), kb * V + l] * X[M // MT * MT + mr, kb * V + l]
-                for r in T.unroll(R):
-                    store_sum(acc, 0, r, red, Y, M // MT * MT + mr, T.min(nt * R + r, N - 1))
+                    dot_row(acc, W, X, nt, kb, 0, M // MT * MT + mr)
+                store_row(acc, red, Y, nt, 0, M // MT * MT + mr)
     return func
 
 

@@ -103,6 +103,13 @@ def make_quant_linear(fmt: str, N: int, K: int, R: int = DEFAULT_R, MT: int = DE
             red[l] = red[l] + red[l + 2]
         Y[m, n] = red[0] + red[1]
 
+    @T.macro
+    def store_row(acc, red, Y, nt, t, m):
+        # Y[m, the R rows of tile nt] = the sums of accumulators (t, 0 .. R - 1), for the MT-row
+        # tiles and the M % MT tail
+        for r in T.unroll(R):
+            store_sum(acc, t, r, red, Y, m, T.min(nt * R + r, N - 1))
+
     @T.prim_func(s_tir=True)
     def func(x_h: T.handle, qs_h: T.handle, d_h: T.handle, m_h: T.handle, y_h: T.handle):
         T.func_attr({"global_symbol": name, "tirx.noalias": True})
@@ -126,16 +133,14 @@ def make_quant_linear(fmt: str, N: int, K: int, R: int = DEFAULT_R, MT: int = DE
                             for l in T.vectorized(LANES):
                                 acc[t, r, l] = acc[t, r, l] + W[r, l] * X[mo * MT + t, b * 32 + l] + W[r, 16 + l] * X[mo * MT + t, b * 32 + 16 + l]
                 for t in T.unroll(MT):
-                    for r in T.unroll(R):
-                        store_sum(acc, t, r, red, Y, mo * MT + t, T.min(nt * R + r, N - 1))
+                    store_row(acc, red, Y, nt, t, mo * MT + t)
             for mr in range(M % MT):
                 zero_row(acc, 0, R, LANES)
                 for b in range(NB):
                     for r in T.unroll(R):
                         for l in T.vectorized(LANES):
                             acc[0, r, l] = acc[0, r, l] + _lo(fmt, QS, D, MN, T.min(nt * R + r, N - 1), b, l) * X[M // MT * MT + mr, b * 32 + l] + _hi(fmt, QS, D, MN, T.min(nt * R + r, N - 1), b, l) * X[M // MT * MT + mr, b * 32 + 16 + l]
-                for r in T.unroll(R):
-                    store_sum(acc, 0, r, red, Y, M // MT * MT + mr, T.min(nt * R + r, N - 1))
+                store_row(acc, red, Y, nt, 0, M // MT * MT + mr)
 
     return func
 
