@@ -44,7 +44,7 @@ from vsc.frontend.spec import (
 )
 from vsc.ir.gguf_import import is_gguf_path, read_gguf_model
 from vsc.ir.hf_import import SUPPORTED_MODEL_TYPES
-from vsc.runtime.enums import OVERLOAD_POLICIES
+from vsc.runtime.enums import OVERLOAD_POLICIES, ROUTER_POLICIES
 
 GRAMMAR_PATH = Path(__file__).resolve().parents[2] / "grammar" / "vs.lark"
 
@@ -560,6 +560,8 @@ _SERVE_KEYS = {
     "max_context": _Field(_Assign, "max_context = 2048"),
     "api": _Field(_Assign, "api = openai"),
     "overload": _Field(_Assign, "overload = shed"),
+    "replicas": _Field(_Assign, "replicas = 2"),
+    "router": _Field(_Assign, "router = prefix_affinity"),
 }
 _APIS = ("openai",)
 
@@ -1028,6 +1030,17 @@ class _Checker:
                 raise self.error("overload = shed sheds requests that would miss the TTFT objective; the slo block "
                                  "has none (add e.g. 'ttft p99 <= 200 ms')", v.loc)
             spec.overload = policy
+        if "replicas" in keys:
+            spec.replicas = self.whole(keys["replicas"].value, "replicas")
+        if "router" in keys:
+            v = keys["router"].value
+            router = self.word(v, "router")
+            if router not in ROUTER_POLICIES:
+                raise self.error(f"unknown router '{router}' (one of: {', '.join(ROUTER_POLICIES)})", v.loc)
+            if spec.replicas < 2:
+                raise self.error(f"router = {router} routes among replicas; the serve block has one "
+                                 "(add e.g. 'replicas = 2')", v.loc)
+            spec.router = router
         return spec
 
     # -- optimize --------------------------------------------------------------

@@ -98,8 +98,17 @@ def build_manifest(module: ServingModule, pipeline: str, spec_path: Path | None,
         "serve": {"host": serve.get("host") or "127.0.0.1", "port": serve.get("port") or 8000,
                   "max_context": module.deployment["max_context"], "api": serve.get("api") or "openai"},
         "engine": {**engine_config(module), **admission_engine_config(module), **json_mode_config(module)},
+        **router_manifest(module),
         "verification": [v.to_json() for v in verifications],
     }
+
+
+def router_manifest(module: ServingModule) -> dict:
+    """{"router": ...} for a plan of several replicas (the replicate pass), else {}."""
+    from vsc.passes.replicate import router_config
+
+    config = router_config(module)
+    return {"router": config} if config else {}
 
 
 def intra_op_threads(module: ServingModule) -> dict:
