@@ -189,6 +189,31 @@ def _build(folder: Path, manifest: dict, integrity_check: bool, security, overlo
     return app, engine, manifest
 
 
+def _say_replicas(manifest: dict) -> None:
+    """A plan of several replicas served without --ray runs one of them: say so, once, on stderr."""
+    router = manifest.get("router") or {}
+    if isinstance(router, dict) and isinstance(router.get("replicas"), int) and router["replicas"] > 1:
+        print(f"vsc serve: this plan has {router['replicas']} replicas routed by {router.get('policy')}; without "
+              "--ray this process serves one of them (add --ray to run them all on Ray Serve)",
+              file=sys.stderr, flush=True)
+
+
+def _serve_ray(folder: Path, args, latch) -> int:
+    """`--ray`: vsc.runtime.ray_serve (imported only then: Ray is an optional dependency)."""
+    from vsc.runtime.ray_serve import serve_folder
+    try:
+        return serve_folder(Path(folder), args, latch)
+    except argparse.ArgumentTypeError as e:
+        print(f"serve: error: the spec's {e}", file=sys.stderr)
+        return 2
+    except KeyError as e:
+        print(f"{Path(folder) / 'manifest.json'}: error: the manifest lacks {e}; recompile the server", file=sys.stderr)
+        return 2
+    except VscError as e:
+        print(e.render(), file=sys.stderr)
+        return e.exit_code
+
+
 def _port(text: str) -> int:
     try:
         port = int(text)
@@ -271,12 +296,26 @@ def _main(folder: Path, argv: list[str], latch) -> int:
     ap.add_argument("--overload", choices=OVERLOAD_POLICIES,
                     help="override the plan's overload policy (default: the spec's serve { overload })")
     _add_guard_args(ap)
+    ap.add_argument("--ray", action="store_true",
+                    help="serve the plan's replicas on Ray Serve behind a router (vsc.runtime.ray_serve)")
+    ap.add_argument("--ray-address", metavar="ADDR", help="with --ray: the Ray cluster to join (default: "
+                    "$RAY_ADDRESS, else a local one is started)")
+    ap.add_argument("--replica-cpus", type=float, metavar="N",
+                    help="with --ray: CPUs Ray reserves per replica (default: the plan's threads)")
     args = ap.parse_args(argv)
+    if not args.ray and (args.ray_address or args.replica_cpus is not None):
+        ap.error("--ray-address and --replica-cpus go with --ray")
+    if args.replica_cpus is not None and not 0 < args.replica_cpus < float("inf"):
+        ap.error(f"--replica-cpus must be a positive number, got {args.replica_cpus}")
     if not 0 <= args.shutdown_grace < float("inf"):
         ap.error(f"--shutdown-grace must be a number of seconds >= 0, got {args.shutdown_grace}")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.ray:
+        return _serve_ray(folder, args, latch)
     try:
-        serve = read_manifest(Path(folder))["serve"]
+        plan = read_manifest(Path(folder))
+        _say_replicas(plan)
+        serve = plan["serve"]
         host = args.host or serve["host"]
         port = args.port if args.port is not None else _port(str(serve["port"]))
         security, limits = _guard_from_args(args, host)
