@@ -348,21 +348,26 @@ def deploy_replicas(folder: Path, manifest: dict, integrity_check: bool = True,
 
 
 def build_ingress(folder: Path, manifest: dict, handles: list, security=None):
-    """(app, replica set): vsc's OpenAI app over the replicas; /health and /metrics report each."""
-    from starlette.requests import Request
-    from starlette.responses import Response
-    from starlette.routing import Route
-
-    import orjson
-
-    from vsc.runtime.http import build_app
-    from vsc.runtime.metrics import ServerMetrics
+    """(app, replica set): vsc's OpenAI app over the folder's replicas (the tokenizer loaded here)."""
     from vsc.runtime.tokenizer import Tokenizer
 
     meta_dir = folder / manifest["model"]["meta"]["dir"] if "meta" in manifest["model"] else Path(manifest["model"]["path"])
     tokenizer = Tokenizer.from_model_dir(meta_dir)
     name = manifest["model"]["name"]
     replicas = ReplicaSet(handles, router_config(manifest), int(manifest["engine"]["max_context"]), name)
+    return ingress_app(replicas, tokenizer, name, security), replicas
+
+
+def ingress_app(replicas: ReplicaSet, tokenizer, name: str, security=None):
+    """vsc.runtime.http's app over `replicas`; /health and /metrics poll and report each replica."""
+    import orjson
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    from vsc.runtime.http import build_app
+    from vsc.runtime.metrics import ServerMetrics
+
     metrics = ServerMetrics()
     if callable(security):
         security = security(replicas.max_context)
@@ -383,7 +388,7 @@ def build_ingress(folder: Path, manifest: dict, handles: list, security=None):
     # in front of the app's own routes (the guard middleware still wraps them)
     app.router.routes[0:0] = [Route("/health", health, methods=["GET"]),
                               Route("/metrics", metrics_endpoint, methods=["GET"])]
-    return app, replicas
+    return app
 
 
 def shutdown_replicas(names: list[str]) -> None:
