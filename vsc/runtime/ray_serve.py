@@ -298,11 +298,15 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
         if address:
             ray.init(address=address, log_to_driver=False)
         else:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+            # a local cluster's workers import the vsc this process runs (a source tree included)
+            root = str(Path(__file__).resolve().parents[2])
+            path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                     runtime_env={"env_vars": {"PYTHONPATH": path}})
     except Exception as e:  # noqa: BLE001 - ConnectionError, ValueError, RuntimeError: all one line
         raise RayServeError(f"serve: error: cannot start or join a Ray cluster"
                             f"{' at ' + address if address else ''}: {type(e).__name__}: {e}") from None
-    serve.start(http_options={"location": "NoServer"})     # vsc's ingress serves HTTP, not Ray's proxy
+    serve.start(proxy_location="Disabled")     # vsc's ingress serves HTTP, not Ray's proxy
 
 
 def app_name(manifest: dict, folder: Path) -> str:
@@ -391,11 +395,12 @@ def ingress_app(replicas: ReplicaSet, tokenizer, name: str, security=None):
     return app
 
 
-def shutdown_replicas(names: list[str]) -> None:
+def shutdown_replicas(names: list[str], blocking: bool = True) -> None:
+    """Remove the replicas' Ray Serve applications (`blocking`: wait until they are gone)."""
     _, serve = _ray()
     for name in names:
         try:
-            serve.delete(name)
+            serve.delete(name, _blocking=blocking)
         except Exception:  # noqa: BLE001 - the cluster may be gone already
             log.exception("deleting Ray Serve application %s failed", name)
 
@@ -419,9 +424,11 @@ def serve_folder(folder: Path, args, latch) -> int:
         sock = bind_socket(host, port)
     except OSError as e:
         raise RayServeError(f"serve: error: cannot listen on {host}:{port}: {e.strerror or e}") from None
-    connect(args.ray_address)
-    handles, names = deploy_replicas(folder, manifest, not args.no_integrity_check, args.replica_cpus)
+    names: list[str] = []
     try:
+        connect(args.ray_address)
+        latch.install()       # ray.init put its own SIGTERM handler (sys.exit) in place of the latch's
+        handles, names = deploy_replicas(folder, manifest, not args.no_integrity_check, args.replica_cpus)
         app, replicas = build_ingress(folder, manifest, handles, security)
         if latch.received:
             print(f"vsc server stopped by signal {latch.received[0]} before serving", file=sys.stderr, flush=True)
@@ -434,5 +441,17 @@ def serve_folder(folder: Path, args, latch) -> int:
                    on_signal=lambda: app.state.vsc.begin_shutdown(args.shutdown_grace))
     finally:
         sock.close()
-        shutdown_replicas(names)
+        if names:
+            shutdown_replicas(names, blocking=False)     # the controller removes them
+        _disconnect()
     return 0
+
+
+def _disconnect() -> None:
+    """Leave Ray: a local cluster this process started stops; a remote one is left running."""
+    try:
+        import ray
+    except ImportError:
+        return
+    if ray.is_initialized():
+        ray.shutdown()
