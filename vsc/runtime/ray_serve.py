@@ -294,6 +294,7 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
     ray, serve = _ray()
     if ray.is_initialized():
         return
+    address = address or os.environ.get("RAY_ADDRESS") or None
     try:
         if address:
             ray.init(address=address, log_to_driver=False)
@@ -328,13 +329,16 @@ def deploy_replicas(folder: Path, manifest: dict, integrity_check: bool = True,
     if need > total:
         raise RayServeError(f"serve: error: {config.replicas} replicas x {cpus:g} CPUs = {need:g} CPUs, the Ray "
                             f"cluster has {total:g} (lower them with --replica-cpus, or add nodes)")
+    actor_options: dict = {"num_cpus": cpus}
+    if manifest.get("target", {}).get("kind") == "cuda":       # each replica on its own GPU(s)
+        actor_options["num_gpus"] = int(manifest["target"].get("gpus") or 1)
     deployment = serve.deployment(VscReplica)
     name = app_name(manifest, folder)
     handles, names = [], []
     for i in range(config.replicas):
         rname = f"{name}-replica-{i}"
         d = deployment.options(
-            name=rname, num_replicas=1, ray_actor_options={"num_cpus": cpus},
+            name=rname, num_replicas=1, ray_actor_options=actor_options,
             # the engine has its own queue and admission (429s): Ray Serve must not cap or queue before it
             max_ongoing_requests=int(engine.get("max_batch", 8)) + int(engine.get("max_waiting", 256)),
             health_check_period_s=HEALTH_PERIOD_S, health_check_timeout_s=HEALTH_TIMEOUT_S,
