@@ -151,3 +151,15 @@ def test_health_and_metrics_report_each_replica(ray_serve):
         assert 'vsc_replica_up{replica="1"} 0.0' in text
         assert 'vllm:prefix_cache_hits_total{engine="0",model_name="fake-model"} 32.0' in text
         assert 'vsc_router_requests_total{reason="round_robin",replica="0"} 1.0' in text
+
+
+def test_a_replica_that_cannot_start_is_one_line(ray_serve):
+    """The last line of the replica constructor's traceback (Ray Serve's deployment status) is the error."""
+    trace = ('Traceback (most recent call last):\n  File "launch.py", line 164, in _build\n'
+             'vsc.runtime.launch.ServerFolderError: --overload: error: shed needs a TTFT objective\n')
+    deployment = type("D", (), {"message": trace})()
+    app = type("A", (), {"deployments": {"r0": deployment}})()
+    serve = type("S", (), {"status": staticmethod(lambda: type("St", (), {"applications": {"r0": app}})())})
+    assert ray_serve._start_failure(serve, "r0", RuntimeError("Deploying r0 failed")) == \
+        "--overload: error: shed needs a TTFT objective"
+    assert ray_serve._start_failure(object(), "r0", RuntimeError("Deploying r0 failed\nfor a reason")) == "for a reason"

@@ -183,3 +183,4 @@ def test_a_killed_replica_is_survived(fleet, reference):
         assert time.monotonic() < deadline, f"replica {victim} was not replaced: {health}"
         time.sleep(1)
     assert complete(base, prompt) == want
+

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -70,11 +71,11 @@ def router_config(manifest: dict) -> RouterConfig:
 class VscReplica:
     """One replica: the folder's engine, started. Ray Serve wraps it (`serve.deployment(VscReplica)`)."""
 
-    def __init__(self, folder: str, index: int, integrity_check: bool = True) -> None:
+    def __init__(self, folder: str, index: int, integrity_check: bool = True, overload: str | None = None) -> None:
         from vsc.runtime.launch import build_server
 
         self.index = index
-        _, self.engine, manifest = build_server(Path(folder), integrity_check=integrity_check)
+        _, self.engine, manifest = build_server(Path(folder), integrity_check=integrity_check, overload=overload)
         self.engine.start()
         log.info("replica %d of %s started (pid %d)", index, manifest["model"]["name"], os.getpid())
 
@@ -311,14 +312,14 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
 
 
 def app_name(manifest: dict, folder: Path) -> str:
-    import re
     return re.sub(r"[^A-Za-z0-9_-]", "_", f"vsc-{manifest['model']['name']}-{folder.resolve().name}")[:60]
 
 
 def deploy_replicas(folder: Path, manifest: dict, integrity_check: bool = True,
-                    replica_cpus: float | None = None) -> tuple[list, list[str]]:
+                    replica_cpus: float | None = None, overload: str | None = None) -> tuple[list, list[str]]:
     """Deploy the plan's replicas (one Ray Serve application each) and wait until they are ready;
-    (handles, application names). Each reserves `replica_cpus` (default: the plan's threads, at least 1)."""
+    (handles, application names). Each reserves `replica_cpus` (default: the plan's threads, at least 1);
+    `overload`: `--overload`, in place of the plan's policy (vsc.runtime.launch.build_server)."""
     ray, serve = _ray()
     config = router_config(manifest)
     engine = manifest["engine"]
@@ -342,17 +343,30 @@ def deploy_replicas(folder: Path, manifest: dict, integrity_check: bool = True,
             # the engine has its own queue and admission (429s): Ray Serve must not cap or queue before it
             max_ongoing_requests=int(engine.get("max_batch", 8)) + int(engine.get("max_waiting", 256)),
             health_check_period_s=HEALTH_PERIOD_S, health_check_timeout_s=HEALTH_TIMEOUT_S,
-            graceful_shutdown_timeout_s=5)
+            graceful_shutdown_timeout_s=5,
+            max_constructor_retry_count=1)     # a folder that fails to load fails the same way again
         try:
-            handles.append(serve.run(d.bind(str(folder.resolve()), i, integrity_check), name=rname,
+            handles.append(serve.run(d.bind(str(folder.resolve()), i, integrity_check, overload), name=rname,
                                      route_prefix=None))
         except Exception as e:  # noqa: BLE001 - the replica's constructor failed: its error, one line
             for done in names:
                 serve.delete(done)
-            raise RayServeError(f"serve: error: replica {i} did not start: {str(e).strip().splitlines()[-1]}") \
+            raise RayServeError(f"serve: error: replica {i} did not start: {_start_failure(serve, rname, e)}") \
                 from None
         names.append(rname)
     return handles, names
+
+
+def _start_failure(serve, name: str, e: Exception) -> str:
+    """Why a replica's application failed: the last line of its constructor's traceback (Ray Serve keeps
+    it in the deployment's status message), else the exception's own last line."""
+    try:
+        message = serve.status().applications[name].deployments[name].message or ""
+    except Exception:  # noqa: BLE001 - no status to read: the exception will do
+        message = ""
+    lines = [line.strip() for line in (message or str(e)).strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else type(e).__name__
+    return re.sub(r"^[\w.]+(Error|Exception): ", "", last)
 
 
 def build_ingress(folder: Path, manifest: dict, handles: list, security=None):
@@ -432,7 +446,8 @@ def serve_folder(folder: Path, args, latch) -> int:
     try:
         connect(args.ray_address)
         latch.install()       # ray.init put its own SIGTERM handler (sys.exit) in place of the latch's
-        handles, names = deploy_replicas(folder, manifest, not args.no_integrity_check, args.replica_cpus)
+        handles, names = deploy_replicas(folder, manifest, not args.no_integrity_check, args.replica_cpus,
+                                         args.overload)
         app, replicas = build_ingress(folder, manifest, handles, security)
         if latch.received:
             print(f"vsc server stopped by signal {latch.received[0]} before serving", file=sys.stderr, flush=True)
