@@ -92,7 +92,7 @@ def fleet(folder):
     finally:
         if server is not None:
             stop_server(server, thread)
-        ray_serve.shutdown_replicas(names)
+        ray_serve.shutdown_replicas(names, blocking=False)     # serve.shutdown() waits for them
         serve.shutdown()
         ray.shutdown()
 
