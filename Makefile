@@ -9,7 +9,7 @@ VSC := $(VENV)/bin/vsc
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,ray]'
 	$(PY) -m pip install -q --no-deps 'instructor==1.17.0'   # see pyproject's instructor extra
 	touch $@
 
@@ -48,6 +48,7 @@ test: install wheels models/tiny-llama/config.json
 	$(VENV)/bin/ruff check vsc tests scripts bench
 	PYTHONPATH=. $(VENV)/bin/lint-imports
 	VSC_REQUIRE_TEST_INPUTS=1 $(PY) -m pytest
+	VSC_REQUIRE_TEST_INPUTS=1 timeout 900 $(PY) -m pytest -m ray tests/scaleout
 
 # Fuzz the IR reader and verifier with 20k mutated golden modules (issue 15): nothing but
 # IRParseError / VerificationError may escape. The test suite runs 300 of the same property.

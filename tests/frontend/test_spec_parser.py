@@ -156,7 +156,7 @@ def test_workload_kind_is_checked(tmp_path: Path):
         parse(tmp_path, MINIMAL.replace("arrivals = closed(4)", "kind = edits; arrivals = closed(4)"))
 
 
-@pytest.mark.parametrize("name", ["chat", "shared-prefix", "code-edit"])
+@pytest.mark.parametrize("name", ["chat", "shared-prefix", "code-edit", "agent-fleet"])
 def test_examples_in_repo_parse(name: str, missing_input):
     if not (REPO / "models" / "tiny-llama" / "config.json").is_file():
         missing_input("models/tiny-llama not made (`make models/tiny-llama/config.json`, which `make test` runs)")

@@ -36,6 +36,7 @@ SPECULATIVE = "paged-kv{block=16},continuous-batching{max_batch=4,max_tokens=256
 JSON = "json-mode{schema=any}"
 PACKED = "paged-kv{block=8,tokens=4096},continuous-batching{max_batch=64,max_tokens=1024},pack-linear-weights"
 QUANT = "fuse-qkv,quantize-weights{format=q4_1,include_head=true}"
+REPLICATED = "paged-kv{block=16},replicate{n=2,router=prefix_affinity}"
 
 
 def op(m, kind, nth=0, region=True):
@@ -102,7 +103,19 @@ def speculate_on_contiguous_cache(m):
     m.requests.insert_between(Stage("verify", {"tokens": 3}, SPEC), "draft", "sample")
 
 
+def route_after_admit(m):
+    """The route stage moved onto admit -> prefill (it must decide before admission)."""
+    g = m.requests.graph
+    g.remove_edge("tokenize", "route"), g.remove_edge("route", "admit"), g.remove_edge("admit", "prefill")
+    m.requests.add_edge("tokenize", "admit"), m.requests.add_edge("admit", "route"), m.requests.add_edge("route", "prefill")
+
+
 RULE_CASES = {
+    "requests.replicas": (REPLICATED, lambda m: m.deployment.__setitem__("replicas", 0)),
+    "requests.route-replicas": (REPLICATED, lambda m: m.deployment.__setitem__("replicas", 1)),
+    "requests.route-feeds-admit": (REPLICATED, route_after_admit),
+    "requests.route-policy": (REPLICATED, lambda m: stage(m, "route").attrs.__setitem__("policy", "random")),
+    "requests.route-params": (REPLICATED, lambda m: stage(m, "route").attrs.__setitem__("prefix_blocks", 0)),
     "ssa.defined-once": ("", lambda m: layer_region(m).ops.insert(0, copy.deepcopy(op(m, "rmsnorm")))),
     "ssa.def-before-use": ("", lambda m: layer_region(m).ops.insert(0, layer_region(m).ops.pop(1))),
     "ssa.returns-defined": ("", lambda m: setattr(m.model.func, "returns", ["%nowhere", "%next"])),

@@ -14,6 +14,7 @@ from vsc.ir.hf_import import build_model_graph
 from vsc.ir.kernels import best_kernel
 from vsc.ir.module import (REQUEST_STAGES, BatchingPolicy, CacheLayout, KernelRef, RequestGraph, Schedule, ServingModule,
                            Stage, Target, symbol_name, walk_ops)
+from vsc.ir.route import add_route
 from vsc.ir.sizes import format_bytes, kv_bytes_per_token, weight_bytes
 from vsc.ir.types import FLOAT_DTYPES, QUANT_DTYPES, spec_origin
 
@@ -90,11 +91,17 @@ def lower_spec(spec: DeploymentSpec, source_text: str | None = None) -> ServingM
         "workload": _plain(spec.workload),
         "slos": _plain(spec.slos),
         "accuracy": _plain(spec.accuracy),
-        "serve": {k: v for k, v in _plain(spec.serve).items() if k != "overload"},   # on the admit stage
+        # overload is on the admit stage; replicas and router on the deployment and the route stage
+        "serve": {k: v for k, v in _plain(spec.serve).items() if k not in ("overload", "replicas", "router")},
         "optimize": _plain(spec.optimize),
     }
-    return ServingModule(symbol_name(spec.name), deployment, target, model, Schedule({"graph": "eager"}, spec_origin(spec.loc)),
-                         cache, batching, requests, spec_origin(spec.loc))
+    module = ServingModule(symbol_name(spec.name), deployment, target, model,
+                           Schedule({"graph": "eager"}, spec_origin(spec.loc)), cache, batching, requests,
+                           spec_origin(spec.loc))
+    if spec.serve.replicas > 1:
+        add_route(module, spec.serve.replicas, spec.serve.router or "prefix_affinity", serve_origin,
+                  ttft_objective_ms(spec.slos))
+    return module
 
 
 def ttft_objective_ms(slos) -> float | None:

@@ -99,5 +99,7 @@ SERVE_KEYS = {
     "max_context": Field(Assign, "max_context = 2048"),
     "api": Field(Assign, "api = openai"),
     "overload": Field(Assign, "overload = shed"),
+    "replicas": Field(Assign, "replicas = 2"),
+    "router": Field(Assign, "router = prefix_affinity"),
 }
 APIS = ("openai",)

@@ -64,7 +64,7 @@ from vsc.frontend.syntax import (
     String,
     Value,
 )
-from vsc.runtime.enums import OVERLOAD_POLICIES
+from vsc.runtime.enums import OVERLOAD_POLICIES, ROUTER_POLICIES
 
 
 def check(text: str, file: Path, items: list[Item]) -> DeploymentSpec:
@@ -511,6 +511,15 @@ class Checker:
                 raise self.error("overload = shed sheds requests that would miss the TTFT objective; the slo block "
                                  "has none (add e.g. 'ttft p99 <= 200 ms')", v.loc)
             spec.overload = policy
+        if "replicas" in keys:
+            spec.replicas = self.whole(keys["replicas"].value, "replicas")
+        if "router" in keys:
+            v = keys["router"].value
+            router = self.choice(v, "router", ROUTER_POLICIES, f"one of: {', '.join(ROUTER_POLICIES)}")
+            if spec.replicas < 2:
+                raise self.error(f"router = {router} routes among replicas; the serve block has one "
+                                 "(add e.g. 'replicas = 2')", v.loc)
+            spec.router = router
         return spec
 
     # -- optimize --------------------------------------------------------------

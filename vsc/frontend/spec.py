@@ -95,6 +95,11 @@ class ServeSpec:
     # what to do when a request would miss the TTFT objective (vsc.runtime.enums.OVERLOAD_POLICIES);
     # None: not written, so lowering picks "shed" when the slo block has a `ttft <=` bound, else "queue"
     overload: str | None = None
+    # scale-out: how many replicas serve the plan (`vsc serve --ray`) and how requests are routed among
+    # them (vsc.runtime.enums.ROUTER_POLICIES; None: not written, so prefix_affinity when replicas > 1).
+    # Both go on the IR's `route` stage / deployment, not in the deployment's serve entry.
+    replicas: int = 1
+    router: str | None = None
     loc: SourceLocation | None = None
 
 

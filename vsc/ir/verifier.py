@@ -22,7 +22,7 @@ from vsc.ir.types import FLOAT_DTYPES, KNOWN_DTYPES, QUANT_DTYPES, Origin, Tenso
 from vsc.ir.weight_inits import WEIGHT_INIT_RULES
 from vsc.runtime.enums import (BATCHING_MODES, CONSTRAIN_GRAMMARS, EVICTION_POLICIES, KV_CACHE_LAYOUTS,
                                NGRAM_SPECULATIVE_METHODS, OVERLOAD_POLICIES, PREEMPTION_POLICIES, PREFIX_CACHE_POLICIES,
-                               SCHEDULING_ORDERS, SPECULATIVE_METHODS, TARGET_KINDS)
+                               ROUTER_POLICIES, SCHEDULING_ORDERS, SPECULATIVE_METHODS, TARGET_KINDS)
 
 # name -> what it guarantees. Tests and `vsc verify --list` read this table.
 INVARIANTS = {
@@ -50,7 +50,8 @@ INVARIANTS = {
                 "and prefill comes before decode; a constrain stage lies between decode and sample and carries "
                 "its grammar (a JSON Schema object as JSON text, with that text's sha256); draft and verify stages "
                 "(speculative decoding) come together after decode, on a paged cache, verify checking k + 1 tokens; "
-                "the admit stage's overload policy, when set, is queue or shed, and shed carries a positive ttft_slo_ms",
+                "the admit stage's overload policy, when set, is queue or shed, and shed carries a positive ttft_slo_ms; "
+                "a plan of several replicas has a route stage (a known router policy) feeding admit, and only such a plan",
 }
 
 # rule name -> the one invariant it checks; each rule belongs to the group before its dot. Every
@@ -151,10 +152,15 @@ RULES = {
     "requests.draft-ngram": "an n-gram draft method carries ngram, an integer >= 1",
     "requests.draft-model": "method draft carries the draft model's folder (model)",
     "requests.speculative-paged": "speculative decoding needs a paged KV cache",
+    "requests.replicas": "the deployment's replicas, when set, is an int >= 1",
+    "requests.route-replicas": "a plan has a route stage exactly when it has more than one replica",
+    "requests.route-feeds-admit": "a route stage feeds exactly the admit stage and follows tokenize",
+    "requests.route-policy": "the route stage's policy is known (vsc.runtime.enums.ROUTER_POLICIES)",
+    "requests.route-params": "prefix_affinity carries prefix_blocks, an int >= 1; ttft_slo_ms, when set, is a positive number of ms",
 }
 assert {r.split(".")[0] for r in RULES} == set(INVARIANTS)
 
-KNOWN_STAGES = {"ingress", "tokenize", "prefix_lookup", "admit", "prefill", "decode", "draft", "verify",
+KNOWN_STAGES = {"ingress", "tokenize", "route", "prefix_lookup", "admit", "prefill", "decode", "draft", "verify",
                 "constrain", "sample", "detokenize", "stream"}
 _TEMPLATE_VARS = re.compile(r"\{([a-z])\}")
 
@@ -549,6 +555,8 @@ class _Checker:
         if admit is not None:
             for rule, problem in _admission_problems(admit.attrs):
                 self.add(rule, "stage admit", problem, admit.origin)
+        for rule, problem in _route_problems(self.m.deployment.get("replicas"), self.m.requests.stage("route"), g):
+            self.add(rule, "stage route", problem, origin)
         draft, verify_stage = self.m.requests.stage("draft"), self.m.requests.stage("verify")
         if draft is not None or verify_stage is not None:
             for rule, problem in _speculative_problems(draft, verify_stage, g, self.m.cache.layout):
@@ -576,6 +584,32 @@ def _admission_problems(attrs: dict) -> list[tuple[str, str]]:
     if policy == "shed" and (isinstance(target, bool) or not isinstance(target, (int, float)) or not target > 0):
         return [("requests.shed-slo", f"overload = shed needs ttft_slo_ms, a positive number of ms (the TTFT objective), got {target!r}")]
     return []
+
+
+def _route_problems(replicas, route, g: nx.DiGraph) -> list[tuple[str, str]]:
+    """What is wrong with the plan's scale-out (vsc.ir.route): its replica count and its route stage."""
+    if replicas is not None and not (_int(replicas) and replicas >= 1):
+        return [("requests.replicas", f"replicas must be an int >= 1, got {replicas!r}")]
+    many = replicas is not None and replicas > 1
+    if many != (route is not None):
+        return [("requests.route-replicas", f"{replicas or 1} replica(s) and {'a' if route else 'no'} route stage: "
+                                            "a route stage comes with replicas > 1 (vsc.ir.route.add_route)")]
+    if route is None:
+        return []
+    problems = []
+    if sorted(g.successors("route")) != ["admit"] or sorted(g.predecessors("route")) != ["tokenize"]:
+        problems.append(("requests.route-feeds-admit", f"must sit between tokenize and admit, follows "
+                                                       f"{sorted(g.predecessors('route'))} and feeds {sorted(g.successors('route'))}"))
+    a = route.attrs
+    if a.get("policy") not in ROUTER_POLICIES:
+        problems.append(("requests.route-policy", f"policy must be one of {', '.join(ROUTER_POLICIES)}, got {a.get('policy')!r}"))
+    blocks, target = a.get("prefix_blocks"), a.get("ttft_slo_ms")
+    bad_blocks = a.get("policy") == "prefix_affinity" and not (_int(blocks) and blocks >= 1)
+    bad_target = target is not None and (isinstance(target, bool) or not isinstance(target, (int, float)) or not target > 0)
+    if bad_blocks or bad_target:
+        problems.append(("requests.route-params", f"prefix_blocks {blocks!r} must be an int >= 1 (prefix_affinity) and "
+                                                  f"ttft_slo_ms {target!r} a positive number of ms when set"))
+    return problems
 
 
 def _constrain_problems(attrs: dict, g: nx.DiGraph) -> list[tuple[str, str]]:

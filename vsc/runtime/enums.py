@@ -48,3 +48,11 @@ KV_CACHE_LAYOUTS = ("contiguous", "paged")
 
 #: Where a plan runs (the IR's `target` kind; a ModelRunner's device).
 TARGET_KINDS = ("cpu", "cuda")
+
+#: How an ingress picks the replica for a request when a plan runs as several replicas (the spec's
+#: `serve { router = ... }`, the IR's `route` stage `policy`, the manifest's router; vsc.runtime.router):
+#: "prefix_affinity" sends requests whose prompts share their leading KV blocks to the same replica (where
+#: those blocks are cached), falling back to the least-loaded replica when the preferred one's queue would
+#: miss the TTFT objective; "round_robin" takes replicas in turn; "least_loaded" the one with the fewest
+#: requests in flight.
+ROUTER_POLICIES = ("prefix_affinity", "round_robin", "least_loaded")

@@ -156,6 +156,44 @@ class _EngineStatsCollector:
         return out
 
 
+class _ReplicaStatsCollector:
+    """The ingress of several replicas (vsc.runtime.ray_serve): each engine family once, with one sample per
+    replica (label `replica`; vLLM's families: `engine` = the replica's index, as vLLM labels its engines),
+    plus whether each replica is up and how many requests the router sent it, by reason."""
+
+    def __init__(self, replicas: Callable[[], list[tuple[str, Mapping[str, float] | None, bool, Mapping[str, int]]]],
+                 model_name: str) -> None:
+        self.replicas, self.model_name = replicas, model_name
+
+    def describe(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
+        return []       # collected at scrape time only (the replica set is known then)
+
+    def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
+        try:
+            rows = self.replicas()
+        except Exception:  # a scrape must never take the server down
+            log.exception("reading the replicas' stats failed during a metrics scrape")
+            rows = []
+        gauges = [(key, GaugeMetricFamily(name, doc, labels=["replica"])) for key, name, doc in ENGINE_GAUGES]
+        counters = [(key, CounterMetricFamily(name, doc, labels=["replica"])) for key, name, doc in ENGINE_COUNTERS]
+        vllm = [(read, kind(name, doc, labels=VLLM_LABELS)) for name, kind, doc, read in VLLM_ENGINE]
+        up = GaugeMetricFamily("vsc_replica_up", "1 while the replica answers the ingress's polls.", labels=["replica"])
+        routed = CounterMetricFamily("vsc_router_requests", "Requests the router sent to each replica, by reason "
+                                     "(affinity, ttft_fallback, batch_fallback, no_prefix, round_robin, least_loaded, "
+                                     "retry).", labels=["replica", "reason"])
+        for label, stats, is_up, by_reason in rows:
+            up.add_metric([label], 1.0 if is_up else 0.0)
+            for reason, n in sorted(by_reason.items()):
+                routed.add_metric([label, reason], float(n))
+            if stats is None:       # never answered: no engine samples
+                continue
+            for key, family in gauges + counters:
+                family.add_metric([label], float(stats.get(key, 0.0)))
+            for read, family in vllm:
+                family.add_metric([self.model_name, label], float(read(stats)))
+        return [family for _, family in gauges + counters] + [family for _, family in vllm] + [up, routed]
+
+
 class ServerMetrics:
     """The server's metrics, in a dedicated registry.
 
@@ -234,6 +272,14 @@ class ServerMetrics:
             self._vllm["request_generation"] = self._vllm_request_tokens[1].labels(*labels)
         self._vllm_by_reason = {reason: self._vllm_success.labels(*labels, reason)
                                 for reason in VLLM_FINISHED_REASONS}
+
+    def bind_replicas(self, replicas, model_name: str = "") -> None:
+        """An ingress over several replicas: the engine families come from `replicas()` (rows of (replica
+        label, its engine stats or None, up, requests routed to it by reason)) with a `replica` label,
+        in place of one engine's unlabelled ones. Call after bind_engine."""
+        self.registry.unregister(self._engine)
+        self._engine = _ReplicaStatsCollector(replicas, model_name)
+        self.registry.register(self._engine)
 
     def request_finished(self, finish_reason: str, prompt_tokens: int, completion_tokens: int,
                          e2e_seconds: float, queue_seconds: float | None = None) -> None:

@@ -35,6 +35,7 @@ from vsc.ir.gguf_import import is_gguf_path
 from vsc.ir.module import ServingModule, walk_ops
 from vsc.ir.plan import admission_engine_config, engine_config, json_mode_config
 from vsc.ir.printer import print_module
+from vsc.ir.route import router_config
 from vsc.runtime.integrity import model_file_checksums, seal, sha256_file
 from vsc.runtime.kernel_registry import KERNELS as DECLARED_KERNELS
 from vsc.runtime.tokenizer import MODEL_META_DIR
@@ -95,8 +96,15 @@ def build_manifest(module: ServingModule, pipeline: str, spec_path: Path | None,
         "serve": {"host": serve.get("host") or "127.0.0.1", "port": serve.get("port") or 8000,
                   "max_context": module.deployment["max_context"], "api": serve.get("api") or "openai"},
         "engine": {**engine_config(module), **admission_engine_config(module), **json_mode_config(module)},
+        **router_manifest(module),
         "verification": [v.to_json() for v in verifications],
     }
+
+
+def router_manifest(module: ServingModule) -> dict:
+    """{"router": ...} for a plan of several replicas (the replicate pass), else {}."""
+    config = router_config(module)
+    return {"router": config} if config else {}
 
 
 def intra_op_threads(module: ServingModule) -> dict:
