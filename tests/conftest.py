@@ -12,6 +12,7 @@ VSC_REQUIRE_TEST_INPUTS=1, and there a missing input fails the test instead of s
 from __future__ import annotations
 
 import os
+import shutil
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 # No test reaches the Hugging Face Hub (lm-eval, datasets and transformers read these at import).
@@ -110,3 +111,15 @@ def smollm2_dir(tmp_path_factory, missing_input):
     if registry.cached_wheel(spec, registry.default_cache_dir()) is None:
         missing_input(SMOLLM2_MISSING)
     return registry.get_model("smollm2-135m", tmp_path_factory.mktemp("smollm2") / "smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def examples_workspace(tmp_path_factory):
+    """A copy of examples/ beside a freshly made models/tiny-llama, as in a user's checkout (the
+    example specs name ../models/tiny-llama)."""
+    from vsc.models.tiny import make_tiny
+
+    root = tmp_path_factory.mktemp("ws")
+    make_tiny(root / "models" / "tiny-llama", arch="llama")
+    shutil.copytree(Path(__file__).resolve().parents[1] / "examples", root / "examples")
+    return root

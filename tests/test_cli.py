@@ -1,7 +1,6 @@
 """The `vsc` commands a user runs, end to end, on the shipped examples and a real tiny model."""
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,19 +9,9 @@ import pytest
 
 from vsc.cli import main
 from vsc.ir.parser import parse_module
-from vsc.models.tiny import make_tiny
 from ir_queries import read_pipeline_header
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    """A copy of examples/ beside a freshly made models/tiny-llama, as in a user's checkout."""
-    root = tmp_path_factory.mktemp("ws")
-    make_tiny(root / "models" / "tiny-llama", arch="llama")
-    shutil.copytree(REPO / "examples", root / "examples")
-    return root
 
 
 def run(capsys, *argv):
@@ -32,16 +21,16 @@ def run(capsys, *argv):
 
 
 @pytest.mark.parametrize("example", ["chat", "shared-prefix", "code-edit", "code-edit-spec", "chat-h100"])
-def test_parse_prints_valid_ir_for_each_example(workspace, capsys, example):
-    code, out, err = run(capsys, "parse", workspace / "examples" / f"{example}.vs")
+def test_parse_prints_valid_ir_for_each_example(examples_workspace, capsys, example):
+    code, out, err = run(capsys, "parse", examples_workspace / "examples" / f"{example}.vs")
     assert code == 0, err
     module = parse_module(out)
     assert module.model.attrs["arch"] == "llama" and module.model.attrs["layers"] == 4
     assert module.origin.kind == "spec" and module.origin.detail.endswith(f"{example}.vs")
 
 
-def test_opt_runs_the_spec_pipeline_and_prints_changes(workspace, capsys, tmp_path):
-    spec = workspace / "examples" / "chat.vs"
+def test_opt_runs_the_spec_pipeline_and_prints_changes(examples_workspace, capsys, tmp_path):
+    spec = examples_workspace / "examples" / "chat.vs"
     code, out, err = run(capsys, "opt", spec, "--print-ir-after-change", "--dump-dir", tmp_path / "d", "--time-passes")
     assert code == 0, err
     final = parse_module(out)
@@ -55,8 +44,8 @@ def test_opt_runs_the_spec_pipeline_and_prints_changes(workspace, capsys, tmp_pa
     assert read_pipeline_header(out) == read_pipeline_header((tmp_path / "d" / dumps[-1]).read_text())
 
 
-def test_opt_on_vsir_input_and_output_file(workspace, capsys, tmp_path):
-    code, out, _ = run(capsys, "parse", workspace / "examples" / "chat.vs")
+def test_opt_on_vsir_input_and_output_file(examples_workspace, capsys, tmp_path):
+    code, out, _ = run(capsys, "parse", examples_workspace / "examples" / "chat.vs")
     src = tmp_path / "module.vsir"
     src.write_text(out)
     code, out, err = run(capsys, "opt", src, "--passes", "fuse-qkv,paged-kv{block=32}", "-o", tmp_path / "out.vsir")
@@ -68,8 +57,8 @@ def test_opt_on_vsir_input_and_output_file(workspace, capsys, tmp_path):
 
 
 @pytest.mark.parametrize("flag", ["--print-ir-before-all", "--print-ir-after-all", "--print-ir-after-change"])
-def test_print_ir_flags_add_to_stderr_and_the_final_ir_always_goes_to_stdout(workspace, capsys, flag):
-    code, out, err = run(capsys, "opt", workspace / "examples" / "chat.vs", "--passes", "fuse-qkv,fuse-qkv", flag)
+def test_print_ir_flags_add_to_stderr_and_the_final_ir_always_goes_to_stdout(examples_workspace, capsys, flag):
+    code, out, err = run(capsys, "opt", examples_workspace / "examples" / "chat.vs", "--passes", "fuse-qkv,fuse-qkv", flag)
     assert code == 0, err
     assert read_pipeline_header(out) == "fuse-qkv,fuse-qkv" and parse_module(out).model.func.body
     if flag == "--print-ir-after-all":
@@ -80,8 +69,8 @@ def test_print_ir_flags_add_to_stderr_and_the_final_ir_always_goes_to_stdout(wor
         assert "IR after fuse-qkv (#1)" in err and "(#2)" not in err
 
 
-def test_pass_statistics_and_disable_pass(workspace, capsys):
-    spec = workspace / "examples" / "chat.vs"
+def test_pass_statistics_and_disable_pass(examples_workspace, capsys):
+    spec = examples_workspace / "examples" / "chat.vs"
     code, out, err = run(capsys, "opt", spec, "-q", "--pass-statistics", "--disable-pass", "fuse-gate-up")
     assert code == 0 and out == "", err
     lines = err.splitlines()
@@ -94,8 +83,8 @@ def test_pass_statistics_and_disable_pass(workspace, capsys):
     assert err == "--disable-pass fuse-gateup: error: no pass is named 'fuse-gateup' (did you mean 'fuse-gate-up'?)\n"
 
 
-def test_verify_reports_violations_with_exit_1(workspace, capsys, tmp_path):
-    _, out, _ = run(capsys, "parse", workspace / "examples" / "chat.vs")
+def test_verify_reports_violations_with_exit_1(examples_workspace, capsys, tmp_path):
+    _, out, _ = run(capsys, "parse", examples_workspace / "examples" / "chat.vs")
     bad = tmp_path / "bad.vsir"
     bad.write_text(out.replace("max_batch = 8", "max_batch = 0"))
     code, out, err = run(capsys, "verify", bad)
@@ -122,27 +111,27 @@ def test_passes_with_user_pass(capsys):
     assert code == 0 and "shortest-first" in out
 
 
-def test_bad_pipeline_is_one_line_with_caret(workspace, capsys):
-    code, out, err = run(capsys, "opt", workspace / "examples" / "chat.vs", "--passes", "fuse-qkv,paged-kv{blok=1}")
+def test_bad_pipeline_is_one_line_with_caret(examples_workspace, capsys):
+    code, out, err = run(capsys, "opt", examples_workspace / "examples" / "chat.vs", "--passes", "fuse-qkv,paged-kv{blok=1}")
     assert code == 2
     lines = err.splitlines()
     assert lines[0] == "pipeline:10: error: unknown option 'blok' for pass paged-kv (options: block, tokens)"
     assert lines[2].strip() == "^"
 
 
-def test_pass_failure_is_one_line_with_reproducer(workspace, capsys, tmp_path):
+def test_pass_failure_is_one_line_with_reproducer(examples_workspace, capsys, tmp_path):
     # continuous batching with a contiguous cache cannot reserve 1000 slots of 2048 tokens in 2 GiB
-    code, out, err = run(capsys, "opt", workspace / "examples" / "chat.vs", "--passes",
+    code, out, err = run(capsys, "opt", examples_workspace / "examples" / "chat.vs", "--passes",
                          "continuous-batching{max_batch=1000}", "--dump-dir", tmp_path)
     assert code == 2
     assert err.startswith("pass continuous-batching{max_batch=1000}: error: max_batch=1000 needs")
     assert (tmp_path / "reproducer_continuous-batching.vsir").is_file()
 
 
-def test_spec_error_from_a_real_process_is_one_line_and_a_caret(workspace, tmp_path):
+def test_spec_error_from_a_real_process_is_one_line_and_a_caret(examples_workspace, tmp_path):
     spec = tmp_path / "bad.vs"
-    spec.write_text((workspace / "examples" / "chat.vs").read_text()
-                    .replace("../models/tiny-llama", str(workspace / "models" / "tiny-llama"))
+    spec.write_text((examples_workspace / "examples" / "chat.vs").read_text()
+                    .replace("../models/tiny-llama", str(examples_workspace / "models" / "tiny-llama"))
                     .replace("threads = 2", "thread = 2"))
     proc = subprocess.run([sys.executable, "-m", "vsc", "parse", str(spec)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stdout == ""

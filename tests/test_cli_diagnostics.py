@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -10,25 +9,16 @@ import pytest
 from vsc.cli import main
 from ir_queries import read_pipeline_header
 from vsc.ir.sizes import format_bytes
-from vsc.models.tiny import make_tiny
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ws")
-    make_tiny(root / "models" / "tiny-llama", arch="llama")
-    shutil.copytree(REPO / "examples", root / "examples")
-    return root
-
-
-def spec_variant(workspace: Path, name: str, *edits: tuple[str, str]) -> Path:
-    text = (workspace / "examples" / "chat.vs").read_text()
+def spec_variant(examples_workspace: Path, name: str, *edits: tuple[str, str]) -> Path:
+    text = (examples_workspace / "examples" / "chat.vs").read_text()
     for old, new in edits:
         assert old in text
         text = text.replace(old, new)
-    path = workspace / "examples" / f"{name}.vs"
+    path = examples_workspace / "examples" / f"{name}.vs"
     path.write_text(text)
     return path
 
@@ -46,8 +36,8 @@ def test_format_bytes_uses_the_unit_that_shows_the_size(n, text):
     assert format_bytes(n) == text
 
 
-def test_a_small_memory_is_reported_in_a_unit_that_shows_it(workspace, capsys):
-    spec = spec_variant(workspace, "tiny-memory", ("memory = 1 GiB", "memory = 1 MiB"))
+def test_a_small_memory_is_reported_in_a_unit_that_shows_it(examples_workspace, capsys):
+    spec = spec_variant(examples_workspace, "tiny-memory", ("memory = 1 GiB", "memory = 1 MiB"))
     code, out, err = run(capsys, "parse", spec)
     assert code == 2 and out == ""
     assert "error: memory 1.00 MiB cannot hold the weights (" in err and "0.00 GiB" not in err
@@ -55,8 +45,8 @@ def test_a_small_memory_is_reported_in_a_unit_that_shows_it(workspace, capsys):
     assert weights.endswith(" MiB") and float(weights.split()[0]) > 1
 
 
-def test_a_pass_the_spec_cannot_take_points_at_the_optimize_line_and_says_the_fix(workspace, capsys):
-    spec = spec_variant(workspace, "bf16", ("dtype = f32", "dtype = bf16"))
+def test_a_pass_the_spec_cannot_take_points_at_the_optimize_line_and_says_the_fix(examples_workspace, capsys):
+    spec = spec_variant(examples_workspace, "bf16", ("dtype = f32", "dtype = bf16"))
     code, out, err = run(capsys, "opt", spec)
     assert code == 2 and out == ""
     lines = err.splitlines()
@@ -73,8 +63,8 @@ def test_a_pass_the_spec_cannot_take_points_at_the_optimize_line_and_says_the_fi
     assert "pack-linear-weights" not in read_pipeline_header(out)
 
 
-def test_under_optimize_auto_the_caret_is_under_auto(workspace, capsys):
-    spec = spec_variant(workspace, "bf16-auto", ("dtype = f32", "dtype = bf16"))
+def test_under_optimize_auto_the_caret_is_under_auto(examples_workspace, capsys):
+    spec = spec_variant(examples_workspace, "bf16-auto", ("dtype = f32", "dtype = bf16"))
     text = spec.read_text()
     start = text.index("optimize \"")
     spec.write_text(text[:start] + "optimize auto" + text[text.index("\n", start):])
@@ -85,14 +75,14 @@ def test_under_optimize_auto_the_caret_is_under_auto(workspace, capsys):
     assert lines[1].strip() == "optimize auto" and lines[1][lines[2].index("^"):] == "auto"
 
 
-def test_a_pipeline_given_with_passes_is_not_pinned_on_the_spec(workspace, capsys):
-    spec = spec_variant(workspace, "bf16-cli", ("dtype = f32", "dtype = bf16"))
+def test_a_pipeline_given_with_passes_is_not_pinned_on_the_spec(examples_workspace, capsys):
+    spec = spec_variant(examples_workspace, "bf16-cli", ("dtype = f32", "dtype = bf16"))
     code, _, err = run(capsys, "opt", spec, "--passes", "pack-linear-weights")
     assert code == 2 and err.startswith("pass pack-linear-weights: error: found no f32 linear weight")
 
 
-def test_compile_takes_the_pass_flags_and_keeps_a_pipe_free_of_progress(workspace, capsys, tmp_path):
-    spec = workspace / "examples" / "chat.vs"
+def test_compile_takes_the_pass_flags_and_keeps_a_pipe_free_of_progress(examples_workspace, capsys, tmp_path):
+    spec = examples_workspace / "examples" / "chat.vs"
     code, out, err = run(capsys, "compile", spec, "-o", tmp_path / "srv", "--pass-statistics",
                          "--disable-pass", "pack-linear-weights")
     assert code == 0, err

@@ -26,17 +26,6 @@ def live():
         yield lv
 
 
-@pytest.fixture(scope="module")
-def clients(live):
-    with apis(live.url) as out:
-        yield out
-
-
-@pytest.fixture(params=MODES)
-def api(request, clients):
-    return clients[request.param]
-
-
 def rendered(live, messages, add_generation_prompt=True) -> list[int]:
     tok = live.toy.tok
     return tok.encode(tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt))

@@ -9,7 +9,7 @@ import math
 import openai
 import pytest
 
-from conformance import MODES, apis, toy_server
+from conformance import toy_server
 
 WALK = "Once upon a time"
 TOL = 1e-4
@@ -19,17 +19,6 @@ TOL = 1e-4
 def live():
     with toy_server() as lv:
         yield lv
-
-
-@pytest.fixture(scope="module")
-def clients(live):
-    with apis(live.url) as out:
-        yield out
-
-
-@pytest.fixture(params=MODES)
-def api(request, clients):
-    return clients[request.param]
 
 
 def encode(live, text: str) -> list[int]:

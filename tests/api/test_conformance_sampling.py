@@ -15,7 +15,7 @@ import openai
 import pytest
 import torch
 
-from conformance import COPY, MODEL, MODES, RETURN, Api, apis, toy_server
+from conformance import COPY, MODEL, RETURN, Api, toy_server
 
 ENDPOINTS = ("completions", "chat")
 WALK = "Once upon a time"                 # greedy walks a chain of distinct tokens
@@ -32,17 +32,6 @@ ENGINES = {"plain": {}, "ngram": {"speculative_method": "ngram", "speculative_k"
 def live(request):
     with toy_server(**ENGINES[request.param]) as lv:
         yield lv
-
-
-@pytest.fixture(scope="module")
-def clients(live):
-    with apis(live.url) as out:
-        yield out
-
-
-@pytest.fixture(params=MODES)
-def api(request, clients):
-    return clients[request.param]
 
 
 def ask(api: Api, endpoint: str, prompt: str, **kw):

@@ -14,7 +14,7 @@ import jsonschema
 import openai
 import pytest
 
-from conformance import MODES, SCRIPT, apis, toy_server
+from conformance import SCRIPT, toy_server
 
 CITY = {"type": "string", "maxLength": 8}
 DAYS = {"type": "integer", "minimum": 1, "maximum": 7}
@@ -37,17 +37,6 @@ ALARM = '<tool_call>\n{"name":"set_alert","arguments":{"level":"high"}}\n</tool_
 def live():
     with toy_server(max_context=2048) as lv:
         yield lv
-
-
-@pytest.fixture(scope="module")
-def clients(live):
-    with apis(live.url) as out:
-        yield out
-
-
-@pytest.fixture(params=MODES)
-def api(request, clients):
-    return clients[request.param]
 
 
 def calls_of(out) -> list[tuple[str, dict]]:

@@ -6,32 +6,16 @@ from __future__ import annotations
 import pytest
 
 from vsc.backends.server.emit import admission_engine_config, engine_config
-from vsc.frontend.lower import lower_spec
-from vsc.frontend.parser import parse_spec_text
 from vsc.ir.parser import parse_module
 from vsc.ir.printer import print_module
 from vsc.ir.verifier import verify
-from vsc.models.tiny import make_tiny
 from vsc.runtime.api import EngineConfig
 
-SPEC = """
-deployment d {{
-  model "{model}" {{ dtype = f32 }}
-  target cpu {{ threads = 1, memory = 256 MiB }}
-  workload {{ arrivals = closed(4), prompt_tokens = fixed(8), output_tokens = fixed(8) }}
-  slo {{ {slo} }}
-  serve {{ max_context = 128{serve} }}
-}}
-"""
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return make_tiny(tmp_path_factory.mktemp("tiny") / "tiny-llama", arch="llama")
+from serve_spec import lower_serve_spec
 
 
 def lowered(model, slo: str, serve: str = ""):
-    return lower_spec(parse_spec_text(SPEC.format(model=model, slo=slo, serve=serve), str(model.parent / "d.vs")))
+    return lower_serve_spec(model, slo, serve)
 
 
 def test_a_ttft_objective_sheds_by_default(model):

@@ -7,32 +7,16 @@ import pytest
 
 from vsc.backends.server.emit import router_manifest
 from vsc.errors import SpecError, VscError
-from vsc.frontend.lower import lower_spec
-from vsc.frontend.parser import parse_spec_text
 from vsc.ir.parser import parse_module
 from vsc.ir.printer import print_module
 from vsc.ir.verifier import verify
-from vsc.models.tiny import make_tiny
 from vsc.passes.manager import PassManager
 
-SPEC = """
-deployment d {{
-  model "{model}" {{ dtype = f32 }}
-  target cpu {{ threads = 1, memory = 256 MiB }}
-  workload {{ arrivals = closed(4), prompt_tokens = fixed(8), output_tokens = fixed(8) }}
-  slo {{ {slo} }}
-  serve {{ max_context = 128{serve} }}
-}}
-"""
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return make_tiny(tmp_path_factory.mktemp("tiny") / "tiny-llama", arch="llama")
+from serve_spec import lower_serve_spec
 
 
 def lowered(model, serve: str = "", slo: str = "tpot p50 <= 30 ms"):
-    return lower_spec(parse_spec_text(SPEC.format(model=model, slo=slo, serve=serve), str(model.parent / "d.vs")))
+    return lower_serve_spec(model, slo, serve)
 
 
 def test_replicas_and_router_reach_the_ir_and_the_manifest(model):
