@@ -63,7 +63,7 @@ def module_from_config(model_dir: Path, cfg: dict, name: str = "test") -> Servin
         Target("cpu", {"threads": 1, "memory": 1 << 30}, Origin("spec", "test.vs", 3, 3)),
         model, Schedule({"graph": "eager"}, Origin("spec", "test.vs", 1, 1)),
         CacheLayout("contiguous", max_context, "f32", max_batch * max_context, budget, "none", "none", Origin("spec", "test.vs", 2, 3)),
-        BatchingPolicy("static", max_batch, max(2048, max_context), 0, "fcfs", "none", Origin("spec", "test.vs", 4, 3)),
+        BatchingPolicy("static", max_batch, max(2048, max_context), 0, "fcfs", "recompute", Origin("spec", "test.vs", 4, 3)),
         requests, Origin("spec", "test.vs", 1, 1))
 
 

@@ -270,7 +270,7 @@ def batching_policies() -> st.SearchStrategy[BatchingPolicy]:
         max_tokens=st.integers(),
         chunked_prefill=st.integers(),
         order=st.one_of(st.sampled_from(["fcfs", "shortest-first"]), texts()),
-        preemption=st.one_of(st.sampled_from(["none", "recompute"]), texts()),
+        preemption=st.one_of(st.sampled_from(["recompute"]), texts()),
         origin=origins(),
     )
 
@@ -325,7 +325,7 @@ def serving_module_around(model: ModelGraph, name: str = "deploy") -> ServingMod
         model=model,
         schedule=Schedule({"graph": "eager", "fusion_groups": []}, Origin("pass", "default-schedule")),
         cache=CacheLayout("contiguous", 2048, model.attrs.get("dtype", "f32"), 4096, 2**28, "none", "none", spec(8)),
-        batching=BatchingPolicy("continuous", 8, 2048, 0, "fcfs", "none", spec(12)),
+        batching=BatchingPolicy("continuous", 8, 2048, 0, "fcfs", "recompute", spec(12)),
         requests=requests,
         origin=spec(1),
     )

@@ -43,7 +43,7 @@ def test_prefix_sharing_values_agree(make_module, value):
 
 
 @pytest.mark.parametrize("value", CANDIDATES)
-@pytest.mark.parametrize("field", ["mode", "order"])
+@pytest.mark.parametrize("field", ["mode", "order", "preemption"])
 def test_batching_values_agree(make_module, field, value):
     m = make_module()
     setattr(m.batching, field, value)

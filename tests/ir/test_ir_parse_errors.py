@@ -30,7 +30,7 @@ module @m {
   }
   schedule {}
   cache {layout = "contiguous", block_size = 1, dtype = "f32", capacity_tokens = 0, budget_bytes = 0, prefix_sharing = "none", eviction = "none"}
-  batching {mode = "static", max_batch = 1, max_tokens = 16, chunked_prefill = 0, order = "fcfs", preemption = "none"}
+  batching {mode = "static", max_batch = 1, max_tokens = 16, chunked_prefill = 0, order = "fcfs", preemption = "recompute"}
   requests {
     stage a {}
     stage b {}
@@ -58,7 +58,7 @@ CASES = [
     ("unexpected-eof", VALID[:VALID.index("  requests {") + len("  requests {")], 14, 13, "unexpected end of input"),
     ("unknown-cache-field", _edit('eviction = "none"}', 'eviction = "none", colour = "red"}'), 12, 3,
      "unknown cache field 'colour'"),
-    ("missing-batching-field", _edit(', preemption = "none"}', "}"), 13, 3,
+    ("missing-batching-field", _edit(', preemption = "recompute"}', "}"), 13, 3,
      "batching is missing field(s) preemption"),
     ("wrong-field-type-str", _edit("block_size = 1", 'block_size = "1"'), 12, 3,
      "cache field 'block_size' must be int, got '1'"),

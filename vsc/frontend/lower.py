@@ -75,7 +75,7 @@ def lower_spec(spec: DeploymentSpec, source_text: str | None = None) -> ServingM
                         capacity_tokens=max_batch * max_context, budget_bytes=budget,
                         prefix_sharing="none", eviction="none", origin=spec_origin(spec.model.loc))
     batching = BatchingPolicy(mode="static", max_batch=max_batch, max_tokens=max(2048, max_context),
-                              chunked_prefill=0, order="fcfs", preemption="none",
+                              chunked_prefill=0, order="fcfs", preemption="recompute",
                               origin=spec_origin(arrivals.loc or spec.workload.loc))
 
     requests = RequestGraph()

@@ -173,7 +173,7 @@ class BatchingPolicy:
     max_tokens: int = 2048
     chunked_prefill: int = 0
     order: str = "fcfs"               # fcfs | shortest-first
-    preemption: str = "none"          # vsc.runtime.enums.PREEMPTION_POLICIES
+    preemption: str = "recompute"     # vsc.runtime.enums.PREEMPTION_POLICIES
     origin: Origin = UNKNOWN
 
 

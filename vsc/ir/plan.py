@@ -101,7 +101,7 @@ def engine_config(module: ServingModule) -> dict:
         "max_tokens": module.batching.max_tokens,
         "chunked_prefill": module.batching.chunked_prefill,
         "order": module.batching.order,
-        "preemption": "recompute" if module.batching.preemption == "none" else module.batching.preemption,
+        "preemption": module.batching.preemption,
         "max_waiting": queue_bound(module.batching.max_batch),   # the admission policy's (vsc.runtime.policy)
         **plan_prefix_cache(module),     # prefix_cache, prefix_cache_capacity (prefix-cache pass); {} if none
         **speculative_engine_config(module),   # speculative_* and draft_model (speculative pass); {} if none

@@ -29,10 +29,11 @@ BATCHING_MODES = ("continuous", "static")
 #: In which order waiting sequences are admitted (the IR's `batching { order }`, EngineConfig.order).
 SCHEDULING_ORDERS = ("fcfs", "shortest-first")
 
-#: What the scheduler does when the KV cache runs out (the IR's `batching { preemption }`): the
-#: runtime preempts by recomputing the victim's KV; "none" in a plan means that default
-#: (vsc.backends.server.emit writes EngineConfig.preemption = "recompute" for it).
-PREEMPTION_POLICIES = ("none", "recompute")
+#: What the scheduler does when the KV cache runs out (the IR's `batching { preemption }`,
+#: EngineConfig.preemption): "recompute" preempts the newest running sequence and recomputes its KV
+#: when it is readmitted (vLLM's default). Swapping KV out is not implemented, and a plan cannot
+#: ask for no preemption: with a cache too small for the batch, some sequence must give way.
+PREEMPTION_POLICIES = ("recompute",)
 
 #: How cached KV blocks of shared prompt prefixes are found (the IR's `cache { prefix_sharing }`,
 #: EngineConfig.prefix_cache): "none" shares nothing; "radix" is vsc.runtime.prefix_cache.

@@ -71,7 +71,7 @@ import torch
 
 from vsc.runtime.api import EngineConfig, InvalidRequest, StepBatch
 from vsc.runtime.block_manager import BlockManager
-from vsc.runtime.enums import BATCHING_MODES, PREFIX_CACHE_POLICIES, SCHEDULING_ORDERS
+from vsc.runtime.enums import BATCHING_MODES, PREEMPTION_POLICIES, PREFIX_CACHE_POLICIES, SCHEDULING_ORDERS
 from vsc.runtime.sequence import Sequence, SeqStatus
 
 log = logging.getLogger("vsc.runtime.scheduler")
@@ -144,6 +144,8 @@ class Scheduler:
             raise ValueError(f"unknown batching mode {config.mode!r}")
         if config.order not in SCHEDULING_ORDERS:
             raise ValueError(f"unknown scheduling order {config.order!r}")
+        if config.preemption not in PREEMPTION_POLICIES:
+            raise ValueError(f"unknown preemption policy {config.preemption!r} (known: {', '.join(PREEMPTION_POLICIES)})")
         if config.max_batch < 1 or config.max_tokens < 1:
             raise ValueError("max_batch and max_tokens must be >= 1")
         self.config = config
