@@ -307,7 +307,8 @@ def test_bad_values_are_400s_naming_the_field(live, api, endpoint, kw, param):
 
 @pytest.mark.parametrize("endpoint", ENDPOINTS)
 def test_stream_options(live, clients, endpoint):
-    """include_usage adds a last chunk with the usage (and only then); vLLM's continuous_usage_stats
+    """include_usage adds a last chunk with the usage (given stream_options, true unless false, as
+    vLLM's StreamOptions defaults it); vLLM's continuous_usage_stats
     (usage on every chunk) is refused, not ignored."""
     c = clients["sync"].sync_client()
 
@@ -321,6 +322,7 @@ def test_stream_options(live, clients, endpoint):
     chunks = stream(stream_options={"include_usage": True})
     assert chunks[-1].usage.completion_tokens == 3 and not chunks[-1].choices
     assert all(ch.usage is None for ch in chunks[:-1])
+    assert stream(stream_options={})[-1].usage.completion_tokens == 3      # vLLM's default: include_usage true
     with pytest.raises(openai.BadRequestError) as e:
         stream(stream_options={"include_usage": True, "continuous_usage_stats": True})
     assert e.value.body["param"] == "stream_options" and "continuous_usage_stats" in e.value.message

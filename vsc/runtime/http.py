@@ -212,7 +212,7 @@ def _common(q, chat: bool, vocab: int | None = None) -> tuple[SamplingParams, bo
     if q.stream_options is not None:
         if not stream:
             raise _bad("stream_options", "'stream_options' is only allowed when 'stream' is true")
-        include_usage = q.stream_options.include_usage is True
+        include_usage = q.stream_options.include_usage is not False     # vLLM: true unless said
         if q.stream_options.continuous_usage_stats:      # vLLM's usage on every chunk: not implemented
             raise _bad("stream_options", "'stream_options.continuous_usage_stats' is not supported by this server")
 

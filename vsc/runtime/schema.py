@@ -131,7 +131,7 @@ ToolChoice = Annotated[Literal["none", "auto", "required"] | NamedToolChoice,
 
 
 class StreamOptions(_Part):
-    include_usage: bool | None = None
+    include_usage: bool | None = Field(None, description="default true once stream_options is given (as vLLM)")
     continuous_usage_stats: bool | None = Field(None, description="refused when true (usage on every chunk)")
 
 
