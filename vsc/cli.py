@@ -41,10 +41,13 @@ def _at_optimize_line(err, input_path: str, pipeline: str):
     if loc is None:
         return err
     column = loc.column
-    if not optimize.auto and err.index is not None:
+    if not optimize.auto:
         specs = parse_pipeline(pipeline)
-        if 1 <= err.index <= len(specs):
-            column = loc.column + specs[err.index - 1].column      # past the opening quote
+        index = err.index            # a check after the passes names the pass only: its first occurrence
+        if index is None:
+            index = next((i for i, s in enumerate(specs, 1) if s.name == err.pass_name), None)
+        if index is not None and 1 <= index <= len(specs):
+            column = loc.column + specs[index - 1].column      # past the opening quote
     return err.locate(SourceLocation(loc.file, loc.line, column), path.read_text())
 
 

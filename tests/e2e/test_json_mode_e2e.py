@@ -130,8 +130,11 @@ def test_a_missing_or_bad_schema_fails_the_compile_in_one_line(workspace, tmp_pa
         (tmp_path / "schemas").mkdir()
         (tmp_path / "schemas" / "broken.json").write_text(schema_text)
     assert vsc_main(["compile", str(spec), "-o", str(tmp_path / "server")]) != 0
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and message.format(path=tmp_path / "schemas" / "broken.json") in err[0], err
+    err = capsys.readouterr().err.rstrip().splitlines()
+    # one error line at the pass in the spec's optimize line, then that line and a caret (issue 17, item 12)
+    assert len(err) == 3 and err[0].startswith(f"{spec}:") and ": error: pass json-mode" in err[0], err
+    assert message.format(path=tmp_path / "schemas" / "broken.json") in err[0], err
+    assert err[1].strip().startswith("optimize ") and err[2].strip() == "^"
     assert not (tmp_path / "server").exists()
 
 

@@ -92,9 +92,10 @@ def test_default_fp32_tolerance_refuses_kv_int8(tiny, tmp_path, capsys):
     assert vsc_main(["compile", str(spec), "-o", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert not out.exists()
-    assert err.startswith("pass kv-int8: error: changed the model's outputs: probe ")
-    assert "exceeds tolerance 1.0e-03" in err or "diverged at position" in err
-    assert len(err.splitlines()) == 1
+    first, source, caret = err.splitlines()        # the error at the spec's optimize line, the line, a caret
+    assert first.startswith(f"{spec}:") and ": error: pass kv-int8: changed the model's outputs: probe " in first
+    assert "exceeds tolerance 1.0e-03" in first or "diverged at position" in first
+    assert source.strip().startswith("optimize ") and caret.strip() == "^"
 
 
 def test_real_smollm2_int8_cache_serves_coherent_text(smollm2_dir, tmp_path):

@@ -126,5 +126,5 @@ def test_int8_under_the_default_fp32_tolerance_is_refused_naming_the_probe(model
     code = vsc_main(["compile", str(spec), "-o", str(out)])
     err = capsys.readouterr().err
     assert code != 0 and not out.exists()
-    assert err.startswith("pass weight-int8: error: changed the model's outputs: probe "), err
+    assert err.startswith(f"{spec}:") and ": error: pass weight-int8: changed the model's outputs: probe " in err, err
     assert "exceeds tolerance 1.0e-03" in err or "diverged at position" in err

@@ -83,7 +83,7 @@ def constrained_report(module: ServingModule, runner, probes: int = 4, tolerance
                        max_new_tokens: int = 48) -> ConstrainedReport | None:
     """The check's full report (None for a plan without a constrain stage)."""
     from vsc.backends.torch.reference import DEFAULT_TOLERANCE, reference_logits, reference_model, tokenize_probes
-    from vsc.errors import VscError
+    from vsc.errors import PassFailure
     from vsc.ir.plan import plan_json_schema
     from vsc.runtime.constrain import SchemaError, compiler_for
     from vsc.runtime.tokenizer import Tokenizer
@@ -104,7 +104,8 @@ def constrained_report(module: ServingModule, runner, probes: int = 4, tolerance
     try:     # what the server does at start: a schema its grammar engine cannot serve fails here, in one line
         compiler_for(tokenizer, runner.vocab_size).admit(schema)
     except SchemaError as e:
-        raise VscError(f"json-mode schema: {e}") from None
+        # the json-mode pass brought the schema in: the error points at it (in the spec's optimize line)
+        raise PassFailure("json-mode", f"json-mode schema: {e}") from None
     prompts = tokenize_probes(model_dir, probes, limit)
     outputs = _engine_generate(module, runner, tokenizer, schema, prompts, max_new_tokens)
     reference = reference_model(model_dir)
