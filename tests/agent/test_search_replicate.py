@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 
 from vsc.agent import loop
-from vsc.agent.catalog import pass_catalog
+from vsc.agent.catalog import machine_cores, pass_catalog
 from vsc.agent.evaluate import BenchSettings, Outcome, evaluate, serve_args
 from vsc.agent.journal import Journal, replay
 from vsc.agent.objectives import objectives_for
 from vsc.agent.proposal import Proposal, SearchContext
+from vsc.agent.proposers.anthropic import _static_context
 from vsc.agent.proposers.builtin import BuiltinProposer, Features, moves
 from vsc.ir.printer import print_module
 from vsc.models.tiny import make_tiny
@@ -94,6 +95,9 @@ def test_the_catalog_offers_replicate_to_a_model_proposer():
     entry = next(p for p in pass_catalog() if p["name"] == "replicate")
     assert {o["name"] for o in entry["options"]} == {"n", "router", "prefix_blocks"}
     assert "throughput objective beyond what one replica measures" in " ".join(entry["doc"].split())
+    assert f"it has {machine_cores()} cores" in entry["note"]            # how many replicas fit here
+    ctx = SearchContext(spec_path="x.vs", ir_text="", pass_catalog=pass_catalog(), objectives=[])
+    assert "## replicate: " in _static_context(ctx) and f"note: {entry['note']}" in _static_context(ctx)
 
 
 def test_a_plan_with_a_route_stage_is_served_with_ray(make_module):

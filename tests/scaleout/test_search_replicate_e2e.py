@@ -16,7 +16,8 @@ import pytest
 from vsc.agent.evaluate import BenchSettings
 from vsc.agent.journal import Journal, replay
 from vsc.agent.loop import Budget, Search
-from vsc.agent.proposers.builtin import BuiltinProposer, machine_cores
+from vsc.agent.catalog import machine_cores
+from vsc.agent.proposers.builtin import BuiltinProposer
 from vsc.child_process import process_tree
 from vsc.models.tiny import make_tiny
 

@@ -39,10 +39,10 @@ proposed: they need information only the user has.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Any
 
+from vsc.agent.catalog import machine_cores
 from vsc.agent.proposal import Proposal, SearchContext
 from vsc.passes.pipeline import PassSpec, format_pipeline, parse_pipeline
 
@@ -129,14 +129,6 @@ class Features:
         if slos:
             f.throughput_slo = (slos[0].name, float(slos[0].target))
         return f
-
-
-def machine_cores() -> int:
-    """Cores this process may run on (its affinity mask: a container's or taskset's share)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def _mean(dist: dict | None, default: float) -> float:
