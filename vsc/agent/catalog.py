@@ -5,6 +5,7 @@ same text `vsc passes` summarizes; a proposer (human or model) reads it to choos
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -27,5 +28,25 @@ def pass_catalog() -> list[dict[str, Any]]:
                          **({"minimum": o.minimum} if o.minimum is not None else {})} for o in cls.options],
             "requires": list(cls.requires),
             "may_change_outputs": bool(cls.may_change_outputs),
+            **({"note": NOTES[name]()} if name in NOTES else {}),
         })
     return out
+
+
+def machine_cores() -> int:
+    """Cores this process may run on (its affinity mask: a container's or taskset's share)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _replicate_note() -> str:
+    return (f"a search measures replicas on this machine (`vsc serve --ray`): it has {machine_cores()} cores and "
+            "each replica takes the target's threads (all cores when threads = 0), so n <= cores // threads; "
+            "it pays when a throughput SLO is beyond what one replica measures")
+
+
+#: What a proposer should know about a pass here, beyond its doc (computed per catalog).
+NOTES = {"replicate": _replicate_note}
+

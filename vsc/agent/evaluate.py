@@ -9,7 +9,8 @@ the stage, so the report and the next proposal know *where* it failed):
     structural  a pass produced IR the verifier rejects
     numeric     the outputs no longer match the reference (after a pass, or after lowering)
     lower       code generation or the server folder failed
-    bench       the server did not start, died, or failed requests
+    bench       the server did not start, died, or failed requests (or the plan has replicas
+                and Ray Serve, which serves them, is not installed)
 
 Builtin passes run in this process through `vsc.driver.compile_to_server` (the same path
 as `vsc compile`: the structural verifier after every pass, the numeric check after every
@@ -21,6 +22,8 @@ so every candidate gets the same requests) against the server in a child process
 a short warm-up, then `repeats` measured runs, run r with request set r (seed + r): every
 candidate sees the same sets, and no server sees a prompt twice (a repeated prompt would be a
 prefix-cache hit that real traffic does not give, and would flatter the cache).
+A plan with a route stage (replicas) is served with `vsc serve --ray` (`serve_args`): its replicas
+run on a local Ray cluster that the server starts, and that goes with it when it stops.
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ from vsc.agent.proposal import Proposal
 from vsc.errors import PassFailure, PipelineError, VscError
 from vsc.ir.module import ServingModule
 from vsc.ir.printer import print_module
+from vsc.ir.route import replicas
 
 
 #: The warm-up's request set (seed offset): disjoint from the measured runs' sets (offsets 0, 1, ...).
@@ -166,9 +170,24 @@ def request_count(deployment: dict[str, Any], settings: BenchSettings) -> int:
     return max(MIN_RUN_REQUESTS, WAVES_PER_RUN * int(arr.get("concurrency") or 0))
 
 
+def serve_args(module: ServingModule) -> tuple[str, ...]:
+    """The `vsc serve` flags the benchmark server of a plan gets. overload = queue: a search measures
+    what a plan sustains; shedding would turn a slow candidate's late requests into failures instead
+    of measured latencies. A plan with a route stage (replicate, or `serve { replicas }`) is served the
+    way its users will run it, `vsc serve --ray`: its replicas on a local Ray cluster behind the
+    ingress, which the server starts and stops (vsc.runtime.ray_serve)."""
+    from vsc.ir.route import STAGE
+
+    args: tuple[str, ...] = ("--overload", "queue")
+    if module.requests.stage(STAGE) is not None:
+        args += ("--ray",)
+    return args
+
+
 def benchmark(server_dir: Path, deployment: dict[str, Any], objectives: list[Objective], settings: BenchSettings,
-              repeats: int) -> list[dict[str, float | None]]:
-    """Objective values of `repeats` runs of the spec's workload against the server folder."""
+              repeats: int, serve_args: tuple[str, ...] = ("--overload", "queue")) -> list[dict[str, float | None]]:
+    """Objective values of `repeats` runs of the spec's workload against the server folder
+    (served by `vsc serve` with `serve_args`)."""
     import json
 
     from vsc.bench.cli import ServerProcess
@@ -182,9 +201,7 @@ def benchmark(server_dir: Path, deployment: dict[str, Any], objectives: list[Obj
     n = request_count(deployment, settings)
     slos = list(deployment.get("slos") or [])
     runs = []
-    # overload = queue: a search measures what a plan sustains; shedding would turn a slow
-    # candidate's late requests into failures instead of measured latencies
-    with ServerProcess(server_dir, serve_args=("--overload", "queue")) as server:
+    with ServerProcess(server_dir, serve_args=serve_args) as server:
         if settings.warmup:
             warm = search_workload(deployment, model_dir, settings.warmup, settings.seed + WARMUP_SEED, max_context)
             warm.arrival = closed(settings.warmup)
@@ -218,9 +235,16 @@ def evaluate(module: ServingModule, proposal: Proposal, work_dir: Path, spec_pat
         return rejected
     outcome = Outcome("ok", pipeline=result.pipeline, ir_hash=ir_hash(result.module), seconds=seconds,
                       server_dir=str(result.out_dir))
+    args = serve_args(result.module)
+    if "--ray" in args:
+        from vsc.runtime import ray_serve
+        if not ray_serve.installed():
+            outcome.status, outcome.stage = "rejected", "bench"
+            outcome.reason = f"the plan has {replicas(result.module)} replicas (a route stage): {ray_serve.NOT_INSTALLED}"
+            return outcome
     t1 = time.perf_counter()
     try:
-        runs = benchmark(result.out_dir, module.deployment, objectives, settings, repeats or settings.repeats)
+        runs = benchmark(result.out_dir, module.deployment, objectives, settings, repeats or settings.repeats, args)
     except VscError as e:
         outcome.status, outcome.stage, outcome.reason = "rejected", "bench", one_line(e)
         return outcome

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import httpx2 as httpx
 
-from vsc.child_process import dies_with_parent
+from vsc.child_process import dies_with_parent, process_tree, reap
 from vsc.errors import VscError
 
 HEALTH_TIMEOUT_S = 180.0
@@ -105,12 +105,16 @@ class ServerProcess:
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
+            # what the server started (`vsc serve --ray`: a local Ray head, its raylet and workers) is
+            # noted now, while it is still the server's: they must go with it, even if it is killed
+            tree = process_tree(self.proc.pid)
             self.proc.terminate()
             try:
                 self.proc.wait(timeout=self.stop_timeout)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
+            reap(tree, timeout=self.stop_timeout)
 
 
 def read_server_folder(server_dir: Path) -> tuple[dict, dict]:

@@ -280,13 +280,22 @@ class ReplicaSet:
 
 # --------------------------------------------------------------------------- deploying
 
+#: Why `--ray` cannot run where Ray Serve is not installed.
+NOT_INSTALLED = "--ray needs Ray Serve: pip install 'vsc[ray]' (ray[serve] is not installed)"
+
+
+def installed() -> bool:
+    """Whether Ray is importable here (found without importing it: importing Ray takes seconds)."""
+    import importlib.util
+    return importlib.util.find_spec("ray") is not None
+
+
 def _ray():
     try:
         import ray
         from ray import serve
     except ImportError:
-        raise RayServeError("serve: error: --ray needs Ray Serve: pip install 'vsc[ray]' "
-                            "(ray[serve] is not installed)") from None
+        raise RayServeError(f"serve: error: {NOT_INSTALLED}") from None
     return ray, serve
 
 

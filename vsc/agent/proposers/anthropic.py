@@ -362,6 +362,8 @@ def _static_context(ctx: SearchContext) -> str:
         if p.get("requires"):
             parts.append(f"requires: {', '.join(p['requires'])}")
         parts.append(f"may_change_outputs: {str(bool(p.get('may_change_outputs'))).lower()}")
+        if p.get("note"):
+            parts.append(f"note: {p['note']}")
         for o in p.get("options", []):
             extra = ""
             if o.get("choices"):

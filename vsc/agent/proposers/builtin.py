@@ -25,15 +25,24 @@ deployment, computed from the IR and the spec's workload (`Features`):
   rejected, is tried again on a later incumbent at a third of its expected gain per such
   failure (moves that lost once usually lose again; they are not ruled out, only demoted).
 
+One more move adds `replicate{n=N,router=prefix_affinity}` (the plan served as N replicas on
+Ray Serve; see `replicate_move`): only when the spec has a throughput SLO that the best
+single-replica candidate measured misses, the target is a CPU whose machine gives each replica
+its own threads (N <= cores // threads per replica, N >= 2) and Ray Serve is installed (the
+evaluator measures such a plan with `vsc serve --ray`). It is the one move that scales
+throughput past one server, so when it applies it comes first; its rationale says why.
+
 Pipelines already tried (same text) are never proposed twice. Passes that change what the
 server does rather than how fast (json-mode, speculative with a draft model) are not
 proposed: they need information only the user has.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
+from vsc.agent.catalog import machine_cores
 from vsc.agent.proposal import Proposal, SearchContext
 from vsc.passes.pipeline import PassSpec, format_pipeline, parse_pipeline
 
@@ -42,7 +51,7 @@ from vsc.passes.pipeline import PassSpec, format_pipeline, parse_pipeline
 CANONICAL_ORDER = ("fuse-qkv", "fuse-gate-up", "fuse-silu-mul", "fuse-add-rmsnorm", "fold-rope-tables",
                    "weight-int8", "paged-kv", "kv-int8", "continuous-batching", "chunked-prefill",
                    "prefix-cache", "cascade-attention", "speculative", "json-mode", "select-kernels", "pack-linear-weights",
-                   "intra-op-threads", "compile-decode-step")
+                   "intra-op-threads", "compile-decode-step", "replicate")
 
 #: Option grids: the variants of each pass the builtin proposer tries (text options as in pipelines).
 GRIDS: dict[str, list[dict[str, str]]] = {
@@ -84,10 +93,16 @@ class Features:
     small_gemms: bool = True
     exact: bool = True            # greedy_exact accuracy: int8 rounding is likely rejected
     target: str = "cpu"
+    threads: int = 0              # the target's threads per server (0: all cores)
+    cores: int = 1                # cores this machine gives the search (replicas share them)
+    replicas: int = 1             # the spec's own `serve { replicas }`
+    throughput_slo: tuple[str, float] | None = None   # (objective name, tok/s) of a `throughput >=` SLO
 
     @staticmethod
-    def of(ctx: SearchContext) -> "Features":
+    def of(ctx: SearchContext, cores: int | None = None) -> "Features":
+        from vsc.agent.objectives import objectives_for
         from vsc.ir.parser import parse_module
+        from vsc.ir.route import replicas
         from vsc.passes.intra_op_threads import SMALL_GEMM_MACS, decode_gemm_macs
 
         module = parse_module(ctx.ir_text)
@@ -107,6 +122,12 @@ class Features:
         f.small_gemms = bool(macs) and sum(macs) / len(macs) < SMALL_GEMM_MACS
         f.exact = ((d.get("accuracy") or {}).get("kind") or "greedy_exact") == "greedy_exact"
         f.target = module.target.kind
+        f.threads = int(module.target.attrs.get("threads") or 0)
+        f.cores = cores or machine_cores()
+        f.replicas = replicas(module)
+        slos = [o for o in objectives_for(d) if o.metric == "throughput" and o.target is not None]
+        if slos:
+            f.throughput_slo = (slos[0].name, float(slos[0].target))
         return f
 
 
@@ -219,13 +240,85 @@ def failures(history: list[dict[str, Any]]) -> dict[str, int]:
     return out
 
 
-def moves(pipeline: str, f: Features, failed: dict[str, int] | None = None) -> list[tuple[float, str, str]]:
+#: The router replicate gets: it keeps each replica's prefix cache useful (docs/scale-out.md).
+REPLICATE_ROUTER = "prefix_affinity"
+#: Throughput of n replicas relative to n separate servers (the ingress's hop, a shared host).
+REPLICA_EFFICIENCY = 0.8
+
+
+def replica_threads(specs: list[PassSpec], f: Features) -> int:
+    """Threads (cores) one replica of this pipeline's plan uses: intra-op-threads' number when it
+    pins one, else the target's threads; 0 (all cores) takes the whole machine."""
+    for s in specs:
+        if s.name == "intra-op-threads" and str(s.options.get("threads", "")).isdigit():
+            return int(s.options["threads"])
+    return f.threads if f.threads > 0 else f.cores
+
+
+def _replicated(pipeline: str) -> bool:
+    try:
+        return any(s.name == "replicate" for s in parse_pipeline(pipeline))
+    except Exception:  # noqa: BLE001 - a malformed proposal's pipeline was never measured anyway
+        return False
+
+
+def best_single_replica(history: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
+    """The measured candidate without replicas with the highest value of objective `name`."""
+    best = None
+    for h in history:
+        value = (h.get("objectives") or {}).get(name)
+        if h.get("status") != "ok" or value is None or _replicated(h.get("pipeline") or ""):
+            continue
+        if best is None or value > best["objectives"][name]:
+            best = h
+    return best
+
+
+def replicate_move(specs: list[PassSpec], f: Features, history: list[dict[str, Any]],
+                   ray: bool = True) -> tuple[float, str, str] | None:
+    """Add replicate{n=N,router=prefix_affinity} when one replica cannot meet the throughput SLO.
+
+    Only when: the spec has a `throughput >=` SLO; the best measured single-replica candidate
+    misses it; the pipeline (and the spec) has no replicas yet; the target is a CPU (a cuda plan
+    needs a GPU per replica, which is for the user to give); Ray Serve is installed (`ray`); and
+    the machine gives N >= 2 replicas their own threads each (N <= cores // threads per replica).
+    N: the fewest replicas that would meet the SLO if throughput scaled linearly, at most that."""
+    if f.throughput_slo is None or f.replicas > 1 or f.target != "cpu" or not ray:
+        return None
+    if any(s.name == "replicate" for s in specs):
+        return None
+    name, target = f.throughput_slo
+    best = best_single_replica(history, name)
+    if best is None or best["objectives"][name] <= 0 or best["objectives"][name] >= target:
+        return None
+    measured = best["objectives"][name]
+    per = max(1, replica_threads(specs, f))
+    most = f.cores // per
+    if most < 2:
+        return None
+    n = min(most, max(2, math.ceil(target / measured)))
+    new = PassSpec("replicate", {"n": str(n), "router": REPLICATE_ROUTER})
+    why = (f"add {new}: {name} >= {target:g} tok/s is missed by one replica (the best single-replica candidate, "
+           f"#{best['id']}, measured {measured:.1f} tok/s); {n} replicas x {per} thread(s) fit this machine's "
+           f"{f.cores} cores" + ("" if n * measured >= target else f" (at most {most}: short of the SLO even if "
+                                                                  f"throughput scales linearly)"))
+    return REPLICA_EFFICIENCY * (n - 1), format_pipeline(_place(specs, new)), why
+
+
+def moves(pipeline: str, f: Features, failed: dict[str, int] | None = None,
+          history: list[dict[str, Any]] | None = None, ray: bool = True) -> list[tuple[float, str, str]]:
     """(gain, pipeline text, description) of every move from `pipeline`, best first; a move
-    that brings in a pass text listed in `failed` is discounted (FAILURE_DISCOUNT per failure)."""
+    that brings in a pass text listed in `failed` is discounted (FAILURE_DISCOUNT per failure).
+    `history` (the measured candidates) decides whether replicate is one of them (`replicate_move`)."""
     failed = failed or {}
     specs = parse_pipeline(pipeline) if pipeline.strip() else []
     present = {s.name for s in specs}
     out: list[tuple[float, str, str]] = []
+    scale_out = replicate_move(specs, f, history or [], ray)
+    if scale_out is not None:
+        gain, text, what = scale_out
+        new = next(s for s in parse_pipeline(text) if s.name == "replicate")
+        out.append((gain * FAILURE_DISCOUNT ** failed.get(str(new), 0), text, what))
     for name, grid in GRIDS.items():
         if name in present:
             continue
@@ -259,21 +352,28 @@ def moves(pipeline: str, f: Features, failed: dict[str, int] | None = None) -> l
 class BuiltinProposer:
     name = "builtin"
 
-    def __init__(self) -> None:
+    def __init__(self, cores: int | None = None, ray: bool | None = None) -> None:
+        """`cores`: what the machine gives (default: this process's affinity); `ray`: whether Ray
+        Serve is there to measure replicas (default: whether it is installed)."""
         self._features: Features | None = None
+        self.cores = cores
+        if ray is None:
+            from vsc.runtime.ray_serve import installed
+            ray = installed()
+        self.ray = ray
 
     def usage(self) -> dict[str, int]:
         return {"input_tokens": 0, "output_tokens": 0}
 
     def propose(self, ctx: SearchContext, n: int) -> list[Proposal]:
         if self._features is None:
-            self._features = Features.of(ctx)
+            self._features = Features.of(ctx, self.cores)
         tried = {h.get("pipeline") for h in ctx.history} | {h.get("proposal", {}).get("pipeline") for h in ctx.history}
         start = (ctx.incumbent or {}).get("pipeline")
         if start is None:
             start = ctx.history[0]["pipeline"] if ctx.history else ""
         proposals: list[Proposal] = []
-        for gain, text, what in moves(start, self._features, failures(ctx.history)):
+        for gain, text, what in moves(start, self._features, failures(ctx.history), ctx.history, self.ray):
             if text in tried:
                 continue
             tried.add(text)
