@@ -37,7 +37,7 @@ def test_a_prompt_without_a_full_block_goes_to_the_least_loaded():
 
 
 def test_ttft_fallback_when_the_preferred_queue_would_miss_the_objective():
-    r = Router(RouterConfig(replicas=2, block_tokens=16, ttft_slo_ms=100.0, load_bound=None))
+    r = Router(RouterConfig(replicas=2, block_tokens=16, ttft_slo_ms=100.0))
     p = prompts(1)[0]
     pref, _ = r.choose(p)
     other = 1 - pref
@@ -51,7 +51,7 @@ def test_ttft_fallback_when_the_preferred_queue_would_miss_the_objective():
 
 
 def test_batch_fallback_without_an_objective():
-    r = Router(RouterConfig(replicas=2, block_tokens=16, max_batch=2, load_bound=None))
+    r = Router(RouterConfig(replicas=2, block_tokens=16, max_batch=2))
     p = prompts(1)[0]
     pref, _ = r.choose(p)
     r.dispatched(pref, "affinity")
@@ -60,42 +60,6 @@ def test_batch_fallback_without_an_objective():
     assert r.choose(p) == (1 - pref, "batch_fallback")
     r.update_load(1 - pref, 5)       # the other engine's own queue (other ingresses) is fuller
     assert r.choose(p) == (pref, "affinity")
-
-
-def test_a_hot_prefix_spills_to_its_second_replica_and_cold_prefixes_stay():
-    r = Router(RouterConfig(replicas=3, block_tokens=16))          # load_bound 1.25 (LOAD_BOUND)
-    hot = prompts(1)[0]
-    first, _ = r.choose(hot)
-    sent = []
-    for _ in range(12):                       # 12 concurrent requests sharing one prefix
-        i, reason = r.choose(hot)
-        r.dispatched(i, reason)
-        sent.append((i, reason))
-    on = {i for i, _ in sent}
-    assert sent[0] == (first, "affinity") and 2 <= len(on) <= 3
-    assert all(r.load(i) <= -(-1.25 * 12 // 3) for i in on)        # never above the bound
-    spilled = [i for i, reason in sent if reason == "load_spill"]
-    assert spilled and first not in spilled
-    # the spill follows the prefix's own rendezvous order: the same second choice every time
-    second = Router(RouterConfig(replicas=3, block_tokens=16, load_bound=None))
-    second.set_up(first, False)
-    assert spilled[0] == second.choose(hot)[0]
-    # a cold prefix whose replica is not over the bound keeps it
-    cold = [[s * 1000 + t for t in range(64)] for s in range(1, 30)]
-    alone = Router(RouterConfig(replicas=3, block_tokens=16))
-    kept = [k for k in cold if alone.choose(k)[0] == r.choose(k)[0] and r.load(r.choose(k)[0]) + 1 <= 5]
-    assert kept and all(r.choose(k)[1] == "affinity" for k in kept)
-
-
-def test_unbounded_keeps_a_hot_prefix_on_one_replica():
-    r = Router(RouterConfig(replicas=3, block_tokens=16, load_bound=None, max_batch=16))
-    hot = prompts(1)[0]
-    for _ in range(12):
-        i, reason = r.choose(hot)
-        r.dispatched(i, reason)
-    assert sorted(r.load(i) for i in range(3)) == [0, 0, 12]
-    with pytest.raises(ValueError, match="load_bound"):
-        RouterConfig(replicas=2, load_bound=0.5)
 
 
 def test_round_robin_and_least_loaded():

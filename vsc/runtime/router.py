@@ -8,11 +8,7 @@ stage wrote, vsc.ir.route):
   hashing over the replicas that are up picks the preferred replica: prompts sharing that prefix
   land where its blocks are cached, every ingress agrees without sharing state, and a replica
   going down moves only its own prefixes. A prompt shorter than one block has nothing cached to
-  find: it goes to the least-loaded replica. Loads are bounded (consistent hashing with bounded
-  loads, Mirrokni et al. 2018): a replica whose requests in flight would exceed `load_bound` times
-  the mean (rounded up) is passed over for the next one in the prefix's rendezvous order, so a hot
-  prefix spills onto a second replica (which then caches it too) instead of queueing on one while
-  the other idles, and cold prefixes keep their one replica. The chosen replica is passed over for the
+  find: it goes to the least-loaded replica. The preferred replica is passed over for the
   least-loaded one when its queue would break the TTFT objective (`ttft_slo_ms`: its predicted
   TTFT, requests waiting for their first token times its measured seconds per such request,
   exceeds the objective and the other's is lower) or, without an objective, when its batch is
@@ -27,7 +23,6 @@ vsc.runtime.ray_serve drives it.
 from __future__ import annotations
 
 import hashlib
-import math
 import struct
 from dataclasses import dataclass, field
 
@@ -35,10 +30,6 @@ from vsc.runtime.enums import ROUTER_POLICIES
 
 #: Weight of a new TTFT sample in the per-replica estimate of seconds per queued request.
 EWMA_ALPHA = 0.3
-#: Most requests in flight a replica may hold, as a multiple of the mean over the replicas up
-#: (prefix_affinity; None: unbounded). 1.25 is the bound the consistent-hashing-with-bounded-loads
-#: paper and its deployments use: hot prefixes spill, cold ones never move.
-LOAD_BOUND = 1.25
 
 
 @dataclass
@@ -51,11 +42,8 @@ class RouterConfig:
     prefix_blocks: int = 4
     max_batch: int = 8
     ttft_slo_ms: float | None = None
-    load_bound: float | None = LOAD_BOUND
 
     def __post_init__(self) -> None:
-        if self.load_bound is not None and not self.load_bound >= 1:
-            raise ValueError(f"router load_bound must be >= 1 (or None), got {self.load_bound!r}")
         if self.policy not in ROUTER_POLICIES:
             raise ValueError(f"unknown router policy {self.policy!r} (one of: {', '.join(ROUTER_POLICIES)})")
         for name in ("replicas", "block_tokens", "prefix_blocks", "max_batch"):
@@ -98,7 +86,7 @@ class Router:
     # ---------------------------------------------------------------- choice
     def choose(self, prompt_ids: list[int], exclude: frozenset[int] | set[int] = frozenset()) -> tuple[int | None, str]:
         """(replica index, reason) for a request; (None, "none_up") when no replica may take it.
-        reason: affinity | load_spill | ttft_fallback | batch_fallback | no_prefix | round_robin | least_loaded."""
+        reason: affinity | ttft_fallback | batch_fallback | no_prefix | round_robin | least_loaded."""
         up = [i for i, load in enumerate(self.loads) if load.up and i not in exclude]
         if not up:     # every replica seems down: try one anyway (Ray Serve may have replaced it)
             up = [i for i in range(len(self.loads)) if i not in exclude]
@@ -115,16 +103,9 @@ class Router:
         key = prefix_key(prompt_ids, self.config.block_tokens, self.config.prefix_blocks)
         if key is None:
             return least, "no_prefix"
-        ranked = sorted(up, key=lambda i: _score(key, i), reverse=True)
-        preferred, reason = ranked[0], "affinity"
-        bound = self.config.load_bound
-        if bound is not None:
-            cap = math.ceil(bound * (sum(self.load(i) for i in up) + 1) / len(up))
-            within = [i for i in ranked if self.load(i) + 1 <= cap]
-            if within and within[0] != preferred:
-                preferred, reason = within[0], "load_spill"
+        preferred = max(up, key=lambda i: _score(key, i))
         if preferred == least:
-            return preferred, reason
+            return preferred, "affinity"
         slo = self.config.ttft_slo_ms
         if slo is not None:
             mine, other = self.predicted_ttft_ms(preferred), self.predicted_ttft_ms(least)
@@ -132,7 +113,7 @@ class Router:
                 return least, "ttft_fallback"
         elif self.load(preferred) >= self.config.max_batch and self.load(least) < self.config.max_batch:
             return least, "batch_fallback"
-        return preferred, reason
+        return preferred, "affinity"
 
     def load(self, i: int) -> int:
         load = self.loads[i]
