@@ -90,3 +90,17 @@ def test_a_wrong_import_breaks_a_contract(tree, module, line, broken):
             path.write_text(original)
     assert result.returncode != 0
     assert broken in result.stdout + result.stderr, result.stdout + result.stderr
+
+
+def test_the_grammars_ship_inside_the_package():
+    """A wheel carries vsc/ only: every grammar a module loads lies in vsc/grammar/, which
+    pyproject's package-data ships (it was a top-level grammar/ folder, missing from wheels)."""
+    from vsc.frontend import syntax
+    from vsc.ir import parser
+    from vsc.passes import pipeline
+
+    package = Path(syntax.__file__).resolve().parents[1]
+    shipped = tomllib.loads((package.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["vsc"]
+    for path in (syntax.GRAMMAR_PATH, parser.GRAMMAR_PATH, pipeline.GRAMMAR_PATH):
+        assert path.is_file() and path.is_relative_to(package)
+        assert any(path.relative_to(package).match(glob) for glob in shipped)

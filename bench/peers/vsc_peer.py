@@ -1,7 +1,7 @@
 """vsc itself as a peer: write a deployment spec, `vsc compile` it into the cache, `python -m vsc serve` it.
 
 The compiled folder is reused when nothing that goes into it changed: the spec text, the
-model folder's content and the compiler's own sources (vsc/ and grammar/) are hashed into
+model folder's content and the compiler's own sources (vsc/, grammars included) are hashed into
 the folder's key.
 """
 from __future__ import annotations
@@ -82,9 +82,9 @@ def spec_text(model_dir: Path, *, max_batch: int, threads: int, ctx: int, memory
 
 
 def compiler_hash() -> str:
-    """A key for the compiler's sources: a change anywhere in vsc/ or grammar/ recompiles."""
+    """A key for the compiler's sources: a change anywhere in vsc/ (its grammars too) recompiles."""
     h = hashlib.sha256()
-    for folder in (REPO_ROOT / "vsc", REPO_ROOT / "grammar"):
+    for folder in (REPO_ROOT / "vsc",):
         for p in sorted(folder.rglob("*")):
             if p.is_file() and p.suffix in (".py", ".lark", ".json", ".txt", ".jinja") and "__pycache__" not in p.parts:
                 h.update(p.relative_to(REPO_ROOT).as_posix().encode() + b"\0" + p.read_bytes())

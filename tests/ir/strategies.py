@@ -4,7 +4,7 @@ The modules need not verify (ops need not type-check, names need not be defined)
 round trip print -> parse -> == is about syntax, so every field gets values of the right
 Python type drawn as widely as the textual IR can express them.
 
-Names follow the lexical rules of grammar/vsir.lark:
+Names follow the lexical rules of vsc/grammar/vsir.lark:
   value    %[A-Za-z0-9_.-]+
   symbol   @[A-Za-z0-9_.-]+ followed by any number of `{x}[A-Za-z0-9_.-]*` templates
   ident    [A-Za-z_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?
@@ -33,7 +33,7 @@ from vsc.ir.module import (
 )
 from vsc.ir.types import DTYPE_BYTES, UNKNOWN, Origin, TensorType
 
-# Every keyword of grammar/vsir.lark: drawn as identifiers to exercise keyword/IDENT clashes.
+# Every keyword of vsc/grammar/vsir.lark: drawn as identifiers to exercise keyword/IDENT clashes.
 KEYWORDS = (
     "module", "deployment", "target", "model", "weight", "func", "return", "yield", "via",
     "loc", "schedule", "cache", "batching", "requests", "stage", "true", "false", "none",

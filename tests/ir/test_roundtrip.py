@@ -109,7 +109,7 @@ def test_keyword_names_and_escaped_origins_roundtrip(tmp_path):
 
 def test_strategies_know_every_grammar_keyword():
     """Generated identifiers include every keyword, so a new keyword gets exercised too."""
-    grammar = (Path(__file__).resolve().parents[2] / "grammar" / "vsir.lark").read_text()
+    grammar = (Path(__file__).resolve().parents[2] / "vsc" / "grammar" / "vsir.lark").read_text()
     words = set(re.findall(r'"([A-Za-z_][A-Za-z0-9_]*)"', grammar))
     assert words == set(KEYWORDS)
 

@@ -76,7 +76,7 @@ def _run(root: str, state: dict) -> tuple[str | None, str]:
     from vsc.passes.pipeline import parse_pipeline
 
     load_builtin_passes()
-    parse_pipeline("")  # reads grammar/pipeline.lark now: once confined, the project folder is not readable
+    parse_pipeline("")  # reads vsc/grammar/pipeline.lark now: once confined, the project folder is not readable
     with open("input.vsir") as f:
         module = parse_module(f.read(), "input.vsir")
     with open("pipeline.txt") as f:

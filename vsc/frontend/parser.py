@@ -2,7 +2,7 @@
 
 Each concern has its module:
 
-1. Syntax (`vsc.frontend.syntax`): `grammar/vs.lark`, parsed by lark, turned into plain
+1. Syntax (`vsc.frontend.syntax`): `vsc/grammar/vs.lark`, parsed by lark, turned into plain
    item nodes with positions.
 2. Syntax errors (`vsc.frontend.diagnostics`): lark's exceptions become SpecErrors with a
    readable message ("expected '}' but found end of file").

@@ -1,6 +1,6 @@
 """Syntax of the spec language: text -> plain item nodes, with positions.
 
-`grammar/vs.lark` is small and generic: a file is a list of items, and an item is
+`vsc/grammar/vs.lark` is small and generic: a file is a list of items, and an item is
 `key = value`, `name [arg] { items }`, `name arg`, `metric [pNN] <= value`,
 `name(args)` or a bare `name`. Lark parses it (LALR, positions on) and `Builder` turns
 the tree into the plain node objects below (numbers and strings decoded). Lark's syntax
@@ -23,7 +23,7 @@ from vsc.errors import SourceLocation, SpecError
 from vsc.frontend import units
 from vsc.frontend.diagnostics import syntax_error
 
-GRAMMAR_PATH = Path(__file__).resolve().parents[2] / "grammar" / "vs.lark"
+GRAMMAR_PATH = Path(__file__).resolve().parents[1] / "grammar" / "vs.lark"
 
 # Blocks or calls nested deeper than this are certainly a mistake (the language uses three levels).
 MAX_DEPTH = 32

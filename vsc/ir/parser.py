@@ -18,7 +18,7 @@ from vsc.ir.module import (
 )
 from vsc.ir.types import UNKNOWN, Origin, TensorType
 
-GRAMMAR_PATH = Path(__file__).resolve().parents[2] / "grammar" / "vsir.lark"
+GRAMMAR_PATH = Path(__file__).resolve().parents[1] / "grammar" / "vsir.lark"
 
 
 @functools.lru_cache(maxsize=1)

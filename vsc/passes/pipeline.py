@@ -1,6 +1,6 @@
 """Pass pipelines as text: `fuse-qkv,paged-kv{block=16},continuous-batching{max_batch=32}`.
 
-The syntax is `grammar/pipeline.lark`; lark parses it (LALR, contextual lexer) and its
+The syntax is `vsc/grammar/pipeline.lark`; lark parses it (LALR, contextual lexer) and its
 syntax errors become PipelineErrors naming the 1-based column of the problem.
 `parse_pipeline` and `format_pipeline` are exact inverses on canonical text (no spaces,
 options in the order written), so a pipeline string can head every IR dump and be
@@ -19,7 +19,7 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedTok
 
 from vsc.errors import PipelineError
 
-GRAMMAR_PATH = Path(__file__).resolve().parents[2] / "grammar" / "pipeline.lark"
+GRAMMAR_PATH = Path(__file__).resolve().parents[1] / "grammar" / "pipeline.lark"
 
 _BARE_VALUE = re.compile(r"[A-Za-z0-9_.+\-/]+")  # the grammar's BARE: values written without quotes
 _ESCAPE = re.compile(r"\\(.)")
