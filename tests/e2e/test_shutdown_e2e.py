@@ -4,6 +4,7 @@ end before the grace period does (streams with a last chunk whose finish_reason 
 no tracebacks; and a signal that comes right after start-up stops the server."""
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import subprocess
@@ -33,9 +34,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn(folder, port: int, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", folder.name, "--port", str(port), "--log-level", "info", *extra],
+@contextlib.contextmanager
+def spawn(folder, port: int, *extra: str):
+    """The folder's server as a subprocess; killed on the way out if a test left it running."""
+    proc = subprocess.Popen([sys.executable, "-m", folder.name, "--port", str(port), "--log-level", "info", *extra],
                             cwd=folder.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)
 
 
 def wait_up(proc: subprocess.Popen, url: str) -> None:
@@ -75,8 +84,7 @@ def post(url: str, body: dict, out: list) -> None:
 def test_in_flight_requests_end_cleanly_before_the_grace_period(built, sig):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = spawn(built, port, "--shutdown-grace", str(GRACE))
-    try:
+    with spawn(built, port, "--shutdown-grace", str(GRACE)) as proc:
         wait_up(proc, url)
         long = {"model": "tiny-llama", "prompt": "x", "max_tokens": 250, "temperature": 0, "ignore_eos": True}
         streams: list = []
@@ -92,10 +100,6 @@ def test_in_flight_requests_end_cleanly_before_the_grace_period(built, sig):
         for t in threads:
             t.join(30)
         _, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate(timeout=10)
     assert proc.returncode == 0, err
     # uvicorn says so when it has to cancel requests that outlived the grace period
     assert "timeout graceful shutdown exceeded" not in err, err
@@ -119,18 +123,13 @@ def test_in_flight_requests_end_cleanly_before_the_grace_period(built, sig):
 
 def test_a_signal_right_after_start_up_stops_the_server(built):
     port = free_port()
-    proc = spawn(built, port)
-    try:
+    with spawn(built, port) as proc:
         banner = proc.stderr.readline()       # printed just before the HTTP server takes the signals over
         while banner and "vsc server for" not in banner:      # (log lines before it: the integrity check's)
             banner = proc.stderr.readline()
         assert f"on http://127.0.0.1:{port}/v1" in banner
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate(timeout=10)
     assert proc.returncode == 0, err
     assert "Traceback" not in err, err
 
@@ -145,15 +144,10 @@ def catches_sigterm(pid: int) -> bool:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/PID/status")
 def test_a_signal_while_the_model_loads_stops_the_server(built):
-    proc = spawn(built, free_port())
-    try:
+    with spawn(built, free_port()) as proc:
         while proc.poll() is None and not catches_sigterm(proc.pid):   # the launcher's first act
             time.sleep(0.001)
         proc.send_signal(signal.SIGTERM)      # importing torch, loading the model, or about to serve
         _, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate(timeout=10)
     assert proc.returncode == 0, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
