@@ -37,12 +37,12 @@ from vsc.runtime.enums import PREFIX_CACHE_POLICIES
 class PrefixCache(Pass):
     name = "prefix-cache"
     summary = "reuse cached KV blocks of shared prompt prefixes (radix tree, refcounted, LRU eviction)"
+    requires = ("paged-kv",)
     options = (
-        Option("policy", str, "radix", "how cached blocks are found", 
+        Option("policy", str, "radix", "how cached blocks are found",
                choices=tuple(p for p in PREFIX_CACHE_POLICIES if p != "none")),
         Option("capacity", int, 0, "most cached blocks kept that no request holds (0: any free block)", minimum=0),
     )
-    requires = ("paged-kv",)
     may_change_outputs = True
 
     def apply(self, module: ServingModule) -> None:

@@ -31,20 +31,29 @@ def _say_replicas(manifest: dict) -> None:
               file=sys.stderr, flush=True)
 
 
+# what a folder that cannot be served raises while it starts: each is one line on stderr, not a traceback
+STARTUP_ERRORS = (argparse.ArgumentTypeError, KeyError, VscError)
+
+
+def _startup_failed(folder: Path, e: Exception) -> int:
+    """Say why the folder cannot be served, in one line; the exit code."""
+    if isinstance(e, argparse.ArgumentTypeError):
+        print(f"serve: error: the spec's {e}", file=sys.stderr)
+        return 2
+    if isinstance(e, KeyError):
+        print(f"{Path(folder) / 'manifest.json'}: error: the manifest lacks {e}; recompile the server", file=sys.stderr)
+        return 2
+    print(e.render(), file=sys.stderr)
+    return e.exit_code
+
+
 def _serve_ray(folder: Path, args, latch) -> int:
     """`--ray`: vsc.runtime.ray_serve (imported only then: Ray is an optional dependency)."""
     from vsc.runtime.ray_serve import serve_folder
     try:
         return serve_folder(Path(folder), args, latch)
-    except argparse.ArgumentTypeError as e:
-        print(f"serve: error: the spec's {e}", file=sys.stderr)
-        return 2
-    except KeyError as e:
-        print(f"{Path(folder) / 'manifest.json'}: error: the manifest lacks {e}; recompile the server", file=sys.stderr)
-        return 2
-    except VscError as e:
-        print(e.render(), file=sys.stderr)
-        return e.exit_code
+    except STARTUP_ERRORS as e:
+        return _startup_failed(folder, e)
 
 
 def main(folder: Path, argv: list[str]) -> int:
@@ -103,15 +112,8 @@ def _main(folder: Path, argv: list[str], latch) -> int:
             sock = bind_socket(host, port)
         except OSError as e:
             raise ServeOptionError(f"serve: error: cannot listen on {host}:{port}: {e.strerror or e}") from None
-    except argparse.ArgumentTypeError as e:
-        print(f"serve: error: the spec's {e}", file=sys.stderr)
-        return 2
-    except KeyError as e:
-        print(f"{Path(folder) / 'manifest.json'}: error: the manifest lacks {e}; recompile the server", file=sys.stderr)
-        return 2
-    except VscError as e:
-        print(e.render(), file=sys.stderr)
-        return e.exit_code
+    except STARTUP_ERRORS as e:
+        return _startup_failed(folder, e)
     engine.start()
     if latch.received:
         print(f"vsc server stopped by signal {latch.received[0]} before serving", file=sys.stderr, flush=True)
