@@ -46,14 +46,14 @@ def test_a_small_memory_is_reported_in_a_unit_that_shows_it(examples_workspace, 
 
 
 def test_a_pass_the_spec_cannot_take_points_at_the_optimize_line_and_says_the_fix(examples_workspace, capsys):
-    spec = spec_variant(examples_workspace, "bf16", ("dtype = f32", "dtype = bf16"))
+    spec = spec_variant(examples_workspace, "f16", ("dtype = f32", "dtype = f16"))
     code, out, err = run(capsys, "opt", spec)
     assert code == 2 and out == ""
     lines = err.splitlines()
     line_no = next(i for i, line in enumerate(spec.read_text().splitlines(), 1) if line.strip().startswith("optimize"))
     assert lines[0].startswith(f"{spec}:{line_no}:")
     col = int(lines[0].split(": error: ", 1)[0].rsplit(":", 1)[1])
-    assert "pass pack-linear-weights: found no f32 linear weight to pack (the linear weights are bf16" in lines[0]
+    assert "pass pack-linear-weights: found no f32 or bf16 linear weight to pack (the linear weights are f16" in lines[0]
     assert "--disable-pass pack-linear-weights" in lines[0] and "`dtype = f32`" in lines[0]
     assert lines[1].strip().startswith("optimize \"")
     assert lines[1][4 + col - 1:].startswith("pack-linear-weights") and lines[2].index("^") == 4 + col - 1
@@ -64,21 +64,21 @@ def test_a_pass_the_spec_cannot_take_points_at_the_optimize_line_and_says_the_fi
 
 
 def test_under_optimize_auto_the_caret_is_under_auto(examples_workspace, capsys):
-    spec = spec_variant(examples_workspace, "bf16-auto", ("dtype = f32", "dtype = bf16"))
+    spec = spec_variant(examples_workspace, "f16-auto", ("dtype = f32", "dtype = f16"))
     text = spec.read_text()
     start = text.index("optimize \"")
     spec.write_text(text[:start] + "optimize auto" + text[text.index("\n", start):])
     code, _, err = run(capsys, "opt", spec, "-q")
     assert code == 2
     lines = err.splitlines()
-    assert "pass pack-linear-weights: found no f32 linear weight" in lines[0]
+    assert "pass pack-linear-weights: found no f32 or bf16 linear weight" in lines[0]
     assert lines[1].strip() == "optimize auto" and lines[1][lines[2].index("^"):] == "auto"
 
 
 def test_a_pipeline_given_with_passes_is_not_pinned_on_the_spec(examples_workspace, capsys):
-    spec = spec_variant(examples_workspace, "bf16-cli", ("dtype = f32", "dtype = bf16"))
+    spec = spec_variant(examples_workspace, "f16-cli", ("dtype = f32", "dtype = f16"))
     code, _, err = run(capsys, "opt", spec, "--passes", "pack-linear-weights")
-    assert code == 2 and err.startswith("pass pack-linear-weights: error: found no f32 linear weight")
+    assert code == 2 and err.startswith("pass pack-linear-weights: error: found no f32 or bf16 linear weight")
 
 
 def test_compile_takes_the_pass_flags_and_keeps_a_pipe_free_of_progress(examples_workspace, capsys, tmp_path):

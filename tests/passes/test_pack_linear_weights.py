@@ -8,10 +8,15 @@ import torch.nn.functional as F
 
 from vsc.errors import PassFailure
 from vsc.ir.module import walk_ops
+from vsc.ir.parser import parse_module
+from vsc.ir.printer import print_module
+from vsc.ir.sizes import weight_bytes
 from vsc.ir.verifier import verify
+from vsc.models.tiny import make_tiny
 from vsc.passes.manager import PassManager
 from vsc.runtime.kernels.torch_ops import linear_onednn
 from vsc.runtime.weights import DERIVED_INITS
+from test_model_graph_passes import lowered, prefill_then_decode, runner
 
 
 def linears(module):
@@ -62,3 +67,72 @@ def test_onednn_kernel_matches_f_linear(rows):
     torch.testing.assert_close(linear_onednn(x, packed), F.linear(x, w), rtol=1e-5, atol=1e-5)
     bias = torch.randn(96, generator=g)
     torch.testing.assert_close(linear_onednn(x, packed, bias), F.linear(x, w, bias), rtol=1e-5, atol=1e-5)
+
+
+# --- dtype: what the packed copies hold ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return {"llama": make_tiny(tmp_path_factory.mktemp("pack-models") / "tiny-llama", arch="llama")}
+
+PIPE = "fuse-qkv,fuse-gate-up,paged-kv{block=16},continuous-batching{max_batch=4},pack-linear-weights"
+
+
+def packed_weights(module):
+    return [w for w in module.model.weights if w.init_fn == "onednn_pack"]
+
+
+def test_bf16_storage_keeps_the_type_halves_the_bytes_and_round_trips(models):
+    same = PassManager(PIPE).run(lowered(models["llama"]))
+    bf16 = PassManager(PIPE + "{dtype=bf16}").run(lowered(models["llama"]))
+    packed = packed_weights(bf16)
+    assert packed and all(w.init_attrs == {"batch": 4, "dtype": "bf16"} for w in packed)
+    # the type is what the linear computes with: f32 in, f32 out (the op typing is unchanged)
+    assert all(w.type == bf16.model.weight(w.init_args[0]).type and w.type.dtype == "f32" for w in packed)
+    assert verify(bf16) == [] and parse_module(print_module(bf16)) == bf16
+    assert 'dtype = "bf16"' in print_module(bf16)
+    # the packed copies count at 2 bytes an element; the KV budget gets what they free
+    packed_elems = sum(w.type.nbytes() // 4 * (4 if "{i}" in w.name else 1) for w in packed)
+    assert weight_bytes(same.model) - weight_bytes(bf16.model) == packed_elems * 2
+    assert bf16.cache.budget_bytes == same.cache.budget_bytes + packed_elems * 2
+
+
+def test_a_bf16_model_is_packed_in_bf16_and_an_f16_one_is_refused(models):
+    out = PassManager(PIPE).run(lowered(models["llama"], "bf16"))
+    packed = packed_weights(out)
+    assert packed and all(w.type.dtype == "bf16" and w.init_attrs == {"batch": 4} for w in packed)
+    assert verify(out) == []
+    with pytest.raises(PassFailure, match=r"found no f32 or bf16 linear weight to pack \(the linear weights are f16\)"):
+        PassManager(PIPE).run(lowered(models["llama"], "f16"))
+
+
+@pytest.mark.parametrize("stored", ["f16", "f32", 3])
+def test_the_verifier_refuses_a_packed_dtype_it_cannot_store(models, stored):
+    module = PassManager(PIPE).run(lowered(models["llama"], "bf16"))
+    packed_weights(module)[0].init_attrs["dtype"] = stored        # f32 would be wider than the bf16 weight
+    assert any("dtype must be f32 or bf16 and no wider than the weight's bf16" in str(d) for d in verify(module))
+
+
+@pytest.mark.parametrize("rows", [1, 16, 300])
+def test_the_bf16_kernel_is_a_bf16_product_with_f32_out(rows):
+    g = torch.Generator().manual_seed(rows)
+    w, x, bias = torch.randn(96, 40, generator=g), torch.randn(rows, 40, generator=g), torch.randn(96, generator=g)
+    packed = DERIVED_INITS["onednn_pack"]([w], {"batch": 16, "dtype": "bf16"}, (96, 40))
+    assert packed.dtype == torch.bfloat16
+    out = linear_onednn(x, packed, bias)
+    assert out.dtype == torch.float32 and out.shape == (rows, 96)
+    want = F.linear(x.bfloat16().float(), w.bfloat16().float(), bias.bfloat16().float())   # f32 sums of bf16 products
+    torch.testing.assert_close(out, want, rtol=1e-2, atol=2e-2)      # (the output is rounded once to bf16)
+    assert (out - F.linear(x, w, bias)).abs().max() > 1e-3            # and it is not the f32 product
+
+
+def test_a_bf16_packed_runner_stays_near_the_f32_one(models):
+    ref = runner(PassManager(PIPE).run(lowered(models["llama"])), "Ref")
+    bf16 = runner(PassManager(PIPE + "{dtype=bf16}").run(lowered(models["llama"])), "Bf16")
+    assert bf16.lm_head_packed.dtype == torch.bfloat16 and ref.lm_head_packed.dtype == torch.float32
+    want, got = prefill_then_decode(ref), prefill_then_decode(bf16)
+    assert got.dtype == torch.float32
+    diff = (got - want).abs().max().item()
+    assert 0 < diff < 0.1, diff
+    assert torch.equal(got.argmax(-1), want.argmax(-1))

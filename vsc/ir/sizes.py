@@ -46,6 +46,9 @@ def weight_bytes(model: ModelGraph) -> int:
         if w.name not in read:
             continue
         n = w.type.nbytes()
+        stored = w.init_attrs.get("dtype") if w.init_fn == "onednn_pack" else None
+        if stored in DTYPE_BYTES:      # a packed copy stored narrower than its type (pack-linear-weights{dtype=bf16})
+            n = n // DTYPE_BYTES[w.type.dtype] * DTYPE_BYTES[stored]
         if "{i}" in w.name:
             n *= model.attrs["layers"]
         if "{e}" in w.name:

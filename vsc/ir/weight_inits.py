@@ -13,14 +13,18 @@ None when they agree, else what is wrong; the verifier reports that under `weigh
 - `quantize(@w) {format}`: a float [out, in] weight in a GGUF block format (q8_0, q4_0,
   q4_1), as llama.cpp's reference quantizers make it; declared `<format>[out, in]`
   (quantize-weights).
-- `onednn_pack(@w) {batch}`: the f32 [out, in] weight reordered into oneDNN's blocked
-  layout for `batch`-row inputs (pack-linear-weights); same type, opaque memory layout.
+- `onednn_pack(@w) {batch[, dtype]}`: the f32 or bf16 [out, in] weight reordered into
+  oneDNN's blocked layout for `batch`-row inputs (pack-linear-weights); same type, opaque
+  memory layout; `dtype = "bf16"` on an f32 weight: stored rounded to bf16 (half the bytes).
 """
 from __future__ import annotations
 
 from typing import Callable
 
-from vsc.ir.types import FLOAT_DTYPES, QUANT_DTYPES, TensorType
+from vsc.ir.types import DTYPE_BYTES, FLOAT_DTYPES, QUANT_DTYPES, TensorType
+
+#: What a oneDNN-packed weight may be stored as (f16 inner products have no fast path here).
+PACKED_STORAGE = ("f32", "bf16")
 
 WeightRule = Callable[[list[TensorType], dict, TensorType], "str | None"]
 
@@ -67,8 +71,11 @@ def _quantized(parts: list[TensorType], attrs: dict, declared: TensorType, scale
 def _packed(parts: list[TensorType], attrs: dict, declared: TensorType) -> str | None:
     if len(parts) != 1:
         return f"takes one weight argument, got {len(parts)}"
-    if parts[0].rank != 2 or parts[0].dtype != "f32":
-        return f"packs an f32 [out, in] weight, got {parts[0]}"
+    if parts[0].rank != 2 or parts[0].dtype not in PACKED_STORAGE:
+        return f"packs an f32 or bf16 [out, in] weight, got {parts[0]}"
+    stored = attrs.get("dtype", parts[0].dtype)
+    if stored not in PACKED_STORAGE or DTYPE_BYTES[stored] > DTYPE_BYTES[parts[0].dtype]:
+        return f"dtype must be f32 or bf16 and no wider than the weight's {parts[0].dtype}, got {stored!r}"
     batch = attrs.get("batch")
     if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
         return f"batch must be a positive int (the rows the packing is tuned for), got {batch!r}"

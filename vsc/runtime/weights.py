@@ -214,9 +214,14 @@ DERIVED_INITS: dict[str, Any] = {
     "quantize_int8": _quantized(0),
     "int8_scales": _quantized(1),
     # pack-linear-weights: oneDNN's blocked layout (an opaque mkldnn tensor of the same shape)
+    # (stored in the weight's own dtype, or the narrower `dtype` attr: bf16 of an f32 weight)
     "onednn_pack": lambda parts, attrs, shape: torch.ops.mkldnn._reorder_linear_weight(
-        parts[0].to(torch.float32).contiguous(), int(attrs["batch"])),
+        parts[0].to(TORCH_DTYPES[attrs.get("dtype", _float_name(parts[0].dtype))]).contiguous(), int(attrs["batch"])),
 }
+
+
+def _float_name(dtype: torch.dtype) -> str:
+    return next(name for name, t in TORCH_DTYPES.items() if t == dtype)
 
 
 def _rows(tensor, index: torch.Tensor):
@@ -253,7 +258,7 @@ def load_weights(model_dir: str | Path, specs: tuple[WeightSpec, ...] | list[Wei
             if tensor.fmt != spec.dtype:
                 raise ModelError(model_dir, f"tensor '{key}' is {tensor.fmt}, the plan expects {spec.dtype}")
             tensor = tensor.to(device)
-        else:
+        elif not tensor.is_mkldnn:     # (a oneDNN-packed weight keeps the dtype it was packed in)
             tensor = tensor.to(dtype=TORCH_DTYPES[spec.dtype], device=device)
         if tuple(tensor.shape) != tuple(spec.shape):
             raise ModelError(model_dir, f"tensor '{key}' has shape {list(tensor.shape)}, the plan expects {list(spec.shape)}")
