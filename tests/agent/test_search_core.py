@@ -114,6 +114,21 @@ def test_builtin_proposer_is_deterministic_and_follows_the_cost_model(make_modul
     assert not any("method=prediction" in m[1] and m[0] > 0 for m in moves(start, Features.of(ctx)))
 
 
+def test_bf16_linear_weights_are_proposed_only_under_a_logits_tolerance(make_module):
+    start = "fuse-qkv,paged-kv{block=16},continuous-batching{max_batch=16},pack-linear-weights"
+    retune = "retune pack-linear-weights -> pack-linear-weights{dtype=bf16}"
+    exact = Features.of(context(with_workload(make_module())))
+    assert exact.exact and next(m for m in moves(start, exact) if m[2] == retune)[0] == 0.0
+    loose = with_workload(make_module())
+    loose.deployment["accuracy"] = {"kind": "logits_tol", "tolerance": 0.5, "probes": 4}
+    f = Features.of(context(loose))
+    assert not f.exact
+    ranked = moves(start, f)
+    gain, text, _ = next(m for m in ranked if m[2] == retune)
+    assert gain > 0 and text.endswith("pack-linear-weights{dtype=bf16}")
+    assert gain >= max(m[0] for m in ranked if m[2].startswith("retune pack-linear-weights") and m[2] != retune)
+
+
 def test_every_move_is_a_valid_pipeline_in_canonical_order(make_module):
     f = Features.of(context(with_workload(make_module())))
     start = "fuse-qkv,continuous-batching{max_batch=16},intra-op-threads"
