@@ -154,3 +154,20 @@ def test_refused_fields_are_400s_naming_the_field(live, api, kw, param):
     with pytest.raises(openai.BadRequestError) as e:
         api.chat(**kw)
     assert e.value.body["param"] == param and param in e.value.message and "\n" not in e.value.message
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_min_tokens_with_json_output_is_refused_not_ignored(json_server, mode):
+    """A JSON reply ends where its document does (the grammar then allows only EOS), so min_tokens
+    could not hold it open: a 400 naming min_tokens, on the deployment's own json mode and with a
+    request's schema; with response_format text, min_tokens applies as usual."""
+    api = json_server.clients[mode]
+    other = {"type": "object", "properties": {"n": {"enum": [1, 2]}}, "required": ["n"], "additionalProperties": False}
+    for kw in ({}, {"response_format": {"type": "json_schema", "json_schema": {"name": "other", "schema": other}}}):
+        with pytest.raises(openai.BadRequestError) as e:
+            api.chat(messages=ASK, max_completion_tokens=40, temperature=0, extra_body={"min_tokens": 30}, **kw)
+        assert e.value.status_code == 400 and e.value.body["param"] == "min_tokens"
+        assert "cannot be combined with JSON output" in e.value.message and "\n" not in e.value.message
+    out = api.chat(messages=ASK, max_completion_tokens=6, temperature=0, response_format={"type": "text"},
+                   extra_body={"min_tokens": 6})
+    assert out.usage.completion_tokens == 6

@@ -270,6 +270,13 @@ class LLMEngine:
         seq.counts = TokenCounts.of(p, request.prompt_ids, vocab, self.device)
         # json mode: the request's schema, else the deployment's (unless the request asked for text)
         schema = None if p.text_only else (p.json_schema or self.config.json_schema)
+        if schema is not None and p.min_tokens > 0:
+            # the grammar ends the reply where its document ends: min_tokens could not hold it open
+            e = InvalidRequest("'min_tokens' cannot be combined with JSON output (a response_format or "
+                               "structured_outputs schema, tools, or this deployment's json mode): the reply ends "
+                               "where its JSON document does; send 'min_tokens': 0")
+            e.param = "min_tokens"
+            raise e
         if schema is not None:
             seq.constraint = make_constraint(self.tokenizer, self.vocab_size, schema)  # bad schema: InvalidRequest
         return seq
