@@ -129,6 +129,26 @@ def served(describe: dict) -> str:
     return f"{what} [{describe.get('dtype') or '?'}]{extra}"
 
 
+#: vsc's accuracy bar under --dtype bf16: SmolLM2 with bf16 linear weights measured max |dlogit| 0.44
+#: (a bf16 model 0.99) against its fp32 reference (bench/RESULTS.md, session 17).
+BF16_ACCURACY = "logits_tol(1.0, probes = 4)"
+
+
+def use_bf16() -> None:
+    """--dtype bf16: each engine's bf16 form. vLLM --dtype bfloat16; llama.cpp a GGUF converted
+    with --outtype bf16; vsc its pipeline's pack-linear-weights with dtype=bf16 under BF16_ACCURACY."""
+    vsc = get_peer("vsc")
+    if "pack-linear-weights{" in vsc.pipeline:
+        vsc.pipeline = vsc.pipeline.replace("pack-linear-weights{", "pack-linear-weights{dtype=bf16,", 1)
+    elif "pack-linear-weights" in vsc.pipeline:
+        vsc.pipeline = vsc.pipeline.replace("pack-linear-weights", "pack-linear-weights{dtype=bf16}", 1)
+    else:
+        raise ValueError("--dtype bf16 needs pack-linear-weights in vsc's pipeline (it makes the bf16 weights)")
+    vsc.accuracy = BF16_ACCURACY
+    get_peer("vllm").dtype = "bfloat16"
+    get_peer("llamacpp").outtype = "bf16"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, type=Path, action="append",
@@ -155,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", default="1,2", help="thread counts to try for llama.cpp (others use the largest)")
     ap.add_argument("--goodput", default="ttft:1000,tpot:50", help="per-request SLOs in ms for goodput")
     ap.add_argument("--deadline", type=float, default=600.0, help="hard stop per run, seconds")
+    ap.add_argument("--dtype", choices=("f32", "bf16"), default="f32",
+                    help="bf16: every engine in bf16 under a logits bar: vLLM --dtype bfloat16, llama.cpp a bf16 "
+                         "GGUF, vsc f32 activations over bf16 linear weights (pack-linear-weights{dtype=bf16}, "
+                         "accuracy logits_tol(1.0)); default f32, the same numerics everywhere")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = ap.parse_args(argv)
@@ -162,6 +186,11 @@ def main(argv: list[str] | None = None) -> int:
         get_peer("vsc").pipeline = args.vsc_pipeline
     if args.vsc_gguf_pipeline:
         get_peer("vsc-gguf").pipeline = args.vsc_gguf_pipeline
+    if args.dtype == "bf16":
+        try:
+            use_bf16()
+        except ValueError as e:
+            ap.error(str(e))
     if args.gguf:
         try:
             args.gguf = resolve_gguf(args.gguf)

@@ -33,6 +33,7 @@ class VllmPeer(VenvPeer):
         super().__init__(cache_dir)
         self.kv_cache_gib = kv_cache_gib
         self.vllm_version = version
+        self.dtype = "float32"          # vLLM's --dtype (compare.py --dtype bf16: bfloat16)
 
     @property
     def pinned(self) -> str:
@@ -61,7 +62,7 @@ class VllmPeer(VenvPeer):
     def command(self, model_dir: Path, port: int, *, max_batch: int = 16, threads: int = 2, ctx: int = 2048,
                 **_) -> list[str]:
         return [str(self.python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-                "--served-model-name", Path(model_dir).name, "--dtype", "float32",
+                "--served-model-name", Path(model_dir).name, "--dtype", self.dtype,
                 "--host", "127.0.0.1", "--port", str(port),
                 "--max-num-seqs", str(max_batch), "--max-model-len", str(ctx), *self.VARIANTS[self.variant]]
 
@@ -76,5 +77,5 @@ class VllmPeer(VenvPeer):
 
     def describe(self) -> dict:
         d = super().describe()
-        d.update(dtype="float32", kv_cache_gib=self.kv_cache_gib, variant=self.variant)
+        d.update(dtype=self.dtype, kv_cache_gib=self.kv_cache_gib, variant=self.variant)
         return d

@@ -189,7 +189,9 @@ class VscPeer(Peer):
 
     def describe(self) -> dict:
         d = super().describe()
-        d.update(pipeline=self.last.get("pipeline", self.pipeline), dtype="f32", variant=self.variant)
+        pipeline = self.last.get("pipeline", self.pipeline)
+        dtype = "f32, linear weights bf16" if "dtype=bf16" in pipeline else "f32"
+        d.update(pipeline=pipeline, dtype=dtype, variant=self.variant)
         return d
 
 

@@ -368,3 +368,22 @@ def test_vsc_variants_add_what_optimize_auto_adds_for_the_workload(tmp_path):
         added = set(peer.pipeline_for(4).split(",")) - set(plain.split(","))
         # the same passes auto_pipeline adds to its default for a spec describing that workload
         assert added == set(auto_pipeline(deployment).split(",")) - set(DEFAULT_PIPELINE.split(",")) != set()
+
+
+def test_dtype_bf16_puts_every_engine_in_its_bf16_form(model_dir, monkeypatch):
+    from bench import compare
+    from vsc.passes.base import build_pipeline
+    vsc, vllm, llama = get_peer("vsc"), get_peer("vllm"), get_peer("llamacpp")
+    for peer, attr in ((vsc, "pipeline"), (vsc, "accuracy"), (vllm, "dtype"), (llama, "outtype")):
+        monkeypatch.setattr(peer, attr, getattr(peer, attr))           # restored after the test
+    assert "--dtype" in (cmd := vllm.command(model_dir, 8000)) and cmd[cmd.index("--dtype") + 1] == "float32"
+    compare.use_bf16()
+    cmd = vllm.command(model_dir, 8000)
+    assert cmd[cmd.index("--dtype") + 1] == "bfloat16" and vllm.describe()["dtype"] == "bfloat16"
+    assert llama.outtype == "bf16"
+    assert "pack-linear-weights{dtype=bf16,tied_head=true}" in vsc.pipeline and vsc.accuracy == compare.BF16_ACCURACY
+    assert vsc.describe()["dtype"] == "f32, linear weights bf16"
+    build_pipeline(vsc.pipeline.replace("<max_batch>", "16"))          # a pipeline vsc takes
+    vsc.pipeline = "paged-kv,continuous-batching"
+    with pytest.raises(ValueError, match="needs pack-linear-weights"):
+        compare.use_bf16()
