@@ -136,3 +136,23 @@ def test_a_bf16_packed_runner_stays_near_the_f32_one(models):
     diff = (got - want).abs().max().item()
     assert 0 < diff < 0.1, diff
     assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+def test_optimize_auto_takes_bf16_weights_only_under_a_loose_logits_bar(models):
+    from test_model_graph_passes import SPEC
+
+    from vsc.frontend.lower import lower_spec
+    from vsc.frontend.parser import parse_spec_text
+    from vsc.passes.auto import BF16_WEIGHTS_TOLERANCE, DEFAULT_PIPELINE, auto_pipeline
+
+    def auto_for(bar: str) -> str:
+        text = SPEC.format(model=models["llama"], dtype="f32").replace("greedy_exact(probes = 4)", bar)
+        return auto_pipeline(lower_spec(parse_spec_text(text, "t.vs")).deployment)
+    assert BF16_WEIGHTS_TOLERANCE == 1.0
+    assert auto_for("greedy_exact(probes = 4)") == auto_for("logits_tol(0.5, probes = 4)") == DEFAULT_PIPELINE
+    loose = auto_for("logits_tol(1.0, probes = 4)")
+    assert loose == DEFAULT_PIPELINE.replace("pack-linear-weights,", "pack-linear-weights{dtype=bf16},")
+    assert auto_for("logits_tol(3.0, probes = 4)") == loose
+    # the workload's passes and the weights' dtype compose
+    both = auto_pipeline({"workload": {"kind": "predicted_edit"}, "accuracy": {"kind": "logits_tol", "tolerance": 2.0}})
+    assert "speculative{method=prediction,k=16}" in both and "pack-linear-weights{dtype=bf16}" in both
