@@ -376,6 +376,7 @@ def test_dtype_bf16_puts_every_engine_in_its_bf16_form(model_dir, monkeypatch):
     vsc, vllm, llama = get_peer("vsc"), get_peer("vllm"), get_peer("llamacpp")
     for peer, attr in ((vsc, "pipeline"), (vsc, "accuracy"), (vllm, "dtype"), (llama, "outtype")):
         monkeypatch.setattr(peer, attr, getattr(peer, attr))           # restored after the test
+    monkeypatch.setattr(vsc, "last", {})          # an earlier test's prepare() would describe its run
     assert "--dtype" in (cmd := vllm.command(model_dir, 8000)) and cmd[cmd.index("--dtype") + 1] == "float32"
     compare.use_bf16()
     cmd = vllm.command(model_dir, 8000)
