@@ -147,8 +147,9 @@ def test_chunked_prefill_bug_is_caught_by_the_chunked_run(llama_paged):
 def test_explicit_tolerance_is_a_logit_bar(llama_paged):
     report = check_accuracy(llama_paged, make_runner(llama_paged), probes=2, tolerance=1e-9, max_new_tokens=4)
     assert not report.ok and report.first_divergence is None
-    assert re.match(r"probe \d+: max \|dlogit\| \S+ at position \d+ exceeds tolerance 1\.0e-09 \(greedy tokens match\)",
-                    report.summary())
+    # the worst probe may be one of the engine runs, which name themselves: "probe 5 (through the engine, ...)"
+    assert re.match(r"probe \d+( \([^)]*\))?: max \|dlogit\| \S+ at position \d+ exceeds tolerance 1\.0e-09 "
+                    r"\(greedy tokens match\)", report.summary())
 
 
 # --- comparison rules on synthetic logits ---------------------------------------------------
